@@ -1,0 +1,166 @@
+"""PciDevice: the interface a server needs from a device, and nothing more.
+
+Regions are numbered as VFIO numbers a PCI device's regions (BAR0..5 = 0..5, ROM = 6, config = 7,
+VGA = 8) so that a server can map its protocol's indices one to one, but nothing here knows any
+protocol. A device subclass builds its config space and BARs in ``__init__`` and binds register
+hooks; deferred work (a DMA engine, say) goes through :meth:`run_later`, which the server points
+at a worker thread so that a device never does slow work inside a message handler.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable
+
+from emulab.pci.config_space import Bar, BarKind, ConfigSpace
+from emulab.pci.dma import GuestMemory
+from emulab.pci.interrupts import Interrupts, Intx, IrqKind, Msix
+from emulab.pci.regions import Region, RegionInfo, Window
+from emulab.trace import Trace
+
+__all__ = ["NUM_REGIONS", "AccessError", "PciDevice", "RegionKind"]
+
+
+class RegionKind(enum.IntEnum):
+    BAR0 = 0
+    BAR1 = 1
+    BAR2 = 2
+    BAR3 = 3
+    BAR4 = 4
+    BAR5 = 5
+    ROM = 6
+    CONFIG = 7
+    VGA = 8
+
+
+NUM_REGIONS = 9
+
+
+class AccessError(ValueError):
+    """A region access the device refuses (bad index, out of range)."""
+
+
+class PciDevice:
+    """Base class of every device model."""
+
+    name = "pci-device"
+    supports_reset = True
+
+    def __init__(self, config: ConfigSpace, *, trace: Trace | None = None) -> None:
+        self.config = config
+        self.trace = trace if trace is not None else Trace()
+        self.regions: dict[int, Region] = {}
+        self.interrupts = Interrupts(config)
+        self.memory = GuestMemory()
+        self.lock = threading.RLock()
+        self._run_later: Callable[[Callable[[], None]], None] = _inline
+        self.access_counts = {"read": 0, "write": 0}
+
+    # -- building ------------------------------------------------------------------------------
+    def add_bar(self, bar: Bar, name: str = "") -> Region:
+        self.config.add_bar(bar)
+        region = Region(bar, name or f"BAR{bar.index}")
+        self.regions[bar.index] = region
+        return region
+
+    def add_msix(self, vectors: int, bar: int, table_offset: int, pba_offset: int) -> Msix:
+        region = self.regions[bar]
+        msix = Msix(self.config, vectors, bar, table_offset, pba_offset)
+        region.add_window(
+            Window(table_offset, msix.table_size, "msix-table", msix.table_read, msix.table_write)
+        )
+        region.add_window(
+            Window(pba_offset, msix.pba_size, "msix-pba", msix.pba_read, msix.pba_write)
+        )
+        msix.observer = self._irq_observer
+        self.interrupts.msix = msix
+        return msix
+
+    def add_intx(self) -> Intx:
+        intx = Intx(self.config)
+        intx.observer = self._irq_observer
+        self.interrupts.intx = intx
+        self.config.on_write(self._config_written)
+        return intx
+
+    def _irq_observer(self, kind: IrqKind, vector: int, what: str) -> None:
+        self.trace.record("irq", device=self.name, irq=kind.name, vector=vector, what=what)
+
+    def _config_written(self, offset: int, size: int, old: bytes) -> None:
+        # Clearing Interrupt Disable re-evaluates a pending INTx (uio_pci_generic relies on it).
+        if self.interrupts.intx is not None and self.config.touches(offset, size, 0x04, 2):
+            self.interrupts.intx.evaluate()
+
+    # -- what the server calls -----------------------------------------------------------------
+    def region_info(self, index: int) -> RegionInfo:
+        if index == RegionKind.CONFIG:
+            return RegionInfo(self.config.size)
+        region = self.regions.get(index)
+        if region is None:
+            return RegionInfo(0, readable=False, writable=False)
+        return region.info()
+
+    def bar_kind(self, index: int) -> BarKind | None:
+        region = self.regions.get(index)
+        return None if region is None else region.bar.kind
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        with self.lock:
+            self.access_counts["read"] += 1
+            try:
+                if index == RegionKind.CONFIG:
+                    return self.config.read(offset, count)
+                return self._region(index).read(offset, count)
+            except ValueError as exc:
+                raise AccessError(str(exc)) from exc
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        with self.lock:
+            self.access_counts["write"] += 1
+            try:
+                if index == RegionKind.CONFIG:
+                    self.config.write(offset, data)
+                else:
+                    self._region(index).write(offset, data)
+            except ValueError as exc:
+                raise AccessError(str(exc)) from exc
+
+    def _region(self, index: int) -> Region:
+        region = self.regions.get(index)
+        if region is None:
+            raise AccessError(f"{self.name} has no region {index}")
+        return region
+
+    def reset(self) -> None:
+        """Device reset: registers, config and interrupt state back to power-on values."""
+        with self.lock:
+            self.config.reset()
+            self.interrupts.reset()
+            self.on_reset()
+        self.trace.record("device", device=self.name, event="reset")
+
+    def on_reset(self) -> None:
+        """Subclasses reset their own state here."""
+
+    def detach(self) -> None:
+        """The client went away: drop its DMA maps and eventfds, then reset."""
+        self.memory.unmap_all()
+        self.interrupts.close_all()
+        self.reset()
+
+    def close(self) -> None:
+        for region in self.regions.values():
+            region.close()
+
+    # -- deferred work -------------------------------------------------------------------------
+    def set_executor(self, run_later: Callable[[Callable[[], None]], None] | None) -> None:
+        self._run_later = run_later or _inline
+
+    def run_later(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` outside the current message handler (on the server's worker thread)."""
+        self._run_later(fn)
+
+
+def _inline(fn: Callable[[], None]) -> None:
+    fn()

@@ -1,0 +1,379 @@
+"""Interrupt delivery: lines (eventfd or recording), MSI-X vectors with masking and a PBA, and
+level-triggered INTx that honours the command register's Interrupt Disable bit.
+
+Semantics follow Linux vfio-pci, which a vfio-user client expects: INTx is *automasked* after it
+fires and stays masked until the client unmasks it (QEMU does that on guest EOI); an MSI-X vector
+that is masked (by the client, the table's vector control, or the function mask) records a pending
+bit instead of firing and fires when unmasked.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from emulab.pci.config_space import Command, ConfigSpace, Status
+
+__all__ = [
+    "EventfdLine",
+    "InterruptLine",
+    "Interrupts",
+    "Intx",
+    "IrqInfo",
+    "IrqKind",
+    "Msix",
+    "RecordingLine",
+]
+
+_ONE = (1).to_bytes(8, "little")
+
+
+class IrqKind(enum.IntEnum):
+    """Interrupt kinds, numbered as VFIO numbers its PCI IRQ indices."""
+
+    INTX = 0
+    MSI = 1
+    MSIX = 2
+    ERR = 3
+    REQ = 4
+
+
+class InterruptLine(Protocol):
+    def trigger(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class EventfdLine:
+    """Signals an eventfd the client handed us; owns (and closes) the fd."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.count = 0
+
+    def trigger(self) -> None:
+        self.count += 1
+        try:
+            os.write(self.fd, _ONE)
+        except BlockingIOError:
+            pass  # counter saturated: the reader has a pending wakeup anyway
+        except OSError:
+            pass  # the client closed its end; nothing to wake
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __repr__(self) -> str:
+        return f"EventfdLine(fd={self.fd}, count={self.count})"
+
+
+@dataclass
+class RecordingLine:
+    """A line that only counts: for tests and for a client-less device."""
+
+    count: int = 0
+    closed: bool = False
+
+    def trigger(self) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass(frozen=True)
+class IrqInfo:
+    count: int
+    eventfd: bool = True
+    maskable: bool = False
+    automasked: bool = False
+    noresize: bool = False
+
+
+Observer = Callable[[IrqKind, int, str], None]
+"""``observer(kind, vector, what)`` with what in {"fire", "pend", "drop"}: for traces."""
+
+
+class _Vectors:
+    """Lines and client-side masks for the vectors of one kind."""
+
+    def __init__(self, count: int) -> None:
+        self.lines: list[InterruptLine | None] = [None] * count
+        self.masked = [False] * count
+
+    def assign(self, start: int, lines: Sequence[InterruptLine | None]) -> None:
+        for i, line in enumerate(lines, start):
+            old = self.lines[i]
+            if old is not None and old is not line:
+                old.close()
+            self.lines[i] = line
+
+    def clear(self) -> None:
+        self.assign(0, [None] * len(self.lines))
+        self.masked = [False] * len(self.lines)
+
+
+class Msix:
+    """MSI-X capability, vector table and PBA, placed in a BAR of the device."""
+
+    TABLE_ENTRY = 16
+
+    def __init__(
+        self, config: ConfigSpace, vectors: int, bar: int, table_offset: int, pba_offset: int
+    ) -> None:
+        if not 1 <= vectors <= 2048:
+            raise ValueError("MSI-X has 1..2048 vectors")
+        if table_offset % 8 or pba_offset % 8:
+            raise ValueError("MSI-X table and PBA offsets must be 8-byte aligned")
+        self.config = config
+        self.vectors = vectors
+        self.bar = bar
+        self.table_offset = table_offset
+        self.pba_offset = pba_offset
+        self.table_size = vectors * self.TABLE_ENTRY
+        self.pba_size = ((vectors + 63) // 64) * 8
+        body = (
+            (vectors - 1).to_bytes(2, "little")
+            + (table_offset | bar).to_bytes(4, "little")
+            + (pba_offset | bar).to_bytes(4, "little")
+        )
+        wmask = (0xC000).to_bytes(2, "little")  # enable + function mask
+        self.cap_offset = config.add_capability(0x11, body, wmask)
+        self.table = np.zeros(vectors * 4, dtype=np.uint32)
+        self.pending = np.zeros(vectors, dtype=np.bool_)
+        self.state = _Vectors(vectors)
+        self.client_enabled = False  # the client enabled MSI-X through SET_IRQS
+        self.lock = threading.RLock()
+        self.observer: Observer | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Device reset: table and PBA to power-on state. The client's eventfds stay assigned
+        (as with vfio-pci's VFIO_DEVICE_RESET); only a client disconnect drops them."""
+        with self.lock:
+            self.table[:] = 0
+            self.table[3::4] = 1  # vector control: masked
+            self.pending[:] = False
+
+    @property
+    def _control(self) -> int:
+        return self.config.get(self.cap_offset + 2, 2)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._control & 0x8000) or self.client_enabled
+
+    @property
+    def function_masked(self) -> bool:
+        return bool(self._control & 0x4000)
+
+    def is_masked(self, vector: int) -> bool:
+        # The table's own mask bit is only meaningful when the table is written through us; a
+        # client that emulates the table itself (QEMU) tells us masks by SET_IRQS instead.
+        table_masked = bool(self.table[4 * vector + 3] & 1) and not self.client_enabled
+        return self.function_masked or self.state.masked[vector] or table_masked
+
+    def trigger(self, vector: int) -> bool:
+        """Raise ``vector``; returns whether a message was delivered now."""
+        with self.lock:
+            if not 0 <= vector < self.vectors or not self.enabled:
+                self._note(vector, "drop")
+                return False
+            line = self.state.lines[vector]
+            if self.is_masked(vector) or line is None:
+                self.pending[vector] = True
+                self._note(vector, "pend")
+                return False
+            self.pending[vector] = False
+            line.trigger()
+            self._note(vector, "fire")
+            return True
+
+    def deliver_pending(self) -> None:
+        with self.lock:
+            for v in np.flatnonzero(self.pending):
+                vec = int(v)
+                line = self.state.lines[vec]
+                if line is not None and self.enabled and not self.is_masked(vec):
+                    self.pending[vec] = False
+                    line.trigger()
+                    self._note(vec, "fire")
+
+    def _note(self, vector: int, what: str) -> None:
+        if self.observer is not None:
+            self.observer(IrqKind.MSIX, vector, what)
+
+    # -- the table and PBA as seen through the BAR -----------------------------------------------
+    def table_read(self, offset: int, count: int) -> bytes:
+        with self.lock:
+            return self.table.view(np.uint8)[offset : offset + count].tobytes()
+
+    def table_write(self, offset: int, data: bytes) -> None:
+        with self.lock:
+            raw = self.table.view(np.uint8)
+            raw[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self.deliver_pending()
+
+    def pba_read(self, offset: int, count: int) -> bytes:
+        with self.lock:
+            bits = np.packbits(self.pending, bitorder="little").tobytes()
+        bits = bits.ljust(self.pba_size, b"\0")
+        return bits[offset : offset + count]
+
+    def pba_write(self, offset: int, data: bytes) -> None:
+        """The PBA is read-only; writes are dropped (as on hardware)."""
+
+
+class Intx:
+    """A level-triggered INTx pin with vfio automask semantics."""
+
+    def __init__(self, config: ConfigSpace) -> None:
+        self.config = config
+        self.state = _Vectors(1)
+        self.level = False
+        self.fired = 0
+        self.lock = threading.RLock()
+        self.observer: Observer | None = None
+
+    @property
+    def disabled(self) -> bool:
+        return bool(self.config.command & Command.INTX_DISABLE)
+
+    def set_level(self, level: bool) -> None:
+        with self.lock:
+            self.level = level
+            self.config.set_status_bit(Status.INTERRUPT, level)
+            self.evaluate()
+
+    def evaluate(self) -> None:
+        """Fire if the line is asserted, enabled in the command register and not masked."""
+        with self.lock:
+            line = self.state.lines[0]
+            if not self.level or self.disabled or self.state.masked[0] or line is None:
+                return
+            self.state.masked[0] = True  # automasked until the client unmasks
+            self.fired += 1
+            line.trigger()
+            if self.observer is not None:
+                self.observer(IrqKind.INTX, 0, "fire")
+
+    def reset(self) -> None:
+        with self.lock:
+            self.level = False
+            self.state.masked[0] = False
+
+
+@dataclass
+class Interrupts:
+    """All interrupt kinds of one device, with vfio SET_IRQS semantics."""
+
+    config: ConfigSpace
+    msix: Msix | None = None
+    intx: Intx | None = None
+    err: _Vectors = field(default_factory=lambda: _Vectors(1))
+    req: _Vectors = field(default_factory=lambda: _Vectors(1))
+
+    def info(self, kind: IrqKind) -> IrqInfo:
+        if kind is IrqKind.INTX:
+            n = 1 if self.intx is not None else 0
+            return IrqInfo(n, maskable=True, automasked=True)
+        if kind is IrqKind.MSIX:
+            n = self.msix.vectors if self.msix is not None else 0
+            return IrqInfo(n, maskable=True, noresize=True)
+        if kind in (IrqKind.ERR, IrqKind.REQ):
+            return IrqInfo(1)
+        return IrqInfo(0, eventfd=False)
+
+    def _vectors(self, kind: IrqKind) -> _Vectors:
+        if kind is IrqKind.INTX and self.intx is not None:
+            return self.intx.state
+        if kind is IrqKind.MSIX and self.msix is not None:
+            return self.msix.state
+        if kind is IrqKind.ERR:
+            return self.err
+        if kind is IrqKind.REQ:
+            return self.req
+        raise ValueError(f"device has no {kind.name} interrupts")
+
+    def _check(self, kind: IrqKind, start: int, count: int) -> _Vectors:
+        vec = self._vectors(kind)
+        if start < 0 or count < 0 or start + count > len(vec.lines):
+            raise ValueError(
+                f"{kind.name} vectors {start}..{start + count - 1} out of 0..{len(vec.lines) - 1}"
+            )
+        return vec
+
+    def assign(self, kind: IrqKind, start: int, lines: Sequence[InterruptLine | None]) -> None:
+        """Attach (or, with None, detach) a line per vector ``start..``."""
+        vec = self._check(kind, start, len(lines))
+        lock = self._lock(kind)
+        with lock:
+            vec.assign(start, lines)
+            if kind is IrqKind.MSIX and self.msix is not None:
+                self.msix.client_enabled = True
+        self._redeliver(kind)
+
+    def disable(self, kind: IrqKind) -> None:
+        vec = self._vectors(kind)
+        with self._lock(kind):
+            vec.clear()
+            if kind is IrqKind.MSIX and self.msix is not None:
+                self.msix.client_enabled = False
+
+    def set_masked(self, kind: IrqKind, start: int, count: int, masked: bool) -> None:
+        vec = self._check(kind, start, count)
+        with self._lock(kind):
+            for i in range(start, start + count):
+                vec.masked[i] = masked
+        if not masked:
+            self._redeliver(kind)
+
+    def trigger(self, kind: IrqKind, start: int, count: int) -> None:
+        """Client-requested trigger (SET_IRQS DATA_NONE/BOOL + TRIGGER): a loopback test."""
+        vec = self._check(kind, start, count)
+        for i in range(start, start + count):
+            if kind is IrqKind.MSIX and self.msix is not None:
+                self.msix.trigger(i)
+            elif kind is IrqKind.INTX and self.intx is not None:
+                self.intx.set_level(True)
+            else:
+                line = vec.lines[i]
+                if line is not None and not vec.masked[i]:
+                    line.trigger()
+
+    def _lock(self, kind: IrqKind) -> threading.RLock:
+        if kind is IrqKind.MSIX and self.msix is not None:
+            return self.msix.lock
+        if kind is IrqKind.INTX and self.intx is not None:
+            return self.intx.lock
+        return _NO_LOCK
+
+    def _redeliver(self, kind: IrqKind) -> None:
+        if kind is IrqKind.MSIX and self.msix is not None:
+            self.msix.deliver_pending()
+        elif kind is IrqKind.INTX and self.intx is not None:
+            self.intx.evaluate()
+
+    def close_all(self) -> None:
+        """Detach every line (client gone): closes their eventfds."""
+        for kind in (IrqKind.INTX, IrqKind.MSIX, IrqKind.ERR, IrqKind.REQ):
+            try:
+                self.disable(kind)
+            except ValueError:
+                continue
+
+    def reset(self) -> None:
+        if self.msix is not None:
+            self.msix.reset()
+        if self.intx is not None:
+            self.intx.reset()
+
+
+_NO_LOCK = threading.RLock()

@@ -1,0 +1,162 @@
+"""AF_UNIX stream transport with fd passing (SCM_RIGHTS).
+
+:class:`Channel` is one connected peer: ``recv()`` returns whatever bytes and fds arrived
+(framing is the protocol's job), ``send()`` writes bytes and fds in one ``sendmsg`` so the fds
+travel with the first byte of their message. Both are blocking, which releases the GIL while
+waiting; that is what keeps a server thread cheap in a busy notebook kernel.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import os
+import socket
+import stat
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["Channel", "ChannelClosed", "UnixListener", "channel_pair"]
+
+MAX_FDS = 16  # the most any vfio-user peer may send in one message (QEMU's limit)
+RECV_SIZE = 1 << 16
+
+
+class ChannelClosed(ConnectionError):
+    """The peer went away, or the channel was shut down locally."""
+
+
+class Channel:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self.fds_truncated = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._cmsg_space = socket.CMSG_SPACE(MAX_FDS * 4)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, size: int = RECV_SIZE) -> tuple[bytes, list[int]]:
+        """Bytes and fds that arrived; ``b""`` means the peer closed the connection."""
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(size, self._cmsg_space)
+        except OSError as exc:
+            if self._closed:
+                return b"", []
+            raise ChannelClosed(str(exc)) from exc
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
+                fds.extend(arr)
+        if flags & socket.MSG_CTRUNC:
+            # More fds than any legal message carries: the sender is broken or hostile.
+            self.fds_truncated += 1
+        self.bytes_in += len(data)
+        return data, fds
+
+    def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
+        with self._send_lock:
+            if self._closed:
+                raise ChannelClosed("channel closed")
+            try:
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = self.sock.sendmsg([data], anc)
+                else:
+                    sent = self.sock.send(data)
+                if sent < len(data):
+                    self.sock.sendall(memoryview(data)[sent:])
+            except OSError as exc:
+                raise ChannelClosed(str(exc)) from exc
+            self.bytes_out += len(data)
+
+    def shutdown(self) -> None:
+        """Wake a thread blocked in ``recv`` (it sees EOF) without closing the fd under it."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.shutdown()
+        self.sock.close()
+
+
+def channel_pair() -> tuple[Channel, Channel]:
+    """An in-process pair (for tests and Binder): the same wire, fds included, no filesystem."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return Channel(a), Channel(b)
+
+
+def connect(path: str | Path) -> Channel:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(os.fspath(path))
+    except OSError:
+        sock.close()
+        raise
+    return Channel(sock)
+
+
+class UnixListener:
+    """A listening AF_UNIX socket at ``path`` (mode 0600), one pending client at a time."""
+
+    def __init__(self, path: str | Path, mode: int = 0o600) -> None:
+        self.path = Path(path).absolute()
+        self._remove_stale()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            self.sock.bind(os.fspath(self.path))
+        except OSError:
+            self.sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, mode)
+        self.sock.listen(1)
+        self._closed = False
+
+    def _remove_stale(self) -> None:
+        """Remove a socket file left by a dead server; refuse if a server still answers."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{self.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(os.fspath(self.path))
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                os.unlink(self.path)
+                return
+            raise
+        else:
+            raise FileExistsError(f"a server is already listening on {self.path}")
+        finally:
+            probe.close()
+
+    def accept(self) -> Channel:
+        try:
+            sock, _ = self.sock.accept()
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from exc
+        return Channel(sock)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

@@ -113,6 +113,9 @@ class Region:
 
     def read(self, offset: int, count: int) -> bytes:
         self._check(offset, count)
+        w = self.window_at(offset)
+        if w is not None and offset + count <= w.end:  # the common case: one window
+            return w.read(offset - w.offset, count)
         out = bytearray()
         pos, end = offset, offset + count
         while pos < end:
@@ -129,6 +132,10 @@ class Region:
 
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
+        w = self.window_at(offset)
+        if w is not None and offset + len(data) <= w.end:
+            w.write(offset - w.offset, data)
+            return
         pos, end = offset, offset + len(data)
         while pos < end:
             w = self.window_at(pos)

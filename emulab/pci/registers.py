@@ -252,6 +252,8 @@ class RegisterFile:
 
     def read_bytes(self, offset: int, count: int) -> bytes:
         """Read of any length as a byte string, split into naturally sized accesses."""
+        if count == 4 and not offset & 3 and 0 <= offset < self.size:
+            return self._read_word(offset >> 2).to_bytes(4, "little")  # the common case
         out = bytearray()
         pos = offset
         end = offset + count
@@ -263,6 +265,9 @@ class RegisterFile:
         return bytes(out)
 
     def write_bytes(self, offset: int, data: bytes) -> None:
+        if len(data) == 4 and not offset & 3 and 0 <= offset < self.size:
+            self._write_word(offset >> 2, int.from_bytes(data, "little"), 0xFFFFFFFF)
+            return
         pos = 0
         while pos < len(data):
             step = min(4 - ((offset + pos) % 4), len(data) - pos)

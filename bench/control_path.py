@@ -1,0 +1,197 @@
+"""Control-path benchmark: REGION_READ round trips against an emulab memcpy server.
+
+A minimal blocking client (raw socket, struct) negotiates VERSION, then reads the memcpy ID
+register (BAR0 offset 0, 4 bytes) as fast as it can, one request in flight. Measured side by side
+in one run, each in a fresh server process:
+
+  floor      a C echo server answering the same bytes (this machine's socket floor)
+  idle       emulab server, its process's main thread idle (``emulab serve``)
+  busy       emulab server, its main thread running a CPU-bound Python loop (a busy notebook
+             cell), with emulab's default GIL switch interval while serving (10 us)
+  busy-5ms   the same with CPython's default 5 ms switch interval (what a naive server gets)
+
+Usage: python bench/control_path.py [--seconds 3] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HDR = struct.Struct("<HHIII")
+READ = struct.Struct("<HHIIIQII")
+
+SERVER = textwrap.dedent(
+    """
+    import sys, time
+    from emulab.devices import MemcpyDevice
+    from emulab.server import VfioUserServer
+    path, busy, si = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+    interval = None if si == "none" else float(si)
+    server = VfioUserServer(MemcpyDevice(), path, switch_interval=interval)
+    server.start()
+    print("ready", flush=True)
+    x = 0
+    if busy:
+        while True:          # a notebook cell computing
+            x += 1
+    else:
+        while True:
+            time.sleep(1)
+    """
+)
+
+C_FLOOR = r"""
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <stdio.h>
+static int rd(int fd, void *b, size_t n) {
+    size_t g = 0;
+    while (g < n) { ssize_t r = read(fd, (char*)b + g, n - g); if (r <= 0) return -1; g += r; }
+    return 0;
+}
+int main(int argc, char **argv) {
+    int l = socket(AF_UNIX, SOCK_STREAM, 0); struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strncpy(a.sun_path, argv[1], sizeof a.sun_path - 1); unlink(argv[1]);
+    if (bind(l, (void*)&a, sizeof a) || listen(l, 1)) return 1;
+    printf("ready\n"); fflush(stdout);
+    int c = accept(l, 0, 0); unsigned char buf[4096];
+    for (;;) {
+        if (rd(c, buf, 16)) return 0;
+        uint32_t size; memcpy(&size, buf + 4, 4); if (size < 16 || size > sizeof buf) return 1;
+        if (rd(c, buf + 16, size - 16)) return 0;
+        uint16_t cmd; memcpy(&cmd, buf + 2, 2);
+        uint32_t flags = 1, out = 16;
+        if (cmd == 1) { out = size; }                      /* VERSION: echo */
+        else if (cmd == 9) { out = 36; memset(buf + 32, 0x4d, 4); }   /* REGION_READ of 4 */
+        memcpy(buf + 4, &out, 4); memcpy(buf + 8, &flags, 4);
+        if (write(c, buf, out) != (ssize_t)out) return 1;
+    }
+}
+"""
+
+
+def negotiate(sock: socket.socket) -> None:
+    caps = b'{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576}}\0'
+    payload = struct.pack("<HH", 0, 0) + caps
+    sock.sendall(HDR.pack(1, 1, 16 + len(payload), 0, 0) + payload)
+    hdr = sock.recv(16, socket.MSG_WAITALL)
+    _, _, size, flags, err = HDR.unpack(hdr)
+    body = sock.recv(size - 16, socket.MSG_WAITALL)
+    if flags & 0x20 or len(body) != size - 16:
+        raise SystemExit(f"VERSION failed: errno {err}")
+
+
+def run_client(path: str, seconds: float) -> tuple[float, float]:
+    """(round trips per second, median latency in us) for REGION_READ(BAR0, 0, 4)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    negotiate(sock)
+    buf = bytearray(64)
+    view = memoryview(buf)
+    lat: list[float] = []
+    n = 0
+    clock = time.perf_counter
+    t0 = clock()
+    end = t0 + seconds
+    msg_id = 0
+    while True:
+        msg_id = (msg_id + 1) & 0xFFFF
+        t = clock()
+        sock.sendall(READ.pack(msg_id, 9, 32, 0, 0, 0, 0, 4))
+        got = 0
+        while got < 36:
+            got += sock.recv_into(view[got:], 36 - got)
+        now = clock()
+        lat.append(now - t)
+        n += 1
+        if now >= end:
+            break
+        if buf[8] & 0x20:
+            raise SystemExit("REGION_READ failed")
+    rate = n / (clock() - t0)
+    sock.close()
+    return rate, statistics.median(lat) * 1e6
+
+
+def start(cmd: list[str], path: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "ready" not in line:
+        proc.kill()
+        raise SystemExit(f"server did not start: {cmd}")
+    for _ in range(100):
+        if os.path.exists(path):
+            break
+        time.sleep(0.01)
+    return proc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="emulab-bench-"))
+    path = str(tmp / "s.sock")
+    variants: dict[str, list[str]] = {}
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc:
+        (tmp / "floor.c").write_text(C_FLOOR)
+        subprocess.run([cc, "-O2", "-o", str(tmp / "floor"), str(tmp / "floor.c")], check=True)
+        variants["floor (C)"] = [str(tmp / "floor"), path]
+    py = [sys.executable, "-c", SERVER, path]
+    variants["idle"] = [*py, "0", "1e-5"]
+    variants["busy"] = [*py, "1", "1e-5"]
+    variants["busy-5ms"] = [*py, "1", "none"]
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    total = len(variants) * args.repeat
+    done = 0
+    for rep in range(args.repeat):
+        for name, cmd in variants.items():
+            done += 1
+            secs = min(args.seconds, 1.0) if name == "busy-5ms" else args.seconds
+            print(f"[{done}/{total}] run {rep + 1}: {name} ...", end=" ", flush=True)
+            proc = start(cmd, path)
+            try:
+                rate, med = run_client(path, secs)
+            finally:
+                proc.kill()
+                proc.wait()
+                if os.path.exists(path):
+                    os.unlink(path)
+            results[name].append((rate, med))
+            print(f"{rate:,.0f} rt/s, median {med:.1f} us", flush=True)
+    print()
+    print(f"{'variant':<12} {'rt/s (median of runs)':>22} {'median latency us':>18}")
+    med_rate = {}
+    for name, rs in results.items():
+        med_rate[name] = statistics.median(r for r, _ in rs)
+        lat = statistics.median(m for _, m in rs)
+        print(f"{name:<12} {med_rate[name]:>22,.0f} {lat:>18.1f}")
+    idle, busy = med_rate["idle"], med_rate["busy"]
+    line = f"RESULT idle_rps={idle:.0f} busy_rps={busy:.0f} busy_5ms_rps={med_rate['busy-5ms']:.0f}"
+    if "floor (C)" in med_rate:
+        floor = med_rate["floor (C)"]
+        print(f"\nidle / C floor = {idle / floor:.2f}   busy / idle = {busy / idle:.2f}")
+        line += f" floor_rps={floor:.0f} idle_vs_floor={idle / floor:.2f}"
+    print(line + f" busy_vs_idle={busy / idle:.2f}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

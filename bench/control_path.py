@@ -5,6 +5,7 @@ register (BAR0 offset 0, 4 bytes) as fast as it can, one request in flight. Meas
 in one run, each in a fresh server process:
 
   floor      a C echo server answering the same bytes (this machine's socket floor)
+  python-min the least a Python thread server can do: read a header and body, echo a reply
   idle       emulab server, its process's main thread idle (``emulab serve``)
   busy       emulab server, its main thread running a CPU-bound Python loop (a busy notebook
              cell), with emulab's default GIL switch interval while serving (10 us)
@@ -48,6 +49,30 @@ SERVER = textwrap.dedent(
     else:
         while True:
             time.sleep(1)
+    """
+)
+
+PY_MIN = textwrap.dedent(
+    """
+    import os, socket, struct, sys, threading, time
+    path = sys.argv[1]
+    l = socket.socket(socket.AF_UNIX); l.bind(path); l.listen(1)
+    print("ready", flush=True)
+    def serve(c):
+        hdr = bytearray(4096); view = memoryview(hdr)
+        while True:
+            if c.recv_into(view[:16], 16, socket.MSG_WAITALL) < 16:
+                return
+            mid, cmd, size, flags, err = struct.unpack_from("<HHIII", hdr)
+            if size > 16:
+                c.recv_into(view[16:size], size - 16, socket.MSG_WAITALL)
+            out = size if cmd == 1 else 36
+            struct.pack_into("<HHIII", hdr, 0, mid, cmd, out, 1, 0)
+            c.sendall(view[:out])
+    c, _ = l.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+    while True:
+        time.sleep(1)
     """
 )
 
@@ -154,6 +179,7 @@ def main() -> None:
         (tmp / "floor.c").write_text(C_FLOOR)
         subprocess.run([cc, "-O2", "-o", str(tmp / "floor"), str(tmp / "floor.c")], check=True)
         variants["floor (C)"] = [str(tmp / "floor"), path]
+    variants["python-min"] = [sys.executable, "-c", PY_MIN, path]
     py = [sys.executable, "-c", SERVER, path]
     variants["idle"] = [*py, "0", "1e-5"]
     variants["busy"] = [*py, "1", "1e-5"]
@@ -187,8 +213,13 @@ def main() -> None:
     line = f"RESULT idle_rps={idle:.0f} busy_rps={busy:.0f} busy_5ms_rps={med_rate['busy-5ms']:.0f}"
     if "floor (C)" in med_rate:
         floor = med_rate["floor (C)"]
-        print(f"\nidle / C floor = {idle / floor:.2f}   busy / idle = {busy / idle:.2f}")
+        pymin = med_rate["python-min"]
+        print(
+            f"\nidle / C floor = {idle / floor:.2f}   idle / python-min = {idle / pymin:.2f}"
+            f"   busy / idle = {busy / idle:.2f}"
+        )
         line += f" floor_rps={floor:.0f} idle_vs_floor={idle / floor:.2f}"
+        line += f" pymin_rps={pymin:.0f} idle_vs_pymin={idle / pymin:.2f}"
     print(line + f" busy_vs_idle={busy / idle:.2f}")
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -73,6 +73,7 @@ class ServerStats:
     @property
     def by_command(self) -> dict[str, int]:
         return {_command_name(c): n for c, n in sorted(self.counts.items())}
+
     connected: bool = False
     started: float = field(default_factory=time.monotonic)
 

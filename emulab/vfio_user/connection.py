@@ -125,6 +125,7 @@ _NO_REPLY: Final = int(HeaderFlags.NO_REPLY)
 _ERROR: Final = int(HeaderFlags.ERROR)
 _REPLY: Final = int(MsgType.REPLY)
 _REPLY_ERROR: Final = _REPLY | _ERROR
+_EINVAL: Final = errno.EINVAL  # send_error()'s parameter shadows the module
 _REPLY_BY_COMMAND: Final[dict[int, type[Message]]] = {int(c): t for c, t in REPLY_TYPES.items()}
 
 
@@ -634,12 +635,12 @@ class Connection:
                 return max(int(message.argsz), header.size - HEADER_SIZE)
         return header.size - HEADER_SIZE
 
-    def send_error(self, request: Request | BadRequest, errno_: int) -> bytes:
-        """A header-only error reply (REPLY|ERROR, ``errno_``); ``b""`` if the command had
+    def send_error(self, request: Request | BadRequest, errno: int) -> bytes:
+        """A header-only error reply (REPLY|ERROR, ``errno``); ``b""`` if the command had
         NO_REPLY. Refusing a pending VERSION returns a server to AWAIT_VERSION."""
         self._check_open()
-        if not 0 <= errno_ <= 0xFFFFFFFF:
-            raise LocalProtocolError(f"errno {errno_} out of range", errno.EINVAL)
+        if not 0 <= errno <= 0xFFFFFFFF:
+            raise LocalProtocolError(f"errno {errno} out of range", _EINVAL)
         header = request.header
         if (
             header.command == Command.VERSION
@@ -652,7 +653,7 @@ class Connection:
             self._transition(Transition.SEND_ERROR)
         if header.flags & _NO_REPLY:
             return b""
-        return _HEADER.pack(header.msg_id, header.command, HEADER_SIZE, _REPLY_ERROR, errno_)
+        return _HEADER.pack(header.msg_id, header.command, HEADER_SIZE, _REPLY_ERROR, errno)
 
     # -- VERSION (server side) ---------------------------------------------------------------------
     def version_reply(self, request: Request) -> VersionReply:

@@ -661,7 +661,7 @@ class RegionWriteMulti(Message):
     :class:`MultiWrite` with the data zero-padded to 8 bytes, as on the wire.
     """
 
-    writes: tuple[MultiWrite, ...]
+    writes: tuple[tuple[int, int, int, bytes], ...]  # MultiWrite entries once constructed
 
     COMMAND: ClassVar[Command] = Command.REGION_WRITE_MULTI
 

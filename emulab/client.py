@@ -326,6 +326,8 @@ class VfioUserClient:
 
     def _handle(self, ev: Any) -> None:
         if isinstance(ev, Reply | ErrorReply):
+            for fd in getattr(ev, "fds", ()):  # a BadReply hands back fds nobody will use
+                os.close(fd)
             with self._lock:
                 pending = self._pending.pop(ev.header.msg_id, None)
             if pending is None:

@@ -49,7 +49,7 @@ from emulab.vfio_user.constants import (
     RegionFlags,
     SetIrqsFlags,
 )
-from emulab.vfio_user.errors import MessageError, ProtocolError
+from emulab.vfio_user.errors import LocalProtocolError, MessageError, ProtocolError
 
 __all__ = ["ServerStats", "VfioUserServer"]
 
@@ -335,6 +335,7 @@ class _Session:
                 self.conn.receive_data(data, fds)
             except ProtocolError as exc:
                 self._close_fds(fds)
+                self._close_fds(getattr(exc, "fds", ()))
                 self.end_reason = f"protocol error: {exc}"
                 trace.record("client", event="protocol-error", error=str(exc))
                 return
@@ -342,6 +343,7 @@ class _Session:
                 try:
                     event = self.conn.next_event()
                 except ProtocolError as exc:
+                    self._close_fds(getattr(exc, "fds", ()))
                     self.end_reason = f"protocol error: {exc}"
                     trace.record("client", event="protocol-error", error=str(exc))
                     return
@@ -373,7 +375,9 @@ class _Session:
         fds_in = _message_fds(event.message) if command in _FD_COMMANDS else ()
         try:
             reply, keep = self.handlers[command](event)
-        except (HandlerError, MessageError, DmaError) as exc:
+            # Encoding is checked too (a reply larger than the client's buffer is refused).
+            data, fds_out = self.conn.send_reply(event, reply)
+        except (HandlerError, MessageError, DmaError, LocalProtocolError) as exc:
             self._close_fds(fds_in)
             self._send_error(event, exc.errno, str(exc))
             return
@@ -388,9 +392,11 @@ class _Session:
             return
         if fds_in:
             self._close_fds([fd for fd in fds_in if fd not in keep])
-        data, fds_out = self.conn.send_reply(event, reply)
         if data:
-            self.channel.send(data, fds_out)
+            try:
+                self.channel.send(data, fds_out)
+            except ChannelClosed:
+                return  # the client left; the reader sees EOF next and cleans up
         if server.trace_messages:
             server.trace.record(
                 "message",

@@ -235,3 +235,31 @@ def test_in_process_pair() -> None:
     assert c.read32(BAR0, 0) == MAGIC
     c.close()
     srv.stop()
+
+
+class BuggyDevice(MemcpyDevice):
+    """A device with bugs in its region handlers: the server must answer and keep serving."""
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        if offset == 0x40:
+            raise ZeroDivisionError("device bug")
+        if offset == 0x44:
+            return b"\0" * (count + 8)  # more than asked: the reply cannot be encoded
+        return super().region_read(index, offset, count)
+
+
+def test_device_bugs_become_error_replies(tmp_path: Path) -> None:
+    srv = VfioUserServer(BuggyDevice(), tmp_path / "b.sock").start()
+    try:
+        assert srv.socket_path is not None
+        with VfioUserClient.connect(srv.socket_path) as c:
+            with pytest.raises(ClientError) as e:
+                c.read32(BAR0, 0x40)
+            assert e.value.errno == errno.EIO
+            assert srv.last_error is not None and "ZeroDivisionError" in srv.last_error
+            with pytest.raises(ClientError):
+                c.read32(BAR0, 0x44)
+            assert c.read32(BAR0, 0) == MAGIC
+        assert srv.running
+    finally:
+        srv.stop()

@@ -94,7 +94,7 @@ class _Pending:
 
 class VfioUserClient:
     def __init__(
-        self, channel: Channel, *, dma_layout: str = "qemu", timeout: float = 10.0
+        self, channel: Channel, *, dma_layout: str = "spec", timeout: float = 10.0
     ) -> None:
         self.channel = channel
         self.timeout = timeout

@@ -403,9 +403,15 @@ def boot(
     msg_timeout_ms: int = 30000,
     extra_args: Sequence[str] = (),
     trace: bool = False,
+    shared_memory: bool = True,
     progress: Progress = _stderr,
 ) -> GuestRun:
-    """Boot a TCG guest attached to vfio-user sockets, run ``script``, return what it printed."""
+    """Boot a TCG guest attached to vfio-user sockets, run ``script``, return what it printed.
+
+    Guest RAM is a shared memfd that QEMU passes with DMA_MAP, so servers touch it directly;
+    ``shared_memory=False`` gives anonymous RAM instead, which servers can reach only by
+    DMA_READ / DMA_WRITE messages.
+    """
     root = ensure_qemu(progress)
     image = ensure_guest(kernel, progress)
     order: list[str] = []
@@ -431,11 +437,15 @@ def boot(
         qemu = [
             "qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-user-config",
             "-no-reboot", "-serial", "stdio", "-accel", "tcg", "-cpu", "max",
-            "-machine", "q35,memory-backend=mem", "-smp", str(smp), "-m", memory,
-            "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+            "-smp", str(smp), "-m", memory,
             "-kernel", str(work / "vmlinuz"), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 quiet",
         ]  # fmt: skip
+        if shared_memory:
+            qemu += ["-machine", "q35,memory-backend=mem",
+                     "-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]  # fmt: skip
+        else:
+            qemu += ["-machine", "q35"]
         binds = {"/tmp", "/run"}
         for i, sock in enumerate(sockets):
             sock_path = Path(sock).absolute()

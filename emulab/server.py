@@ -158,7 +158,7 @@ class VfioUserServer:
         *,
         trace: Trace | None = None,
         switch_interval: float | None = 1e-5,
-        dma_layout: str = "qemu",
+        dma_layout: str = "spec",
         trace_messages: bool = True,
     ) -> None:
         self.device = device

@@ -85,6 +85,11 @@ int main(int argc, char **argv) {
     uint32_t status = REG(0x20);
     printf("STATUS=%x\nCOPIES=%u\n", status, REG(0x28));
     printf("COPY=%s\n", memcmp(buf, buf + 4096, len) ? "MISMATCH" : "OK");
+    printf("SRC_HEAD=");
+    for (int i = 0; i < 16; i++) printf("%02x", buf[i]);
+    printf("\nDST_HEAD=");
+    for (int i = 0; i < 16; i++) printf("%02x", buf[4096 + i]);
+    printf("\n");
     if (pread(cfg, &cmd, 2, 4) == 2) printf("INTX_DISABLED_BY_HANDLER=%d\n", !!(cmd & 0x400));
     REG(0x20) = 2;                      /* clear DONE: INTx deasserts */
     cmd &= ~0x400;                      /* unmask INTx again */

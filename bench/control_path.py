@@ -11,6 +11,10 @@ in one run, each in a fresh server process:
              cell), with emulab's default GIL switch interval while serving (10 us)
   busy-5ms   the same with CPython's default 5 ms switch interval (what a naive server gets)
 
+Each variant runs in two placements: "one-cpu" pins client and server to CPU 0 (wakeups stay on
+one CPU) and "spread" leaves placement to the scheduler (on this 2-vCPU VM a cross-CPU wakeup
+costs ~40 us, so every server, C included, drops to ~20-25k round trips/s there).
+
 Usage: python bench/control_path.py [--seconds 3] [--repeat 3]
 """
 
@@ -152,6 +156,12 @@ def run_client(path: str, seconds: float) -> tuple[float, float]:
     return rate, statistics.median(lat) * 1e6
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of a process (its server thread included) to ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 def start(cmd: list[str], path: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -166,7 +176,7 @@ def start(cmd: list[str], path: str) -> subprocess.Popen[str]:
     return proc
 
 
-def main() -> None:
+def main() -> None:  # noqa: PLR0915 -- one linear measurement script
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeat", type=int, default=3)
@@ -184,43 +194,56 @@ def main() -> None:
     variants["idle"] = [*py, "0", "1e-5"]
     variants["busy"] = [*py, "1", "1e-5"]
     variants["busy-5ms"] = [*py, "1", "none"]
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    total = len(variants) * args.repeat
+    all_cpus = os.sched_getaffinity(0)
+    placements = {"one-cpu": {min(all_cpus)}, "spread": all_cpus}
+    results = {(p, k): [] for p in placements for k in variants}  # type: ignore[var-annotated]
+    total = len(results) * args.repeat
     done = 0
     for rep in range(args.repeat):
-        for name, cmd in variants.items():
-            done += 1
-            secs = min(args.seconds, 1.0) if name == "busy-5ms" else args.seconds
-            print(f"[{done}/{total}] run {rep + 1}: {name} ...", end=" ", flush=True)
-            proc = start(cmd, path)
-            try:
-                rate, med = run_client(path, secs)
-            finally:
-                proc.kill()
-                proc.wait()
-                if os.path.exists(path):
-                    os.unlink(path)
-            results[name].append((rate, med))
-            print(f"{rate:,.0f} rt/s, median {med:.1f} us", flush=True)
+        for place, cpus in placements.items():
+            for name, cmd in variants.items():
+                done += 1
+                secs = min(args.seconds, 1.0) if name == "busy-5ms" else args.seconds
+                print(
+                    f"[{done}/{total}] run {rep + 1}: {place:8} {name:10} ...", end=" ", flush=True
+                )
+                proc = start(cmd, path)
+                try:
+                    pin(proc.pid, cpus)
+                    os.sched_setaffinity(0, cpus)
+                    rate, med = run_client(path, secs)
+                finally:
+                    os.sched_setaffinity(0, all_cpus)
+                    proc.kill()
+                    proc.wait()
+                    if os.path.exists(path):
+                        os.unlink(path)
+                results[(place, name)].append((rate, med))
+                print(f"{rate:,.0f} rt/s, median {med:.1f} us", flush=True)
     print()
-    print(f"{'variant':<12} {'rt/s (median of runs)':>22} {'median latency us':>18}")
-    med_rate = {}
-    for name, rs in results.items():
-        med_rate[name] = statistics.median(r for r, _ in rs)
+    print(
+        f"{'placement':<9} {'variant':<12} {'rt/s (median of runs)':>22} {'median latency us':>18}"
+    )
+    med_rate: dict[tuple[str, str], float] = {}
+    for (place, name), rs in results.items():
+        med_rate[(place, name)] = statistics.median(r for r, _ in rs)
         lat = statistics.median(m for _, m in rs)
-        print(f"{name:<12} {med_rate[name]:>22,.0f} {lat:>18.1f}")
-    idle, busy = med_rate["idle"], med_rate["busy"]
-    line = f"RESULT idle_rps={idle:.0f} busy_rps={busy:.0f} busy_5ms_rps={med_rate['busy-5ms']:.0f}"
-    if "floor (C)" in med_rate:
-        floor = med_rate["floor (C)"]
-        pymin = med_rate["python-min"]
-        print(
-            f"\nidle / C floor = {idle / floor:.2f}   idle / python-min = {idle / pymin:.2f}"
-            f"   busy / idle = {busy / idle:.2f}"
-        )
-        line += f" floor_rps={floor:.0f} idle_vs_floor={idle / floor:.2f}"
-        line += f" pymin_rps={pymin:.0f} idle_vs_pymin={idle / pymin:.2f}"
-    print(line + f" busy_vs_idle={busy / idle:.2f}")
+        print(f"{place:<9} {name:<12} {med_rate[(place, name)]:>22,.0f} {lat:>18.1f}")
+    line = "RESULT"
+    for place in placements:
+        idle, busy = med_rate[(place, "idle")], med_rate[(place, "busy")]
+        tag = place.replace("-", "_")
+        ratios = f"{place}: busy/idle = {busy / idle:.2f}"
+        line += f" {tag}_idle_rps={idle:.0f} {tag}_busy_rps={busy:.0f}"
+        line += f" {tag}_busy_5ms_rps={med_rate[(place, 'busy-5ms')]:.0f}"
+        pymin = med_rate[(place, "python-min")]
+        ratios += f"   idle/python-min = {idle / pymin:.2f}"
+        if (place, "floor (C)") in med_rate:
+            floor = med_rate[(place, "floor (C)")]
+            ratios += f"   idle/C-floor = {idle / floor:.2f}"
+            line += f" {tag}_floor_rps={floor:.0f}"
+        print(ratios)
+    print(line)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

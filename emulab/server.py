@@ -277,14 +277,16 @@ class VfioUserServer:
         except BaseException as exc:  # last line of defence: the thread must survive
             self.last_error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._session = None
-            self.stats.connected = False
+            # Clean up completely before reporting the client gone, so that "not connected"
+            # means the device is reset and the next client finds it fresh.
             session.close()
             self.worker.drain()
             try:
                 self.device.detach()
             except Exception as exc:
                 self.last_error = f"detach: {exc}"
+            self._session = None
+            self.stats.connected = False
             self.trace.record("client", event="disconnect", reason=session.end_reason)
 
     def _device_error(self, exc: BaseException) -> None:

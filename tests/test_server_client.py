@@ -263,3 +263,29 @@ def test_device_bugs_become_error_replies(tmp_path: Path) -> None:
         assert srv.running
     finally:
         srv.stop()
+
+
+class IoBarDevice(MemcpyDevice):
+    """memcpy plus a 32-byte I/O BAR holding the same registers' first words."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from emulab.pci.config_space import Bar, BarKind
+        from emulab.pci.registers import Register, RegisterFile
+
+        self.io = RegisterFile("io", 0x20, (Register("SCRATCH", 0x0, count=8),))
+        self.add_bar(Bar(4, 0x20, BarKind.IO), "io").add_registers(0, self.io)
+
+
+def test_io_bar(tmp_path: Path) -> None:
+    srv = VfioUserServer(IoBarDevice(), tmp_path / "io.sock").start()
+    try:
+        assert srv.socket_path is not None
+        with VfioUserClient.connect(srv.socket_path) as c:
+            assert c.region_info(4).size == 0x20
+            c.config_write(0x20, 0xFFFFFFFF)
+            assert c.config_read(0x20) == 0xFFFFFFE1  # I/O space indicator, 32 bytes
+            c.write(4, 0x6, b"\xab\xcd")
+            assert c.read32(4, 0x4) == 0xCDAB0000
+    finally:
+        srv.stop()

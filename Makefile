@@ -47,7 +47,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/control_path.py
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip=127.0.0.1 notebooks/01-tour.ipynb
+	$(BIN)/jupyter lab --ip=127.0.0.1 $$( [ "$$(id -u)" = 0 ] && echo --allow-root ) \
+	  notebooks/01-tour.ipynb
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -49,6 +49,7 @@ END_RE = re.compile(r"=====EMULAB-END rc=(-?\d+)=====")
 CHROOT_PACKAGES = ("pciutils", "pci.ids", "ethtool", "iproute2", "kmod")
 GUEST_TOOLS = ("/usr/bin/lspci", "/usr/sbin/ethtool", "/usr/sbin/ip", "/usr/bin/setpci")
 BASE_MODULES = ("uio_pci_generic", "iavf")
+KERNELS = {"6.12": "trixie", "7": "trixie-backports"}  # kernel line -> the suite that ships it
 
 Progress = Callable[[str], None]
 # root's tools live in sbin, which a CI shell's PATH may lack
@@ -187,42 +188,53 @@ def ensure_guest(  # noqa: PLR0915 -- one linear recipe, easier to follow unspli
     kernel: str = "6.12", progress: Progress = _stderr
 ) -> GuestImage:
     """A kernel and base initramfs for ``kernel`` (trixie's 6.12 line), built once, cached."""
-    if kernel != "6.12":
-        raise ValueError(f"unsupported guest kernel line {kernel!r} (supported: 6.12)")
+    if kernel not in KERNELS:
+        raise ValueError(f"unsupported guest kernel line {kernel!r} (supported: {sorted(KERNELS)})")
     out = CACHE_DIR / f"guest-{kernel}"
     if _ready(out):
         return _load_guest(out)
     root = ensure_qemu(progress)
     t0 = time.monotonic()
+    suite = KERNELS[kernel]
     meta = _run(
-        ["chroot", str(root), "apt-cache", "depends", "linux-image-amd64"],
+        ["chroot", str(root), "apt-cache", "depends", "-t", suite, "linux-image-amd64"],
         progress,
-        "resolve the trixie kernel package",
+        f"resolve the {suite} kernel package",
     )
-    pkgs = re.findall(r"Depends: (linux-image-6\.12[^\s]*)", meta)
+    pkgs = re.findall(rf"Depends: (linux-image-{re.escape(kernel)}[.\d]*\+[^\s]*)", meta)
     if not pkgs:
-        raise RuntimeError(f"no 6.12 kernel behind linux-image-amd64:\n{meta}")
+        raise RuntimeError(f"no {kernel} kernel behind linux-image-amd64 in {suite}:\n{meta}")
+    image_pkg = pkgs[0]
+    kver = image_pkg.removeprefix("linux-image-")
+    wanted = [image_pkg]
+    deps = _run(
+        ["chroot", str(root), "apt-cache", "depends", "-t", suite, image_pkg],
+        progress,
+        f"resolve {image_pkg}",
+    )
+    # 7.x splits the kernel into linux-binary-V and linux-modules-V
+    wanted += sorted(
+        set(re.findall(rf"Depends: (linux-(?:binary|modules)-{re.escape(kver)})", deps))
+    )
     debs = root / "var/cache/emulab-debs"
     debs.mkdir(parents=True, exist_ok=True)
     os.chmod(debs, 0o777)
     _run(
-        [
-            "chroot",
-            str(root),
-            "sh",
-            "-c",
-            f"cd /var/cache/emulab-debs && apt-get download {pkgs[0]}",
-        ],
+        ["chroot", str(root), "sh", "-c",
+         f"cd /var/cache/emulab-debs && apt-get download -t {suite} {' '.join(wanted)}"],
         progress,
-        f"download {pkgs[0]}",
-    )
-    deb = next(debs.glob(f"{pkgs[0]}_*.deb"))
+        f"download {' '.join(wanted)}",
+    )  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="emulab-guest-", dir=CACHE_DIR))
     try:
         kx = tmp / "kernel"
-        _run(["dpkg-deb", "-x", str(deb), str(kx)], progress, "unpack the kernel")
-        (kver,) = [p.name for p in (kx / "usr/lib/modules").iterdir()]
+        for name in wanted:
+            deb = next(debs.glob(f"{name}_*.deb"))
+            _run(["dpkg-deb", "-x", str(deb), str(kx)], progress, f"unpack {name}")
         moddir = kx / "usr/lib/modules" / kver
+        vmlinuz = next(
+            p for p in (kx / "boot" / f"vmlinuz-{kver}", moddir / "vmlinuz") if p.exists()
+        )
         image = tmp / "initrd-root"
         for d in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "bin"):
             (image / d).mkdir(parents=True, exist_ok=True)
@@ -243,7 +255,7 @@ def ensure_guest(  # noqa: PLR0915 -- one linear recipe, easier to follow unspli
         if out_tmp.exists():
             shutil.rmtree(out_tmp)
         out_tmp.mkdir(parents=True)
-        shutil.copy2(kx / "boot" / f"vmlinuz-{kver}", out_tmp / "vmlinuz")
+        shutil.copy2(vmlinuz, out_tmp / "vmlinuz")
         with open(out_tmp / "initrd.cpio", "wb") as f:
             f.write(cpio_tree(image))
         (out_tmp / "meta.json").write_text(

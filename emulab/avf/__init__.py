@@ -1,0 +1,1 @@
+"""The Intel AVF (Adaptive Virtual Function) NIC model."""

@@ -1,0 +1,178 @@
+"""The AVF admin queue (mailbox): ATQ descriptors in, virtchnl handling, ARQ descriptors out.
+
+The driver owns two rings of 32-byte descriptors in guest memory. It sends a message by filling
+the ATQ descriptor at its tail (opcode send_msg_to_pf, the virtchnl opcode in cookie_high, the
+payload in a buffer) and writing ATQT; we process every descriptor from ATQH up to the tail,
+complete each (DD|CMP, retval) and advance ATQH, which is what the driver polls. Replies and
+PF-initiated events go to the ARQ: the driver posts empty buffers there and moves ARQT; we fill
+the descriptor at ARQH, advance it, and tell the device to raise the misc interrupt. Messages
+that find no posted buffer wait in order until the driver posts more.
+
+Guest addresses come from the driver; every access goes through the bounds-checked
+:class:`~emulab.pci.dma.GuestMemory`, and a bad address sets the queue's error bits, never raises
+out of a register write.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from emulab.avf.descriptors import AqFlags, AqOpcode
+from emulab.pci.dma import DmaError, GuestMemory
+from emulab.pci.registers import RegisterFile
+
+__all__ = ["AdminQueue", "AqReturn", "Handler"]
+
+DESC = struct.Struct("<HHHHIIIIII")
+ENABLE = 1 << 31
+LEN_MASK = 0x3FF
+VFE = 1 << 28
+CRIT = 1 << 30
+MAX_BUFFER = 4096
+
+
+class AqReturn:
+    """Admin-queue return codes (descriptor ``retval``)."""
+
+    OK = 0
+    EIO = 5
+    EFAULT = 11
+    EINVAL = 14
+    ENOSYS = 17
+
+
+Handler = Callable[[int, bytes], tuple[int, bytes]]
+"""``handler(virtchnl_opcode, payload) -> (virtchnl_status, reply_payload)``."""
+
+
+@dataclass
+class AdminQueue:
+    regs: RegisterFile
+    memory: GuestMemory
+    handler: Handler
+    notify: Callable[[], None] = lambda: None  # a message was posted to the ARQ
+    trace: Callable[[str, dict[str, object]], None] | None = None
+    pending: collections.deque[tuple[int, int, bytes]] = field(default_factory=collections.deque)
+    stats: dict[str, int] = field(default_factory=lambda: {"atq": 0, "arq": 0, "errors": 0})
+
+    # -- rings ---------------------------------------------------------------------------------
+    def _ring(self, which: str) -> tuple[int, int] | None:
+        """(base address, length) of an enabled ring, or None."""
+        length = self.regs.get(f"VF_{which}LEN1")
+        if not length & ENABLE or not length & LEN_MASK:
+            return None
+        base = self.regs.get(f"VF_{which}BAL1") | (self.regs.get(f"VF_{which}BAH1") << 32)
+        return base, length & LEN_MASK
+
+    def _error(self, which: str, what: str, exc: Exception) -> None:
+        self.stats["errors"] += 1
+        self.regs.set(f"VF_{which}LEN1", self.regs.get(f"VF_{which}LEN1") | VFE | CRIT)
+        if self.trace is not None:
+            self.trace("aq-error", {"queue": which, "what": what, "error": str(exc)})
+
+    # -- ATQ: driver -> PF ----------------------------------------------------------------------
+    def atq_kick(self) -> int:
+        """Process ATQ descriptors from head to tail; returns how many were completed."""
+        ring = self._ring("ATQ")
+        if ring is None:
+            return 0
+        base, length = ring
+        head = self.regs.get("VF_ATQH1") & LEN_MASK
+        tail = self.regs.get("VF_ATQT1") & LEN_MASK
+        if tail >= length:
+            self._error("ATQ", "tail beyond ring", ValueError(f"tail {tail} >= {length}"))
+            return 0
+        done = 0
+        while head != tail:
+            addr = base + 32 * head
+            try:
+                self._complete(addr)
+            except DmaError as exc:
+                self._error("ATQ", f"descriptor {head}", exc)
+                break
+            head = (head + 1) % length
+            done += 1
+            self.regs.set("VF_ATQH1", head)
+        self.stats["atq"] += done
+        return done
+
+    def _complete(self, addr: int) -> None:
+        fields = list(DESC.unpack(self.memory.read(addr, 32)))
+        flags, opcode, datalen = fields[0], fields[1], fields[2]
+        v_opcode = fields[4]
+        retval = AqReturn.OK
+        reply: tuple[int, bytes] | None = None
+        if opcode != AqOpcode.SEND_MSG_TO_PF:
+            retval = AqReturn.ENOSYS
+        else:
+            payload = b""
+            if flags & AqFlags.BUF and datalen:
+                if datalen > MAX_BUFFER:
+                    retval = AqReturn.EINVAL
+                else:
+                    buf = fields[8] << 32 | fields[9]
+                    try:
+                        payload = self.memory.read(buf, datalen)
+                    except DmaError:
+                        retval = AqReturn.EFAULT
+            if retval == AqReturn.OK:
+                reply = self.handler(v_opcode, payload)
+                if self.trace is not None:
+                    self.trace(
+                        "aq-request", {"opcode": v_opcode, "payload": payload, "status": reply[0]}
+                    )
+        fields[0] = flags | AqFlags.DD | AqFlags.CMP | (AqFlags.ERR if retval else 0)
+        fields[3] = retval
+        self.memory.write(addr, DESC.pack(*fields))
+        if reply is not None:
+            self.post(v_opcode, reply[0], reply[1])
+
+    # -- ARQ: PF -> driver ----------------------------------------------------------------------
+    def post(self, v_opcode: int, status: int, payload: bytes) -> None:
+        """Queue a PF message (a reply or an event) for the driver; deliver what fits now."""
+        self.pending.append((v_opcode, status, payload))
+        self.arq_kick()
+
+    def arq_kick(self) -> int:
+        """Deliver pending messages into the buffers the driver has posted."""
+        ring = self._ring("ARQ")
+        if ring is None or not self.pending:
+            return 0
+        base, length = ring
+        head = self.regs.get("VF_ARQH1") & LEN_MASK
+        tail = self.regs.get("VF_ARQT1") & LEN_MASK
+        delivered = 0
+        while self.pending and head != tail:
+            v_opcode, status, payload = self.pending[0]
+            addr = base + 32 * head
+            try:
+                fields = list(DESC.unpack(self.memory.read(addr, 32)))
+                size = fields[2]
+                if len(payload) > size:
+                    raise DmaError(7, f"reply of {len(payload)} bytes > posted buffer {size}")
+                if payload:
+                    self.memory.write(fields[8] << 32 | fields[9], payload)
+            except DmaError as exc:
+                self._error("ARQ", f"descriptor {head}", exc)
+                self.pending.popleft()
+                break
+            flags = AqFlags.DD | AqFlags.CMP | (AqFlags.BUF if payload else 0)
+            fields[0:5] = [int(flags), AqOpcode.SEND_MSG_TO_VF, len(payload), 0, v_opcode]
+            fields[5] = status & 0xFFFFFFFF
+            self.memory.write(addr, DESC.pack(*fields))
+            self.pending.popleft()
+            head = (head + 1) % length
+            self.regs.set("VF_ARQH1", head)
+            delivered += 1
+            if self.trace is not None:
+                self.trace("aq-reply", {"opcode": v_opcode, "status": status, "payload": payload})
+        if delivered:
+            self.stats["arq"] += delivered
+            self.notify()
+        return delivered
+
+    def reset(self) -> None:
+        self.pending.clear()

@@ -44,8 +44,9 @@ class AqReturn:
     ENOSYS = 17
 
 
-Handler = Callable[[int, bytes], tuple[int, bytes]]
-"""``handler(virtchnl_opcode, payload) -> (virtchnl_status, reply_payload)``."""
+Handler = Callable[[int, bytes], tuple[int, bytes] | None]
+"""``handler(virtchnl_opcode, payload) -> (virtchnl_status, reply_payload)``, or None when the
+PF sends no reply (VIRTCHNL_OP_RESET_VF)."""
 
 
 @dataclass
@@ -121,8 +122,9 @@ class AdminQueue:
             if retval == AqReturn.OK:
                 reply = self.handler(v_opcode, payload)
                 if self.trace is not None:
+                    status = None if reply is None else reply[0]
                     self.trace(
-                        "aq-request", {"opcode": v_opcode, "payload": payload, "status": reply[0]}
+                        "aq-request", {"opcode": v_opcode, "payload": payload, "status": status}
                     )
         fields[0] = flags | AqFlags.DD | AqFlags.CMP | (AqFlags.ERR if retval else 0)
         fields[3] = retval

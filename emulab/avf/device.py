@@ -1,0 +1,165 @@
+"""AvfDevice: PCI glue over the AVF core (registers, admin queue, virtchnl PF side).
+
+Thin by design (QEMU's igb.c forwards each callback to igb_core.c): this file builds the PCI
+identity and BARs, binds the register side effects to the core, and owns interrupt delivery.
+
+Interrupts follow the VF's hardware model: a vector fires when a cause is pending and its
+DYN_CTL's INTENA is set; firing clears INTENA (the driver re-arms it in its handler), and a
+cause that arrives meanwhile waits. Vector 0 is the "misc" vector (admin queue); ICR01 holds
+its causes and clears on read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from emulab.avf.admin_queue import AdminQueue
+from emulab.avf.registers import BAR0_SIZE, MAX_VECTORS, REGISTERS, ResetState
+from emulab.pci.capabilities import add_pcie, add_pm
+from emulab.pci.config_space import PCIE_CONFIG_SIZE, Bar, BarKind, ConfigSpace
+from emulab.pci.device import PciDevice
+from emulab.pci.registers import RegisterFile
+from emulab.trace import Trace
+
+__all__ = ["AVF_DEVICE_ID", "AvfDevice", "VirtchnlHandler"]
+
+INTEL = 0x8086
+AVF_DEVICE_ID = 0x1889
+ETHERNET = 0x020000
+ICR_ADMINQ = 1 << 30
+INTENA, CLEARPBA, SWINT_TRIG, INTENA_MSK = 1 << 0, 1 << 1, 1 << 2, 1 << 31
+NOT_SUPPORTED = -64
+
+VirtchnlHandler = Callable[[int, bytes], tuple[int, bytes] | None]
+OP_RESET_VF = 2
+
+
+class AvfDevice(PciDevice):
+    """An Intel Adaptive Virtual Function, as the iavf driver and DPDK's iavf PMD see it."""
+
+    name = "avf"
+
+    def __init__(
+        self, *, virtchnl: VirtchnlHandler | None = None, trace: Trace | None = None
+    ) -> None:
+        config = ConfigSpace(
+            vendor_id=INTEL,
+            device_id=AVF_DEVICE_ID,
+            class_code=ETHERNET,
+            revision=1,
+            subsystem_vendor_id=INTEL,
+            subsystem_id=0,
+            interrupt_pin=0,  # a VF has no INTx
+            size=PCIE_CONFIG_SIZE,
+        )
+        super().__init__(config, trace=trace)
+        add_pm(config)
+        add_pcie(config)
+        self.regs = RegisterFile("avf-bar0", BAR0_SIZE, REGISTERS)
+        self.add_bar(Bar(0, BAR0_SIZE, BarKind.MEM64), "registers").add_registers(0, self.regs)
+        self.add_bar(Bar(3, 0x4000, BarKind.MEM64), "msix")
+        self.msix = self.add_msix(MAX_VECTORS, bar=3, table_offset=0, pba_offset=0x2000)
+        self.virtchnl: VirtchnlHandler = virtchnl or (lambda op, payload: (NOT_SUPPORTED, b""))
+        self.admin_queue = AdminQueue(
+            self.regs, self.memory, self._virtchnl, self._adminq_posted, self._aq_trace
+        )
+        self.misc_pending = 0  # causes waiting for INTENA
+        self.irq_counts = [0] * MAX_VECTORS
+        self._reset_requested = False
+        self._bind()
+
+    def _bind(self) -> None:
+        r = self.regs
+        r.on_write("VF_ATQT1", lambda i, old, new: self._atq_doorbell())
+        r.on_write("VF_ARQT1", lambda i, old, new: self._arq_doorbell())
+        r.on_write("VF_ARQLEN1", lambda i, old, new: self._arq_doorbell())
+        r.on_write("VFINT_DYN_CTL01", lambda i, old, new: self._dyn_ctl(0, old, new))
+        r.on_write("VFINT_DYN_CTLN", lambda i, old, new: self._dyn_ctl(i + 1, old, new))
+        r.on_write("VFINT_ICR0_ENA1", lambda i, old, new: self._misc_update())
+        r.on_read("VFINT_ICR01", self._read_icr)
+
+    # -- the admin queue -----------------------------------------------------------------------
+    def _atq_doorbell(self) -> None:
+        self._reset_requested = False
+        self.admin_queue.atq_kick()
+        if self._reset_requested:  # after the walk: the reset clears the queue registers
+            self.vf_reset()
+
+    def _arq_doorbell(self) -> None:
+        self.admin_queue.arq_kick()  # the driver posted buffers: deliver what waits
+
+    def _virtchnl(self, opcode: int, payload: bytes) -> tuple[int, bytes] | None:
+        if opcode == OP_RESET_VF:
+            self._reset_requested = True
+        return self.virtchnl(opcode, payload)
+
+    def _aq_trace(self, event: str, data: dict[str, object]) -> None:
+        self.trace.record("adminq", device=self.name, event=event, **data)
+
+    def _adminq_posted(self) -> None:
+        self.regs.set("VFINT_ICR01", self.regs["VFINT_ICR01"] | ICR_ADMINQ)
+        self.misc_pending |= ICR_ADMINQ
+        self._misc_update()
+
+    def post_event(self, opcode: int, payload: bytes, status: int = 0) -> None:
+        """A PF-initiated message (e.g. a link-state EVENT) to the driver."""
+        with self.lock:
+            self.admin_queue.post(opcode, status, payload)
+
+    # -- interrupts ------------------------------------------------------------------------------
+    def _read_icr(self, index: int, stored: int) -> int:
+        self.regs.set("VFINT_ICR01", 0)  # read-to-clear
+        return stored
+
+    def _misc_update(self) -> None:
+        enabled = self.regs["VFINT_ICR0_ENA1"] & ICR_ADMINQ
+        if self.misc_pending & enabled:
+            self._fire(0)
+
+    def _dyn_ctl(self, vector: int, old: int, new: int) -> None:
+        name = "VFINT_DYN_CTL01" if vector == 0 else "VFINT_DYN_CTLN"
+        index = max(vector - 1, 0)
+        if new & INTENA_MSK:  # this write must not change INTENA
+            new = (new & ~INTENA) | (old & INTENA)
+        new &= ~(CLEARPBA | SWINT_TRIG | INTENA_MSK)  # self-clearing bits
+        self.regs.set(name, new, index)
+        if vector == 0:
+            self._misc_update()
+        if new & INTENA and self.msix.pending[vector]:
+            self.msix.deliver_pending()
+
+    def _fire(self, vector: int) -> None:
+        """Raise a vector if its INTENA allows; firing clears INTENA until the driver re-arms."""
+        name = "VFINT_DYN_CTL01" if vector == 0 else "VFINT_DYN_CTLN"
+        index = max(vector - 1, 0)
+        ctl = self.regs.get(name, index)
+        if not ctl & INTENA:
+            return
+        self.regs.set(name, ctl & ~INTENA, index)
+        if vector == 0:
+            self.misc_pending = 0
+        self.irq_counts[vector] += 1
+        self.msix.trigger(vector)
+
+    # -- reset -----------------------------------------------------------------------------------
+    def on_reset(self) -> None:
+        self.regs.reset()
+        self.admin_queue.reset()
+        self.misc_pending = 0
+        self.regs.set("VFGEN_RSTAT", ResetState.VF_ACTIVE)
+
+    def vf_reset(self) -> None:
+        """VIRTCHNL_OP_RESET_VF: the PF resets the VF; the driver polls VFGEN_RSTAT."""
+        with self.lock:
+            self.regs.set("VFGEN_RSTAT", ResetState.IN_PROGRESS)
+            self.regs.reset()
+            self.admin_queue.reset()
+            self.misc_pending = 0
+            # Our reset is instantaneous: the driver sees ARQLEN.ENABLE clear (reset detected)
+            # and then VF_ACTIVE (iavf_reset_task polls for exactly these two).
+            self.regs.set("VFGEN_RSTAT", ResetState.VF_ACTIVE)
+            self.on_vf_reset()
+        self.trace.record("device", device=self.name, event="vf-reset")
+
+    def on_vf_reset(self) -> None:
+        """Hook for the queue core (issue 3's data path) to drop its state."""

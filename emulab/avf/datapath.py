@@ -1,0 +1,250 @@
+"""Every numba kernel of the AVF data path: arrays in, counts and flags out.
+
+Guest memory reaches the kernels as a translation table: a typed list of uint8 arrays (one per
+fd-backed DMA map) with their guest start/end addresses and a writable flag. Every descriptor
+and buffer address is translated and bounds-checked here, inside the compiled code; an address
+outside the maps ends the burst with an error code (the caller puts the queue in an error state),
+it never touches memory it should not.
+
+Ordering: a descriptor's status qword (DD, or DTYPE=DESC_DONE) is stored after the data and the
+other qwords of that descriptor. x86 keeps stores in program order (TSO), so a driver that sees
+DD sees the data; on weaker memory models a store fence would go before the status store.
+
+The kernels release the GIL (``nogil=True``) and are compiled once to the on-disk cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+from numba.typed import List
+
+from emulab.pci.dma import GuestMemory
+
+__all__ = [
+    "ERR_BAD_DESCRIPTOR",
+    "ERR_BUFFER_ADDRESS",
+    "ERR_FRAME_TOO_LONG",
+    "ERR_NONE",
+    "ERR_RING_ADDRESS",
+    "MemoryTable",
+    "rx_fill",
+    "tx_drain",
+]
+
+ERR_NONE = 0
+ERR_RING_ADDRESS = 1  # a descriptor lies outside guest memory
+ERR_BUFFER_ADDRESS = 2  # a buffer lies outside (writable) guest memory
+ERR_FRAME_TOO_LONG = 3  # a TX frame longer than the queue's maximum
+ERR_BAD_DESCRIPTOR = 4  # a descriptor type we do not accept
+
+TX_DTYPE_MASK = 0xF
+TX_DESC_DONE = 0xF
+TX_CMD_EOP = 0x1
+TX_CMD_RS = 0x2
+RX_DD = 1
+RX_EOF = 2
+RX_FLTSTAT_RSS = 3 << 12
+
+
+class MemoryTable:
+    """Guest memory as the kernels take it; rebuilt whenever the DMA maps change."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        regions: Any = List()
+        starts, ends, writable = [], [], []
+        with memory.lock:
+            for r in memory.regions:
+                if r.mapping is None or not r.readable:
+                    continue  # message-only maps are not reachable from the data path
+                regions.append(np.frombuffer(r.mapping, dtype=np.uint8)[r.base : r.base + r.size])
+                starts.append(r.iova)
+                ends.append(r.iova + r.size)
+                writable.append(r.writable)
+        if not starts:
+            regions.append(np.zeros(1, dtype=np.uint8))  # keeps the list typed; never matches
+        self.regions = regions
+        self.starts = np.array(starts or [1], dtype=np.int64)
+        self.ends = np.array(ends or [0], dtype=np.int64)
+        self.writable = np.array(writable or [False], dtype=np.bool_)
+
+
+@njit(nogil=True, cache=True)
+def _find(starts: Any, ends: Any, addr: Any, length: Any) -> int:
+    """Index of the map holding ``[addr, addr+length)`` entirely, or -1."""
+    if addr < 0 or length < 0:
+        return -1
+    for k in range(starts.shape[0]):
+        if starts[k] <= addr and addr + length <= ends[k]:
+            return k
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def _load64(mem: Any, off: Any) -> Any:
+    v = np.uint64(0)
+    for i in range(8):
+        v |= np.uint64(mem[off + i]) << np.uint64(8 * i)
+    return v
+
+
+@njit(nogil=True, cache=True)
+def _store64(mem: Any, off: Any, value: Any) -> None:
+    for i in range(8):
+        mem[off + i] = np.uint8((value >> np.uint64(8 * i)) & np.uint64(0xFF))
+
+
+@njit(nogil=True, cache=True)
+def _copy(dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> None:
+    """Copy n bytes; 8-byte words when both ends are aligned (no slice temporaries)."""
+    i = 0
+    if (doff & 7) == 0 and (soff & 7) == 0 and n >= 8:
+        d64 = dst[doff : doff + (n & ~7)].view(np.uint64)
+        s64 = src[soff : soff + (n & ~7)].view(np.uint64)
+        for w in range(n >> 3):
+            d64[w] = s64[w]
+        i = n & ~7
+    while i < n:
+        dst[doff + i] = src[soff + i]
+        i += 1
+
+
+@njit(nogil=True, cache=True)
+def tx_drain(
+    regions: Any,
+    starts: Any,
+    ends: Any,
+    writable: Any,
+    ring_base: Any,
+    ring_len: Any,
+    head: Any,
+    tail: Any,
+    frames: Any,
+    frame_lens: Any,
+) -> tuple[int, int, int, int]:
+    """Gather frames from TX descriptors ``head``..``tail`` into ``frames`` (one row each).
+
+    Returns ``(new_head, n_frames, n_descriptors, error)``. A frame whose EOP descriptor is not
+    posted yet stays in the ring. Descriptors with RS get DTYPE=DESC_DONE written back.
+    """
+    max_frames = frames.shape[0]
+    max_frame = frames.shape[1]
+    n = 0
+    pos: Any = 0
+    used = 0
+    frame_start = head
+    i = head
+    while i != tail and n < max_frames:
+        daddr = ring_base + 16 * i
+        k = _find(starts, ends, daddr, 16)
+        if k < 0 or not writable[k]:
+            return frame_start, n, used, ERR_RING_ADDRESS
+        ring = regions[k]
+        doff = daddr - starts[k]
+        buf = np.int64(_load64(ring, doff))
+        q1 = _load64(ring, doff + 8)
+        dtype = np.int64(q1 & np.uint64(TX_DTYPE_MASK))
+        cmd = np.int64((q1 >> np.uint64(4)) & np.uint64(0xFFF))
+        size = np.int64((q1 >> np.uint64(34)) & np.uint64(0x3FFF))
+        if dtype != 0:
+            return frame_start, n, used, ERR_BAD_DESCRIPTOR
+        if pos + size > max_frame:
+            return frame_start, n, used, ERR_FRAME_TOO_LONG
+        if size > 0:
+            kb = _find(starts, ends, buf, size)
+            if kb < 0:
+                return frame_start, n, used, ERR_BUFFER_ADDRESS
+            _copy(frames[n], pos, regions[kb], buf - starts[kb], size)
+        pos += size
+        i = i + 1
+        if i == ring_len:
+            i = 0
+        if cmd & TX_CMD_EOP:
+            frame_lens[n] = pos
+            n += 1
+            pos = 0
+            # complete the frame's descriptors: DESC_DONE where the driver asked (RS)
+            j = frame_start
+            while j != i:
+                da = ring_base + 16 * j
+                kk = _find(starts, ends, da, 16)
+                q = _load64(regions[kk], da - starts[kk] + 8)
+                if (q >> np.uint64(4)) & np.uint64(TX_CMD_RS):
+                    _store64(regions[kk], da - starts[kk] + 8, q | np.uint64(TX_DESC_DONE))
+                used += 1
+                j = j + 1
+                if j == ring_len:
+                    j = 0
+            frame_start = i
+    return frame_start, n, used, ERR_NONE
+
+
+@njit(nogil=True, cache=True)
+def rx_fill(
+    regions: Any,
+    starts: Any,
+    ends: Any,
+    writable: Any,
+    ring_base: Any,
+    ring_len: Any,
+    head: Any,
+    tail: Any,
+    buf_size: Any,
+    frames: Any,
+    frame_lens: Any,
+    n_frames: Any,
+    hashes: Any,
+    ptype: Any,
+) -> tuple[int, int, int, int]:
+    """Deliver frames into the RX buffers the driver posted (``head`` up to ``tail``).
+
+    Returns ``(new_head, delivered, n_descriptors, error)``. A frame that does not fit in the
+    posted descriptors is left for the caller (who counts it as a discard or retries later).
+    """
+    delivered = 0
+    used = 0
+    i = head
+    for f in range(n_frames):
+        length = frame_lens[f]
+        need = (length + buf_size - 1) // buf_size if length > 0 else 1
+        avail = tail - i
+        if avail < 0:
+            avail += ring_len
+        if need > avail:
+            break
+        pos = 0
+        for d in range(need):
+            daddr = ring_base + 32 * i
+            k = _find(starts, ends, daddr, 32)
+            if k < 0 or not writable[k]:
+                return i, delivered, used, ERR_RING_ADDRESS
+            ring = regions[k]
+            doff = daddr - starts[k]
+            pkt = np.int64(_load64(ring, doff))
+            chunk = min(buf_size, length - pos)
+            if chunk > 0:
+                kb = _find(starts, ends, pkt, chunk)
+                if kb < 0 or not writable[kb]:
+                    return i, delivered, used, ERR_BUFFER_ADDRESS
+                _copy(regions[kb], pkt - starts[kb], frames[f], pos, chunk)
+            pos += chunk
+            last = d == need - 1
+            status = np.uint64(RX_DD | (RX_EOF if last else 0))
+            q0 = np.uint64(0)
+            if last and hashes[f] != 0:
+                q0 = np.uint64(hashes[f]) << np.uint64(32)
+                status |= np.uint64(RX_FLTSTAT_RSS)
+            q1 = status | (np.uint64(ptype) << np.uint64(30))
+            q1 |= np.uint64(chunk) << np.uint64(38)
+            _store64(ring, doff, q0)
+            _store64(ring, doff + 16, np.uint64(0))
+            _store64(ring, doff + 24, np.uint64(0))
+            _store64(ring, doff + 8, q1)  # status last: DD means the rest is there
+            used += 1
+            i = i + 1
+            if i == ring_len:
+                i = 0
+        delivered += 1
+    return i, delivered, used, ERR_NONE

@@ -1,0 +1,42 @@
+"""Packet backends: where a NIC model's wire goes.
+
+A backend takes the frames a device transmits (:meth:`PacketBackend.send`) and hands the device
+the frames it should receive (the ``deliver`` callback given to :meth:`PacketBackend.attach`).
+Kinds: ``loopback`` (TX feeds RX), ``callback`` (a Python function, for notebooks),
+``switch:NAME`` (connects devices in this process), ``pcap:FILE`` (records what is sent, readable
+by tshark) and ``tap:NAME`` (a host Linux interface). Every backend counts what passes through.
+"""
+
+from __future__ import annotations
+
+from emulab.backends.base import Counters, Deliver, PacketBackend
+from emulab.backends.simple import CallbackBackend, LoopbackBackend, Switch, SwitchPort
+
+__all__ = [
+    "CallbackBackend",
+    "Counters",
+    "Deliver",
+    "LoopbackBackend",
+    "PacketBackend",
+    "Switch",
+    "SwitchPort",
+    "open_backend",
+]
+
+
+def open_backend(spec: str) -> PacketBackend:
+    """A backend from its command-line form: loopback | pcap:FILE | switch:NAME | tap:NAME."""
+    kind, _, arg = spec.partition(":")
+    if kind == "loopback" and not arg:
+        return LoopbackBackend()
+    if kind == "switch" and arg:
+        return Switch.named(arg).port()
+    if kind == "pcap" and arg:
+        from emulab.backends.pcap import PcapBackend  # noqa: PLC0415 -- scapy loads on demand
+
+        return PcapBackend(arg)
+    if kind == "tap" and arg:
+        from emulab.backends.tap import TapBackend  # noqa: PLC0415 -- Linux-only, on demand
+
+        return TapBackend(arg)
+    raise ValueError(f"unknown backend {spec!r}: use loopback, pcap:FILE, switch:NAME or tap:NAME")

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from scapy.layers.l2 import Ether
+from scapy.utils import rdpcap
+
+from emulab.backends import CallbackBackend, LoopbackBackend, Switch, open_backend
+
+
+def frame(dst: str, src: str, payload: bytes = b"x" * 46) -> bytes:
+    return (
+        bytes.fromhex(dst.replace(":", ""))
+        + bytes.fromhex(src.replace(":", ""))
+        + b"\x88\xb5"
+        + payload
+    )
+
+
+A, B, C, BCAST = "02:00:00:00:00:0a", "02:00:00:00:00:0b", "02:00:00:00:00:0c", "ff:ff:ff:ff:ff:ff"
+
+
+def test_loopback_and_counters() -> None:
+    got: list[bytes] = []
+    lb = LoopbackBackend()
+    lb.attach(got.extend)
+    lb.send([frame(A, B), frame(B, A, b"y" * 100)])
+    assert len(got) == 2
+    assert lb.counters.as_dict() == {
+        "tx_packets": 2, "tx_bytes": 60 + 114, "rx_packets": 2, "rx_bytes": 174, "dropped": 0,
+    }  # fmt: skip
+    lb.attach(None)
+    lb.send([frame(A, B)])
+    assert lb.counters.dropped == 1
+
+
+def test_callback() -> None:
+    sent: list[bytes] = []
+    got: list[bytes] = []
+    cb = CallbackBackend(sent.append)
+    cb.attach(got.extend)
+    cb.send([frame(A, B)])
+    cb.inject([frame(B, A)])
+    assert sent == [frame(A, B)] and got == [frame(B, A)]
+
+
+def test_switch_learns_and_floods() -> None:
+    sw = Switch(f"t{time.monotonic_ns()}")
+    ports = [sw.port() for _ in range(3)]
+    inbox: list[list[bytes]] = [[], [], []]
+    for p, box in zip(ports, inbox, strict=True):
+        p.attach(box.extend)
+    ports[0].send([frame(BCAST, A)])  # A learned on port 0; flooded
+    assert [len(b) for b in inbox] == [0, 1, 1]
+    ports[1].send([frame(A, B)])  # known: only port 0
+    assert [len(b) for b in inbox] == [1, 1, 1]
+    ports[0].send([frame(C, A)])  # unknown unicast: flood
+    assert [len(b) for b in inbox] == [1, 2, 2]
+    ports[2].close()
+    ports[0].send([frame(BCAST, A)])
+    assert [len(b) for b in inbox] == [1, 3, 2]
+    assert open_backend("switch:shared") is not open_backend("switch:shared")
+    assert Switch.named("shared") is Switch.named("shared")
+
+
+def test_pcap_is_readable(tmp_path: Path) -> None:
+    pc = open_backend(f"pcap:{tmp_path / 'out.pcap'}")
+    pc.send([frame(A, B), frame(BCAST, A, b"z" * 1400)])
+    pc.close()
+    pkts = rdpcap(str(tmp_path / "out.pcap"))
+    assert [len(p) for p in pkts] == [60, 1414]
+    assert pkts[1][Ether].dst == BCAST and pkts[0][Ether].type == 0x88B5
+
+
+def test_bad_spec() -> None:
+    with pytest.raises(ValueError):
+        open_backend("carrier-pigeon")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
+)
+def test_tap_both_ways() -> None:
+    name = f"emutst{os.getpid() % 10000}"
+    tap = open_backend(f"tap:{name}")
+    got: list[bytes] = []
+    tap.attach(got.extend)
+    host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+    try:
+        host.bind((name, 0))
+        host.settimeout(2)
+        host.send(frame(A, B, b"from-host".ljust(46, b".")))
+        ours = []
+        for _ in range(200):  # the host also sends its own chatter (IPv6 MLD) on a new link
+            ours = [f for f in got if f[12:14] == b"\x88\xb5"]
+            if ours:
+                break
+            time.sleep(0.01)
+        assert ours and ours[0][14:23] == b"from-host"
+        tap.send([frame(B, A, b"from-device".ljust(46, b"."))])
+        data = host.recv(2048)
+        assert data[14:25] == b"from-device"
+    finally:
+        host.close()
+        tap.close()

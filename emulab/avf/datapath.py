@@ -248,3 +248,47 @@ def rx_fill(
                 i = 0
         delivered += 1
     return i, delivered, used, ERR_NONE
+
+
+# -- RSS ------------------------------------------------------------------------------------------
+@njit(nogil=True, cache=True)
+def toeplitz(key: Any, data: Any, length: Any) -> Any:
+    """The Toeplitz hash of ``data[:length]`` under ``key`` (as RSS hardware computes it)."""
+    mask = np.uint64(0xFFFFFFFF)
+    result = np.uint64(0)
+    # a 32-bit window over the key, advanced one bit per input bit (kept in 64-bit arithmetic:
+    # numba widens unsigned shifts, so the window is masked back to 32 bits each step)
+    window = (
+        (np.uint64(key[0]) << np.uint64(24))
+        | (np.uint64(key[1]) << np.uint64(16))
+        | (np.uint64(key[2]) << np.uint64(8))
+        | np.uint64(key[3])
+    )
+    for i in range(length):
+        byte = np.int64(data[i])
+        nxt = np.uint64(key[i + 4]) if i + 4 < key.shape[0] else np.uint64(0)
+        for b in range(8):
+            if byte & (0x80 >> b):
+                result ^= window
+            bit = (nxt >> np.uint64(7 - b)) & np.uint64(1)
+            window = ((window << np.uint64(1)) | bit) & mask
+    return np.uint32(result)
+
+
+@njit(nogil=True, cache=True)
+def rss_hash(key: Any, frame: Any, length: Any, tuple_buf: Any) -> Any:
+    """Hash of an IPv4 frame's addresses (and TCP/UDP ports); 0 for anything else."""
+    if length < 34 or frame[12] != 0x08 or frame[13] != 0x00 or (frame[14] >> 4) != 4:
+        return np.uint32(0)
+    ihl = np.int64(frame[14] & 0xF) * 4
+    proto = frame[23]
+    for i in range(8):
+        tuple_buf[i] = frame[26 + i]  # source then destination address
+    n = 8
+    fragment = ((np.int64(frame[20]) & 0x3F) << 8 | np.int64(frame[21])) != 0
+    tcp_udp = proto == 6 or proto == 17  # noqa: PLR1714 -- numba compiles this, not sets
+    if tcp_udp and not fragment and 14 + ihl + 4 <= length:
+        for i in range(4):
+            tuple_buf[8 + i] = frame[14 + ihl + i]  # source then destination port
+        n = 12
+    return toeplitz(key, tuple_buf, n)

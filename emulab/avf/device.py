@@ -14,7 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from emulab.avf.admin_queue import AdminQueue
+from emulab.avf.queues import QueueEngine
 from emulab.avf.registers import BAR0_SIZE, MAX_VECTORS, REGISTERS, ResetState
+from emulab.backends.base import PacketBackend
+from emulab.backends.simple import LoopbackBackend
 from emulab.pci.capabilities import add_pcie, add_pm
 from emulab.pci.config_space import PCIE_CONFIG_SIZE, Bar, BarKind, ConfigSpace
 from emulab.pci.device import PciDevice
@@ -40,7 +43,12 @@ class AvfDevice(PciDevice):
     name = "avf"
 
     def __init__(
-        self, *, virtchnl: VirtchnlHandler | None = None, trace: Trace | None = None
+        self,
+        *,
+        virtchnl: VirtchnlHandler | None = None,
+        backend: PacketBackend | None = None,
+        num_queues: int = 4,
+        trace: Trace | None = None,
     ) -> None:
         config = ConfigSpace(
             vendor_id=INTEL,
@@ -64,7 +72,15 @@ class AvfDevice(PciDevice):
             self.regs, self.memory, self._virtchnl, self._adminq_posted, self._aq_trace
         )
         self.misc_pending = 0  # causes waiting for INTENA
+        self.queue_pending: set[int] = set()  # queue vectors with a latched cause
         self.irq_counts = [0] * MAX_VECTORS
+        self.backend = backend if backend is not None else LoopbackBackend()
+        self.queues = QueueEngine(
+            self.memory, self.backend, self._queue_cause, num_queues=num_queues
+        )
+        self.queues.on_error = lambda kind, q, what: self.trace.record(
+            "device", device=self.name, event=f"{kind}-queue-error", queue=q, error=what
+        )
         self._reset_requested = False
         self._bind()
 
@@ -77,6 +93,18 @@ class AvfDevice(PciDevice):
         r.on_write("VFINT_DYN_CTLN", lambda i, old, new: self._dyn_ctl(i + 1, old, new))
         r.on_write("VFINT_ICR0_ENA1", lambda i, old, new: self._misc_update())
         r.on_read("VFINT_ICR01", self._read_icr)
+        r.on_write("QTX_TAIL", lambda i, old, new: self._tx_doorbell(i, new))
+        r.on_write("QRX_TAIL", lambda i, old, new: self.queues.rx_tail(i, new))
+
+    def _tx_doorbell(self, queue: int, tail: int) -> None:
+        self.queues.tx_tail(queue, tail)
+
+    def _queue_cause(self, vector: int) -> None:
+        """The queue engine finished a batch for ``vector``: latch, fire if enabled."""
+        with self.lock:
+            if 0 < vector < MAX_VECTORS:
+                self.queue_pending.add(vector)
+                self._fire(vector)
 
     # -- the admin queue -----------------------------------------------------------------------
     def _atq_doorbell(self) -> None:
@@ -125,8 +153,8 @@ class AvfDevice(PciDevice):
         self.regs.set(name, new, index)
         if vector == 0:
             self._misc_update()
-        if new & INTENA and self.msix.pending[vector]:
-            self.msix.deliver_pending()
+        elif vector in self.queue_pending:
+            self._fire(vector)
 
     def _fire(self, vector: int) -> None:
         """Raise a vector if its INTENA allows; firing clears INTENA until the driver re-arms."""
@@ -138,6 +166,7 @@ class AvfDevice(PciDevice):
         self.regs.set(name, ctl & ~INTENA, index)
         if vector == 0:
             self.misc_pending = 0
+        self.queue_pending.discard(vector)
         self.irq_counts[vector] += 1
         self.msix.trigger(vector)
 
@@ -145,7 +174,9 @@ class AvfDevice(PciDevice):
     def on_reset(self) -> None:
         self.regs.reset()
         self.admin_queue.reset()
+        self.queues.reset()
         self.misc_pending = 0
+        self.queue_pending.clear()
         self.regs.set("VFGEN_RSTAT", ResetState.VF_ACTIVE)
 
     def vf_reset(self) -> None:
@@ -162,4 +193,6 @@ class AvfDevice(PciDevice):
         self.trace.record("device", device=self.name, event="vf-reset")
 
     def on_vf_reset(self) -> None:
-        """Hook for the queue core (issue 3's data path) to drop its state."""
+        """Queues forget their rings; pending causes are dropped."""
+        self.queues.reset()
+        self.queue_pending.clear()

@@ -57,8 +57,10 @@ class MemoryTable:
         starts, ends, writable = [], [], []
         with memory.lock:
             for r in memory.regions:
-                if r.mapping is None or not r.readable:
-                    continue  # message-only maps are not reachable from the data path
+                if r.mapping is None or not r.readable or not r.writable:
+                    # Message-only maps are unreachable from compiled code, and read-only ones
+                    # (firmware ROMs) hold no rings or packet buffers: both stay out.
+                    continue
                 regions.append(np.frombuffer(r.mapping, dtype=np.uint8)[r.base : r.base + r.size])
                 starts.append(r.iova)
                 ends.append(r.iova + r.size)

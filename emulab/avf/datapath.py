@@ -54,7 +54,9 @@ class MemoryTable:
 
     def __init__(self, memory: GuestMemory) -> None:
         regions: Any = List()
-        starts, ends, writable = [], [], []
+        starts: list[int] = []
+        ends: list[int] = []
+        writable: list[bool] = []
         with memory.lock:
             for r in memory.regions:
                 if r.mapping is None or not r.readable or not r.writable:

@@ -13,7 +13,7 @@ import enum
 import threading
 from collections.abc import Callable
 
-from emulab.pci.config_space import Bar, BarKind, ConfigSpace
+from emulab.pci.config_space import HEADER, Bar, BarKind, ConfigSpace
 from emulab.pci.dma import GuestMemory
 from emulab.pci.interrupts import Interrupts, Intx, IrqKind, Msix
 from emulab.pci.regions import Region, RegionInfo, Window
@@ -100,6 +100,17 @@ class PciDevice:
         if region is None:
             return RegionInfo(0, readable=False, writable=False)
         return region.info()
+
+    def name_at(self, index: int, offset: int) -> str:
+        """The register behind a region offset, for views of the access trace."""
+        if index == RegionKind.CONFIG:
+            for reg in HEADER:
+                if reg.offset <= offset < reg.offset + 4 * reg.count:
+                    i = (offset - reg.offset) // 4
+                    return reg.name if reg.count == 1 else f"{reg.name}[{i}]"
+            return f"config+{offset:#x}"
+        region = self.regions.get(index)
+        return "-" if region is None else region.name_at(offset)
 
     def bar_kind(self, index: int) -> BarKind | None:
         region = self.regions.get(index)

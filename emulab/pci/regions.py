@@ -40,6 +40,7 @@ class Window:
     read: Callable[[int, int], bytes]
     write: Callable[[int, bytes], None]
     mmap: bool = False
+    describe: Callable[[int], str] | None = None  # offset in window -> register name
 
     @property
     def end(self) -> int:
@@ -78,6 +79,7 @@ class Region:
                 regs.name,
                 read=regs.read_bytes,
                 write=regs.write_bytes,
+                describe=regs.name_at,
             )
         )
 
@@ -104,6 +106,16 @@ class Region:
     def info(self) -> RegionInfo:
         areas = tuple((w.offset, w.size) for w in self.windows if w.mmap)
         return RegionInfo(self.size, mmap_areas=areas, fd=self.fd if areas else None)
+
+    def name_at(self, offset: int) -> str:
+        """What lives at ``offset``: ``window.REGISTER[i]``, ``window+0x10``, or ``-``."""
+        w = self.window_at(offset)
+        if w is None:
+            return "-"
+        rel = offset - w.offset
+        if w.describe is not None:
+            return w.describe(rel)
+        return f"{w.name}+{rel:#x}"
 
     def window_at(self, offset: int) -> Window | None:
         for w in self.windows:

@@ -217,6 +217,14 @@ class RegisterFile:
         slot = self._slots[offset // 4]
         return None if slot is None else (slot.register, slot.index)
 
+    def name_at(self, offset: int) -> str:
+        """The register at a byte offset, as ``NAME`` or ``NAME[i]`` (``-`` if none)."""
+        hit = self.at(offset)
+        if hit is None:
+            return "-"
+        reg, index = hit
+        return reg.name if reg.count == 1 else f"{reg.name}[{index}]"
+
     def decode(self, name: str, index: int = 0) -> dict[str, int]:
         """Field values of a register, by field name (``value`` if it has no fields)."""
         reg = self._require(name)

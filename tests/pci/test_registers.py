@@ -81,3 +81,15 @@ def test_decode_and_errors() -> None:
         RegisterFile("bad", 0x10, (Register("A", 0), Register("B", 0)))
     with pytest.raises(ValueError):
         Field("x", 30, 4)
+
+
+def test_names_for_views() -> None:
+    from emulab.avf.device import AvfDevice
+    from emulab.devices.memcpy import MemcpyDevice
+
+    rf = make()
+    assert rf.name_at(0x108) == "TAIL[1]" and rf.name_at(0x4) == "STAT" and rf.name_at(0x1F0) == "-"
+    dev = AvfDevice()
+    assert dev.name_at(0, 0x0008) == "QTX_TAIL[2]" and dev.name_at(0, 0x8400) == "VF_ATQT1"
+    assert dev.name_at(3, 0x2000) == "msix-pba+0x0" and dev.name_at(7, 0x14) == "BAR[1]"
+    assert MemcpyDevice().name_at(2, 0x10) == "scratch+0x10"

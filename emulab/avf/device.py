@@ -11,6 +11,8 @@ its causes and clears on read.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 
 from emulab.avf.admin_queue import AdminQueue
@@ -30,6 +32,7 @@ INTEL = 0x8086
 AVF_DEVICE_ID = 0x1889
 ETHERNET = 0x020000
 ICR_ADMINQ = 1 << 30
+ICR_SWINT = 1 << 31
 INTENA, CLEARPBA, SWINT_TRIG, INTENA_MSK = 1 << 0, 1 << 1, 1 << 2, 1 << 31
 NOT_SUPPORTED = -64
 
@@ -74,6 +77,8 @@ class AvfDevice(PciDevice):
         self.misc_pending = 0  # causes waiting for INTENA
         self.queue_pending: set[int] = set()  # queue vectors with a latched cause
         self.irq_counts = [0] * MAX_VECTORS
+        self._last_fire = [0.0] * MAX_VECTORS
+        self._itr_timers: dict[int, threading.Timer] = {}
         self.backend = backend if backend is not None else LoopbackBackend()
         self.queues = QueueEngine(
             self.memory, self.backend, self._queue_cause, num_queues=num_queues
@@ -149,20 +154,64 @@ class AvfDevice(PciDevice):
         index = max(vector - 1, 0)
         if new & INTENA_MSK:  # this write must not change INTENA
             new = (new & ~INTENA) | (old & INTENA)
+        itr_indx = (new >> 3) & 3
+        if itr_indx != 3:  # the write also sets that ITR's interval (2 us units)
+            interval = (new >> 5) & 0xFFF
+            if vector == 0:
+                self.regs.set("VFINT_ITR01", interval, itr_indx)
+            else:
+                self.regs.set("VFINT_ITRN", interval, itr_indx * 16 + vector - 1)
+        swint = bool(new & SWINT_TRIG)
         new &= ~(CLEARPBA | SWINT_TRIG | INTENA_MSK)  # self-clearing bits
         self.regs.set(name, new, index)
+        if swint:  # a software-triggered interrupt is a cause like any other (ITR applies)
+            if vector == 0:
+                self.misc_pending |= ICR_SWINT
+                self.regs.set("VFINT_ICR01", self.regs["VFINT_ICR01"] | ICR_SWINT)
+            else:
+                self.queue_pending.add(vector)
+            self._fire(vector)
+            return
         if vector == 0:
             self._misc_update()
         elif vector in self.queue_pending:
             self._fire(vector)
 
+    def itr_seconds(self, vector: int) -> float:
+        """The throttling interval of a vector: the shortest non-zero of its RX/TX ITRs."""
+        if vector == 0:
+            vals = [self.regs.get("VFINT_ITR01", i) for i in (0, 1)]
+        else:
+            vals = [self.regs.get("VFINT_ITRN", i * 16 + vector - 1) for i in (0, 1)]
+        nonzero = [v for v in vals if v]
+        return min(nonzero) * 2e-6 if nonzero else 0.0
+
+    def _itr_expired(self, vector: int) -> None:
+        with self.lock:
+            self._itr_timers.pop(vector, None)
+            if (vector == 0 and self.misc_pending) or vector in self.queue_pending:
+                self._fire(vector)
+
     def _fire(self, vector: int) -> None:
-        """Raise a vector if its INTENA allows; firing clears INTENA until the driver re-arms."""
+        """Raise a vector if its INTENA allows; firing clears INTENA until the driver re-arms.
+
+        The vector's ITR throttles it: within an interval of the last interrupt the cause stays
+        latched and a timer fires it when the interval ends (descriptors are already written
+        back, which is also what WB_ON_ITR asks for)."""
         name = "VFINT_DYN_CTL01" if vector == 0 else "VFINT_DYN_CTLN"
         index = max(vector - 1, 0)
         ctl = self.regs.get(name, index)
         if not ctl & INTENA:
             return
+        wait = self._last_fire[vector] + self.itr_seconds(vector) - time.monotonic()
+        if wait > 0:
+            if vector not in self._itr_timers:
+                timer = threading.Timer(wait, self._itr_expired, (vector,))
+                timer.daemon = True
+                self._itr_timers[vector] = timer
+                timer.start()
+            return
+        self._last_fire[vector] = time.monotonic()
         self.regs.set(name, ctl & ~INTENA, index)
         if vector == 0:
             self.misc_pending = 0

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from typing import ClassVar, Final, Self
 
 from emulab.vfio_user.constants import Command, DeviceFeatureFlags
-from emulab.vfio_user.wire import BytesLike, Message, bad, checked_pack, no_fds
+from emulab.vfio_user.wire import (
+    BytesLike,
+    Message,
+    bad,
+    check_argsz,
+    checked_pack,
+    exact_size,
+    no_fds,
+)
 
 __all__ = [
     "DeviceFeatureReply",
@@ -50,8 +58,7 @@ class _Feature(Message):
         both = DeviceFeatureFlags.GET | DeviceFeatureFlags.SET
         if self.flags & both == both and not self.flags & DeviceFeatureFlags.PROBE:
             raise bad(self, "GET and SET together need PROBE")
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
 
     @property
     def feature(self) -> int:
@@ -93,8 +100,7 @@ class MigDataRead(Message):
     SIZE: ClassVar[int] = _ARGSZ_FLAGS.size
 
     def __post_init__(self) -> None:
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
 
     @checked_pack
     def pack(self) -> bytes:
@@ -102,9 +108,7 @@ class MigDataRead(Message):
 
     @classmethod
     def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
-        if len(payload) != cls.SIZE:
-            raise bad(cls, f"{len(payload)} bytes, expected {cls.SIZE}")
-        no_fds(cls, fds)
+        exact_size(cls, payload, fds, cls.SIZE)
         return cls(*_ARGSZ_FLAGS.unpack(payload))
 
 
@@ -121,8 +125,7 @@ class _MigData(Message):
     def __post_init__(self) -> None:
         if len(self.data) != self.size:
             raise bad(self, f"size {self.size} but {len(self.data)} bytes of data")
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
 
     @checked_pack
     def pack(self) -> bytes:

@@ -65,7 +65,9 @@ from emulab.vfio_user.wire import (
     BytesLike,
     Message,
     bad,
+    check_argsz,
     checked_pack,
+    exact_size,
     no_fds,
     range_error,
 )
@@ -308,8 +310,7 @@ class DmaMap(Message):
     def __post_init__(self) -> None:
         if self.flags & ~int(DmaMapFlags.READ | DmaMapFlags.WRITE):
             raise bad(self, f"unknown flags {self.flags:#x}")
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
         if self.size <= 0:
             raise bad(self, "size must not be 0")
         if self.address + self.size > 1 << 64:
@@ -351,9 +352,7 @@ class _DmaUnmapLayout(Message):
 
     @classmethod
     def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
-        if len(payload) != cls.SIZE:
-            raise bad(cls, f"{len(payload)} bytes, expected {cls.SIZE}")
-        no_fds(cls, fds)
+        exact_size(cls, payload, fds, cls.SIZE)
         return cls(*_DMA_UNMAP.unpack(payload))
 
 
@@ -364,8 +363,7 @@ class DmaUnmap(_DmaUnmapLayout):
     def __post_init__(self) -> None:
         if self.flags & ~int(DmaUnmapFlags.GET_DIRTY_BITMAP | DmaUnmapFlags.ALL):
             raise bad(self, f"unknown flags {self.flags:#x}")
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
         if self.flags & DmaUnmapFlags.ALL and (self.address or self.size):
             raise bad(self, "ALL needs address = size = 0")
 
@@ -393,8 +391,7 @@ class _DeviceInfo(Message):
     SIZE: ClassVar[int] = _FOUR_U32.size
 
     def __post_init__(self) -> None:
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
 
     @checked_pack
     def pack(self) -> bytes:
@@ -402,9 +399,7 @@ class _DeviceInfo(Message):
 
     @classmethod
     def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
-        if len(payload) != cls.SIZE:
-            raise bad(cls, f"{len(payload)} bytes, expected {cls.SIZE}")
-        no_fds(cls, fds)
+        exact_size(cls, payload, fds, cls.SIZE)
         return cls(*_FOUR_U32.unpack(payload))
 
 
@@ -431,8 +426,7 @@ class IrqInfoRequest(Message):
     SIZE: ClassVar[int] = _FOUR_U32.size
 
     def __post_init__(self) -> None:
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
 
     @checked_pack
     def pack(self) -> bytes:
@@ -440,9 +434,7 @@ class IrqInfoRequest(Message):
 
     @classmethod
     def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
-        if len(payload) != cls.SIZE:
-            raise bad(cls, f"{len(payload)} bytes, expected {cls.SIZE}")
-        no_fds(cls, fds)
+        exact_size(cls, payload, fds, cls.SIZE)
         argsz, _flags, index, _count = _FOUR_U32.unpack(payload)
         return cls(argsz, index)
 
@@ -461,8 +453,7 @@ class IrqInfoReply(Message):
     SIZE: ClassVar[int] = _FOUR_U32.size
 
     def __post_init__(self) -> None:
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
 
     @checked_pack
     def pack(self) -> bytes:
@@ -470,9 +461,7 @@ class IrqInfoReply(Message):
 
     @classmethod
     def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
-        if len(payload) != cls.SIZE:
-            raise bad(cls, f"{len(payload)} bytes, expected {cls.SIZE}")
-        no_fds(cls, fds)
+        exact_size(cls, payload, fds, cls.SIZE)
         return cls(*_FOUR_U32.unpack(payload))
 
 
@@ -506,8 +495,7 @@ class SetIrqs(Message):
         action = flags & _ACTION_BITS
         if data_kind not in (1, 2, 4) or action not in (8, 16, 32):
             raise bad(self, f"flags {flags:#x} need exactly one DATA_* and one ACTION_*")
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
         if self.start + self.count > 1 << 32:
             raise bad(self, f"start {self.start} + count {self.count} overflows")
         nfds = len(self.fds)

@@ -14,7 +14,15 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, Final, Self, TypeAlias
 
 from emulab.vfio_user.constants import Command, RegionCapId, RegionFlags
-from emulab.vfio_user.wire import BytesLike, Message, bad, checked_pack, no_fds
+from emulab.vfio_user.wire import (
+    BytesLike,
+    Message,
+    bad,
+    check_argsz,
+    checked_pack,
+    exact_size,
+    no_fds,
+)
 
 __all__ = [
     "IO_FD_ENTRY_SIZE",
@@ -288,8 +296,7 @@ class RegionIoFdsRequest(Message):
     SIZE: ClassVar[int] = _IO_FDS.size
 
     def __post_init__(self) -> None:
-        if self.argsz < self.SIZE:
-            raise bad(self, f"argsz {self.argsz} < {self.SIZE}")
+        check_argsz(self, self.SIZE)
 
     @checked_pack
     def pack(self) -> bytes:
@@ -297,9 +304,7 @@ class RegionIoFdsRequest(Message):
 
     @classmethod
     def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
-        if len(payload) != cls.SIZE:
-            raise bad(cls, f"{len(payload)} bytes, expected {cls.SIZE}")
-        no_fds(cls, fds)
+        exact_size(cls, payload, fds, cls.SIZE)
         argsz, _flags, index, _count = _IO_FDS.unpack(payload)
         return cls(argsz, index)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import errno
 import functools
 import struct
@@ -11,7 +12,17 @@ from typing import ClassVar, Concatenate, Final, ParamSpec, Self, TypeAlias, Typ
 from emulab.vfio_user.constants import Command
 from emulab.vfio_user.errors import MessageError
 
-__all__ = ["HEADER_STRUCT", "BytesLike", "Message", "bad", "checked_pack", "no_fds", "range_error"]
+__all__ = [
+    "HEADER_STRUCT",
+    "BytesLike",
+    "Message",
+    "bad",
+    "check_argsz",
+    "checked_pack",
+    "exact_size",
+    "no_fds",
+    "range_error",
+]
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 
@@ -22,7 +33,7 @@ _P = ParamSpec("_P")
 _M = TypeVar("_M")
 
 
-class Message:
+class Message(abc.ABC):
     """Base of every payload class. Subclasses are frozen, slotted dataclasses.
 
     ``COMMAND`` is the header command; ``IS_REPLY`` tells request and reply classes apart;
@@ -40,14 +51,14 @@ class Message:
         """File descriptors carried with this message (plain ints; nobody here closes them)."""
         return ()
 
+    @abc.abstractmethod
     def pack(self) -> bytes:
         """The payload (everything after the 16-byte header)."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
         """Decode and validate a payload and the fds that arrived with it."""
-        raise NotImplementedError
 
 
 def bad(where: object, text: str, code: int = errno.EINVAL) -> MessageError:
@@ -59,6 +70,20 @@ def bad(where: object, text: str, code: int = errno.EINVAL) -> MessageError:
 def range_error(obj: object, exc: struct.error) -> MessageError:
     """A field did not fit its ``struct`` slot (``pack`` of an out-of-range value)."""
     return bad(obj, f"field out of range ({exc})")
+
+
+def check_argsz(msg: object, size: int) -> None:
+    """A fixed-size message's ``argsz`` must cover at least its fixed part."""
+    argsz: int = getattr(msg, "argsz")  # noqa: B009 -- every caller has it; typed here once
+    if argsz < size:
+        raise bad(msg, f"argsz {argsz} < {size}")
+
+
+def exact_size(cls: type, payload: BytesLike, fds: Sequence[int], size: int) -> None:
+    """A fixed-size payload without descriptors: exactly ``size`` bytes, no fds."""
+    if len(payload) != size:
+        raise bad(cls, f"{len(payload)} bytes, expected {size}")
+    no_fds(cls, fds)
 
 
 def no_fds(where: object, fds: Sequence[int]) -> None:

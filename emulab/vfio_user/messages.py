@@ -62,6 +62,7 @@ from emulab.vfio_user.region_info import (
 )
 from emulab.vfio_user.wire import (
     HEADER_STRUCT,
+    ArgszIndexRequest,
     BytesLike,
     Message,
     bad,
@@ -416,27 +417,10 @@ class DeviceGetInfoReply(_DeviceInfo):
 
 
 @dataclass(frozen=True, slots=True)
-class IrqInfoRequest(Message):
+class IrqInfoRequest(ArgszIndexRequest):
     """DEVICE_GET_IRQ_INFO (7): ``<IIII`` argsz, flags (0), index, count (0)."""
 
-    argsz: int
-    index: int
-
     COMMAND: ClassVar[Command] = Command.DEVICE_GET_IRQ_INFO
-    SIZE: ClassVar[int] = _FOUR_U32.size
-
-    def __post_init__(self) -> None:
-        check_argsz(self, self.SIZE)
-
-    @checked_pack
-    def pack(self) -> bytes:
-        return _FOUR_U32.pack(self.argsz, 0, self.index, 0)
-
-    @classmethod
-    def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
-        exact_size(cls, payload, fds, cls.SIZE)
-        argsz, _flags, index, _count = _FOUR_U32.unpack(payload)
-        return cls(argsz, index)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,12 +15,11 @@ from typing import ClassVar, Final, Self, TypeAlias
 
 from emulab.vfio_user.constants import Command, RegionCapId, RegionFlags
 from emulab.vfio_user.wire import (
+    ArgszIndexRequest,
     BytesLike,
     Message,
     bad,
-    check_argsz,
     checked_pack,
-    exact_size,
     no_fds,
 )
 
@@ -286,27 +285,10 @@ class RegionInfoReply(Message):
 
 # -- DEVICE_GET_REGION_IO_FDS ---------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class RegionIoFdsRequest(Message):
+class RegionIoFdsRequest(ArgszIndexRequest):
     """DEVICE_GET_REGION_IO_FDS (6): ``<IIII`` argsz, flags (0), index, count (0)."""
 
-    argsz: int
-    index: int
-
     COMMAND: ClassVar[Command] = Command.DEVICE_GET_REGION_IO_FDS
-    SIZE: ClassVar[int] = _IO_FDS.size
-
-    def __post_init__(self) -> None:
-        check_argsz(self, self.SIZE)
-
-    @checked_pack
-    def pack(self) -> bytes:
-        return _IO_FDS.pack(self.argsz, 0, self.index, 0)
-
-    @classmethod
-    def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
-        exact_size(cls, payload, fds, cls.SIZE)
-        argsz, _flags, index, _count = _IO_FDS.unpack(payload)
-        return cls(argsz, index)
 
 
 @dataclass(frozen=True, slots=True)

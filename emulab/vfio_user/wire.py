@@ -7,6 +7,7 @@ import errno
 import functools
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Concatenate, Final, ParamSpec, Self, TypeAlias, TypeVar
 
 from emulab.vfio_user.constants import Command
@@ -14,6 +15,7 @@ from emulab.vfio_user.errors import MessageError
 
 __all__ = [
     "HEADER_STRUCT",
+    "ArgszIndexRequest",
     "BytesLike",
     "Message",
     "bad",
@@ -104,3 +106,30 @@ def checked_pack(
             raise range_error(self, exc) from None
 
     return wrapper
+
+
+_ARGSZ_INDEX: Final = struct.Struct("<IIII")
+
+
+@dataclass(frozen=True, slots=True)
+class ArgszIndexRequest(Message):
+    """The shape of GET_IRQ_INFO and GET_REGION_IO_FDS requests: ``<IIII`` argsz (reply room),
+    flags (0), index, count (0). Subclasses name the command."""
+
+    argsz: int
+    index: int
+
+    SIZE: ClassVar[int] = _ARGSZ_INDEX.size
+
+    def __post_init__(self) -> None:
+        check_argsz(self, self.SIZE)
+
+    @checked_pack
+    def pack(self) -> bytes:
+        return _ARGSZ_INDEX.pack(self.argsz, 0, self.index, 0)
+
+    @classmethod
+    def unpack(cls, payload: BytesLike, fds: Sequence[int] = ()) -> Self:
+        exact_size(cls, payload, fds, cls.SIZE)
+        argsz, _flags, index, _count = _ARGSZ_INDEX.unpack(payload)
+        return cls(argsz, index)

@@ -41,12 +41,19 @@ ERR_FRAME_TOO_LONG = 3  # a TX frame longer than the queue's maximum
 ERR_BAD_DESCRIPTOR = 4  # a descriptor type we do not accept
 
 TX_DTYPE_MASK = 0xF
+TX_DTYPE_CONTEXT = 0x1
 TX_DESC_DONE = 0xF
+TX_CTX_TSO = 0x1  # context descriptor CMD bit
+MAX_TX_FRAME = 9728  # a 9000-byte MTU frame plus headers, rounded as the drivers do
+MAX_TSO_FRAME = 262144  # a TSO "super frame" (headers + up to 256 KiB of payload)
 TX_CMD_EOP = 0x1
 TX_CMD_RS = 0x2
 RX_DD = 1
 RX_EOF = 2
 RX_FLTSTAT_RSS = 3 << 12
+# pctypes (packet classifier types) the RSS hash implements; see emulab.avf.virtchnl
+PCTYPE_IPV4_UDP_UNICAST, PCTYPE_IPV4_UDP_MULTICAST, PCTYPE_IPV4_UDP = 29, 30, 31
+PCTYPE_IPV4_TCP_SYN, PCTYPE_IPV4_TCP, PCTYPE_IPV4_OTHER, PCTYPE_IPV4_FRAG = 32, 33, 35, 36
 
 
 class MemoryTable:
@@ -116,7 +123,7 @@ def _copy(dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> None:
 
 
 @njit(nogil=True, cache=True)
-def tx_drain(
+def tx_drain(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     regions: Any,
     starts: Any,
     ends: Any,
@@ -125,18 +132,27 @@ def tx_drain(
     ring_len: Any,
     head: Any,
     tail: Any,
-    frames: Any,
-    frame_lens: Any,
+    arena: Any,
+    offsets: Any,
+    meta: Any,
 ) -> tuple[int, int, int, int]:
-    """Gather frames from TX descriptors ``head``..``tail`` into ``frames`` (one row each).
+    """Gather frames from TX descriptors ``head``..``tail`` into ``arena``.
 
-    Returns ``(new_head, n_frames, n_descriptors, error)``. A frame whose EOP descriptor is not
-    posted yet stays in the ring. Descriptors with RS get DTYPE=DESC_DONE written back.
+    Frame ``f`` is ``arena[offsets[f]:offsets[f + 1]]``; ``meta[f, 0]`` is qword 1 of its first
+    data descriptor (offload command and header lengths) and ``meta[f, 1]`` qword 1 of the
+    context descriptor before it (TSO), or 0. At most ``offsets.shape[0] - 1`` frames and
+    ``arena.shape[0]`` bytes per call. Returns ``(new_head, n_frames, n_descriptors, error)``;
+    a frame whose EOP descriptor is not posted yet (or that does not fit this burst) stays in
+    the ring. Descriptors with RS get DTYPE=DESC_DONE written back after their frame is taken.
     """
-    max_frames = frames.shape[0]
-    max_frame = frames.shape[1]
+    max_frames = offsets.shape[0] - 1
+    capacity = arena.shape[0]
     n = 0
-    pos: Any = 0
+    offsets[0] = 0
+    pos: Any = 0  # bytes of the current frame so far
+    first_q1 = np.uint64(0)
+    ctx_q1 = np.uint64(0)
+    data_descs = 0
     used = 0
     frame_start = head
     i = head
@@ -152,30 +168,51 @@ def tx_drain(
         dtype = np.int64(q1 & np.uint64(TX_DTYPE_MASK))
         cmd = np.int64((q1 >> np.uint64(4)) & np.uint64(0xFFF))
         size = np.int64((q1 >> np.uint64(34)) & np.uint64(0x3FFF))
+        i = i + 1
+        if i == ring_len:
+            i = 0
+        if dtype == TX_DTYPE_CONTEXT:
+            if data_descs:  # a context descriptor inside a frame
+                return frame_start, n, used, ERR_BAD_DESCRIPTOR
+            ctx_q1 = q1
+            continue
         if dtype != 0:
             return frame_start, n, used, ERR_BAD_DESCRIPTOR
-        if pos + size > max_frame:
+        if data_descs == 0:
+            first_q1 = q1
+        data_descs += 1
+        tso = (ctx_q1 >> np.uint64(4)) & np.uint64(TX_CTX_TSO)
+        limit = MAX_TSO_FRAME if tso else MAX_TX_FRAME
+        if pos + size > limit:
             return frame_start, n, used, ERR_FRAME_TOO_LONG
+        base = offsets[n]
+        if base + pos + size > capacity:
+            if n == 0:
+                return frame_start, n, used, ERR_FRAME_TOO_LONG
+            return frame_start, n, used, ERR_NONE  # the rest waits for the next burst
         if size > 0:
             kb = _find(starts, ends, buf, size)
             if kb < 0:
                 return frame_start, n, used, ERR_BUFFER_ADDRESS
-            _copy(frames[n], pos, regions[kb], buf - starts[kb], size)
+            _copy(arena, base + pos, regions[kb], buf - starts[kb], size)
         pos += size
-        i = i + 1
-        if i == ring_len:
-            i = 0
         if cmd & TX_CMD_EOP:
-            frame_lens[n] = pos
+            offsets[n + 1] = base + pos
+            meta[n, 0] = first_q1
+            meta[n, 1] = ctx_q1
             n += 1
             pos = 0
+            data_descs = 0
+            ctx_q1 = np.uint64(0)
             # complete the frame's descriptors: DESC_DONE where the driver asked (RS)
             j = frame_start
             while j != i:
                 da = ring_base + 16 * j
                 kk = _find(starts, ends, da, 16)
                 q = _load64(regions[kk], da - starts[kk] + 8)
-                if (q >> np.uint64(4)) & np.uint64(TX_CMD_RS):
+                if (q & np.uint64(TX_DTYPE_MASK)) == 0 and (q >> np.uint64(4)) & np.uint64(
+                    TX_CMD_RS
+                ):
                     _store64(regions[kk], da - starts[kk] + 8, q | np.uint64(TX_DESC_DONE))
                 used += 1
                 j = j + 1
@@ -280,18 +317,32 @@ def toeplitz(key: Any, data: Any, length: Any) -> Any:
 
 
 @njit(nogil=True, cache=True)
-def rss_hash(key: Any, frame: Any, length: Any, tuple_buf: Any) -> Any:
-    """Hash of an IPv4 frame's addresses (and TCP/UDP ports); 0 for anything else."""
+def rss_hash(key: Any, frame: Any, length: Any, tuple_buf: Any, hena: Any) -> Any:
+    """Toeplitz hash of an IPv4 frame's addresses (and TCP/UDP ports), if its packet type
+    (pctype) is enabled in the 64-bit ``hena`` mask; 0 for anything else."""
     if length < 34 or frame[12] != 0x08 or frame[13] != 0x00 or (frame[14] >> 4) != 4:
         return np.uint32(0)
     ihl = np.int64(frame[14] & 0xF) * 4
     proto = frame[23]
+    fragment = ((np.int64(frame[20]) & 0x3F) << 8 | np.int64(frame[21])) != 0
+    tcp_udp = (proto == 6 or proto == 17) and not fragment  # noqa: PLR1714 -- numba compiles this
+    if fragment:
+        enabled = (hena >> np.uint64(PCTYPE_IPV4_FRAG)) & np.uint64(1)
+    elif proto == 6:
+        enabled = (hena >> np.uint64(PCTYPE_IPV4_TCP)) & np.uint64(1)
+        enabled |= (hena >> np.uint64(PCTYPE_IPV4_TCP_SYN)) & np.uint64(1)
+    elif proto == 17:
+        enabled = (hena >> np.uint64(PCTYPE_IPV4_UDP)) & np.uint64(1)
+        enabled |= (hena >> np.uint64(PCTYPE_IPV4_UDP_UNICAST)) & np.uint64(1)
+        enabled |= (hena >> np.uint64(PCTYPE_IPV4_UDP_MULTICAST)) & np.uint64(1)
+    else:
+        enabled = (hena >> np.uint64(PCTYPE_IPV4_OTHER)) & np.uint64(1)
+    if not enabled:
+        return np.uint32(0)
     for i in range(8):
         tuple_buf[i] = frame[26 + i]  # source then destination address
     n = 8
-    fragment = ((np.int64(frame[20]) & 0x3F) << 8 | np.int64(frame[21])) != 0
-    tcp_udp = proto == 6 or proto == 17  # noqa: PLR1714 -- numba compiles this, not sets
-    if tcp_udp and not fragment and 14 + ihl + 4 <= length:
+    if tcp_udp and 14 + ihl + 4 <= length:
         for i in range(4):
             tuple_buf[8 + i] = frame[14 + ihl + i]  # source then destination port
         n = 12

@@ -15,9 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from emulab.avf import virtchnl as vc
 from emulab.avf.admin_queue import AdminQueue
+from emulab.avf.pf import PfConfig, VirtchnlPf
 from emulab.avf.queues import QueueEngine
-from emulab.avf.registers import BAR0_SIZE, MAX_VECTORS, REGISTERS, ResetState
+from emulab.avf.registers import BAR0_SIZE, MAX_QUEUES, MAX_VECTORS, REGISTERS, ResetState
 from emulab.backends.base import PacketBackend
 from emulab.backends.simple import LoopbackBackend
 from emulab.pci.capabilities import add_pcie, add_pm
@@ -34,10 +36,10 @@ ETHERNET = 0x020000
 ICR_ADMINQ = 1 << 30
 ICR_SWINT = 1 << 31
 INTENA, CLEARPBA, SWINT_TRIG, INTENA_MSK = 1 << 0, 1 << 1, 1 << 2, 1 << 31
-NOT_SUPPORTED = -64
-
 VirtchnlHandler = Callable[[int, bytes], tuple[int, bytes] | None]
 OP_RESET_VF = 2
+RESET_DELAY = 0.02  # the PF resets the VF shortly after completing the request, as hardware does
+SNAPLEN = 256  # bytes of each frame kept in the packet trace
 
 
 class AvfDevice(PciDevice):
@@ -51,8 +53,12 @@ class AvfDevice(PciDevice):
         virtchnl: VirtchnlHandler | None = None,
         backend: PacketBackend | None = None,
         num_queues: int = 4,
+        mac: bytes | str | None = None,
+        pf_config: PfConfig | None = None,
         trace: Trace | None = None,
     ) -> None:
+        """``num_queues`` queue pairs are offered to the VF (up to 16 by REQUEST_QUEUES);
+        ``virtchnl`` replaces the built-in PF (:class:`~emulab.avf.pf.VirtchnlPf`)."""
         config = ConfigSpace(
             vendor_id=INTEL,
             device_id=AVF_DEVICE_ID,
@@ -70,7 +76,6 @@ class AvfDevice(PciDevice):
         self.add_bar(Bar(0, BAR0_SIZE, BarKind.MEM64), "registers").add_registers(0, self.regs)
         self.add_bar(Bar(3, 0x4000, BarKind.MEM64), "msix")
         self.msix = self.add_msix(MAX_VECTORS, bar=3, table_offset=0, pba_offset=0x2000)
-        self.virtchnl: VirtchnlHandler = virtchnl or (lambda op, payload: (NOT_SUPPORTED, b""))
         self.admin_queue = AdminQueue(
             self.regs, self.memory, self._virtchnl, self._adminq_posted, self._aq_trace
         )
@@ -81,12 +86,25 @@ class AvfDevice(PciDevice):
         self._itr_timers: dict[int, threading.Timer] = {}
         self.backend = backend if backend is not None else LoopbackBackend()
         self.queues = QueueEngine(
-            self.memory, self.backend, self._queue_cause, num_queues=num_queues
+            self.memory, self.backend, self._queue_cause, num_queues=MAX_QUEUES
         )
         self.queues.on_error = lambda kind, q, what: self.trace.record(
             "device", device=self.name, event=f"{kind}-queue-error", queue=q, error=what
         )
+        self.queues.on_packets = self._packets_trace
+        cfg = pf_config or PfConfig(num_queue_pairs=num_queues)
+        if mac is not None:
+            cfg.mac = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else mac
+        self.pf = VirtchnlPf(
+            self.queues,
+            lambda op, status, payload: self.post_event(op, payload, status),
+            self._schedule_vf_reset,
+            cfg,
+            self._aq_trace,
+        )
+        self.virtchnl: VirtchnlHandler = virtchnl or self.pf
         self._reset_requested = False
+        self._reset_timer: threading.Timer | None = None
         self._bind()
 
     def _bind(self) -> None:
@@ -115,8 +133,18 @@ class AvfDevice(PciDevice):
     def _atq_doorbell(self) -> None:
         self._reset_requested = False
         self.admin_queue.atq_kick()
+        self.pf.run_deferred()  # link events, PF-initiated resets: after the replies
         if self._reset_requested:  # after the walk: the reset clears the queue registers
-            self.vf_reset()
+            self._schedule_vf_reset()
+
+    def _schedule_vf_reset(self) -> None:
+        """Reset the VF a moment after the driver's request completed (the driver first sees
+        its ATQ descriptor done, then polls for the reset, as with a real PF)."""
+        if self._reset_timer is not None:
+            self._reset_timer.cancel()
+        self._reset_timer = threading.Timer(RESET_DELAY, self.vf_reset)
+        self._reset_timer.daemon = True
+        self._reset_timer.start()
 
     def _arq_doorbell(self) -> None:
         self.admin_queue.arq_kick()  # the driver posted buffers: deliver what waits
@@ -127,7 +155,22 @@ class AvfDevice(PciDevice):
         return self.virtchnl(opcode, payload)
 
     def _aq_trace(self, event: str, data: dict[str, object]) -> None:
+        opcode = data.get("opcode")
+        payload = data.get("payload")
+        if isinstance(opcode, int) and isinstance(payload, bytes):
+            data["op"] = vc.op_name(opcode)
+            try:
+                data["decoded"] = vc.decode(opcode, payload, from_pf=event != "aq-request")
+            except vc.VirtchnlError as exc:
+                data["decoded"] = f"malformed: {exc}"
         self.trace.record("adminq", device=self.name, event=event, **data)
+
+    def _packets_trace(self, direction: str, queue: int, frames: object) -> None:
+        trace = self.trace
+        if trace.enabled:
+            for f in frames:  # type: ignore[attr-defined]
+                trace.record("packet", device=self.name, direction=direction, queue=queue,
+                             length=len(f), frame=bytes(f[:SNAPLEN]))  # fmt: skip
 
     def _adminq_posted(self) -> None:
         self.regs.set("VFINT_ICR01", self.regs["VFINT_ICR01"] | ICR_ADMINQ)
@@ -221,9 +264,12 @@ class AvfDevice(PciDevice):
 
     # -- reset -----------------------------------------------------------------------------------
     def on_reset(self) -> None:
+        if self._reset_timer is not None:
+            self._reset_timer.cancel()
         self.regs.reset()
         self.admin_queue.reset()
         self.queues.reset()
+        self.pf.vf_reset()
         self.misc_pending = 0
         self.queue_pending.clear()
         self.regs.set("VFGEN_RSTAT", ResetState.VF_ACTIVE)
@@ -242,6 +288,17 @@ class AvfDevice(PciDevice):
         self.trace.record("device", device=self.name, event="vf-reset")
 
     def on_vf_reset(self) -> None:
-        """Queues forget their rings; pending causes are dropped."""
+        """Queues forget their rings, filters and negotiation go back to their defaults."""
         self.queues.reset()
         self.queue_pending.clear()
+        self.pf.vf_reset()
+
+    # -- link ------------------------------------------------------------------------------------
+    @property
+    def link_up(self) -> bool:
+        return self.pf.link_up
+
+    def set_link(self, up: bool) -> None:
+        """Plug or unplug the cable: the driver gets a LINK_CHANGE event."""
+        with self.lock:
+            self.pf.set_link(up)

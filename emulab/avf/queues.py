@@ -16,19 +16,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emulab.avf import datapath as dp
+from emulab.avf.offload import OFFLOAD_CMD_MASK, apply_tx_offloads
 from emulab.backends.base import PacketBackend
 from emulab.pci.dma import GuestMemory
 
 __all__ = ["QueueEngine", "RxQueue", "TxQueue"]
 
 BURST = 64
-MAX_FRAME = 9728  # 9000-byte MTU plus headers, rounded as the drivers do
+ARENA = 1 << 20  # bytes of TX frames gathered per burst (fits a 256 KiB TSO frame and more)
+MAX_FRAME = dp.MAX_TX_FRAME
 ERRORS = {
     dp.ERR_RING_ADDRESS: "descriptor ring outside guest memory",
     dp.ERR_BUFFER_ADDRESS: "buffer outside guest memory",
     dp.ERR_FRAME_TOO_LONG: "frame longer than the queue's maximum",
     dp.ERR_BAD_DESCRIPTOR: "unsupported descriptor type",
 }
+ETH_STATS = (
+    "rx_bytes", "rx_unicast", "rx_multicast", "rx_broadcast", "rx_discards",
+    "rx_unknown_protocol", "tx_bytes", "tx_unicast", "tx_multicast", "tx_broadcast",
+    "tx_discards", "tx_errors",
+)  # fmt: skip
+BROADCAST = b"\xff" * 6
+DEFAULT_HENA = sum(1 << p for p in (29, 30, 31, 32, 33, 35, 36))
 
 
 @dataclass
@@ -40,6 +49,7 @@ class TxQueue:
     tail: int = 0
     enabled: bool = False
     vector: int = -1
+    itr: int = 0
     error: str | None = None
     packets: int = 0
     bytes: int = 0
@@ -56,10 +66,39 @@ class RxQueue:
     tail: int = 0
     enabled: bool = False
     vector: int = -1
+    itr: int = 0
     error: str | None = None
     packets: int = 0
     bytes: int = 0
     discards: int = 0
+
+
+@dataclass
+class MacFilter:
+    """Which frames the port accepts (the VSI's MAC filters and promiscuous flags).
+
+    Disabled, the port accepts everything (a bare queue engine, as in tests and notebooks);
+    the PF enables it with the VF's MAC installed, as a VSI starts.
+    """
+
+    enabled: bool = False
+    unicast: set[bytes] = field(default_factory=set)
+    multicast: set[bytes] = field(default_factory=set)
+    promisc_unicast: bool = False
+    promisc_multicast: bool = False
+
+    def accepts(self, dst: bytes) -> bool:
+        if not self.enabled or dst == BROADCAST:
+            return True
+        if dst[0] & 1:
+            return self.promisc_multicast or self.promisc_unicast or dst in self.multicast
+        return self.promisc_unicast or dst in self.unicast
+
+
+def _kind(dst: bytes) -> str:
+    if dst == BROADCAST:
+        return "broadcast"
+    return "multicast" if dst[:1] and dst[0] & 1 else "unicast"
 
 
 @dataclass
@@ -72,16 +111,23 @@ class QueueEngine:
     rx: list[RxQueue] = field(init=False)
     rss_key: np.ndarray = field(init=False)
     rss_lut: np.ndarray = field(init=False)
+    rss_hena: int = DEFAULT_HENA
+    filter: MacFilter = field(default_factory=MacFilter)
     lock: threading.RLock = field(default_factory=threading.RLock)
     on_error: Callable[[str, int, str], None] | None = None
+    on_packets: Callable[[str, int, Sequence[bytes]], None] | None = None
 
     def __post_init__(self) -> None:
         self.tx = [TxQueue(i) for i in range(self.num_queues)]
         self.rx = [RxQueue(i) for i in range(self.num_queues)]
         self.rss_key = np.frombuffer(bytes(range(1, 53)), dtype=np.uint8).copy()
         self.rss_lut = (np.arange(64) % self.num_queues).astype(np.uint8)
+        self.eth: dict[str, int] = dict.fromkeys(ETH_STATS, 0)
         self._table = dp.MemoryTable(self.memory)
         self.memory.on_change = self._remap
+        self._arena = np.zeros(ARENA, dtype=np.uint8)
+        self._offsets = np.zeros(BURST + 1, dtype=np.int64)
+        self._meta = np.zeros((BURST, 2), dtype=np.uint64)
         self._frames = np.zeros((BURST, MAX_FRAME), dtype=np.uint8)
         self._lens = np.zeros(BURST, dtype=np.int64)
         self._tuple = np.zeros(12, dtype=np.uint8)
@@ -92,6 +138,7 @@ class QueueEngine:
             self._table = dp.MemoryTable(self.memory)
 
     def reset(self) -> None:
+        """Every queue stopped and unconfigured (VF reset); counters are kept."""
         with self.lock:
             self.tx = [TxQueue(i) for i in range(self.num_queues)]
             self.rx = [RxQueue(i) for i in range(self.num_queues)]
@@ -118,18 +165,22 @@ class QueueEngine:
             while q.head != q.tail and q.enabled:
                 head, n, _, err = dp.tx_drain(
                     t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head, q.tail,
-                    self._frames, self._lens,
+                    self._arena, self._offsets, self._meta,
                 )  # fmt: skip
                 q.head = int(head)
                 if n:
-                    frames = [self._frames[i, : self._lens[i]].tobytes() for i in range(n)]
+                    frames = self._gather(n)
                     q.packets += n
-                    q.bytes += int(self._lens[:n].sum())
+                    q.bytes += int(self._offsets[n])
                     sent += n
                     if q.vector >= 0:
                         vectors.add(q.vector)
+                    self._count("tx", frames)
+                    if self.on_packets is not None:
+                        self.on_packets("tx", index, frames)
                     self.backend.send(frames)
                 if err:
+                    self.eth["tx_errors"] += 1
                     self._fail("tx", q, int(err))
                     break
                 if n == 0:
@@ -137,6 +188,25 @@ class QueueEngine:
         for v in vectors:
             self.raise_vector(v)
         return sent
+
+    def _gather(self, n: int) -> list[bytes]:
+        """The burst's frames as bytes, with the offloads their descriptors asked for done."""
+        off, meta, arena = self._offsets, self._meta, self._arena
+        frames: list[bytes] = []
+        for i in range(n):
+            frame = arena[off[i] : off[i + 1]].tobytes()
+            q1, ctx = int(meta[i, 0]), int(meta[i, 1])
+            if q1 & OFFLOAD_CMD_MASK or ctx:
+                frames.extend(apply_tx_offloads(frame, q1, ctx))
+            else:
+                frames.append(frame)
+        return frames
+
+    def _count(self, direction: str, frames: Sequence[bytes]) -> None:
+        eth = self.eth
+        for f in frames:
+            eth[f"{direction}_{_kind(f[:6])}"] += 1
+            eth[f"{direction}_bytes"] += len(f)
 
     # -- RX --------------------------------------------------------------------------------------
     def rx_tail(self, index: int, tail: int) -> None:
@@ -147,12 +217,12 @@ class QueueEngine:
     def pick_queue(self, frame: bytes) -> tuple[int, int]:
         """(RX queue, RSS hash) for a frame: Toeplitz over the IPv4 flow, through the LUT."""
         arr = np.frombuffer(frame, dtype=np.uint8)
-        h = int(dp.rss_hash(self.rss_key, arr, len(frame), self._tuple))
+        h = int(dp.rss_hash(self.rss_key, arr, len(frame), self._tuple, np.uint64(self.rss_hena)))
         enabled = [q.index for q in self.rx if q.enabled]
         if not enabled:
             return -1, h
         q = int(self.rss_lut[h % len(self.rss_lut)]) if h else enabled[0]
-        return (q if self.rx[q].enabled else enabled[0]), h
+        return (q if q < self.num_queues and self.rx[q].enabled else enabled[0]), h
 
     def receive(self, frames: Sequence[bytes]) -> None:
         """Frames from the backend for the device to receive."""
@@ -160,8 +230,11 @@ class QueueEngine:
         with self.lock:
             groups: dict[int, list[tuple[bytes, int]]] = {}
             for f in frames:
+                if len(f) < 14 or not self.filter.accepts(f[:6]):
+                    continue  # not for this port: a switch would not have sent it
                 qi, h = self.pick_queue(f)
-                if qi < 0:
+                if qi < 0 or len(f) > self.rx[qi].max_frame:
+                    self.eth["rx_discards"] += 1
                     continue
                 groups.setdefault(qi, []).append((f, h))
             t = self._table
@@ -171,19 +244,23 @@ class QueueEngine:
                     chunk = items[start : start + BURST]
                     hashes = np.zeros(len(chunk), dtype=np.uint32)
                     for i, (f, h) in enumerate(chunk):
-                        n = min(len(f), MAX_FRAME)
-                        self._frames[i, :n] = np.frombuffer(f, dtype=np.uint8)[:n]
-                        self._lens[i] = n if n <= q.max_frame else 0
+                        self._frames[i, : len(f)] = np.frombuffer(f, dtype=np.uint8)
+                        self._lens[i] = len(f)
                         hashes[i] = h
                     head, delivered, _, err = dp.rx_fill(
                         t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head,
                         q.tail, q.buf_size, self._frames, self._lens, len(chunk), hashes, 0,
                     )  # fmt: skip
                     q.head = int(head)
-                    q.packets += int(delivered)
-                    q.bytes += int(self._lens[:delivered].sum())
-                    q.discards += len(chunk) - int(delivered)
-                    if delivered and q.vector >= 0:
+                    got = [f for f, _ in chunk[: int(delivered)]]
+                    q.packets += len(got)
+                    q.bytes += sum(len(f) for f in got)
+                    q.discards += len(chunk) - len(got)
+                    self.eth["rx_discards"] += len(chunk) - len(got)
+                    self._count("rx", got)
+                    if got and self.on_packets is not None:
+                        self.on_packets("rx", qi, got)
+                    if got and q.vector >= 0:
                         vectors.add(q.vector)
                     if err:
                         self._fail("rx", q, int(err))

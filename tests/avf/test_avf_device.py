@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,8 +90,12 @@ def test_mailbox_round_trip_and_misc_interrupt(
 def test_reset_vf(rig: tuple[VfioUserClient, GuestRam, AvfDevice]) -> None:
     c, ram, dev = rig
     init_adminq(c, ram)
-    send(c, ram, 0, 2, b"")  # VIRTCHNL_OP_RESET_VF: no reply, the VF resets
-    assert c.read32(0, 0x8000) & 1 << 31 == 0  # ARQLEN.ENABLE cleared: reset detected
+    send(c, ram, 0, 2, b"")  # VIRTCHNL_OP_RESET_VF: no reply, the VF resets shortly after
+    deadline = time.monotonic() + 2
+    while c.read32(0, 0x8000) & 1 << 31:  # the driver polls ARQLEN.ENABLE: reset detected
+        assert time.monotonic() < deadline, "the VF was never reset"
+        time.sleep(0.005)
+    assert DESC.unpack(ram.read(ATQ, 32))[0] & AqFlags.DD  # the request was completed too
     assert c.read32(0, 0x8800) & 3 == ResetState.VF_ACTIVE
     assert DESC.unpack(ram.read(ARQ, 32))[4] == 0  # nothing was posted
     assert [e.data["event"] for e in dev.trace.snapshot("device")][-1] == "vf-reset"

@@ -35,14 +35,18 @@ def rx_ring(raw: np.ndarray) -> np.ndarray:
     return raw[RXR : RXR + 32 * N].view(RX_DESC)
 
 
-def drain(gm: GuestMemory, head: int, tail: int, burst: int = 32, max_frame: int = 9728):  # type: ignore[no-untyped-def]
+def drain(gm: GuestMemory, head: int, tail: int, burst: int = 32, arena: int = 1 << 20):  # type: ignore[no-untyped-def]
+    """Run tx_drain; returns (result, frames as bytes, meta)."""
     t = dp.MemoryTable(gm)
-    frames = np.zeros((burst, max_frame), dtype=np.uint8)
-    lens = np.zeros(burst, dtype=np.int64)
+    buf = np.zeros(arena, dtype=np.uint8)
+    offsets = np.zeros(burst + 1, dtype=np.int64)
+    meta = np.zeros((burst, 2), dtype=np.uint64)
     res = dp.tx_drain(
-        t.regions, t.starts, t.ends, t.writable, 0x4000_0000 + TXR, N, head, tail, frames, lens
-    )
-    return res, frames, lens
+        t.regions, t.starts, t.ends, t.writable, 0x4000_0000 + TXR, N, head, tail, buf, offsets,
+        meta,
+    )  # fmt: skip
+    frames = [buf[offsets[i] : offsets[i + 1]].tobytes() for i in range(res[1])]
+    return res, frames, meta
 
 
 def test_tx_single_and_multi_descriptor_frames(mem: tuple[GuestMemory, np.ndarray]) -> None:
@@ -55,10 +59,10 @@ def test_tx_single_and_multi_descriptor_frames(mem: tuple[GuestMemory, np.ndarra
     ring[1] = (0x4000_0000 + BUF, tx_qword1(2048, TxCmd(0)))
     ring[2] = (0x4000_0000 + BUF + 2048, tx_qword1(952, TxCmd.EOP | TxCmd.RS))
     ring[3] = (0x4000_0000 + BUF, tx_qword1(100, TxCmd(0)))  # no EOP yet: stays
-    (head, n, used, err), frames, lens = drain(gm, 0, 4)
+    (head, n, used, err), frames, _ = drain(gm, 0, 4)
     assert (head, n, used, err) == (3, 2, 3, dp.ERR_NONE)
-    assert list(lens[:2]) == [60, 3000]
-    assert bytes(frames[1, :3000]) == payload.tobytes()
+    assert [len(f) for f in frames] == [60, 3000]
+    assert frames[1] == payload.tobytes()
     assert (
         ring["cmd_type_offset_bsz"][0] & 0xF == 0xF and ring["cmd_type_offset_bsz"][2] & 0xF == 0xF
     )
@@ -79,7 +83,7 @@ def test_tx_wraps_and_bursts(mem: tuple[GuestMemory, np.ndarray]) -> None:
     [
         ((0xDEAD_0000_0000, tx_qword1(64, TxCmd.EOP)), dp.ERR_BUFFER_ADDRESS),
         ((0x4000_0000 + SIZE - 8, tx_qword1(64, TxCmd.EOP)), dp.ERR_BUFFER_ADDRESS),
-        ((0x4000_0000, tx_qword1(64, TxCmd.EOP, dtype=1)), dp.ERR_BAD_DESCRIPTOR),
+        ((0x4000_0000, tx_qword1(64, TxCmd.EOP, dtype=2)), dp.ERR_BAD_DESCRIPTOR),
         ((0x4000_0000, tx_qword1(10000, TxCmd.EOP)), dp.ERR_FRAME_TOO_LONG),
     ],
 )
@@ -95,12 +99,37 @@ def test_tx_hostile_descriptors(
 def test_tx_ring_outside_memory(mem: tuple[GuestMemory, np.ndarray]) -> None:
     gm, _ = mem
     t = dp.MemoryTable(gm)
-    frames = np.zeros((4, 2048), dtype=np.uint8)
-    lens = np.zeros(4, dtype=np.int64)
     res = dp.tx_drain(
-        t.regions, t.starts, t.ends, t.writable, 0x4000_0000 + SIZE - 8, N, 0, 1, frames, lens
-    )
+        t.regions, t.starts, t.ends, t.writable, 0x4000_0000 + SIZE - 8, N, 0, 1,
+        np.zeros(4096, dtype=np.uint8), np.zeros(5, dtype=np.int64),
+        np.zeros((4, 2), dtype=np.uint64),
+    )  # fmt: skip
     assert res[3] == dp.ERR_RING_ADDRESS
+
+
+def test_tx_context_descriptor_and_bursts_that_do_not_fit(
+    mem: tuple[GuestMemory, np.ndarray],
+) -> None:
+    gm, raw = mem
+    ring = tx_ring(raw)
+    ctx_q1 = 1 | (1 << 4) | (1448 << 50)  # DTYPE context, CMD TSO, MSS 1448
+    ring[0] = (0, ctx_q1)
+    ring[1] = (0x4000_0000 + BUF, tx_qword1(3000, TxCmd.EOP | TxCmd.RS, offset=7))
+    ring[2] = (0x4000_0000 + BUF, tx_qword1(3000, TxCmd.EOP | TxCmd.RS))
+    (head, n, used, err), frames, meta = drain(gm, 0, 3)
+    assert (head, n, used, err) == (3, 2, 3, dp.ERR_NONE)
+    assert [len(f) for f in frames] == [3000, 3000]
+    assert int(meta[0, 1]) == ctx_q1 and int(meta[1, 1]) == 0  # the context goes with frame 0
+    assert (int(meta[0, 0]) >> 16) & 0x3FFFF == 7
+    assert ring["cmd_type_offset_bsz"][0] == ctx_q1  # context descriptors are not written back
+    # an arena of 4000 bytes takes the first 3000-byte frame; the second waits for the next call
+    ring[1] = ring[2] = (0x4000_0000 + BUF, tx_qword1(3000, TxCmd.EOP | TxCmd.RS))
+    (head, n, _, err), _, _ = drain(gm, 0, 3, arena=4000)
+    assert (head, n, err) == (2, 1, dp.ERR_NONE)
+    # a context descriptor in the middle of a frame is refused
+    ring[0] = (0x4000_0000 + BUF, tx_qword1(100, TxCmd(0)))
+    ring[1] = (0, ctx_q1)
+    assert drain(gm, 0, 3)[0][3] == dp.ERR_BAD_DESCRIPTOR
 
 
 def fill(

@@ -39,10 +39,13 @@ def test_microsoft_vectors(
         + struct.pack(">HH", sport, dport) + bytes(16)
     )  # fmt: skip
     buf = np.zeros(12, dtype=np.uint8)
-    assert rss_hash(KEY, np.frombuffer(frame, dtype=np.uint8), len(frame), buf) == h_tcp
+    arr = np.frombuffer(frame, dtype=np.uint8)
+    assert rss_hash(KEY, arr, len(frame), buf, np.uint64(1 << 33)) == h_tcp
+    # TCP hashing disabled (only "other IPv4" enabled): no hash, the frame is not spread
+    assert rss_hash(KEY, arr, len(frame), buf, np.uint64(1 << 35)) == 0
 
 
 def test_non_ip_hashes_zero() -> None:
     frame = np.zeros(60, dtype=np.uint8)
     frame[12:14] = (0x86, 0xDD)
-    assert rss_hash(KEY, frame, 60, np.zeros(12, dtype=np.uint8)) == 0
+    assert rss_hash(KEY, frame, 60, np.zeros(12, dtype=np.uint8), np.uint64(2**64 - 1)) == 0

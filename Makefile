@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := debootstrap cpio zstd busybox-static gcc libc6-dev kmod util-linux
+APT_PACKAGES := debootstrap cpio zstd busybox-static gcc libc6-dev kmod util-linux iputils-ping tshark
 
 .PHONY: lab test lint typecheck unit interop bench deps clean guest-prepare
 

@@ -47,7 +47,9 @@ class PfConfig:
     mac: bytes = bytes.fromhex("02e1ab000001")
     num_queue_pairs: int = 4
     max_queue_pairs: int = 16
-    max_mtu: int = 9000
+    # virtchnl's "max_mtu" carries the largest *frame* (i40e and ice send theirs; Linux iavf
+    # since 6.12.y subtracts the L2 overhead to get the netdev's max MTU)
+    max_frame: int = MAX_FRAME
     link_up: bool = True
     link_speed_mbps: int = 10_000
     vsi_id: int = 1
@@ -146,7 +148,7 @@ class VirtchnlPf:
         reply = vc.vf_resource(
             num_queue_pairs=self.num_queue_pairs,
             max_vectors=self.num_queue_pairs + 1,
-            max_mtu=self.config.max_mtu,
+            max_mtu=self.config.max_frame,
             caps=int(self.caps),
             rss_key_size=RSS_KEY_SIZE,
             rss_lut_size=RSS_LUT_SIZE,

@@ -260,11 +260,16 @@ class VfioUserClient:
 
     # -- interrupts ------------------------------------------------------------------------------
     def enable_irqs(self, index: int, start: int = 0, count: int = 1) -> list[int]:
-        """Create eventfds for vectors ``start..start+count-1`` and hand them to the server."""
+        """Create eventfds for vectors ``start..start+count-1`` and hand them to the server, in
+        as many SET_IRQS messages as the server's ``max_msg_fds`` requires (as QEMU does)."""
         fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
         flags = SetIrqsFlags.DATA_EVENTFD | SetIrqsFlags.ACTION_TRIGGER
+        peer = self.conn.peer_capabilities
+        step = max(1, peer.max_msg_fds if peer is not None else 1)
         try:
-            self.request(m.SetIrqs(20, int(flags), index, start, count, b"", tuple(fds)))
+            for i in range(0, count, step):
+                chunk = tuple(fds[i : i + step])
+                self.request(m.SetIrqs(20, int(flags), index, start + i, len(chunk), b"", chunk))
         except BaseException:
             for fd in fds:
                 os.close(fd)

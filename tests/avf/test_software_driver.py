@@ -1,0 +1,235 @@
+"""The software iavf driver brings the AVF up over a real vfio-user socket and moves traffic.
+
+The same bring-up Linux iavf performs (version, resources, IRQ map, RSS, MAC filter, queue
+configuration, enable, link event), then frames through the descriptor rings: loopback RSS over
+four queues, jumbo frames across RX buffers, offloads, statistics, a VF reset with traffic after
+it, and the PF's answers to malformed and unknown virtchnl messages.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from emulab.avf import virtchnl as vc
+from emulab.avf.device import AvfDevice
+from emulab.backends import CallbackBackend, LoopbackBackend, Switch
+from emulab.backends.base import PacketBackend
+from emulab.client import VfioUserClient
+from emulab.guest import MailboxError, NicDriver
+from emulab.server import VfioUserServer
+
+MAC = bytes.fromhex("02e1ab000001")
+
+
+def udp(src_port: int, size: int = 100, dst: bytes = MAC, payload_byte: int = 0) -> bytes:
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, size - 14, 0, 0, 64, 17, 0,
+                     socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"))  # fmt: skip
+    udp_hdr = struct.pack(">HHHH", src_port, 53, size - 34, 0)
+    return (
+        dst
+        + b"\x02\x00\x00\x00\x00\x09"
+        + b"\x08\x00"
+        + ip
+        + udp_hdr
+        + bytes([payload_byte]) * (size - 42)
+    )
+
+
+Rig = Callable[..., tuple[NicDriver, AvfDevice]]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    made: list[tuple[VfioUserServer, VfioUserClient]] = []
+
+    def make(backend: PacketBackend | None = None, **kw: object) -> tuple[NicDriver, AvfDevice]:
+        dev = AvfDevice(backend=backend or LoopbackBackend(), mac=MAC)
+        srv = VfioUserServer(dev, tmp_path / f"avf{len(made)}.sock").start()
+        assert srv.socket_path is not None
+        client = VfioUserClient.connect(srv.socket_path)
+        made.append((srv, client))
+        return NicDriver(client, **kw), dev  # type: ignore[arg-type]
+
+    yield make
+    for srv, client in made:
+        client.close()
+        srv.stop()
+
+
+def test_bring_up_like_iavf_then_rss_over_four_queues(rig: Rig) -> None:
+    drv, dev = rig()
+    nic = drv.bring_up()
+    assert nic.link_up and nic.link_speed_mbps == 10_000 and nic.mac == MAC
+    assert nic.num_queues == 4
+    granted = vc.Cap(nic.resources["caps"])
+    assert granted == vc.Cap.L2 | vc.Cap.RSS_PF | vc.Cap.WB_ON_ITR | vc.Cap.REQ_QUEUES | (
+        vc.Cap.ADV_LINK_SPEED
+    )  # VLAN and RX_FLEX_DESC were asked for and refused: not implemented
+    ops = [op for d, op, _, _ in drv.log if d == "tx"]
+    assert ops == [vc.Op.VERSION, vc.Op.GET_VF_RESOURCES, vc.Op.CONFIG_IRQ_MAP,
+                   vc.Op.CONFIG_RSS_KEY, vc.Op.CONFIG_RSS_LUT, vc.Op.ADD_ETH_ADDR,
+                   vc.Op.CONFIG_VSI_QUEUES, vc.Op.ENABLE_QUEUES]  # fmt: skip
+    frames = [udp(1000 + i, payload_byte=i) for i in range(48)]
+    assert drv.transmit(frames) == 48
+    got: list[tuple[int, bytes]] = []
+    while len(got) < 48:
+        more = drv.poll(timeout=2.0)
+        assert more, f"only {len(got)} of 48 frames came back"
+        got += more
+    assert sorted(f for _, f in got) == sorted(frames)  # every frame intact
+    assert len({q for q, _ in got}) >= 3  # the flows spread over the queues (Toeplitz + LUT)
+    per_flow = {f[34:36]: q for q, f in got}
+    assert len(per_flow) == 48  # one queue per flow
+    assert drv.tx_pending() == 0  # every TX descriptor came back DESC_DONE
+    assert all(dev.irq_counts[v] for v in {1 + q for q, _ in got})  # queue vectors fired
+
+
+def test_statistics_agree_with_the_backend(rig: Rig) -> None:
+    wire: list[bytes] = []
+    backend = CallbackBackend(wire.append)
+    drv, _ = rig(backend)
+    drv.bring_up()
+    bcast = b"\xff" * 6 + MAC + b"\x88\xb5" + bytes(50)
+    assert drv.transmit([udp(1, dst=b"\x02" * 6), udp(2, dst=b"\x02" * 6), bcast]) == 3
+    backend.inject([udp(7), udp(8, size=300), udp(9, dst=b"\x02\x99" * 3)])  # last: not ours
+    assert len(drv.poll(timeout=2.0)) == 2
+    st = drv.stats()
+    c = backend.counters.as_dict()
+    assert (st["tx_unicast"], st["tx_broadcast"], st["tx_bytes"]) == (2, 1, c["tx_bytes"])
+    assert st["tx_unicast"] + st["tx_broadcast"] == c["tx_packets"] == len(wire)
+    assert (st["rx_unicast"], st["rx_bytes"]) == (2, 100 + 300)  # the filter kept one out
+
+
+def test_jumbo_frames_span_rx_buffers(rig: Rig) -> None:
+    drv, _ = rig()
+    drv.bring_up(buf_size=2048)
+    frame = udp(5, size=9000, payload_byte=0x5A)
+    assert drv.transmit([frame]) == 1  # five TX descriptors
+    ((_, got),) = drv.poll(timeout=2.0)  # five RX buffers, one frame
+    assert got == frame
+
+
+def test_vf_reset_then_traffic_resumes(rig: Rig) -> None:
+    drv, dev = rig()
+    drv.bring_up()
+    assert drv.transmit([udp(1)]) == 1 and len(drv.poll(timeout=2.0)) == 1
+    drv.reset_vf()
+    with pytest.raises(MailboxError):
+        drv.transmit([udp(1)])  # the NIC is gone until it is brought up again
+    assert not any(q.enabled for q in dev.queues.tx)
+    drv.bring_up()
+    assert drv.transmit([udp(2)]) == 1 and len(drv.poll(timeout=2.0)) == 1
+
+
+def test_request_queues_resets_the_vf_with_more_queues(rig: Rig) -> None:
+    drv, dev = rig(queues=8)
+    nic = drv.bring_up()
+    assert nic.num_queues == 4  # the PF offers four
+    reply = drv.request(vc.Op.REQUEST_QUEUES, struct.pack("<H", 8))
+    assert (reply.status, reply.payload) == (0, struct.pack("<H", 8))
+    ev = drv.receive()  # the PF announces the reset, then does it
+    assert vc.decode(vc.Op.EVENT, ev.payload)["event"] == vc.EVENT_RESET_IMPENDING
+    drv.wait_reset_done()
+    deadline = time.monotonic() + 2
+    while drv.r32(0x8000) & 1 << 31:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    nic = drv.bring_up()
+    assert nic.num_queues == 8
+    too_many = drv.request(vc.Op.REQUEST_QUEUES, struct.pack("<H", 64))
+    assert too_many.payload == struct.pack("<H", 16)  # what the PF can do; no reset
+    assert dev.pf.num_queue_pairs == 8
+
+
+def test_malformed_and_unknown_messages_get_answers(rig: Rig) -> None:
+    drv, dev = rig()
+    drv.bring_up()
+    nic = drv.nic
+    assert nic is not None
+    vsi = nic.vsi_id
+    cases = [
+        (vc.Op.CONFIG_VSI_QUEUES, struct.pack("<HHI", vsi, 1, 0) + bytes(10), vc.Status.ERR_PARAM),
+        (vc.Op.CONFIG_VSI_QUEUES, struct.pack("<HHI", vsi, 9, 0) + bytes(64 * 9),
+         vc.Status.ERR_PARAM),  # more pairs than the VF has
+        (vc.Op.ENABLE_QUEUES, struct.pack("<HHII", vsi, 0, 1 << 7, 0), vc.Status.ERR_PARAM),
+        (vc.Op.ENABLE_QUEUES, struct.pack("<HHII", vsi + 5, 0, 1, 1), vc.Status.ERR_PARAM),
+        (vc.Op.CONFIG_IRQ_MAP, struct.pack("<H", 1) + struct.pack("<HHHHHH", vsi, 40, 1, 1, 0, 0),
+         vc.Status.ERR_PARAM),  # no such vector
+        (vc.Op.CONFIG_RSS_LUT, struct.pack("<HH", vsi, 64) + bytes([9] * 64) + b"\0",
+         vc.Status.ERR_PARAM),  # queue 9 does not exist
+        (vc.Op.ADD_ETH_ADDR, struct.pack("<HH", vsi, 0), vc.Status.ERR_PARAM),
+        (vc.Op.ADD_VLAN, struct.pack("<HHH", vsi, 1, 10), vc.Status.NOT_SUPPORTED),
+        (vc.Op.GET_OFFLOAD_VLAN_V2_CAPS, b"", vc.Status.NOT_SUPPORTED),
+        (200, b"whatever", vc.Status.NOT_SUPPORTED),
+    ]  # fmt: skip
+    for op, payload, status in cases:
+        assert drv.request(op, payload).status == status, vc.op_name(op)
+    # nothing was broken by them: traffic still flows
+    assert drv.transmit([udp(3)]) == 1 and len(drv.poll(timeout=2.0)) == 1
+    refused = [e for e in dev.trace.snapshot("adminq") if e.data["event"] == "virtchnl-refused"]
+    assert len(refused) == len(cases)
+
+
+def test_tx_checksum_offload_and_tso(rig: Rig) -> None:
+    """Descriptors asking for IPv4/TCP checksums and TSO, as iavf writes them."""
+    from emulab.avf.offload import inet_checksum
+
+    wire: list[bytes] = []
+    drv, _ = rig(CallbackBackend(wire.append))
+    nic = drv.bring_up()
+    payload = bytes(range(256)) * 16  # 4096 bytes -> 3 segments of MSS 1448
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + 20 + len(payload), 0x1234, 0x4000, 64, 6, 0,
+                     socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"))  # fmt: skip
+    tcp = struct.pack(">HHIIBBHHH", 5000, 80, 1000, 0, 5 << 4, 0x18, 512, 0xBEEF, 0)
+    frame = b"\x02" * 6 + MAC + b"\x08\x00" + ip + tcp + payload
+    ring = nic.tx[0]
+    buf = ring.buffers
+    drv.ram.write(buf, frame)
+    ctx = 0x1 | (0x1 << 4) | (len(payload) << 30) | (1448 << 50)  # DTYPE=1, TSO, TLEN, MSS
+    cmd = 0x1 | 0x2 | 0x60 | 0x100  # EOP RS IIPT=IPv4+csum L4T=TCP
+    offset = 7 | (5 << 7) | (5 << 14)  # MACLEN 14/2, IPLEN 20/4, L4LEN 20/4
+    drv.ram.write(ring.base, struct.pack("<QQ", 0, ctx))
+    drv.ram.write(
+        ring.base + 16, struct.pack("<QQ", buf, cmd << 4 | offset << 16 | len(frame) << 34)
+    )
+    ring.next = 2
+    drv.w32(0x0000, 2)
+    deadline = time.monotonic() + 2
+    while len(wire) < 3:
+        assert time.monotonic() < deadline, wire
+        time.sleep(0.01)
+    assert [len(w) - 54 for w in wire] == [1448, 1448, 4096 - 2 * 1448]
+    assert b"".join(w[54:] for w in wire) == payload
+    for k, seg in enumerate(wire):
+        ip_hdr, tcp_seg = seg[14:34], seg[34:]
+        assert inet_checksum(ip_hdr) == 0  # a valid IPv4 header checksum
+        assert struct.unpack(">H", ip_hdr[4:6])[0] == 0x1234 + k  # IP id per segment
+        assert struct.unpack(">I", tcp_seg[4:8])[0] == 1000 + 1448 * k
+        assert tcp_seg[13] == (0x18 if k == 2 else 0x10)  # PSH only on the last segment
+        pseudo = ip_hdr[12:20] + struct.pack(">HH", 6, len(tcp_seg))
+        assert inet_checksum(pseudo + tcp_seg) == 0  # a valid TCP checksum
+
+
+def test_two_software_guests_on_a_switch(rig: Rig) -> None:
+    switch = Switch.named("test-sw-guests")
+    a, _ = rig(switch.port())
+    b, dev_b = rig(switch.port())
+    dev_b.pf.mac = bytes.fromhex("02e1ab000002")  # a second NIC with its own address
+    dev_b.pf.vf_reset()
+    a.bring_up()
+    b.bring_up()
+    to_b = udp(1, dst=bytes.fromhex("02e1ab000002"))
+    assert a.transmit([to_b, udp(2, dst=b"\xff" * 6)]) == 2
+    got = [f for _, f in b.poll(timeout=2.0)]
+    while len(got) < 2:
+        more = b.poll(timeout=2.0)
+        assert more
+        got += [f for _, f in more]
+    assert to_b in got
+    assert a.poll(timeout=0.2) == []  # a switch does not send a port its own frames

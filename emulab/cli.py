@@ -10,7 +10,10 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from emulab.avf.device import AvfDevice
+from emulab.backends import open_backend
 from emulab.devices import DEVICES
+from emulab.pci.device import PciDevice
 from emulab.server import VfioUserServer
 
 
@@ -21,16 +24,34 @@ def _status_line(server: VfioUserServer, t0: float, last: dict[str, float]) -> s
     last.update(messages=st["messages"], t=now)
     dev = server.device
     irqs = server.trace.counts().get("irq", 0)
-    return (
+    line = (
         f"[{now - t0:7.1f}s] {'connected' if st['connected'] else 'waiting  '} "
         f"clients={st['clients']} msgs={st['messages']} ({rate:.0f}/s) errors={st['errors']} "
-        f"dma_maps={st['dma_maps']} reads={dev.access_counts['read']} "
-        f"writes={dev.access_counts['write']} irq_events={irqs}"
+        f"dma_maps={st['dma_maps']}"
+    )
+    if isinstance(dev, AvfDevice):
+        return f"{line} {dev.status_line()}"
+    return (
+        f"{line} reads={dev.access_counts['read']} writes={dev.access_counts['write']} "
+        f"irq_events={irqs}"
     )
 
 
+def _make_device(args: argparse.Namespace) -> PciDevice:
+    if args.device == "avf":
+        return AvfDevice(backend=open_backend(args.backend), mac=args.mac, num_queues=args.queues)
+    if args.backend != "loopback":
+        raise ValueError(f"--backend applies to NIC devices, not {args.device}")
+    device: PciDevice = DEVICES[args.device]()
+    return device
+
+
 def serve(args: argparse.Namespace) -> int:
-    device = DEVICES[args.device]()
+    try:
+        device = _make_device(args)
+    except (OSError, ValueError) as exc:
+        print(f"emulab: cannot create the {args.device} device: {exc}", file=sys.stderr)
+        return 1
     server = VfioUserServer(device, args.socket, dma_layout=args.dma_layout)
     stop = threading.Event()
 
@@ -45,6 +66,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"emulab: cannot listen on {args.socket}: {exc}", file=sys.stderr)
         return 1
     print(f"emulab: serving {args.device} on {server.socket_path}", flush=True)
+    if isinstance(device, AvfDevice):
+        print(f"emulab: MAC {device.pf.mac.hex(':')}, backend {args.backend}", flush=True)
     t0 = time.monotonic()
     last = {"messages": 0.0, "t": t0}
     try:
@@ -56,6 +79,8 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         device.close()
+        if isinstance(device, AvfDevice):
+            device.backend.close()
     print("emulab: stopped", flush=True)
     return 0
 
@@ -67,6 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("device", choices=sorted(DEVICES), help="the device model to serve")
     p.add_argument("--socket", required=True, help="path of the UNIX socket to listen on")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between status lines")
+    p.add_argument(
+        "--backend",
+        default="loopback",
+        help="avf: where the wire goes: loopback | tap:NAME (created; address it yourself) | "
+        "pcap:FILE | switch:NAME (default: loopback)",
+    )
+    p.add_argument("--mac", default="02:e1:ab:00:00:01", help="avf: the VF's MAC address")
+    p.add_argument("--queues", type=int, default=4, help="avf: queue pairs offered (1-16)")
     p.add_argument(
         "--dma-layout",
         choices=("spec", "qemu"),

@@ -293,6 +293,25 @@ class AvfDevice(PciDevice):
         self.queue_pending.clear()
         self.pf.vf_reset()
 
+    # -- status ----------------------------------------------------------------------------------
+    def status_line(self) -> str:
+        """One line for a terminal: link, queues, packets, interrupts."""
+        q = self.queues
+        up = sum(1 for t in q.tx[: self.pf.num_queue_pairs] if t.enabled)
+        e = q.eth
+        tx = e["tx_unicast"] + e["tx_multicast"] + e["tx_broadcast"]
+        rx = e["rx_unicast"] + e["rx_multicast"] + e["rx_broadcast"]
+        errors = [f"{kind}{x.index}: {x.error}" for kind, x in
+                  [("tx", t) for t in q.tx] + [("rx", r) for r in q.rx] if x.error]  # fmt: skip
+        line = (
+            f"link={'up' if self.pf.link_up else 'down'} "
+            f"vf={'active' if self.pf.active else 'idle'} queues={up}/{self.pf.num_queue_pairs} "
+            f"tx={tx} ({e['tx_bytes']} B) rx={rx} ({e['rx_bytes']} B) "
+            f"rx_discards={e['rx_discards']} irqs={sum(self.irq_counts)} "
+            f"mailbox={self.admin_queue.stats['atq']}/{self.admin_queue.stats['arq']}"
+        )
+        return line + (f" errors: {'; '.join(errors)}" if errors else "")
+
     # -- link ------------------------------------------------------------------------------------
     @property
     def link_up(self) -> bool:

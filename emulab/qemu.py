@@ -525,6 +525,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("run", help="boot a guest attached to sockets and run a command")
     r.add_argument("--socket", action="append", default=[])
     r.add_argument("--kernel", default="6.12")
+    r.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        help="guest module to load before the command (e.g. iavf); default uio_pci_generic",
+    )
     r.add_argument("--trace", action="store_true", help="QEMU's vfio_user_* trace on the console")
     r.add_argument("--timeout", type=float, default=300.0)
     r.add_argument("command", nargs="+", help="shell command(s) to run in the guest")
@@ -535,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{qemu_version()}; guest kernel {img.kernel_version}")
         return 0
     run = boot(" ".join(args.command), sockets=args.socket, kernel=args.kernel, trace=args.trace,
-               timeout=args.timeout)  # fmt: skip
+               timeout=args.timeout, modules=args.module or ("uio_pci_generic",))  # fmt: skip
     sys.stdout.write(run.console if args.trace else run.output)
     return 0 if run.exit_code == 0 else 1
 

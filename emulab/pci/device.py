@@ -121,14 +121,20 @@ class PciDevice:
             self.access_counts["read"] += 1
             try:
                 if index == RegionKind.CONFIG:
-                    return self.config.read(offset, count)
-                return self._region(index).read(offset, count)
+                    data = self.config.read(offset, count)
+                else:
+                    data = self._region(index).read(offset, count)
             except ValueError as exc:
                 raise AccessError(str(exc)) from exc
+            if self.trace.enabled:
+                self._register_trace("read", index, offset, data)
+            return data
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         with self.lock:
             self.access_counts["write"] += 1
+            if self.trace.enabled:
+                self._register_trace("write", index, offset, data)
             try:
                 if index == RegionKind.CONFIG:
                     self.config.write(offset, data)
@@ -136,6 +142,18 @@ class PciDevice:
                     self._region(index).write(offset, data)
             except ValueError as exc:
                 raise AccessError(str(exc)) from exc
+
+    def _register_trace(self, op: str, index: int, offset: int, data: bytes) -> None:
+        self.trace.record(
+            "register",
+            device=self.name,
+            op=op,
+            region=index,
+            offset=offset,
+            name=self.name_at(index, offset),
+            size=len(data),
+            value=int.from_bytes(data[:8], "little"),
+        )
 
     def _region(self, index: int) -> Region:
         region = self.regions.get(index)

@@ -233,3 +233,21 @@ def test_two_software_guests_on_a_switch(rig: Rig) -> None:
         got += [f for _, f in more]
     assert to_b in got
     assert a.poll(timeout=0.2) == []  # a switch does not send a port its own frames
+
+
+def test_everything_is_traced_and_exports_to_pandas(rig: Rig) -> None:
+    """vfio-user messages, register accesses, virtchnl (decoded), interrupts and packets."""
+    drv, dev = rig()
+    drv.bring_up()
+    drv.transmit([udp(1)])
+    drv.poll(timeout=2.0)
+    kinds = dev.trace.counts()
+    for kind in ("register", "adminq", "irq", "packet"):
+        assert kinds.get(kind), (kind, kinds)
+    regs = dev.trace.to_pandas("register")
+    assert {"VF_ATQT1", "QTX_TAIL[0]", "VFGEN_RSTAT"} <= {n.split(".")[-1] for n in regs["name"]}
+    aq = dev.trace.to_pandas("adminq")
+    enable = aq[(aq["event"] == "aq-request") & (aq["op"] == "ENABLE_QUEUES")].iloc[0]
+    assert enable["decoded"]["rx_queues"] == 0b1111
+    packets = dev.trace.to_pandas("packet")
+    assert set(packets["direction"]) == {"tx", "rx"} and (packets["length"] == 100).all()

@@ -237,7 +237,7 @@ def rx_fill(
     frame_lens: Any,
     n_frames: Any,
     hashes: Any,
-    ptype: Any,
+    ptypes: Any,
 ) -> tuple[int, int, int, int]:
     """Deliver frames into the RX buffers the driver posted (``head`` up to ``tail``).
 
@@ -277,7 +277,7 @@ def rx_fill(
             if last and hashes[f] != 0:
                 q0 = np.uint64(hashes[f]) << np.uint64(32)
                 status |= np.uint64(RX_FLTSTAT_RSS)
-            q1 = status | (np.uint64(ptype) << np.uint64(30))
+            q1 = status | (np.uint64(ptypes[f] if last else 0) << np.uint64(30))
             q1 |= np.uint64(chunk) << np.uint64(38)
             _store64(ring, doff, q0)
             _store64(ring, doff + 16, np.uint64(0))
@@ -289,6 +289,54 @@ def rx_fill(
                 i = 0
         delivered += 1
     return i, delivered, used, ERR_NONE
+
+
+# -- packet classification -------------------------------------------------------------------------
+PTYPE_L2, PTYPE_ARP = 1, 11
+PTYPE_IPV4_FRAG, PTYPE_IPV4, PTYPE_IPV4_UDP, PTYPE_IPV4_TCP = 22, 23, 24, 26
+PTYPE_IPV4_SCTP, PTYPE_IPV4_ICMP = 27, 28
+PTYPE_IPV6_FRAG, PTYPE_IPV6, PTYPE_IPV6_UDP, PTYPE_IPV6_TCP = 88, 89, 90, 92
+PTYPE_IPV6_SCTP, PTYPE_IPV6_ICMP = 93, 94
+
+
+@njit(nogil=True, cache=True)
+def classify(frame: Any, length: Any) -> int:
+    """The hardware packet type (the i40e/AVF ptype table) of an untagged frame.
+
+    The RX descriptor carries it so that the driver knows the packet's layers (and the hash's
+    type); the device claims no checksum verification (L3L4P stays clear)."""
+    if length < 14:
+        return PTYPE_L2
+    et = (np.int64(frame[12]) << 8) | np.int64(frame[13])
+    if et == 0x0806:
+        return PTYPE_ARP
+    if et == 0x0800 and length >= 34:
+        if (np.int64(frame[20]) & 0x3F) << 8 | np.int64(frame[21]):
+            return PTYPE_IPV4_FRAG
+        proto = frame[23]
+        if proto == 17:
+            return PTYPE_IPV4_UDP
+        if proto == 6:
+            return PTYPE_IPV4_TCP
+        if proto == 132:
+            return PTYPE_IPV4_SCTP
+        if proto == 1:
+            return PTYPE_IPV4_ICMP
+        return PTYPE_IPV4
+    if et == 0x86DD and length >= 54:
+        nxt = frame[20]
+        if nxt == 44:
+            return PTYPE_IPV6_FRAG
+        if nxt == 17:
+            return PTYPE_IPV6_UDP
+        if nxt == 6:
+            return PTYPE_IPV6_TCP
+        if nxt == 132:
+            return PTYPE_IPV6_SCTP
+        if nxt == 58:
+            return PTYPE_IPV6_ICMP
+        return PTYPE_IPV6
+    return PTYPE_L2
 
 
 # -- RSS ------------------------------------------------------------------------------------------

@@ -335,6 +335,13 @@ class VirtchnlPf:
         if not self.caps & Cap.RSS_PF:
             raise VirtchnlError("RSS_PF was not negotiated")
 
+    def _rss_hfunc(self, msg: dict[str, Any]) -> Reply:
+        self._check_rss()
+        self._check_vsi(msg)
+        if msg["algorithm"] != vc.RSS_TOEPLITZ_ASYMMETRIC:  # the only one the device computes
+            return self._refuse(Op.CONFIG_RSS_HFUNC, Status.NOT_SUPPORTED, "only Toeplitz")
+        return 0, b""
+
     def _get_hena_caps(self, msg: dict[str, Any]) -> Reply:
         self._check_rss()
         return 0, struct.pack("<Q", vc.PCTYPES_SUPPORTED)
@@ -362,6 +369,7 @@ class VirtchnlPf:
         Op.GET_STATS: _get_stats,
         Op.CONFIG_RSS_KEY: _rss_key,
         Op.CONFIG_RSS_LUT: _rss_lut,
+        Op.CONFIG_RSS_HFUNC: _rss_hfunc,
         Op.GET_RSS_HENA_CAPS: _get_hena_caps,
         Op.SET_RSS_HENA: _set_hena,
         Op.REQUEST_QUEUES: _request_queues,

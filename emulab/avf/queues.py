@@ -243,13 +243,16 @@ class QueueEngine:
                 for start in range(0, len(items), BURST):
                     chunk = items[start : start + BURST]
                     hashes = np.zeros(len(chunk), dtype=np.uint32)
+                    ptypes = np.zeros(len(chunk), dtype=np.uint8)
                     for i, (f, h) in enumerate(chunk):
-                        self._frames[i, : len(f)] = np.frombuffer(f, dtype=np.uint8)
+                        row = self._frames[i]
+                        row[: len(f)] = np.frombuffer(f, dtype=np.uint8)
                         self._lens[i] = len(f)
                         hashes[i] = h
+                        ptypes[i] = dp.classify(row, len(f))
                     head, delivered, _, err = dp.rx_fill(
                         t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head,
-                        q.tail, q.buf_size, self._frames, self._lens, len(chunk), hashes, 0,
+                        q.tail, q.buf_size, self._frames, self._lens, len(chunk), hashes, ptypes,
                     )  # fmt: skip
                     q.head = int(head)
                     got = [f for f, _ in chunk[: int(delivered)]]

@@ -56,6 +56,7 @@ class Op(enum.IntEnum):
     GET_STATS = 15
     RSVD = 16
     EVENT = 17
+    CONFIG_RSS_HFUNC = 18
     CONFIG_RSS_KEY = 23
     CONFIG_RSS_LUT = 24
     GET_RSS_HENA_CAPS = 25
@@ -197,6 +198,8 @@ LIST_HDR = struct.Struct("<HH")  # vsi_id, num_elements (ether addr / vlan lists
 PROMISC = struct.Struct("<HH")
 HENA = struct.Struct("<Q")
 RES_REQUEST = struct.Struct("<H")
+RSS_HFUNC = struct.Struct("<HHI")  # vsi_id, rss_algorithm, reserved
+RSS_TOEPLITZ_ASYMMETRIC = 0
 ETH_STATS = struct.Struct("<12Q")  # 96
 PF_EVENT = struct.Struct("<iIB3xi")  # 16: event, link speed, link status, pad, severity
 
@@ -299,7 +302,7 @@ def _sized(payload: bytes, what: str, expected: int) -> tuple[int, bytes]:
     return vsi, payload[LIST_HDR.size : LIST_HDR.size + n]
 
 
-def decode(op: int, payload: bytes, *, from_pf: bool = False) -> dict[str, Any]:
+def decode(op: int, payload: bytes, *, from_pf: bool = False) -> dict[str, Any]:  # noqa: PLR0915
     """A message's fields as a dict (the trace shows these); raises :class:`VirtchnlError`."""
     if op == Op.VERSION:
         _need(payload, VERSION.size, "VERSION")
@@ -372,6 +375,10 @@ def decode(op: int, payload: bytes, *, from_pf: bool = False) -> dict[str, Any]:
     if op in (Op.SET_RSS_HENA, Op.GET_RSS_HENA_CAPS):
         _need(payload, HENA.size, op_name(op))
         return {"hena": HENA.unpack(payload)[0]}
+    if op == Op.CONFIG_RSS_HFUNC:
+        _need(payload, RSS_HFUNC.size, "CONFIG_RSS_HFUNC")
+        vsi, algorithm, _ = RSS_HFUNC.unpack(payload)
+        return {"vsi_id": vsi, "algorithm": algorithm}
     if op == Op.REQUEST_QUEUES:
         _need(payload, RES_REQUEST.size, "REQUEST_QUEUES")
         return {"num_queue_pairs": RES_REQUEST.unpack(payload)[0]}

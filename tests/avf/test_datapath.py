@@ -155,7 +155,7 @@ def fill(
         lens,
         len(frames),
         h,
-        1,
+        np.array([dp.classify(arr[i], len(f)) for i, f in enumerate(frames)], dtype=np.uint8),
     )
 
 
@@ -204,3 +204,24 @@ def test_kernels_without_jit() -> None:
         env=env, capture_output=True, text=True, check=False, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("ethertype", "l3", "ptype"),
+    [
+        (b"\x08\x06", bytes(28), dp.PTYPE_ARP),
+        (b"\x08\x00", bytes(9) + b"\x06" + bytes(10), dp.PTYPE_IPV4_TCP),
+        (b"\x08\x00", bytes(9) + b"\x11" + bytes(10), dp.PTYPE_IPV4_UDP),
+        (b"\x08\x00", bytes(9) + b"\x01" + bytes(10), dp.PTYPE_IPV4_ICMP),
+        (
+            b"\x08\x00",
+            bytes(6) + b"\x20\x00" + bytes(1) + b"\x06" + bytes(10),
+            dp.PTYPE_IPV4_FRAG,
+        ),  # more-fragments set
+        (b"\x86\xdd", bytes(6) + b"\x3a" + bytes(33), dp.PTYPE_IPV6_ICMP),
+        (b"\x88\xb5", bytes(40), dp.PTYPE_L2),
+    ],
+)
+def test_classify_gives_the_hardware_ptype(ethertype: bytes, l3: bytes, ptype: int) -> None:
+    frame = np.frombuffer(bytes(12) + ethertype + l3 + bytes(20), dtype=np.uint8)
+    assert dp.classify(frame, len(frame)) == ptype

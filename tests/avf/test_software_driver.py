@@ -165,11 +165,13 @@ def test_malformed_and_unknown_messages_get_answers(rig: Rig) -> None:
          vc.Status.ERR_PARAM),  # queue 9 does not exist
         (vc.Op.ADD_ETH_ADDR, struct.pack("<HH", vsi, 0), vc.Status.ERR_PARAM),
         (vc.Op.ADD_VLAN, struct.pack("<HHH", vsi, 1, 10), vc.Status.NOT_SUPPORTED),
+        (vc.Op.CONFIG_RSS_HFUNC, struct.pack("<HHI", vsi, 3, 0), vc.Status.NOT_SUPPORTED),
         (vc.Op.GET_OFFLOAD_VLAN_V2_CAPS, b"", vc.Status.NOT_SUPPORTED),
         (200, b"whatever", vc.Status.NOT_SUPPORTED),
     ]  # fmt: skip
     for op, payload, status in cases:
         assert drv.request(op, payload).status == status, vc.op_name(op)
+    assert drv.request(vc.Op.CONFIG_RSS_HFUNC, struct.pack("<HHI", vsi, 0, 0)).status == 0
     # nothing was broken by them: traffic still flows
     assert drv.transmit([udp(3)]) == 1 and len(drv.poll(timeout=2.0)) == 1
     refused = [e for e in dev.trace.snapshot("adminq") if e.data["event"] == "virtchnl-refused"]

@@ -416,13 +416,15 @@ def boot(
     extra_args: Sequence[str] = (),
     trace: bool = False,
     shared_memory: bool = True,
+    extra_initrds: Sequence[Path] = (),
     progress: Progress = _stderr,
 ) -> GuestRun:
     """Boot a TCG guest attached to vfio-user sockets, run ``script``, return what it printed.
 
     Guest RAM is a shared memfd that QEMU passes with DMA_MAP, so servers touch it directly;
     ``shared_memory=False`` gives anonymous RAM instead, which servers can reach only by
-    DMA_READ / DMA_WRITE messages.
+    DMA_READ / DMA_WRITE messages. ``extra_initrds`` are cpio archives laid over the base image
+    (e.g. :func:`emulab.qemu_dpdk.ensure_dpdk`'s testpmd).
     """
     root = ensure_qemu(progress)
     image = ensure_guest(kernel, progress)
@@ -444,7 +446,10 @@ def boot(
     work = Path(tempfile.mkdtemp(prefix="emulab-boot-", dir="/tmp"))
     try:
         initrd = work / "initrd"
-        initrd.write_bytes(image.initrd.read_bytes() + cpio_archive(entries))
+        with open(initrd, "wb") as f:
+            for part in (image.initrd, *extra_initrds):
+                f.write(part.read_bytes())
+            f.write(cpio_archive(entries))
         shutil.copy2(image.kernel, work / "vmlinuz")
         qemu = [
             "qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-user-config",

@@ -35,6 +35,7 @@ AVF_DEVICE_ID = 0x1889
 ETHERNET = 0x020000
 ICR_ADMINQ = 1 << 30
 ICR_SWINT = 1 << 31
+MISC_QUEUE = 1 << 32  # a queue mapped to vector 0 (i40e allows it): a cause ICR01 does not show
 INTENA, CLEARPBA, SWINT_TRIG, INTENA_MSK = 1 << 0, 1 << 1, 1 << 2, 1 << 31
 VirtchnlHandler = Callable[[int, bytes], tuple[int, bytes] | None]
 OP_RESET_VF = 2
@@ -125,7 +126,10 @@ class AvfDevice(PciDevice):
     def _queue_cause(self, vector: int) -> None:
         """The queue engine finished a batch for ``vector``: latch, fire if enabled."""
         with self.lock:
-            if 0 < vector < MAX_VECTORS:
+            if vector == 0:  # DPDK's iavf maps its queues here when WB_ON_ITR is withheld
+                self.misc_pending |= MISC_QUEUE
+                self._fire(0)
+            elif 0 < vector < MAX_VECTORS:
                 self.queue_pending.add(vector)
                 self._fire(vector)
 
@@ -188,7 +192,7 @@ class AvfDevice(PciDevice):
         return stored
 
     def _misc_update(self) -> None:
-        enabled = self.regs["VFINT_ICR0_ENA1"] & ICR_ADMINQ
+        enabled = (self.regs["VFINT_ICR0_ENA1"] & ICR_ADMINQ) | MISC_QUEUE
         if self.misc_pending & enabled:
             self._fire(0)
 

@@ -134,6 +134,32 @@ def test_tx_doorbell_to_loopback_rx_and_queue_interrupt(
     assert dev.backend.counters.tx_packets == 1 and q.rx[0].packets == 1
 
 
+def test_queue_on_the_misc_vector(rig: tuple[VfioUserClient, GuestRam, AvfDevice]) -> None:
+    """DPDK's iavf maps its queues to vector 0 when WB_ON_ITR is withheld (i40e allows it): a
+    queue batch fires the misc vector under DYN_CTL01's INTENA, but is no ICR01 cause."""
+    from emulab.avf.descriptors import TxCmd, tx_qword1
+
+    c, ram, dev = rig
+    (misc,) = c.enable_irqs(IrqIndex.MSIX, 0, 1)
+    txr, txb = 0x20000, 0x22000
+    q = dev.queues
+    q.tx[0].base, q.tx[0].length, q.tx[0].enabled, q.tx[0].vector = txr, 16, True, 0
+    frame = bytes.fromhex("ffffffffffff020000000001") + b"\x88\xb5" + bytes(46)
+    ram.write(txb, frame)
+    for i in range(2):
+        qw1 = tx_qword1(len(frame), TxCmd.EOP | TxCmd.RS)
+        ram.write(txr + 16 * i, txb.to_bytes(8, "little") + qw1.to_bytes(8, "little"))
+    c.write32(0, 0x0000, 1, posted=True)
+    assert c.wait_irq(misc, 0.3) == 0  # INTENA clear: the cause waits
+    c.write32(0, 0x5C00, 1 | 3 << 3)  # DYN_CTL01: INTENA
+    assert c.wait_irq(misc) == 1
+    assert c.read32(0, 0x4800) == 0  # not an admin-queue (or any ICR01) cause
+    c.write32(0, 0x0000, 2, posted=True)  # INTENA was cleared by the interrupt
+    assert c.wait_irq(misc, 0.3) == 0
+    c.write32(0, 0x5C00, 1 | 3 << 3)
+    assert c.wait_irq(misc) == 1 and dev.irq_counts[0] == 2
+
+
 def test_itr_throttles_a_queue_vector(rig: tuple[VfioUserClient, GuestRam, AvfDevice]) -> None:
     import time
 

@@ -1,11 +1,13 @@
-"""The README's Python example runs as written."""
+"""The README's Python examples run as written."""
 
 import re
 from pathlib import Path
 
 
-def test_readme_python_example(tmp_path: Path) -> None:
+def test_readme_python_examples(tmp_path: Path) -> None:
     text = (Path(__file__).parent.parent / "README.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
-    code = code.replace("/tmp/m.sock", str(tmp_path / "m.sock"))
-    exec(compile(code, "README.md", "exec"), {})
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        code = block.replace("/tmp/", f"{tmp_path}/")
+        exec(compile(code, "README.md", "exec"), {})

@@ -33,9 +33,14 @@ for i in $(seq 1 80); do IF=$(ls /sys/class/net | grep -v lo | head -1); [ -n "$
 echo "iface=$IF"
 """
 WAIT_CARRIER = r"""
-for i in $(seq 1 60); do [ "$(cat /sys/class/net/$IF/carrier 2>/dev/null)" = 1 ] && break
+for i in $(seq 1 60); do C=$(cat /sys/class/net/$IF/carrier 2>/dev/null); [ "$C" = 1 ] && break
   sleep 0.25; done
-echo "carrier=$(cat /sys/class/net/$IF/carrier) mac=$(cat /sys/class/net/$IF/address)"
+echo "carrier=$C mac=$(cat /sys/class/net/$IF/address)"
+"""
+# an MTU change resets the VF from iavf's reset task, a moment later: see the carrier drop first
+WAIT_CARRIER_DROP = r"""
+for i in $(seq 1 20); do [ "$(cat /sys/class/net/$IF/carrier 2>/dev/null)" = 1 ] || break
+  sleep 0.1; done
 """
 # iavf's complaints: any of these words on an iavf line fails the test
 BAD_DMESG = re.compile(r"error|fail|timeout|timed out|unable|warn|hang|invalid", re.IGNORECASE)
@@ -158,6 +163,7 @@ def test_iavf_survives_mtu_change_and_reload(
 ping -c 2 -W 3 10.97.0.1; echo "ping1_rc=$?"
 ip link set $IF mtu 9000; echo "mtu_rc=$?"; echo "mtu=$(cat /sys/class/net/$IF/mtu)"
 """
+        + WAIT_CARRIER_DROP
         + WAIT_CARRIER
         + r"""
 ping -c 2 -W 3 -s 8000 10.97.0.1; echo "jumbo_rc=$?"

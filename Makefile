@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := debootstrap cpio zstd busybox-static gcc libc6-dev kmod util-linux iputils-ping tshark
+APT_PACKAGES := debootstrap cpio zstd busybox-static gcc libc6-dev kmod util-linux iputils-ping tshark chromium
 
 .PHONY: lab test lint typecheck unit interop bench deps clean guest-prepare
 

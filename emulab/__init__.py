@@ -13,6 +13,7 @@ from emulab._version import __version__
 
 _EXPORTS = {
     "DEVICES": "emulab.devices",
+    "Lab": "emulab.lab",
     "MemcpyDevice": "emulab.devices.memcpy",
     "PciDevice": "emulab.pci.device",
     "Trace": "emulab.trace",
@@ -22,6 +23,7 @@ _EXPORTS = {
 
 __all__ = [
     "DEVICES",
+    "Lab",
     "MemcpyDevice",
     "PciDevice",
     "Trace",
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from emulab.client import VfioUserClient
     from emulab.devices import DEVICES
     from emulab.devices.memcpy import MemcpyDevice
+    from emulab.lab import Lab
     from emulab.pci.device import PciDevice
     from emulab.server import VfioUserServer
     from emulab.trace import Trace

@@ -388,6 +388,16 @@ class NicDriver(GuestDriver):
                     self.w32(DYN_CTLN + 4 * q, 1 | 3 << 3)
             time.sleep(min(left, 0.001))
 
+    def service_irqs(self) -> int:
+        """Acknowledge the queue vectors that fired and re-arm them (iavf's napi_complete);
+        returns how many had fired."""
+        fired = 0
+        for q in range(self._nic().num_queues):
+            if self.client.wait_irq(self.vector_fds[1 + q], 0):
+                self.w32(DYN_CTLN + 4 * q, 1 | 3 << 3)
+                fired += 1
+        return fired
+
     def _rx_clean(self, q: int) -> list[bytes]:
         ring = self._nic().rx[q]
         frames: list[bytes] = []

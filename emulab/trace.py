@@ -25,6 +25,7 @@ class Event:
 
 
 Subscriber = Callable[[Event], None]
+Probe = Callable[[], dict[str, float]]
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Trace:
     _buffers: dict[str, deque[Event]] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
     _subscribers: list[Subscriber] = field(default_factory=list)
+    _probes: dict[str, Probe] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, kind: str, **data: Any) -> None:
@@ -63,6 +65,24 @@ class Trace:
         with self._lock:
             if fn in self._subscribers:
                 self._subscribers.remove(fn)
+
+    def add_probe(self, name: str, fn: Probe) -> None:
+        """A model's running counters (``{"tx_packets.q0": n, ...}``), read by views on their
+        timer: how charts get rates without an event per packet."""
+        with self._lock:
+            self._probes[name] = fn
+
+    def sample(self) -> dict[str, dict[str, float]]:
+        """Every probe's counters now, by probe name (a probe that raises is left out)."""
+        with self._lock:
+            probes = dict(self._probes)
+        out: dict[str, dict[str, float]] = {}
+        for name, fn in probes.items():
+            try:
+                out[name] = fn()
+            except Exception:  # a model mid-reset must not break the view
+                continue
+        return out
 
     def snapshot(self, kind: str | None = None) -> list[Event]:
         with self._lock:

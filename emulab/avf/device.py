@@ -93,6 +93,7 @@ class AvfDevice(PciDevice):
             "device", device=self.name, event=f"{kind}-queue-error", queue=q, error=what
         )
         self.queues.on_packets = self._packets_trace
+        self.trace.add_probe(self.name, self.counters)
         cfg = pf_config or PfConfig(num_queue_pairs=num_queues)
         if mac is not None:
             cfg.mac = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else mac
@@ -298,6 +299,17 @@ class AvfDevice(PciDevice):
         self.pf.vf_reset()
 
     # -- status ----------------------------------------------------------------------------------
+    def counters(self) -> dict[str, float]:
+        """Running totals per queue and vector (what the rate charts differentiate)."""
+        out: dict[str, float] = {}
+        for t in self.queues.tx[: self.pf.num_queue_pairs]:
+            out[f"tx_packets.q{t.index}"], out[f"tx_bytes.q{t.index}"] = t.packets, t.bytes
+        for r in self.queues.rx[: self.pf.num_queue_pairs]:
+            out[f"rx_packets.q{r.index}"], out[f"rx_bytes.q{r.index}"] = r.packets, r.bytes
+        out["irqs"] = sum(self.irq_counts)
+        out["rx_discards"] = self.queues.eth["rx_discards"]
+        return out
+
     def status_line(self) -> str:
         """One line for a terminal: link, queues, packets, interrupts."""
         q = self.queues

@@ -1,0 +1,240 @@
+"""The lab: a device, its vfio-user server, a software guest, traffic and a dashboard, in one line.
+
+>>> lab = Lab.avf()          # doctest: +SKIP
+>>> lab                      # in a notebook: the live dashboard
+>>> lab.traffic(pps=5000)    # change the offered load
+>>> lab.boot_linux()         # a real QEMU guest with iavf, where QEMU can run
+>>> lab.stop()
+
+Everything runs in background threads of the kernel: the server, the traffic generator (the
+software iavf driver) and the dashboard's refresh thread. Cells return at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from emulab.avf.device import AvfDevice
+from emulab.backends import open_backend
+from emulab.client import VfioUserClient
+from emulab.guest import NicDriver
+from emulab.server import VfioUserServer
+from emulab.trace import Trace
+
+__all__ = ["Lab", "udp_flows"]
+
+
+def udp_flows(mac: bytes, flows: int = 8, size: int = 128) -> list[bytes]:
+    """``flows`` UDP frames to ``mac`` that differ in source port (so RSS spreads them)."""
+    from scapy.layers.inet import IP, UDP  # noqa: PLC0415 -- scapy's import takes a second
+    from scapy.layers.l2 import Ether  # noqa: PLC0415
+
+    out = []
+    for i in range(flows):
+        pkt = (
+            Ether(dst=mac, src="02:00:00:00:00:09")
+            / IP(src="10.0.0.9", dst="10.0.0.2")
+            / UDP(sport=4000 + i, dport=5000)
+        )
+        out.append(bytes(pkt / bytes(max(0, size - len(pkt)))))
+    return out
+
+
+class Lab:
+    """A running device with its server, a software guest driver and (optionally) a dashboard."""
+
+    def __init__(
+        self,
+        device: AvfDevice,
+        server: VfioUserServer,
+        workdir: Path,
+        *,
+        driver: NicDriver | None = None,
+    ) -> None:
+        self.device, self.server, self.workdir = device, server, workdir
+        self.trace: Trace = device.trace
+        self.driver = driver
+        self.nic = driver.nic if driver is not None else None
+        self.dashboard: Any = None
+        self.received = 0
+        self.sent = 0
+        self._pps = 0.0
+        self._stop = threading.Event()
+        self._traffic: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def avf(
+        cls,
+        *,
+        backend: str = "loopback",
+        queues: int = 4,
+        pps: float = 2000.0,
+        dashboard: bool = True,
+        guest: bool = True,
+        hz: float = 5.0,
+    ) -> Lab:
+        """An AVF NIC served in this process; a software iavf brings it up and sends ``pps``
+        packets/s of UDP over 8 flows (looped back into the RX queues by RSS); a dashboard."""
+        workdir = Path(tempfile.mkdtemp(prefix="emulab-lab-"))
+        device = AvfDevice(backend=open_backend(backend), num_queues=queues)
+        server = VfioUserServer(device, workdir / "avf.sock").start()
+        driver = None
+        if guest:
+            assert server.socket_path is not None
+            driver = NicDriver(VfioUserClient.connect(server.socket_path), queues=queues)
+            driver.bring_up()
+        lab = cls(device, server, workdir, driver=driver)
+        if dashboard:
+            lab.show_dashboard(hz=hz)
+        if driver is not None and pps > 0:
+            lab.traffic(pps=pps)
+        return lab
+
+    @property
+    def socket_path(self) -> Path:
+        assert self.server.socket_path is not None
+        return Path(self.server.socket_path)
+
+    def show_dashboard(self, hz: float = 5.0) -> Any:
+        """The device's dashboard (needs the ``lab`` extra), refreshing at ``hz``."""
+        from emulab.widgets import Dashboard  # noqa: PLC0415 -- Jupyter is an optional extra
+
+        if self.dashboard is None:
+            self.dashboard = Dashboard(self.device, self.trace, hz=hz, pcap_dir=self.workdir)
+        self.dashboard.start()
+        return self.dashboard
+
+    # -- traffic ---------------------------------------------------------------------------------
+    def traffic(self, pps: float = 2000.0, size: int = 128, flows: int = 8) -> None:
+        """Offer ``pps`` packets/s from the software guest (0 stops); returns at once."""
+        if self.driver is None or self.nic is None:
+            raise RuntimeError("this lab has no software guest (Lab.avf(guest=True))")
+        self._pps = pps
+        self._frames = udp_flows(self.nic.mac, flows, size)
+        if pps > 0 and (self._traffic is None or not self._traffic.is_alive()):
+            self._stop.clear()
+            self._traffic = threading.Thread(target=self._pump, name="emulab-traffic", daemon=True)
+            self._traffic.start()
+
+    def _pump(self) -> None:
+        """Send in bursts every 10 ms to hold the offered rate; reap what comes back."""
+        assert self.driver is not None and self.nic is not None
+        driver, nq = self.driver, self.nic.num_queues
+        frames = itertools.cycle(self._frames)
+        queue = itertools.cycle(range(nq))
+        t_next = time.monotonic()
+        credit = 0.0
+        while not self._stop.is_set() and self._pps > 0:
+            now = time.monotonic()
+            credit = min(credit + (now - t_next + 0.01) * self._pps, 256.0)
+            burst = int(credit)
+            try:
+                with self._lock:
+                    if burst:
+                        sent = driver.transmit([next(frames) for _ in range(burst)], next(queue))
+                        self.sent += sent
+                        credit -= sent
+                    self.received += len(driver.poll(0))
+                    driver.service_irqs()
+            except Exception:  # the guest was reset or the lab stopped: end quietly
+                return
+            t_next = now + 0.01
+            self._stop.wait(max(0.0, t_next - time.monotonic()))
+
+    def stop_traffic(self) -> None:
+        self._stop.set()
+        if self._traffic is not None:
+            self._traffic.join(5)
+
+    def run_for(self, seconds: float) -> concurrent.futures.Future[dict[str, int]]:
+        """Counters after ``seconds`` of the current traffic, without blocking the cell
+        (``await`` it with ``asyncio.wrap_future`` or call ``.result()``)."""
+        fut: concurrent.futures.Future[dict[str, int]] = concurrent.futures.Future()
+
+        def later() -> None:
+            time.sleep(seconds)
+            fut.set_result({"sent": self.sent, "received": self.received})
+
+        threading.Thread(target=later, daemon=True).start()
+        return fut
+
+    # -- a real guest ----------------------------------------------------------------------------
+    @staticmethod
+    def qemu_unavailable() -> str | None:
+        """Why a QEMU guest cannot run here, or None if it can."""
+        from emulab import qemu  # noqa: PLC0415
+
+        reason = qemu.unavailable_reason()
+        if reason is None and not shutil.which("unshare"):
+            reason = "unshare(1) is missing"
+        return reason
+
+    def boot_linux(
+        self, script: str | None = None, *, kernel: str = "6.12", timeout: float = 240.0
+    ) -> concurrent.futures.Future[Any]:
+        """Boot Linux with the unmodified iavf against this lab's device, in the background.
+
+        The software guest steps aside first (a device has one driver). The default script
+        brings the interface up, waits for carrier, sends ARP requests (a ping) on the wire and
+        prints ``ethtool -S`` and iavf's kernel messages. Raises RuntimeError saying
+        why where QEMU cannot run (no root, no Debian mirror)."""
+        reason = self.qemu_unavailable()
+        if reason is not None:
+            raise RuntimeError(f"no QEMU guest here: {reason}")
+        from emulab import qemu  # noqa: PLC0415
+
+        self.release_guest()
+        script = script or (
+            "for i in $(seq 1 80); do IF=$(ls /sys/class/net | grep -v lo | head -1)\n"
+            '  [ -n "$IF" ] && break; sleep 0.25; done\n'
+            "ip link set $IF up; ip addr add 10.0.0.2/24 dev $IF\n"
+            'for i in $(seq 1 40); do [ "$(cat /sys/class/net/$IF/carrier)" = 1 ] && break\n'
+            '  sleep 0.25; done; echo "$IF carrier=$(cat /sys/class/net/$IF/carrier)"\n'
+            "ping -c 2 -W 1 10.0.0.1   # ARP requests go out on the wire\n"
+            "ethtool -S $IF | grep -E 'x_(bytes|unicast|broadcast)'; dmesg | grep -i iavf\n"
+        )
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emulab-qemu")
+        return pool.submit(
+            qemu.boot, script, sockets=[self.socket_path], modules=("iavf",), kernel=kernel,
+            timeout=timeout, progress=lambda m: self.trace.record("device", event="qemu", what=m),
+        )  # fmt: skip
+
+    def release_guest(self) -> None:
+        """Stop the software guest's traffic and disconnect it (the server takes a new client)."""
+        self.stop_traffic()
+        if self.driver is not None:
+            with self._lock:
+                self.driver.client.close()
+            self.driver = None
+            deadline = time.monotonic() + 5
+            while self.server.stats.connected and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    # -- teardown --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        self.release_guest()
+        self.server.stop()
+        self.device.backend.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _repr_mimebundle_(self, **kw: Any) -> Any:
+        if self.dashboard is not None:
+            return self.dashboard._repr_mimebundle_(**kw)
+        return {"text/plain": f"Lab({self.device.status_line()})"}

@@ -1,0 +1,300 @@
+"""Live views of a device, built once and refreshed in place from trace snapshots.
+
+Each view is an ipywidgets box (``view.widget``) plus a ``refresh()`` that recomputes its
+contents from the trace (or a register file) and writes the widgets only if something changed.
+Nothing calls ``refresh`` on the device's hot path: :class:`~emulab.widgets.Dashboard` runs one
+UI thread that refreshes every view at a fixed rate, the only thread that writes widget state.
+Controls (filter boxes, pause buttons) only set attributes that the next refresh reads.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import PIL.Image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure  # no pyplot: renders off-screen, leaves the backend alone
+
+from emulab.pci.config_space import ConfigSpace
+from emulab.pci.registers import RegisterFile
+from emulab.trace import Trace
+from emulab.widgets import tables
+
+__all__ = ["MessageView", "PacketView", "RateChart", "RegisterView", "View", "VirtchnlView"]
+
+HOT_SECONDS = 2.0
+_W220 = widgets.Layout(width="220px")  # how long a changed register stays highlighted
+
+
+class View:
+    """A widget box and the refresh that fills it."""
+
+    widget: widgets.Box
+    title = "view"
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+    def _repr_mimebundle_(self, **kw: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kw)
+
+
+def _set(widget: widgets.DOMWidget, name: str, value: Any) -> None:
+    """Write a trait only when it changes: every write is a message to the browser."""
+    if getattr(widget, name) != value:
+        setattr(widget, name, value)
+
+
+class RegisterView(View):
+    """Registers with decoded fields and live values; recent changes are highlighted."""
+
+    title = "registers"
+
+    def __init__(self, regs: RegisterFile | ConfigSpace, title: str | None = None) -> None:
+        self.regs = regs
+        self.title = title or (regs.name if isinstance(regs, RegisterFile) else "config space")
+        self.filter = widgets.Text(
+            placeholder="filter by name", layout=widgets.Layout(width="220px")
+        )
+        self.table = widgets.HTML()
+        self.table.add_class("emulab-regs")
+        self.changed_at: dict[str, float] = {}
+        self.previous: dict[str, int] = {}
+        self.widget = widgets.VBox([widgets.HTML(tables.STYLE), self.filter, self.table])
+
+    def rows(self) -> list[tables.RegRow]:
+        if isinstance(self.regs, RegisterFile):
+            return tables.register_rows(self.regs, self.filter.value)
+        return tables.config_rows(self.regs, self.filter.value)
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        rows = self.rows()
+        for r in rows:
+            if r.name in self.previous and self.previous[r.name] != r.value:
+                self.changed_at[r.name] = now
+            self.previous[r.name] = r.value
+        hot = [
+            i for i, r in enumerate(rows) if now - self.changed_at.get(r.name, -1e9) < HOT_SECONDS
+        ]
+        body = tables.html_table(
+            ("register", "offset", "value", "fields"),
+            ((r.name, f"{r.offset:#06x}", f"{r.value:#010x}", r.fields) for r in rows),
+            hot=hot,
+        )
+        _set(self.table, "value", body)
+
+
+class _TraceTable(View):
+    """A table of the newest events of one trace kind, with pause and a text filter."""
+
+    kind = ""
+    limit = 40
+    _shown: tuple[int, str] | None = None  # (event count, filter) last rendered
+
+    def __init__(self, trace: Trace, title: str | None = None) -> None:
+        self.trace = trace
+        self.title = title or self.title
+        self.filter = widgets.Text(placeholder="filter", layout=_W220)
+        self.pause = widgets.ToggleButton(description="pause", layout=widgets.Layout(width="80px"))
+        self.count = widgets.Label()
+        self.table = widgets.HTML()
+        self.table.add_class(f"emulab-{self.kind}")
+        self.widget = widgets.VBox(
+            [widgets.HBox([self.filter, self.pause, self.count]), self.table]
+        )
+
+    def frame(self) -> Any:
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        total = self.trace.counts().get(self.kind, 0)
+        _set(self.count, "value", f"{total} {self.kind} events")
+        if self.pause.value or self._shown == (total, self.filter.value):
+            return  # paused, or nothing new
+        self._shown = (total, self.filter.value)
+        df = self.frame()
+        needle = self.filter.value.lower()
+        if needle and len(df):
+            mask = df.astype(str).apply(
+                lambda col: col.str.lower().str.contains(needle, regex=False)
+            )
+            df = df[mask.any(axis=1)]
+        df = df.tail(self.limit).iloc[::-1]
+        if "t" in df:
+            df = df.assign(t=df["t"].map(lambda v: f"{v:9.3f}"))
+        _set(self.table, "value", tables.html_table(list(df.columns), df.itertuples(index=False)))
+
+
+class MessageView(_TraceTable):
+    """vfio-user messages: direction, command, decoded arguments, latency."""
+
+    kind, title = "message", "vfio-user messages"
+
+    def frame(self) -> Any:
+        return tables.messages_frame(self.trace.snapshot("message")[-400:])
+
+
+class VirtchnlView(_TraceTable):
+    """The admin-queue conversation: request, reply, status, decoded payload."""
+
+    kind, title = "adminq", "virtchnl"
+
+    def frame(self) -> Any:
+        return tables.virtchnl_frame(self.trace.snapshot("adminq")[-400:])
+
+
+class PacketView(_TraceTable):
+    """Packets decoded by scapy; pick one for its hexdump; export the trace as pcap."""
+
+    kind, title, limit = "packet", "packets", 30
+
+    def __init__(self, trace: Trace, title: str | None = None, pcap_dir: str | Path = ".") -> None:
+        super().__init__(trace, title)
+        self.pcap_dir = Path(pcap_dir)
+        self.pick = widgets.BoundedIntText(value=0, min=0, max=10**9, description="packet #",
+                                     layout=widgets.Layout(width="170px"))  # fmt: skip
+        self.hex = widgets.HTML()
+        self.hex.add_class("emulab-hexdump")
+        self.export = widgets.Button(description="save pcap", icon="download")
+        self.saved = widgets.Label()
+        self.export.on_click(lambda _b: self.save_pcap())
+        self.widget.children = (
+            *self.widget.children,
+            widgets.HBox([self.pick, self.export, self.saved]),
+            self.hex,
+        )
+
+    def frame(self) -> Any:
+        return tables.packets_frame(self.trace.snapshot("packet")[-self.limit :])
+
+    def refresh(self) -> None:
+        super().refresh()
+        events = self.trace.snapshot("packet")
+        if not events:
+            return
+        # packet # counts back from the newest (0 = newest), like the table's first row
+        idx = min(self.pick.value, len(events) - 1)
+        frame = events[-1 - idx].data.get("frame", b"")
+        text = html.escape(tables.hexdump(frame))
+        _set(
+            self.hex,
+            "value",
+            f'<div class="emulab-hex">{tables.packet_summary(frame)}\n{text}</div>',
+        )
+
+    def save_pcap(self, path: str | Path | None = None) -> Path:
+        out = Path(path) if path else self.pcap_dir / f"emulab-{time.strftime('%H%M%S')}.pcap"
+        n = tables.write_pcap(self.trace.snapshot("packet"), out)
+        self.saved.value = f"{n} packets -> {out}"
+        return out
+
+
+def _nice_ceiling(value: float) -> float:
+    """The y-limit for ``value``: 1, 2 or 5 times a power of ten (limits change rarely, so the
+    chart's static parts are redrawn rarely)."""
+    if value <= 0:
+        return 1.0
+    exp = math.floor(math.log10(value))
+    for step in (1, 2, 5, 10):
+        if value <= step * 10.0**exp:
+            return float(step * 10.0**exp)
+    return float(10.0 ** (exp + 1))
+
+
+class RateChart(View):
+    """Throughput per queue (packets/s) and interrupt rate over a rolling window, drawn by
+    matplotlib (Agg) into a PNG image widget.
+
+    Cheap enough for 5 Hz beside a busy data path: the x axis is "seconds ago" (fixed ticks),
+    y limits move in 1-2-5 steps, so the axes, ticks and legend are drawn once into a cached
+    background and each frame only blits the lines onto it."""
+
+    title = "rates"
+
+    def __init__(self, trace: Trace, probe: str, window_s: float = 30.0) -> None:
+        self.trace, self.probe = trace, probe
+        self.meter = tables.RateMeter(window_s)
+        self.t0 = time.monotonic()
+        self.fig = Figure(figsize=(7.5, 3.2), dpi=72)
+        self.canvas = FigureCanvasAgg(self.fig)
+        self.ax_pps, self.ax_irq = self.fig.subplots(2, 1, sharex=True)
+        self.fig.subplots_adjust(left=0.11, right=0.98, top=0.96, bottom=0.14, hspace=0.12)
+        self.ax_pps.set_ylabel("packets/s")
+        self.ax_irq.set_ylabel("irqs/s")
+        self.ax_irq.set_xlabel("seconds ago")
+        self.ax_irq.set_xlim(-window_s, 0)
+        for ax in (self.ax_pps, self.ax_irq):
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+        self.lines: dict[str, Any] = {}
+        (self.irq_line,) = self.ax_irq.plot([], [], color="tab:red", animated=True)
+        self._background: list[Any] | None = None
+        self.frames = 0
+        self.image = widgets.Image(format="png")
+        self.image.add_class("emulab-chart")
+        self.numbers = widgets.HTML()
+        self.numbers.add_class("emulab-rates")
+        self.widget = widgets.VBox([self.numbers, self.image])
+
+    def _line(self, key: str) -> Any:
+        if key not in self.lines:
+            label = key.replace("_packets.", " ")
+            (self.lines[key],) = self.ax_pps.plot([], [], label=label, animated=True)
+            self.ax_pps.legend(loc="upper left", fontsize=7, ncol=4)
+            self._background = None
+        return self.lines[key]
+
+    def _ylim(self, ax: Any, peak: float) -> None:
+        top = _nice_ceiling(peak * 1.1)
+        if ax.get_ylim()[1] != top:
+            ax.set_ylim(0, top)
+            self._background = None
+
+    def refresh(self) -> None:
+        counters = self.trace.sample().get(self.probe)
+        if counters is None:
+            return
+        now = time.monotonic() - self.t0
+        self.meter.add(now, counters)
+        m = self.meter
+        if not m.times:
+            return
+        ago = [t - now for t in m.times]
+        peak = 0.0
+        for key, series in sorted(m.rates.items()):
+            if "_packets." in key and (any(series) or key in self.lines):
+                self._line(key).set_data(ago, series)
+                peak = max(peak, *series)
+        irqs = m.rates.get("irqs", [0.0] * len(ago))
+        self.irq_line.set_data(ago, irqs)
+        self._ylim(self.ax_pps, peak)
+        self._ylim(self.ax_irq, max(irqs))
+        self._draw()
+        pps = m.total("tx_packets")[-1] + m.total("rx_packets")[-1]
+        bps = (m.total("tx_bytes")[-1] + m.total("rx_bytes")[-1]) * 8
+        _set(self.numbers, "value",
+             f'<span class="emulab-pps">{pps:,.0f} pkt/s</span> · {bps / 1e6:,.2f} Mbit/s · '
+             f'<span class="emulab-irqs">{irqs[-1]:,.0f} irq/s</span>')  # fmt: skip
+
+    def _draw(self) -> None:
+        canvas: Any = self.canvas  # matplotlib leaves these methods untyped
+        if self._background is None:  # axes, ticks, legend: only when they change
+            canvas.draw()
+            self._background = [canvas.copy_from_bbox(ax.bbox) for ax in (self.ax_pps, self.ax_irq)]
+        for ax, bg in zip((self.ax_pps, self.ax_irq), self._background, strict=True):
+            canvas.restore_region(bg)
+            for line in ax.get_lines():
+                ax.draw_artist(line)
+        w, h = canvas.get_width_height()
+        img = PIL.Image.frombuffer("RGBA", (w, h), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+        buf = io.BytesIO()
+        img.save(buf, format="png", compress_level=1)
+        self.image.value = buf.getvalue()
+        self.frames += 1

@@ -7,6 +7,7 @@ subscriber: a subscriber that raises is dropped, not propagated into the device.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -90,6 +91,17 @@ class Trace:
                 return list(self._buffers.get(kind, ()))
             events: Iterable[Event] = (e for b in self._buffers.values() for e in b)
             return sorted(events, key=lambda e: e.t)
+
+    def tail(self, kind: str, n: int) -> list[Event]:
+        """The newest ``n`` events of one kind, oldest first (O(n), not O(capacity): what views
+        read on every refresh while the device keeps recording)."""
+        with self._lock:
+            buf = self._buffers.get(kind)
+            if not buf:
+                return []
+            out = list(itertools.islice(reversed(buf), n))
+        out.reverse()
+        return out
 
     def counts(self) -> dict[str, int]:
         """Events recorded per kind since the start (including those the buffer dropped)."""

@@ -113,6 +113,10 @@ class _TraceTable(View):
     def frame(self) -> Any:
         raise NotImplementedError
 
+    def _depth(self) -> int:
+        """How many events to decode: what the table shows, or more when a filter is set."""
+        return 400 if self.filter.value else self.limit
+
     def refresh(self) -> None:
         total = self.trace.counts().get(self.kind, 0)
         _set(self.count, "value", f"{total} {self.kind} events")
@@ -138,7 +142,7 @@ class MessageView(_TraceTable):
     kind, title = "message", "vfio-user messages"
 
     def frame(self) -> Any:
-        return tables.messages_frame(self.trace.snapshot("message")[-400:])
+        return tables.messages_frame(self.trace.tail("message", self._depth()))
 
 
 class VirtchnlView(_TraceTable):
@@ -147,7 +151,7 @@ class VirtchnlView(_TraceTable):
     kind, title = "adminq", "virtchnl"
 
     def frame(self) -> Any:
-        return tables.virtchnl_frame(self.trace.snapshot("adminq")[-400:])
+        return tables.virtchnl_frame(self.trace.tail("adminq", self._depth()))
 
 
 class PacketView(_TraceTable):
@@ -172,16 +176,15 @@ class PacketView(_TraceTable):
         )
 
     def frame(self) -> Any:
-        return tables.packets_frame(self.trace.snapshot("packet")[-self.limit :])
+        return tables.packets_frame(self.trace.tail("packet", self.limit))
 
     def refresh(self) -> None:
         super().refresh()
-        events = self.trace.snapshot("packet")
+        # packet # counts back from the newest (0 = newest), like the table's first row
+        events = self.trace.tail("packet", self.pick.value + 1)
         if not events:
             return
-        # packet # counts back from the newest (0 = newest), like the table's first row
-        idx = min(self.pick.value, len(events) - 1)
-        frame = events[-1 - idx].data.get("frame", b"")
+        frame = events[0].data.get("frame", b"")
         text = html.escape(tables.hexdump(frame))
         _set(
             self.hex,
@@ -252,8 +255,9 @@ class RateChart(View):
         return self.lines[key]
 
     def _ylim(self, ax: Any, peak: float) -> None:
-        top = _nice_ceiling(peak * 1.1)
-        if ax.get_ylim()[1] != top:
+        """Grow at once; shrink only when the peak falls well below (fewer full redraws)."""
+        top, current = _nice_ceiling(peak * 1.1), ax.get_ylim()[1]
+        if top > current or top < current / 4:
             ax.set_ylim(0, top)
             self._background = None
 

@@ -9,6 +9,7 @@ Controls (filter boxes, pause buttons) only set attributes that the next refresh
 
 from __future__ import annotations
 
+import abc
 import html
 import io
 import math
@@ -28,18 +29,19 @@ from emulab.widgets import tables
 
 __all__ = ["MessageView", "PacketView", "RateChart", "RegisterView", "View", "VirtchnlView"]
 
-HOT_SECONDS = 2.0
-_W220 = widgets.Layout(width="220px")  # how long a changed register stays highlighted
+HOT_SECONDS = 2.0  # how long a changed register stays highlighted
+_W220 = widgets.Layout(width="220px")
 
 
-class View:
+class View(abc.ABC):
     """A widget box and the refresh that fills it."""
 
     widget: widgets.Box
     title = "view"
 
+    @abc.abstractmethod
     def refresh(self) -> None:
-        raise NotImplementedError
+        """Recompute the contents and write the widgets that changed."""
 
     def _repr_mimebundle_(self, **kw: Any) -> Any:
         return self.widget._repr_mimebundle_(**kw)
@@ -110,8 +112,9 @@ class _TraceTable(View):
             [widgets.HBox([self.filter, self.pause, self.count]), self.table]
         )
 
+    @abc.abstractmethod
     def frame(self) -> Any:
-        raise NotImplementedError
+        """The newest events of this view's kind as a DataFrame."""
 
     def _depth(self) -> int:
         """How many events to decode: what the table shows, or more when a filter is set."""

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.registers import Field, Register, RegisterFile
 from emulab.trace import Event
@@ -25,11 +23,11 @@ __all__ = [
     "config_rows",
     "hexdump",
     "html_table",
-    "messages_frame",
+    "message_rows",
+    "packet_rows",
     "packet_summary",
-    "packets_frame",
     "register_rows",
-    "virtchnl_frame",
+    "virtchnl_rows",
     "write_pcap",
 ]
 
@@ -136,36 +134,30 @@ def _short(value: Any, limit: int = 90) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def messages_frame(events: Sequence[Event]) -> pd.DataFrame:
+Rows = list[tuple[Any, ...]]
+MESSAGE_COLUMNS = ("t", "dir", "command", "id", "args", "error", "latency_us")
+VIRTCHNL_COLUMNS = ("t", "event", "op", "status", "decoded")
+PACKET_COLUMNS = ("t", "dir", "queue", "length", "summary")
+
+
+def message_rows(events: Sequence[Event]) -> Rows:
     """vfio-user messages: time, direction, command, id, decoded arguments, error, latency."""
-    rows = [
-        {
-            "t": e.t,
-            "dir": e.data.get("direction", ""),
-            "command": e.data.get("command", ""),
-            "id": e.data.get("msg_id", 0),
-            "args": _short(e.data.get("args", "")),
-            "error": e.data.get("error", 0),
-            "latency_us": round(float(e.data.get("latency_us", 0.0)), 1),
-        }
+    return [
+        (e.t, d.get("direction", ""), d.get("command", ""), d.get("msg_id", 0),
+         _short(d.get("args", "")), d.get("error", 0), round(float(d.get("latency_us", 0.0)), 1))
         for e in events
-    ]
-    return pd.DataFrame(rows, columns=["t", "dir", "command", "id", "args", "error", "latency_us"])
+        for d in (e.data,)
+    ]  # fmt: skip
 
 
-def virtchnl_frame(events: Sequence[Event]) -> pd.DataFrame:
+def virtchnl_rows(events: Sequence[Event]) -> Rows:
     """The admin-queue conversation: requests, replies and PF events with decoded payloads."""
-    rows = [
-        {
-            "t": e.t,
-            "event": e.data.get("event", ""),
-            "op": e.data.get("op", ""),
-            "status": e.data.get("status", ""),
-            "decoded": _short(e.data.get("decoded", ""), 140),
-        }
+    return [
+        (e.t, d.get("event", ""), d.get("op", ""), d.get("status", ""),
+         _short(d.get("decoded", ""), 140))
         for e in events
-    ]
-    return pd.DataFrame(rows, columns=["t", "event", "op", "status", "decoded"])
+        for d in (e.data,)
+    ]  # fmt: skip
 
 
 _SUMMARIES: dict[bytes, str] = {}
@@ -187,19 +179,14 @@ def packet_summary(frame: bytes) -> str:
     return s
 
 
-def packets_frame(events: Sequence[Event]) -> pd.DataFrame:
+def packet_rows(events: Sequence[Event]) -> Rows:
     """Packets seen on the wire: time, direction, queue, length, scapy's decoding."""
-    rows = [
-        {
-            "t": e.t,
-            "dir": e.data.get("direction", ""),
-            "queue": e.data.get("queue", 0),
-            "length": e.data.get("length", 0),
-            "summary": packet_summary(e.data.get("frame", b"")),
-        }
+    return [
+        (e.t, d.get("direction", ""), d.get("queue", 0), d.get("length", 0),
+         packet_summary(d.get("frame", b"")))
         for e in events
-    ]
-    return pd.DataFrame(rows, columns=["t", "dir", "queue", "length", "summary"])
+        for d in (e.data,)
+    ]  # fmt: skip
 
 
 def hexdump(data: bytes, width: int = 16) -> str:

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure  # no pyplot: renders off-screen, leaves th
 
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.registers import RegisterFile
-from emulab.trace import Trace
+from emulab.trace import Event, Trace
 from emulab.widgets import tables
 
 __all__ = ["MessageView", "PacketView", "RateChart", "RegisterView", "View", "VirtchnlView"]
@@ -112,13 +112,17 @@ class _TraceTable(View):
             [widgets.HBox([self.filter, self.pause, self.count]), self.table]
         )
 
-    @abc.abstractmethod
-    def frame(self) -> Any:
-        """The newest events of this view's kind as a DataFrame."""
+    columns: tuple[str, ...] = ()
 
-    def _depth(self) -> int:
-        """How many events to decode: what the table shows, or more when a filter is set."""
-        return 400 if self.filter.value else self.limit
+    @abc.abstractmethod
+    def rows(self, events: list[Event]) -> tables.Rows:
+        """Table rows for events of this view's kind, oldest first."""
+
+    def frame(self) -> Any:
+        """The newest events as a pandas DataFrame (for a notebook cell to analyse)."""
+        import pandas as pd  # noqa: PLC0415
+
+        return pd.DataFrame(self.rows(self.trace.tail(self.kind, 400)), columns=list(self.columns))
 
     def refresh(self) -> None:
         total = self.trace.counts().get(self.kind, 0)
@@ -126,41 +130,37 @@ class _TraceTable(View):
         if self.pause.value or self._shown == (total, self.filter.value):
             return  # paused, or nothing new
         self._shown = (total, self.filter.value)
-        df = self.frame()
         needle = self.filter.value.lower()
-        if needle and len(df):
-            mask = df.astype(str).apply(
-                lambda col: col.str.lower().str.contains(needle, regex=False)
-            )
-            df = df[mask.any(axis=1)]
-        df = df.tail(self.limit).iloc[::-1]
-        if "t" in df:
-            df = df.assign(t=df["t"].map(lambda v: f"{v:9.3f}"))
-        _set(self.table, "value", tables.html_table(list(df.columns), df.itertuples(index=False)))
+        # decode only what the table shows, or a deeper window when a filter is set
+        rows = self.rows(self.trace.tail(self.kind, 400 if needle else self.limit))
+        if needle:
+            rows = [r for r in rows if needle in " ".join(map(str, r)).lower()]
+        shown = [(f"{r[0]:9.3f}", *r[1:]) for r in reversed(rows[-self.limit :])]
+        _set(self.table, "value", tables.html_table(self.columns, shown))
 
 
 class MessageView(_TraceTable):
     """vfio-user messages: direction, command, decoded arguments, latency."""
 
-    kind, title = "message", "vfio-user messages"
+    kind, title, columns = "message", "vfio-user messages", tables.MESSAGE_COLUMNS
 
-    def frame(self) -> Any:
-        return tables.messages_frame(self.trace.tail("message", self._depth()))
+    def rows(self, events: list[Event]) -> tables.Rows:
+        return tables.message_rows(events)
 
 
 class VirtchnlView(_TraceTable):
     """The admin-queue conversation: request, reply, status, decoded payload."""
 
-    kind, title = "adminq", "virtchnl"
+    kind, title, columns = "adminq", "virtchnl", tables.VIRTCHNL_COLUMNS
 
-    def frame(self) -> Any:
-        return tables.virtchnl_frame(self.trace.tail("adminq", self._depth()))
+    def rows(self, events: list[Event]) -> tables.Rows:
+        return tables.virtchnl_rows(events)
 
 
 class PacketView(_TraceTable):
     """Packets decoded by scapy; pick one for its hexdump; export the trace as pcap."""
 
-    kind, title, limit = "packet", "packets", 30
+    kind, title, limit, columns = "packet", "packets", 30, tables.PACKET_COLUMNS
 
     def __init__(self, trace: Trace, title: str | None = None, pcap_dir: str | Path = ".") -> None:
         super().__init__(trace, title)
@@ -178,8 +178,8 @@ class PacketView(_TraceTable):
             self.hex,
         )
 
-    def frame(self) -> Any:
-        return tables.packets_frame(self.trace.tail("packet", self.limit))
+    def rows(self, events: list[Event]) -> tables.Rows:
+        return tables.packet_rows(events)
 
     def refresh(self) -> None:
         super().refresh()
@@ -214,8 +214,13 @@ def _nice_ceiling(value: float) -> float:
     return float(10.0 ** (exp + 1))
 
 
+def _queue_number(name: str) -> int:
+    return int(name.lstrip("q") or 0)
+
+
 class RateChart(View):
-    """Throughput per queue (packets/s) and interrupt rate over a rolling window, drawn by
+    """Throughput per queue pair (packets/s and Mbit/s) and the interrupt rate over a rolling
+    window, drawn by
     matplotlib (Agg) into a PNG image widget.
 
     Cheap enough for 5 Hz beside a busy data path: the x axis is "seconds ago" (fixed ticks),
@@ -228,19 +233,22 @@ class RateChart(View):
         self.trace, self.probe = trace, probe
         self.meter = tables.RateMeter(window_s)
         self.t0 = time.monotonic()
-        self.fig = Figure(figsize=(7.5, 3.2), dpi=72)
+        self.fig = Figure(figsize=(7.5, 4.4), dpi=72)
         self.canvas = FigureCanvasAgg(self.fig)
-        self.ax_pps, self.ax_irq = self.fig.subplots(2, 1, sharex=True)
-        self.fig.subplots_adjust(left=0.11, right=0.98, top=0.96, bottom=0.14, hspace=0.12)
+        self.axes = self.fig.subplots(3, 1, sharex=True)
+        self.ax_pps, self.ax_bps, self.ax_irq = self.axes
+        self.fig.subplots_adjust(left=0.11, right=0.98, top=0.97, bottom=0.1, hspace=0.12)
         self.ax_pps.set_ylabel("packets/s")
+        self.ax_bps.set_ylabel("Mbit/s")
         self.ax_irq.set_ylabel("irqs/s")
         self.ax_irq.set_xlabel("seconds ago")
         self.ax_irq.set_xlim(-window_s, 0)
-        for ax in (self.ax_pps, self.ax_irq):
+        for ax in self.axes:
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
         self.lines: dict[str, Any] = {}
-        (self.irq_line,) = self.ax_irq.plot([], [], color="tab:red", animated=True)
+        self.bit_lines: dict[str, Any] = {}
+        (self.irq_line,) = self.ax_irq.plot([], [], color="black", animated=True)
         self._background: list[Any] | None = None
         self.frames = 0
         self.image = widgets.Image(format="png")
@@ -251,8 +259,10 @@ class RateChart(View):
 
     def _line(self, key: str) -> Any:
         if key not in self.lines:
-            label = key.replace("_packets.", " ")
+            label = f"{key} tx+rx"
             (self.lines[key],) = self.ax_pps.plot([], [], label=label, animated=True)
+            color = self.lines[key].get_color()
+            (self.bit_lines[key],) = self.ax_bps.plot([], [], color=color, animated=True)
             self.ax_pps.legend(loc="upper left", fontsize=7, ncol=4)
             self._background = None
         return self.lines[key]
@@ -274,14 +284,23 @@ class RateChart(View):
         if not m.times:
             return
         ago = [t - now for t in m.times]
-        peak = 0.0
-        for key, series in sorted(m.rates.items()):
-            if "_packets." in key and (any(series) or key in self.lines):
-                self._line(key).set_data(ago, series)
+        peak = peak_bits = 0.0
+        zeros = [0.0] * len(ago)
+        queues = sorted({k.split(".")[1] for k in m.rates if "_packets." in k}, key=_queue_number)
+        for q in queues:  # one line per queue pair: what it carried both ways
+            tx, rx = m.rates.get(f"tx_packets.{q}", zeros), m.rates.get(f"rx_packets.{q}", zeros)
+            series = [a + b for a, b in zip(tx, rx, strict=True)]
+            if any(series) or q in self.lines:
+                self._line(q).set_data(ago, series)
                 peak = max(peak, *series)
+                txb, rxb = m.rates.get(f"tx_bytes.{q}", zeros), m.rates.get(f"rx_bytes.{q}", zeros)
+                mbits = [(a + b) * 8e-6 for a, b in zip(txb, rxb, strict=True)]
+                self.bit_lines[q].set_data(ago, mbits)
+                peak_bits = max(peak_bits, *mbits)
         irqs = m.rates.get("irqs", [0.0] * len(ago))
         self.irq_line.set_data(ago, irqs)
         self._ylim(self.ax_pps, peak)
+        self._ylim(self.ax_bps, peak_bits)
         self._ylim(self.ax_irq, max(irqs))
         self._draw()
         pps = m.total("tx_packets")[-1] + m.total("rx_packets")[-1]
@@ -294,13 +313,14 @@ class RateChart(View):
         canvas: Any = self.canvas  # matplotlib leaves these methods untyped
         if self._background is None:  # axes, ticks, legend: only when they change
             canvas.draw()
-            self._background = [canvas.copy_from_bbox(ax.bbox) for ax in (self.ax_pps, self.ax_irq)]
-        for ax, bg in zip((self.ax_pps, self.ax_irq), self._background, strict=True):
+            self._background = [canvas.copy_from_bbox(ax.bbox) for ax in self.axes]
+        for ax, bg in zip(self.axes, self._background, strict=True):
             canvas.restore_region(bg)
             for line in ax.get_lines():
                 ax.draw_artist(line)
         w, h = canvas.get_width_height()
-        img = PIL.Image.frombuffer("RGBA", (w, h), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+        rgba = PIL.Image.frombuffer("RGBA", (w, h), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+        img = rgba.convert("RGB")  # an opaque chart: a quarter less to compress
         buf = io.BytesIO()
         img.save(buf, format="png", compress_level=1)
         self.image.value = buf.getvalue()

@@ -94,10 +94,14 @@ class Dashboard:
             self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, keep_painter: bool = False) -> None:
+        """Stop refreshing; the chart's painter process ends too unless ``keep_painter``
+        (the next start() makes a new one otherwise)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        if not keep_painter:
+            self.chart.close()
 
     def _run(self) -> None:
         period = 1.0 / self.hz

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import abc
 import html
-import io
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
-import PIL.Image
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure  # no pyplot: renders off-screen, leaves the backend alone
 
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.registers import RegisterFile
 from emulab.trace import Event, Trace
 from emulab.widgets import tables
+from emulab.widgets.painter import ChartFrame, PainterProcess
 
 __all__ = ["MessageView", "PacketView", "RateChart", "RegisterView", "View", "VirtchnlView"]
 
@@ -202,54 +198,26 @@ class PacketView(_TraceTable):
         return out
 
 
-def _nice_ceiling(value: float) -> float:
-    """The y-limit for ``value``: 1, 2 or 5 times a power of ten (limits change rarely, so the
-    chart's static parts are redrawn rarely)."""
-    if value <= 0:
-        return 1.0
-    exp = math.floor(math.log10(value))
-    for step in (1, 2, 5, 10):
-        if value <= step * 10.0**exp:
-            return float(step * 10.0**exp)
-    return float(10.0 ** (exp + 1))
-
-
 def _queue_number(name: str) -> int:
     return int(name.lstrip("q") or 0)
 
 
 class RateChart(View):
     """Throughput per queue pair (packets/s and Mbit/s) and the interrupt rate over a rolling
-    window, drawn by
-    matplotlib (Agg) into a PNG image widget.
-
-    Cheap enough for 5 Hz beside a busy data path: the x axis is "seconds ago" (fixed ticks),
-    y limits move in 1-2-5 steps, so the axes, ticks and legend are drawn once into a cached
-    background and each frame only blits the lines onto it."""
+    window: matplotlib draws it into a PNG image widget, in a helper process
+    (:mod:`emulab.widgets.painter`) so that rendering never holds this kernel's GIL; the
+    refresh only differentiates counters and ships a few hundred floats."""
 
     title = "rates"
 
-    def __init__(self, trace: Trace, probe: str, window_s: float = 30.0) -> None:
+    def __init__(
+        self, trace: Trace, probe: str, window_s: float = 30.0, *, use_process: bool = True
+    ) -> None:
         self.trace, self.probe = trace, probe
+        self.window_s, self.use_process = window_s, use_process
         self.meter = tables.RateMeter(window_s)
         self.t0 = time.monotonic()
-        self.fig = Figure(figsize=(7.5, 4.4), dpi=72)
-        self.canvas = FigureCanvasAgg(self.fig)
-        self.axes = self.fig.subplots(3, 1, sharex=True)
-        self.ax_pps, self.ax_bps, self.ax_irq = self.axes
-        self.fig.subplots_adjust(left=0.11, right=0.98, top=0.97, bottom=0.1, hspace=0.12)
-        self.ax_pps.set_ylabel("packets/s")
-        self.ax_bps.set_ylabel("Mbit/s")
-        self.ax_irq.set_ylabel("irqs/s")
-        self.ax_irq.set_xlabel("seconds ago")
-        self.ax_irq.set_xlim(-window_s, 0)
-        for ax in self.axes:
-            ax.set_ylim(0, 1)
-            ax.grid(alpha=0.3)
-        self.lines: dict[str, Any] = {}
-        self.bit_lines: dict[str, Any] = {}
-        (self.irq_line,) = self.ax_irq.plot([], [], color="black", animated=True)
-        self._background: list[Any] | None = None
+        self.painter: PainterProcess | None = None
         self.frames = 0
         self.image = widgets.Image(format="png")
         self.image.add_class("emulab-chart")
@@ -257,71 +225,46 @@ class RateChart(View):
         self.numbers.add_class("emulab-rates")
         self.widget = widgets.VBox([self.numbers, self.image])
 
-    def _line(self, key: str) -> Any:
-        if key not in self.lines:
-            label = f"{key} tx+rx"
-            (self.lines[key],) = self.ax_pps.plot([], [], label=label, animated=True)
-            color = self.lines[key].get_color()
-            (self.bit_lines[key],) = self.ax_bps.plot([], [], color=color, animated=True)
-            self.ax_pps.legend(loc="upper left", fontsize=7, ncol=4)
-            self._background = None
-        return self.lines[key]
-
-    def _ylim(self, ax: Any, peak: float) -> None:
-        """Grow at once; shrink only when the peak falls well below (fewer full redraws)."""
-        top, current = _nice_ceiling(peak * 1.1), ax.get_ylim()[1]
-        if top > current or top < current / 4:
-            ax.set_ylim(0, top)
-            self._background = None
+    def frame(self) -> ChartFrame | None:
+        """The window's series as the painter takes them (None before two samples)."""
+        m = self.meter
+        if not m.times:
+            return None
+        now = m.times[-1]
+        out = ChartFrame([t - now for t in m.times], irqs=list(m.rates.get("irqs", [])))
+        zeros = [0.0] * len(m.times)
+        queues = sorted({k.split(".")[1] for k in m.rates if "_packets." in k}, key=_queue_number)
+        for q in queues:  # one line per queue pair: what it carried both ways
+            tx, rx = m.rates.get(f"tx_packets.{q}", zeros), m.rates.get(f"rx_packets.{q}", zeros)
+            txb, rxb = m.rates.get(f"tx_bytes.{q}", zeros), m.rates.get(f"rx_bytes.{q}", zeros)
+            out.pps[q] = [a + b for a, b in zip(tx, rx, strict=True)]
+            out.mbits[q] = [(a + b) * 8e-6 for a, b in zip(txb, rxb, strict=True)]
+        return out
 
     def refresh(self) -> None:
         counters = self.trace.sample().get(self.probe)
         if counters is None:
             return
-        now = time.monotonic() - self.t0
-        self.meter.add(now, counters)
+        self.meter.add(time.monotonic() - self.t0, counters)
+        if self.painter is None:
+            self.painter = PainterProcess(self.window_s, use_process=self.use_process)
+        png = self.painter.poll()
+        frame = self.frame()
+        if frame is not None:
+            png = self.painter.submit(frame) or png
+        if png:
+            self.image.value = png
+            self.frames += 1
         m = self.meter
-        if not m.times:
-            return
-        ago = [t - now for t in m.times]
-        peak = peak_bits = 0.0
-        zeros = [0.0] * len(ago)
-        queues = sorted({k.split(".")[1] for k in m.rates if "_packets." in k}, key=_queue_number)
-        for q in queues:  # one line per queue pair: what it carried both ways
-            tx, rx = m.rates.get(f"tx_packets.{q}", zeros), m.rates.get(f"rx_packets.{q}", zeros)
-            series = [a + b for a, b in zip(tx, rx, strict=True)]
-            if any(series) or q in self.lines:
-                self._line(q).set_data(ago, series)
-                peak = max(peak, *series)
-                txb, rxb = m.rates.get(f"tx_bytes.{q}", zeros), m.rates.get(f"rx_bytes.{q}", zeros)
-                mbits = [(a + b) * 8e-6 for a, b in zip(txb, rxb, strict=True)]
-                self.bit_lines[q].set_data(ago, mbits)
-                peak_bits = max(peak_bits, *mbits)
-        irqs = m.rates.get("irqs", [0.0] * len(ago))
-        self.irq_line.set_data(ago, irqs)
-        self._ylim(self.ax_pps, peak)
-        self._ylim(self.ax_bps, peak_bits)
-        self._ylim(self.ax_irq, max(irqs))
-        self._draw()
-        pps = m.total("tx_packets")[-1] + m.total("rx_packets")[-1]
-        bps = (m.total("tx_bytes")[-1] + m.total("rx_bytes")[-1]) * 8
-        _set(self.numbers, "value",
-             f'<span class="emulab-pps">{pps:,.0f} pkt/s</span> · {bps / 1e6:,.2f} Mbit/s · '
-             f'<span class="emulab-irqs">{irqs[-1]:,.0f} irq/s</span>')  # fmt: skip
+        if m.times:
+            pps = m.total("tx_packets")[-1] + m.total("rx_packets")[-1]
+            bps = (m.total("tx_bytes")[-1] + m.total("rx_bytes")[-1]) * 8
+            irqs = m.rates.get("irqs", [0.0])[-1]
+            _set(self.numbers, "value",
+                 f'<span class="emulab-pps">{pps:,.0f} pkt/s</span> · {bps / 1e6:,.2f} Mbit/s · '
+                 f'<span class="emulab-irqs">{irqs:,.0f} irq/s</span>')  # fmt: skip
 
-    def _draw(self) -> None:
-        canvas: Any = self.canvas  # matplotlib leaves these methods untyped
-        if self._background is None:  # axes, ticks, legend: only when they change
-            canvas.draw()
-            self._background = [canvas.copy_from_bbox(ax.bbox) for ax in self.axes]
-        for ax, bg in zip(self.axes, self._background, strict=True):
-            canvas.restore_region(bg)
-            for line in ax.get_lines():
-                ax.draw_artist(line)
-        w, h = canvas.get_width_height()
-        rgba = PIL.Image.frombuffer("RGBA", (w, h), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
-        img = rgba.convert("RGB")  # an opaque chart: a quarter less to compress
-        buf = io.BytesIO()
-        img.save(buf, format="png", compress_level=1)
-        self.image.value = buf.getvalue()
-        self.frames += 1
+    def close(self) -> None:
+        if self.painter is not None:
+            self.painter.close()
+            self.painter = None

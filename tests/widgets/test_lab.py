@@ -24,7 +24,7 @@ def _wait(cond: object, timeout: float = 10.0) -> None:
 def test_lab_runs_traffic_and_the_dashboard_shows_it(tmp_path: Path) -> None:
     with Lab.avf(pps=3000, hz=5.0) as lab:
         d = lab.dashboard
-        _wait(lambda: lab.received > 200 and d.refreshes >= 6)
+        _wait(lambda: lab.received > 200 and d.refreshes >= 6 and d.chart.frames >= 3)
         assert "link=up" in d.status.value and "queues=4/4" in d.status.value
         # the chart is a PNG and the rate is live
         assert d.chart.image.value[:8] == b"\x89PNG\r\n\x1a\n" and d.chart.frames >= 3
@@ -79,3 +79,29 @@ def test_boot_linux_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qemu, "unavailable_reason", lambda: "not root (QEMU needs it)")
     with Lab.avf(pps=0, dashboard=False) as lab, pytest.raises(RuntimeError, match="not root"):
         lab.boot_linux()
+
+
+def test_chart_painter_in_a_process_and_in_thread() -> None:
+    from emulab.widgets.painter import ChartFrame, PainterProcess
+
+    frame = ChartFrame([-1.0, -0.5, 0.0], {"q0": [10.0, 20.0, 30.0]}, {"q0": [1.0, 2.0, 3.0]},
+                       [0.0, 5.0, 7.0])  # fmt: skip
+    local = PainterProcess(use_process=False)
+    png = local.submit(frame)
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+    remote = PainterProcess()
+    try:
+        got = None
+        deadline = time.monotonic() + 30
+        while got is None:  # the helper starts (imports matplotlib), then paints
+            assert time.monotonic() < deadline, remote.error
+            assert remote.submit(frame) is None  # never paints in the caller's thread
+            got = remote.poll()
+            time.sleep(0.05)
+        assert got[:8] == b"\x89PNG\r\n\x1a\n" and remote.local is None
+        remote.proc.kill()  # the helper dies: painting carries on in-thread
+        remote.proc.join(5)
+        assert remote.poll() is None and remote.local is not None
+        assert remote.submit(frame) is not None
+    finally:
+        remote.close()

@@ -1,0 +1,251 @@
+"""Data-path benchmark: AVF ring to ring through the numba kernels, beside its anchors.
+
+A guest's memory (one 64 MiB region behind the translation table, as the device sees DMA maps)
+holds a TX ring of 1024 descriptors with 2 KiB buffers pre-filled with UDP frames of 64 flows,
+and 4 RX rings of 1024 descriptors. A "guest" kernel posts TX descriptors and reposts consumed
+RX buffers; the device kernel :func:`emulab.avf.datapath.forward` drains TX, hashes each frame
+(Toeplitz RSS over the 4 RX queues), classifies it, copies it into a posted RX buffer and writes
+back DD/length (status qword last) and DESC_DONE on RS. Bursts of 256. Printed side by side, in
+one run, at 64 and 1500 bytes:
+
+  numba       the kernels compiled, driven by a Python loop per burst (what a thread does)
+  one-call    the same with the loop inside one nogil call (the polling mode's shape)
+  no-jit      the same Python code with NUMBA_DISABLE_JIT=1 (a subprocess, a short run)
+  memcpy      numpy copy bandwidth of 64 MiB buffers (DRAM, this run)
+  dpdk        DPDK testpmd vhost-user <-> virtio-user loopback (bench/dpdk_anchor.py), if root
+  busy        numba per-burst vs one-call while the main thread runs a CPU-bound Python loop
+
+Usage: python bench/datapath.py [--seconds 2] [--no-dpdk]
+Last line: RESULT mpps_64=X mpps_1500=Y dpdk_mpps_64=Z ratio_64=X/Z gbps_1500=G memcpy_gbps=M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from emulab.avf import datapath as dp
+
+MEM_SIZE = 64 << 20
+RING = 1024
+BUF = 2048
+QUEUES = 4
+TX_RING, TX_BUFS = 0x10000, 0x100000
+RX_RINGS, RX_BUFS = 0x20000, 0x1000000
+BURST = 256
+KEY = np.frombuffer(bytes(range(1, 53)), dtype=np.uint8).copy()
+TABLE = dp.toeplitz_table(KEY)
+HENA = np.uint64(sum(1 << p for p in (29, 30, 31, 32, 33, 35, 36)))
+
+
+def udp_frame(size: int, flow: int) -> bytes:
+    ip_len = size - 14
+    ip = bytes([0x45, 0, ip_len >> 8, ip_len & 0xFF, 0, 0, 0x40, 0, 64, 17, 0, 0,
+                10, 0, 0, 1, 10, 0, (flow >> 8) & 0xFF, flow & 0xFF])  # fmt: skip
+    udp = (4000 + flow).to_bytes(2, "big") + (5000).to_bytes(2, "big")
+    udp += (ip_len - 20).to_bytes(2, "big") + b"\0\0"
+    head = bytes.fromhex("02e1ab000001020000000009") + b"\x08\x00" + ip + udp
+    return head + bytes(size - len(head))
+
+
+class Rig:
+    """Guest memory, rings and the device-side tables for one frame size."""
+
+    def __init__(self, size: int) -> None:
+        self.mem = np.zeros(MEM_SIZE, dtype=np.uint8)
+        self.words = (self.mem.view(np.uint64),)
+        self.starts = np.array([0], dtype=np.int64)
+        self.ends = np.array([MEM_SIZE], dtype=np.int64)
+        self.writable = np.array([True])
+        for i in range(RING):
+            frame = np.frombuffer(udp_frame(size, i % 64), dtype=np.uint8)
+            self.mem[TX_BUFS + BUF * i : TX_BUFS + BUF * i + size] = frame
+        self.size = size
+        self.tx = np.array([TX_RING, RING, 0, 0], dtype=np.int64)
+        self.rx = np.zeros((QUEUES, 6), dtype=np.int64)
+        for q in range(QUEUES):
+            self.rx[q] = (RX_RINGS + q * RING * 32, RING, 0, 0, BUF, 1)
+        self.guest = np.zeros(2 + QUEUES, dtype=np.int64)  # tx next, tx clean, rx clean[q]
+        self.scratch = np.zeros(2048, dtype=np.uint64)
+        self.lut = (np.arange(64) % QUEUES).astype(np.uint8)
+        self.hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
+        self.out = np.zeros(6, dtype=np.int64)
+        m64 = self.mem.view(np.uint64)
+        for q in range(QUEUES):  # the guest's bring-up: every RX buffer posted
+            for c in range(RING):
+                m64[(RX_RINGS + (q * RING + c) * 32) >> 3] = RX_BUFS + (q * RING + c) * BUF
+        guest_post(self.mem, self.tx, self.rx, self.guest, size)
+
+    def burst(self) -> int:
+        dp.forward(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
+                   self.scratch, TABLE, self.lut, HENA, self.hdr, BURST, self.out)  # fmt: skip
+        guest_post(self.mem, self.tx, self.rx, self.guest, self.size)
+        return int(self.out[0])
+
+    def spin(self, bursts: int) -> int:
+        return int(spin(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
+                        self.scratch, TABLE, self.lut, HENA, self.hdr, self.out, self.mem,
+                        self.guest, self.size, bursts))  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def guest_post(mem: Any, tx: Any, rx: Any, guest: Any, size: Any) -> None:
+    """The driver's side: reclaim completed TX descriptors and refill the TX ring with frames
+    (EOP|RS); take delivered RX descriptors (DD) and post their buffers again."""
+    m64 = mem.view(np.uint64)
+    ring_len = tx[1]
+    while guest[1] != tx[2]:  # the device took these: reuse (DD checked by the device's head)
+        guest[1] = (guest[1] + 1) % ring_len
+    while (guest[0] + 1) % ring_len != guest[1]:
+        i = guest[0]
+        d = (TX_RING + 16 * i) >> 3
+        m64[d] = np.uint64(TX_BUFS + BUF * i)
+        m64[d + 1] = np.uint64((dp.TX_CMD_EOP | dp.TX_CMD_RS) << 4) | (np.uint64(size) << 34)
+        guest[0] = (i + 1) % ring_len
+    tx[3] = guest[0]
+    for q in range(rx.shape[0]):
+        base, rlen = rx[q, 0], rx[q, 1]
+        c = guest[2 + q]
+        while c != rx[q, 2]:  # delivered: repost the buffer
+            d = (base + 32 * c) >> 3
+            m64[d] = np.uint64(RX_BUFS + (q * rlen + c) * BUF)
+            m64[d + 1] = np.uint64(0)
+            c = (c + 1) % rlen
+        guest[2 + q] = c
+        rx[q, 3] = (rx[q, 2] + rlen - 1) % rlen  # all but one posted
+
+
+@njit(nogil=True, cache=True)
+def spin(  # noqa: PLR0917 -- a numba kernel takes its arrays positionally
+    words: Any, starts: Any, ends: Any, writable: Any, tx: Any, rx: Any, scratch: Any,
+         key: Any, lut: Any, hena: Any, tuple_buf: Any, out: Any, mem: Any, guest: Any,
+         size: Any, bursts: Any) -> int:  # fmt: skip
+    total = 0
+    for _ in range(bursts):
+        dp.forward(words, starts, ends, writable, tx, rx, scratch, key, lut, hena, tuple_buf,
+                   BURST, out)  # fmt: skip
+        total += out[0]
+        guest_post(mem, tx, rx, guest, size)
+    return total
+
+
+def rate_per_burst(rig: Rig, seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while (t := time.perf_counter()) - t0 < seconds:
+        for _ in range(16):
+            n += rig.burst()
+    return n / (t - t0) / 1e6
+
+
+def rate_one_call(rig: Rig, seconds: float) -> float:
+    bursts = 64
+    n, t0 = 0, time.perf_counter()
+    while (t := time.perf_counter()) - t0 < seconds:
+        n += rig.spin(bursts)
+        bursts = min(bursts * 2, 4096)
+    return n / (t - t0) / 1e6
+
+
+def memcpy_gbps(seconds: float) -> float:
+    src = np.ones(64 << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    n, t0 = 0, time.perf_counter()
+    while (t := time.perf_counter()) - t0 < seconds:
+        np.copyto(dst, src)
+        n += src.nbytes
+    return n * 8 / (t - t0) / 1e9
+
+
+def busy(rig: Rig, seconds: float) -> tuple[float, float]:
+    """Both modes in a thread while this (main) thread runs a CPU-bound Python loop."""
+    out: dict[str, float] = {}
+    for name, fn in (("burst", rate_per_burst), ("one-call", rate_one_call)):
+        th = threading.Thread(target=lambda f=fn, k=name: out.__setitem__(k, f(rig, seconds)))
+        th.start()
+        x = 0
+        while th.is_alive():  # a busy notebook cell
+            x = (x * 1103515245 + 12345) % 2147483648
+        th.join()
+    return out["burst"], out["one-call"]
+
+
+def measure(size: int, seconds: float, quick: bool = False) -> dict[str, float]:
+    rig = Rig(size)
+    rig.burst()
+    rig.spin(4)  # compile (or load from cache)
+    res = {"burst": statistics.median(rate_per_burst(rig, seconds / 3) for _ in range(3))}
+    if not quick:
+        res["one_call"] = statistics.median(rate_one_call(rig, seconds / 3) for _ in range(3))
+    return res
+
+
+def no_jit(size: int) -> float:
+    """The same kernels as plain Python (NUMBA_DISABLE_JIT=1), in a subprocess."""
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import json, "
+            f"datapath as b; print(json.dumps(b.measure({size}, 1.5, quick=True)))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=600, check=True)  # fmt: skip
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["burst"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--no-dpdk", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    import emulab.avf.datapath  # noqa: F401 -- the figure below includes numba's cache load
+
+    figures: dict[str, Any] = {}
+    for size in (64, 1500):
+        print(f"[{size} B] numba kernels, per-burst and one-call ...", flush=True)
+        figures[size] = measure(size, args.seconds)
+        print(f"[{size} B] no-jit (NUMBA_DISABLE_JIT=1) ...", flush=True)
+        figures[size]["no_jit"] = no_jit(size)
+    print("memcpy bandwidth ...", flush=True)
+    mem = statistics.median(memcpy_gbps(0.5) for _ in range(3))
+    print("busy kernel (a CPU-bound main thread) ...", flush=True)
+    busy_burst, busy_call = busy(Rig(64), args.seconds / 2)
+    dpdk: dict[int, float] = {}
+    if not args.no_dpdk:
+        try:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from dpdk_anchor import measure as dpdk_measure  # type: ignore[import-not-found]
+
+            dpdk = dpdk_measure(seconds=max(args.seconds, 4.0))
+        except Exception as exc:  # not root, no mirror: say so, keep the rest
+            print(f"dpdk anchor skipped: {exc}", flush=True)
+    print(f"\n{'frame':>6} {'numba/burst':>12} {'one-call':>10} {'no-jit':>9} {'dpdk':>8}  (Mpps)")
+    for size in (64, 1500):
+        f = figures[size]
+        d = dpdk.get(size, float("nan"))
+        print(f"{size:>6} {f['burst']:>12.2f} {f['one_call']:>10.2f} {f['no_jit']:>9.4f} {d:>8.2f}")
+    m64 = max(figures[64]["burst"], figures[64]["one_call"])
+    m1500 = max(figures[1500]["burst"], figures[1500]["one_call"])
+    gbps = m1500 * 1500 * 8 / 1e3
+    d64 = dpdk.get(64, float("nan"))
+    print(f"jit speed-up at 64 B: {figures[64]['burst'] / figures[64]['no_jit']:,.0f}x")
+    print(f"1500 B: {gbps:.1f} Gbit/s of frames vs memcpy {mem:.1f} Gbit/s ({gbps / mem:.2f}x)")
+    print(f"busy main thread, 64 B: per-burst thread {busy_burst:.3f} Mpps, one-call thread "
+          f"{busy_call:.2f} Mpps (idle: {figures[64]['burst']:.2f} / "
+          f"{figures[64]['one_call']:.2f})")  # fmt: skip
+    print(f"startup to a ready kernel module: {time.perf_counter() - t0:.2f} s in this run")
+    print(f"RESULT mpps_64={m64:.2f} mpps_1500={m1500:.2f} dpdk_mpps_64={d64:.2f} "
+          f"ratio_64={m64 / d64:.2f} gbps_1500={gbps:.1f} memcpy_gbps={mem:.1f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The ring-to-ring kernel (``datapath.forward``): frames, write-back, RSS, drops, hostile
+addresses. Runs compiled and, in a subprocess, as plain Python (NUMBA_DISABLE_JIT=1)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emulab.avf import datapath as dp
+
+MEM = 1 << 20
+TXR, RXR, TXB, RXB = 0x1000, 0x4000, 0x10000, 0x80000
+KEY = np.frombuffer(bytes(range(7, 59)), dtype=np.uint8).copy()
+HENA = np.uint64((1 << 31) | (1 << 33))
+
+
+def udp(sport: int, size: int) -> bytes:
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, size - 14, 0, 0, 64, 17, 0,
+                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))  # fmt: skip
+    head = bytes.fromhex("02e1ab00000102000000000a0800") + ip
+    head += struct.pack(">HHHH", sport, 53, size - 34, 0)
+    return head + bytes((sport + i) & 0xFF for i in range(size - len(head)))
+
+
+class Wire:
+    """One guest memory region, a TX ring and 4 RX rings, driven like a driver would."""
+
+    def __init__(self, rx_buf: int = 2048, queues: int = 4) -> None:
+        self.mem = np.zeros(MEM, dtype=np.uint8)
+        self.m64 = self.mem.view(np.uint64)
+        self.words = (self.m64,)
+        self.starts = np.array([0], dtype=np.int64)
+        self.ends = np.array([MEM], dtype=np.int64)
+        self.writable = np.array([True])
+        self.tx = np.array([TXR, 64, 0, 0], dtype=np.int64)
+        self.rx = np.array([(RXR + q * 64 * 32, 64, 0, 0, rx_buf, 1) for q in range(queues)],
+                           dtype=np.int64)  # fmt: skip
+        self.table = dp.toeplitz_table(KEY)
+        self.lut = (np.arange(64) % queues).astype(np.uint8)
+        self.scratch = np.zeros(2048, dtype=np.uint64)
+        self.hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
+        self.out = np.zeros(6, dtype=np.int64)
+        self.rx_buf = rx_buf
+
+    def post_rx(self, q: int, n: int, addr: int | None = None) -> None:
+        for c in range(n):
+            d = (self.rx[q, 0] + 32 * c) >> 3
+            self.m64[d] = addr if addr is not None else RXB + (q * 64 + c) * self.rx_buf
+            self.m64[d + 1] = 0
+        self.rx[q, 3] = n
+
+    def post_tx(self, pieces: list[tuple[int, bytes]], last_flags: int = 3) -> None:
+        """One frame as (address, bytes) pieces; EOP|RS on the last descriptor."""
+        for k, (addr, data) in enumerate(pieces):
+            if addr + len(data) <= MEM:
+                self.mem[addr : addr + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            i = self.tx[3]
+            cmd = last_flags if k == len(pieces) - 1 else 0
+            self.m64[(TXR + 16 * i) >> 3] = addr
+            self.m64[((TXR + 16 * i) >> 3) + 1] = (cmd << 4) | (len(data) << 34)
+            self.tx[3] = (i + 1) % self.tx[1]
+
+    def forward(self, budget: int = 64) -> np.ndarray:
+        dp.forward(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
+                   self.scratch, self.table, self.lut, HENA, self.hdr, budget,
+                   self.out)  # fmt: skip
+        return self.out
+
+    def rx_desc(self, q: int, c: int) -> tuple[int, int]:
+        d = (self.rx[q, 0] + 32 * c) >> 3
+        return int(self.m64[d]), int(self.m64[d + 1])
+
+
+def test_frames_land_intact_spread_by_rss_with_write_back() -> None:
+    w = Wire()
+    for q in range(4):
+        w.post_rx(q, 32)
+    frames = [udp(1000 + i, 60 + 7 * i) for i in range(40)]
+    for i, f in enumerate(frames):
+        w.post_tx([(TXB + 2048 * i, f)])
+    out = w.forward()
+    assert list(out[:5]) == [40, sum(map(len, frames)), 40, 0, dp.ERR_NONE]
+    seen = {q: 0 for q in range(4)}
+    for f in frames:
+        h = int(dp.rss_hash(KEY, np.frombuffer(f, np.uint8), len(f), np.zeros(12, np.uint8), HENA))
+        q = int(w.lut[h % 64])
+        q0, q1 = w.rx_desc(q, seen[q])
+        assert q1 & 3 == 3 and (q1 >> 38) & 0x3FFF == len(f)  # DD, EOF, length
+        assert q0 >> 32 == h and (q1 >> 12) & 3 == 3  # the hash and FLTSTAT=RSS
+        assert (q1 >> 30) & 0xFF == dp.PTYPE_IPV4_UDP
+        addr = RXB + (q * 64 + seen[q]) * 2048
+        assert w.mem[addr : addr + len(f)].tobytes() == f
+        seen[q] += 1
+    assert sum(seen.values()) == 40 and min(seen.values()) > 0
+    assert int(out[5]) == sum(1 << q for q, n in seen.items() if n)
+    for i in range(40):  # DESC_DONE on every RS descriptor
+        assert int(w.m64[((TXR + 16 * i) >> 3) + 1]) & 0xF == 0xF
+    assert w.tx[2] == 40 and list(w.rx[:, 2]) == [seen[q] for q in range(4)]
+
+
+def test_gather_unaligned_and_scatter_into_small_buffers() -> None:
+    w = Wire(rx_buf=512, queues=1)
+    w.post_rx(0, 16)
+    f = udp(7, 1400)
+    # three TX pieces at odd addresses (a Linux skb's data is 2 bytes off)
+    w.post_tx([(TXB + 2, f[:100]), (TXB + 4096 + 5, f[100:900]), (TXB + 8192 + 3, f[900:])])
+    out = w.forward()
+    assert out[0] == 1 and out[2] == 3 and out[4] == dp.ERR_NONE
+    got = b""
+    for c in range(3):  # 1400 bytes in 512-byte buffers: 3 descriptors, EOF on the last
+        _, q1 = w.rx_desc(0, c)  # (write-back replaced the buffer address with the hash)
+        addr = RXB + c * 512
+        got += w.mem[addr : addr + ((q1 >> 38) & 0x3FFF)].tobytes()
+        assert q1 & 1 and bool(q1 & 2) == (c == 2)
+    assert got == f
+    # only the last descriptor had RS: only it reports DESC_DONE
+    assert [int(w.m64[((TXR + 16 * i) >> 3) + 1]) & 0xF for i in range(3)] == [0, 0, 0xF]
+
+
+def test_no_rx_buffer_drops_and_completes_tx() -> None:
+    w = Wire(queues=1)
+    w.post_tx([(TXB, udp(9, 100))])
+    out = w.forward()
+    assert list(out[:5]) == [1, 0, 1, 1, dp.ERR_NONE] and w.tx[2] == 1
+
+
+@pytest.mark.parametrize("where", ["tx-buffer", "tx-ring", "rx-buffer", "rx-ring"])
+def test_hostile_addresses_stop_the_burst_with_an_error(where: str) -> None:
+    w = Wire(queues=1)
+    w.post_rx(0, 8, addr=MEM + 4096 if where == "rx-buffer" else None)
+    if where == "rx-ring":
+        w.rx[0, 0] = MEM - 16
+    w.post_tx([(TXB, udp(1, 80))])
+    w.post_tx([(MEM - 10 if where == "tx-buffer" else TXB + 2048, udp(2, 80))])
+    if where == "tx-ring":
+        w.tx[0] = 1 << 40
+    out = w.forward()
+    bad_ring = where.endswith("ring")
+    expect = dp.ERR_RING_ADDRESS if bad_ring else dp.ERR_BUFFER_ADDRESS
+    assert out[4] == expect
+    # the frames before the bad one went through; the bad one stays in the ring
+    assert w.tx[2] == {"tx-buffer": 1, "tx-ring": 0, "rx-buffer": 0, "rx-ring": 0}[where]
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="already without JIT")
+def test_the_kernels_as_plain_python() -> None:
+    """The same tests (and the older kernels') with NUMBA_DISABLE_JIT=1: the Python semantics
+    of the kernels match the compiled ones."""
+    here = Path(__file__).parent
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(here / "test_forward.py"), str(here / "test_datapath.py"), str(here / "test_rss.py")],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

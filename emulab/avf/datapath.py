@@ -320,7 +320,7 @@ PTYPE_IPV6_FRAG, PTYPE_IPV6, PTYPE_IPV6_UDP, PTYPE_IPV6_TCP = 88, 89, 90, 92
 PTYPE_IPV6_SCTP, PTYPE_IPV6_ICMP = 93, 94
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def classify(frame: Any, length: Any) -> int:
     """The hardware packet type (the i40e/AVF ptype table) of an untagged frame.
 
@@ -405,7 +405,7 @@ def toeplitz_table(key: Any) -> Any:
     return table
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def toeplitz_fast(table: Any, data: Any, length: Any) -> Any:
     h = np.uint32(0)
     for i in range(length):
@@ -421,7 +421,7 @@ def rss_hash(key: Any, frame: Any, length: Any, tuple_buf: Any, hena: Any) -> An
     return toeplitz(key, tuple_buf, n) if n else np.uint32(0)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def rss_tuple(frame: Any, length: Any, tuple_buf: Any, hena: Any) -> int:
     """The hash input of an IPv4 frame into ``tuple_buf``: its length (8 or 12), or 0 when the
     frame's pctype is not enabled in ``hena`` (or it is not IPv4)."""
@@ -463,7 +463,7 @@ FWD_FRAMES, FWD_BYTES, FWD_TX_DESCS, FWD_DROPPED, FWD_ERROR, FWD_RX_MASK = range
 HDR = 64  # header bytes copied out for classification and the RSS tuple
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _wfind(starts: Any, ends: Any, addr: Any, length: Any) -> int:
     if addr < 0 or length < 0:
         return -1
@@ -473,19 +473,19 @@ def _wfind(starts: Any, ends: Any, addr: Any, length: Any) -> int:
     return -1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _wbyte(w: Any, off: Any) -> Any:
     return (w[off >> 3] >> np.uint64(8 * (off & 7))) & np.uint64(0xFF)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _wput(w: Any, off: Any, b: Any) -> None:
     sh = np.uint64(8 * (off & 7))
     x = off >> 3
     w[x] = (w[x] & ~(np.uint64(0xFF) << sh)) | ((np.uint64(b) & np.uint64(0xFF)) << sh)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _wcopy(dw: Any, doff: Any, sw: Any, soff: Any, n: Any) -> None:
     """Copy ``n`` bytes between word arrays (byte offsets). Aligned destination: whole words,
     the source merged from two words when it is not aligned, the last partial word masked."""
@@ -511,7 +511,7 @@ def _wcopy(dw: Any, doff: Any, sw: Any, soff: Any, n: Any) -> None:
             _wput(dw, doff + 8 * full + i, _wbyte(sw, soff + 8 * full + i))
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _deliver(
     words: Any, starts: Any, ends: Any, writable: Any, rx: Any, q: Any,
     sw: Any, soff: Any, length: Any, h: Any, ptype: Any,

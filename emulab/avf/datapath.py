@@ -1,6 +1,6 @@
 """Every numba kernel of the AVF data path: arrays in, counts and flags out.
 
-Guest memory reaches the kernels as a translation table: a typed list of uint8 arrays (one per
+Guest memory reaches the kernels as a translation table: a tuple of uint8 arrays (one per
 fd-backed DMA map) with their guest start/end addresses and a writable flag. Every descriptor
 and buffer address is translated and bounds-checked here, inside the compiled code; an address
 outside the maps ends the burst with an error code (the caller puts the queue in an error state),
@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 from numba import njit
-from numba.typed import List
 
 from emulab.pci.dma import GuestMemory
 
@@ -60,7 +59,7 @@ class MemoryTable:
     """Guest memory as the kernels take it; rebuilt whenever the DMA maps change."""
 
     def __init__(self, memory: GuestMemory) -> None:
-        regions: Any = List()
+        regions: list[Any] = []
         starts: list[int] = []
         ends: list[int] = []
         writable: list[bool] = []
@@ -75,8 +74,10 @@ class MemoryTable:
                 ends.append(r.iova + r.size)
                 writable.append(r.writable)
         if not starts:
-            regions.append(np.zeros(1, dtype=np.uint8))  # keeps the list typed; never matches
-        self.regions = regions
+            regions.append(np.zeros(1, dtype=np.uint8))  # a placeholder that never matches
+        # a tuple, not a numba typed list: indexing it in a kernel costs no reference count
+        # (and building one compiles nothing); kernels specialise per number of maps, cached
+        self.regions = tuple(regions)
         # the fast path's view (see ``forward``): uint64 words of every 8-aligned region
         words: list[Any] = []
         wstarts: list[int] = []
@@ -685,3 +686,47 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     out[FWD_DROPPED] = dropped
     out[FWD_ERROR] = err
     out[FWD_RX_MASK] = rx_mask
+
+
+def warmup() -> float:
+    """Compile (or load from numba's on-disk cache) every kernel with the argument types the
+    device uses, on a tiny guest memory; returns the seconds it took. Called from a background
+    thread when a device is made, so that the first packet does not wait for the compiler."""
+    import time  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    mem = np.zeros(1 << 16, dtype=np.uint8)
+    regions = (mem,)
+    starts = np.array([0], dtype=np.int64)
+    ends = np.array([mem.shape[0]], dtype=np.int64)
+    writable = np.array([True])
+    arena = np.zeros(4096, dtype=np.uint8)
+    offsets = np.zeros(9, dtype=np.int64)
+    meta = np.zeros((8, 2), dtype=np.uint64)
+    tx_drain(regions, starts, ends, writable, 0, 8, 0, 0, arena, offsets, meta)
+    frames = np.zeros((8, 64), dtype=np.uint8)
+    lens = np.zeros(8, dtype=np.int64)
+    rx_fill(regions, starts, ends, writable, 0, 8, 0, 0, 2048, frames, lens, 0,
+            np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8))  # fmt: skip
+    key = np.zeros(52, dtype=np.uint8)
+    rss_hash(key, frames[0], 64, np.zeros(12, dtype=np.uint8), np.uint64(0))
+    classify(frames[0], 64)
+    table = toeplitz_table(key)
+    forward((mem.view(np.uint64),), starts, ends, writable, np.array([0, 8, 0, 0]),
+            np.zeros((1, 6), dtype=np.int64), np.zeros(16, dtype=np.uint64), table,
+            np.zeros(64, dtype=np.uint8), np.uint64(0), np.zeros(HDR // 8 + 2, dtype=np.uint64),
+            64, np.zeros(6, dtype=np.int64))  # fmt: skip
+    return time.perf_counter() - t0
+
+
+_warming: list[Any] = []
+
+
+def warmup_in_background() -> None:
+    """:func:`warmup` once per process, in a daemon thread (the kernels release the GIL)."""
+    import threading  # noqa: PLC0415
+
+    if not _warming:
+        thread = threading.Thread(target=warmup, name="emulab-numba-warmup", daemon=True)
+        _warming.append(thread)
+        thread.start()

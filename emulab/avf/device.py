@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from emulab.avf import virtchnl as vc
 from emulab.avf.admin_queue import AdminQueue
+from emulab.avf.datapath import warmup_in_background
 from emulab.avf.pf import PfConfig, VirtchnlPf
 from emulab.avf.queues import QueueEngine
 from emulab.avf.registers import BAR0_SIZE, MAX_QUEUES, MAX_VECTORS, REGISTERS, ResetState
@@ -86,6 +87,7 @@ class AvfDevice(PciDevice):
         self._last_fire = [0.0] * MAX_VECTORS
         self._itr_timers: dict[int, threading.Timer] = {}
         self.backend = backend if backend is not None else LoopbackBackend()
+        warmup_in_background()  # compile or load the kernels before the first packet needs them
         self.queues = QueueEngine(
             self.memory, self.backend, self._queue_cause, num_queues=MAX_QUEUES
         )

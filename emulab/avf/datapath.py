@@ -504,35 +504,47 @@ def _put(words: Any, scratch: Any, k: Any, off: Any, b: Any) -> None:
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _mcopy(
-    words: Any, scratch: Any, kd: Any, doff: Any, ks: Any, soff: Any, n: Any
-) -> None:
-    """Copy ``n`` bytes between places. Aligned destination: whole words, the source merged
-    from two words when it is not aligned, the last partial word byte by byte."""
-    if doff & 7:
+def _mcopy(words: Any, scratch: Any, kd: Any, doff: Any, ks: Any, soff: Any, n: Any) -> None:
+    """Copy ``n`` bytes between places. Aligned destination (RX buffers, the scratch area):
+    whole words, the source merged from two words when it is not aligned (a Linux skb's data
+    starts 2 bytes in), the last partial word masked in. The loops index ``words[k]`` in place:
+    no helper, no array bound to a name per word."""
+    if n <= 0:
+        return
+    if doff & 7:  # never for the buffers drivers post; kept correct, not fast
         for i in range(n):
             _put(words, scratch, kd, doff + i, _byte(words, scratch, ks, soff + i))
         return
     d = doff >> 3
-    full = n >> 3
     s = soff >> 3
     sh = np.uint64(8 * (soff & 7))
-    if sh == 0:
-        if kd >= 0 and ks >= 0:
-            for i in range(full):
-                words[kd][d + i] = words[ks][s + i]
+    back = np.uint64(64) - sh
+    last = (soff + n - 1) >> 3  # the source's last word
+    nw = (n + 7) >> 3
+    first = 0
+    if sh == 0 and kd >= 0 and ks >= 0 and n >= 256:
+        # a big aligned copy: two arrays bound once (two reference counts) for a loop the
+        # compiler vectorises
+        dst = words[kd]
+        src = words[ks]
+        first = n >> 3
+        for i in range(first):
+            dst[d + i] = src[s + i]
+    for i in range(first, nw):
+        lo = words[ks][s + i] if ks >= 0 else scratch[s + i]
+        if sh:
+            hi = np.uint64(0)
+            if s + i + 1 <= last:
+                hi = words[ks][s + i + 1] if ks >= 0 else scratch[s + i + 1]
+            lo = (lo >> sh) | (hi << back)
+        if i == nw - 1 and n & 7:  # keep the destination's bytes past the end
+            mask = (np.uint64(1) << np.uint64(8 * (n & 7))) - np.uint64(1)
+            old = words[kd][d + i] if kd >= 0 else scratch[d + i]
+            lo = (old & ~mask) | (lo & mask)
+        if kd >= 0:
+            words[kd][d + i] = lo
         else:
-            for i in range(full):
-                _wr(words, scratch, kd, d + i, _rd(words, scratch, ks, s + i))
-    else:
-        back = np.uint64(64) - sh
-        for i in range(full):
-            # bytes soff+8i .. soff+8i+7 lie in words s+i and s+i+1, both inside the source
-            lo = _rd(words, scratch, ks, s + i) >> sh
-            _wr(words, scratch, kd, d + i, lo | (_rd(words, scratch, ks, s + i + 1) << back))
-    for i in range(n & 7):
-        off = 8 * full + i
-        _put(words, scratch, kd, doff + off, _byte(words, scratch, ks, soff + off))
+            scratch[d + i] = lo
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -543,7 +555,7 @@ def _deliver(
     """Copy one frame into RX queue ``q``'s posted buffers and write back its descriptors.
     Returns 1 if delivered, 0 if no buffers were posted for it (a drop), or -error."""
     rbase, rlen, rhead, rtail, bsize = rx[q, 0], rx[q, 1], rx[q, 2], rx[q, 3], rx[q, 4]
-    need = (length + bsize - 1) // bsize if length > 0 else 1
+    need = 1 if length <= bsize else (length + bsize - 1) // bsize  # no division, usually
     avail = rtail - rhead
     if avail < 0:
         avail += rlen
@@ -665,16 +677,22 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
         pos = 0
         # the wire: RSS picks the RX queue, the frame lands in its posted buffers
         hl = min(length, HDR)
-        for w in range((hl + 7) >> 3):  # the header, for RSS and the packet type
-            a = soff + 8 * w
-            if a & 7 == 0 and a + 8 <= soff + length:
-                hdr[w] = _rd(words, scratch, ks, a >> 3)
-            else:
-                for b in range(min(8, length - 8 * w)):
-                    header[8 * w + b] = _byte(words, scratch, ks, a + b)
+        hs = soff >> 3  # the header words, for RSS and the packet type (no helper: see _mcopy)
+        hsh = np.uint64(8 * (soff & 7))
+        hlast = (soff + hl - 1) >> 3
+        for w in range((hl + 7) >> 3):
+            lo = words[ks][hs + w] if ks >= 0 else scratch[hs + w]
+            if hsh:
+                hi = np.uint64(0)
+                if hs + w + 1 <= hlast:
+                    hi = words[ks][hs + w + 1] if ks >= 0 else scratch[hs + w + 1]
+                lo = (lo >> hsh) | (hi << (np.uint64(64) - hsh))
+            hdr[w] = lo
         n = rss_tuple(header, hl, tuple_buf, hena)
         h = toeplitz_fast(table, tuple_buf, n) if n else np.uint32(0)
-        q = np.int64(lut[np.int64(h) % lut.shape[0]]) if h != 0 else 0
+        lsz = lut.shape[0]  # 64 or 512 entries: a mask, not a division
+        slot = np.int64(h) & (lsz - 1) if lsz & (lsz - 1) == 0 else np.int64(h) % lsz
+        q = np.int64(lut[slot]) if h != 0 else 0
         if q >= rx.shape[0] or rx[q, 5] == 0:
             q = 0
         ptype = classify(header, hl)

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := debootstrap cpio zstd busybox-static gcc libc6-dev kmod util-linux iputils-ping tshark chromium
 
-.PHONY: lab test lint typecheck unit interop bench deps clean guest-prepare
+.PHONY: lab test lint typecheck unit interop bench deps clean guest-prepare warm
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import venv, ensurepip' 2>/dev/null || { echo ">> installing python3-venv"; apt-get update -qq && apt-get install -y -qq python3-venv; }
@@ -37,8 +37,13 @@ unit: $(STAMP)
 interop: $(STAMP) deps
 	$(BIN)/pytest -m interop -q
 
-test: $(STAMP) deps lint typecheck
+test: $(STAMP) deps lint typecheck warm
 	$(BIN)/pytest -q
+
+# Compile the numba kernels into their on-disk cache once (cold: ~15 s), so that no test waits
+# for the compiler while it times an interrupt or a reply.
+warm: $(STAMP)
+	$(BIN)/python -c 'from emulab.avf.datapath import warmup; print(f"numba kernels ready in {warmup():.1f} s")'
 
 guest-prepare: $(STAMP) deps
 	$(BIN)/python -m emulab.qemu prepare

@@ -777,4 +777,3 @@ def warmup_in_background() -> None:
         thread = threading.Thread(target=warmup, name="emulab-numba-warmup", daemon=True)
         _warming.append(thread)
         thread.start()
-

@@ -97,7 +97,7 @@ class MemoryTable:
         self.writable = np.array(writable or [False], dtype=np.bool_)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _find(starts: Any, ends: Any, addr: Any, length: Any) -> int:
     """Index of the map holding ``[addr, addr+length)`` entirely, or -1."""
     if addr < 0 or length < 0:
@@ -464,16 +464,6 @@ FWD_FRAMES, FWD_BYTES, FWD_TX_DESCS, FWD_DROPPED, FWD_ERROR, FWD_RX_MASK = range
 HDR = 64  # header bytes copied out for classification and the RSS tuple
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _wfind(starts: Any, ends: Any, addr: Any, length: Any) -> int:
-    if addr < 0 or length < 0:
-        return -1
-    for k in range(starts.shape[0]):
-        if starts[k] <= addr and addr + length <= ends[k]:
-            return k
-    return -1
-
-
 # A "place" in memory is (k, byte offset): k >= 0 is guest map k, k == -1 the scratch area.
 # Words are always read as ``words[k][x]`` in place: binding an array taken from a tuple to a
 # variable costs a reference count (13 ns measured) where indexing through it costs nothing.
@@ -565,13 +555,13 @@ def _deliver(
     r = rhead
     for d in range(need):
         raddr = rbase + 32 * r
-        kr = _wfind(starts, ends, raddr, 32)
+        kr = _find(starts, ends, raddr, 32)
         if kr < 0 or not writable[kr] or raddr & 7:
             return -ERR_RING_ADDRESS
         x = (raddr - starts[kr]) >> 3
         pkt = np.int64(words[kr][x])
         chunk = min(bsize, length - done)
-        kp = _wfind(starts, ends, pkt, chunk)
+        kp = _find(starts, ends, pkt, chunk)
         if kp < 0 or not writable[kp]:
             return -ERR_BUFFER_ADDRESS
         _mcopy(words, scratch, kp, pkt - starts[kp], ks, soff + done, chunk)
@@ -642,7 +632,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     soff: Any = 0
     while i != tail and frames < budget:
         daddr = base + 16 * i
-        k = _wfind(starts, ends, daddr, 16)
+        k = _find(starts, ends, daddr, 16)
         if k < 0 or not writable[k] or daddr & 7:
             err = ERR_RING_ADDRESS
             break
@@ -660,7 +650,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
         if pos + size > MAX_TX_FRAME or pos + size > 8 * scratch.shape[0]:
             err = ERR_FRAME_TOO_LONG
             break
-        kb = _wfind(starts, ends, buf, size)
+        kb = _find(starts, ends, buf, size)
         if kb < 0:
             err = ERR_BUFFER_ADDRESS
             break
@@ -716,7 +706,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
         j = frame_start
         while j != i:
             da = base + 16 * j
-            kk = _wfind(starts, ends, da, 16)
+            kk = _find(starts, ends, da, 16)
             x = (da - starts[kk]) >> 3
             qq = words[kk][x + 1]
             if (qq >> np.uint64(4)) & np.uint64(TX_CMD_RS):

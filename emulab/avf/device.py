@@ -95,6 +95,7 @@ class AvfDevice(PciDevice):
             "device", device=self.name, event=f"{kind}-queue-error", queue=q, error=what
         )
         self.queues.on_packets = self._packets_trace
+        self.queues.defer_send = True  # sent after region_write lets go of the device lock
         self.trace.add_probe(self.name, self.counters)
         cfg = pf_config or PfConfig(num_queue_pairs=num_queues)
         if mac is not None:
@@ -125,6 +126,15 @@ class AvfDevice(PciDevice):
 
     def _tx_doorbell(self, queue: int, tail: int) -> None:
         self.queues.tx_tail(queue, tail)
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        """A register write (under the device lock), then what a TX doorbell took from the
+        rings onto the wire, outside any lock: a switch hands frames straight to other devices,
+        which may be sending to this one at the same moment."""
+        try:
+            super().region_write(index, offset, data)
+        finally:
+            self.queues.flush()
 
     def _queue_cause(self, vector: int) -> None:
         """The queue engine finished a batch for ``vector``: latch, fire if enabled."""

@@ -116,8 +116,11 @@ class QueueEngine:
     lock: threading.RLock = field(default_factory=threading.RLock)
     on_error: Callable[[str, int, str], None] | None = None
     on_packets: Callable[[str, int, Sequence[bytes]], None] | None = None
+    defer_send: bool = False  # TX frames wait for flush() (see tx_tail)
 
     def __post_init__(self) -> None:
+        self._outgoing: list[bytes] = []
+        self._vectors: set[int] = set()
         self.tx = [TxQueue(i) for i in range(self.num_queues)]
         self.rx = [RxQueue(i) for i in range(self.num_queues)]
         self.rss_key = np.frombuffer(bytes(range(1, 53)), dtype=np.uint8).copy()
@@ -161,6 +164,7 @@ class QueueEngine:
                 return 0
             sent = 0
             vectors: set[int] = set()
+            outgoing: list[bytes] = []
             t = self._table
             while q.head != q.tail and q.enabled:
                 head, n, _, err = dp.tx_drain(
@@ -178,16 +182,38 @@ class QueueEngine:
                     self._count("tx", frames)
                     if self.on_packets is not None:
                         self.on_packets("tx", index, frames)
-                    self.backend.send(frames)
+                    outgoing.extend(frames)
                 if err:
                     self.eth["tx_errors"] += 1
                     self._fail("tx", q, int(err))
                     break
                 if n == 0:
                     break  # a frame without its EOP descriptor yet
+        # Onto the wire outside the lock: a switch delivers synchronously into its other
+        # ports' queues, whose own TX may be sending to us at the same time (an AB-BA deadlock
+        # if both held their locks). With ``defer_send`` the frames wait for :meth:`flush`,
+        # which the device calls once it has released its own lock too.
+        if self.defer_send:
+            with self.lock:
+                self._outgoing.extend(outgoing)
+                self._vectors |= vectors
+            return sent
+        if outgoing:
+            self.backend.send(outgoing)
         for v in vectors:
             self.raise_vector(v)
         return sent
+
+    def flush(self) -> None:
+        """Send what ``tx_tail`` held back (``defer_send``), then raise its interrupts; call it
+        holding no lock."""
+        with self.lock:
+            frames, self._outgoing = self._outgoing, []
+            vectors, self._vectors = self._vectors, set()
+        if frames:
+            self.backend.send(frames)
+        for v in vectors:  # after the wire, as without deferral (a looped-back frame is in)
+            self.raise_vector(v)
 
     def _gather(self, n: int) -> list[bytes]:
         """The burst's frames as bytes, with the offloads their descriptors asked for done."""

@@ -49,6 +49,8 @@ BURST = 256
 POOL = 64
 KEY = np.frombuffer(bytes(range(1, 53)), dtype=np.uint8).copy()
 TABLE = dp.toeplitz_table(KEY)
+NO_FILTER = np.zeros(1, dtype=np.uint64)
+NO_SNAP = np.zeros((0, dp.SNAP // 8 + 1), dtype=np.uint64)
 HENA = np.uint64(sum(1 << p for p in (29, 30, 31, 32, 33, 35, 36)))
 
 
@@ -76,14 +78,14 @@ class Rig:
             self.mem[TX_BUFS + BUF * i : TX_BUFS + BUF * i + size] = frame
         self.size = size
         self.tx = np.array([TX_RING, RING, 0, 0], dtype=np.int64)
-        self.rx = np.zeros((QUEUES, 6), dtype=np.int64)
+        self.rx = np.zeros((QUEUES, dp.RX_COLS), dtype=np.int64)
         for q in range(QUEUES):
-            self.rx[q] = (RX_RINGS + q * RING * 32, RING, 0, 0, BUF, 1)
+            self.rx[q, :6] = (RX_RINGS + q * RING * 32, RING, 0, 0, BUF, 1)
         self.guest = np.zeros(2 + QUEUES, dtype=np.int64)  # tx next, tx clean, rx clean[q]
         self.scratch = np.zeros(2048, dtype=np.uint64)
         self.lut = (np.arange(64) % QUEUES).astype(np.uint8)
         self.hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
-        self.out = np.zeros(6, dtype=np.int64)
+        self.out = np.zeros(dp.FWD_OUT, dtype=np.int64)
         m64 = self.mem.view(np.uint64)
         for q in range(QUEUES):  # the guest's bring-up: every RX buffer posted
             for c in range(RING):
@@ -92,7 +94,8 @@ class Rig:
 
     def burst(self) -> int:
         dp.forward(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
-                   self.scratch, TABLE, self.lut, HENA, self.hdr, BURST, self.out)  # fmt: skip
+                   self.scratch, TABLE, self.lut, HENA, self.hdr, NO_FILTER, NO_SNAP, BURST,
+                   self.out)  # fmt: skip
         guest_post(self.mem, self.tx, self.rx, self.guest, self.size)
         return int(self.out[0])
 
@@ -137,7 +140,7 @@ def spin(  # noqa: PLR0917 -- a numba kernel takes its arrays positionally
     total = 0
     for _ in range(bursts):
         dp.forward(words, starts, ends, writable, tx, rx, scratch, key, lut, hena, tuple_buf,
-                   BURST, out)  # fmt: skip
+                   NO_FILTER, NO_SNAP, BURST, out)  # fmt: skip
         total += out[0]
         guest_post(mem, tx, rx, guest, size)
     return total

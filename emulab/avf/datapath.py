@@ -95,6 +95,10 @@ class MemoryTable:
         self.starts = np.array(starts or [1], dtype=np.int64)
         self.ends = np.array(ends or [0], dtype=np.int64)
         self.writable = np.array(writable or [False], dtype=np.bool_)
+        # ``forward`` needs every map as words: 8-aligned in memory and in guest addresses
+        self.all_words = (
+            len(words) == len(starts) and all(a % 8 == 0 for a in starts) and wends == ends
+        )
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -460,7 +464,17 @@ def rss_tuple(frame: Any, length: Any, tuple_buf: Any, hena: Any) -> int:
 # indexing a tuple costs nothing, where a typed-list item or an array slice costs a reference
 # count (about 26 ns each, measured) -- dozens per packet. Descriptors are qwords; frames move
 # as words when the destination is aligned (the source may be shifted), else byte by byte.
-FWD_FRAMES, FWD_BYTES, FWD_TX_DESCS, FWD_DROPPED, FWD_ERROR, FWD_RX_MASK = range(6)
+(FWD_FRAMES, FWD_BYTES, FWD_TX_DESCS, FWD_DROPPED, FWD_ERROR, FWD_RX_MASK, FWD_FILTERED,
+ FWD_TX_MCAST, FWD_TX_BCAST, FWD_RX_MCAST, FWD_RX_BCAST, FWD_RX_BYTES,
+ FWD_FAULT_RX) = range(13)  # fmt: skip
+FWD_OUT = 13
+RX_BASE, RX_LEN, RX_HEAD, RX_TAIL, RX_BUF, RX_ENABLED, RX_PACKETS, RX_BYTES, RX_MAX = range(9)
+RX_COLS = 9
+ERR_SLOW_PATH = 100  # not an error: the frame at the head needs the general path (offloads)
+OFFLOAD_BITS = (3 << 9) | (3 << 12)  # IIPT and L4T in TX qword 1 (checksum offloads)
+FILTER_ON, FILTER_PROMISC_UC, FILTER_PROMISC_MC = 1, 2, 4
+MAC_MASK = 0xFFFFFFFFFFFF
+SNAP = 256  # bytes of each frame copied out for the packet trace (when asked for)
 HDR = 64  # header bytes copied out for classification and the RSS tuple
 
 
@@ -544,12 +558,13 @@ def _deliver(
 ) -> int:  # fmt: skip
     """Copy one frame into RX queue ``q``'s posted buffers and write back its descriptors.
     Returns 1 if delivered, 0 if no buffers were posted for it (a drop), or -error."""
-    rbase, rlen, rhead, rtail, bsize = rx[q, 0], rx[q, 1], rx[q, 2], rx[q, 3], rx[q, 4]
+    rbase, rlen, rhead, rtail = rx[q, RX_BASE], rx[q, RX_LEN], rx[q, RX_HEAD], rx[q, RX_TAIL]
+    bsize = rx[q, RX_BUF]
     need = 1 if length <= bsize else (length + bsize - 1) // bsize  # no division, usually
     avail = rtail - rhead
     if avail < 0:
         avail += rlen
-    if rx[q, 5] == 0 or need > avail:
+    if rx[q, RX_ENABLED] == 0 or need > avail:
         return 0
     done = 0
     r = rhead
@@ -581,8 +596,26 @@ def _deliver(
         r = r + 1
         if r == rlen:
             r = 0
-    rx[q, 2] = r
+    rx[q, RX_HEAD] = r
     return 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _accepts(filt: Any, dst: Any) -> bool:
+    """The port's MAC filter: ``filt`` is ``[flags, mac, mac, ...]`` (MACs as little-endian
+    uint64, unicast and multicast together: the group bit tells them apart)."""
+    flags = filt[0]
+    if not flags & np.uint64(FILTER_ON) or dst == np.uint64(MAC_MASK):
+        return True
+    if dst & np.uint64(1):  # multicast
+        if flags & np.uint64(FILTER_PROMISC_UC | FILTER_PROMISC_MC):
+            return True
+    elif flags & np.uint64(FILTER_PROMISC_UC):
+        return True
+    for j in range(1, filt.shape[0]):  # noqa: SIM110 -- a plain loop for numba
+        if filt[j] == dst:
+            return True
+    return False
 
 
 @njit(nogil=True, cache=True)
@@ -598,6 +631,8 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     lut: Any,
     hena: Any,
     hdr: Any,
+    filt: Any,
+    snap: Any,
     budget: Any,
     out: Any,
 ) -> None:
@@ -605,22 +640,36 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     or a wire between two devices sharing this process), without Python per packet.
 
     ``words`` is guest memory as a tuple of uint64 arrays (``MemoryTable.words``). ``tx`` is
-    ``[base, len, head, tail]`` (head updated in place); ``rx`` an ``(n, 6)`` table of RX queues
-    ``[base, len, head, tail, buf_size, enabled]`` (heads updated). A frame goes to
-    ``lut[hash % len(lut)]`` when its RSS hash (Toeplitz through ``table``, see
-    :func:`toeplitz_table`; pctypes in ``hena``) is non-zero, else to queue 0; a frame with no RX
-    buffer posted for it is dropped (counted), as hardware drops. A frame in one TX buffer is
-    copied once, buffer to buffer; one spread over several is gathered in ``scratch`` (uint64)
-    first. ``hdr`` is a work area of ``HDR // 8 + 2`` uint64 words. TX RS descriptors get
-    DESC_DONE after their frame is taken; RX status qwords are stored last. ``out`` receives
-    frames, bytes, TX descriptors, dropped, error and a bit mask of the RX queues that got
-    frames."""
+    ``[base, len, head, tail]`` (head updated in place); ``rx`` an ``(n, RX_COLS)`` table of RX
+    queues ``[base, len, head, tail, buf_size, enabled, packets, bytes, max_frame]`` (heads and
+    counters updated). The port's MAC filter (``filt``, see :func:`_accepts`) drops frames not
+    for it. A frame goes to ``lut[hash % len(lut)]`` when its RSS hash (Toeplitz through
+    ``table``, see :func:`toeplitz_table`; pctypes in ``hena``) is non-zero, else to queue 0; a
+    frame with no RX buffer posted for it, or longer than the queue's max_frame, is dropped
+    (counted), as hardware drops. A frame in one TX buffer is copied once, buffer to buffer; one
+    spread over several is gathered in ``scratch`` (uint64) first. ``hdr`` is a work area of
+    ``HDR // 8 + 2`` uint64 words. TX RS descriptors get DESC_DONE after their frame is taken; RX
+    status qwords are stored last.
+
+    A frame that asks for offloads (checksums, a TSO context) is left at the head with
+    ``ERR_SLOW_PATH``: the general path (:func:`tx_drain`) takes it. ``snap`` (uint64, one row
+    of ``SNAP // 8 + 1`` words per frame; zero rows for none) receives each frame's length, its
+    RX queue (or -1: filtered or dropped) and first ``SNAP`` bytes, for the packet trace.
+    ``out`` (``FWD_OUT`` int64) receives the counts named by the ``FWD_*`` indexes, and with an
+    address error, the RX queue at fault (``FWD_FAULT_RX``; -1: the TX ring's)."""
     base, ring_len, head, tail = tx[0], tx[1], tx[2], tx[3]
     frames: Any = 0
     nbytes: Any = 0
+    rbytes: Any = 0
     used: Any = 0
     dropped: Any = 0
+    filtered: Any = 0
+    tx_mc: Any = 0
+    tx_bc: Any = 0
+    rx_mc: Any = 0
+    rx_bc: Any = 0
     rx_mask: Any = np.int64(0)
+    fault_rx: Any = np.int64(-1)
     err = ERR_NONE
     frame_start = head
     i = head
@@ -628,6 +677,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     hdr8 = hdr.view(np.uint8)  # hdr: HDR/8 + 2 words (the header, then the RSS tuple)
     header = hdr8[:HDR]
     tuple_buf = hdr8[HDR:]
+    nsnap = snap.shape[0]
     ks: Any = -1
     soff: Any = 0
     while i != tail and frames < budget:
@@ -639,8 +689,8 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
         dx = (daddr - starts[k]) >> 3
         buf = np.int64(words[k][dx])
         q1 = words[k][dx + 1]
-        if (q1 & np.uint64(TX_DTYPE_MASK)) != 0:  # contexts (TSO) take the general path
-            err = ERR_BAD_DESCRIPTOR
+        if (q1 & np.uint64(TX_DTYPE_MASK)) != 0 or q1 & np.uint64(OFFLOAD_BITS):
+            err = ERR_SLOW_PATH  # contexts (TSO) and checksum offloads: the general path
             break
         cmd = np.int64((q1 >> np.uint64(4)) & np.uint64(0xFFF))
         size = np.int64((q1 >> np.uint64(34)) & np.uint64(0x3FFF))
@@ -665,9 +715,9 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
             continue
         length = pos
         pos = 0
-        # the wire: RSS picks the RX queue, the frame lands in its posted buffers
+        # the header, for the filter, RSS and the packet type (no helper: see _mcopy)
         hl = min(length, HDR)
-        hs = soff >> 3  # the header words, for RSS and the packet type (no helper: see _mcopy)
+        hs = soff >> 3
         hsh = np.uint64(8 * (soff & 7))
         hlast = (soff + hl - 1) >> 3
         for w in range((hl + 7) >> 3):
@@ -678,24 +728,64 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
                     hi = words[ks][hs + w + 1] if ks >= 0 else scratch[hs + w + 1]
                 lo = (lo >> hsh) | (hi << (np.uint64(64) - hsh))
             hdr[w] = lo
-        n = rss_tuple(header, hl, tuple_buf, hena)
-        h = toeplitz_fast(table, tuple_buf, n) if n else np.uint32(0)
-        lsz = lut.shape[0]  # 64 or 512 entries: a mask, not a division
-        slot = np.int64(h) & (lsz - 1) if lsz & (lsz - 1) == 0 else np.int64(h) % lsz
-        q = np.int64(lut[slot]) if h != 0 else 0
-        if q >= rx.shape[0] or rx[q, 5] == 0:
-            q = 0
-        ptype = classify(header, hl)
-        got = _deliver(words, scratch, starts, ends, writable, rx, q, ks, soff, length, h, ptype)
-        if got < 0:
-            err = -got
-            break
-        if got:
-            rx_mask = rx_mask | (np.int64(1) << q)
-            nbytes += length
-        else:
-            dropped += 1
+        dst = hdr[0] & np.uint64(MAC_MASK)
+        bcast = dst == np.uint64(MAC_MASK)
+        mcast = not bcast and (dst & np.uint64(1)) != 0
         frames += 1
+        nbytes += length
+        tx_bc += bcast
+        tx_mc += mcast
+        q: Any = np.int64(-1)
+        if length < 14 or not _accepts(filt, dst):
+            filtered += 1  # not for this port: a switch would not have sent it
+        else:
+            # the wire: RSS picks the RX queue, the frame lands in its posted buffers
+            n = rss_tuple(header, hl, tuple_buf, hena)
+            h = toeplitz_fast(table, tuple_buf, n) if n else np.uint32(0)
+            lsz = lut.shape[0]  # 64 or 512 entries: a mask, not a division
+            slot = np.int64(h) & (lsz - 1) if lsz & (lsz - 1) == 0 else np.int64(h) % lsz
+            q = np.int64(lut[slot]) if h != 0 else 0
+            if q >= rx.shape[0] or rx[q, RX_ENABLED] == 0:
+                q = 0
+            ptype = classify(header, hl)
+            got = 0
+            if rx[q, RX_MAX] == 0 or length <= rx[q, RX_MAX]:
+                got = _deliver(
+                    words, scratch, starts, ends, writable, rx, q, ks, soff, length, h, ptype
+                )
+            if got < 0:
+                err = -got
+                fault_rx = q
+                frames -= 1  # not taken: the RX queue's error stops the wire here
+                nbytes -= length
+                tx_bc -= bcast
+                tx_mc -= mcast
+                break
+            if got:
+                rx_mask = rx_mask | (np.int64(1) << q)
+                rbytes += length
+                rx[q, RX_PACKETS] += 1
+                rx[q, RX_BYTES] += length
+                rx_bc += bcast
+                rx_mc += mcast
+            else:
+                dropped += 1
+                q = -1
+        if frames <= nsnap:  # the packet trace's copy: length, queue, the first bytes
+            row = snap[frames - 1]
+            row[0] = np.uint64(length) | (np.uint64(q & 0xFFFF) << np.uint64(32))
+            sl = min(length, SNAP)
+            ss = soff >> 3
+            ssh = np.uint64(8 * (soff & 7))
+            slast = (soff + sl - 1) >> 3
+            for w in range((sl + 7) >> 3):
+                lo = words[ks][ss + w] if ks >= 0 else scratch[ss + w]
+                if ssh:
+                    hi = np.uint64(0)
+                    if ss + w + 1 <= slast:
+                        hi = words[ks][ss + w + 1] if ks >= 0 else scratch[ss + w + 1]
+                    lo = (lo >> ssh) | (hi << (np.uint64(64) - ssh))
+                row[1 + w] = lo
         # complete the frame's TX descriptors: DESC_DONE where the driver asked (RS)
         if one:
             if (q1 >> np.uint64(4)) & np.uint64(TX_CMD_RS):
@@ -723,13 +813,31 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     out[FWD_DROPPED] = dropped
     out[FWD_ERROR] = err
     out[FWD_RX_MASK] = rx_mask
+    out[FWD_FILTERED] = filtered
+    out[FWD_TX_MCAST] = tx_mc
+    out[FWD_TX_BCAST] = tx_bc
+    out[FWD_RX_MCAST] = rx_mc
+    out[FWD_RX_BCAST] = rx_bc
+    out[FWD_RX_BYTES] = rbytes
+    out[FWD_FAULT_RX] = fault_rx
+
+
+def snap_rows(snap: Any, n: int) -> list[tuple[int, int, bytes]]:
+    """``forward``'s packet-trace copies as (length, RX queue or -1, first bytes)."""
+    rows = []
+    for r in range(min(n, snap.shape[0])):
+        info = int(snap[r, 0])
+        length, q = info & 0xFFFFFFFF, (info >> 32) & 0xFFFF
+        data = snap[r, 1:].view(np.uint8)[: min(length, SNAP)].tobytes()
+        rows.append((length, -1 if q == 0xFFFF else q, data))
+    return rows
 
 
 def warmup(everything: bool = True) -> float:
     """Compile (or load from numba's on-disk cache) the kernels with the argument types the
     device uses, on a tiny guest memory; returns the seconds it took. ``everything=False``: only
     those the device calls today (not ``forward``) -- what a new device warms in a background
-    thread, so that its first packet does not wait for the compiler."""
+    thread (all of them), so that its first packet does not wait for the compiler."""
     import time  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -753,9 +861,10 @@ def warmup(everything: bool = True) -> float:
         return time.perf_counter() - t0
     table = toeplitz_table(key)
     forward((mem.view(np.uint64),), starts, ends, writable, np.array([0, 8, 0, 0]),
-            np.zeros((1, 6), dtype=np.int64), np.zeros(16, dtype=np.uint64), table,
+            np.zeros((1, RX_COLS), dtype=np.int64), np.zeros(16, dtype=np.uint64), table,
             np.zeros(64, dtype=np.uint8), np.uint64(0), np.zeros(HDR // 8 + 2, dtype=np.uint64),
-            64, np.zeros(6, dtype=np.int64))  # fmt: skip
+            np.zeros(1, dtype=np.uint64), np.zeros((0, SNAP // 8 + 1), dtype=np.uint64),
+            64, np.zeros(FWD_OUT, dtype=np.int64))  # fmt: skip
     return time.perf_counter() - t0
 
 
@@ -768,7 +877,7 @@ def warmup_in_background() -> None:
 
     if not _warming:
         thread = threading.Thread(
-            target=warmup, args=(False,), name="emulab-numba-warmup", daemon=True
+            target=warmup, args=(True,), name="emulab-numba-warmup", daemon=True
         )
         _warming.append(thread)
         thread.start()

@@ -95,6 +95,8 @@ class AvfDevice(PciDevice):
             "device", device=self.name, event=f"{kind}-queue-error", queue=q, error=what
         )
         self.queues.on_packets = self._packets_trace
+        self.queues.on_snaps = self._snaps_trace
+        self.queues.wants_packets = lambda: self.trace.enabled
         self.queues.defer_send = True  # sent after region_write lets go of the device lock
         self.trace.add_probe(self.name, self.counters)
         cfg = pf_config or PfConfig(num_queue_pairs=num_queues)
@@ -188,6 +190,14 @@ class AvfDevice(PciDevice):
             for f in frames:  # type: ignore[attr-defined]
                 trace.record("packet", device=self.name, direction=direction, queue=queue,
                              length=len(f), frame=bytes(f[:SNAPLEN]))  # fmt: skip
+
+    def _snaps_trace(self, direction: str, queue: int, rows: object) -> None:
+        """The fast path's packet trace: (length, first bytes) copied out by the kernel."""
+        trace = self.trace
+        if trace.enabled:
+            for length, head in rows:  # type: ignore[attr-defined]
+                trace.record("packet", device=self.name, direction=direction, queue=queue,
+                             length=length, frame=bytes(head[:SNAPLEN]))  # fmt: skip
 
     def _adminq_posted(self) -> None:
         self.regs.set("VFINT_ICR01", self.regs["VFINT_ICR01"] | ICR_ADMINQ)

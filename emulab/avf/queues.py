@@ -116,7 +116,10 @@ class QueueEngine:
     lock: threading.RLock = field(default_factory=threading.RLock)
     on_error: Callable[[str, int, str], None] | None = None
     on_packets: Callable[[str, int, Sequence[bytes]], None] | None = None
+    on_snaps: Callable[[str, int, Sequence[tuple[int, bytes]]], None] | None = None
+    wants_packets: Callable[[], bool] = lambda: True
     defer_send: bool = False  # TX frames wait for flush() (see tx_tail)
+    fast: bool = True  # loopback frames go ring to ring in one kernel (datapath.forward)
 
     def __post_init__(self) -> None:
         self._outgoing: list[bytes] = []
@@ -134,6 +137,14 @@ class QueueEngine:
         self._frames = np.zeros((BURST, MAX_FRAME), dtype=np.uint8)
         self._lens = np.zeros(BURST, dtype=np.int64)
         self._tuple = np.zeros(12, dtype=np.uint8)
+        self._fwd_out = np.zeros(dp.FWD_OUT, dtype=np.int64)
+        self._fwd_hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
+        self._fwd_scratch = np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64)
+        self._snap = np.zeros((BURST, dp.SNAP // 8 + 1), dtype=np.uint64)
+        self._no_snap = self._snap[:0]
+        self._table_key = b""
+        self._toeplitz = dp.toeplitz_table(self.rss_key)
+        self.fast_bursts = 0  # kernel calls of the fast path (what a user checks it is used)
         self.backend.attach(self.receive)
 
     def _remap(self) -> None:
@@ -166,6 +177,8 @@ class QueueEngine:
             vectors: set[int] = set()
             outgoing: list[bytes] = []
             t = self._table
+            if self.fast and self.backend.kind == "loopback" and t.all_words:
+                sent = self._forward(q, vectors)
             while q.head != q.tail and q.enabled:
                 head, n, _, err = dp.tx_drain(
                     t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head, q.tail,
@@ -189,6 +202,8 @@ class QueueEngine:
                     break
                 if n == 0:
                     break  # a frame without its EOP descriptor yet
+                if self.fast and self.backend.kind == "loopback" and t.all_words:
+                    sent += self._forward(q, vectors)  # the offloaded frame is out: back
         # Onto the wire outside the lock: a switch delivers synchronously into its other
         # ports' queues, whose own TX may be sending to us at the same time (an AB-BA deadlock
         # if both held their locks). With ``defer_send`` the frames wait for :meth:`flush`,
@@ -203,6 +218,117 @@ class QueueEngine:
         for v in vectors:
             self.raise_vector(v)
         return sent
+
+    # -- the fast path: loopback, ring to ring ---------------------------------------------------
+    def _filter_words(self) -> np.ndarray:
+        f = self.filter
+        flags = (
+            (dp.FILTER_ON if f.enabled else 0)
+            | (dp.FILTER_PROMISC_UC if f.promisc_unicast else 0)
+            | (dp.FILTER_PROMISC_MC if f.promisc_multicast else 0)
+        )
+        macs = [int.from_bytes(m + b"\0\0", "little") for m in (*f.unicast, *f.multicast)]
+        return np.array([flags, *macs], dtype=np.uint64)
+
+    def rx_table(self) -> np.ndarray:
+        """The RX queues as ``forward`` takes them (``RX_COLS`` columns)."""
+        t = np.zeros((self.num_queues, dp.RX_COLS), dtype=np.int64)
+        for r in self.rx:
+            ok = r.enabled and r.length and 0 <= r.tail < r.length
+            t[r.index, : dp.RX_COLS] = (r.base, r.length, r.head, r.tail, r.buf_size or 2048,
+                                        1 if ok else 0, 0, 0, r.max_frame)  # fmt: skip
+        return t
+
+    def forward_params(self) -> tuple[np.ndarray, np.ndarray, np.uint64, np.ndarray]:
+        """(Toeplitz table, LUT, HENA, MAC filter) as the kernel takes them, from the PF's
+        current settings (the table is recomputed only when the key changes)."""
+        key = self.rss_key.tobytes()
+        if key != self._table_key:
+            self._toeplitz = dp.toeplitz_table(self.rss_key)
+            self._table_key = key
+        lut = np.ascontiguousarray(self.rss_lut, dtype=np.uint8)
+        return self._toeplitz, lut, np.uint64(self.rss_hena), self._filter_words()
+
+    def _forward(self, q: TxQueue, vectors: set[int]) -> int:
+        """Drain TX queue ``q`` into this port's own RX rings with :func:`datapath.forward`, a
+        bounded burst per call, until the ring is empty or a frame needs the general path.
+        Called with the lock held; returns the frames taken."""
+        t = self._table
+        table, lut, hena, filt = self.forward_params()
+        rxt = self.rx_table()
+        txa = np.array([q.base, q.length, q.head, q.tail], dtype=np.int64)
+        out = self._fwd_out
+        snaps = self.on_snaps is not None and self.wants_packets()
+        taken = 0
+        while q.enabled and q.head != q.tail:
+            snap = self._snap if snaps else self._no_snap
+            dp.forward(t.words, t.wstarts, t.wends, t.wwritable, txa, rxt, self._fwd_scratch,
+                       table, lut, hena, self._fwd_hdr, filt, snap, BURST, out)  # fmt: skip
+            self.fast_bursts += 1
+            q.head = int(txa[2])
+            frames = int(out[dp.FWD_FRAMES])
+            taken += frames
+            self._account(q, out, rxt, vectors, snap)
+            err = int(out[dp.FWD_ERROR])
+            if err == dp.ERR_SLOW_PATH:
+                break
+            if err:  # an RX ring at fault stops that RX queue, a TX address this TX queue
+                rq = int(out[dp.FWD_FAULT_RX])
+                if rq >= 0:
+                    self._fail("rx", self.rx[rq], err)
+                else:
+                    self.eth["tx_errors"] += 1
+                    self._fail("tx", q, err)
+                break
+            if frames == 0:
+                break  # a frame without its EOP descriptor yet
+        return taken
+
+    def _account(
+        self, q: TxQueue, out: np.ndarray, rxt: np.ndarray, vectors: set[int], snap: np.ndarray
+    ) -> None:
+        frames = int(out[dp.FWD_FRAMES])
+        if not frames:
+            return
+        e = self.eth
+        nbytes = int(out[dp.FWD_BYTES])
+        q.packets += frames
+        q.bytes += nbytes
+        mc, bc = int(out[dp.FWD_TX_MCAST]), int(out[dp.FWD_TX_BCAST])
+        e["tx_bytes"] += nbytes
+        e["tx_multicast"] += mc
+        e["tx_broadcast"] += bc
+        e["tx_unicast"] += frames - mc - bc
+        delivered = frames - int(out[dp.FWD_FILTERED]) - int(out[dp.FWD_DROPPED])
+        rmc, rbc = int(out[dp.FWD_RX_MCAST]), int(out[dp.FWD_RX_BCAST])
+        e["rx_bytes"] += int(out[dp.FWD_RX_BYTES])
+        e["rx_multicast"] += rmc
+        e["rx_broadcast"] += rbc
+        e["rx_unicast"] += delivered - rmc - rbc
+        e["rx_discards"] += int(out[dp.FWD_DROPPED])
+        self.backend.counters.sent_count(frames, nbytes)
+        self.backend.counters.received_count(frames, nbytes)
+        if q.vector >= 0:
+            vectors.add(q.vector)
+        mask = int(out[dp.FWD_RX_MASK])
+        for r in self.rx:
+            r.head = int(rxt[r.index, dp.RX_HEAD])
+            got = int(rxt[r.index, dp.RX_PACKETS])
+            if got:
+                r.packets += got
+                r.bytes += int(rxt[r.index, dp.RX_BYTES])
+                rxt[r.index, dp.RX_PACKETS] = rxt[r.index, dp.RX_BYTES] = 0
+            if mask >> r.index & 1 and r.vector >= 0:
+                vectors.add(r.vector)
+        if snap.shape[0] and self.on_snaps is not None:
+            rows = dp.snap_rows(snap, frames)
+            self.on_snaps("tx", q.index, [(n, d) for n, _, d in rows])
+            by_queue: dict[int, list[tuple[int, bytes]]] = {}
+            for n, rq, d in rows:
+                if rq >= 0:
+                    by_queue.setdefault(rq, []).append((n, d))
+            for rq, items in by_queue.items():
+                self.on_snaps("rx", rq, items)
 
     def flush(self) -> None:
         """Send what ``tx_tail`` held back (``defer_send``), then raise its interrupts; call it

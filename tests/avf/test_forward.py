@@ -39,13 +39,15 @@ class Wire:
         self.ends = np.array([MEM], dtype=np.int64)
         self.writable = np.array([True])
         self.tx = np.array([TXR, 64, 0, 0], dtype=np.int64)
-        self.rx = np.array([(RXR + q * 64 * 32, 64, 0, 0, rx_buf, 1) for q in range(queues)],
-                           dtype=np.int64)  # fmt: skip
+        self.rx = np.array([(RXR + q * 64 * 32, 64, 0, 0, rx_buf, 1, 0, 0, 0)
+                            for q in range(queues)], dtype=np.int64)  # fmt: skip
         self.table = dp.toeplitz_table(KEY)
         self.lut = (np.arange(64) % queues).astype(np.uint8)
         self.scratch = np.zeros(2048, dtype=np.uint64)
         self.hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
-        self.out = np.zeros(6, dtype=np.int64)
+        self.out = np.zeros(dp.FWD_OUT, dtype=np.int64)
+        self.filt = np.zeros(1, dtype=np.uint64)  # no MAC filter
+        self.snap = np.zeros((0, dp.SNAP // 8 + 1), dtype=np.uint64)
         self.rx_buf = rx_buf
 
     def post_rx(self, q: int, n: int, addr: int | None = None) -> None:
@@ -55,7 +57,7 @@ class Wire:
             self.m64[d + 1] = 0
         self.rx[q, 3] = n
 
-    def post_tx(self, pieces: list[tuple[int, bytes]], last_flags: int = 3) -> None:
+    def post_tx(self, pieces: list[tuple[int, bytes]], last_flags: int = 3, extra: int = 0) -> None:
         """One frame as (address, bytes) pieces; EOP|RS on the last descriptor."""
         for k, (addr, data) in enumerate(pieces):
             if addr + len(data) <= MEM:
@@ -63,13 +65,13 @@ class Wire:
             i = self.tx[3]
             cmd = last_flags if k == len(pieces) - 1 else 0
             self.m64[(TXR + 16 * i) >> 3] = addr
-            self.m64[((TXR + 16 * i) >> 3) + 1] = (cmd << 4) | (len(data) << 34)
+            self.m64[((TXR + 16 * i) >> 3) + 1] = (cmd << 4) | (len(data) << 34) | extra
             self.tx[3] = (i + 1) % self.tx[1]
 
     def forward(self, budget: int = 64) -> np.ndarray:
         dp.forward(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
-                   self.scratch, self.table, self.lut, HENA, self.hdr, budget,
-                   self.out)  # fmt: skip
+                   self.scratch, self.table, self.lut, HENA, self.hdr, self.filt, self.snap,
+                   budget, self.out)  # fmt: skip
         return self.out
 
     def rx_desc(self, q: int, c: int) -> tuple[int, int]:
@@ -86,6 +88,7 @@ def test_frames_land_intact_spread_by_rss_with_write_back() -> None:
         w.post_tx([(TXB + 2048 * i, f)])
     out = w.forward()
     assert list(out[:5]) == [40, sum(map(len, frames)), 40, 0, dp.ERR_NONE]
+    assert out[dp.FWD_RX_BYTES] == sum(map(len, frames)) and out[dp.FWD_FILTERED] == 0
     seen = {q: 0 for q in range(4)}
     for f in frames:
         h = int(dp.rss_hash(KEY, np.frombuffer(f, np.uint8), len(f), np.zeros(12, np.uint8), HENA))
@@ -102,6 +105,7 @@ def test_frames_land_intact_spread_by_rss_with_write_back() -> None:
     for i in range(40):  # DESC_DONE on every RS descriptor
         assert int(w.m64[((TXR + 16 * i) >> 3) + 1]) & 0xF == 0xF
     assert w.tx[2] == 40 and list(w.rx[:, 2]) == [seen[q] for q in range(4)]
+    assert list(w.rx[:, dp.RX_PACKETS]) == [seen[q] for q in range(4)]
 
 
 def test_gather_unaligned_and_scatter_into_small_buffers() -> None:
@@ -127,7 +131,58 @@ def test_no_rx_buffer_drops_and_completes_tx() -> None:
     w = Wire(queues=1)
     w.post_tx([(TXB, udp(9, 100))])
     out = w.forward()
-    assert list(out[:5]) == [1, 0, 1, 1, dp.ERR_NONE] and w.tx[2] == 1
+    assert list(out[:5]) == [1, 100, 1, 1, dp.ERR_NONE] and w.tx[2] == 1
+    assert out[dp.FWD_RX_BYTES] == 0
+
+
+def test_mac_filter_counts_and_kinds() -> None:
+    w = Wire(queues=1)
+    w.post_rx(0, 16)
+    me, other = bytes.fromhex("02e1ab000001"), bytes.fromhex("02e1ab0000ff")
+    group = bytes.fromhex("01005e000001")
+    w.filt = np.array([dp.FILTER_ON, int.from_bytes(me + b"\0\0", "little"),
+                       int.from_bytes(group + b"\0\0", "little")], dtype=np.uint64)  # fmt: skip
+    base = udp(5, 100)
+    kinds = [me, other, b"\xff" * 6, group, bytes.fromhex("01005e000002")]
+    for i, dst in enumerate(kinds):
+        w.post_tx([(TXB + 2048 * i, dst + base[6:])])
+    out = w.forward()
+    assert out[dp.FWD_FRAMES] == 5 and out[dp.FWD_FILTERED] == 2  # other and 01:..:02
+    assert out[dp.FWD_TX_BCAST] == 1 and out[dp.FWD_TX_MCAST] == 2
+    assert out[dp.FWD_RX_BCAST] == 1 and out[dp.FWD_RX_MCAST] == 1
+    assert w.rx[0, dp.RX_PACKETS] == 3 and w.tx[2] == 5
+    w.filt[0] = dp.FILTER_ON | dp.FILTER_PROMISC_MC  # all multicast, still not other unicast
+    for i, dst in enumerate(kinds):
+        w.post_tx([(TXB + 2048 * i, dst + base[6:])])
+    assert w.forward()[dp.FWD_FILTERED] == 1
+
+
+def test_offloads_leave_the_frame_for_the_general_path() -> None:
+    w = Wire(queues=1)
+    w.post_rx(0, 16)
+    w.post_tx([(TXB, udp(1, 80))])
+    w.post_tx([(TXB + 2048, udp(2, 80))], extra=1 << 12)  # L4T=TCP: a checksum to compute
+    out = w.forward()
+    assert out[dp.FWD_FRAMES] == 1 and out[dp.FWD_ERROR] == dp.ERR_SLOW_PATH and w.tx[2] == 1
+    w.post_tx([(TXB + 4096, udp(3, 80))])
+    w.tx[2] = 2  # (as if the general path took frame 2)
+    assert w.forward()[dp.FWD_FRAMES] == 1 and w.tx[2] == 3
+
+
+def test_snapshots_and_max_frame() -> None:
+    w = Wire(queues=1)
+    w.post_rx(0, 16)
+    w.rx[0, dp.RX_MAX] = 1000
+    w.snap = np.zeros((4, dp.SNAP // 8 + 1), dtype=np.uint64)
+    frames = [udp(1, 80), udp(2, 1400), udp(3, 300)]
+    w.post_tx([(TXB + 3, frames[0])])
+    w.post_tx([(TXB + 2048, frames[1][:700]), (TXB + 4096 + 1, frames[1][700:])])
+    w.post_tx([(TXB + 8192, frames[2])])
+    out = w.forward()
+    assert out[dp.FWD_FRAMES] == 3 and out[dp.FWD_DROPPED] == 1  # 1400 > max_frame
+    rows = dp.snap_rows(w.snap, 3)
+    assert [(n, q) for n, q, _ in rows] == [(80, 0), (1400, -1), (300, 0)]
+    assert [d for _, _, d in rows] == [f[: dp.SNAP] for f in frames]
 
 
 @pytest.mark.parametrize("where", ["tx-buffer", "tx-ring", "rx-buffer", "rx-ring"])
@@ -144,6 +199,7 @@ def test_hostile_addresses_stop_the_burst_with_an_error(where: str) -> None:
     bad_ring = where.endswith("ring")
     expect = dp.ERR_RING_ADDRESS if bad_ring else dp.ERR_BUFFER_ADDRESS
     assert out[4] == expect
+    assert out[dp.FWD_FAULT_RX] == (0 if where.startswith("rx") else -1)
     # the frames before the bad one went through; the bad one stays in the ring
     assert w.tx[2] == {"tx-buffer": 1, "tx-ring": 0, "rx-buffer": 0, "rx-ring": 0}[where]
 

@@ -13,6 +13,7 @@ is no QEMU.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import struct
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emulab.avf import virtchnl as vc
-from emulab.client import GuestRam, VfioUserClient
+from emulab.client import ClientError, GuestRam, VfioUserClient
 
 __all__ = ["GuestDriver", "MailboxError", "MailboxMessage"]
 
@@ -76,6 +77,12 @@ class GuestDriver:
         self.arq_next = 0
         self.events: list[MailboxMessage] = []
         self.log: list[tuple[str, int, int, int]] = []  # (direction, opcode, status, length)
+        # As QEMU does: BAR0's sparse-mmap areas (the AVF's tail pages in polling mode) are
+        # mapped and written as memory; with any of them, no BAR write is posted any more.
+        self.bar0_maps: list[tuple[int, mmap.mmap]] = []
+        with contextlib.suppress(ClientError):
+            self.bar0_maps = client.mmap_region(0)
+        self.posted = not self.bar0_maps
 
     # -- memory ----------------------------------------------------------------------------------
     def alloc(self, size: int, align: int = 4096) -> int:
@@ -87,9 +94,16 @@ class GuestDriver:
         return addr
 
     def w32(self, off: int, value: int) -> None:
-        self.client.write32(0, off, value, posted=True)  # MMIO writes are posted, as with QEMU
+        for base, m in self.bar0_maps:
+            if base <= off < base + len(m):
+                struct.pack_into("<I", m, off - base, value & 0xFFFFFFFF)
+                return
+        self.client.write32(0, off, value, posted=self.posted)  # MMIO writes are posted
 
     def r32(self, off: int) -> int:
+        for base, m in self.bar0_maps:
+            if base <= off < base + len(m):
+                return int(struct.unpack_from("<I", m, off - base)[0])
         return self.client.read32(0, off)
 
     # -- bring-up steps --------------------------------------------------------------------------

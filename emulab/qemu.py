@@ -48,7 +48,7 @@ BEGIN = "=====EMULAB-BEGIN====="
 END_RE = re.compile(r"=====EMULAB-END rc=(-?\d+)=====")
 CHROOT_PACKAGES = ("pciutils", "pci.ids", "ethtool", "iproute2", "kmod")
 GUEST_TOOLS = ("/usr/bin/lspci", "/usr/sbin/ethtool", "/usr/sbin/ip", "/usr/bin/setpci")
-BASE_MODULES = ("uio_pci_generic", "iavf")
+BASE_MODULES = ("uio_pci_generic", "iavf", "virtio_net")  # virtio_net: bench/guest_iperf.py
 KERNELS = {"6.12": "trixie", "7": "trixie-backports"}  # kernel line -> the suite that ships it
 
 Progress = Callable[[str], None]
@@ -192,7 +192,10 @@ def ensure_guest(  # noqa: PLR0915 -- one linear recipe, easier to follow unspli
         raise ValueError(f"unsupported guest kernel line {kernel!r} (supported: {sorted(KERNELS)})")
     out = CACHE_DIR / f"guest-{kernel}"
     if _ready(out):
-        return _load_guest(out)
+        image = _load_guest(out)
+        if all(m in image.modules for m in BASE_MODULES):
+            return image
+        progress(f"emulab.qemu: the cached guest {kernel} lacks modules; rebuilding it")
     root = ensure_qemu(progress)
     t0 = time.monotonic()
     suite = KERNELS[kernel]

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 from emulab.avf import virtchnl as vc
 from emulab.avf.admin_queue import AdminQueue
-from emulab.avf.datapath import warmup_in_background
+from emulab.avf.datapath import POLL_HOLD, warmup_in_background
 from emulab.avf.pf import PfConfig, VirtchnlPf
+from emulab.avf.polling import Poller
 from emulab.avf.queues import QueueEngine
 from emulab.avf.registers import BAR0_SIZE, MAX_QUEUES, MAX_VECTORS, REGISTERS, ResetState
 from emulab.backends.base import PacketBackend
@@ -40,6 +41,14 @@ MISC_QUEUE = 1 << 32  # a queue mapped to vector 0 (i40e allows it): a cause ICR
 INTENA, CLEARPBA, SWINT_TRIG, INTENA_MSK = 1 << 0, 1 << 1, 1 << 2, 1 << 31
 VirtchnlHandler = Callable[[int, bytes], tuple[int, bytes] | None]
 OP_RESET_VF = 2
+MODES = ("interrupt", "poll")
+TAIL_PAGES = ((0x0000, 0x1000), (0x2000, 0x1000))  # QTX_TAIL and QRX_TAIL (and VFINT_ITRN)
+QTX_TAIL_WORD, QRX_TAIL_WORD, DYN_CTLN_WORD, DYN_CTL01_WORD = (
+    0,
+    0x2000 // 4,
+    0x3800 // 4,
+    0x5C00 // 4,
+)
 RESET_DELAY = 0.02  # the PF resets the VF shortly after completing the request, as hardware does
 SNAPLEN = 256  # bytes of each frame kept in the packet trace
 
@@ -58,9 +67,17 @@ class AvfDevice(PciDevice):
         mac: bytes | str | None = None,
         pf_config: PfConfig | None = None,
         trace: Trace | None = None,
+        mode: str = "interrupt",
     ) -> None:
         """``num_queues`` queue pairs are offered to the VF (up to 16 by REQUEST_QUEUES);
-        ``virtchnl`` replaces the built-in PF (:class:`~emulab.avf.pf.VirtchnlPf`)."""
+        ``virtchnl`` replaces the built-in PF (:class:`~emulab.avf.pf.VirtchnlPf`).
+
+        ``mode`` is ``"interrupt"`` (each tail write is a message that kicks a burst) or
+        ``"poll"`` (the tail-register pages are mmap-able and a thread polls them inside one
+        nogil call; see :mod:`emulab.avf.polling` for the trade-off)."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+        self.mode = mode
         config = ConfigSpace(
             vendor_id=INTEL,
             device_id=AVF_DEVICE_ID,
@@ -75,7 +92,9 @@ class AvfDevice(PciDevice):
         add_pm(config)
         add_pcie(config)
         self.regs = RegisterFile("avf-bar0", BAR0_SIZE, REGISTERS)
-        self.add_bar(Bar(0, BAR0_SIZE, BarKind.MEM64), "registers").add_registers(0, self.regs)
+        pages = TAIL_PAGES if mode == "poll" else ()
+        bar0 = self.add_bar(Bar(0, BAR0_SIZE, BarKind.MEM64), "registers")
+        bar0.add_registers(0, self.regs, mmap_pages=pages)
         self.add_bar(Bar(3, 0x4000, BarKind.MEM64), "msix")
         self.msix = self.add_msix(MAX_VECTORS, bar=3, table_offset=0, pba_offset=0x2000)
         self.admin_queue = AdminQueue(
@@ -98,6 +117,13 @@ class AvfDevice(PciDevice):
         self.queues.on_snaps = self._snaps_trace
         self.queues.wants_packets = lambda: self.trace.enabled
         self.queues.defer_send = True  # sent after region_write lets go of the device lock
+        self.poller: Poller | None = None
+        self.tail_messages = 0
+        if mode == "poll":
+            q = self.queues
+            q.tail_words, q.tail_index = self.regs.words, (QTX_TAIL_WORD, QRX_TAIL_WORD)
+            self.poller = Poller(q, self.regs.words, (QTX_TAIL_WORD, QRX_TAIL_WORD,
+                                                      DYN_CTL01_WORD, DYN_CTLN_WORD))  # fmt: skip
         self.trace.add_probe(self.name, self.counters)
         cfg = pf_config or PfConfig(num_queue_pairs=num_queues)
         if mac is not None:
@@ -113,6 +139,13 @@ class AvfDevice(PciDevice):
         self._reset_requested = False
         self._reset_timer: threading.Timer | None = None
         self._bind()
+        if self.poller is not None:
+            self.poller.start()
+
+    def close(self) -> None:
+        if self.poller is not None:
+            self.poller.stop()
+        super().close()
 
     def _bind(self) -> None:
         r = self.regs
@@ -127,6 +160,7 @@ class AvfDevice(PciDevice):
         r.on_write("QRX_TAIL", lambda i, old, new: self.queues.rx_tail(i, new))
 
     def _tx_doorbell(self, queue: int, tail: int) -> None:
+        self.tail_messages += 1  # (in polling mode a client that mmapped the page sends none)
         self.queues.tx_tail(queue, tail)
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
@@ -147,6 +181,15 @@ class AvfDevice(PciDevice):
             elif 0 < vector < MAX_VECTORS:
                 self.queue_pending.add(vector)
                 self._fire(vector)
+            self._sync_hold()
+
+    def _sync_hold(self) -> None:
+        """Tell the poll kernel which vectors already have a latched cause (it need not return
+        for them: their ITR timer or the driver's re-arm fires them)."""
+        mask = sum(1 << v for v in self.queue_pending)
+        if self.misc_pending & MISC_QUEUE:
+            mask |= 1
+        self.queues.lock.ctl[POLL_HOLD] = mask
 
     # -- the admin queue -----------------------------------------------------------------------
     def _atq_doorbell(self) -> None:
@@ -286,6 +329,7 @@ class AvfDevice(PciDevice):
         if vector == 0:
             self.misc_pending = 0
         self.queue_pending.discard(vector)
+        self._sync_hold()
         self.irq_counts[vector] += 1
         self.msix.trigger(vector)
 
@@ -299,6 +343,7 @@ class AvfDevice(PciDevice):
         self.pf.vf_reset()
         self.misc_pending = 0
         self.queue_pending.clear()
+        self._sync_hold()
         self.regs.set("VFGEN_RSTAT", ResetState.VF_ACTIVE)
 
     def vf_reset(self) -> None:
@@ -318,6 +363,7 @@ class AvfDevice(PciDevice):
         """Queues forget their rings, filters and negotiation go back to their defaults."""
         self.queues.reset()
         self.queue_pending.clear()
+        self._sync_hold()
         self.pf.vf_reset()
 
     # -- status ----------------------------------------------------------------------------------

@@ -101,6 +101,49 @@ def _kind(dst: bytes) -> str:
     return "multicast" if dst[:1] and dst[0] & 1 else "unicast"
 
 
+class PausingLock:
+    """The queue engine's lock: re-entrant, and in polling mode it first asks the poll kernel
+    (which runs, holding this lock, inside one nogil call) to return, so that a configuration
+    change, a reset or frames from another backend never wait for more than one burst."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._count_lock = threading.Lock()
+        self._waiters = 0
+        self.ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)  # the poll kernel's control words
+        self.poller: int | None = None  # the poll thread's ident: it takes the lock plainly
+
+    def acquire(self) -> None:
+        if threading.get_ident() == self.poller:
+            self._lock.acquire()
+            return
+        with self._count_lock:
+            self._waiters += 1
+            self.ctl[dp.POLL_STOP] = 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._count_lock:
+                self._waiters -= 1
+                if not self._waiters:
+                    self.ctl[dp.POLL_STOP] = 0
+
+    def release(self) -> None:
+        self._lock.release()
+
+    @property
+    def wanted(self) -> bool:
+        """Another thread waits for the lock (the poller lets it have it)."""
+        return bool(self.ctl[dp.POLL_STOP])
+
+    def __enter__(self) -> PausingLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 @dataclass
 class QueueEngine:
     memory: GuestMemory
@@ -113,13 +156,17 @@ class QueueEngine:
     rss_lut: np.ndarray = field(init=False)
     rss_hena: int = DEFAULT_HENA
     filter: MacFilter = field(default_factory=MacFilter)
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: PausingLock = field(default_factory=PausingLock)
     on_error: Callable[[str, int, str], None] | None = None
     on_packets: Callable[[str, int, Sequence[bytes]], None] | None = None
     on_snaps: Callable[[str, int, Sequence[tuple[int, bytes]]], None] | None = None
     wants_packets: Callable[[], bool] = lambda: True
     defer_send: bool = False  # TX frames wait for flush() (see tx_tail)
     fast: bool = True  # loopback frames go ring to ring in one kernel (datapath.forward)
+    # polling mode: the tail registers as the client writes them in shared memory, and the word
+    # indexes of QTX_TAIL[0] and QRX_TAIL[0] in it (``sync_tails`` reads them)
+    tail_words: np.ndarray | None = None
+    tail_index: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         self._outgoing: list[bytes] = []
@@ -268,25 +315,45 @@ class QueueEngine:
             q.head = int(txa[2])
             frames = int(out[dp.FWD_FRAMES])
             taken += frames
-            self._account(q, out, rxt, vectors, snap)
+            rows = dp.snap_rows(snap, frames) if snaps else []
+            self.account(q, out, rxt, vectors, rows)
             err = int(out[dp.FWD_ERROR])
             if err == dp.ERR_SLOW_PATH:
                 break
-            if err:  # an RX ring at fault stops that RX queue, a TX address this TX queue
-                rq = int(out[dp.FWD_FAULT_RX])
-                if rq >= 0:
-                    self._fail("rx", self.rx[rq], err)
-                else:
-                    self.eth["tx_errors"] += 1
-                    self._fail("tx", q, err)
+            if err:
+                self.forward_failed(q, out)
                 break
             if frames == 0:
                 break  # a frame without its EOP descriptor yet
         return taken
 
-    def _account(
-        self, q: TxQueue, out: np.ndarray, rxt: np.ndarray, vectors: set[int], snap: np.ndarray
+    def forward_failed(self, q: TxQueue, out: np.ndarray) -> None:
+        """``forward`` stopped on an address error: an RX ring at fault stops that RX queue, a
+        TX address this TX queue."""
+        err = int(out[dp.FWD_ERROR])
+        rq = int(out[dp.FWD_FAULT_RX])
+        if rq >= 0:
+            self._fail("rx", self.rx[rq], err)
+        else:
+            self.eth["tx_errors"] += 1
+            self._fail("tx", q, err)
+
+    def raise_later(self, vectors: set[int]) -> None:
+        """Vectors for :meth:`flush` to raise (after the lock is let go)."""
+        with self.lock:
+            self._vectors |= vectors
+
+    def account(
+        self,
+        q: TxQueue,
+        out: np.ndarray,
+        rxt: np.ndarray,
+        vectors: set[int],
+        rows: Sequence[tuple[int, int, bytes]] = (),
     ) -> None:
+        """Counters, heads, vectors and packet trace after ``forward`` moved frames from TX
+        queue ``q`` (``out``: its counts; ``rxt``: the RX table it updated; ``rows``: snapshot
+        rows as :func:`datapath.snap_rows` gives them)."""
         frames = int(out[dp.FWD_FRAMES])
         if not frames:
             return
@@ -320,8 +387,7 @@ class QueueEngine:
                 rxt[r.index, dp.RX_PACKETS] = rxt[r.index, dp.RX_BYTES] = 0
             if mask >> r.index & 1 and r.vector >= 0:
                 vectors.add(r.vector)
-        if snap.shape[0] and self.on_snaps is not None:
-            rows = dp.snap_rows(snap, frames)
+        if rows and self.on_snaps is not None:
             self.on_snaps("tx", q.index, [(n, d) for n, _, d in rows])
             by_queue: dict[int, list[tuple[int, bytes]]] = {}
             for n, rq, d in rows:
@@ -376,10 +442,21 @@ class QueueEngine:
         q = int(self.rss_lut[h % len(self.rss_lut)]) if h else enabled[0]
         return (q if q < self.num_queues and self.rx[q].enabled else enabled[0]), h
 
+    def sync_tails(self) -> None:
+        """Polling mode: take the RX tails the driver wrote into the mmapped page."""
+        words = self.tail_words
+        if words is not None:
+            base = self.tail_index[1]
+            for r in self.rx:
+                tail = int(words[base + r.index])
+                if not r.length or tail < r.length:
+                    r.tail = tail
+
     def receive(self, frames: Sequence[bytes]) -> None:
         """Frames from the backend for the device to receive."""
         vectors: set[int] = set()
         with self.lock:
+            self.sync_tails()
             groups: dict[int, list[tuple[bytes, int]]] = {}
             for f in frames:
                 if len(f) < 14 or not self.filter.accepts(f[:6]):

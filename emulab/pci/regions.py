@@ -7,6 +7,7 @@ offered to the client as sparse-mmap areas, so that guest accesses to them need 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class Window:
     write: Callable[[int, bytes], None]
     mmap: bool = False
     describe: Callable[[int], str] | None = None  # offset in window -> register name
+    mmap_pages: tuple[tuple[int, int], ...] = ()  # (offset, size) in the window, if not all
 
     @property
     def end(self) -> int:
@@ -71,7 +73,17 @@ class Region:
         self.windows.sort(key=lambda w: w.offset)
         return window
 
-    def add_registers(self, offset: int, regs: RegisterFile) -> Window:
+    def add_registers(
+        self, offset: int, regs: RegisterFile, *, mmap_pages: tuple[tuple[int, int], ...] = ()
+    ) -> Window:
+        """A register file; with ``mmap_pages`` ((offset, size) in the file, page-aligned) its
+        words live in the region's shared memfd and those pages are offered as sparse-mmap
+        areas: the client's accesses there are plain memory, without messages or hooks."""
+        if mmap_pages:
+            if offset % PAGE or any(o % PAGE or n % PAGE or n <= 0 for o, n in mmap_pages):
+                raise ValueError("sparse-mmap areas must be page-aligned and page-sized")
+            mem = self._shared_memory()
+            regs.rebind(memoryview(mem)[offset : offset + regs.size])
         return self.add_window(
             Window(
                 offset,
@@ -80,6 +92,7 @@ class Region:
                 read=regs.read_bytes,
                 write=regs.write_bytes,
                 describe=regs.name_at,
+                mmap_pages=mmap_pages,
             )
         )
 
@@ -104,7 +117,9 @@ class Region:
         return self.memory
 
     def info(self) -> RegionInfo:
-        areas = tuple((w.offset, w.size) for w in self.windows if w.mmap)
+        areas = tuple((w.offset, w.size) for w in self.windows if w.mmap) + tuple(
+            (w.offset + o, n) for w in self.windows for o, n in w.mmap_pages
+        )
         return RegionInfo(self.size, mmap_areas=areas, fd=self.fd if areas else None)
 
     def name_at(self, offset: int) -> str:
@@ -167,7 +182,8 @@ class Region:
 
     def close(self) -> None:
         if self.memory is not None:
-            self.memory.close()
+            with contextlib.suppress(BufferError):  # registers still viewing it: freed with them
+                self.memory.close()
             self.memory = None
         if self.fd is not None:
             os.close(self.fd)

@@ -174,6 +174,14 @@ class RegisterFile:
         self.reset()
 
     # -- binding ------------------------------------------------------------------------------
+    def rebind(self, storage: memoryview) -> None:
+        """Keep the words in ``storage`` from now on (e.g. a BAR's shared memfd, where pages of
+        registers are mmapped by the client: its writes there land with no message and no hook,
+        and the device polls them)."""
+        words = np.frombuffer(storage, dtype=np.uint32, count=self.size // 4)
+        words[:] = self.words
+        self.words = words
+
     def on_write(self, name: str, hook: WriteHook) -> None:
         self._require(name)
         self._write_hooks[name] = hook

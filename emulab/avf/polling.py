@@ -1,0 +1,152 @@
+"""The polling mode's thread: the queue engine's tail registers watched by one nogil call.
+
+In polling mode the AVF offers the pages of BAR0 that hold the tail registers (QTX_TAIL at
+0x0000, QRX_TAIL at 0x2000) as sparse-mmap areas: the client (QEMU, or emulab's own) maps them,
+and a driver's doorbell becomes a plain store into shared memory -- no vfio-user message, no
+vCPU exit to QEMU's vfio-user code. Nothing tells the device; this thread notices, by running
+:func:`emulab.avf.datapath.poll`, which watches the tails and moves frames ring to ring without
+returning to Python. It returns when Python must act: an interrupt to raise (a queue vector with
+a cause and INTENA set), a frame for the general path (offloads, or a wire that is not the
+loopback), an error, a full packet-trace buffer, a lock wanted by another thread, or idleness.
+
+The trade-off, for the README and the notebooks:
+
+* interrupt-driven (the default): every doorbell is a message; QEMU posts it (no reply awaited)
+  and the server thread kicks one burst. Cost per doorbell: a socket round of QEMU's, our
+  message decode and a Python call -- tens of microseconds -- but no CPU while idle.
+* polling: doorbells cost nothing, bursts start within a poll loop (sub-microsecond), and a busy
+  notebook cell does not stall the data path (the loop holds no GIL). It burns a core while
+  traffic flows, naps after about a millisecond of idleness (adding up to ``nap`` seconds of
+  latency to the next doorbell), and, because any mmap-able region makes QEMU stop posting
+  writes (``vfio_user_disable_posted_writes``: read-after-write ordering can no longer follow
+  the socket), every *other* BAR write -- interrupt re-arms, admin-queue tails -- becomes a
+  synchronous round trip.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from emulab.avf import datapath as dp
+
+if TYPE_CHECKING:
+    from emulab.avf.queues import QueueEngine
+
+__all__ = ["Poller"]
+
+MAX_IDLE = 20_000  # empty loops before the kernel returns (about a millisecond)
+SNAP_ROWS = 4096  # packet-trace rows per call while the trace is on
+
+
+class Poller:
+    """Runs :func:`datapath.poll` for a queue engine whose tails live in ``regs`` (uint32)."""
+
+    def __init__(
+        self,
+        engine: QueueEngine,
+        regs: np.ndarray,
+        layout: tuple[int, int, int, int],
+        *,
+        nap: float = 0.0002,
+    ) -> None:
+        """``layout``: word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01, DYN_CTLN[0]."""
+        self.engine = engine
+        self.regs = regs
+        self.layout = np.array(layout, dtype=np.int64)
+        self.nap = nap
+        self.ctl = engine.lock.ctl
+        n = engine.num_queues
+        self._acc = np.zeros((n, dp.FWD_OUT), dtype=np.int64)
+        self._scratch = np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64)
+        self._hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
+        self._snap = np.zeros((SNAP_ROWS, dp.SNAP // 8 + 1), dtype=np.uint64)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.calls = 0  # kernel calls, and why each returned
+        self.reasons = dict.fromkeys(("idle", "irq", "stopped", "error", "snap-full", "kick"), 0)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Poller:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="emulab-avf-poll", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping = True
+            self.ctl[dp.POLL_STOP] = 1
+            thread.join(timeout=5)
+            self.ctl[dp.POLL_STOP] = 0
+            self.engine.lock.poller = None
+
+    @property
+    def loops(self) -> int:
+        """Poll-loop iterations so far (each reads every tail once)."""
+        return int(self.ctl[dp.POLL_LOOPS])
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        e = self.engine
+        e.lock.poller = threading.get_ident()
+        while not self._stopping:
+            if e.lock.wanted:  # someone else needs the queues: let them have the lock
+                time.sleep(self.nap / 4)
+                continue
+            with e.lock:
+                reason = self._once()
+            e.flush()  # frames the general path held back, and every vector to raise
+            if reason in (dp.POLL_IDLE, dp.POLL_STOPPED):
+                time.sleep(self.nap)
+
+    def _once(self) -> int:
+        """One kernel call and what Python does after it (called holding the engine lock)."""
+        e = self.engine
+        t = e._table
+        fwd = e.fast and e.backend.kind == "loopback" and t.all_words
+        txt = np.zeros((e.num_queues, dp.TX_COLS), dtype=np.int64)
+        for q in e.tx:
+            ok = q.enabled and q.length > 0
+            txt[q.index] = (q.base, q.length, q.head, q.tail, 1 if ok else 0, q.vector)
+        rxt = e.rx_table()
+        rxvec = np.array([r.vector for r in e.rx], dtype=np.int64)
+        table, lut, hena, filt = e.forward_params()
+        snaps = e.on_snaps is not None and e.wants_packets()
+        snap = self._snap if snaps else self._snap[:0]
+        acc = self._acc
+        acc[:] = 0
+        ctl = self.ctl
+        ctl[dp.POLL_SNAPS] = 0
+        ctl[dp.POLL_FORWARD] = 1 if fwd else 0
+        reason = int(dp.poll(t.words, t.wstarts, t.wends, t.wwritable, self.regs, self.layout,
+                             txt, rxt, rxvec, self._scratch, table, lut, hena, self._hdr, filt,
+                             snap, acc, ctl, dp.BURST_POLL, MAX_IDLE))  # fmt: skip
+        self.calls += 1
+        name = ("idle", "irq", "stopped", "error", "snap-full", "kick")[reason]
+        self.reasons[name] += 1
+        # what the kernel did, into the engine's state: tails, heads, counters, the trace
+        vectors: set[int] = set()
+        rows = dp.snap_rows_tx(snap, int(ctl[dp.POLL_SNAPS])) if snaps else []
+        for q in e.tx:
+            q.tail = int(txt[q.index, 3])
+            q.head = int(txt[q.index, 2])
+            mine = [(n, rq, d) for tq, n, rq, d in rows if tq == q.index]
+            e.account(q, acc[q.index], rxt, vectors, mine)
+        for r in e.rx:
+            r.tail = int(rxt[r.index, dp.RX_TAIL])
+        pending = int(ctl[dp.POLL_PENDING])
+        ctl[dp.POLL_PENDING] = 0
+        vectors |= {v for v in range(64) if pending >> v & 1}
+        e.raise_later(vectors)
+        qi = int(ctl[dp.POLL_QUEUE])
+        if reason == dp.POLL_KICK:  # the general path for this queue (sends, offloads)
+            e.tx_tail(qi, e.tx[qi].tail)
+        elif reason == dp.POLL_ERROR:
+            e.forward_failed(e.tx[qi], acc[qi])
+        return reason

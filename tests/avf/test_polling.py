@@ -1,0 +1,148 @@
+"""Polling mode: the tail pages are sparse-mmap areas, a thread polls them in one nogil call.
+
+Over a real vfio-user socket with the software guest driver, which maps the areas as QEMU does
+(and then stops posting writes, as QEMU does)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from emulab.avf import datapath as dp
+from emulab.avf.device import AvfDevice
+from emulab.backends import CallbackBackend, LoopbackBackend
+from emulab.backends.base import PacketBackend
+from emulab.client import VfioUserClient
+from emulab.guest import NicDriver
+from emulab.server import VfioUserServer
+from emulab.vfio_user.constants import RegionFlags
+
+from .test_software_driver import MAC, udp
+
+Make = Callable[..., tuple[NicDriver, AvfDevice]]
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Make]:
+    made: list[tuple[VfioUserServer, VfioUserClient, AvfDevice]] = []
+
+    def build(
+        backend: PacketBackend | None = None, mode: str = "poll"
+    ) -> tuple[NicDriver, AvfDevice]:
+        dev = AvfDevice(backend=backend or LoopbackBackend(), mac=MAC, mode=mode)
+        srv = VfioUserServer(dev, tmp_path / f"avf{len(made)}.sock").start()
+        assert srv.socket_path is not None
+        client = VfioUserClient.connect(srv.socket_path)
+        made.append((srv, client, dev))
+        return NicDriver(client), dev
+
+    yield build
+    for srv, client, dev in made:
+        client.close()
+        srv.stop()
+        dev.close()
+
+
+def test_region_info_offers_the_tail_pages(make: Make) -> None:
+    drv, _ = make(mode="poll")
+    info = drv.client.region_info(0)
+    assert info.flags & RegionFlags.MMAP
+    areas = [a for cap in info.caps for a in getattr(cap, "areas", ())]
+    if info.fd is not None:
+        os.close(info.fd)
+    assert areas == [(0x0000, 0x1000), (0x2000, 0x1000)]
+    drv2, _ = make(mode="interrupt")
+    assert not drv2.client.region_info(0).flags & RegionFlags.MMAP and not drv2.bar0_maps
+    with pytest.raises(ValueError, match="mode"):
+        AvfDevice(mode="sometimes")
+
+
+def test_doorbells_in_memory_reach_a_wire_and_frames_come_back(make: Make) -> None:
+    """A non-loopback wire: the poll kernel hands the queue to the general path (a kick)."""
+    sent: list[bytes] = []
+    backend = CallbackBackend(sent.append)
+    drv, dev = make(backend)
+    drv.bring_up()
+    frames = [udp(100 + i, 80 + i) for i in range(10)]
+    assert drv.transmit(frames) == 10
+    deadline = time.monotonic() + 5
+    while len(sent) < 10 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sent == frames
+    assert dev.poller is not None and dev.poller.reasons["kick"] > 0
+    backend.inject([udp(7, 120)])  # the RX tails the driver wrote in memory are honoured
+    got = drv.poll(timeout=5)
+    assert [f for _, f in got] == [udp(7, 120)]
+
+
+def test_vf_reset_and_traffic_again_while_polling(make: Make) -> None:
+    drv, dev = make()
+    drv.bring_up()
+    assert drv.transmit([udp(1, 100)]) == 1
+    assert len(drv.poll(timeout=5)) == 1
+    drv.reset_vf()
+    drv.bring_up()
+    assert drv.transmit([udp(2, 100), udp(3, 100)]) == 2
+    got: list[tuple[int, bytes]] = []
+    for _ in range(100):
+        got += drv.poll(timeout=0.05)
+        if len(got) == 2:
+            break
+    assert sorted(f for _, f in got) == sorted([udp(2, 100), udp(3, 100)])
+    assert dev.pf.ops_seen["RESET_VF"] == 1
+
+
+def test_hostile_tx_buffer_stops_the_queue_not_the_poller(make: Make) -> None:
+    drv, dev = make()
+    drv.bring_up()
+    ring = drv._nic().tx[0]
+    i = ring.next
+    bad = struct.pack("<QQ", 1 << 60, (0x3 << 4) | (100 << 34))  # EOP|RS, buffer nowhere
+    drv.ram.write(ring.base + 16 * i, bad)
+    ring.next = (i + 1) % ring.length
+    drv.w32(0x0000, ring.next)
+    deadline = time.monotonic() + 5
+    while dev.queues.tx[0].error is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert dev.queues.tx[0].error == "buffer outside guest memory"
+    assert not dev.queues.tx[0].enabled
+    assert dev.poller is not None and dev.poller.reasons["error"] == 1
+    # the other queues still move frames
+    assert drv.transmit([udp(5, 90)], queue=1) == 1
+    assert len(drv.poll(timeout=5)) == 1
+
+
+def test_configuration_waits_at_most_a_burst_for_the_poller(make: Make) -> None:
+    """The PF's changes take the queue lock, which first asks the poll kernel to return."""
+    drv, dev = make()
+    drv.bring_up()
+    assert dev.poller is not None
+    stop = threading.Event()
+
+    def flood() -> None:  # keep the poller busy forwarding
+        while not stop.is_set():
+            drv.transmit([udp(9, 64)] * 32)
+            drv.poll(timeout=0)
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        waits = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            with dev.queues.lock:
+                waits.append(time.perf_counter() - t0)
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        t.join(5)
+    waits.sort()
+    assert waits[len(waits) // 2] < 0.05, waits  # median: no long wait for the lock
+    assert dev.poller.reasons["stopped"] > 0
+    assert dev.queues.lock.ctl[dp.POLL_STOP] == 0

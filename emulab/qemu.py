@@ -192,9 +192,9 @@ def ensure_guest(  # noqa: PLR0915 -- one linear recipe, easier to follow unspli
         raise ValueError(f"unsupported guest kernel line {kernel!r} (supported: {sorted(KERNELS)})")
     out = CACHE_DIR / f"guest-{kernel}"
     if _ready(out):
-        image = _load_guest(out)
-        if all(m in image.modules for m in BASE_MODULES):
-            return image
+        cached = _load_guest(out)
+        if all(m in cached.modules for m in BASE_MODULES):
+            return cached
         progress(f"emulab.qemu: the cached guest {kernel} lacks modules; rebuilding it")
     root = ensure_qemu(progress)
     t0 = time.monotonic()

@@ -39,7 +39,9 @@ def _status_line(server: VfioUserServer, t0: float, last: dict[str, float]) -> s
 
 def _make_device(args: argparse.Namespace) -> PciDevice:
     if args.device == "avf":
-        return AvfDevice(backend=open_backend(args.backend), mac=args.mac, num_queues=args.queues)
+        return AvfDevice(
+            backend=open_backend(args.backend), mac=args.mac, num_queues=args.queues, mode=args.mode
+        )
     if args.backend != "loopback":
         raise ValueError(f"--backend applies to NIC devices, not {args.device}")
     device: PciDevice = DEVICES[args.device]()
@@ -100,6 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--mac", default="02:e1:ab:00:00:01", help="avf: the VF's MAC address")
     p.add_argument("--queues", type=int, default=4, help="avf: queue pairs offered (1-16)")
+    p.add_argument(
+        "--mode",
+        choices=("interrupt", "poll"),
+        default="interrupt",
+        help="avf: doorbells as messages (interrupt) or polled in mmapped tail pages (poll)",
+    )
     p.add_argument(
         "--dma-layout",
         choices=("spec", "qemu"),

@@ -55,8 +55,6 @@ BURST = 256
 POOL = 64
 KEY = np.frombuffer(bytes(range(1, 53)), dtype=np.uint8).copy()
 TABLE = dp.toeplitz_table(KEY)
-NO_FILTER = np.zeros(1, dtype=np.uint64)
-NO_SNAP = np.zeros((0, dp.SNAP // 8 + 1), dtype=np.uint64)
 HENA = np.uint64(sum(1 << p for p in (29, 30, 31, 32, 33, 35, 36)))
 
 
@@ -92,6 +90,8 @@ class Rig:
         self.lut = (np.arange(64) % QUEUES).astype(np.uint8)
         self.hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
         self.out = np.zeros(dp.FWD_OUT, dtype=np.int64)
+        self.filt = np.zeros(1, dtype=np.uint64)  # no MAC filter
+        self.snap = np.zeros((0, dp.SNAP // 8 + 1), dtype=np.uint64)  # no packet trace
         m64 = self.mem.view(np.uint64)
         for q in range(QUEUES):  # the guest's bring-up: every RX buffer posted
             for c in range(RING):
@@ -100,7 +100,7 @@ class Rig:
 
     def burst(self) -> int:
         dp.forward(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
-                   self.scratch, TABLE, self.lut, HENA, self.hdr, NO_FILTER, NO_SNAP, BURST,
+                   self.scratch, TABLE, self.lut, HENA, self.hdr, self.filt, self.snap, BURST,
                    self.out)  # fmt: skip
         guest_post(self.mem, self.tx, self.rx, self.guest, self.size)
         return int(self.out[0])
@@ -108,7 +108,7 @@ class Rig:
     def spin(self, bursts: int) -> int:
         return int(spin(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
                         self.scratch, TABLE, self.lut, HENA, self.hdr, self.out, self.mem,
-                        self.guest, self.size, bursts))  # fmt: skip
+                        self.guest, self.size, bursts, self.filt, self.snap))  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
@@ -142,11 +142,11 @@ def guest_post(mem: Any, tx: Any, rx: Any, guest: Any, size: Any) -> None:
 def spin(  # noqa: PLR0917 -- a numba kernel takes its arrays positionally
     words: Any, starts: Any, ends: Any, writable: Any, tx: Any, rx: Any, scratch: Any,
          key: Any, lut: Any, hena: Any, tuple_buf: Any, out: Any, mem: Any, guest: Any,
-         size: Any, bursts: Any) -> int:  # fmt: skip
+         size: Any, bursts: Any, filt: Any, snap: Any) -> int:  # fmt: skip
     total = 0
     for _ in range(bursts):
         dp.forward(words, starts, ends, writable, tx, rx, scratch, key, lut, hena, tuple_buf,
-                   NO_FILTER, NO_SNAP, BURST, out)  # fmt: skip
+                   filt, snap, BURST, out)  # fmt: skip
         total += out[0]
         guest_post(mem, tx, rx, guest, size)
     return total

@@ -59,7 +59,7 @@ def ensure_iperf(root: Path) -> Path:
     """trixie's iperf3 with its library closure as an initramfs overlay (cached)."""
     out = qemu.CACHE_DIR / "guest-iperf"
     cpio = out / "iperf.cpio"
-    if (out / qemu.STAMP).exists():
+    if (out / qemu.STAMP).exists() and "+libgcc" in (out / qemu.STAMP).read_text():
         return cpio
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["chroot", str(root), "apt-get", "install", "-y", "-qq", "--no-install-recommends"]
@@ -70,13 +70,14 @@ def ensure_iperf(root: Path) -> Path:
         ldd = _ldd(root, ["/usr/bin/iperf3"])
         wanted = {"/usr/bin/iperf3", *re.findall(r"=> (/\S+)", ldd)}
         wanted.update(re.findall(r"^\s*(/\S+) \(0x", ldd, re.MULTILINE))
+        wanted.add("/usr/lib/x86_64-linux-gnu/libgcc_s.so.1")  # glibc dlopens it (pthread_cancel)
         for path in sorted(wanted):
             _copy_resolved(root, path, image, path)
         out.mkdir(parents=True, exist_ok=True)
         cpio.write_bytes(qemu.cpio_tree(image))
         version = qemu._run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Version}",
                              "iperf3"], say, "iperf3 version")  # fmt: skip
-        (out / qemu.STAMP).write_text(f"iperf3 {version}\n")
+        (out / qemu.STAMP).write_text(f"iperf3 {version} +libgcc\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cpio

@@ -963,11 +963,11 @@ def poll(  # noqa: PLR0915 -- one loop, kept whole for the compiler
                 return POLL_IDLE
 
 
-def warmup(everything: bool = True) -> float:
+def warmup(polling: bool = True) -> float:
     """Compile (or load from numba's on-disk cache) the kernels with the argument types the
-    device uses, on a tiny guest memory; returns the seconds it took. ``everything=False``: only
-    those the device calls today (not ``forward``) -- what a new device warms in a background
-    thread (all of them), so that its first packet does not wait for the compiler."""
+    device uses, on a tiny guest memory; returns the seconds it took. ``polling=False``: all but
+    the polling mode's loop -- what an interrupt-mode device warms in a background thread, so
+    that its first packet does not wait for the compiler (nor its start-up for ``poll``)."""
     import time  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -987,14 +987,14 @@ def warmup(everything: bool = True) -> float:
     key = np.zeros(52, dtype=np.uint8)
     rss_hash(key, frames[0], 64, np.zeros(12, dtype=np.uint8), np.uint64(0))
     classify(frames[0], 64)
-    if not everything:
-        return time.perf_counter() - t0
     table = toeplitz_table(key)
     forward((mem.view(np.uint64),), starts, ends, writable, np.array([0, 8, 0, 0]),
             np.zeros((1, RX_COLS), dtype=np.int64), np.zeros(16, dtype=np.uint64), table,
             np.zeros(64, dtype=np.uint8), np.uint64(0), np.zeros(HDR // 8 + 2, dtype=np.uint64),
             np.zeros(1, dtype=np.uint64), np.zeros((0, SNAP // 8 + 1), dtype=np.uint64),
             64, np.zeros(FWD_OUT, dtype=np.int64))  # fmt: skip
+    if not polling:
+        return time.perf_counter() - t0
     for rows in (0, 8):  # without and with the packet trace (a zero-row view, a full array)
         snap = np.zeros((rows, SNAP // 8 + 1), dtype=np.uint64)
         poll((mem.view(np.uint64),), starts, ends, writable, np.zeros(64, dtype=np.uint32),
@@ -1010,13 +1010,15 @@ def warmup(everything: bool = True) -> float:
 _warming: list[Any] = []
 
 
-def warmup_in_background() -> None:
-    """The device's kernels warmed once per process, in a daemon thread."""
+def warmup_in_background(poll: bool = False) -> None:
+    """The device's kernels warmed once per process (the polling loop too if ``poll``), in a
+    daemon thread."""
     import threading  # noqa: PLC0415
 
-    if not _warming:
-        thread = threading.Thread(
-            target=warmup, args=(True,), name="emulab-numba-warmup", daemon=True
-        )
-        _warming.append(thread)
-        thread.start()
+    if len(_warming) >= (2 if poll else 1):
+        return  # slot 0: the device's kernels; slot 1: the polling loop
+    thread = threading.Thread(target=warmup, args=(poll,), name="emulab-numba-warmup", daemon=True)
+    thread.start()
+    _warming.append(thread)
+    if poll and len(_warming) == 1:
+        _warming.append(thread)  # this one warms both

@@ -106,7 +106,7 @@ class AvfDevice(PciDevice):
         self._last_fire = [0.0] * MAX_VECTORS
         self._itr_timers: dict[int, threading.Timer] = {}
         self.backend = backend if backend is not None else LoopbackBackend()
-        warmup_in_background()  # compile or load the kernels before the first packet needs them
+        warmup_in_background(mode == "poll")  # the kernels loaded before a first packet needs them
         self.queues = QueueEngine(
             self.memory, self.backend, self._queue_cause, num_queues=MAX_QUEUES
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from emulab.avf import datapath as dp
 from emulab.avf.admin_queue import DESC
 from emulab.avf.descriptors import AqFlags, AqOpcode
 from emulab.avf.device import AvfDevice
@@ -22,6 +23,8 @@ ATQ, ARQ, BUFS, REQ, N = 0x1000, 0x2000, 0x10000, 0x8000, 8
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[tuple[VfioUserClient, GuestRam, AvfDevice]]:
     dev = AvfDevice(virtchnl=lambda op, p: (0, b"re:" + p) if op != 2 else None)
+    for t in dp._warming:  # a cold numba cache (no `make warm`): compiled before the clock runs
+        t.join()
     srv = VfioUserServer(dev, tmp_path / "avf.sock").start()
     assert srv.socket_path is not None
     client = VfioUserClient.connect(srv.socket_path)

@@ -216,3 +216,66 @@ def test_the_kernels_as_plain_python() -> None:
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def _poll(w: Wire, regs: np.ndarray, ctl: np.ndarray, vector: int = -1) -> tuple[int, np.ndarray]:
+    txt = np.array([[w.tx[0], w.tx[1], w.tx[2], w.tx[3], 1, vector]], dtype=np.int64)
+    acc = np.zeros((1, dp.FWD_OUT), dtype=np.int64)
+    rxvec = np.full(w.rx.shape[0], vector, dtype=np.int64)
+    layout = np.array([0, 16, 32, 48], dtype=np.int64)  # QTX_TAIL, QRX_TAIL, DYN_CTL01, DYN_CTLN
+    reason = dp.poll(w.words, w.starts, w.ends, w.writable, regs, layout, txt, w.rx, rxvec,
+                     w.scratch, w.table, w.lut, HENA, w.hdr, w.filt, w.snap, acc, ctl, 64,
+                     50)  # fmt: skip
+    w.tx[2], w.tx[3] = txt[0, 2], txt[0, 3]
+    return int(reason), acc[0]
+
+
+def test_poll_loop_forwards_from_tail_words_and_returns_when_python_must_act() -> None:
+    w = Wire(queues=1)
+    w.post_rx(0, 32)
+    regs = np.zeros(64, dtype=np.uint32)
+    regs[16] = 32  # QRX_TAIL[0] as the driver wrote it
+    w.rx[0, dp.RX_TAIL] = 0  # (the kernel takes it from the registers)
+    ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)
+    ctl[dp.POLL_FORWARD] = 1
+    for i in range(5):
+        w.post_tx([(TXB + 2048 * i, udp(i, 90))])
+    regs[0] = w.tx[3]  # QTX_TAIL[0]: the doorbell, a store to memory
+    w.tx[3] = 0
+    reason, acc = _poll(w, regs, ctl)
+    assert reason == dp.POLL_IDLE and acc[dp.FWD_FRAMES] == 5 and w.tx[2] == 5
+    assert w.rx[0, dp.RX_TAIL] == 32 and w.rx[0, dp.RX_PACKETS] == 5
+    assert ctl[dp.POLL_LOOPS] > 50
+    # a vector with a cause: return only when its INTENA (DYN_CTLN[v-1] bit 0) is set
+    w.post_tx([(TXB, udp(9, 90))])
+    regs[0] = w.tx[3]
+    reason, acc = _poll(w, regs, ctl, vector=1)
+    assert reason == dp.POLL_IDLE and ctl[dp.POLL_PENDING] == 1 << 1
+    regs[48] = 1
+    reason, _ = _poll(w, regs, ctl, vector=1)
+    assert reason == dp.POLL_IRQ
+    ctl[dp.POLL_HOLD] = 1 << 1  # already latched by Python: no need to return for it
+    reason, _ = _poll(w, regs, ctl, vector=1)
+    assert reason == dp.POLL_IDLE
+    # watching only (another wire): a moved tail is handed to Python; a stop request is obeyed
+    ctl[dp.POLL_FORWARD] = 0
+    w.post_tx([(TXB, udp(10, 90))])
+    regs[0] = w.tx[3]
+    reason, _ = _poll(w, regs, ctl)
+    assert reason == dp.POLL_KICK and ctl[dp.POLL_QUEUE] == 0
+    ctl[dp.POLL_STOP] = 1
+    assert _poll(w, regs, ctl)[0] == dp.POLL_STOPPED
+
+
+def test_poll_loop_stops_on_a_hostile_address() -> None:
+    w = Wire(queues=1)
+    w.post_rx(0, 8)
+    regs = np.zeros(64, dtype=np.uint32)
+    regs[16] = 8
+    ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)
+    ctl[dp.POLL_FORWARD] = 1
+    w.post_tx([(MEM - 10, udp(1, 80))])
+    regs[0] = w.tx[3]
+    reason, acc = _poll(w, regs, ctl)
+    assert reason == dp.POLL_ERROR and acc[dp.FWD_ERROR] == dp.ERR_BUFFER_ADDRESS
+    assert w.tx[2] == 0  # the bad frame stays in the ring

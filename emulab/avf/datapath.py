@@ -508,47 +508,54 @@ def _put(words: Any, scratch: Any, k: Any, off: Any, b: Any) -> None:
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _view(words: Any, scratch: Any, k: Any, x: Any, m: Any) -> Any:
+    """``m`` words of a place from word ``x`` (k == -1: the scratch area), as one array view:
+    loops over a view run unit-stride and vectorise, where a loop indexing ``words[k][x + i]``
+    with signed indexes measured ten times slower (1.3 ns a word)."""
+    return scratch[x : x + m] if k < 0 else words[k][x : x + m]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _copy_words(dst: Any, src: Any, sh: Any, n: Any) -> None:
+    """``n`` bytes into ``dst`` (word aligned) from ``src``, whose first byte is ``sh`` bits
+    into its first word (a Linux skb's data starts 2 bytes in); the destination's bytes past
+    ``n`` in the last word are kept. ``src`` covers exactly the words holding the source."""
+    full = n >> 3
+    if sh == 0:
+        for i in range(full):
+            dst[i] = src[i]
+    else:
+        back = np.uint64(64) - sh
+        for i in range(full):  # (src[i + 1] exists: the source runs past these words)
+            dst[i] = (src[i] >> sh) | (src[i + 1] << back)
+    if n & 7:
+        lo = src[full] >> sh
+        if sh and full + 1 < src.shape[0]:
+            lo |= src[full + 1] << (np.uint64(64) - sh)
+        mask = (np.uint64(1) << np.uint64(8 * (n & 7))) - np.uint64(1)
+        dst[full] = (dst[full] & ~mask) | (lo & mask)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _source(words: Any, scratch: Any, ks: Any, soff: Any, n: Any) -> Any:
+    """The words holding bytes ``soff .. soff + n - 1`` of a place (n > 0)."""
+    s = soff >> 3
+    return _view(words, scratch, ks, s, ((soff + n - 1) >> 3) - s + 1)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _mcopy(words: Any, scratch: Any, kd: Any, doff: Any, ks: Any, soff: Any, n: Any) -> None:
     """Copy ``n`` bytes between places. Aligned destination (RX buffers, the scratch area):
-    whole words, the source merged from two words when it is not aligned (a Linux skb's data
-    starts 2 bytes in), the last partial word masked in. The loops index ``words[k]`` in place:
-    no helper, no array bound to a name per word."""
+    whole words through views (:func:`_copy_words`); otherwise byte by byte (never for the
+    buffers drivers post; kept correct, not fast)."""
     if n <= 0:
         return
-    if doff & 7:  # never for the buffers drivers post; kept correct, not fast
+    if doff & 7:
         for i in range(n):
             _put(words, scratch, kd, doff + i, _byte(words, scratch, ks, soff + i))
         return
-    d = doff >> 3
-    s = soff >> 3
-    sh = np.uint64(8 * (soff & 7))
-    back = np.uint64(64) - sh
-    last = (soff + n - 1) >> 3  # the source's last word
-    nw = (n + 7) >> 3
-    first = 0
-    if sh == 0 and kd >= 0 and ks >= 0 and n >= 256:
-        # a big aligned copy: two arrays bound once (two reference counts) for a loop the
-        # compiler vectorises
-        dst = words[kd]
-        src = words[ks]
-        first = n >> 3
-        for i in range(first):
-            dst[d + i] = src[s + i]
-    for i in range(first, nw):
-        lo = words[ks][s + i] if ks >= 0 else scratch[s + i]
-        if sh:
-            hi = np.uint64(0)
-            if s + i + 1 <= last:
-                hi = words[ks][s + i + 1] if ks >= 0 else scratch[s + i + 1]
-            lo = (lo >> sh) | (hi << back)
-        if i == nw - 1 and n & 7:  # keep the destination's bytes past the end
-            mask = (np.uint64(1) << np.uint64(8 * (n & 7))) - np.uint64(1)
-            old = words[kd][d + i] if kd >= 0 else scratch[d + i]
-            lo = (old & ~mask) | (lo & mask)
-        if kd >= 0:
-            words[kd][d + i] = lo
-        else:
-            scratch[d + i] = lo
+    dst = _view(words, scratch, kd, doff >> 3, (n + 7) >> 3)
+    _copy_words(dst, _source(words, scratch, ks, soff, n), np.uint64(8 * (soff & 7)), n)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -715,19 +722,9 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
             continue
         length = pos
         pos = 0
-        # the header, for the filter, RSS and the packet type (no helper: see _mcopy)
+        # the header, for the filter, RSS and the packet type
         hl = min(length, HDR)
-        hs = soff >> 3
-        hsh = np.uint64(8 * (soff & 7))
-        hlast = (soff + hl - 1) >> 3
-        for w in range((hl + 7) >> 3):
-            lo = words[ks][hs + w] if ks >= 0 else scratch[hs + w]
-            if hsh:
-                hi = np.uint64(0)
-                if hs + w + 1 <= hlast:
-                    hi = words[ks][hs + w + 1] if ks >= 0 else scratch[hs + w + 1]
-                lo = (lo >> hsh) | (hi << (np.uint64(64) - hsh))
-            hdr[w] = lo
+        _copy_words(hdr, _source(words, scratch, ks, soff, hl), np.uint64(8 * (soff & 7)), hl)
         dst = hdr[0] & np.uint64(MAC_MASK)
         bcast = dst == np.uint64(MAC_MASK)
         mcast = not bcast and (dst & np.uint64(1)) != 0
@@ -775,17 +772,8 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
             row = snap[frames - 1]
             row[0] = np.uint64(length) | (np.uint64(q & 0xFFFF) << np.uint64(32))
             sl = min(length, SNAP)
-            ss = soff >> 3
-            ssh = np.uint64(8 * (soff & 7))
-            slast = (soff + sl - 1) >> 3
-            for w in range((sl + 7) >> 3):
-                lo = words[ks][ss + w] if ks >= 0 else scratch[ss + w]
-                if ssh:
-                    hi = np.uint64(0)
-                    if ss + w + 1 <= slast:
-                        hi = words[ks][ss + w + 1] if ks >= 0 else scratch[ss + w + 1]
-                    lo = (lo >> ssh) | (hi << (np.uint64(64) - ssh))
-                row[1 + w] = lo
+            src = _source(words, scratch, ks, soff, sl)
+            _copy_words(row[1:], src, np.uint64(8 * (soff & 7)), sl)
         # complete the frame's TX descriptors: DESC_DONE where the driver asked (RS)
         if one:
             if (q1 >> np.uint64(4)) & np.uint64(TX_CMD_RS):

@@ -189,8 +189,8 @@ class QueueEngine:
         self._fwd_scratch = np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64)
         self._snap = np.zeros((BURST, dp.SNAP // 8 + 1), dtype=np.uint64)
         self._no_snap = self._snap[:0]
-        self._table_key = b""
-        self._toeplitz = dp.toeplitz_table(self.rss_key)
+        self._table_key = b""  # the key ``_toeplitz`` was built for: built at first use
+        self._toeplitz = np.zeros((dp.RSS_TUPLE_MAX, 256), dtype=np.uint32)
         self.fast_bursts = 0  # kernel calls of the fast path (what a user checks it is used)
         self.backend.attach(self.receive)
 

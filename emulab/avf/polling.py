@@ -74,6 +74,7 @@ class Poller:
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="emulab-avf-poll", daemon=True)
+            self.engine.lock.poller = self._thread  # set before it runs: no acquire skips the stop
             self._thread.start()
         return self
 
@@ -94,7 +95,6 @@ class Poller:
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         e = self.engine
-        e.lock.poller = threading.get_ident()
         while not self._stopping:
             if e.lock.wanted:  # someone else needs the queues: let them have the lock
                 time.sleep(self.nap / 4)

@@ -111,11 +111,12 @@ class PausingLock:
         self._count_lock = threading.Lock()
         self._waiters = 0
         self.ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)  # the poll kernel's control words
-        self.poller: int | None = None  # the poll thread's ident: it takes the lock plainly
+        self.poller: threading.Thread | None = None  # the poll thread: it takes the lock plainly
 
     def acquire(self) -> None:
-        if threading.get_ident() == self.poller:
-            self._lock.acquire()
+        poller = self.poller
+        if poller is None or poller.ident == threading.get_ident():
+            self._lock.acquire()  # no poll loop to stop (interrupt mode), or the poller itself
             return
         with self._count_lock:
             self._waiters += 1

@@ -225,3 +225,19 @@ def test_kernels_without_jit() -> None:
 def test_classify_gives_the_hardware_ptype(ethertype: bytes, l3: bytes, ptype: int) -> None:
     frame = np.frombuffer(bytes(12) + ethertype + l3 + bytes(20), dtype=np.uint8)
     assert dp.classify(frame, len(frame)) == ptype
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 19, 20, 1501])
+def test_ones_sum_is_rfc1071(length: int) -> None:
+    from emulab.avf.offload import inet_checksum
+
+    data = bytes((i * 37 + 11) & 0xFF for i in range(length))
+    padded = data + b"\0" * (length & 1)
+    total = sum(int.from_bytes(padded[i : i + 2], "big") for i in range(0, len(padded), 2))
+    assert int(dp.ones_sum(np.frombuffer(data, dtype=np.uint8), 0, length)) == total
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    csum = inet_checksum(data)
+    assert csum == ~total & 0xFFFF
+    if not length & 1:  # data followed by its checksum sums to zero
+        assert inet_checksum(data + csum.to_bytes(2, "big")) == 0

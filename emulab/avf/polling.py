@@ -109,7 +109,7 @@ class Poller:
         """One kernel call and what Python does after it (called holding the engine lock)."""
         e = self.engine
         t = e._table
-        fwd = e.fast and e.backend.kind == "loopback" and t.all_words
+        fwd = e.ring_to_ring
         txt = np.zeros((e.num_queues, dp.TX_COLS), dtype=np.int64)
         for q in e.tx:
             ok = q.enabled and q.length > 0

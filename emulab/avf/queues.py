@@ -225,7 +225,7 @@ class QueueEngine:
             vectors: set[int] = set()
             outgoing: list[bytes] = []
             t = self._table
-            if self.fast and self.backend.kind == "loopback" and t.all_words:
+            if self.ring_to_ring:
                 sent = self._forward(q, vectors)
             while q.head != q.tail and q.enabled:
                 head, n, _, err = dp.tx_drain(
@@ -250,7 +250,7 @@ class QueueEngine:
                     break
                 if n == 0:
                     break  # a frame without its EOP descriptor yet
-                if self.fast and self.backend.kind == "loopback" and t.all_words:
+                if self.ring_to_ring:
                     sent += self._forward(q, vectors)  # the offloaded frame is out: back
         # Onto the wire outside the lock: a switch delivers synchronously into its other
         # ports' queues, whose own TX may be sending to us at the same time (an AB-BA deadlock
@@ -268,6 +268,12 @@ class QueueEngine:
         return sent
 
     # -- the fast path: loopback, ring to ring ---------------------------------------------------
+    @property
+    def ring_to_ring(self) -> bool:
+        """Frames may go TX ring to RX ring in one kernel: the fast path is on, the wire is the
+        loopback, and every guest map is reachable as words (see ``MemoryTable.all_words``)."""
+        return self.fast and self.backend.kind == "loopback" and self._table.all_words
+
     def _filter_words(self) -> np.ndarray:
         f = self.filter
         flags = (

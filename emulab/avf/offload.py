@@ -28,6 +28,7 @@ import struct
 import numpy as np
 
 from emulab.avf.datapath import ones_sum
+from emulab.backends.base import GsoFrame
 
 __all__ = ["OFFLOAD_CMD_MASK", "apply_tx_offloads", "inet_checksum"]
 
@@ -75,8 +76,11 @@ def _fix_ipv4_header(frame: bytearray, l3: int, iplen: int) -> None:
     struct.pack_into(">H", frame, l3 + 10, inet_checksum(memoryview(frame)[l3 : l3 + iplen]))
 
 
-def apply_tx_offloads(frame: bytes, q1: int, ctx_q1: int) -> list[bytes]:
-    """The frame(s) that go on the wire for one TX frame and its descriptors' offload request."""
+def apply_tx_offloads(frame: bytes, q1: int, ctx_q1: int, *, gso: bool = False) -> list[bytes]:
+    """The frame(s) that go on the wire for one TX frame and its descriptors' offload request.
+
+    With ``gso`` (the wire finishes checksums and segments TCP), TCP/UDP checksums and TSO are
+    handed on as one :class:`GsoFrame`; the IPv4 header checksum is still done here."""
     if not q1 & OFFLOAD_CMD_MASK and not ctx_q1 & CTX_TSO:
         return [frame]
     iipt = (q1 >> IIPT_SHIFT) & 3
@@ -89,15 +93,38 @@ def apply_tx_offloads(frame: bytes, q1: int, ctx_q1: int) -> list[bytes]:
     ipv6 = iipt == IIPT_IPV6
     if iipt == 0 or l4 > len(frame) or (iipt != IIPT_IPV6 and iplen < 20):
         return [frame]  # nothing we can locate: send it as the driver built it
-    if ctx_q1 & CTX_TSO and l4t == L4T_TCP and l4len >= 20:
-        mss = (ctx_q1 >> 50) & 0x3FFF
+    tso = bool(ctx_q1 & CTX_TSO and l4t == L4T_TCP and l4len >= 20)
+    mss = (ctx_q1 >> 50) & 0x3FFF if tso else 0
+    field = {L4T_TCP: 16, L4T_UDP: 6}.get(l4t)
+    if gso and field is not None and l4 + field + 2 <= len(frame) and len(frame) - l3 <= 0xFFFF:
+        out = bytearray(frame)
         if mss:
-            return _tso(frame, l3=l3, l4=l4, l4len=l4len, iipt=iipt, mss=mss)
+            _tso_header(out, l3=l3, l4=l4, ipv6=ipv6)
+        if iipt == IIPT_IPV4_CSUM or (mss and not ipv6):
+            _fix_ipv4_header(out, l3, iplen)
+        return [GsoFrame.make(bytes(out), csum_start=l4, csum_offset=field, gso_size=mss,
+                              hdr_len=l4 + l4len, ipv6=ipv6)]  # fmt: skip
+    if mss:
+        return _tso(frame, l3=l3, l4=l4, l4len=l4len, iipt=iipt, mss=mss)
     out = bytearray(frame)
     if iipt == IIPT_IPV4_CSUM:
         _fix_ipv4_header(out, l3, iplen)
     _fix_l4(out, l3, l4, ipv6, l4t)
     return [bytes(out)]
+
+
+def _tso_header(frame: bytearray, *, l3: int, l4: int, ipv6: bool) -> None:
+    """A TSO super frame as a wire that segments it wants it: a driver leaves the IP length
+    zero and the payload length out of the TCP pseudo-header sum (iavf_tso does both, for the
+    hardware); a GSO wire wants the super frame's lengths, as the host's stack builds it."""
+    if ipv6:
+        struct.pack_into(">H", frame, l3 + 4, len(frame) - l3 - 40)
+    else:
+        struct.pack_into(">H", frame, l3 + 2, len(frame) - l3)
+    total = _pseudo_sum(frame, l3, ipv6, 6, len(frame) - l4)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    struct.pack_into(">H", frame, l4 + 16, total)  # the pseudo-header sum, not complemented
 
 
 def _tso(frame: bytes, *, l3: int, l4: int, l4len: int, iipt: int, mss: int) -> list[bytes]:

@@ -422,7 +422,7 @@ class QueueEngine:
             frame = arena[off[i] : off[i + 1]].tobytes()
             q1, ctx = int(meta[i, 0]), int(meta[i, 1])
             if q1 & OFFLOAD_CMD_MASK or ctx:
-                frames.extend(apply_tx_offloads(frame, q1, ctx))
+                frames.extend(apply_tx_offloads(frame, q1, ctx, gso=self.backend.gso))
             else:
                 frames.append(frame)
         return frames

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Counters", "Deliver", "PacketBackend"]
+__all__ = ["Counters", "Deliver", "GsoFrame", "PacketBackend"]
 
 Deliver = Callable[[Sequence[bytes]], None]
 """The device's receive entry point: called with frames for the device to receive."""
@@ -54,10 +54,33 @@ class Counters:
             }
 
 
+class GsoFrame(bytes):
+    """A frame whose L4 checksum (and, with ``gso_size``, TCP segmentation) is left to a wire
+    that can do it (a TAP with virtio-net headers: the host kernel finishes it, as for a virtio
+    guest). It is the frame's bytes as the driver built them, with where to finish it."""
+
+    csum_start: int
+    csum_offset: int
+    gso_size: int  # MSS, or 0: checksum only
+    hdr_len: int  # Ethernet + IP + TCP headers
+    ipv6: bool
+
+    @classmethod
+    def make(
+        cls, frame: bytes, *, csum_start: int, csum_offset: int, gso_size: int = 0,
+        hdr_len: int = 0, ipv6: bool = False,
+    ) -> GsoFrame:  # fmt: skip
+        f = cls(frame)
+        f.csum_start, f.csum_offset, f.gso_size = csum_start, csum_offset, gso_size
+        f.hdr_len, f.ipv6 = hdr_len, ipv6
+        return f
+
+
 class PacketBackend(abc.ABC):
     """Base class: subclasses implement :meth:`_transmit` and call :meth:`_receive`."""
 
     kind = "backend"
+    gso = False  # the wire finishes checksums and TCP segmentation (frames may be GsoFrames)
 
     def __init__(self) -> None:
         self.counters = Counters()

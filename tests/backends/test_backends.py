@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -104,6 +105,74 @@ def test_tap_both_ways() -> None:
         tap.send([frame(B, A, b"from-device".ljust(46, b"."))])
         data = host.recv(2048)
         assert data[14:25] == b"from-device"
+    finally:
+        host.close()
+        tap.close()
+
+
+def _tso_frame(payload: int) -> bytes:
+    """What Linux hands a NIC for TSO: headers of the whole super frame, the TCP checksum field
+    holding the pseudo-header sum without the length."""
+    from scapy.layers.inet import IP, TCP
+
+    pkt = (
+        Ether(dst="02:00:00:00:00:0b", src="02:e1:ab:00:00:01")
+        / IP(src="198.51.100.1", dst="198.51.100.2")
+        / TCP(sport=4000, dport=5201, flags="A", seq=1000)
+        / (bytes(range(256)) * 64)[:payload]
+    )
+    return bytes(pkt)
+
+
+def test_offloads_for_a_gso_wire_are_described_not_done() -> None:
+    from emulab.avf.offload import CTX_TSO, apply_tx_offloads, inet_checksum
+    from emulab.backends.base import GsoFrame
+    from emulab.backends.tap import GSO_TCPV4, NEEDS_CSUM, PLAIN, VNET_HDR, vnet_header
+
+    f = _tso_frame(3000)
+    offsets = (14 // 2) | (20 // 4) << 7 | (20 // 4) << 14  # MACLEN, IPLEN, L4LEN
+    q1 = (3 << 9) | (1 << 12) | offsets << 16  # IPv4 with header checksum, L4T=TCP
+    ctx = CTX_TSO | 1000 << 50  # TSO, MSS 1000
+    (out,) = apply_tx_offloads(f, q1, ctx, gso=True)
+    assert isinstance(out, GsoFrame) and out[54:] == f[54:]  # not segmented: the wire does it
+    assert VNET_HDR.unpack(vnet_header(out)) == (NEEDS_CSUM, GSO_TCPV4, 54, 1000, 34, 16)
+    # the headers as the host's stack would build the super frame: lengths in, IP summed
+    assert struct.unpack(">H", out[16:18])[0] == len(f) - 14 and inet_checksum(out[14:34]) == 0
+    with_len = sum(struct.unpack(">4H", f[26:34])) + 6 + len(f) - 34
+    while with_len >> 16:
+        with_len = (with_len & 0xFFFF) + (with_len >> 16)
+    assert struct.unpack(">H", out[50:52])[0] == with_len
+    assert len(apply_tx_offloads(f, q1, ctx)) == 3  # a wire without GSO gets the segments
+    whole = bytes(out)  # checksum only (no TSO): the lengths are right, the IP checksum is ours
+    unsummed = whole[:24] + b"\0\0" + whole[26:]
+    (plain,) = apply_tx_offloads(unsummed, q1, 0, gso=True)
+    assert vnet_header(plain)[:2] == bytes([NEEDS_CSUM, 0]) and bytes(plain) == whole
+    assert vnet_header(b"x" * 60) == PLAIN
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
+)
+def test_tap_takes_a_tso_super_frame() -> None:
+    """The host kernel accepts the virtio-net header: the super frame enters its stack."""
+    from emulab.avf.offload import CTX_TSO, apply_tx_offloads
+
+    name = f"emugso{os.getpid() % 10000}"
+    tap = open_backend(f"tap:{name}")
+    host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    try:
+        host.bind((name, 0))
+        host.settimeout(2)
+        offsets = (14 // 2) | (20 // 4) << 7 | (20 // 4) << 14
+        q1 = (3 << 9) | (1 << 12) | offsets << 16
+        tap.send(apply_tx_offloads(_tso_frame(3000), q1, CTX_TSO | 1000 << 50, gso=True))
+        got = 0
+        deadline = time.monotonic() + 2
+        while got < 3000 and time.monotonic() < deadline:
+            data = host.recv(65536)
+            if data[34:36] == (4000).to_bytes(2, "big"):  # our TCP source port
+                got += len(data) - 54
+        assert got == 3000 and tap.counters.dropped == 0
     finally:
         host.close()
         tap.close()

@@ -460,6 +460,33 @@ def rss_tuple(frame: Any, length: Any, tuple_buf: Any, hena: Any) -> int:
 
 
 @njit(nogil=True, cache=True)
+def rx_pick(
+    frames: Any, lens: Any, n: Any, table: Any, lut: Any, hena: Any, enabled: Any,
+    tuple_buf: Any, qs: Any, hashes: Any, ptypes: Any,
+) -> None:  # fmt: skip
+    """For frames from a wire, in one call: each one's RSS hash (Toeplitz through ``table``),
+    its RX queue (``lut[hash % len(lut)]``; the first enabled queue when the hash is 0 or the
+    chosen queue is not enabled; -1 when none is) and its packet type."""
+    first = -1
+    for j in range(enabled.shape[0]):
+        if enabled[j]:
+            first = j
+            break
+    lsz = lut.shape[0]
+    for i in range(n):
+        row = frames[i]
+        length = lens[i]
+        k = rss_tuple(row, length, tuple_buf, hena)
+        h = toeplitz_fast(table, tuple_buf, k) if k else np.uint32(0)
+        q: Any = np.int64(lut[np.int64(h) % lsz]) if h != 0 else np.int64(first)
+        if q < 0 or q >= enabled.shape[0] or not enabled[q]:
+            q = first
+        qs[i] = q
+        hashes[i] = h
+        ptypes[i] = classify(row, length)
+
+
+@njit(nogil=True, cache=True)
 def ones_sum(data: Any, start: Any, end: Any) -> Any:
     """The unfolded one's-complement sum of ``data[start:end]`` as big-endian 16-bit words (an
     odd last byte padded with zero): the body of the Internet checksum, for TX offloads."""
@@ -990,6 +1017,9 @@ def warmup(polling: bool = True) -> float:
     rss_hash(key, frames[0], 64, np.zeros(12, dtype=np.uint8), np.uint64(0))
     classify(frames[0], 64)
     ones_sum(frames[0], 0, 64)
+    rx_pick(frames, lens, 1, toeplitz_table(key), np.zeros(64, dtype=np.uint8), np.uint64(0),
+            np.ones(4, dtype=np.bool_), np.zeros(12, dtype=np.uint8), np.zeros(8, dtype=np.int64),
+            np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8))  # fmt: skip
     ones_sum(np.frombuffer(bytes(8), dtype=np.uint8), 0, 8)  # (bytes: a read-only array)
     table = toeplitz_table(key)
     forward((mem.view(np.uint64),), starts, ends, writable, np.array([0, 8, 0, 0]),

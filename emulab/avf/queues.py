@@ -185,6 +185,9 @@ class QueueEngine:
         self._frames = np.zeros((BURST, MAX_FRAME), dtype=np.uint8)
         self._lens = np.zeros(BURST, dtype=np.int64)
         self._tuple = np.zeros(12, dtype=np.uint8)
+        self._pick_q = np.zeros(BURST, dtype=np.int64)
+        self._pick_h = np.zeros(BURST, dtype=np.uint32)
+        self._pick_t = np.zeros(BURST, dtype=np.uint8)
         self._fwd_out = np.zeros(dp.FWD_OUT, dtype=np.int64)
         self._fwd_hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
         self._fwd_scratch = np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64)
@@ -439,15 +442,35 @@ class QueueEngine:
             with self.lock:
                 self.rx[index].tail = tail
 
-    def pick_queue(self, frame: bytes) -> tuple[int, int]:
-        """(RX queue, RSS hash) for a frame: Toeplitz over the IPv4 flow, through the LUT."""
-        arr = np.frombuffer(frame, dtype=np.uint8)
-        h = int(dp.rss_hash(self.rss_key, arr, len(frame), self._tuple, np.uint64(self.rss_hena)))
-        enabled = [q.index for q in self.rx if q.enabled]
-        if not enabled:
-            return -1, h
-        q = int(self.rss_lut[h % len(self.rss_lut)]) if h else enabled[0]
-        return (q if q < self.num_queues and self.rx[q].enabled else enabled[0]), h
+    def _fill(self, q: RxQueue, chunk: Sequence[bytes], idx: np.ndarray, vectors: set[int]) -> None:
+        """Rows ``idx`` of the burst (frames ``chunk``, picked by ``rx_pick``) into RX queue
+        ``q``'s ring."""
+        hs, ptypes = self._pick_h, self._pick_t
+        keep = idx[self._lens[idx] <= q.max_frame]
+        too_long = len(idx) - len(keep)
+        q.discards += too_long
+        self.eth["rx_discards"] += too_long
+        if not len(keep):
+            return
+        t = self._table
+        head, delivered, _, err = dp.rx_fill(
+            t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head, q.tail,
+            q.buf_size, self._frames[keep, : int(self._lens[keep].max())], self._lens[keep],
+            len(keep), hs[keep], ptypes[keep],
+        )  # fmt: skip
+        q.head = int(head)
+        got = [chunk[i] for i in keep[: int(delivered)]]
+        q.packets += len(got)
+        q.bytes += sum(len(f) for f in got)
+        q.discards += len(keep) - len(got)
+        self.eth["rx_discards"] += len(keep) - len(got)
+        self._count("rx", got)
+        if got and self.on_packets is not None:
+            self.on_packets("rx", q.index, got)
+        if got and q.vector >= 0:
+            vectors.add(q.vector)
+        if err:
+            self._fail("rx", q, int(err))
 
     def sync_tails(self) -> None:
         """Polling mode: take the RX tails the driver wrote into the mmapped page."""
@@ -460,49 +483,38 @@ class QueueEngine:
                     r.tail = tail
 
     def receive(self, frames: Sequence[bytes]) -> None:
-        """Frames from the backend for the device to receive."""
+        """Frames from the backend for the device to receive: a burst at a time, hashed and
+        classified in one kernel call (``rx_pick``), then each RX queue's share written into
+        its ring in one more (``rx_fill``)."""
         vectors: set[int] = set()
         with self.lock:
             self.sync_tails()
-            groups: dict[int, list[tuple[bytes, int]]] = {}
+            accepted = []
             for f in frames:
                 if len(f) < 14 or not self.filter.accepts(f[:6]):
                     continue  # not for this port: a switch would not have sent it
-                qi, h = self.pick_queue(f)
-                if qi < 0 or len(f) > self.rx[qi].max_frame:
+                if len(f) > MAX_FRAME:
                     self.eth["rx_discards"] += 1
                     continue
-                groups.setdefault(qi, []).append((f, h))
-            t = self._table
-            for qi, items in groups.items():
-                q = self.rx[qi]
-                for start in range(0, len(items), BURST):
-                    chunk = items[start : start + BURST]
-                    hashes = np.zeros(len(chunk), dtype=np.uint32)
-                    ptypes = np.zeros(len(chunk), dtype=np.uint8)
-                    for i, (f, h) in enumerate(chunk):
-                        row = self._frames[i]
-                        row[: len(f)] = np.frombuffer(f, dtype=np.uint8)
-                        self._lens[i] = len(f)
-                        hashes[i] = h
-                        ptypes[i] = dp.classify(row, len(f))
-                    head, delivered, _, err = dp.rx_fill(
-                        t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head,
-                        q.tail, q.buf_size, self._frames, self._lens, len(chunk), hashes, ptypes,
-                    )  # fmt: skip
-                    q.head = int(head)
-                    got = [f for f, _ in chunk[: int(delivered)]]
-                    q.packets += len(got)
-                    q.bytes += sum(len(f) for f in got)
-                    q.discards += len(chunk) - len(got)
-                    self.eth["rx_discards"] += len(chunk) - len(got)
-                    self._count("rx", got)
-                    if got and self.on_packets is not None:
-                        self.on_packets("rx", qi, got)
-                    if got and q.vector >= 0:
-                        vectors.add(q.vector)
-                    if err:
-                        self._fail("rx", q, int(err))
-                        break
+                accepted.append(f)
+            if not accepted:
+                return
+            table, lut, hena, _ = self.forward_params()
+            qs, hs, ptypes = self._pick_q, self._pick_h, self._pick_t
+            for start in range(0, len(accepted), BURST):
+                chunk = accepted[start : start + BURST]
+                n = len(chunk)
+                for i, f in enumerate(chunk):
+                    self._frames[i, : len(f)] = np.frombuffer(f, dtype=np.uint8)
+                    self._lens[i] = len(f)
+                enabled = np.array([q.enabled for q in self.rx], dtype=np.bool_)
+                dp.rx_pick(self._frames, self._lens, n, table, lut, hena, enabled, self._tuple,
+                           qs, hs, ptypes)  # fmt: skip
+                for qi in sorted(set(qs[:n].tolist())):
+                    idx = np.flatnonzero(qs[:n] == qi)
+                    if qi < 0:  # no RX queue enabled
+                        self.eth["rx_discards"] += len(idx)
+                        continue
+                    self._fill(self.rx[qi], chunk, idx, vectors)
         for v in vectors:
             self.raise_vector(v)

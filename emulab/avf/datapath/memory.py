@@ -1,0 +1,55 @@
+"""Guest memory as the kernels take it: the translation table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from emulab.pci.dma import GuestMemory
+
+
+class MemoryTable:
+    """Guest memory as the kernels take it; rebuilt whenever the DMA maps change."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        regions: list[Any] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        writable: list[bool] = []
+        with memory.lock:
+            for r in memory.regions:
+                if r.mapping is None or not r.readable or not r.writable:
+                    # Message-only maps are unreachable from compiled code, and read-only ones
+                    # (firmware ROMs) hold no rings or packet buffers: both stay out.
+                    continue
+                regions.append(np.frombuffer(r.mapping, dtype=np.uint8)[r.base : r.base + r.size])
+                starts.append(r.iova)
+                ends.append(r.iova + r.size)
+                writable.append(r.writable)
+        if not starts:
+            regions.append(np.zeros(1, dtype=np.uint8))  # a placeholder that never matches
+        # a tuple, not a numba typed list: indexing it in a kernel costs no reference count
+        # (and building one compiles nothing); kernels specialise per number of maps, cached
+        self.regions = tuple(regions)
+        # the fast path's view (see ``forward``): uint64 words of every 8-aligned region
+        words: list[Any] = []
+        wstarts: list[int] = []
+        wends: list[int] = []
+        for arr, start in zip(regions, starts, strict=False):
+            if arr.ctypes.data % 8 == 0 and arr.shape[0] >= 8:
+                whole = arr.shape[0] & ~7
+                words.append(arr[:whole].view(np.uint64))
+                wstarts.append(start)
+                wends.append(start + whole)
+        self.words = tuple(words) or (np.zeros(1, dtype=np.uint64),)
+        self.wstarts = np.array(wstarts or [1], dtype=np.int64)
+        self.wends = np.array(wends or [0], dtype=np.int64)
+        self.wwritable = np.ones(len(self.words), dtype=np.bool_)
+        self.starts = np.array(starts or [1], dtype=np.int64)
+        self.ends = np.array(ends or [0], dtype=np.int64)
+        self.writable = np.array(writable or [False], dtype=np.bool_)
+        # ``forward`` needs every map as words: 8-aligned in memory and in guest addresses
+        self.all_words = (
+            len(words) == len(starts) and all(a % 8 == 0 for a in starts) and wends == ends
+        )

@@ -1,0 +1,144 @@
+"""Polling: the tail registers in shared memory, watched by one long nogil call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from emulab.avf.datapath.ring_to_ring import (
+    ERR_SLOW_PATH,
+    FWD_ERROR,
+    FWD_FAULT_RX,
+    FWD_FRAMES,
+    FWD_OUT,
+    FWD_RX_MASK,
+    RX_LEN,
+    RX_TAIL,
+    forward,
+)
+
+# -- polling: the tail registers in shared memory, watched by one long nogil call ---------------
+BURST_POLL = 64  # frames per forward call inside the poll loop
+TX_COLS = 6  # the poll kernel's TX table: base, len, head, tail, enabled, vector
+TX_ENABLED, TX_VECTOR = 4, 5
+POLL_STOP, POLL_HOLD, POLL_PENDING, POLL_LOOPS, POLL_SNAPS, POLL_QUEUE, POLL_FORWARD = range(7)
+POLL_CTL = 8
+POLL_IDLE, POLL_IRQ, POLL_STOPPED, POLL_ERROR, POLL_SNAP_FULL, POLL_KICK = range(6)
+INTENA_BIT = 1
+
+
+@njit(nogil=True, cache=True)
+def poll(  # noqa: PLR0915 -- one loop, kept whole for the compiler
+    words: Any,
+    starts: Any,
+    ends: Any,
+    writable: Any,
+    regs: Any,
+    layout: Any,
+    txt: Any,
+    rx: Any,
+    rxvec: Any,
+    scratch: Any,
+    table: Any,
+    lut: Any,
+    hena: Any,
+    hdr: Any,
+    filt: Any,
+    snap: Any,
+    acc: Any,
+    ctl: Any,
+    budget: Any,
+    max_idle: Any,
+) -> int:
+    """The polling mode's loop: watch the tail registers (``regs``, the BAR's words in shared
+    memory, which the client writes without messages) and move frames ring to ring with
+    :func:`forward`, all inside one call; return to Python only when Python must act.
+
+    ``layout`` holds the word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01 and DYN_CTLN[0].
+    ``txt`` is ``(n, TX_COLS)`` (heads and tails updated), ``rx`` as for :func:`forward` (tails
+    taken from the registers), ``rxvec`` each RX queue's vector. ``acc[t]`` accumulates
+    ``forward``'s ``out`` per TX queue. ``ctl``: ``POLL_STOP`` (set by another thread: return
+    now), ``POLL_HOLD`` (vectors whose cause Python already latched), ``POLL_PENDING`` (vectors
+    with a cause, kept across calls), ``POLL_LOOPS`` (iterations, counted), ``POLL_SNAPS``
+    (snapshot rows used), ``POLL_QUEUE`` (the TX queue of an error or kick), ``POLL_FORWARD``
+    (0: only watch, returning ``POLL_KICK`` for Python's general path -- a non-loopback wire).
+
+    Returns why it stopped: ``POLL_IRQ`` (a pending vector's INTENA is set: Python fires it),
+    ``POLL_KICK`` (a TX queue needs the general path), ``POLL_ERROR``, ``POLL_SNAP_FULL``,
+    ``POLL_STOPPED``, or ``POLL_IDLE`` after ``max_idle`` loops with nothing to do."""
+    out = np.zeros(FWD_OUT, dtype=np.int64)
+    txv = np.zeros(4, dtype=np.int64)
+    nsnap = snap.shape[0]
+    used = ctl[POLL_SNAPS]
+    idle = 0
+    while True:
+        ctl[POLL_LOOPS] += 1  # (a store to ctl: its loads below stay in the loop)
+        if ctl[POLL_STOP]:
+            return POLL_STOPPED
+        for q in range(rx.shape[0]):
+            rt = np.int64(regs[layout[1] + q])
+            if rt < rx[q, RX_LEN]:  # a tail past the ring is ignored, as the doorbell path does
+                rx[q, RX_TAIL] = rt
+        busy = False
+        for t in range(txt.shape[0]):
+            if txt[t, TX_ENABLED] == 0:
+                continue
+            tail = np.int64(regs[layout[0] + t])
+            if tail >= txt[t, 1]:
+                continue
+            txt[t, 3] = tail
+            if txt[t, 2] == tail:
+                continue
+            if ctl[POLL_FORWARD] == 0:
+                ctl[POLL_QUEUE] = t
+                return POLL_KICK
+            if nsnap and used + budget > nsnap:
+                ctl[POLL_SNAPS] = used
+                return POLL_SNAP_FULL
+            for c in range(4):
+                txv[c] = txt[t, c]
+            forward(words, starts, ends, writable, txv, rx, scratch, table, lut, hena, hdr,
+                    filt, snap[used : used + budget] if nsnap else snap, budget, out)  # fmt: skip
+            txt[t, 2] = txv[2]
+            n = out[FWD_FRAMES]
+            for c in range(FWD_OUT):
+                if c == FWD_RX_MASK:
+                    acc[t, c] |= out[c]
+                elif c in (FWD_ERROR, FWD_FAULT_RX):
+                    acc[t, c] = out[c]
+                else:
+                    acc[t, c] += out[c]
+            if nsnap:
+                for r in range(min(n, budget)):
+                    snap[used + r, 0] |= np.uint64(t) << np.uint64(48)
+                used += min(n, budget)
+                ctl[POLL_SNAPS] = used
+            if n:
+                busy = True
+                pend = ctl[POLL_PENDING]
+                if txt[t, TX_VECTOR] >= 0:
+                    pend |= np.int64(1) << txt[t, TX_VECTOR]
+                mask = out[FWD_RX_MASK]
+                for q in range(rx.shape[0]):
+                    if (mask >> q) & 1 and rxvec[q] >= 0:
+                        pend |= np.int64(1) << rxvec[q]
+                ctl[POLL_PENDING] = pend
+            err = out[FWD_ERROR]
+            if err:
+                ctl[POLL_QUEUE] = t
+                return POLL_KICK if err == ERR_SLOW_PATH else POLL_ERROR
+        fire = ctl[POLL_PENDING] & ~ctl[POLL_HOLD]
+        if fire:
+            for v in range(64):
+                if (fire >> v) & 1:
+                    w = layout[2] if v == 0 else layout[3] + v - 1
+                    if regs[w] & INTENA_BIT:
+                        return POLL_IRQ
+        if busy:
+            idle = 0
+        else:
+            idle += 1
+            if idle >= max_idle:
+                return POLL_IDLE

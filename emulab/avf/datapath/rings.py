@@ -1,0 +1,429 @@
+"""The ring kernels of the general path (TX drain, RX fill), packet classification, RSS
+(Toeplitz), and the checksum sum of the TX offloads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+ERR_NONE = 0
+ERR_RING_ADDRESS = 1  # a descriptor lies outside guest memory
+ERR_BUFFER_ADDRESS = 2  # a buffer lies outside (writable) guest memory
+ERR_FRAME_TOO_LONG = 3  # a TX frame longer than the queue's maximum
+ERR_BAD_DESCRIPTOR = 4  # a descriptor type we do not accept
+
+TX_DTYPE_MASK = 0xF
+TX_DTYPE_CONTEXT = 0x1
+TX_DESC_DONE = 0xF
+TX_CTX_TSO = 0x1  # context descriptor CMD bit
+MAX_TX_FRAME = 9728  # a 9000-byte MTU frame plus headers, rounded as the drivers do
+MAX_TSO_FRAME = 262144  # a TSO "super frame" (headers + up to 256 KiB of payload)
+TX_CMD_EOP = 0x1
+TX_CMD_RS = 0x2
+RX_DD = 1
+RX_EOF = 2
+RX_FLTSTAT_RSS = 3 << 12
+# pctypes (packet classifier types) the RSS hash implements; see emulab.avf.virtchnl
+PCTYPE_IPV4_UDP_UNICAST, PCTYPE_IPV4_UDP_MULTICAST, PCTYPE_IPV4_UDP = 29, 30, 31
+PCTYPE_IPV4_TCP_SYN, PCTYPE_IPV4_TCP, PCTYPE_IPV4_OTHER, PCTYPE_IPV4_FRAG = 32, 33, 35, 36
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _find(starts: Any, ends: Any, addr: Any, length: Any) -> int:
+    """Index of the map holding ``[addr, addr+length)`` entirely, or -1."""
+    if addr < 0 or length < 0:
+        return -1
+    for k in range(starts.shape[0]):
+        if starts[k] <= addr and addr + length <= ends[k]:
+            return k
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def _load64(mem: Any, off: Any) -> Any:
+    """A little-endian qword; one word load where aligned (descriptors always are)."""
+    if off & 7 == 0:
+        return mem[off : off + 8].view(np.uint64)[0]
+    v = np.uint64(0)
+    for i in range(8):
+        v |= np.uint64(mem[off + i]) << np.uint64(8 * i)
+    return v
+
+
+@njit(nogil=True, cache=True)
+def _store64(mem: Any, off: Any, value: Any) -> None:
+    """One aligned word store (the status qword's single write), else byte stores."""
+    if off & 7 == 0:
+        mem[off : off + 8].view(np.uint64)[0] = np.uint64(value)
+        return
+    for i in range(8):
+        mem[off + i] = np.uint8((value >> np.uint64(8 * i)) & np.uint64(0xFF))
+
+
+@njit(nogil=True, cache=True)
+def _copy(dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> None:
+    """Copy n bytes; 8-byte words when both ends are aligned (no slice temporaries)."""
+    i = 0
+    if (doff & 7) == 0 and (soff & 7) == 0 and n >= 8:
+        d64 = dst[doff : doff + (n & ~7)].view(np.uint64)
+        s64 = src[soff : soff + (n & ~7)].view(np.uint64)
+        for w in range(n >> 3):
+            d64[w] = s64[w]
+        i = n & ~7
+    while i < n:
+        dst[doff + i] = src[soff + i]
+        i += 1
+
+
+@njit(nogil=True, cache=True)
+def tx_drain(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
+    regions: Any,
+    starts: Any,
+    ends: Any,
+    writable: Any,
+    ring_base: Any,
+    ring_len: Any,
+    head: Any,
+    tail: Any,
+    arena: Any,
+    offsets: Any,
+    meta: Any,
+) -> tuple[int, int, int, int]:
+    """Gather frames from TX descriptors ``head``..``tail`` into ``arena``.
+
+    Frame ``f`` is ``arena[offsets[f]:offsets[f + 1]]``; ``meta[f, 0]`` is qword 1 of its first
+    data descriptor (offload command and header lengths) and ``meta[f, 1]`` qword 1 of the
+    context descriptor before it (TSO), or 0. At most ``offsets.shape[0] - 1`` frames and
+    ``arena.shape[0]`` bytes per call. Returns ``(new_head, n_frames, n_descriptors, error)``;
+    a frame whose EOP descriptor is not posted yet (or that does not fit this burst) stays in
+    the ring. Descriptors with RS get DTYPE=DESC_DONE written back after their frame is taken.
+    """
+    max_frames = offsets.shape[0] - 1
+    capacity = arena.shape[0]
+    n = 0
+    offsets[0] = 0
+    pos: Any = 0  # bytes of the current frame so far
+    first_q1 = np.uint64(0)
+    ctx_q1 = np.uint64(0)
+    data_descs = 0
+    used = 0
+    frame_start = head
+    i = head
+    while i != tail and n < max_frames:
+        daddr = ring_base + 16 * i
+        k = _find(starts, ends, daddr, 16)
+        if k < 0 or not writable[k]:
+            return frame_start, n, used, ERR_RING_ADDRESS
+        ring = regions[k]
+        doff = daddr - starts[k]
+        buf = np.int64(_load64(ring, doff))
+        q1 = _load64(ring, doff + 8)
+        dtype = np.int64(q1 & np.uint64(TX_DTYPE_MASK))
+        cmd = np.int64((q1 >> np.uint64(4)) & np.uint64(0xFFF))
+        size = np.int64((q1 >> np.uint64(34)) & np.uint64(0x3FFF))
+        i = i + 1
+        if i == ring_len:
+            i = 0
+        if dtype == TX_DTYPE_CONTEXT:
+            if data_descs:  # a context descriptor inside a frame
+                return frame_start, n, used, ERR_BAD_DESCRIPTOR
+            ctx_q1 = q1
+            continue
+        if dtype != 0:
+            return frame_start, n, used, ERR_BAD_DESCRIPTOR
+        if data_descs == 0:
+            first_q1 = q1
+        data_descs += 1
+        tso = (ctx_q1 >> np.uint64(4)) & np.uint64(TX_CTX_TSO)
+        limit = MAX_TSO_FRAME if tso else MAX_TX_FRAME
+        if pos + size > limit:
+            return frame_start, n, used, ERR_FRAME_TOO_LONG
+        base = offsets[n]
+        if base + pos + size > capacity:
+            if n == 0:
+                return frame_start, n, used, ERR_FRAME_TOO_LONG
+            return frame_start, n, used, ERR_NONE  # the rest waits for the next burst
+        if size > 0:
+            kb = _find(starts, ends, buf, size)
+            if kb < 0:
+                return frame_start, n, used, ERR_BUFFER_ADDRESS
+            _copy(arena, base + pos, regions[kb], buf - starts[kb], size)
+        pos += size
+        if cmd & TX_CMD_EOP:
+            offsets[n + 1] = base + pos
+            meta[n, 0] = first_q1
+            meta[n, 1] = ctx_q1
+            n += 1
+            pos = 0
+            data_descs = 0
+            ctx_q1 = np.uint64(0)
+            # complete the frame's descriptors: DESC_DONE where the driver asked (RS)
+            j = frame_start
+            while j != i:
+                da = ring_base + 16 * j
+                kk = _find(starts, ends, da, 16)
+                q = _load64(regions[kk], da - starts[kk] + 8)
+                if (q & np.uint64(TX_DTYPE_MASK)) == 0 and (q >> np.uint64(4)) & np.uint64(
+                    TX_CMD_RS
+                ):
+                    _store64(regions[kk], da - starts[kk] + 8, q | np.uint64(TX_DESC_DONE))
+                used += 1
+                j = j + 1
+                if j == ring_len:
+                    j = 0
+            frame_start = i
+    return frame_start, n, used, ERR_NONE
+
+
+@njit(nogil=True, cache=True)
+def rx_fill(
+    regions: Any,
+    starts: Any,
+    ends: Any,
+    writable: Any,
+    ring_base: Any,
+    ring_len: Any,
+    head: Any,
+    tail: Any,
+    buf_size: Any,
+    frames: Any,
+    frame_lens: Any,
+    n_frames: Any,
+    hashes: Any,
+    ptypes: Any,
+) -> tuple[int, int, int, int]:
+    """Deliver frames into the RX buffers the driver posted (``head`` up to ``tail``).
+
+    Returns ``(new_head, delivered, n_descriptors, error)``. A frame that does not fit in the
+    posted descriptors is left for the caller (who counts it as a discard or retries later).
+    """
+    delivered = 0
+    used = 0
+    i = head
+    for f in range(n_frames):
+        length = frame_lens[f]
+        need = (length + buf_size - 1) // buf_size if length > 0 else 1
+        avail = tail - i
+        if avail < 0:
+            avail += ring_len
+        if need > avail:
+            break
+        pos = 0
+        for d in range(need):
+            daddr = ring_base + 32 * i
+            k = _find(starts, ends, daddr, 32)
+            if k < 0 or not writable[k]:
+                return i, delivered, used, ERR_RING_ADDRESS
+            ring = regions[k]
+            doff = daddr - starts[k]
+            pkt = np.int64(_load64(ring, doff))
+            chunk = min(buf_size, length - pos)
+            if chunk > 0:
+                kb = _find(starts, ends, pkt, chunk)
+                if kb < 0 or not writable[kb]:
+                    return i, delivered, used, ERR_BUFFER_ADDRESS
+                _copy(regions[kb], pkt - starts[kb], frames[f], pos, chunk)
+            pos += chunk
+            last = d == need - 1
+            status = np.uint64(RX_DD | (RX_EOF if last else 0))
+            q0 = np.uint64(0)
+            if last and hashes[f] != 0:
+                q0 = np.uint64(hashes[f]) << np.uint64(32)
+                status |= np.uint64(RX_FLTSTAT_RSS)
+            q1 = status | (np.uint64(ptypes[f] if last else 0) << np.uint64(30))
+            q1 |= np.uint64(chunk) << np.uint64(38)
+            _store64(ring, doff, q0)
+            _store64(ring, doff + 16, np.uint64(0))
+            _store64(ring, doff + 24, np.uint64(0))
+            _store64(ring, doff + 8, q1)  # status last: DD means the rest is there
+            used += 1
+            i = i + 1
+            if i == ring_len:
+                i = 0
+        delivered += 1
+    return i, delivered, used, ERR_NONE
+
+
+# -- packet classification -------------------------------------------------------------------------
+PTYPE_L2, PTYPE_ARP = 1, 11
+PTYPE_IPV4_FRAG, PTYPE_IPV4, PTYPE_IPV4_UDP, PTYPE_IPV4_TCP = 22, 23, 24, 26
+PTYPE_IPV4_SCTP, PTYPE_IPV4_ICMP = 27, 28
+PTYPE_IPV6_FRAG, PTYPE_IPV6, PTYPE_IPV6_UDP, PTYPE_IPV6_TCP = 88, 89, 90, 92
+PTYPE_IPV6_SCTP, PTYPE_IPV6_ICMP = 93, 94
+
+
+@njit(nogil=True, cache=True, inline="always")
+def classify(frame: Any, length: Any) -> int:
+    """The hardware packet type (the i40e/AVF ptype table) of an untagged frame.
+
+    The RX descriptor carries it so that the driver knows the packet's layers (and the hash's
+    type); the device claims no checksum verification (L3L4P stays clear)."""
+    if length < 14:
+        return PTYPE_L2
+    et = (np.int64(frame[12]) << 8) | np.int64(frame[13])
+    if et == 0x0806:
+        return PTYPE_ARP
+    if et == 0x0800 and length >= 34:
+        if (np.int64(frame[20]) & 0x3F) << 8 | np.int64(frame[21]):
+            return PTYPE_IPV4_FRAG
+        proto = frame[23]
+        if proto == 17:
+            return PTYPE_IPV4_UDP
+        if proto == 6:
+            return PTYPE_IPV4_TCP
+        if proto == 132:
+            return PTYPE_IPV4_SCTP
+        if proto == 1:
+            return PTYPE_IPV4_ICMP
+        return PTYPE_IPV4
+    if et == 0x86DD and length >= 54:
+        nxt = frame[20]
+        if nxt == 44:
+            return PTYPE_IPV6_FRAG
+        if nxt == 17:
+            return PTYPE_IPV6_UDP
+        if nxt == 6:
+            return PTYPE_IPV6_TCP
+        if nxt == 132:
+            return PTYPE_IPV6_SCTP
+        if nxt == 58:
+            return PTYPE_IPV6_ICMP
+        return PTYPE_IPV6
+    return PTYPE_L2
+
+
+# -- RSS ------------------------------------------------------------------------------------------
+@njit(nogil=True, cache=True)
+def toeplitz(key: Any, data: Any, length: Any) -> Any:
+    """The Toeplitz hash of ``data[:length]`` under ``key`` (as RSS hardware computes it)."""
+    mask = np.uint64(0xFFFFFFFF)
+    result = np.uint64(0)
+    # a 32-bit window over the key, advanced one bit per input bit (kept in 64-bit arithmetic:
+    # numba widens unsigned shifts, so the window is masked back to 32 bits each step)
+    window = (
+        (np.uint64(key[0]) << np.uint64(24))
+        | (np.uint64(key[1]) << np.uint64(16))
+        | (np.uint64(key[2]) << np.uint64(8))
+        | np.uint64(key[3])
+    )
+    for i in range(length):
+        byte = np.int64(data[i])
+        nxt = np.uint64(key[i + 4]) if i + 4 < key.shape[0] else np.uint64(0)
+        for b in range(8):
+            if byte & (0x80 >> b):
+                result ^= window
+            bit = (nxt >> np.uint64(7 - b)) & np.uint64(1)
+            window = ((window << np.uint64(1)) | bit) & mask
+    return np.uint32(result)
+
+
+RSS_TUPLE_MAX = 12  # IPv4 addresses and ports: the longest input this device hashes
+
+
+@njit(nogil=True, cache=True)
+def toeplitz_table(key: Any) -> Any:
+    """Per input position and byte value, that byte's share of the Toeplitz hash: hashing then
+    costs one lookup per input byte instead of eight shift-and-xor steps."""
+    table = np.zeros((RSS_TUPLE_MAX, 256), dtype=np.uint32)
+    one = np.zeros(RSS_TUPLE_MAX, dtype=np.uint8)
+    for pos in range(RSS_TUPLE_MAX):
+        for bit in range(8):
+            one[:] = 0
+            one[pos] = np.uint8(0x80 >> bit)
+            h = toeplitz(key, one, RSS_TUPLE_MAX)
+            for v in range(256):
+                if v & (0x80 >> bit):
+                    table[pos, v] ^= h
+    return table
+
+
+@njit(nogil=True, cache=True, inline="always")
+def toeplitz_fast(table: Any, data: Any, length: Any) -> Any:
+    h = np.uint32(0)
+    for i in range(length):
+        h ^= table[i, data[i]]
+    return h
+
+
+@njit(nogil=True, cache=True)
+def rss_hash(key: Any, frame: Any, length: Any, tuple_buf: Any, hena: Any) -> Any:
+    """Toeplitz hash of an IPv4 frame's addresses (and TCP/UDP ports), if its packet type
+    (pctype) is enabled in the 64-bit ``hena`` mask; 0 for anything else."""
+    n = rss_tuple(frame, length, tuple_buf, hena)
+    return toeplitz(key, tuple_buf, n) if n else np.uint32(0)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def rss_tuple(frame: Any, length: Any, tuple_buf: Any, hena: Any) -> int:
+    """The hash input of an IPv4 frame into ``tuple_buf``: its length (8 or 12), or 0 when the
+    frame's pctype is not enabled in ``hena`` (or it is not IPv4)."""
+    if length < 34 or frame[12] != 0x08 or frame[13] != 0x00 or (frame[14] >> 4) != 4:
+        return 0
+    ihl = np.int64(frame[14] & 0xF) * 4
+    proto = frame[23]
+    fragment = ((np.int64(frame[20]) & 0x3F) << 8 | np.int64(frame[21])) != 0
+    tcp_udp = (proto == 6 or proto == 17) and not fragment  # noqa: PLR1714 -- numba compiles this
+    if fragment:
+        enabled = (hena >> np.uint64(PCTYPE_IPV4_FRAG)) & np.uint64(1)
+    elif proto == 6:
+        enabled = (hena >> np.uint64(PCTYPE_IPV4_TCP)) & np.uint64(1)
+        enabled |= (hena >> np.uint64(PCTYPE_IPV4_TCP_SYN)) & np.uint64(1)
+    elif proto == 17:
+        enabled = (hena >> np.uint64(PCTYPE_IPV4_UDP)) & np.uint64(1)
+        enabled |= (hena >> np.uint64(PCTYPE_IPV4_UDP_UNICAST)) & np.uint64(1)
+        enabled |= (hena >> np.uint64(PCTYPE_IPV4_UDP_MULTICAST)) & np.uint64(1)
+    else:
+        enabled = (hena >> np.uint64(PCTYPE_IPV4_OTHER)) & np.uint64(1)
+    if not enabled:
+        return 0
+    for i in range(8):
+        tuple_buf[i] = frame[26 + i]  # source then destination address
+    n = 8
+    if tcp_udp and 14 + ihl + 4 <= length:
+        for i in range(4):
+            tuple_buf[8 + i] = frame[14 + ihl + i]  # source then destination port
+        n = 12
+    return n
+
+
+@njit(nogil=True, cache=True)
+def rx_pick(
+    frames: Any, lens: Any, n: Any, table: Any, lut: Any, hena: Any, enabled: Any,
+    tuple_buf: Any, qs: Any, hashes: Any, ptypes: Any,
+) -> None:  # fmt: skip
+    """For frames from a wire, in one call: each one's RSS hash (Toeplitz through ``table``),
+    its RX queue (``lut[hash % len(lut)]``; the first enabled queue when the hash is 0 or the
+    chosen queue is not enabled; -1 when none is) and its packet type."""
+    first = -1
+    for j in range(enabled.shape[0]):
+        if enabled[j]:
+            first = j
+            break
+    lsz = lut.shape[0]
+    for i in range(n):
+        row = frames[i]
+        length = lens[i]
+        k = rss_tuple(row, length, tuple_buf, hena)
+        h = toeplitz_fast(table, tuple_buf, k) if k else np.uint32(0)
+        q: Any = np.int64(lut[np.int64(h) % lsz]) if h != 0 else np.int64(first)
+        if q < 0 or q >= enabled.shape[0] or not enabled[q]:
+            q = first
+        qs[i] = q
+        hashes[i] = h
+        ptypes[i] = classify(row, length)
+
+
+@njit(nogil=True, cache=True)
+def ones_sum(data: Any, start: Any, end: Any) -> Any:
+    """The unfolded one's-complement sum of ``data[start:end]`` as big-endian 16-bit words (an
+    odd last byte padded with zero): the body of the Internet checksum, for TX offloads."""
+    total = np.uint64(0)
+    i = start
+    while i + 1 < end:
+        total += (np.uint64(data[i]) << np.uint64(8)) | np.uint64(data[i + 1])
+        i += 2
+    if i < end:
+        total += np.uint64(data[i]) << np.uint64(8)
+    return total

@@ -204,6 +204,19 @@ def test_hostile_addresses_stop_the_burst_with_an_error(where: str) -> None:
     assert w.tx[2] == {"tx-buffer": 1, "tx-ring": 0, "rx-buffer": 0, "rx-ring": 0}[where]
 
 
+def test_a_table_larger_than_its_arrays_touches_nothing() -> None:
+    """The kernel reaches guest memory by host address: a map whose words do not cover its
+    [start, end) (a caller's mistake) must not let an address past the array through."""
+    w = Wire(queues=1)
+    w.post_rx(0, 8)
+    w.post_tx([(TXB, udp(1, 80))])
+    w.words = (w.m64[: (TXB + 64) >> 3],)  # ends[0] still says MEM
+    before = w.mem.copy()
+    out = w.forward()
+    assert out[dp.FWD_ERROR] == dp.ERR_RING_ADDRESS and out[dp.FWD_FRAMES] == 0
+    assert w.tx[2] == 0 and np.array_equal(w.mem, before)
+
+
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="already without JIT")
 def test_the_kernels_as_plain_python() -> None:
     """The same tests (and the older kernels') with NUMBA_DISABLE_JIT=1: the Python semantics

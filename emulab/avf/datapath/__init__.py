@@ -7,8 +7,10 @@ outside the maps ends the burst with an error code (the caller puts the queue in
 it never touches memory it should not.
 
 Ordering: a descriptor's status qword (DD, or DTYPE=DESC_DONE) is stored after the data and the
-other qwords of that descriptor. x86 keeps stores in program order (TSO), so a driver that sees
-DD sees the data; on weaker memory models a store fence would go before the status store.
+other qwords of that descriptor. The fast path (``forward``) enforces it with release stores
+(``raw.store_release``: the compiler may not move an earlier store past it, and on a weakly
+ordered CPU it would carry the fence); the general path relies on program order, which x86
+keeps for stores (TSO).
 
 The kernels release the GIL (``nogil=True``) and are compiled once to the on-disk cache.
 """

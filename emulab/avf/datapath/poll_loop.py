@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from emulab.avf.datapath import raw
 from emulab.avf.datapath.ring_to_ring import (
     ERR_SLOW_PATH,
     FWD_ERROR,
@@ -30,7 +31,7 @@ INTENA_BIT = 1
 
 
 @njit(nogil=True, cache=True)
-def poll(  # noqa: PLR0915 -- one loop, kept whole for the compiler
+def poll(
     words: Any,
     starts: Any,
     ends: Any,
@@ -70,6 +71,18 @@ def poll(  # noqa: PLR0915 -- one loop, kept whole for the compiler
     ``POLL_STOPPED``, or ``POLL_IDLE`` after ``max_idle`` loops with nothing to do."""
     out = np.zeros(FWD_OUT, dtype=np.int64)
     txv = np.zeros(4, dtype=np.int64)
+    return _poll(words, starts, ends, writable, regs, layout, txt, rx, rxvec, scratch, table, lut,
+                 hena, hdr, filt, snap, acc, ctl, budget, max_idle, out, txv)  # fmt: skip
+
+
+# Without numba's runtime, as ``forward`` (see ring_to_ring): nothing here allocates.
+@raw.kernel
+def _poll(  # noqa: PLR0915 -- one loop, kept whole for the compiler
+    words: Any, starts: Any, ends: Any, writable: Any, regs: Any, layout: Any, txt: Any,
+    rx: Any, rxvec: Any, scratch: Any, table: Any, lut: Any, hena: Any, hdr: Any, filt: Any,
+    snap: Any, acc: Any, ctl: Any, budget: Any, max_idle: Any, out: Any, txv: Any,
+) -> int:  # fmt: skip
+    """:func:`poll`'s loop, with its work arrays (``out``: FWD_OUT words, ``txv``: 4)."""
     nsnap = snap.shape[0]
     used = ctl[POLL_SNAPS]
     idle = 0

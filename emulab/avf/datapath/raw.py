@@ -1,0 +1,128 @@
+"""Loads, stores and copies at host addresses, for the ring-to-ring kernels.
+
+The fast path checks every guest address against the translation table (``_find``) and then
+touches guest memory at ``base of the map + offset``, as C would. Through numpy views each
+access or slice cost a reference count (an indirect call and an atomic add; about 60 of them
+per frame, measured), and a frame copy had to be split into aligned words by hand; here a copy
+is one ``memcpy`` at any alignment and a descriptor word is one ``mov``.
+
+Ordering: :func:`store_release` is the descriptor write-back's last store (the RX status qword,
+the TX DESC_DONE); every store before it in program order -- the frame's bytes, the other
+qwords -- is visible to another thread before it (LLVM ``store atomic release``; on x86 a plain
+``mov`` the compiler may not move earlier). :func:`load_acquire` reads a word another thread
+or process writes (the tail registers in the BAR's shared memory): it is read again each time,
+never hoisted out of a loop.
+
+With ``NUMBA_DISABLE_JIT=1`` the same functions run as plain Python through :mod:`ctypes`.
+Callers pass addresses they have bounds-checked; nothing here checks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numpy as np
+from numba import njit
+from numba.core import config
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_NO_RUNTIME: dict[str, Any] = {"nogil": True, "cache": True, "_nrt": False}
+
+
+def kernel(fn: _F) -> _F:
+    """``@njit(nogil=True, cache=True)`` without numba's runtime (``_nrt=False``): no
+    reference counts, no allocation (it does not compile); every array is borrowed from the
+    caller, which holds it for the call. For the hot loops (see ``ring_to_ring``)."""
+    return cast(_F, njit(**_NO_RUNTIME)(fn))
+
+
+if config.DISABLE_JIT:  # type: ignore[attr-defined]  # the interpreted kernels (tests run them): the same semantics
+
+    def load(addr: Any) -> Any:
+        """The uint64 at host address ``addr``."""
+        return np.uint64(ctypes.c_uint64.from_address(int(addr)).value)
+
+    def store(addr: Any, value: Any) -> None:
+        """Store a uint64 at host address ``addr``."""
+        ctypes.c_uint64.from_address(int(addr)).value = int(value) & 0xFFFFFFFFFFFFFFFF
+
+    store_release = store
+    load_acquire = load
+
+    def copy(dst: Any, src: Any, n: Any) -> None:
+        """``n`` bytes from ``src`` to ``dst`` (host addresses; the areas do not overlap)."""
+        if n > 0:
+            ctypes.memmove(int(dst), int(src), int(n))
+
+else:
+    from llvmlite import ir  # type: ignore[import-untyped]
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    _I64 = ir.IntType(64)
+
+    def _ptr(builder: Any, addr: Any) -> Any:
+        return builder.inttoptr(addr, _I64.as_pointer())
+
+    def _as_i64(context: Any, builder: Any, ty: Any, value: Any) -> Any:
+        return context.cast(builder, value, ty, types.int64)
+
+    @intrinsic
+    def load(typingctx: Any, addr: Any) -> Any:
+        """The uint64 at host address ``addr``."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.load(_ptr(builder, _as_i64(context, builder, sig.args[0], args[0])))
+
+        return types.uint64(addr), codegen
+
+    @intrinsic
+    def load_acquire(typingctx: Any, addr: Any) -> Any:
+        """The uint64 at ``addr``, read now (another thread or process writes it)."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            p = _ptr(builder, _as_i64(context, builder, sig.args[0], args[0]))
+            return builder.load_atomic(p, "acquire", 8)
+
+        return types.uint64(addr), codegen
+
+    @intrinsic
+    def store(typingctx: Any, addr: Any, value: Any) -> Any:
+        """Store a uint64 at host address ``addr``."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            p = _ptr(builder, _as_i64(context, builder, sig.args[0], args[0]))
+            builder.store(context.cast(builder, args[1], sig.args[1], types.uint64), p)
+            return context.get_dummy_value()
+
+        return types.none(addr, value), codegen
+
+    @intrinsic
+    def store_release(typingctx: Any, addr: Any, value: Any) -> Any:
+        """Store a uint64 at ``addr`` after every store before it (a release store)."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            p = _ptr(builder, _as_i64(context, builder, sig.args[0], args[0]))
+            v = context.cast(builder, args[1], sig.args[1], types.uint64)
+            builder.store_atomic(v, p, "release", 8)
+            return context.get_dummy_value()
+
+        return types.none(addr, value), codegen
+
+    @intrinsic
+    def copy(typingctx: Any, dst: Any, src: Any, n: Any) -> Any:
+        """``n`` bytes from ``src`` to ``dst`` (host addresses; the areas do not overlap)."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            d, s, m = (_as_i64(context, builder, t, a) for t, a in zip(sig.args, args, strict=True))
+            i8p = ir.IntType(8).as_pointer()
+            with builder.if_then(builder.icmp_signed(">", m, _I64(0))):
+                cgutils.raw_memcpy(  # type: ignore[no-untyped-call]
+                    builder, builder.inttoptr(d, i8p), builder.inttoptr(s, i8p), m, 1
+                )
+            return context.get_dummy_value()
+
+        return types.none(dst, src, n), codegen

@@ -324,6 +324,9 @@ class NicDriver(GuestDriver):
             buf = ring.buffers + ring.buf_size * i
             self.ram.write(ring.base + 32 * i, struct.pack("<QQQQ", buf, 0, 0, 0))
         ring.clean = (ring.clean + count) % ring.length
+        # the slot at the new tail was cleaned but not reposted: clear its status, as iavf does
+        # for next_to_use, or a later clean would take its stale DD for a new frame
+        self.ram.write(ring.base + 32 * ring.clean + 8, bytes(8))
         self.w32(QRX_TAIL + 4 * q, ring.clean)
 
     def _nic(self) -> Nic:

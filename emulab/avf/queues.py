@@ -441,6 +441,8 @@ class QueueEngine:
         if 0 <= index < self.num_queues:
             with self.lock:
                 self.rx[index].tail = tail
+            if self.backend.holds:
+                self.backend.resume()  # a wire holding frames for want of buffers offers them
 
     def _fill(self, q: RxQueue, chunk: Sequence[bytes], idx: np.ndarray, vectors: set[int]) -> None:
         """Rows ``idx`` of the burst (frames ``chunk``, picked by ``rx_pick``) into RX queue
@@ -482,23 +484,29 @@ class QueueEngine:
                 if not r.length or tail < r.length:
                     r.tail = tail
 
-    def receive(self, frames: Sequence[bytes]) -> None:
+    def receive(self, frames: Sequence[bytes]) -> int:
         """Frames from the backend for the device to receive: a burst at a time, hashed and
         classified in one kernel call (``rx_pick``), then each RX queue's share written into
-        its ring in one more (``rx_fill``)."""
+        its ring in one more (``rx_fill``). Returns how many, from the front, were taken
+        (delivered, filtered or dropped). A backend that ``holds`` gets flow control: a frame
+        whose RX queue is enabled but has no buffers posted for it ends the batch there, for
+        the backend to offer again once the driver posts some (``resume``)."""
         vectors: set[int] = set()
+        taken = len(frames)
         with self.lock:
             self.sync_tails()
-            accepted = []
-            for f in frames:
+            accepted: list[bytes] = []
+            where: list[int] = []  # each accepted frame's index in ``frames``
+            for k, f in enumerate(frames):
                 if len(f) < 14 or not self.filter.accepts(f[:6]):
                     continue  # not for this port: a switch would not have sent it
                 if len(f) > MAX_FRAME:
                     self.eth["rx_discards"] += 1
                     continue
                 accepted.append(f)
+                where.append(k)
             if not accepted:
-                return
+                return taken
             table, lut, hena, _ = self.forward_params()
             qs, hs, ptypes = self._pick_q, self._pick_h, self._pick_t
             for start in range(0, len(accepted), BURST):
@@ -510,11 +518,37 @@ class QueueEngine:
                 enabled = np.array([q.enabled for q in self.rx], dtype=np.bool_)
                 dp.rx_pick(self._frames, self._lens, n, table, lut, hena, enabled, self._tuple,
                            qs, hs, ptypes)  # fmt: skip
-                for qi in sorted(set(qs[:n].tolist())):
-                    idx = np.flatnonzero(qs[:n] == qi)
+                room = self._room(chunk, n) if self.backend.holds else n
+                for qi in sorted(set(qs[:room].tolist())):
+                    idx = np.flatnonzero(qs[:room] == qi)
                     if qi < 0:  # no RX queue enabled
                         self.eth["rx_discards"] += len(idx)
                         continue
                     self._fill(self.rx[qi], chunk, idx, vectors)
+                if room < n:
+                    taken = where[start + room]
+                    break
         for v in vectors:
             self.raise_vector(v)
+        return taken
+
+    def _room(self, chunk: Sequence[bytes], n: int) -> int:
+        """How many of the burst's first frames (queues picked in ``_pick_q``) fit in the
+        buffers posted on their RX queues; frames that would be dropped anyway (a disabled
+        queue, longer than max_frame) count as fitting."""
+        free: dict[int, int] = {}
+        for i in range(n):
+            qi = int(self._pick_q[i])
+            if qi < 0:
+                continue
+            q = self.rx[qi]
+            size = len(chunk[i])
+            if not q.enabled or not q.length or not q.buf_size or size > q.max_frame:
+                continue
+            if qi not in free:
+                free[qi] = (q.tail - q.head) % q.length
+            need = -(-size // q.buf_size)
+            if need > free[qi]:
+                return i
+            free[qi] -= need
+        return n

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 
 __all__ = ["Counters", "Deliver", "GsoFrame", "PacketBackend"]
 
-Deliver = Callable[[Sequence[bytes]], None]
-"""The device's receive entry point: called with frames for the device to receive."""
+Deliver = Callable[[Sequence[bytes]], "int | None"]
+"""The device's receive entry point: called with frames for the device to receive. It returns
+how many, from the front, it took (None: all). Fewer only when the backend ``holds`` frames and
+the device has no room for the next one (flow control): the backend offers the rest again."""
 
 
 @dataclass
@@ -81,10 +83,12 @@ class PacketBackend(abc.ABC):
 
     kind = "backend"
     gso = False  # the wire finishes checksums and TCP segmentation (frames may be GsoFrames)
+    holds = False  # the wire can wait for the device (flow control) instead of it dropping
 
     def __init__(self) -> None:
         self.counters = Counters()
         self._deliver: Deliver | None = None
+        self.room = threading.Event()  # set by the device when it has room again (``resume``)
 
     def attach(self, deliver: Deliver | None) -> None:
         """Connect (or with None, disconnect) the device's receive side."""
@@ -100,14 +104,29 @@ class PacketBackend(abc.ABC):
     def _transmit(self, frames: Sequence[bytes]) -> None:
         """Put the device's frames on this backend's wire."""
 
-    def _receive(self, frames: Sequence[bytes]) -> None:
+    def resume(self) -> None:
+        """The device posted receive buffers: a wire holding frames may offer them again."""
+        self.room.set()
+
+    def _receive(self, frames: Sequence[bytes]) -> int:
+        """Frames from this wire, counted, to the device; returns how many it took."""
         deliver = self._deliver
         if deliver is None:
             with self.counters.lock:
                 self.counters.dropped += len(frames)
-            return
+            return len(frames)
         self.counters.received(frames)
-        deliver(frames)
+        return self._offer(frames)
+
+    def _offer(self, frames: Sequence[bytes]) -> int:
+        """Frames (counted already) to the device again; returns how many it took."""
+        deliver = self._deliver
+        if deliver is None:
+            with self.counters.lock:
+                self.counters.dropped += len(frames)
+            return len(frames)
+        taken = deliver(frames)
+        return len(frames) if taken is None else taken
 
     def close(self) -> None:
         self._deliver = None

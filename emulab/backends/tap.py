@@ -2,6 +2,13 @@
 
 We create the interface (IFF_TAP | IFF_NO_PI) and bring its link up; addressing it is the
 user's business. A reader thread hands frames from the host to the device.
+
+Flow control: when the device has no receive buffer posted for the next frame, the reader holds
+the rest of its batch and stops reading the TAP until the driver posts buffers (the device calls
+``resume``), as QEMU's NICs stop reading theirs, and as an Ethernet link partner pauses on an
+802.3x PAUSE frame. The host queues meanwhile (and drops only when its own queue is full), so a
+guest slower than the host sees TCP back off on delay rather than on loss. A batch held longer
+than ``HOLD_MAX`` seconds (a driver that stopped receiving) is dropped, counted.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import select
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 
 from emulab.backends.base import GsoFrame, PacketBackend
@@ -30,6 +38,8 @@ GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
 PLAIN = VNET_HDR.pack(0, GSO_NONE, 0, 0, 0, 0)
 MAX_FRAME = 65536
 BATCH = 64
+HOLD_MAX = 0.25  # seconds a held batch waits for receive buffers before it is dropped
+HOLD_POLL = 0.0005  # re-offer at least this often (polling mode moves tails without a word)
 
 
 def vnet_header(frame: bytes) -> bytes:
@@ -51,6 +61,7 @@ class TapBackend(PacketBackend):
 
     kind = "tap"
     gso = True
+    holds = True
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -68,6 +79,8 @@ class TapBackend(PacketBackend):
             os.close(self.fd)
             raise
         self._stop_r, self._stop_w = os.pipe()
+        self._closing = False
+        self.held = 0  # batches that had to wait for receive buffers (flow control)
         self._thread = threading.Thread(target=self._reader, name=f"emulab-tap-{name}", daemon=True)
         self._thread.start()
 
@@ -84,7 +97,8 @@ class TapBackend(PacketBackend):
 
     def _reader(self) -> None:
         """Hand the device what the host sent, a batch per wake-up (up to ``BATCH`` frames):
-        one pass of the device's receive path (lock, RSS, ring fill) per batch, not per frame."""
+        one pass of the device's receive path (lock, RSS, ring fill) per batch, not per frame.
+        What the device cannot take yet is held (flow control, see the module's docstring)."""
         os.set_blocking(self.fd, False)
         while True:
             ready, _, _ = select.select([self.fd, self._stop_r], [], [])
@@ -99,10 +113,29 @@ class TapBackend(PacketBackend):
             except OSError:
                 return
             if frames:
-                self._receive(frames)
+                self.room.clear()
+                taken = self._receive(frames)
+                if taken < len(frames):
+                    self._hold(frames[taken:])
+
+    def _hold(self, frames: Sequence[bytes]) -> None:
+        """Offer ``frames`` again each time the device makes room, until all are taken, the
+        wait passes ``HOLD_MAX`` (dropped, counted) or the backend closes."""
+        self.held += 1
+        deadline = time.monotonic() + HOLD_MAX
+        while frames and not self._closing:
+            self.room.wait(HOLD_POLL)
+            self.room.clear()
+            frames = frames[self._offer(frames) :]
+            if frames and time.monotonic() > deadline:
+                with self.counters.lock:
+                    self.counters.dropped += len(frames)
+                return
 
     def close(self) -> None:
         super().close()
+        self._closing = True
+        self.room.set()
         os.write(self._stop_w, b"x")
         self._thread.join(5.0)
         for fd in (self.fd, self._stop_r, self._stop_w):

@@ -176,3 +176,62 @@ def test_tap_takes_a_tso_super_frame() -> None:
     finally:
         host.close()
         tap.close()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
+)
+def test_tap_holds_frames_until_the_device_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flow control: what the device cannot take waits in the backend (and the TAP's queue)
+    until the device calls ``resume``; past HOLD_MAX it is dropped, counted, and the reader
+    goes on."""
+    from emulab.backends import tap as tap_mod
+
+    name = f"emuhld{os.getpid() % 10000}"
+    tap = open_backend(f"tap:{name}")
+    assert tap.holds
+    got: list[bytes] = []
+    budget = [2]
+
+    def deliver(frames: list[bytes]) -> int:  # a device with room for ``budget`` of ours
+        for k, f in enumerate(frames):
+            if f[12:14] == b"\x88\xb5":
+                if budget[0] == 0:
+                    return k
+                budget[0] -= 1
+                got.append(f)
+        return len(frames)
+
+    tap.attach(deliver)  # type: ignore[arg-type]
+    host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+    try:
+        host.bind((name, 0))
+        for i in range(6):
+            host.send(frame(A, B, f"n{i}".encode().ljust(46, b".")))
+        deadline = time.monotonic() + 2
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert [f[14:16] for f in got] == [b"n0", b"n1"]  # the rest waits: not dropped
+        assert tap.held >= 1 and tap.counters.dropped == 0
+        budget[0] = 10
+        tap.resume()  # the driver posted buffers
+        while len(got) < 6 and time.monotonic() < deadline + 2:
+            time.sleep(0.01)
+        assert [f[14:16] for f in got] == [f"n{i}".encode() for i in range(6)]  # in order
+        # a device that never makes room: the held batch goes after HOLD_MAX, counted
+        monkeypatch.setattr(tap_mod, "HOLD_MAX", 0.05)
+        budget[0] = 0
+        host.send(frame(A, B, b"late".ljust(46, b".")))
+        deadline = time.monotonic() + 2
+        while tap.counters.dropped == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tap.counters.dropped >= 1
+        budget[0] = 10
+        host.send(frame(A, B, b"after".ljust(46, b".")))  # the reader still reads
+        while not any(f[14:19] == b"after" for f in got) and time.monotonic() < deadline + 1:
+            time.sleep(0.01)
+        assert got[-1][14:19] == b"after"
+    finally:
+        host.close()
+        tap.close()

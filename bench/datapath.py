@@ -114,28 +114,32 @@ class Rig:
 @njit(nogil=True, cache=True)
 def guest_post(mem: Any, tx: Any, rx: Any, guest: Any, size: Any) -> None:
     """The driver's side: reclaim completed TX descriptors and refill the TX ring with frames
-    (EOP|RS); take delivered RX descriptors (DD) and post their buffers again."""
+    (EOP|RS); take delivered RX descriptors (DD) and post their buffers again. Rings are powers
+    of two (indexes wrap with a mask, as drivers do)."""
     m64 = mem.view(np.uint64)
-    ring_len = tx[1]
-    while guest[1] != tx[2]:  # the device took these: reuse (DD checked by the device's head)
-        guest[1] = (guest[1] + 1) % ring_len
-    while (guest[0] + 1) % ring_len != guest[1]:
-        i = guest[0]
-        d = (TX_RING + 16 * i) >> 3
-        m64[d] = np.uint64(TX_BUFS + BUF * (i % POOL))
-        m64[d + 1] = np.uint64((dp.TX_CMD_EOP | dp.TX_CMD_RS) << 4) | (np.uint64(size) << 34)
-        guest[0] = (i + 1) % ring_len
-    tx[3] = guest[0]
+    mask = tx[1] - 1
+    nxt = guest[0]
+    clean = tx[2]  # the device took everything before its head: reusable
+    qw1 = np.uint64((dp.TX_CMD_EOP | dp.TX_CMD_RS) << 4) | (np.uint64(size) << np.uint64(34))
+    while ((nxt + 1) & mask) != clean:
+        d = (TX_RING >> 3) + 2 * nxt
+        m64[d] = np.uint64(TX_BUFS + BUF * (nxt & (POOL - 1)))
+        m64[d + 1] = qw1
+        nxt = (nxt + 1) & mask
+    guest[0] = nxt
+    guest[1] = clean
+    tx[3] = nxt
     for q in range(rx.shape[0]):
-        base, rlen = rx[q, 0], rx[q, 1]
+        base, rmask, head = rx[q, 0], rx[q, 1] - 1, rx[q, 2]
         c = guest[2 + q]
-        while c != rx[q, 2]:  # delivered: repost the buffer
-            d = (base + 32 * c) >> 3
-            m64[d] = np.uint64(RX_BUFS + (q * rlen + c % POOL) * BUF)
+        pool = RX_BUFS + q * rx[q, 1] * BUF
+        while c != head:  # delivered: repost the buffer
+            d = (base >> 3) + 4 * c
+            m64[d] = np.uint64(pool + (c & (POOL - 1)) * BUF)
             m64[d + 1] = np.uint64(0)
-            c = (c + 1) % rlen
+            c = (c + 1) & rmask
         guest[2 + q] = c
-        rx[q, 3] = (rx[q, 2] + rlen - 1) % rlen  # all but one posted
+        rx[q, 3] = (head - 1) & rmask  # all but one posted
 
 
 @njit(nogil=True, cache=True)

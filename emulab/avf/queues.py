@@ -196,7 +196,7 @@ class QueueEngine:
         self._table_key = b""  # the key ``_toeplitz`` was built for: built at first use
         self._toeplitz = np.zeros((dp.RSS_TUPLE_MAX, 256), dtype=np.uint32)
         self.fast_bursts = 0  # kernel calls of the fast path (what a user checks it is used)
-        self.backend.attach(self.receive)
+        self.backend.attach(self.receive, self.receive_rows)
 
     def _remap(self) -> None:
         with self.lock:
@@ -444,11 +444,14 @@ class QueueEngine:
             if self.backend.holds:
                 self.backend.resume()  # a wire holding frames for want of buffers offers them
 
-    def _fill(self, q: RxQueue, chunk: Sequence[bytes], idx: np.ndarray, vectors: set[int]) -> None:
-        """Rows ``idx`` of the burst (frames ``chunk``, picked by ``rx_pick``) into RX queue
-        ``q``'s ring."""
+    def _fill(
+        self, q: RxQueue, frames: np.ndarray, lens: np.ndarray, idx: np.ndarray, vectors: set[int]
+    ) -> None:
+        """Rows ``idx`` of a burst (picked by ``rx_pick`` for ``q``) into RX queue ``q``'s
+        ring, and counted: numpy per burst, nothing in Python per frame (but the packet trace's
+        bytes, when it is on)."""
         hs, ptypes = self._pick_h, self._pick_t
-        keep = idx[self._lens[idx] <= q.max_frame]
+        keep = idx[lens[idx] <= q.max_frame]
         too_long = len(idx) - len(keep)
         q.discards += too_long
         self.eth["rx_discards"] += too_long
@@ -457,22 +460,38 @@ class QueueEngine:
         t = self._table
         head, delivered, _, err = dp.rx_fill(
             t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head, q.tail,
-            q.buf_size, self._frames[keep, : int(self._lens[keep].max())], self._lens[keep],
-            len(keep), hs[keep], ptypes[keep],
+            q.buf_size, frames[keep, : int(lens[keep].max())], lens[keep], len(keep), hs[keep],
+            ptypes[keep],
         )  # fmt: skip
         q.head = int(head)
-        got = [chunk[i] for i in keep[: int(delivered)]]
-        q.packets += len(got)
-        q.bytes += sum(len(f) for f in got)
-        q.discards += len(keep) - len(got)
-        self.eth["rx_discards"] += len(keep) - len(got)
-        self._count("rx", got)
-        if got and self.on_packets is not None:
-            self.on_packets("rx", q.index, got)
+        rows = keep[: int(delivered)]
+        got = len(rows)
+        q.packets += got
+        q.bytes += int(lens[rows].sum())
+        q.discards += len(keep) - got
+        self.eth["rx_discards"] += len(keep) - got
+        self._count_rows("rx", frames, lens, rows)
+        if got and self.on_packets is not None and self.wants_packets():
+            self.on_packets("rx", q.index, [frames[i, : lens[i]].tobytes() for i in rows])
         if got and q.vector >= 0:
             vectors.add(q.vector)
         if err:
             self._fail("rx", q, int(err))
+
+    def _count_rows(
+        self, direction: str, frames: np.ndarray, lens: np.ndarray, rows: np.ndarray
+    ) -> None:
+        """:meth:`_count` for frames held as rows of an array."""
+        if not len(rows):
+            return
+        eth = self.eth
+        dst = frames[rows, :6]
+        bcast = int(np.count_nonzero((dst == 0xFF).all(axis=1)))
+        mcast = int(np.count_nonzero(dst[:, 0] & 1)) - bcast
+        eth[f"{direction}_broadcast"] += bcast
+        eth[f"{direction}_multicast"] += mcast
+        eth[f"{direction}_unicast"] += len(rows) - bcast - mcast
+        eth[f"{direction}_bytes"] += int(lens[rows].sum())
 
     def sync_tails(self) -> None:
         """Polling mode: take the RX tails the driver wrote into the mmapped page."""
@@ -485,70 +504,74 @@ class QueueEngine:
                     r.tail = tail
 
     def receive(self, frames: Sequence[bytes]) -> int:
-        """Frames from the backend for the device to receive: a burst at a time, hashed and
-        classified in one kernel call (``rx_pick``), then each RX queue's share written into
-        its ring in one more (``rx_fill``). Returns how many, from the front, were taken
-        (delivered, filtered or dropped). A backend that ``holds`` gets flow control: a frame
-        whose RX queue is enabled but has no buffers posted for it ends the batch there, for
-        the backend to offer again once the driver posts some (``resume``)."""
+        """Frames from the backend as bytes: copied into the engine's burst rows a burst at a
+        time, then as :meth:`receive_rows`. Returns how many, from the front, were taken."""
+        taken = 0
+        width = self._frames.shape[1]
         vectors: set[int] = set()
-        taken = len(frames)
-        with self.lock:
-            self.sync_tails()
-            accepted: list[bytes] = []
-            where: list[int] = []  # each accepted frame's index in ``frames``
-            for k, f in enumerate(frames):
-                if len(f) < 14 or not self.filter.accepts(f[:6]):
-                    continue  # not for this port: a switch would not have sent it
-                if len(f) > MAX_FRAME:
-                    self.eth["rx_discards"] += 1
-                    continue
-                accepted.append(f)
-                where.append(k)
-            if not accepted:
-                return taken
-            table, lut, hena, _ = self.forward_params()
-            qs, hs, ptypes = self._pick_q, self._pick_h, self._pick_t
-            for start in range(0, len(accepted), BURST):
-                chunk = accepted[start : start + BURST]
-                n = len(chunk)
+        with self.lock:  # (the rows are the engine's: one caller at a time)
+            for start in range(0, len(frames), BURST):
+                chunk = frames[start : start + BURST]
                 for i, f in enumerate(chunk):
-                    self._frames[i, : len(f)] = np.frombuffer(f, dtype=np.uint8)
+                    m = min(len(f), width)
+                    self._frames[i, :m] = np.frombuffer(f, dtype=np.uint8, count=m)
                     self._lens[i] = len(f)
-                enabled = np.array([q.enabled for q in self.rx], dtype=np.bool_)
-                dp.rx_pick(self._frames, self._lens, n, table, lut, hena, enabled, self._tuple,
-                           qs, hs, ptypes)  # fmt: skip
-                room = self._room(chunk, n) if self.backend.holds else n
-                for qi in sorted(set(qs[:room].tolist())):
-                    idx = np.flatnonzero(qs[:room] == qi)
-                    if qi < 0:  # no RX queue enabled
-                        self.eth["rx_discards"] += len(idx)
-                        continue
-                    self._fill(self.rx[qi], chunk, idx, vectors)
-                if room < n:
-                    taken = where[start + room]
+                got = self._receive_rows(self._frames, self._lens, len(chunk), vectors)
+                taken += got
+                if got < len(chunk):
                     break
-        for v in vectors:
+        for v in vectors:  # outside the lock: raising takes the device's
             self.raise_vector(v)
         return taken
 
-    def _room(self, chunk: Sequence[bytes], n: int) -> int:
+    def receive_rows(self, frames: np.ndarray, lens: np.ndarray, n: int) -> int:
+        """Frames from the backend as the first ``n`` (at most ``BURST``) rows of a uint8 array,
+        ``lens`` long (a length past the row's width: a frame too long, discarded). The MAC
+        filter, RSS, the packet type and the RX queue in one kernel call (``rx_pick``), each
+        queue's share written into its ring in one more (``rx_fill``), counted with numpy:
+        nothing in Python per frame. Returns how many, from the front, were taken (delivered,
+        filtered or dropped). A backend that ``holds`` gets flow control: a frame whose RX queue
+        is enabled but has no buffers posted for it ends the batch there, for the backend to
+        offer again once the driver posts some (``resume``)."""
+        vectors: set[int] = set()
+        with self.lock:
+            room = self._receive_rows(frames, lens, n, vectors)
+        for v in vectors:  # outside the lock: raising takes the device's
+            self.raise_vector(v)
+        return room
+
+    def _receive_rows(self, frames: np.ndarray, lens: np.ndarray, n: int, vectors: set[int]) -> int:
+        """:meth:`receive_rows` under the lock; the vectors to raise go into ``vectors``."""
+        n = min(n, BURST)
+        self.sync_tails()
+        table, lut, hena, filt = self.forward_params()
+        qs, hs, ptypes = self._pick_q, self._pick_h, self._pick_t
+        enabled = np.array([q.enabled for q in self.rx], dtype=np.bool_)
+        dp.rx_pick(frames, lens, n, table, lut, hena, enabled, self._tuple, qs, hs, ptypes,
+                   filt, MAX_FRAME)  # fmt: skip
+        room = self._room(lens, n) if self.backend.holds else n
+        picked = qs[:room]
+        self.eth["rx_discards"] += int(
+            np.count_nonzero((picked == dp.PICK_NO_QUEUE) | (picked == dp.PICK_TOO_LONG))
+        )
+        for qi in np.unique(picked[picked >= 0]).tolist():
+            self._fill(self.rx[qi], frames, lens, np.flatnonzero(picked == qi), vectors)
+        return room
+
+    def _room(self, lens: np.ndarray, n: int) -> int:
         """How many of the burst's first frames (queues picked in ``_pick_q``) fit in the
         buffers posted on their RX queues; frames that would be dropped anyway (a disabled
         queue, longer than max_frame) count as fitting."""
-        free: dict[int, int] = {}
-        for i in range(n):
-            qi = int(self._pick_q[i])
-            if qi < 0:
-                continue
+        qs = self._pick_q[:n]
+        limit = n
+        for qi in np.unique(qs[qs >= 0]).tolist():
             q = self.rx[qi]
-            size = len(chunk[i])
-            if not q.enabled or not q.length or not q.buf_size or size > q.max_frame:
+            if not q.enabled or not q.length or not q.buf_size:
                 continue
-            if qi not in free:
-                free[qi] = (q.tail - q.head) % q.length
-            need = -(-size // q.buf_size)
-            if need > free[qi]:
-                return i
-            free[qi] -= need
-        return n
+            idx = np.flatnonzero(qs == qi)
+            size = lens[idx]
+            need = np.where(size <= q.max_frame, -(-size // q.buf_size), 0)
+            over = np.flatnonzero(np.cumsum(need) > (q.tail - q.head) % q.length)
+            if len(over):
+                limit = min(limit, int(idx[over[0]]))
+        return limit

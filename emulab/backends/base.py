@@ -6,13 +6,19 @@ import abc
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Counters", "Deliver", "GsoFrame", "PacketBackend"]
+__all__ = ["Counters", "Deliver", "DeliverRows", "GsoFrame", "PacketBackend"]
 
 Deliver = Callable[[Sequence[bytes]], "int | None"]
 """The device's receive entry point: called with frames for the device to receive. It returns
 how many, from the front, it took (None: all). Fewer only when the backend ``holds`` frames and
 the device has no room for the next one (flow control): the backend offers the rest again."""
+
+DeliverRows = Callable[[Any, Any, int], int]
+"""The device's receive entry point for frames held as rows: ``(frames, lens, n)``, the first
+``n`` rows of a uint8 array and their lengths; returns how many, from the front, it took.
+A backend that reads into an array hands it over without a bytes object per frame."""
 
 
 @dataclass
@@ -88,11 +94,14 @@ class PacketBackend(abc.ABC):
     def __init__(self) -> None:
         self.counters = Counters()
         self._deliver: Deliver | None = None
+        self._deliver_rows: DeliverRows | None = None
         self.room = threading.Event()  # set by the device when it has room again (``resume``)
 
-    def attach(self, deliver: Deliver | None) -> None:
-        """Connect (or with None, disconnect) the device's receive side."""
+    def attach(self, deliver: Deliver | None, rows: DeliverRows | None = None) -> None:
+        """Connect (or with None, disconnect) the device's receive side; ``rows``, if the
+        device has one, takes frames held as rows of an array (see :meth:`_receive_rows`)."""
         self._deliver = deliver
+        self._deliver_rows = rows if deliver is not None else None
 
     def send(self, frames: Sequence[bytes]) -> None:
         """Frames the device transmitted."""
@@ -128,8 +137,24 @@ class PacketBackend(abc.ABC):
         taken = deliver(frames)
         return len(frames) if taken is None else taken
 
+    def _receive_rows(self, frames: Any, lens: Any, n: int) -> int:
+        """Frames from this wire held as the first ``n`` rows of a uint8 array (``lens`` long),
+        counted, to the device; returns how many it took."""
+        with self.counters.lock:
+            self.counters.rx_packets += n
+            self.counters.rx_bytes += int(lens[:n].sum())
+        return self._offer_rows(frames, lens, n)
+
+    def _offer_rows(self, frames: Any, lens: Any, n: int) -> int:
+        """Rows (counted already) to the device again: as rows if it takes them, else as bytes."""
+        rows = self._deliver_rows
+        if rows is not None:
+            return rows(frames, lens, n)
+        return self._offer([frames[i, : lens[i]].tobytes() for i in range(n)])
+
     def close(self) -> None:
         self._deliver = None
+        self._deliver_rows = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.counters.as_dict()})"

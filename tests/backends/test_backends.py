@@ -235,3 +235,37 @@ def test_tap_holds_frames_until_the_device_has_room(monkeypatch: pytest.MonkeyPa
     finally:
         host.close()
         tap.close()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
+)
+def test_tap_hands_rows_to_a_device_that_takes_them() -> None:
+    """The reader reads frames straight into rows of an array: a device with a rows entry
+    point gets them there (no bytes per frame), lengths exact, and counted once."""
+    name = f"emurow{os.getpid() % 10000}"
+    tap = open_backend(f"tap:{name}")
+    got: list[bytes] = []
+
+    def rows(frames: object, lens: object, n: int) -> int:
+        for i in range(n):
+            got.append(frames[i, : lens[i]].tobytes())  # type: ignore[index]
+        return n
+
+    tap.attach(lambda frames: pytest.fail("bytes path used"), rows)  # type: ignore[arg-type]
+    host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+    try:
+        host.bind((name, 0))
+        sent = [frame(A, B, bytes([i]) * (46 + 100 * i)) for i in range(5)]
+        for f in sent:
+            host.send(f)
+        deadline = time.monotonic() + 2
+        while len([f for f in got if f[12:14] == b"\x88\xb5"]) < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert [f for f in got if f[12:14] == b"\x88\xb5"] == sent
+        c = tap.counters.as_dict()
+        assert c["rx_packets"] == len(got) and c["rx_bytes"] == sum(map(len, got))
+    finally:
+        host.close()
+        tap.close()

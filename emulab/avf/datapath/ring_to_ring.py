@@ -13,6 +13,7 @@ from emulab.avf.datapath.rings import (
     ERR_FRAME_TOO_LONG,
     ERR_NONE,
     ERR_RING_ADDRESS,
+    MAC_MASK,
     MAX_TX_FRAME,
     RX_DD,
     RX_EOF,
@@ -21,6 +22,7 @@ from emulab.avf.datapath.rings import (
     TX_CMD_RS,
     TX_DESC_DONE,
     TX_DTYPE_MASK,
+    _accepts,
     _find,
     classify,
     rss_tuple,
@@ -46,8 +48,6 @@ RX_BASE, RX_LEN, RX_HEAD, RX_TAIL, RX_BUF, RX_ENABLED, RX_PACKETS, RX_BYTES, RX_
 RX_COLS = 9
 ERR_SLOW_PATH = 100  # not an error: the frame at the head needs the general path (offloads)
 OFFLOAD_BITS = (3 << 9) | (3 << 12)  # IIPT and L4T in TX qword 1 (checksum offloads)
-FILTER_ON, FILTER_PROMISC_UC, FILTER_PROMISC_MC = 1, 2, 4
-MAC_MASK = 0xFFFFFFFFFFFF
 SNAP = 256  # bytes of each frame copied out for the packet trace (when asked for)
 HDR = 64  # header bytes copied out for classification and the RSS tuple
 
@@ -117,24 +117,6 @@ def _deliver(
             r = 0
     rx[q, RX_HEAD] = r
     return 1
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _accepts(filt: Any, dst: Any) -> bool:
-    """The port's MAC filter: ``filt`` is ``[flags, mac, mac, ...]`` (MACs as little-endian
-    uint64, unicast and multicast together: the group bit tells them apart)."""
-    flags = filt[0]
-    if not flags & np.uint64(FILTER_ON) or dst == np.uint64(MAC_MASK):
-        return True
-    if dst & np.uint64(1):  # multicast
-        if flags & np.uint64(FILTER_PROMISC_UC | FILTER_PROMISC_MC):
-            return True
-    elif flags & np.uint64(FILTER_PROMISC_UC):
-        return True
-    for j in range(1, filt.shape[0]):  # noqa: SIM110 -- a plain loop for numba
-        if filt[j] == dst:
-            return True
-    return False
 
 
 @raw.kernel  # without numba's runtime: see the note above

@@ -25,6 +25,9 @@ TX_CMD_RS = 0x2
 RX_DD = 1
 RX_EOF = 2
 RX_FLTSTAT_RSS = 3 << 12
+FILTER_ON, FILTER_PROMISC_UC, FILTER_PROMISC_MC = 1, 2, 4  # the MAC filter's flags word
+MAC_MASK = 0xFFFFFFFFFFFF
+PICK_NO_QUEUE, PICK_FILTERED, PICK_TOO_LONG = -1, -2, -3  # rx_pick's verdicts besides a queue
 # pctypes (packet classifier types) the RSS hash implements; see emulab.avf.virtchnl
 PCTYPE_IPV4_UDP_UNICAST, PCTYPE_IPV4_UDP_MULTICAST, PCTYPE_IPV4_UDP = 29, 30, 31
 PCTYPE_IPV4_TCP_SYN, PCTYPE_IPV4_TCP, PCTYPE_IPV4_OTHER, PCTYPE_IPV4_FRAG = 32, 33, 35, 36
@@ -388,31 +391,65 @@ def rss_tuple(frame: Any, length: Any, tuple_buf: Any, hena: Any) -> int:
     return n
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _accepts(filt: Any, dst: Any) -> bool:
+    """The port's MAC filter: ``filt`` is ``[flags, mac, mac, ...]`` (MACs as little-endian
+    uint64, unicast and multicast together: the group bit tells them apart)."""
+    flags = filt[0]
+    if not flags & np.uint64(FILTER_ON) or dst == np.uint64(MAC_MASK):
+        return True
+    if dst & np.uint64(1):  # multicast
+        if flags & np.uint64(FILTER_PROMISC_UC | FILTER_PROMISC_MC):
+            return True
+    elif flags & np.uint64(FILTER_PROMISC_UC):
+        return True
+    for j in range(1, filt.shape[0]):  # noqa: SIM110 -- a plain loop for numba
+        if filt[j] == dst:
+            return True
+    return False
+
+
 @njit(nogil=True, cache=True)
 def rx_pick(
     frames: Any, lens: Any, n: Any, table: Any, lut: Any, hena: Any, enabled: Any,
-    tuple_buf: Any, qs: Any, hashes: Any, ptypes: Any,
+    tuple_buf: Any, qs: Any, hashes: Any, ptypes: Any, filt: Any, max_len: Any,
 ) -> None:  # fmt: skip
-    """For frames from a wire, in one call: each one's RSS hash (Toeplitz through ``table``),
-    its RX queue (``lut[hash % len(lut)]``; the first enabled queue when the hash is 0 or the
-    chosen queue is not enabled; -1 when none is) and its packet type."""
+    """For frames from a wire (rows of ``frames``, ``lens`` long), in one call: the port's MAC
+    filter (``filt``, see :func:`_accepts`), each frame's RSS hash (Toeplitz through
+    ``table``), its RX queue (``lut[hash % len(lut)]``; the first enabled queue when the hash
+    is 0 or the chosen queue is not enabled) and its packet type. ``qs[i]`` is the queue, or
+    ``PICK_FILTERED`` (not for this port, or shorter than a header), ``PICK_TOO_LONG`` (longer
+    than ``max_len``), ``PICK_NO_QUEUE`` (no queue enabled)."""
     first = -1
     for j in range(enabled.shape[0]):
         if enabled[j]:
             first = j
             break
     lsz = lut.shape[0]
+    width = frames.shape[1]
     for i in range(n):
         row = frames[i]
         length = lens[i]
-        k = rss_tuple(row, length, tuple_buf, hena)
+        hashes[i] = 0
+        ptypes[i] = 0
+        dst = np.uint64(0)
+        for b in range(6 if width >= 6 else 0):
+            dst |= np.uint64(row[b]) << np.uint64(8 * b)
+        if length < 14 or width < 14 or not _accepts(filt, dst):
+            qs[i] = PICK_FILTERED
+            continue
+        if length > max_len:
+            qs[i] = PICK_TOO_LONG
+            continue
+        seen = min(length, width)
+        k = rss_tuple(row, seen, tuple_buf, hena)
         h = toeplitz_fast(table, tuple_buf, k) if k else np.uint32(0)
         q: Any = np.int64(lut[np.int64(h) % lsz]) if h != 0 else np.int64(first)
         if q < 0 or q >= enabled.shape[0] or not enabled[q]:
             q = first
         qs[i] = q
         hashes[i] = h
-        ptypes[i] = classify(row, length)
+        ptypes[i] = classify(row, seen)
 
 
 @njit(nogil=True, cache=True)

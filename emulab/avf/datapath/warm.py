@@ -46,7 +46,8 @@ def warmup(polling: bool = True) -> float:
     ones_sum(frames[0], 0, 64)
     rx_pick(frames, lens, 1, toeplitz_table(key), np.zeros(64, dtype=np.uint8), np.uint64(0),
             np.ones(4, dtype=np.bool_), np.zeros(12, dtype=np.uint8), np.zeros(8, dtype=np.int64),
-            np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8))  # fmt: skip
+            np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8),
+            np.zeros(1, dtype=np.uint64), 9728)  # fmt: skip
     ones_sum(np.frombuffer(bytes(8), dtype=np.uint8), 0, 8)  # (bytes: a read-only array)
     table = toeplitz_table(key)
     forward((mem.view(np.uint64),), starts, ends, writable, np.array([0, 8, 0, 0]),

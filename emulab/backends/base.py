@@ -118,13 +118,10 @@ class PacketBackend(abc.ABC):
         self.room.set()
 
     def _receive(self, frames: Sequence[bytes]) -> int:
-        """Frames from this wire, counted, to the device; returns how many it took."""
-        deliver = self._deliver
-        if deliver is None:
-            with self.counters.lock:
-                self.counters.dropped += len(frames)
-            return len(frames)
-        self.counters.received(frames)
+        """Frames from this wire, counted, to the device (none attached: dropped, counted);
+        returns how many it took."""
+        if self._deliver is not None:
+            self.counters.received(frames)
         return self._offer(frames)
 
     def _offer(self, frames: Sequence[bytes]) -> int:
@@ -139,10 +136,9 @@ class PacketBackend(abc.ABC):
 
     def _receive_rows(self, frames: Any, lens: Any, n: int) -> int:
         """Frames from this wire held as the first ``n`` rows of a uint8 array (``lens`` long),
-        counted, to the device; returns how many it took."""
-        with self.counters.lock:
-            self.counters.rx_packets += n
-            self.counters.rx_bytes += int(lens[:n].sum())
+        counted, to the device (none attached: dropped, counted); returns how many it took."""
+        if self._deliver is not None:
+            self.counters.received_count(n, int(lens[:n].sum()))
         return self._offer_rows(frames, lens, n)
 
     def _offer_rows(self, frames: Any, lens: Any, n: int) -> int:

@@ -188,6 +188,7 @@ class QueueEngine:
         self._pick_q = np.zeros(BURST, dtype=np.int64)
         self._pick_h = np.zeros(BURST, dtype=np.uint32)
         self._pick_t = np.zeros(BURST, dtype=np.uint8)
+        self._pick_x = np.zeros(BURST, dtype=np.uint64)  # checksum status bits per frame
         self._fwd_out = np.zeros(dp.FWD_OUT, dtype=np.int64)
         self._fwd_hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
         self._fwd_scratch = np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64)
@@ -461,7 +462,7 @@ class QueueEngine:
         head, delivered, _, err = dp.rx_fill(
             t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head, q.tail,
             q.buf_size, frames[keep, : int(lens[keep].max())], lens[keep], len(keep), hs[keep],
-            ptypes[keep],
+            ptypes[keep], self._pick_x[keep],
         )  # fmt: skip
         q.head = int(head)
         rows = keep[: int(delivered)]
@@ -548,7 +549,7 @@ class QueueEngine:
         qs, hs, ptypes = self._pick_q, self._pick_h, self._pick_t
         enabled = np.array([q.enabled for q in self.rx], dtype=np.bool_)
         dp.rx_pick(frames, lens, n, table, lut, hena, enabled, self._tuple, qs, hs, ptypes,
-                   filt, MAX_FRAME)  # fmt: skip
+                   filt, MAX_FRAME, self._pick_x)  # fmt: skip
         room = self._room(lens, n) if self.backend.holds else n
         picked = qs[:room]
         self.eth["rx_discards"] += int(

@@ -156,6 +156,7 @@ def fill(
         len(frames),
         h,
         np.array([dp.classify(arr[i], len(f)) for i, f in enumerate(frames)], dtype=np.uint8),
+        np.array([dp.rx_checksums(arr[i], len(f)) for i, f in enumerate(frames)], np.uint64),
     )
 
 
@@ -241,3 +242,50 @@ def test_ones_sum_is_rfc1071(length: int) -> None:
     assert csum == ~total & 0xFFFF
     if not length & 1:  # data followed by its checksum sums to zero
         assert inet_checksum(data + csum.to_bytes(2, "big")) == 0
+
+
+def _csum_frames() -> dict[str, bytes]:
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    eth = Ether(dst="02:e1:ab:00:00:01", src="02:00:00:00:00:09")
+    tcp = bytes(eth / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2) / (b"x" * 999))
+    udp = bytes(eth / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / (b"y" * 33))
+    bad_ip = bytearray(tcp)
+    bad_ip[24] ^= 0xFF  # the IPv4 header checksum
+    bad_l4 = bytearray(tcp)
+    bad_l4[-1] ^= 0x01  # a payload byte
+    no_sum = bytearray(udp)
+    no_sum[40:42] = b"\0\0"  # UDP sent without a checksum
+    no_sum[-1] ^= 0x55  # (so the payload is not checked)
+    frag = bytes(eth / IP(src="10.0.0.1", dst="10.0.0.2", flags="MF") / UDP() / (b"z" * 20))
+    return {"tcp": tcp, "udp": udp, "bad-ip": bytes(bad_ip), "bad-l4": bytes(bad_l4),
+            "udp-no-sum": bytes(no_sum), "fragment": frag, "arp": bytes(60)}  # fmt: skip
+
+
+CSUM_CASES = [("tcp", dp.RX_L3L4P), ("udp", dp.RX_L3L4P), ("bad-ip", dp.RX_L3L4P | dp.RX_ERR_IPE),
+              ("bad-l4", dp.RX_L3L4P | dp.RX_ERR_L4E), ("udp-no-sum", dp.RX_L3L4P),
+              ("fragment", 0), ("arp", 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "bits"), CSUM_CASES)
+def test_rx_checksum_check_as_the_hardware_reports_it(name: str, bits: int) -> None:
+    frame = _csum_frames()[name]
+    arr = np.frombuffer(frame, dtype=np.uint8)
+    assert int(dp.rx_checksums(arr, len(frame))) == bits
+    assert int(dp.rx_checksums(arr, len(frame) - 1)) in (0, bits)  # a cut frame: never "good"
+
+
+def test_rx_fill_writes_the_checksum_bits_in_the_last_descriptor(
+    mem: tuple[GuestMemory, np.ndarray],
+) -> None:
+    gm, raw = mem
+    ring = rx_ring(raw)
+    for i in range(N):
+        ring[i] = (0x4000_0000 + BUF + 1024 * i, 0, 0, 0)
+    f = _csum_frames()
+    assert fill(gm, 0, 8, [f["tcp"], f["bad-l4"]], buf_size=1024)[:2] == (4, 2)
+    q1 = [int(q) for q in ring["qword1"][:4]]
+    assert [q & (dp.RX_L3L4P | dp.RX_ERR_L4E) for q in q1] == [
+        0, dp.RX_L3L4P, 0, dp.RX_L3L4P | dp.RX_ERR_L4E,
+    ]  # fmt: skip

@@ -12,11 +12,14 @@ other qwords of that descriptor. The fast path (``forward``) enforces it with re
 ordered CPU it would carry the fence); the general path relies on program order, which x86
 keeps for stores (TSO).
 
-The kernels release the GIL (``nogil=True``) and are compiled once to the on-disk cache.
+The kernels release the GIL (``nogil=True``) and are compiled once to the on-disk cache, which
+is dropped whenever any of this package's sources changed (``cache``: numba tracks only each
+kernel's own file, not the kernels it inlines from others).
 """
 
 from __future__ import annotations
 
+from emulab.avf.datapath.cache import guard_package
 from emulab.avf.datapath.memory import (
     MemoryTable,
 )
@@ -114,7 +117,10 @@ from emulab.avf.datapath.rings import (
     RSS_TUPLE_MAX,
     RX_DD,
     RX_EOF,
+    RX_ERR_IPE,
+    RX_ERR_L4E,
     RX_FLTSTAT_RSS,
+    RX_L3L4P,
     TX_CMD_EOP,
     TX_CMD_RS,
     TX_CTX_TSO,
@@ -125,6 +131,7 @@ from emulab.avf.datapath.rings import (
     ones_sum,
     rss_hash,
     rss_tuple,
+    rx_checksums,
     rx_fill,
     rx_pick,
     toeplitz,
@@ -137,6 +144,8 @@ from emulab.avf.datapath.warm import (
     warmup,
     warmup_in_background,
 )
+
+guard_package()  # before any kernel loads: a cache older than these sources is dropped
 
 __all__ = [
     "BURST_POLL",
@@ -215,8 +224,11 @@ __all__ = [
     "RX_DD",
     "RX_ENABLED",
     "RX_EOF",
+    "RX_ERR_IPE",
+    "RX_ERR_L4E",
     "RX_FLTSTAT_RSS",
     "RX_HEAD",
+    "RX_L3L4P",
     "RX_LEN",
     "RX_MAX",
     "RX_PACKETS",
@@ -239,6 +251,7 @@ __all__ = [
     "poll",
     "rss_hash",
     "rss_tuple",
+    "rx_checksums",
     "rx_fill",
     "rx_pick",
     "snap_rows",

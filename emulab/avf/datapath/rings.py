@@ -25,6 +25,8 @@ TX_CMD_RS = 0x2
 RX_DD = 1
 RX_EOF = 2
 RX_FLTSTAT_RSS = 3 << 12
+RX_L3L4P = 1 << 3  # status: the checksums were checked (errors below say how they were)
+RX_ERR_IPE, RX_ERR_L4E = 1 << (19 + 3), 1 << (19 + 4)  # errors: the IPv4 header's, the segment's
 FILTER_ON, FILTER_PROMISC_UC, FILTER_PROMISC_MC = 1, 2, 4  # the MAC filter's flags word
 MAC_MASK = 0xFFFFFFFFFFFF
 PICK_NO_QUEUE, PICK_FILTERED, PICK_TOO_LONG = -1, -2, -3  # rx_pick's verdicts besides a queue
@@ -196,8 +198,11 @@ def rx_fill(
     n_frames: Any,
     hashes: Any,
     ptypes: Any,
+    extra: Any,
 ) -> tuple[int, int, int, int]:
-    """Deliver frames into the RX buffers the driver posted (``head`` up to ``tail``).
+    """Deliver frames into the RX buffers the driver posted (``head`` up to ``tail``); each
+    frame's last descriptor also carries its ``extra`` status/error bits (see
+    :func:`rx_checksums`).
 
     Returns ``(new_head, delivered, n_descriptors, error)``. A frame that does not fit in the
     posted descriptors is left for the caller (who counts it as a discard or retries later).
@@ -237,6 +242,8 @@ def rx_fill(
                 status |= np.uint64(RX_FLTSTAT_RSS)
             q1 = status | (np.uint64(ptypes[f] if last else 0) << np.uint64(30))
             q1 |= np.uint64(chunk) << np.uint64(38)
+            if last:
+                q1 |= np.uint64(extra[f])
             _store64(ring, doff, q0)
             _store64(ring, doff + 16, np.uint64(0))
             _store64(ring, doff + 24, np.uint64(0))
@@ -409,15 +416,54 @@ def _accepts(filt: Any, dst: Any) -> bool:
     return False
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _fold(total: Any) -> Any:
+    while total >> np.uint64(16):
+        total = (total & np.uint64(0xFFFF)) + (total >> np.uint64(16))
+    return total
+
+
+@njit(nogil=True, cache=True)
+def rx_checksums(frame: Any, length: Any) -> Any:
+    """What the receive checksum check reports for an untagged frame, as RX qword-1 bits:
+    ``RX_L3L4P`` for an unfragmented IPv4 TCP or UDP frame, whose IPv4 header and segment sums
+    it then checks (``RX_ERR_IPE``, ``RX_ERR_L4E`` when wrong; a UDP checksum of 0 is none);
+    0 for anything else (nothing checked: the driver's stack checks, as iavf does without
+    L3L4P)."""
+    if length < 34 or frame[12] != 0x08 or frame[13] != 0x00 or (frame[14] >> 4) != 4:
+        return np.uint64(0)
+    ihl = np.int64(frame[14] & 0xF) * 4
+    total = (np.int64(frame[16]) << 8) | np.int64(frame[17])
+    proto = frame[23]
+    if ihl < 20 or total < ihl or 14 + total > length or (proto != 6 and proto != 17):  # noqa: PLR1714
+        return np.uint64(0)
+    if ((np.int64(frame[20]) & 0x3F) << 8) | np.int64(frame[21]):  # a fragment (MF or offset)
+        return np.uint64(0)
+    l4 = 14 + ihl
+    seg = total - ihl
+    if seg < (20 if proto == 6 else 8):
+        return np.uint64(0)
+    bits = np.uint64(RX_L3L4P)
+    if _fold(ones_sum(frame, 14, l4)) != 0xFFFF:
+        bits |= np.uint64(RX_ERR_IPE)
+    if proto == 17 and frame[l4 + 6] == 0 and frame[l4 + 7] == 0:
+        return bits  # UDP sent without a checksum
+    pseudo = ones_sum(frame, 26, 34) + np.uint64(proto) + np.uint64(seg)
+    if _fold(pseudo + ones_sum(frame, l4, l4 + seg)) != 0xFFFF:
+        bits |= np.uint64(RX_ERR_L4E)
+    return bits
+
+
 @njit(nogil=True, cache=True)
 def rx_pick(
     frames: Any, lens: Any, n: Any, table: Any, lut: Any, hena: Any, enabled: Any,
-    tuple_buf: Any, qs: Any, hashes: Any, ptypes: Any, filt: Any, max_len: Any,
+    tuple_buf: Any, qs: Any, hashes: Any, ptypes: Any, filt: Any, max_len: Any, extra: Any,
 ) -> None:  # fmt: skip
     """For frames from a wire (rows of ``frames``, ``lens`` long), in one call: the port's MAC
     filter (``filt``, see :func:`_accepts`), each frame's RSS hash (Toeplitz through
     ``table``), its RX queue (``lut[hash % len(lut)]``; the first enabled queue when the hash
-    is 0 or the chosen queue is not enabled) and its packet type. ``qs[i]`` is the queue, or
+    is 0 or the chosen queue is not enabled), its packet type and its checksum check's status
+    bits (``extra``, see :func:`rx_checksums`). ``qs[i]`` is the queue, or
     ``PICK_FILTERED`` (not for this port, or shorter than a header), ``PICK_TOO_LONG`` (longer
     than ``max_len``), ``PICK_NO_QUEUE`` (no queue enabled)."""
     first = -1
@@ -432,6 +478,7 @@ def rx_pick(
         length = lens[i]
         hashes[i] = 0
         ptypes[i] = 0
+        extra[i] = 0
         dst = np.uint64(0)
         for b in range(6 if width >= 6 else 0):
             dst |= np.uint64(row[b]) << np.uint64(8 * b)
@@ -450,6 +497,7 @@ def rx_pick(
         qs[i] = q
         hashes[i] = h
         ptypes[i] = classify(row, seen)
+        extra[i] = rx_checksums(row, seen)
 
 
 @njit(nogil=True, cache=True)

@@ -39,7 +39,8 @@ def warmup(polling: bool = True) -> float:
     frames = np.zeros((8, 64), dtype=np.uint8)
     lens = np.zeros(8, dtype=np.int64)
     rx_fill(regions, starts, ends, writable, 0, 8, 0, 0, 2048, frames, lens, 0,
-            np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8))  # fmt: skip
+            np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8),
+            np.zeros(8, dtype=np.uint64))  # fmt: skip
     key = np.zeros(52, dtype=np.uint8)
     rss_hash(key, frames[0], 64, np.zeros(12, dtype=np.uint8), np.uint64(0))
     classify(frames[0], 64)
@@ -47,7 +48,7 @@ def warmup(polling: bool = True) -> float:
     rx_pick(frames, lens, 1, toeplitz_table(key), np.zeros(64, dtype=np.uint8), np.uint64(0),
             np.ones(4, dtype=np.bool_), np.zeros(12, dtype=np.uint8), np.zeros(8, dtype=np.int64),
             np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8),
-            np.zeros(1, dtype=np.uint64), 9728)  # fmt: skip
+            np.zeros(1, dtype=np.uint64), 9728, np.zeros(8, dtype=np.uint64))  # fmt: skip
     ones_sum(np.frombuffer(bytes(8), dtype=np.uint8), 0, 8)  # (bytes: a read-only array)
     table = toeplitz_table(key)
     forward((mem.view(np.uint64),), starts, ends, writable, np.array([0, 8, 0, 0]),

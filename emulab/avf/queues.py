@@ -86,13 +86,7 @@ class MacFilter:
     multicast: set[bytes] = field(default_factory=set)
     promisc_unicast: bool = False
     promisc_multicast: bool = False
-
-    def accepts(self, dst: bytes) -> bool:
-        if not self.enabled or dst == BROADCAST:
-            return True
-        if dst[0] & 1:
-            return self.promisc_multicast or self.promisc_unicast or dst in self.multicast
-        return self.promisc_unicast or dst in self.unicast
+    # (applied in the kernels, from ``QueueEngine._filter_words``: ``datapath._accepts``)
 
 
 def _kind(dst: bytes) -> str:

@@ -1,17 +1,16 @@
 """Loads, stores and copies at host addresses, for the ring-to-ring kernels.
 
 The fast path checks every guest address against the translation table (``_find``) and then
-touches guest memory at ``base of the map + offset``, as C would. Through numpy views each
-access or slice cost a reference count (an indirect call and an atomic add; about 60 of them
-per frame, measured), and a frame copy had to be split into aligned words by hand; here a copy
-is one ``memcpy`` at any alignment and a descriptor word is one ``mov``.
+touches guest memory at ``base of the map + offset``, as C would. Through numpy views, each
+view and each array handed to a helper cost a reference-count pair (an indirect call and an
+atomic add each; about 30 pairs per frame, seen in the LLVM IR), and a frame copy had to be
+split into aligned words by hand; here a copy is one ``memcpy`` at any alignment and a
+descriptor word is one ``mov``.
 
 Ordering: :func:`store_release` is the descriptor write-back's last store (the RX status qword,
 the TX DESC_DONE); every store before it in program order -- the frame's bytes, the other
 qwords -- is visible to another thread before it (LLVM ``store atomic release``; on x86 a plain
-``mov`` the compiler may not move earlier). :func:`load_acquire` reads a word another thread
-or process writes (the tail registers in the BAR's shared memory): it is read again each time,
-never hoisted out of a loop.
+``mov`` the compiler may not move earlier).
 
 With ``NUMBA_DISABLE_JIT=1`` the same functions run as plain Python through :mod:`ctypes`.
 Callers pass addresses they have bounds-checked; nothing here checks.
@@ -38,7 +37,8 @@ def kernel(fn: _F) -> _F:
     return cast(_F, njit(**_NO_RUNTIME)(fn))
 
 
-if config.DISABLE_JIT:  # type: ignore[attr-defined]  # the interpreted kernels (tests run them): the same semantics
+# Interpreted (NUMBA_DISABLE_JIT=1, as tests also run the kernels): the same semantics.
+if config.DISABLE_JIT:  # type: ignore[attr-defined]
 
     def load(addr: Any) -> Any:
         """The uint64 at host address ``addr``."""
@@ -49,7 +49,6 @@ if config.DISABLE_JIT:  # type: ignore[attr-defined]  # the interpreted kernels 
         ctypes.c_uint64.from_address(int(addr)).value = int(value) & 0xFFFFFFFFFFFFFFFF
 
     store_release = store
-    load_acquire = load
 
     def copy(dst: Any, src: Any, n: Any) -> None:
         """``n`` bytes from ``src`` to ``dst`` (host addresses; the areas do not overlap)."""
@@ -76,16 +75,6 @@ else:
 
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             return builder.load(_ptr(builder, _as_i64(context, builder, sig.args[0], args[0])))
-
-        return types.uint64(addr), codegen
-
-    @intrinsic
-    def load_acquire(typingctx: Any, addr: Any) -> Any:
-        """The uint64 at ``addr``, read now (another thread or process writes it)."""
-
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            p = _ptr(builder, _as_i64(context, builder, sig.args[0], args[0]))
-            return builder.load_atomic(p, "acquire", 8)
 
         return types.uint64(addr), codegen
 

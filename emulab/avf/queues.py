@@ -17,7 +17,7 @@ import numpy as np
 
 from emulab.avf import datapath as dp
 from emulab.avf.offload import OFFLOAD_CMD_MASK, apply_tx_offloads
-from emulab.backends.base import PacketBackend
+from emulab.backends.base import GSO_COLS, PacketBackend
 from emulab.pci.dma import GuestMemory
 
 __all__ = ["QueueEngine", "RxQueue", "TxQueue"]
@@ -183,6 +183,13 @@ class QueueEngine:
         self._pick_h = np.zeros(BURST, dtype=np.uint32)
         self._pick_t = np.zeros(BURST, dtype=np.uint8)
         self._pick_x = np.zeros(BURST, dtype=np.uint64)  # checksum status bits per frame
+        self._place_done = np.zeros(BURST, dtype=np.uint8)  # rx_place: which were delivered
+        self._place_out = np.zeros(dp.PLACE_OUT, dtype=np.int64)
+        self._place_rx = self.rx_table()
+        self._no_gso = np.zeros((BURST, GSO_COLS), dtype=np.int64)  # plain frames
+        self._seg = np.zeros(MAX_FRAME, dtype=np.uint8)  # where rx_place cuts TSO segments
+        self._filt_key: tuple[object, ...] = ()
+        self._filt = np.zeros(1, dtype=np.uint64)
         self._fwd_out = np.zeros(dp.FWD_OUT, dtype=np.int64)
         self._fwd_hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
         self._fwd_scratch = np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64)
@@ -191,7 +198,8 @@ class QueueEngine:
         self._table_key = b""  # the key ``_toeplitz`` was built for: built at first use
         self._toeplitz = np.zeros((dp.RSS_TUPLE_MAX, 256), dtype=np.uint32)
         self.fast_bursts = 0  # kernel calls of the fast path (what a user checks it is used)
-        self.backend.attach(self.receive, self.receive_rows)
+        self.rx_tso_frames = 0  # TSO frames from the wire cut into segments (rx_place)
+        self.backend.attach(self.receive, self.receive_rows, gso_rows=True)
 
     def _remap(self) -> None:
         with self.lock:
@@ -273,22 +281,29 @@ class QueueEngine:
         return self.fast and self.backend.kind == "loopback" and self._table.all_words
 
     def _filter_words(self) -> np.ndarray:
+        """The MAC filter as the kernels take it (rebuilt only when it changed)."""
         f = self.filter
+        key = (f.enabled, f.promisc_unicast, f.promisc_multicast, *f.unicast, b"", *f.multicast)
+        if key == self._filt_key:
+            return self._filt
         flags = (
             (dp.FILTER_ON if f.enabled else 0)
             | (dp.FILTER_PROMISC_UC if f.promisc_unicast else 0)
             | (dp.FILTER_PROMISC_MC if f.promisc_multicast else 0)
         )
         macs = [int.from_bytes(m + b"\0\0", "little") for m in (*f.unicast, *f.multicast)]
-        return np.array([flags, *macs], dtype=np.uint64)
+        self._filt = np.array([flags, *macs], dtype=np.uint64)
+        self._filt_key = key
+        return self._filt
 
-    def rx_table(self) -> np.ndarray:
-        """The RX queues as ``forward`` takes them (``RX_COLS`` columns)."""
-        t = np.zeros((self.num_queues, dp.RX_COLS), dtype=np.int64)
+    def rx_table(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The RX queues as ``forward`` and ``rx_place`` take them (``RX_COLS`` columns), in a
+        new array or written over ``out``."""
+        t = np.empty((self.num_queues, dp.RX_COLS), dtype=np.int64) if out is None else out
         for r in self.rx:
             ok = r.enabled and r.length and 0 <= r.tail < r.length
-            t[r.index, : dp.RX_COLS] = (r.base, r.length, r.head, r.tail, r.buf_size or 2048,
-                                        1 if ok else 0, 0, 0, r.max_frame)  # fmt: skip
+            t[r.index] = (r.base, r.length, r.head, r.tail, r.buf_size or 2048, 1 if ok else 0,
+                          0, 0, r.max_frame, 0, 0)  # fmt: skip
         return t
 
     def forward_params(self) -> tuple[np.ndarray, np.ndarray, np.uint64, np.ndarray]:
@@ -439,55 +454,6 @@ class QueueEngine:
             if self.backend.holds:
                 self.backend.resume()  # a wire holding frames for want of buffers offers them
 
-    def _fill(
-        self, q: RxQueue, frames: np.ndarray, lens: np.ndarray, idx: np.ndarray, vectors: set[int]
-    ) -> None:
-        """Rows ``idx`` of a burst (picked by ``rx_pick`` for ``q``) into RX queue ``q``'s
-        ring, and counted: numpy per burst, nothing in Python per frame (but the packet trace's
-        bytes, when it is on)."""
-        hs, ptypes = self._pick_h, self._pick_t
-        keep = idx[lens[idx] <= q.max_frame]
-        too_long = len(idx) - len(keep)
-        q.discards += too_long
-        self.eth["rx_discards"] += too_long
-        if not len(keep):
-            return
-        t = self._table
-        head, delivered, _, err = dp.rx_fill(
-            t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head, q.tail,
-            q.buf_size, frames[keep, : int(lens[keep].max())], lens[keep], len(keep), hs[keep],
-            ptypes[keep], self._pick_x[keep],
-        )  # fmt: skip
-        q.head = int(head)
-        rows = keep[: int(delivered)]
-        got = len(rows)
-        q.packets += got
-        q.bytes += int(lens[rows].sum())
-        q.discards += len(keep) - got
-        self.eth["rx_discards"] += len(keep) - got
-        self._count_rows("rx", frames, lens, rows)
-        if got and self.on_packets is not None and self.wants_packets():
-            self.on_packets("rx", q.index, [frames[i, : lens[i]].tobytes() for i in rows])
-        if got and q.vector >= 0:
-            vectors.add(q.vector)
-        if err:
-            self._fail("rx", q, int(err))
-
-    def _count_rows(
-        self, direction: str, frames: np.ndarray, lens: np.ndarray, rows: np.ndarray
-    ) -> None:
-        """:meth:`_count` for frames held as rows of an array."""
-        if not len(rows):
-            return
-        eth = self.eth
-        dst = frames[rows, :6]
-        bcast = int(np.count_nonzero((dst == 0xFF).all(axis=1)))
-        mcast = int(np.count_nonzero(dst[:, 0] & 1)) - bcast
-        eth[f"{direction}_broadcast"] += bcast
-        eth[f"{direction}_multicast"] += mcast
-        eth[f"{direction}_unicast"] += len(rows) - bcast - mcast
-        eth[f"{direction}_bytes"] += int(lens[rows].sum())
-
     def sync_tails(self) -> None:
         """Polling mode: take the RX tails the driver wrote into the mmapped page."""
         words = self.tail_words
@@ -511,7 +477,7 @@ class QueueEngine:
                     m = min(len(f), width)
                     self._frames[i, :m] = np.frombuffer(f, dtype=np.uint8, count=m)
                     self._lens[i] = len(f)
-                got = self._receive_rows(self._frames, self._lens, len(chunk), vectors)
+                got = self._receive_rows(self._frames, self._lens, len(chunk), None, vectors)
                 taken += got
                 if got < len(chunk):
                     break
@@ -519,7 +485,9 @@ class QueueEngine:
             self.raise_vector(v)
         return taken
 
-    def receive_rows(self, frames: np.ndarray, lens: np.ndarray, n: int) -> int:
+    def receive_rows(
+        self, frames: np.ndarray, lens: np.ndarray, n: int, gso: np.ndarray | None = None
+    ) -> int:
         """Frames from the backend as the first ``n`` (at most ``BURST``) rows of a uint8 array,
         ``lens`` long (a length past the row's width: a frame too long, discarded). The MAC
         filter, RSS, the packet type and the RX queue in one kernel call (``rx_pick``), each
@@ -530,43 +498,57 @@ class QueueEngine:
         offer again once the driver posts some (``resume``)."""
         vectors: set[int] = set()
         with self.lock:
-            room = self._receive_rows(frames, lens, n, vectors)
+            room = self._receive_rows(frames, lens, n, gso, vectors)
         for v in vectors:  # outside the lock: raising takes the device's
             self.raise_vector(v)
         return room
 
-    def _receive_rows(self, frames: np.ndarray, lens: np.ndarray, n: int, vectors: set[int]) -> int:
+    def _receive_rows(
+        self, frames: np.ndarray, lens: np.ndarray, n: int, gso: np.ndarray | None,
+        vectors: set[int],
+    ) -> int:  # fmt: skip
         """:meth:`receive_rows` under the lock; the vectors to raise go into ``vectors``."""
         n = min(n, BURST)
+        if gso is None:
+            gso = self._no_gso
         self.sync_tails()
         table, lut, hena, filt = self.forward_params()
-        qs, hs, ptypes = self._pick_q, self._pick_h, self._pick_t
+        qs, hs, ptypes, extra = self._pick_q, self._pick_h, self._pick_t, self._pick_x
         enabled = np.array([q.enabled for q in self.rx], dtype=np.bool_)
         dp.rx_pick(frames, lens, n, table, lut, hena, enabled, self._tuple, qs, hs, ptypes,
-                   filt, MAX_FRAME, self._pick_x)  # fmt: skip
-        room = self._room(lens, n) if self.backend.holds else n
-        picked = qs[:room]
-        self.eth["rx_discards"] += int(
-            np.count_nonzero((picked == dp.PICK_NO_QUEUE) | (picked == dp.PICK_TOO_LONG))
-        )
-        for qi in np.unique(picked[picked >= 0]).tolist():
-            self._fill(self.rx[qi], frames, lens, np.flatnonzero(picked == qi), vectors)
-        return room
-
-    def _room(self, lens: np.ndarray, n: int) -> int:
-        """How many of the burst's first frames (queues picked in ``_pick_q``) fit in the
-        buffers posted on their RX queues; frames that would be dropped anyway (a disabled
-        queue, longer than max_frame) count as fitting."""
-        qs = self._pick_q[:n]
-        limit = n
-        for qi in np.unique(qs[qs >= 0]).tolist():
-            q = self.rx[qi]
-            if not q.enabled or not q.length or not q.buf_size:
+                   filt, MAX_FRAME, extra, gso)  # fmt: skip
+        t, out, done = self._table, self._place_out, self._place_done
+        rxt = self.rx_table(self._place_rx)
+        taken = int(dp.rx_place(t.regions, t.starts, t.ends, t.writable, rxt, frames, lens, n,
+                                qs, hs, ptypes, extra, self.backend.holds, done, out, gso,
+                                self._seg))  # fmt: skip
+        self.rx_tso_frames += int(out[dp.PLACE_TSO])
+        touched = int(out[dp.PLACE_QUEUES])
+        if not touched:
+            self.eth["rx_discards"] += int(out[dp.PLACE_DISCARDS])
+            return taken
+        e = self.eth
+        got, bc, mc = int(out[dp.PLACE_PACKETS]), int(out[dp.PLACE_BCAST]), int(out[dp.PLACE_MCAST])
+        e["rx_broadcast"] += bc
+        e["rx_multicast"] += mc
+        e["rx_unicast"] += got - bc - mc
+        e["rx_bytes"] += int(out[dp.PLACE_BYTES])
+        e["rx_discards"] += int(out[dp.PLACE_DISCARDS])
+        trace = got and self.on_packets is not None and self.wants_packets()
+        for q in self.rx:
+            if not touched >> q.index & 1:
                 continue
-            idx = np.flatnonzero(qs == qi)
-            size = lens[idx]
-            need = np.where(size <= q.max_frame, -(-size // q.buf_size), 0)
-            over = np.flatnonzero(np.cumsum(need) > (q.tail - q.head) % q.length)
-            if len(over):
-                limit = min(limit, int(idx[over[0]]))
-        return limit
+            row = rxt[q.index].tolist()
+            q.head = row[dp.RX_HEAD]
+            q.discards += row[dp.RX_DISCARDS]
+            if row[dp.RX_PACKETS]:
+                q.packets += row[dp.RX_PACKETS]
+                q.bytes += row[dp.RX_BYTES]
+                if q.vector >= 0:
+                    vectors.add(q.vector)
+                if trace and self.on_packets is not None:
+                    rows = np.flatnonzero((qs[:taken] == q.index) & (done[:taken] != 0))
+                    self.on_packets("rx", q.index, [frames[i, : lens[i]].tobytes() for i in rows])
+            if row[dp.RX_ERROR]:
+                self._fail("rx", q, row[dp.RX_ERROR])
+        return taken

@@ -8,17 +8,49 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Counters", "Deliver", "DeliverRows", "GsoFrame", "PacketBackend"]
+__all__ = [
+    "DATA_VALID",
+    "GSO_COLS",
+    "GSO_CSUM_OFFSET",
+    "GSO_CSUM_START",
+    "GSO_DONE",
+    "GSO_FLAGS",
+    "GSO_NONE",
+    "GSO_SIZE",
+    "GSO_TCPV4",
+    "GSO_TCPV6",
+    "GSO_TYPE",
+    "NEEDS_CSUM",
+    "Counters",
+    "Deliver",
+    "DeliverRows",
+    "GsoFrame",
+    "PacketBackend",
+]
 
 Deliver = Callable[[Sequence[bytes]], "int | None"]
 """The device's receive entry point: called with frames for the device to receive. It returns
 how many, from the front, it took (None: all). Fewer only when the backend ``holds`` frames and
 the device has no room for the next one (flow control): the backend offers the rest again."""
 
-DeliverRows = Callable[[Any, Any, int], int]
-"""The device's receive entry point for frames held as rows: ``(frames, lens, n)``, the first
-``n`` rows of a uint8 array and their lengths; returns how many, from the front, it took.
-A backend that reads into an array hands it over without a bytes object per frame."""
+DeliverRows = Callable[[Any, Any, int, Any], int]
+"""The device's receive entry point for frames held as rows: ``(frames, lens, n, gso)``, the
+first ``n`` rows of a uint8 array, their lengths and what the wire's virtio-net header said of
+each (``gso``: an int64 array of ``GSO_COLS`` columns, or None: plain frames); returns how many,
+from the front, it took. A backend that reads into an array hands it over without a bytes
+object per frame.
+
+A device that ``attach``-es with ``gso_rows=True`` takes, from a wire that can send them (a TAP
+with offloads on), frames whose checksum is left to finish (``NEEDS_CSUM``: the sum from
+``GSO_CSUM_START`` to the end goes at ``GSO_CSUM_START + GSO_CSUM_OFFSET``) and TCP frames of up
+to 64 KiB to cut into ``GSO_SIZE``-byte segments (``GSO_TYPE``), as virtio-net's receive side
+takes them; ``GSO_DONE`` is the device's: how many segments of the frame it delivered so far
+(a frame held half delivered goes on from there when offered again)."""
+
+GSO_TYPE, GSO_SIZE, GSO_CSUM_START, GSO_CSUM_OFFSET, GSO_FLAGS, GSO_DONE = range(6)
+GSO_COLS = 6
+GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4  # struct virtio_net_hdr's gso_type
+NEEDS_CSUM, DATA_VALID = 1, 2  # and its flags
 
 
 @dataclass
@@ -97,11 +129,20 @@ class PacketBackend(abc.ABC):
         self._deliver_rows: DeliverRows | None = None
         self.room = threading.Event()  # set by the device when it has room again (``resume``)
 
-    def attach(self, deliver: Deliver | None, rows: DeliverRows | None = None) -> None:
+    def attach(
+        self, deliver: Deliver | None, rows: DeliverRows | None = None, *, gso_rows: bool = False
+    ) -> None:
         """Connect (or with None, disconnect) the device's receive side; ``rows``, if the
-        device has one, takes frames held as rows of an array (see :meth:`_receive_rows`)."""
+        device has one, takes frames held as rows of an array (see :meth:`_receive_rows`), and
+        with ``gso_rows`` also frames that still need their checksum or TCP segmentation
+        (see ``DeliverRows``), if this wire can send them."""
         self._deliver = deliver
         self._deliver_rows = rows if deliver is not None else None
+        self._rx_offloads(gso_rows and self._deliver_rows is not None)
+
+    def _rx_offloads(self, on: bool) -> None:  # noqa: B027 -- most wires have nothing to do
+        """Let the wire send (or stop sending) frames as ``gso_rows`` describes; a wire that
+        has no such frames ignores it."""
 
     def send(self, frames: Sequence[bytes]) -> None:
         """Frames the device transmitted."""
@@ -134,18 +175,20 @@ class PacketBackend(abc.ABC):
         taken = deliver(frames)
         return len(frames) if taken is None else taken
 
-    def _receive_rows(self, frames: Any, lens: Any, n: int) -> int:
-        """Frames from this wire held as the first ``n`` rows of a uint8 array (``lens`` long),
-        counted, to the device (none attached: dropped, counted); returns how many it took."""
+    def _receive_rows(self, frames: Any, lens: Any, n: int, gso: Any = None) -> int:
+        """Frames from this wire held as the first ``n`` rows of a uint8 array (``lens`` long;
+        ``gso`` as in ``DeliverRows``), counted, to the device (none attached: dropped,
+        counted); returns how many it took."""
         if self._deliver is not None:
             self.counters.received_count(n, int(lens[:n].sum()))
-        return self._offer_rows(frames, lens, n)
+        return self._offer_rows(frames, lens, n, gso)
 
-    def _offer_rows(self, frames: Any, lens: Any, n: int) -> int:
-        """Rows (counted already) to the device again: as rows if it takes them, else as bytes."""
+    def _offer_rows(self, frames: Any, lens: Any, n: int, gso: Any = None) -> int:
+        """Rows (counted already) to the device again: as rows if it takes them, else as bytes
+        (then plain frames: a wire sends others only to a device that takes ``gso_rows``)."""
         rows = self._deliver_rows
         if rows is not None:
-            return rows(frames, lens, n)
+            return rows(frames, lens, n, gso)
         return self._offer([frames[i, : lens[i]].tobytes() for i in range(n)])
 
     def close(self) -> None:

@@ -24,7 +24,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from emulab.backends.base import GsoFrame, PacketBackend
+from emulab.backends.base import (
+    GSO_COLS,
+    GSO_CSUM_OFFSET,
+    GSO_CSUM_START,
+    GSO_DONE,
+    GSO_FLAGS,
+    GSO_NONE,
+    GSO_SIZE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_TYPE,
+    NEEDS_CSUM,
+    GsoFrame,
+    PacketBackend,
+)
 
 __all__ = ["TapBackend"]
 
@@ -35,13 +49,16 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 VNET_HDR = struct.Struct("<BBHHHH")  # struct virtio_net_hdr: flags, gso_type, hdr_len, ...
-NEEDS_CSUM = 1
-GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
+VNET_DTYPE = np.dtype([("flags", "u1"), ("gso_type", "u1"), ("hdr_len", "<u2"),
+                       ("gso_size", "<u2"), ("csum_start", "<u2"),
+                       ("csum_offset", "<u2")])  # fmt: skip
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 PLAIN = VNET_HDR.pack(0, GSO_NONE, 0, 0, 0, 0)
 MAX_FRAME = 65536
 BATCH = 64
-ROW = 16384  # bytes per frame read (no offloads are on towards us: frames are MTU-sized); a
-# frame that fills its row may be cut, and is marked longer than it (the device discards it)
+ROW = 65536 + 256  # bytes per frame read: a TSO frame of the host's (64 KiB at most); a frame
+# that fills its row may be cut, and is marked longer than it (the device discards it). The
+# rows' pages are touched only as frames that long come.
 HOLD_MAX = 0.25  # seconds a held batch waits for receive buffers before it is dropped
 HOLD_POLL = 0.0005  # re-offer at least this often (polling mode moves tails without a word)
 
@@ -61,7 +78,11 @@ def vnet_header(frame: bytes) -> bytes:
 class TapBackend(PacketBackend):
     """The device's frames go out with virtio-net headers (IFF_VNET_HDR), so that checksums and
     TCP segmentation the driver asked for are finished by the host kernel, as QEMU's virtio-net
-    does on a TAP; frames from the host come whole (no offloads are enabled in that direction)."""
+    does on a TAP. Towards the device, a device that takes ``gso_rows`` (the AVF) turns the
+    TAP's offloads on (checksum, TSO for IPv4 and IPv6), as virtio-net does for a guest that
+    negotiated them: the host then sends TCP in frames of up to 64 KiB with their checksums left
+    to finish, one read each, and the device cuts them to the MSS as they go into its RX rings;
+    to anything else, frames come whole."""
 
     kind = "tap"
     gso = True
@@ -77,7 +98,7 @@ class TapBackend(PacketBackend):
             flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
             fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
             fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR.size))
-            fcntl.ioctl(self.fd, TUNSETOFFLOAD, 0)  # the host segments what it sends us
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, 0)  # until a device takes gso rows
             subprocess.run(["ip", "link", "set", name, "up"], check=True, capture_output=True)
         except BaseException:
             os.close(self.fd)
@@ -88,7 +109,9 @@ class TapBackend(PacketBackend):
         self._rows = np.zeros((BATCH, ROW), dtype=np.uint8)  # frames are read straight into rows
         self._lens = np.zeros(BATCH, dtype=np.int64)
         self._iov = [r.data for r in self._rows]  # writable buffers, one per row
-        self._vhdr = bytearray(VNET_HDR.size)
+        self._vh = np.zeros(BATCH, dtype=VNET_DTYPE)  # each frame's virtio-net header
+        self._vhv = [self._vh[i : i + 1].view(np.uint8).data for i in range(BATCH)]
+        self._gso = np.zeros((BATCH, GSO_COLS), dtype=np.int64)
         self._thread = threading.Thread(target=self._reader, name=f"emulab-tap-{name}", daemon=True)
         self._thread.start()
 
@@ -103,13 +126,28 @@ class TapBackend(PacketBackend):
                 with self.counters.lock:
                     self.counters.dropped += 1
 
+    def _rx_offloads(self, on: bool) -> None:
+        flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if on else 0
+        fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+
+    def _gso_rows(self, n: int) -> np.ndarray:
+        """The batch's virtio-net headers as ``gso`` rows (see ``DeliverRows``)."""
+        vh, gso = self._vh[:n], self._gso
+        gso[:n, GSO_TYPE] = vh["gso_type"]
+        gso[:n, GSO_SIZE] = vh["gso_size"]
+        gso[:n, GSO_CSUM_START] = vh["csum_start"]
+        gso[:n, GSO_CSUM_OFFSET] = vh["csum_offset"]
+        gso[:n, GSO_FLAGS] = vh["flags"]
+        gso[:n, GSO_DONE] = 0
+        return gso
+
     def _reader(self) -> None:
         """Hand the device what the host sent, a batch per wake-up (up to ``BATCH`` frames, each
         read straight into a row of an array): one pass of the device's receive path (lock, RSS,
         ring fill) per batch, and no bytes object per frame. What the device cannot take yet is
         held (flow control, see the module's docstring)."""
         os.set_blocking(self.fd, False)
-        rows, lens, iov, vhdr = self._rows, self._lens, self._iov, self._vhdr
+        rows, lens, iov, vhv = self._rows, self._lens, self._iov, self._vhv
         while True:
             ready, _, _ = select.select([self.fd, self._stop_r], [], [])
             if self._stop_r in ready:
@@ -117,7 +155,7 @@ class TapBackend(PacketBackend):
             n = 0
             try:
                 while n < BATCH:
-                    got = os.readv(self.fd, (vhdr, iov[n])) - VNET_HDR.size
+                    got = os.readv(self.fd, (vhv[n], iov[n])) - VNET_HDR.size
                     if got >= 0:
                         lens[n] = got if got < ROW else ROW + 1
                         n += 1
@@ -127,7 +165,7 @@ class TapBackend(PacketBackend):
                 return
             if n:
                 self.room.clear()
-                taken = self._receive_rows(rows, lens, n)
+                taken = self._receive_rows(rows, lens, n, self._gso_rows(n))
                 if taken < n:
                     self._hold(taken, n)
 
@@ -139,7 +177,8 @@ class TapBackend(PacketBackend):
         while start < n and not self._closing:
             self.room.wait(HOLD_POLL)
             self.room.clear()
-            start += self._offer_rows(self._rows[start:n], self._lens[start:n], n - start)
+            start += self._offer_rows(self._rows[start:n], self._lens[start:n], n - start,
+                                      self._gso[start:n])  # fmt: skip
             if start < n and time.monotonic() > deadline:
                 with self.counters.lock:
                     self.counters.dropped += n - start

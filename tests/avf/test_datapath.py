@@ -12,6 +12,7 @@ import pytest
 
 from emulab.avf import datapath as dp
 from emulab.avf.descriptors import RX_DESC, TX_DESC, TxCmd, tx_qword1
+from emulab.backends.base import GSO_COLS, GSO_DONE, GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM
 from emulab.pci.dma import GuestMemory, memfd
 
 TXR, RXR, BUF, SIZE, N = 0x0, 0x1000, 0x10000, 0x100000, 64
@@ -132,42 +133,45 @@ def test_tx_context_descriptor_and_bursts_that_do_not_fit(
     assert drain(gm, 0, 3)[0][3] == dp.ERR_BAD_DESCRIPTOR
 
 
-def fill(
-    gm: GuestMemory, head: int, tail: int, frames: list[bytes], buf_size: int = 2048, hashes=None
-):  # type: ignore[no-untyped-def]
+def fill(  # type: ignore[no-untyped-def]
+    gm: GuestMemory, head: int, tail: int, frames: list[bytes], buf_size: int = 2048,
+    hashes=None, queues=None, holds: bool = True, max_frame: int = 9728,
+):  # fmt: skip
+    """rx_place into one RX queue (ring at RXR); returns (head, delivered, error, taken) and
+    keeps the last call's table, done flags and counts in ``fill.last``."""
     t = dp.MemoryTable(gm)
     arr = np.zeros((len(frames), 9728), dtype=np.uint8)
     lens = np.array([len(f) for f in frames], dtype=np.int64)
     for i, f in enumerate(frames):
         arr[i, : len(f)] = np.frombuffer(f, dtype=np.uint8)
     h = np.array(hashes or [0] * len(frames), dtype=np.uint32)
-    return dp.rx_fill(
-        t.regions,
-        t.starts,
-        t.ends,
-        t.writable,
-        0x4000_0000 + RXR,
-        N,
-        head,
-        tail,
-        buf_size,
-        arr,
-        lens,
-        len(frames),
-        h,
+    rx = np.zeros((1, dp.RX_COLS), dtype=np.int64)
+    rx[0, : dp.RX_MAX + 1] = (0x4000_0000 + RXR, N, head, tail, buf_size, 1, 0, 0, max_frame)
+    done = np.zeros(len(frames), dtype=np.uint8)
+    out = np.zeros(dp.PLACE_OUT, dtype=np.int64)
+    qs = np.array(queues or [0] * len(frames), dtype=np.int64)
+    taken = dp.rx_place(
+        t.regions, t.starts, t.ends, t.writable, rx, arr, lens, len(frames), qs, h,
         np.array([dp.classify(arr[i], len(f)) for i, f in enumerate(frames)], dtype=np.uint8),
         np.array([dp.rx_checksums(arr[i], len(f)) for i, f in enumerate(frames)], np.uint64),
-    )
+        holds, done, out, np.zeros((len(frames), GSO_COLS), dtype=np.int64),
+        np.zeros(9728, dtype=np.uint8),
+    )  # fmt: skip
+    fill.last = (rx, done, out)  # type: ignore[attr-defined]
+    return int(rx[0, dp.RX_HEAD]), int(rx[0, dp.RX_PACKETS]), int(rx[0, dp.RX_ERROR]), int(taken)
 
 
-def test_rx_fill_jumbo_across_buffers_with_rss(mem: tuple[GuestMemory, np.ndarray]) -> None:
+def test_rx_place_jumbo_across_buffers_with_rss(mem: tuple[GuestMemory, np.ndarray]) -> None:
     gm, raw = mem
     ring = rx_ring(raw)
     for i in range(N):
         ring[i] = (0x4000_0000 + BUF + 2048 * i, 0, 0, 0)
     big = bytes(range(256)) * 20  # 5120 bytes: 3 buffers of 2048
-    head, delivered, used, err = fill(gm, 0, 10, [b"\x01" * 60, big], hashes=[0, 0xABCD1234])
-    assert (head, delivered, used, err) == (4, 2, 4, dp.ERR_NONE)
+    head, delivered, err, taken = fill(gm, 0, 10, [b"\x01" * 60, big], hashes=[0, 0xABCD1234])
+    assert (head, delivered, err, taken) == (4, 2, dp.ERR_NONE, 2)
+    rx, done, out = fill.last  # type: ignore[attr-defined]
+    assert list(done) == [1, 1] and rx[0, dp.RX_BYTES] == 60 + len(big)
+    assert out[dp.PLACE_MCAST] == 1 and out[dp.PLACE_BCAST] == 0  # 01:01:.. is multicast
     q1 = ring["qword1"]
     assert q1[0] & 3 == 3 and (q1[0] >> 38) & 0x3FFF == 60
     assert [(int(q) & 3, (int(q) >> 38) & 0x3FFF) for q in q1[1:4]] == [
@@ -183,17 +187,39 @@ def test_rx_fill_jumbo_across_buffers_with_rss(mem: tuple[GuestMemory, np.ndarra
     assert got == big
 
 
-def test_rx_fill_stops_without_room_and_rejects_bad_buffers(
+def test_rx_place_holds_or_discards_without_room_and_stops_a_queue_on_bad_buffers(
     mem: tuple[GuestMemory, np.ndarray],
 ) -> None:
     gm, raw = mem
     ring = rx_ring(raw)
-    for i in range(N):
-        ring[i] = (0x4000_0000 + BUF + 2048 * i, 0, 0, 0)
-    assert fill(gm, 0, 1, [b"a" * 60, b"b" * 60])[:2] == (1, 1)
-    assert fill(gm, 5, 5, [b"a" * 60])[:2] == (5, 0)  # nothing posted
+
+    def post() -> None:  # (write-back overwrites the buffer addresses, as in hardware)
+        for i in range(N):
+            ring[i] = (0x4000_0000 + BUF + 2048 * i, 0, 0, 0)
+
+    post()
+    a, b = b"\xff" * 6 + b"a" * 54, b"b" * 60
+    assert fill(gm, 0, 1, [a, b]) == (1, 1, dp.ERR_NONE, 1)  # holds: the rest waits
+    assert fill.last[2][dp.PLACE_BCAST] == 1  # type: ignore[attr-defined]
+    post()
+    assert fill(gm, 0, 1, [a, b], holds=False) == (1, 1, dp.ERR_NONE, 2)  # b is discarded
+    assert fill.last[0][0, dp.RX_DISCARDS] == 1  # type: ignore[attr-defined]
+    assert fill(gm, 5, 5, [a]) == (5, 0, dp.ERR_NONE, 0)  # nothing posted
+    # filtered frames are taken, not counted; frames for no queue (or too long) are discards
+    verdicts = [dp.PICK_FILTERED, dp.PICK_NO_QUEUE, dp.PICK_TOO_LONG, 0]
+    post()
+    assert fill(gm, 0, 8, [a, a, a, a], queues=verdicts) == (1, 1, dp.ERR_NONE, 4)
+    _, done, out = fill.last  # type: ignore[attr-defined]
+    assert list(done) == [0, 0, 0, 1] and out[dp.PLACE_DISCARDS] == 2
+    post()
+    assert fill(gm, 0, 8, [a, b * 3], max_frame=100)[1:] == (1, dp.ERR_NONE, 2)
+    assert fill.last[0][0, dp.RX_DISCARDS] == 1  # type: ignore[attr-defined]
+    # a buffer outside guest memory: the queue stops with an error, nothing written there
+    post()
     ring[7] = (0x7777_0000_0000, 0, 0, 0)
-    assert fill(gm, 7, 9, [b"c" * 60])[3] == dp.ERR_BUFFER_ADDRESS
+    assert fill(gm, 6, 9, [a, b, a]) == (7, 1, dp.ERR_BUFFER_ADDRESS, 3)
+    assert list(fill.last[1]) == [1, 0, 0]  # type: ignore[attr-defined]
+    assert int(ring["qword1"][7]) & dp.RX_DD == 0
 
 
 def test_kernels_without_jit() -> None:
@@ -276,7 +302,7 @@ def test_rx_checksum_check_as_the_hardware_reports_it(name: str, bits: int) -> N
     assert int(dp.rx_checksums(arr, len(frame) - 1)) in (0, bits)  # a cut frame: never "good"
 
 
-def test_rx_fill_writes_the_checksum_bits_in_the_last_descriptor(
+def test_rx_place_writes_the_checksum_bits_in_the_last_descriptor(
     mem: tuple[GuestMemory, np.ndarray],
 ) -> None:
     gm, raw = mem
@@ -289,3 +315,111 @@ def test_rx_fill_writes_the_checksum_bits_in_the_last_descriptor(
     assert [q & (dp.RX_L3L4P | dp.RX_ERR_L4E) for q in q1] == [
         0, dp.RX_L3L4P, 0, dp.RX_L3L4P | dp.RX_ERR_L4E,
     ]  # fmt: skip
+
+
+def _pick_and_place(  # type: ignore[no-untyped-def]
+    gm: GuestMemory, rows: np.ndarray, lens: np.ndarray, gso: np.ndarray, head: int, tail: int,
+    buf_size: int = 2048,
+):  # fmt: skip
+    """rx_pick then rx_place into one RX queue (no RSS, no filter), holding; returns
+    (taken, new head, extra bits, RX table)."""
+    n = len(lens)
+    qs, hs = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.uint32)
+    pt, ex = np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.uint64)
+    key = np.zeros(52, dtype=np.uint8)
+    dp.rx_pick(rows, lens, n, dp.toeplitz_table(key), np.zeros(64, dtype=np.uint8),
+               np.uint64(0), np.ones(1, dtype=np.bool_), np.zeros(dp.RSS_TUPLE_MAX, np.uint8),
+               qs, hs, pt, np.zeros(1, dtype=np.uint64), 9728, ex, gso)  # fmt: skip
+    t = dp.MemoryTable(gm)
+    rx = np.zeros((1, dp.RX_COLS), dtype=np.int64)
+    rx[0, : dp.RX_MAX + 1] = (0x4000_0000 + RXR, N, head, tail, buf_size, 1, 0, 0, 9728)
+    taken = dp.rx_place(t.regions, t.starts, t.ends, t.writable, rx, rows, lens, n, qs, hs, pt,
+                        ex, True, np.zeros(n, dtype=np.uint8), np.zeros(dp.PLACE_OUT, np.int64),
+                        gso, np.zeros(9728, dtype=np.uint8))  # fmt: skip
+    return int(taken), int(rx[0, dp.RX_HEAD]), ex, rx
+
+
+@pytest.mark.parametrize("ipv6", [False, True])
+def test_rx_place_cuts_a_tso_frame_from_the_wire_into_mss_segments(
+    mem: tuple[GuestMemory, np.ndarray], ipv6: bool
+) -> None:
+    """A host's TSO frame (a TAP with offloads on) reaches the ring as the segments the
+    hardware would have received: lengths, IDs, sequence numbers, flags and both checksums
+    right; a ring with room for part of it takes that part and the rest when offered again."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+
+    gm, raw = mem
+    ring = rx_ring(raw)
+    for i in range(N):
+        ring[i] = (0x4000_0000 + BUF + 2048 * i, 0, 0, 0)
+    payload = bytes((i * 7 + 3) & 0xFF for i in range(2500))
+    ip = (IPv6(src="fd00::1", dst="fd00::2") if ipv6
+          else IP(src="10.0.0.1", dst="10.0.0.2", id=100, flags="DF"))  # fmt: skip
+    tso = bytearray(
+        bytes(
+            Ether(dst="02:e1:ab:00:00:01")
+            / ip
+            / TCP(sport=5201, dport=40000, seq=1000, flags="FPAC")
+            / payload
+        )
+    )
+    l4 = 14 + (40 if ipv6 else 20)
+    tso[l4 + 16 : l4 + 18] = b"\x12\x34"  # whatever the host left in the checksum field
+    rows = np.zeros((1, 4096), dtype=np.uint8)
+    rows[0, : len(tso)] = np.frombuffer(bytes(tso), dtype=np.uint8)
+    lens = np.array([len(tso)], dtype=np.int64)
+    gso = np.zeros((1, GSO_COLS), dtype=np.int64)
+    gso[0, :5] = (GSO_TCPV6 if ipv6 else GSO_TCPV4, 1000, l4, 16, NEEDS_CSUM)
+    # room for two segments: two go, the frame is held with GSO_DONE = 2
+    taken, head, ex, rx = _pick_and_place(gm, rows, lens, gso, 0, 2)
+    assert (taken, head, int(gso[0, GSO_DONE])) == (0, 2, 2)
+    assert int(ex[0]) == dp.RX_L3L4P and rx[0, dp.RX_PACKETS] == 2
+    taken, head, _, rx = _pick_and_place(gm, rows, lens, gso, 2, 10)
+    assert (taken, head, int(gso[0, GSO_DONE]), int(rx[0, dp.RX_PACKETS])) == (1, 3, 0, 1)
+    got = b""
+    for k, q1 in enumerate(int(q) for q in ring["qword1"][:3]):
+        assert q1 & (dp.RX_DD | dp.RX_EOF | dp.RX_L3L4P) == dp.RX_DD | dp.RX_EOF | dp.RX_L3L4P
+        size = (q1 >> 38) & 0x3FFF
+        seg = Ether(bytes(raw[BUF + 2048 * k : BUF + 2048 * k + size]))
+        tcp = seg[TCP]
+        assert size == l4 + 20 + (1000 if k < 2 else 500)
+        assert tcp.seq == 1000 + 1000 * k
+        assert str(tcp.flags) == ["AC", "A", "FPA"][k]
+        if ipv6:
+            assert seg[IPv6].plen == size - 54
+        else:
+            assert (seg[IP].len, seg[IP].id, seg[IP].flags) == (size - 14, 100 + k, "DF")
+            ip_sum = seg[IP].chksum
+            del seg[IP].chksum
+        tcp_sum = tcp.chksum
+        del tcp.chksum
+        again = Ether(bytes(seg))  # scapy recomputes the sums deleted
+        assert again[TCP].chksum == tcp_sum
+        if not ipv6:
+            assert again[IP].chksum == ip_sum
+        got += bytes(tcp.payload)
+    assert got == payload
+
+
+def test_rx_pick_finishes_a_checksum_the_host_left_partial() -> None:
+    """A frame sent with its checksum to finish (NEEDS_CSUM: the field holds the pseudo-header
+    sum) gets it finished before the check, which then finds it good."""
+    f = bytearray(_csum_frames()["udp"])
+    good = bytes(f[40:42])
+    src_dst = sum(int.from_bytes(f[i : i + 2], "big") for i in range(26, 34, 2))
+    pseudo = src_dst + 17 + (len(f) - 34)
+    while pseudo >> 16:
+        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    f[40:42] = pseudo.to_bytes(2, "big")
+    rows = np.frombuffer(bytes(f), dtype=np.uint8).reshape(1, -1).copy()
+    gso = np.zeros((1, GSO_COLS), dtype=np.int64)
+    gso[0, :5] = (0, 0, 34, 6, NEEDS_CSUM)
+    ex = np.zeros(1, dtype=np.uint64)
+    dp.rx_pick(rows, np.array([len(f)]), 1, dp.toeplitz_table(np.zeros(52, np.uint8)),
+               np.zeros(64, np.uint8), np.uint64(0), np.ones(1, np.bool_),
+               np.zeros(dp.RSS_TUPLE_MAX, np.uint8), np.zeros(1, np.int64),
+               np.zeros(1, np.uint32), np.zeros(1, np.uint8), np.zeros(1, np.uint64), 9728, ex,
+               gso)  # fmt: skip
+    assert bytes(rows[0, 40:42]) == good and int(ex[0]) == dp.RX_L3L4P

@@ -5,6 +5,7 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scapy.layers.l2 import Ether
@@ -247,7 +248,7 @@ def test_tap_hands_rows_to_a_device_that_takes_them() -> None:
     tap = open_backend(f"tap:{name}")
     got: list[bytes] = []
 
-    def rows(frames: object, lens: object, n: int) -> int:
+    def rows(frames: object, lens: object, n: int, gso: object) -> int:
         for i in range(n):
             got.append(frames[i, : lens[i]].tobytes())  # type: ignore[index]
         return n
@@ -266,6 +267,58 @@ def test_tap_hands_rows_to_a_device_that_takes_them() -> None:
         assert [f for f in got if f[12:14] == b"\x88\xb5"] == sent
         c = tap.counters.as_dict()
         assert c["rx_packets"] == len(got) and c["rx_bytes"] == sum(map(len, got))
+    finally:
+        host.close()
+        tap.close()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
+)
+@pytest.mark.parametrize("gso_rows", [True, False])
+def test_tap_sends_tso_frames_whole_only_to_a_device_that_cuts_them(gso_rows: bool) -> None:
+    """A 20 kB TCP frame the host hands the TAP as one TSO frame (a packet socket with a
+    virtio-net header: what the host's TCP stack does) reaches a device that takes gso rows as
+    one row with its virtio-net header; any other device gets MTU-sized frames, cut by the host."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    from emulab.backends.base import GSO_CSUM_START, GSO_FLAGS, GSO_SIZE, GSO_TCPV4, GSO_TYPE
+
+    name = f"emugso{os.getpid() % 10000}"
+    tap = open_backend(f"tap:{name}")
+    got: list[tuple[bytes, list[int]]] = []
+
+    def rows(frames: Any, lens: Any, n: int, gso: Any) -> int:
+        for i in range(n):
+            if frames[i, 12] == 0x08:
+                got.append((frames[i, : lens[i]].tobytes(), [int(x) for x in gso[i]]))
+        return n
+
+    tap.attach(lambda frames: pytest.fail("bytes path used"), rows, gso_rows=gso_rows)  # type: ignore[arg-type]
+    payload = bytes(range(256)) * 80  # 20480 bytes
+    tcp = bytes(Ether(src=A, dst=B) / IP(src="10.9.0.1", dst="10.9.0.2")
+                / TCP(sport=1, dport=2, flags="PA") / payload)  # fmt: skip
+    vnet = struct.pack("<BBHHHH", 1, 1, 54, 1448, 34, 16)  # NEEDS_CSUM, TCPV4, MSS 1448
+    host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        host.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
+        host.bind((name, 0))
+        host.send(vnet + tcp)
+        want = 1 if gso_rows else -(-len(payload) // 1448)
+        deadline = time.monotonic() + 2
+        while len(got) < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert len(got) == want, [len(f) for f, _ in got]
+        if gso_rows:
+            f, g = got[0]
+            assert f[54:] == payload and len(f) == len(tcp)
+            assert (g[GSO_TYPE], g[GSO_SIZE], g[GSO_CSUM_START], g[GSO_FLAGS] & 1) == (
+                GSO_TCPV4, 1448, 34, 1)  # fmt: skip
+        else:
+            assert b"".join(f[54:] for f, _ in got) == payload
+            assert all(len(f) <= 1514 and g[GSO_TYPE] == 0 for f, g in got)
     finally:
         host.close()
         tap.close()

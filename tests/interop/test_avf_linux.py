@@ -9,6 +9,8 @@ ping each other. ``dmesg`` must show no iavf error.
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import os
 import re
 import subprocess
@@ -69,6 +71,21 @@ class Tap:
         return ok
 
 
+class Blob(http.server.BaseHTTPRequestHandler):
+    """The host's side of a bulk TCP transfer to the guest (``wget``)."""
+
+    data = bytes(range(251)) * 33_000  # ~8 MB, no period of a power of two
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.data)))
+        self.end_headers()
+        self.wfile.write(self.data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @pytest.fixture
 def tap() -> Iterator[Callable[[str], Tap]]:
     made: list[Tap] = []
@@ -100,6 +117,8 @@ def test_iavf_gets_link_pings_both_ways_and_counts(
     t = tap("10.98.0.1")
     dev = AvfDevice(backend=t.backend, mac=MAC, mode=mode)
     server = VfioUserServer(dev, tmp_path / "avf.sock").start()
+    web = http.server.ThreadingHTTPServer(("10.98.0.1", 8931), Blob)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
     stop = threading.Event()
     host_pings: list[str] = []
     pinger = threading.Thread(
@@ -112,6 +131,7 @@ def test_iavf_gets_link_pings_both_ways_and_counts(
         + WAIT_CARRIER
         + r"""
 ping -c 3 -W 3 10.98.0.1; echo "ping_rc=$?"
+wget -q -O /tmp/blob http://10.98.0.1:8931/blob; echo "wget_rc=$?"; md5sum /tmp/blob
 sleep 3   # the host pings us meanwhile; iavf refreshes its statistics every 2 s
 ethtool -S $IF
 ethtool -i $IF
@@ -123,12 +143,17 @@ dmesg | grep -i iavf
     finally:
         stop.set()
         pinger.join(10)
+        web.shutdown()
+        web.server_close()
         server.stop()
         dev.close()
     out = run.output
     assert run.exit_code == 0, run.console[-3000:]
     assert f"carrier=1 mac={MAC}" in out, out
     assert "ping_rc=0" in out and " 0% packet loss" in out, out
+    # 8 MB of TCP from the host: TSO frames the device cut into segments, every byte right
+    assert "wget_rc=0" in out and hashlib.md5(Blob.data).hexdigest() in out, out
+    assert dev.queues.rx_tso_frames > 0
     assert host_pings, "the host could not ping the guest"
     assert "NIC Link is Up" in out
     assert not _dmesg_errors(out), _dmesg_errors(out)

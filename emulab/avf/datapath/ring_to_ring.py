@@ -1,4 +1,5 @@
-"""Ring to ring: TX frames straight into RX rings in one kernel (the fast path)."""
+"""Ring to ring: TX frames straight into RX rings in one kernel (the fast path); and wire to
+ring: a burst of frames from a wire into their RX rings in one kernel (``rx_place``)."""
 
 from __future__ import annotations
 
@@ -15,19 +16,25 @@ from emulab.avf.datapath.rings import (
     ERR_RING_ADDRESS,
     MAC_MASK,
     MAX_TX_FRAME,
+    PICK_FILTERED,
     RX_DD,
     RX_EOF,
     RX_FLTSTAT_RSS,
+    RX_L3L4P,
     TX_CMD_EOP,
     TX_CMD_RS,
     TX_DESC_DONE,
     TX_DTYPE_MASK,
     _accepts,
     _find,
+    _fold,
     classify,
+    gso_header_len,
+    ones_sum,
     rss_tuple,
     toeplitz_fast,
 )
+from emulab.backends.base import GSO_CSUM_START, GSO_DONE, GSO_NONE, GSO_SIZE, GSO_TYPE
 
 # -- ring to ring ----------------------------------------------------------------------------------
 # The fast path takes guest memory as a *tuple* of uint64 arrays (``MemoryTable.words``), one per
@@ -44,21 +51,30 @@ from emulab.avf.datapath.rings import (
  FWD_TX_MCAST, FWD_TX_BCAST, FWD_RX_MCAST, FWD_RX_BCAST, FWD_RX_BYTES,
  FWD_FAULT_RX) = range(13)  # fmt: skip
 FWD_OUT = 13
-RX_BASE, RX_LEN, RX_HEAD, RX_TAIL, RX_BUF, RX_ENABLED, RX_PACKETS, RX_BYTES, RX_MAX = range(9)
-RX_COLS = 9
+(RX_BASE, RX_LEN, RX_HEAD, RX_TAIL, RX_BUF, RX_ENABLED, RX_PACKETS, RX_BYTES, RX_MAX,
+ RX_DISCARDS, RX_ERROR) = range(11)  # fmt: skip
+RX_COLS = 11
+# rx_place's counts: delivered frames, of them broadcast and multicast, their bytes, all
+# discards (each queue's are also in its row), a mask of the queues with anything to report,
+# and the TSO frames from the wire cut into segments
+(PLACE_PACKETS, PLACE_BCAST, PLACE_MCAST, PLACE_BYTES, PLACE_DISCARDS, PLACE_QUEUES,
+ PLACE_TSO) = range(7)  # fmt: skip
+PLACE_OUT = 7
 ERR_SLOW_PATH = 100  # not an error: the frame at the head needs the general path (offloads)
 OFFLOAD_BITS = (3 << 9) | (3 << 12)  # IIPT and L4T in TX qword 1 (checksum offloads)
 SNAP = 256  # bytes of each frame copied out for the packet trace (when asked for)
+TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 HDR = 64  # header bytes copied out for classification and the RSS tuple
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _consistent(words: Any, starts: Any, ends: Any) -> bool:
-    """Whether every map's words cover its ``[start, end)`` (else nothing is touched)."""
+    """Whether every map's array (uint64 words or bytes) covers its ``[start, end)`` (else
+    nothing is touched)."""
     if starts.shape[0] > len(words) or ends.shape[0] < starts.shape[0]:
         return False
     for k in range(starts.shape[0]):  # noqa: SIM110 -- a plain loop for numba
-        if ends[k] - starts[k] > 8 * words[k].shape[0]:
+        if ends[k] - starts[k] > words[k].nbytes:
             return False
     return True
 
@@ -72,11 +88,12 @@ def _at(words: Any, starts: Any, k: Any, addr: Any) -> Any:
 @njit(nogil=True, cache=True, inline="always")
 def _deliver(
     words: Any, starts: Any, ends: Any, writable: Any, rx: Any, q: Any,
-    src: Any, length: Any, h: Any, ptype: Any,
+    src: Any, length: Any, h: Any, ptype: Any, xbits: Any,
 ) -> int:  # fmt: skip
     """Copy one frame (at host address ``src``) into RX queue ``q``'s posted buffers and write
-    back its descriptors. Returns 1 if delivered, 0 if no buffers were posted for it (a drop),
-    or -error."""
+    back its descriptors; the last one also carries ``xbits`` (the checksum check's status and
+    error bits, see ``rx_checksums``). ``words`` are the maps as arrays of any type. Returns 1
+    if delivered, 0 if no buffers were posted for it (a drop), or -error."""
     rbase, rlen, rhead, rtail = rx[q, RX_BASE], rx[q, RX_LEN], rx[q, RX_HEAD], rx[q, RX_TAIL]
     bsize = rx[q, RX_BUF]
     need = 1 if length <= bsize else (length + bsize - 1) // bsize  # no division, usually
@@ -108,6 +125,8 @@ def _deliver(
             status |= np.uint64(RX_FLTSTAT_RSS)
         rq1 = status | (np.uint64(ptype if last else 0) << np.uint64(30))
         rq1 |= np.uint64(chunk) << np.uint64(38)
+        if last:
+            rq1 |= np.uint64(xbits)
         raw.store(desc, q0)
         raw.store(desc + 16, 0)
         raw.store(desc + 24, 0)
@@ -249,7 +268,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
             ptype = classify(header, hl)
             got = 0
             if rx[q, RX_MAX] == 0 or length <= rx[q, RX_MAX]:
-                got = _deliver(words, starts, ends, writable, rx, q, src, length, h, ptype)
+                got = _deliver(words, starts, ends, writable, rx, q, src, length, h, ptype, 0)
             if got < 0:
                 err = -got
                 fault_rx = q
@@ -306,6 +325,201 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     out[FWD_RX_BCAST] = rx_bc
     out[FWD_RX_BYTES] = rbytes
     out[FWD_FAULT_RX] = fault_rx
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _put16(buf: Any, at: Any, value: Any) -> None:
+    buf[at] = np.uint8((value >> 8) & 0xFF)
+    buf[at + 1] = np.uint8(value & 0xFF)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _cut(seg: Any, src: Any, hl: Any, g: Any, k: Any, nseg: Any, plen: Any) -> int:
+    """Segment ``k`` of ``nseg`` of a TSO frame (at host address ``src``, headers ``hl`` long,
+    ``gso`` row ``g``) into ``seg`` (uint8), as the hardware cuts one: the headers copied
+    with the IPv4 total length, identification (+k) and header checksum, or the IPv6 payload
+    length, the TCP sequence number (+k MSS), FIN and PSH on the last segment only, CWR on the
+    first only, and the TCP checksum; then ``plen`` bytes of payload. Returns its length."""
+    mss = g[GSO_SIZE]
+    l4 = g[GSO_CSUM_START]
+    at = np.int64(seg.ctypes.data)
+    raw.copy(at, src, hl)
+    raw.copy(at + hl, src + hl + k * mss, plen)
+    flen = hl + plen
+    l3 = 18 if seg[12] == 0x81 and seg[13] == 0x00 else 14  # (one VLAN tag)
+    if (seg[l3] >> 4) == 4:
+        ihl = np.int64(seg[l3] & 0xF) * 4
+        _put16(seg, l3 + 2, flen - l3)
+        ident = (np.int64(seg[l3 + 4]) << 8) | np.int64(seg[l3 + 5])
+        _put16(seg, l3 + 4, (ident + k) & 0xFFFF)
+        _put16(seg, l3 + 10, 0)
+        _put16(seg, l3 + 10, np.int64(~_fold(ones_sum(seg, l3, l3 + ihl)) & np.uint64(0xFFFF)))
+        pseudo = ones_sum(seg, l3 + 12, l3 + 20)
+    else:
+        _put16(seg, l3 + 4, flen - l3 - 40)
+        pseudo = ones_sum(seg, l3 + 8, l3 + 40)
+    sq = np.uint64(0)
+    for b in range(4):
+        sq = (sq << np.uint64(8)) | np.uint64(seg[l4 + 4 + b])
+    sq = (sq + np.uint64(k * mss)) & np.uint64(0xFFFFFFFF)
+    for b in range(4):
+        seg[l4 + 7 - b] = np.uint8((sq >> np.uint64(8 * b)) & np.uint64(0xFF))
+    flags = seg[l4 + 13]
+    if k > 0:
+        flags &= np.uint8(~TCP_CWR & 0xFF)
+    if k < nseg - 1:
+        flags &= np.uint8(~(TCP_FIN | TCP_PSH) & 0xFF)
+    seg[l4 + 13] = flags
+    _put16(seg, l4 + 16, 0)
+    total = pseudo + np.uint64(6) + np.uint64(flen - l4) + ones_sum(seg, l4, flen)
+    _put16(seg, l4 + 16, np.int64(~_fold(total) & np.uint64(0xFFFF)))
+    return int(flen)
+
+
+@raw.kernel  # without numba's runtime, as forward
+def rx_place(
+    maps: Any, starts: Any, ends: Any, writable: Any, rx: Any, frames: Any, lens: Any, n: Any,
+    qs: Any, hashes: Any, ptypes: Any, extra: Any, holds: Any, done: Any, out: Any,
+    gso: Any, seg: Any,
+) -> int:  # fmt: skip
+    """Frames from a wire, the first ``n`` rows of ``frames`` (``lens`` long), into the RX
+    queues ``rx_pick`` chose for them (``qs``, with ``hashes``, ``ptypes`` and the checksum
+    bits ``extra``), in order, in one call: the wire's whole receive burst without Python.
+
+    ``maps`` is guest memory as ``MemoryTable.regions``; ``rx`` the ``(n, RX_COLS)`` table of
+    :meth:`QueueEngine.rx_table`, whose heads, packets, bytes, discards and errors (the first
+    address error stops the queue, ``RX_ERROR``) are updated. A frame longer than its queue's
+    max_frame, or for a disabled queue, or (``rx_pick``) for no queue at all, is discarded; a
+    filtered one just taken. A frame with too few buffers posted for it is discarded too,
+    unless the wire ``holds``: then the burst stops there, for the wire to offer the rest once
+    the driver posts buffers. ``done[i]`` is 1 for each frame delivered; ``out`` (``PLACE_OUT``
+    int64) receives the counts named by the ``PLACE_*`` indexes. Returns how many frames, from
+    the front, were taken.
+
+    A TSO frame (``gso``, see ``emulab.backends.base.DeliverRows``; checked by ``rx_pick``) is
+    cut into MSS segments (:func:`_cut`, each built in ``seg``, uint8 of max_frame bytes at
+    least), delivered as frames of their own; with a wire that holds, one that does not fit
+    whole is delivered as far as it fits and goes on from there (``GSO_DONE``) when offered
+    again."""
+    for j in range(PLACE_OUT):
+        out[j] = 0
+    ok = _consistent(maps, starts, ends) and frames.shape[1] >= 6  # else nothing is touched
+    base = np.int64(frames.ctypes.data)
+    stride = np.int64(frames.strides[0])
+    nq = rx.shape[0]
+    for i in range(n):
+        done[i] = 0
+        q = qs[i]
+        length = lens[i]
+        if q < 0:
+            if q != PICK_FILTERED:
+                out[PLACE_DISCARDS] += 1  # no queue enabled, or longer than any frame
+            continue
+        if q >= nq or rx[q, RX_ENABLED] == 0 or rx[q, RX_ERROR] != 0:
+            out[PLACE_DISCARDS] += 1
+            continue
+        out[PLACE_QUEUES] |= np.int64(1) << q
+        if length > frames.shape[1] or (
+            rx[q, RX_MAX] and length > rx[q, RX_MAX] and gso[i, GSO_TYPE] == GSO_NONE
+        ):
+            rx[q, RX_DISCARDS] += 1
+            out[PLACE_DISCARDS] += 1
+            continue
+        g = gso[i]
+        if g[GSO_TYPE] != GSO_NONE and ok:
+            hl = gso_header_len(frames[i], length, g)
+            got = _place_tso(maps, starts, ends, writable, rx, q, base + i * stride, length,
+                             hl, hashes[i], ptypes[i], g, seg, holds, out)  # fmt: skip
+            if got == 0:
+                return i  # flow control, part of the frame delivered (GSO_DONE)
+            done[i] = 1 if got > 0 else 0
+            continue
+        bsize, avail = rx[q, RX_BUF], rx[q, RX_TAIL] - rx[q, RX_HEAD]
+        if avail < 0:
+            avail += rx[q, RX_LEN]
+        need = 1 if length <= bsize else (length + bsize - 1) // bsize
+        if need > avail:
+            if holds:
+                return i  # flow control: the rest waits for buffers
+            rx[q, RX_DISCARDS] += 1
+            out[PLACE_DISCARDS] += 1
+            continue
+        got = -ERR_RING_ADDRESS
+        if ok:
+            got = _deliver(maps, starts, ends, writable, rx, q, base + i * stride, length,
+                           hashes[i], ptypes[i], extra[i])  # fmt: skip
+        if got <= 0:
+            if got < 0:
+                rx[q, RX_ERROR] = -got
+            rx[q, RX_DISCARDS] += 1
+            out[PLACE_DISCARDS] += 1
+            continue
+        done[i] = 1
+        _counted(rx, q, out, length, frames[i, 0], frames[i, 1:6])
+    return int(n)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _counted(rx: Any, q: Any, out: Any, length: Any, first: Any, rest: Any) -> None:
+    """Count a frame delivered to queue ``q`` (``first``, ``rest``: its destination MAC)."""
+    out[PLACE_PACKETS] += 1
+    rx[q, RX_PACKETS] += 1
+    rx[q, RX_BYTES] += length
+    out[PLACE_BYTES] += length
+    if first & 1:
+        bcast = first == 0xFF
+        for b in range(5):
+            bcast = bcast and rest[b] == 0xFF
+        out[PLACE_BCAST if bcast else PLACE_MCAST] += 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _place_tso(
+    maps: Any, starts: Any, ends: Any, writable: Any, rx: Any, q: Any, src: Any, length: Any,
+    hl: Any, h: Any, ptype: Any, g: Any, seg: Any, holds: Any, out: Any,
+) -> int:  # fmt: skip
+    """A TSO frame (host address ``src``, headers ``hl`` long) into RX queue ``q`` as its
+    segments, from segment ``g[GSO_DONE]`` on. Returns 1 when all went, 0 when the wire holds
+    and the ring has no room for the next (``GSO_DONE`` says where to go on), -1 when the rest
+    was discarded (no room and no holding, an address error: the queue's ``RX_ERROR``)."""
+    mss = g[GSO_SIZE]
+    payload = length - hl
+    nseg = max((payload + mss - 1) // mss, 1)
+    bsize = rx[q, RX_BUF]
+    k = g[GSO_DONE]
+    if hl <= 0 or (rx[q, RX_MAX] and hl + mss > rx[q, RX_MAX]) or hl + mss > seg.shape[0]:
+        # segments longer than the queue takes (or than the work area): all discarded
+        rx[q, RX_DISCARDS] += nseg
+        out[PLACE_DISCARDS] += nseg
+        return -1
+    while k < nseg:
+        plen = min(mss, payload - k * mss)
+        flen = hl + plen
+        need = 1 if flen <= bsize else (flen + bsize - 1) // bsize
+        avail = rx[q, RX_TAIL] - rx[q, RX_HEAD]
+        if avail < 0:
+            avail += rx[q, RX_LEN]
+        if need > avail:
+            if holds:
+                g[GSO_DONE] = k
+                return 0
+            rx[q, RX_DISCARDS] += nseg - k
+            out[PLACE_DISCARDS] += nseg - k
+            return -1
+        _cut(seg, src, hl, g, k, nseg, plen)
+        got = _deliver(maps, starts, ends, writable, rx, q, np.int64(seg.ctypes.data), flen, h,
+                       ptype, RX_L3L4P)  # fmt: skip
+        if got <= 0:
+            if got < 0:
+                rx[q, RX_ERROR] = -got
+            rx[q, RX_DISCARDS] += nseg - k
+            out[PLACE_DISCARDS] += nseg - k
+            return -1
+        _counted(rx, q, out, flen, seg[0], seg[1:6])
+        k += 1
+    g[GSO_DONE] = 0
+    out[PLACE_TSO] += 1
+    return 1
 
 
 def snap_rows(snap: Any, n: int) -> list[tuple[int, int, bytes]]:

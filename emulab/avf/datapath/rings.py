@@ -8,6 +8,18 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from emulab.backends.base import (
+    GSO_CSUM_OFFSET,
+    GSO_CSUM_START,
+    GSO_FLAGS,
+    GSO_NONE,
+    GSO_SIZE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_TYPE,
+    NEEDS_CSUM,
+)
+
 ERR_NONE = 0
 ERR_RING_ADDRESS = 1  # a descriptor lies outside guest memory
 ERR_BUFFER_ADDRESS = 2  # a buffer lies outside (writable) guest memory
@@ -30,6 +42,7 @@ RX_ERR_IPE, RX_ERR_L4E = 1 << (19 + 3), 1 << (19 + 4)  # errors: the IPv4 header
 FILTER_ON, FILTER_PROMISC_UC, FILTER_PROMISC_MC = 1, 2, 4  # the MAC filter's flags word
 MAC_MASK = 0xFFFFFFFFFFFF
 PICK_NO_QUEUE, PICK_FILTERED, PICK_TOO_LONG = -1, -2, -3  # rx_pick's verdicts besides a queue
+GSO_ECN = 0x80  # virtio-net's gso_type bit: the frame has CWR set (cleared after the first)
 # pctypes (packet classifier types) the RSS hash implements; see emulab.avf.virtchnl
 PCTYPE_IPV4_UDP_UNICAST, PCTYPE_IPV4_UDP_MULTICAST, PCTYPE_IPV4_UDP = 29, 30, 31
 PCTYPE_IPV4_TCP_SYN, PCTYPE_IPV4_TCP, PCTYPE_IPV4_OTHER, PCTYPE_IPV4_FRAG = 32, 33, 35, 36
@@ -454,10 +467,43 @@ def rx_checksums(frame: Any, length: Any) -> Any:
     return bits
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _finish_csum(row: Any, length: Any, start: Any, offset: Any) -> None:
+    """Finish a checksum left partial (virtio-net's NEEDS_CSUM, Linux's CHECKSUM_PARTIAL): the
+    field holds the pseudo-header's sum; the folded complement of the sum from ``start`` to the
+    end goes there (0 sent as 0xFFFF, as Linux's ``skb_checksum_help``)."""
+    at = start + offset
+    if start < 0 or offset < 0 or at + 2 > length:
+        return
+    c = ~_fold(ones_sum(row, start, length)) & np.uint64(0xFFFF)
+    if c == 0:
+        c = np.uint64(0xFFFF)
+    row[at] = np.uint8(c >> np.uint64(8))
+    row[at + 1] = np.uint8(c & np.uint64(0xFF))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def gso_header_len(row: Any, seen: Any, g: Any) -> int:
+    """The headers' length (through TCP's) of a TSO frame from a wire, whose ``gso`` row is
+    ``g`` (the TCP header at ``GSO_CSUM_START``), or 0 if it is not one we can cut: TCP over
+    IPv4 or IPv6 with an MSS, its headers inside the frame."""
+    kind = g[GSO_TYPE] & ~GSO_ECN
+    l4 = g[GSO_CSUM_START]
+    if (kind != GSO_TCPV4 and kind != GSO_TCPV6) or g[GSO_SIZE] <= 0 or l4 < 34:  # noqa: PLR1714
+        return 0
+    if l4 + 20 > seen:
+        return 0
+    thl = np.int64(row[l4 + 12] >> 4) * 4
+    if thl < 20 or l4 + thl > seen:
+        return 0
+    return int(l4 + thl)
+
+
 @njit(nogil=True, cache=True)
 def rx_pick(
     frames: Any, lens: Any, n: Any, table: Any, lut: Any, hena: Any, enabled: Any,
     tuple_buf: Any, qs: Any, hashes: Any, ptypes: Any, filt: Any, max_len: Any, extra: Any,
+    gso: Any,
 ) -> None:  # fmt: skip
     """For frames from a wire (rows of ``frames``, ``lens`` long), in one call: the port's MAC
     filter (``filt``, see :func:`_accepts`), each frame's RSS hash (Toeplitz through
@@ -465,7 +511,11 @@ def rx_pick(
     is 0 or the chosen queue is not enabled), its packet type and its checksum check's status
     bits (``extra``, see :func:`rx_checksums`). ``qs[i]`` is the queue, or
     ``PICK_FILTERED`` (not for this port, or shorter than a header), ``PICK_TOO_LONG`` (longer
-    than ``max_len``), ``PICK_NO_QUEUE`` (no queue enabled)."""
+    than ``max_len``), ``PICK_NO_QUEUE`` (no queue enabled).
+
+    ``gso`` (see ``emulab.backends.base.DeliverRows``): a frame whose checksum was left to
+    finish gets it here, before the check; a TSO frame is picked as its segments will be (each
+    ``max_len`` at most, their sums computed as they are cut: ``RX_L3L4P``)."""
     first = -1
     for j in range(enabled.shape[0]):
         if enabled[j]:
@@ -485,10 +535,19 @@ def rx_pick(
         if length < 14 or width < 14 or not _accepts(filt, dst):
             qs[i] = PICK_FILTERED
             continue
-        if length > max_len:
+        seen = min(length, width)
+        g = gso[i]
+        hl = 0
+        if g[GSO_TYPE] != GSO_NONE:
+            hl = gso_header_len(row, seen, g)
+            if hl == 0 or length > width or hl + g[GSO_SIZE] > max_len:
+                qs[i] = PICK_TOO_LONG  # (a TSO frame we cannot cut is discarded)
+                continue
+        elif length > max_len:
             qs[i] = PICK_TOO_LONG
             continue
-        seen = min(length, width)
+        elif g[GSO_FLAGS] & NEEDS_CSUM:
+            _finish_csum(row, seen, g[GSO_CSUM_START], g[GSO_CSUM_OFFSET])
         k = rss_tuple(row, seen, tuple_buf, hena)
         h = toeplitz_fast(table, tuple_buf, k) if k else np.uint32(0)
         q: Any = np.int64(lut[np.int64(h) % lsz]) if h != 0 else np.int64(first)
@@ -497,7 +556,7 @@ def rx_pick(
         qs[i] = q
         hashes[i] = h
         ptypes[i] = classify(row, seen)
-        extra[i] = rx_checksums(row, seen)
+        extra[i] = np.uint64(RX_L3L4P) if hl else rx_checksums(row, seen)
 
 
 @njit(nogil=True, cache=True)

@@ -7,16 +7,24 @@ from typing import Any
 import numpy as np
 
 from emulab.avf.datapath.poll_loop import POLL_CTL, TX_COLS, poll
-from emulab.avf.datapath.ring_to_ring import FWD_OUT, HDR, RX_COLS, SNAP, forward
+from emulab.avf.datapath.ring_to_ring import (
+    FWD_OUT,
+    HDR,
+    PLACE_OUT,
+    RX_COLS,
+    SNAP,
+    forward,
+    rx_place,
+)
 from emulab.avf.datapath.rings import (
     classify,
     ones_sum,
     rss_hash,
-    rx_fill,
     rx_pick,
     toeplitz_table,
     tx_drain,
 )
+from emulab.backends.base import GSO_COLS
 
 
 def warmup(polling: bool = True) -> float:
@@ -38,9 +46,11 @@ def warmup(polling: bool = True) -> float:
     tx_drain(regions, starts, ends, writable, 0, 8, 0, 0, arena, offsets, meta)
     frames = np.zeros((8, 64), dtype=np.uint8)
     lens = np.zeros(8, dtype=np.int64)
-    rx_fill(regions, starts, ends, writable, 0, 8, 0, 0, 2048, frames, lens, 0,
-            np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8),
-            np.zeros(8, dtype=np.uint64))  # fmt: skip
+    rx_place(regions, starts, ends, writable, np.zeros((1, RX_COLS), dtype=np.int64), frames,
+             lens, 0, np.zeros(8, dtype=np.int64), np.zeros(8, dtype=np.uint32),
+             np.zeros(8, dtype=np.uint8), np.zeros(8, dtype=np.uint64), True,
+             np.zeros(8, dtype=np.uint8), np.zeros(PLACE_OUT, dtype=np.int64),
+             np.zeros((8, GSO_COLS), dtype=np.int64), np.zeros(9728, dtype=np.uint8))  # fmt: skip
     key = np.zeros(52, dtype=np.uint8)
     rss_hash(key, frames[0], 64, np.zeros(12, dtype=np.uint8), np.uint64(0))
     classify(frames[0], 64)
@@ -48,7 +58,8 @@ def warmup(polling: bool = True) -> float:
     rx_pick(frames, lens, 1, toeplitz_table(key), np.zeros(64, dtype=np.uint8), np.uint64(0),
             np.ones(4, dtype=np.bool_), np.zeros(12, dtype=np.uint8), np.zeros(8, dtype=np.int64),
             np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8),
-            np.zeros(1, dtype=np.uint64), 9728, np.zeros(8, dtype=np.uint64))  # fmt: skip
+            np.zeros(1, dtype=np.uint64), 9728, np.zeros(8, dtype=np.uint64),
+            np.zeros((8, GSO_COLS), dtype=np.int64))  # fmt: skip
     ones_sum(np.frombuffer(bytes(8), dtype=np.uint8), 0, 8)  # (bytes: a read-only array)
     table = toeplitz_table(key)
     forward((mem.view(np.uint64),), starts, ends, writable, np.array([0, 8, 0, 0]),

@@ -50,7 +50,7 @@ def inet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int
     return ~total & 0xFFFF
 
 
-def _pseudo_sum(frame: bytearray, l3: int, ipv6: bool, proto: int, length: int) -> int:
+def _pseudo_sum(frame: bytearray | memoryview, l3: int, ipv6: bool, proto: int, length: int) -> int:
     if ipv6:
         addrs = np.frombuffer(bytes(frame[l3 + 8 : l3 + 40]), dtype=">u2")
     else:
@@ -71,18 +71,21 @@ def _fix_l4(frame: bytearray, l3: int, l4: int, ipv6: bool, l4t: int) -> None:
     struct.pack_into(">H", frame, l4 + field, csum)
 
 
-def _fix_ipv4_header(frame: bytearray, l3: int, iplen: int) -> None:
+def _fix_ipv4_header(frame: bytearray | memoryview, l3: int, iplen: int) -> None:
     frame[l3 + 10 : l3 + 12] = b"\0\0"
     struct.pack_into(">H", frame, l3 + 10, inet_checksum(memoryview(frame)[l3 : l3 + iplen]))
 
 
-def apply_tx_offloads(frame: bytes, q1: int, ctx_q1: int, *, gso: bool = False) -> list[bytes]:
+def apply_tx_offloads(
+    frame: bytes | memoryview, q1: int, ctx_q1: int, *, gso: bool = False
+) -> list[bytes]:
     """The frame(s) that go on the wire for one TX frame and its descriptors' offload request.
 
     With ``gso`` (the wire finishes checksums and segments TCP), TCP/UDP checksums and TSO are
-    handed on as one :class:`GsoFrame`; the IPv4 header checksum is still done here."""
+    handed on as one :class:`GsoFrame`; the IPv4 header checksum is still done here. A
+    writable memoryview (the device's gather arena) is fixed up in place and copied once."""
     if not q1 & OFFLOAD_CMD_MASK and not ctx_q1 & CTX_TSO:
-        return [frame]
+        return [bytes(frame)]
     iipt = (q1 >> IIPT_SHIFT) & 3
     l4t = (q1 >> L4T_SHIFT) & 3
     offset = (q1 >> 16) & 0x3FFFF
@@ -92,18 +95,19 @@ def apply_tx_offloads(frame: bytes, q1: int, ctx_q1: int, *, gso: bool = False) 
     l4 = l3 + iplen
     ipv6 = iipt == IIPT_IPV6
     if iipt == 0 or l4 > len(frame) or (iipt != IIPT_IPV6 and iplen < 20):
-        return [frame]  # nothing we can locate: send it as the driver built it
+        return [bytes(frame)]  # nothing we can locate: send it as the driver built it
     tso = bool(ctx_q1 & CTX_TSO and l4t == L4T_TCP and l4len >= 20)
     mss = (ctx_q1 >> 50) & 0x3FFF if tso else 0
     field = {L4T_TCP: 16, L4T_UDP: 6}.get(l4t)
     if gso and field is not None and l4 + field + 2 <= len(frame) and len(frame) - l3 <= 0xFFFF:
-        out = bytearray(frame)
+        out = frame if isinstance(frame, memoryview) and not frame.readonly else bytearray(frame)
         if mss:
             _tso_header(out, l3=l3, l4=l4, ipv6=ipv6)
         if iipt == IIPT_IPV4_CSUM or (mss and not ipv6):
             _fix_ipv4_header(out, l3, iplen)
-        return [GsoFrame.make(bytes(out), csum_start=l4, csum_offset=field, gso_size=mss,
+        return [GsoFrame.make(out, csum_start=l4, csum_offset=field, gso_size=mss,
                               hdr_len=l4 + l4len, ipv6=ipv6)]  # fmt: skip
+    frame = bytes(frame)
     if mss:
         return _tso(frame, l3=l3, l4=l4, l4len=l4len, iipt=iipt, mss=mss)
     out = bytearray(frame)
@@ -113,7 +117,7 @@ def apply_tx_offloads(frame: bytes, q1: int, ctx_q1: int, *, gso: bool = False) 
     return [bytes(out)]
 
 
-def _tso_header(frame: bytearray, *, l3: int, l4: int, ipv6: bool) -> None:
+def _tso_header(frame: bytearray | memoryview, *, l3: int, l4: int, ipv6: bool) -> None:
     """A TSO super frame as a wire that segments it wants it: a driver leaves the IP length
     zero and the payload length out of the TCP pseudo-header sum (iavf_tso does both, for the
     hardware); a GSO wire wants the super frame's lengths, as the host's stack builds it."""

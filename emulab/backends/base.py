@@ -107,7 +107,8 @@ class GsoFrame(bytes):
 
     @classmethod
     def make(
-        cls, frame: bytes, *, csum_start: int, csum_offset: int, gso_size: int = 0,
+        cls, frame: bytes | bytearray | memoryview, *, csum_start: int, csum_offset: int,
+        gso_size: int = 0,
         hdr_len: int = 0, ipv6: bool = False,
     ) -> GsoFrame:  # fmt: skip
         f = cls(frame)

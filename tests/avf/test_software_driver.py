@@ -193,30 +193,41 @@ def test_malformed_and_unknown_messages_get_answers(rig: Rig) -> None:
     assert len(refused) == len(cases)
 
 
+class GsoWire(CallbackBackend):
+    gso = True  # finishes checksums and TSO itself, as a TAP does
+
+
+def _send_tso(drv: NicDriver, payload: bytes, seq: int) -> None:
+    """One TSO frame with IPv4/TCP checksum offloads, as iavf writes its descriptors."""
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + 20 + len(payload), 0x1234, 0x4000, 64, 6, 0,
+                     socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"))  # fmt: skip
+    tcp = struct.pack(">HHIIBBHHH", 5000, 80, seq, 0, 5 << 4, 0x18, 512, 0xBEEF, 0)
+    frame = b"\x02" * 6 + MAC + b"\x08\x00" + ip + tcp + payload
+    ring = drv.nic.tx[0]  # type: ignore[union-attr]
+    first = ring.next
+    buf = ring.buffers + 4096 * first
+    drv.ram.write(buf, frame)
+    ctx = 0x1 | (0x1 << 4) | (len(payload) << 30) | (1448 << 50)  # DTYPE=1, TSO, TLEN, MSS
+    cmd = 0x1 | 0x2 | 0x60 | 0x100  # EOP RS IIPT=IPv4+csum L4T=TCP
+    offset = 7 | (5 << 7) | (5 << 14)  # MACLEN 14/2, IPLEN 20/4, L4LEN 20/4
+    drv.ram.write(ring.base + 16 * first, struct.pack("<QQ", 0, ctx))
+    drv.ram.write(
+        ring.base + 16 * (first + 1),
+        struct.pack("<QQ", buf, cmd << 4 | offset << 16 | len(frame) << 34),
+    )
+    ring.next = first + 2
+    drv.w32(0x0000, ring.next)
+
+
 def test_tx_checksum_offload_and_tso(rig: Rig) -> None:
     """Descriptors asking for IPv4/TCP checksums and TSO, as iavf writes them."""
     from emulab.avf.offload import inet_checksum
 
     wire: list[bytes] = []
     drv, _ = rig(CallbackBackend(wire.append))
-    nic = drv.bring_up()
+    drv.bring_up()
     payload = bytes(range(256)) * 16  # 4096 bytes -> 3 segments of MSS 1448
-    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + 20 + len(payload), 0x1234, 0x4000, 64, 6, 0,
-                     socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"))  # fmt: skip
-    tcp = struct.pack(">HHIIBBHHH", 5000, 80, 1000, 0, 5 << 4, 0x18, 512, 0xBEEF, 0)
-    frame = b"\x02" * 6 + MAC + b"\x08\x00" + ip + tcp + payload
-    ring = nic.tx[0]
-    buf = ring.buffers
-    drv.ram.write(buf, frame)
-    ctx = 0x1 | (0x1 << 4) | (len(payload) << 30) | (1448 << 50)  # DTYPE=1, TSO, TLEN, MSS
-    cmd = 0x1 | 0x2 | 0x60 | 0x100  # EOP RS IIPT=IPv4+csum L4T=TCP
-    offset = 7 | (5 << 7) | (5 << 14)  # MACLEN 14/2, IPLEN 20/4, L4LEN 20/4
-    drv.ram.write(ring.base, struct.pack("<QQ", 0, ctx))
-    drv.ram.write(
-        ring.base + 16, struct.pack("<QQ", buf, cmd << 4 | offset << 16 | len(frame) << 34)
-    )
-    ring.next = 2
-    drv.w32(0x0000, 2)
+    _send_tso(drv, payload, 1000)
     deadline = time.monotonic() + 2
     while len(wire) < 3:
         assert time.monotonic() < deadline, wire
@@ -231,6 +242,30 @@ def test_tx_checksum_offload_and_tso(rig: Rig) -> None:
         assert tcp_seg[13] == (0x18 if k == 2 else 0x10)  # PSH only on the last segment
         pseudo = ip_hdr[12:20] + struct.pack(">HH", 6, len(tcp_seg))
         assert inet_checksum(pseudo + tcp_seg) == 0  # a valid TCP checksum
+
+
+def test_tso_to_a_gso_wire_goes_whole_and_keeps_its_bytes(rig: Rig) -> None:
+    """To a wire that segments (a TAP), a TSO frame goes as one GsoFrame, its headers fixed up
+    in the device's gather area and copied out once: the next frame does not change it."""
+    from emulab.avf.offload import inet_checksum
+    from emulab.backends.base import GsoFrame
+
+    wire: list[bytes] = []
+    drv, _ = rig(GsoWire(wire.append))
+    drv.bring_up()
+    first, second = bytes(range(256)) * 16, bytes(reversed(range(256))) * 16
+    for k, payload in enumerate((first, second)):
+        _send_tso(drv, payload, 1000 + k)
+        deadline = time.monotonic() + 2
+        while len(wire) < k + 1:
+            assert time.monotonic() < deadline, wire
+            time.sleep(0.01)
+    assert len(wire) == 2 and all(isinstance(w, GsoFrame) for w in wire)
+    assert [w[54:] for w in wire] == [first, second]  # the first is still its own bytes
+    for k, w in enumerate(wire):
+        assert isinstance(w, GsoFrame) and (w.gso_size, w.csum_start, w.hdr_len) == (1448, 34, 54)
+        assert inet_checksum(w[14:34]) == 0 and struct.unpack(">H", w[16:18])[0] == len(w) - 14
+        assert struct.unpack(">I", w[38:42])[0] == 1000 + k
 
 
 def test_two_software_guests_on_a_switch(rig: Rig) -> None:

@@ -226,13 +226,8 @@ import time, tempfile, os
 t0 = time.perf_counter()
 import emulab
 from emulab.avf import datapath as dp
-from emulab.avf.datapath.cache import drop_stale
 from emulab.avf.device import AvfDevice
 from emulab.server import VfioUserServer
-
-# this file's kernels inline the package's: their cache goes when either changes
-drop_stale(Path(__file__).parent / "__pycache__",
-           [Path(__file__), *Path(dp.__file__).parent.glob("*.py")])  # fmt: skip
 server = VfioUserServer(AvfDevice(), os.path.join(tempfile.mkdtemp(), "s.sock")).start()
 dp._warming[0].join()  # the kernels are compiled (cold) or loaded from the cache (warm)
 print(time.perf_counter() - t0)

@@ -16,14 +16,11 @@ The trade-off, for the README and the notebooks:
   message decode and a Python call -- tens of microseconds -- but no CPU while idle.
 * polling: doorbells cost nothing, bursts start within a poll loop (sub-microsecond), and a busy
   notebook cell does not stall the data path (the loop holds no GIL). It burns a core while
-  traffic flows and naps after about a millisecond of idleness (adding up to ``nap`` seconds of
-  latency to the next doorbell); once the device has been idle for ``IDLE_DEEP`` naps in a row
-  (about 10 ms), the naps double up to ``NAP_MAX`` and each poll between them is short, so an
-  idle device costs under a tenth of a core (7.6 % measured) instead of three quarters, and the
-  first doorbell after a quiet spell waits up to ``NAP_MAX``. And because any mmap-able region makes QEMU stop
-  posting writes (``vfio_user_disable_posted_writes``: read-after-write ordering can no longer
-  follow the socket), every *other* BAR write -- interrupt re-arms, admin-queue tails --
-  becomes a synchronous round trip.
+  traffic flows, naps after about a millisecond of idleness (adding up to ``nap`` seconds of
+  latency to the next doorbell), and, because any mmap-able region makes QEMU stop posting
+  writes (``vfio_user_disable_posted_writes``: read-after-write ordering can no longer follow
+  the socket), every *other* BAR write -- interrupt re-arms, admin-queue tails -- becomes a
+  synchronous round trip.
 """
 
 from __future__ import annotations
@@ -42,9 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["Poller"]
 
 MAX_IDLE = 20_000  # empty loops before the kernel returns (about a millisecond)
-IDLE_DEEP = 8  # idle returns in a row (no frame moved) before the naps grow
-MAX_IDLE_DEEP = 1_000  # empty loops per call once they do (about 50 us)
-NAP_MAX = 0.005  # the longest nap (seconds): the latency of a doorbell after a quiet spell
 SNAP_ROWS = 4096  # packet-trace rows per call while the trace is on
 
 
@@ -72,7 +66,6 @@ class Poller:
         self._snap = np.zeros((SNAP_ROWS, dp.SNAP // 8 + 1), dtype=np.uint64)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.idle_runs = 0  # idle returns in a row, no frame moved (naps grow past IDLE_DEEP)
         self.calls = 0  # kernel calls, and why each returned
         self.reasons = dict.fromkeys(("idle", "irq", "stopped", "error", "snap-full", "kick"), 0)
 
@@ -106,28 +99,14 @@ class Poller:
             if e.lock.wanted:  # someone else needs the queues: let them have the lock
                 time.sleep(self.nap / 4)
                 continue
-            deep = self.idle_runs >= IDLE_DEEP
             with e.lock:
-                reason, moved = self._once(MAX_IDLE_DEEP if deep else MAX_IDLE)
+                reason = self._once()
             e.flush()  # frames the general path held back, and every vector to raise
-            if reason in (dp.POLL_IDLE, dp.POLL_STOPPED) and not moved:
-                self.idle_runs += 1
-                time.sleep(self.nap_for(self.idle_runs))
-            else:
-                self.idle_runs = 0
-                if reason in (dp.POLL_IDLE, dp.POLL_STOPPED):
-                    time.sleep(self.nap)
+            if reason in (dp.POLL_IDLE, dp.POLL_STOPPED):
+                time.sleep(self.nap)
 
-    def nap_for(self, idle_runs: int) -> float:
-        """The nap after ``idle_runs`` idle returns in a row: ``nap``, doubling past
-        ``IDLE_DEEP`` up to ``NAP_MAX``."""
-        if idle_runs <= IDLE_DEEP:
-            return self.nap
-        return float(min(self.nap * 2 ** min(idle_runs - IDLE_DEEP, 16), max(NAP_MAX, self.nap)))
-
-    def _once(self, max_idle: int = MAX_IDLE) -> tuple[int, bool]:
-        """One kernel call and what Python does after it (called holding the engine lock):
-        why it returned, and whether any frame moved (or went to the general path)."""
+    def _once(self) -> int:
+        """One kernel call and what Python does after it (called holding the engine lock)."""
         e = self.engine
         t = e._table
         fwd = e.ring_to_ring
@@ -147,7 +126,7 @@ class Poller:
         ctl[dp.POLL_FORWARD] = 1 if fwd else 0
         reason = int(dp.poll(t.words, t.wstarts, t.wends, t.wwritable, self.regs, self.layout,
                              txt, rxt, rxvec, self._scratch, table, lut, hena, self._hdr, filt,
-                             snap, acc, ctl, dp.BURST_POLL, max_idle))  # fmt: skip
+                             snap, acc, ctl, dp.BURST_POLL, MAX_IDLE))  # fmt: skip
         self.calls += 1
         name = ("idle", "irq", "stopped", "error", "snap-full", "kick")[reason]
         self.reasons[name] += 1
@@ -170,5 +149,4 @@ class Poller:
             e.tx_tail(qi, e.tx[qi].tail)
         elif reason == dp.POLL_ERROR:
             e.forward_failed(e.tx[qi], acc[qi])
-        moved = reason in (dp.POLL_KICK, dp.POLL_IRQ) or bool(acc[:, dp.FWD_FRAMES].any())
-        return reason, moved
+        return reason

@@ -146,30 +146,3 @@ def test_configuration_waits_at_most_a_burst_for_the_poller(make: Make) -> None:
     assert waits[len(waits) // 2] < 0.05, waits  # median: no long wait for the lock
     assert dev.poller.reasons["stopped"] > 0
     assert dev.queues.lock.ctl[dp.POLL_STOP] == 0
-
-
-def test_an_idle_poller_backs_off_and_the_next_doorbell_still_goes(make: Make) -> None:
-    """Idle for a while, the poll thread naps longer and polls briefly (an idle device costs a
-    few per cent of a core, not three quarters); a doorbell then still gets its frames out."""
-    from emulab.avf import polling
-
-    sent: list[bytes] = []
-    drv, dev = make(CallbackBackend(sent.append))
-    drv.bring_up()
-    poller = dev.poller
-    assert poller is not None
-    deep = polling.IDLE_DEEP + 6
-    deadline = time.monotonic() + 10
-    while poller.idle_runs < deep and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert poller.idle_runs >= deep and poller.nap_for(poller.idle_runs) == polling.NAP_MAX
-    calls = poller.calls
-    time.sleep(0.3)
-    assert poller.calls - calls < 120  # ~1 ms polls and 0.2 ms naps made ~250 in 0.3 s
-    kicks = poller.reasons["kick"]
-    frames = [udp(300 + i, 90) for i in range(3)]
-    assert drv.transmit(frames) == 3
-    deadline = time.monotonic() + 5
-    while len(sent) < 3 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert sent == frames and poller.reasons["kick"] > kicks

@@ -110,10 +110,13 @@ def test_testpmd_probes_transmits_and_echoes(
     ]  # fmt: skip
     assert not pmd_errors, pmd_errors
     assert not dev.pf.caps & Cap.WB_ON_ITR
-    # every frame testpmd counted as sent reached the host backend, intact
+    # every frame testpmd counted as sent reached the host backend, intact. Its TX-packets is
+    # the port's count (our GET_STATS) at its last query: descriptors still posted then (a
+    # ring's worth at most, testpmd's default 1024) went out after it, before the port stopped
     tx = _forward_stats(txonly)
     assert tx["TX-packets"] > 1000, tx
-    assert injector.txonly_count == [tx["TX-packets"]], (injector.txonly_count, tx)
+    assert len(injector.txonly_count) == 1, injector.txonly_count
+    assert 0 <= injector.txonly_count[0] - tx["TX-packets"] <= 1024, (injector.txonly_count, tx)
     first = Ether(sent[0])
     assert first.src == MAC and first[IP].src == "198.18.0.1" and first[UDP].dport == 9
     assert {len(f) for f in sent[: tx["TX-packets"]]} == {64}  # txonly's default length

@@ -27,8 +27,8 @@ import struct
 
 import numpy as np
 
-from emulab.avf.datapath import ones_sum
-from emulab.backends.base import GsoFrame
+from emulab.avf.datapath import ones_sum, tso_cut
+from emulab.backends.base import GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, GsoFrame
 
 __all__ = ["OFFLOAD_CMD_MASK", "apply_tx_offloads", "inet_checksum"]
 
@@ -37,7 +37,6 @@ IIPT_IPV6, IIPT_IPV4, IIPT_IPV4_CSUM = 1, 2, 3
 L4T_TCP, L4T_SCTP, L4T_UDP = 1, 2, 3
 OFFLOAD_CMD_MASK = (3 << IIPT_SHIFT) | (3 << L4T_SHIFT)
 CTX_TSO = 1 << 4
-TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 
 
 def inet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
@@ -109,7 +108,7 @@ def apply_tx_offloads(
                               hdr_len=l4 + l4len, ipv6=ipv6)]  # fmt: skip
     frame = bytes(frame)
     if mss:
-        return _tso(frame, l3=l3, l4=l4, l4len=l4len, iipt=iipt, mss=mss)
+        return _tso(frame, l4=l4, l4len=l4len, ipv6=ipv6, mss=mss)
     out = bytearray(frame)
     if iipt == IIPT_IPV4_CSUM:
         _fix_ipv4_header(out, l3, iplen)
@@ -131,31 +130,14 @@ def _tso_header(frame: bytearray | memoryview, *, l3: int, l4: int, ipv6: bool) 
     struct.pack_into(">H", frame, l4 + 16, total)  # the pseudo-header sum, not complemented
 
 
-def _tso(frame: bytes, *, l3: int, l4: int, l4len: int, iipt: int, mss: int) -> list[bytes]:
-    """Segment a TCP "super frame" into MSS-sized frames with fixed-up headers."""
-    hlen = l4 + l4len
-    header, payload = frame[:hlen], frame[hlen:]
-    ipv6 = iipt == IIPT_IPV6
-    seq0 = struct.unpack_from(">I", header, l4 + 4)[0]
-    flags0 = header[l4 + 13]
-    ip_id = 0 if ipv6 else struct.unpack_from(">H", header, l3 + 4)[0]
-    segments = []
-    count = max(1, -(-len(payload) // mss))
-    for i in range(count):
-        chunk = payload[i * mss : (i + 1) * mss]
-        seg = bytearray(header) + chunk
-        if ipv6:
-            struct.pack_into(">H", seg, l3 + 4, len(seg) - l3 - 40)
-        else:
-            struct.pack_into(">HH", seg, l3 + 2, len(seg) - l3, (ip_id + i) & 0xFFFF)
-            _fix_ipv4_header(seg, l3, l4 - l3)
-        struct.pack_into(">I", seg, l4 + 4, (seq0 + i * mss) & 0xFFFFFFFF)
-        flags = flags0
-        if i != count - 1:
-            flags &= ~(TCP_FIN | TCP_PSH)
-        if i:
-            flags &= ~TCP_CWR
-        seg[l4 + 13] = flags
-        _fix_l4(seg, l3, l4, ipv6, L4T_TCP)
-        segments.append(bytes(seg))
-    return segments
+def _tso(frame: bytes, *, l4: int, l4len: int, ipv6: bool, mss: int) -> list[bytes]:
+    """Segment a TCP "super frame" into MSS-sized frames with fixed-up headers: the receive
+    side's cutter (``datapath.tso_cut``), so both directions cut segments one way."""
+    hl = l4 + l4len
+    g = np.array([GSO_TCPV6 if ipv6 else GSO_TCPV4, mss, l4, 16, NEEDS_CSUM, 0], dtype=np.int64)
+    count = max(1, -(-(len(frame) - hl) // mss))
+    out = np.empty((count, hl + mss), dtype=np.uint8)
+    lens = np.empty(count, dtype=np.int64)
+    if tso_cut(np.frombuffer(frame, dtype=np.uint8), len(frame), hl, g, out, lens) != count:
+        return [frame]  # (cannot happen: sized above)
+    return [out[i, : lens[i]].tobytes() for i in range(count)]

@@ -88,6 +88,7 @@ from emulab.avf.datapath.ring_to_ring import (
     rx_place,
     snap_rows,
     snap_rows_tx,
+    tso_cut,
 )
 from emulab.avf.datapath.rings import (
     ERR_BAD_DESCRIPTOR,
@@ -279,6 +280,7 @@ __all__ = [
     "toeplitz",
     "toeplitz_fast",
     "toeplitz_table",
+    "tso_cut",
     "tx_drain",
     "warmup",
     "warmup_in_background",

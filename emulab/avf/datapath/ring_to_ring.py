@@ -377,6 +377,24 @@ def _cut(seg: Any, src: Any, hl: Any, g: Any, k: Any, nseg: Any, plen: Any) -> i
 
 
 @raw.kernel  # without numba's runtime, as forward
+def tso_cut(frame: Any, length: Any, hl: Any, g: Any, out: Any, lens: Any) -> int:
+    """A TSO frame (``frame[:length]``, headers ``hl`` long, ``gso`` row ``g``) cut into the
+    rows of ``out`` as :func:`_cut` cuts one (``lens``: each segment's length), for a wire that
+    does not segment; returns the number of segments, or -1 if they do not fit in ``out``."""
+    mss = g[GSO_SIZE]
+    if mss <= 0 or hl < 0 or hl > length or length > frame.shape[0]:
+        return -1
+    payload = length - hl
+    nseg = max((payload + mss - 1) // mss, 1)
+    if nseg > out.shape[0] or hl + mss > out.shape[1]:
+        return -1
+    src = np.int64(frame.ctypes.data)
+    for k in range(nseg):
+        lens[k] = _cut(out[k], src, hl, g, k, nseg, min(mss, payload - k * mss))
+    return int(nseg)
+
+
+@raw.kernel  # without numba's runtime, as forward
 def rx_place(
     maps: Any, starts: Any, ends: Any, writable: Any, rx: Any, frames: Any, lens: Any, n: Any,
     qs: Any, hashes: Any, ptypes: Any, extra: Any, holds: Any, done: Any, out: Any,

@@ -15,6 +15,7 @@ from emulab.avf.datapath.ring_to_ring import (
     SNAP,
     forward,
     rx_place,
+    tso_cut,
 )
 from emulab.avf.datapath.rings import (
     classify,
@@ -51,6 +52,14 @@ def warmup(polling: bool = True) -> float:
              np.zeros(8, dtype=np.uint8), np.zeros(8, dtype=np.uint64), True,
              np.zeros(8, dtype=np.uint8), np.zeros(PLACE_OUT, dtype=np.int64),
              np.zeros((8, GSO_COLS), dtype=np.int64), np.zeros(9728, dtype=np.uint8))  # fmt: skip
+    tso_cut(
+        np.frombuffer(bytes(64), dtype=np.uint8),
+        64,
+        54,
+        np.zeros(GSO_COLS, dtype=np.int64),
+        np.zeros((1, 64), dtype=np.uint8),
+        np.zeros(1, dtype=np.int64),
+    )  # (TX TSO, no GSO)
     key = np.zeros(52, dtype=np.uint8)
     rss_hash(key, frames[0], 64, np.zeros(12, dtype=np.uint8), np.uint64(0))
     classify(frames[0], 64)

@@ -489,13 +489,14 @@ class QueueEngine:
         self, frames: np.ndarray, lens: np.ndarray, n: int, gso: np.ndarray | None = None
     ) -> int:
         """Frames from the backend as the first ``n`` (at most ``BURST``) rows of a uint8 array,
-        ``lens`` long (a length past the row's width: a frame too long, discarded). The MAC
-        filter, RSS, the packet type and the RX queue in one kernel call (``rx_pick``), each
-        queue's share written into its ring in one more (``rx_fill``), counted with numpy:
-        nothing in Python per frame. Returns how many, from the front, were taken (delivered,
-        filtered or dropped). A backend that ``holds`` gets flow control: a frame whose RX queue
-        is enabled but has no buffers posted for it ends the batch there, for the backend to
-        offer again once the driver posts some (``resume``)."""
+        ``lens`` long (a length past the row's width: a frame too long, discarded), with their
+        virtio-net header's ``gso`` rows (see ``emulab.backends.base.DeliverRows``). The MAC
+        filter, RSS, the packet type and the RX queue in one kernel call (``rx_pick``), the
+        frames into their rings (TSO frames cut into segments) and counted in one more
+        (``rx_place``): nothing in Python per frame. Returns how many, from the front, were
+        taken (delivered, filtered or dropped). A backend that ``holds`` gets flow control: a
+        frame whose RX queue is enabled but has no buffers posted for it ends the batch there,
+        for the backend to offer again once the driver posts some (``resume``)."""
         vectors: set[int] = set()
         with self.lock:
             room = self._receive_rows(frames, lens, n, gso, vectors)

@@ -1,5 +1,6 @@
-"""The ring kernels of the general path (TX drain, RX fill), packet classification, RSS
-(Toeplitz), and the checksum sum of the TX offloads."""
+"""The general path's TX drain, the wire's RX pick (filter, RSS, packet type, checksum check,
+TSO frames' headers), packet classification, RSS (Toeplitz), and the checksum sum of the TX
+offloads."""
 
 from __future__ import annotations
 
@@ -193,80 +194,6 @@ def tx_drain(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
                     j = 0
             frame_start = i
     return frame_start, n, used, ERR_NONE
-
-
-@njit(nogil=True, cache=True)
-def rx_fill(
-    regions: Any,
-    starts: Any,
-    ends: Any,
-    writable: Any,
-    ring_base: Any,
-    ring_len: Any,
-    head: Any,
-    tail: Any,
-    buf_size: Any,
-    frames: Any,
-    frame_lens: Any,
-    n_frames: Any,
-    hashes: Any,
-    ptypes: Any,
-    extra: Any,
-) -> tuple[int, int, int, int]:
-    """Deliver frames into the RX buffers the driver posted (``head`` up to ``tail``); each
-    frame's last descriptor also carries its ``extra`` status/error bits (see
-    :func:`rx_checksums`).
-
-    Returns ``(new_head, delivered, n_descriptors, error)``. A frame that does not fit in the
-    posted descriptors is left for the caller (who counts it as a discard or retries later).
-    """
-    delivered = 0
-    used = 0
-    i = head
-    for f in range(n_frames):
-        length = frame_lens[f]
-        need = (length + buf_size - 1) // buf_size if length > 0 else 1
-        avail = tail - i
-        if avail < 0:
-            avail += ring_len
-        if need > avail:
-            break
-        pos = 0
-        for d in range(need):
-            daddr = ring_base + 32 * i
-            k = _find(starts, ends, daddr, 32)
-            if k < 0 or not writable[k]:
-                return i, delivered, used, ERR_RING_ADDRESS
-            ring = regions[k]
-            doff = daddr - starts[k]
-            pkt = np.int64(_load64(ring, doff))
-            chunk = min(buf_size, length - pos)
-            if chunk > 0:
-                kb = _find(starts, ends, pkt, chunk)
-                if kb < 0 or not writable[kb]:
-                    return i, delivered, used, ERR_BUFFER_ADDRESS
-                _copy(regions[kb], pkt - starts[kb], frames[f], pos, chunk)
-            pos += chunk
-            last = d == need - 1
-            status = np.uint64(RX_DD | (RX_EOF if last else 0))
-            q0 = np.uint64(0)
-            if last and hashes[f] != 0:
-                q0 = np.uint64(hashes[f]) << np.uint64(32)
-                status |= np.uint64(RX_FLTSTAT_RSS)
-            q1 = status | (np.uint64(ptypes[f] if last else 0) << np.uint64(30))
-            q1 |= np.uint64(chunk) << np.uint64(38)
-            if last:
-                q1 |= np.uint64(extra[f])
-            _store64(ring, doff, q0)
-            _store64(ring, doff + 16, np.uint64(0))
-            _store64(ring, doff + 24, np.uint64(0))
-            _store64(ring, doff + 8, q1)  # status last: DD means the rest is there
-            used += 1
-            i = i + 1
-            if i == ring_len:
-                i = 0
-        delivered += 1
-    return i, delivered, used, ERR_NONE
 
 
 # -- packet classification -------------------------------------------------------------------------

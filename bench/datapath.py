@@ -16,7 +16,9 @@ one run, at 64 and 1500 bytes:
   device      the product: an AvfDevice in polling mode (served; its poll thread forwards ring
               to ring) with a polling guest driver in another thread writing the tails into the
               BAR's mmapped page -- two threads sharing the rings across cores, DPDK's shape
-  busy        per-burst vs one-call vs the device while the main thread runs a CPU-bound loop
+  busy        per-burst vs one-call vs the device while the main thread runs a CPU-bound loop;
+              the device also beside a CPU-bound loop that holds no GIL (its CPU share alone)
+  idle        the CPU an idle device in polling mode costs
 
 Usage: python bench/datapath.py [--seconds 2] [--no-dpdk]
 Last line: RESULT mpps_64=X mpps_1500=Y dpdk_mpps_64=Z ratio_64=X/Z gbps_1500=G memcpy_gbps=M
@@ -333,13 +335,28 @@ def device_rig(size: int) -> tuple[AvfDevice, VfioUserServer, Any, Any]:
     return dev, server, mem, regs
 
 
-def device_rate(size: int, seconds: float, busy_main: bool = False) -> float:
+@njit(nogil=True, cache=True)
+def hog(stop: Any, out: Any) -> None:
+    """A CPU-bound loop that holds no GIL, until ``stop[0]`` is set: the busy cell's share of
+    the CPU without its hold on the GIL. (The store to ``out`` keeps ``stop[0]`` loaded on
+    every turn: with no store in the loop the compiler may read it once.)"""
+    x = 0
+    while stop[0] == 0:
+        for _ in range(1000):
+            x = (x * 1103515245 + 12345) % 2147483648
+        out[0] = x
+
+
+def device_rate(size: int, seconds: float, busy_main: str = "") -> float:
     """Mpps through the product: an AvfDevice in polling mode (its poll thread, the tails in
-    its BAR's shared memory) and a polling guest driver in another thread (one nogil call)."""
+    its BAR's shared memory) and a polling guest driver in another thread (one nogil call).
+    ``busy_main``: meanwhile this (main) thread runs a CPU-bound Python loop ("cell") or a
+    CPU-bound loop that holds no GIL ("nogil")."""
     dev, server, mem, regs = device_rig(size)
     g = np.zeros(2 + QUEUES + 1, dtype=np.int64)
     stop = np.ones(1, dtype=np.int64)
     guest_drive(mem, regs, g, size, stop)  # compiled or loaded before the clock starts
+    hog(stop, np.zeros(1, dtype=np.int64))
     for q in range(QUEUES):
         regs[0x2000 // 4 + q] = RING - 1  # every RX buffer posted
     stop[0] = 0
@@ -357,8 +374,10 @@ def device_rate(size: int, seconds: float, busy_main: bool = False) -> float:
     th = threading.Thread(target=timer)
     th.start()
     x = 0
-    while busy_main and th.is_alive():  # a busy notebook cell
+    while busy_main == "cell" and th.is_alive():  # a busy notebook cell
         x = (x * 1103515245 + 12345) % 2147483648
+    if busy_main == "nogil":
+        hog(stop, np.zeros(1, dtype=np.int64))  # until the timer stops the guest
     th.join()
     guest.join()
     server.stop()
@@ -367,6 +386,24 @@ def device_rate(size: int, seconds: float, busy_main: bool = False) -> float:
         print(f"  poller: {dev.poller.reasons if dev.poller else None}", flush=True)
     (t0, n0), (t1, n1) = marks
     return (n1 - n0) / (t1 - t0) / 1e6
+
+
+def idle_device_cpu(seconds: float) -> float:
+    """The CPU an idle device in polling mode costs (its poll thread napping in the kernel):
+    the process's user+system time over ``seconds`` of wall time, per core."""
+    import resource
+
+    dev, server, _, _ = device_rig(64)
+    try:
+        time.sleep(0.5)  # past the first millisecond's spin
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        time.sleep(seconds)
+        r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    finally:
+        server.stop()
+        dev.close()
+    used = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    return used / (t1 - t0)
 
 
 def main() -> int:
@@ -389,7 +426,14 @@ def main() -> int:
                  for size in (64, 1500)}  # fmt: skip
     print("busy kernel (a CPU-bound main thread) ...", flush=True)
     busy_burst, busy_call = busy(Rig(64), args.seconds / 2)
-    busy_dev = device_rate(64, args.seconds / 2, busy_main=True)
+    print("the device beside a busy cell, and beside a CPU hog that holds no GIL ...", flush=True)
+    busy_dev: dict[str, list[float]] = {"": [], "cell": [], "nogil": []}
+    for _ in range(3):  # alternated, for a noisy machine: idle, cell, nogil, idle, ...
+        for kind, got in busy_dev.items():
+            got.append(device_rate(64, args.seconds / 3, busy_main=kind))
+    dev_busy = {k: statistics.median(v) for k, v in busy_dev.items()}
+    print("the device in polling mode, idle ...", flush=True)
+    idle_cpu = idle_device_cpu(args.seconds)
     dpdk: dict[int, float] = {}
     if not args.no_dpdk:
         try:
@@ -414,8 +458,15 @@ def main() -> int:
           f"{busy_call:.2f} Mpps (idle: {figures[64]['burst']:.2f} / "
           f"{figures[64]['one_call']:.2f})")  # fmt: skip
     print(f"device (polling mode, guest in another thread): 64 B {dev_rates[64]:.2f} Mpps, "
-          f"1500 B {dev_rates[1500]:.2f} Mpps; with the busy main thread {busy_dev:.2f} Mpps "
-          f"({busy_dev / dev_rates[64]:.0%} of idle)")  # fmt: skip
+          f"1500 B {dev_rates[1500]:.2f} Mpps")  # fmt: skip
+    base = dev_busy[""]
+    print(f"device beside a busy main thread, 64 B (medians of 3, alternated): quiet "
+          f"{base:.2f} Mpps, busy cell {dev_busy['cell']:.2f} Mpps "
+          f"({dev_busy['cell'] / base:.0%} of quiet), no-GIL hog {dev_busy['nogil']:.2f} Mpps "
+          f"({dev_busy['nogil'] / base:.0%}); cell / hog "
+          f"{dev_busy['cell'] / dev_busy['nogil']:.2f} "
+          f"(1.00: holding the GIL costs the device nothing beyond the CPU it takes)")  # fmt: skip
+    print(f"idle device in polling mode: {idle_cpu:.1%} of a core (napping in its kernel)")
     print(f"start-up, import emulab -> server started, kernels ready: cold {cold:.1f} s "
           f"(compiling), warm {warm:.2f} s (numba's cache)")  # fmt: skip
     print(f"RESULT mpps_64={m64:.2f} mpps_1500={m1500:.2f} dpdk_mpps_64={d64:.2f} "

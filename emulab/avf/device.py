@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from emulab.avf import virtchnl as vc
 from emulab.avf.admin_queue import AdminQueue
-from emulab.avf.datapath import POLL_HOLD, warmup_in_background
+from emulab.avf.datapath import POLL_HOLD, POLL_PENDING, warmup_in_background
 from emulab.avf.pf import PfConfig, VirtchnlPf
 from emulab.avf.polling import Poller
 from emulab.avf.queues import QueueEngine
@@ -289,6 +289,9 @@ class AvfDevice(PciDevice):
             self._misc_update()
         elif vector in self.queue_pending:
             self._fire(vector)
+        ctl = self.queues.lock.ctl
+        if new & INTENA and self.poller is not None and ctl[POLL_PENDING] >> vector & 1:
+            self.queues.lock.nudge()  # a cause the poll kernel holds fires now, not after a nap
 
     def itr_seconds(self, vector: int) -> float:
         """The throttling interval of a vector: the shortest non-zero of its RX/TX ITRs."""

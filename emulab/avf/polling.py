@@ -7,7 +7,7 @@ vCPU exit to QEMU's vfio-user code. Nothing tells the device; this thread notice
 :func:`emulab.avf.datapath.poll`, which watches the tails and moves frames ring to ring without
 returning to Python. It returns when Python must act: an interrupt to raise (a queue vector with
 a cause and INTENA set), a frame for the general path (offloads, or a wire that is not the
-loopback), an error, a full packet-trace buffer, a lock wanted by another thread, or idleness.
+loopback), an error, a full packet-trace buffer, or a lock wanted by another thread.
 
 The trade-off, for the README and the notebooks:
 
@@ -15,16 +15,23 @@ The trade-off, for the README and the notebooks:
   and the server thread kicks one burst. Cost per doorbell: a socket round of QEMU's, our
   message decode and a Python call -- tens of microseconds -- but no CPU while idle.
 * polling: doorbells cost nothing, bursts start within a poll loop (sub-microsecond), and a busy
-  notebook cell does not stall the data path (the loop holds no GIL). It burns a core while
-  traffic flows, naps after about a millisecond of idleness (adding up to ``nap`` seconds of
-  latency to the next doorbell), and, because any mmap-able region makes QEMU stop posting
-  writes (``vfio_user_disable_posted_writes``: read-after-write ordering can no longer follow
-  the socket), every *other* BAR write -- interrupt re-arms, admin-queue tails -- becomes a
-  synchronous round trip.
+  notebook cell does not stall the data path (the loop holds no GIL and, while traffic flows or
+  pauses, never returns to Python). It burns a core while traffic flows; after about a
+  millisecond with nothing moved it naps inside the kernel (20 us, doubling up to ``nap``,
+  0.5 ms by default, a poll between naps), so an idle polling device costs a few percent of a
+  core, and the first doorbell after a quiet spell waits up to ``nap``. A thread that needs the
+  queues (a frame from the wire, a configuration change) or re-arms an interrupt the loop holds
+  a cause for ends the nap at once through an eventfd. Because any mmap-able region makes QEMU
+  stop posting writes (``vfio_user_disable_posted_writes``: read-after-write ordering can no
+  longer follow the socket), every *other* BAR write -- interrupt re-arms, admin-queue tails --
+  becomes a synchronous round trip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -38,8 +45,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Poller"]
 
-MAX_IDLE = 20_000  # empty loops before the kernel returns (about a millisecond)
+MAX_IDLE = 20_000  # empty loops before the kernel naps (about a millisecond)
+WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the queues
+PR_SET_TIMERSLACK = 29
 SNAP_ROWS = 4096  # packet-trace rows per call while the trace is on
+
+
+def _precise_timers() -> None:
+    """This thread's timer slack from Linux's default 50 us to 1 us, so that the kernel's first
+    naps (tens of microseconds) are as short as asked."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the default slack
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(1000), 0, 0, 0)
 
 
 class Poller:
@@ -51,9 +67,10 @@ class Poller:
         regs: np.ndarray,
         layout: tuple[int, int, int, int],
         *,
-        nap: float = 0.0002,
+        nap: float = 0.0005,
     ) -> None:
-        """``layout``: word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01, DYN_CTLN[0]."""
+        """``layout``: word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01, DYN_CTLN[0];
+        ``nap``: the longest nap of an idle loop, in seconds (0: the kernel returns instead)."""
         self.engine = engine
         self.regs = regs
         self.layout = np.array(layout, dtype=np.int64)
@@ -73,6 +90,8 @@ class Poller:
     def start(self) -> Poller:
         if self._thread is None:
             self._stopping = False
+            self.ctl[dp.POLL_NAP] = round(self.nap * 1e6)
+            self.engine.lock.set_wake_fd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
             self._thread = threading.Thread(target=self._run, name="emulab-avf-poll", daemon=True)
             self.engine.lock.poller = self._thread  # set before it runs: no acquire skips the stop
             self._thread.start()
@@ -81,11 +100,16 @@ class Poller:
     def stop(self) -> None:
         thread, self._thread = self._thread, None
         if thread is not None:
+            lock = self.engine.lock
             self._stopping = True
-            self.ctl[dp.POLL_STOP] = 1
+            lock.want()  # the kernel returns (from a nap too) and is not called again
             thread.join(timeout=5)
-            self.ctl[dp.POLL_STOP] = 0
-            self.engine.lock.poller = None
+            lock.unwant()
+            lock.poller = None
+            if not thread.is_alive():  # (a kernel still running might yet poll the fd)
+                fd = int(self.ctl[dp.POLL_WAKE])
+                lock.set_wake_fd(-1)
+                os.close(fd)
 
     @property
     def loops(self) -> int:
@@ -95,14 +119,15 @@ class Poller:
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         e = self.engine
+        _precise_timers()
         while not self._stopping:
             if e.lock.wanted:  # someone else needs the queues: let them have the lock
-                time.sleep(self.nap / 4)
+                time.sleep(WANTED_WAIT)
                 continue
             with e.lock:
                 reason = self._once()
             e.flush()  # frames the general path held back, and every vector to raise
-            if reason in (dp.POLL_IDLE, dp.POLL_STOPPED):
+            if reason == dp.POLL_IDLE:  # (only without naps in the kernel: nap=0)
                 time.sleep(self.nap)
 
     def _once(self) -> int:

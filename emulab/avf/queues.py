@@ -9,6 +9,7 @@ raises into the register write that kicked it.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class PausingLock:
         self._count_lock = threading.Lock()
         self._waiters = 0
         self.ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)  # the poll kernel's control words
+        self.ctl[dp.POLL_WAKE] = -1
         self.poller: threading.Thread | None = None  # the poll thread: it takes the lock plainly
 
     def acquire(self) -> None:
@@ -112,19 +114,42 @@ class PausingLock:
         if poller is None or poller.ident == threading.get_ident():
             self._lock.acquire()  # no poll loop to stop (interrupt mode), or the poller itself
             return
-        with self._count_lock:
-            self._waiters += 1
-            self.ctl[dp.POLL_STOP] = 1
+        self.want()
         try:
             self._lock.acquire()
         finally:
-            with self._count_lock:
-                self._waiters -= 1
-                if not self._waiters:
-                    self.ctl[dp.POLL_STOP] = 0
+            self.unwant()
+
+    def want(self) -> None:
+        """Ask the poll kernel to return (``POLL_STOP``, its nap ended) and to stay out until
+        every :meth:`want` has its :meth:`unwant`."""
+        with self._count_lock:
+            self._waiters += 1
+            self.ctl[dp.POLL_STOP] = 1
+        self.nudge()
+
+    def unwant(self) -> None:
+        with self._count_lock:
+            self._waiters -= 1
+            if not self._waiters:
+                self.ctl[dp.POLL_STOP] = 0
 
     def release(self) -> None:
         self._lock.release()
+
+    def nudge(self) -> None:
+        """End the poll kernel's nap without asking it to return (it looks again: a register
+        Python changed, such as an INTENA re-armed for a cause it holds)."""
+        with self._count_lock:
+            fd = int(self.ctl[dp.POLL_WAKE])
+            if fd >= 0:
+                os.eventfd_write(fd, 1)
+
+    def set_wake_fd(self, fd: int) -> None:
+        """The eventfd that ends the poll kernel's naps (-1: none), changed only between
+        wake-ups, so that none writes to a closed descriptor."""
+        with self._count_lock:
+            self.ctl[dp.POLL_WAKE] = fd
 
     @property
     def wanted(self) -> bool:

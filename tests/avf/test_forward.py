@@ -7,6 +7,9 @@ import os
 import struct
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +295,57 @@ def test_poll_loop_stops_on_a_hostile_address() -> None:
     reason, acc = _poll(w, regs, ctl)
     assert reason == dp.POLL_ERROR and acc[dp.FWD_ERROR] == dp.ERR_BUFFER_ADDRESS
     assert w.tx[2] == 0  # the bad frame stays in the ring
+
+
+def test_poll_loop_naps_in_the_call_and_its_eventfd_ends_a_nap() -> None:
+    """Idle, the loop naps (20 us doubling up to ``POLL_NAP``) without returning; a doorbell
+    is still seen between naps, and ``POLL_STOP`` with a write to ``POLL_WAKE`` ends even a
+    long nap at once."""
+    w = Wire(queues=1)
+    w.post_rx(0, 32)
+    regs = np.zeros(64, dtype=np.uint32)
+    regs[16] = 32
+    w.rx[0, dp.RX_TAIL] = 0
+    ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)
+    ctl[dp.POLL_FORWARD] = 1
+    ctl[dp.POLL_NAP] = 60_000_000  # naps of up to a minute
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ctl[dp.POLL_WAKE] = fd
+    done: list[int] = []
+    th = threading.Thread(target=lambda: done.append(_poll(w, regs, ctl)[0]), daemon=True)
+    try:
+        th.start()
+        _wait_for(lambda: ctl[dp.POLL_NAPS] >= 3)
+        w.post_tx([(TXB, udp(1, 90))])  # a doorbell while it naps: moved at the next look
+        regs[0] = w.tx[3]
+        _wait_for(lambda: w.rx[0, dp.RX_PACKETS] == 1)
+        assert not done  # it did not return for idleness, nor for the frame
+        # watch the naps double; once one lasted 0.2 s, the next lasts 0.4 s: end it at once
+        count, since, gap = int(ctl[dp.POLL_NAPS]), time.monotonic(), 0.0
+        while gap < 0.2:
+            assert time.monotonic() - since < 30, "no nap ended"
+            time.sleep(0.0005)
+            if ctl[dp.POLL_NAPS] != count:
+                now = time.monotonic()
+                count, since, gap = int(ctl[dp.POLL_NAPS]), now, now - since
+        t0 = time.monotonic()
+        ctl[dp.POLL_STOP] = 1
+        os.eventfd_write(fd, 1)
+        th.join(30)
+        woke = time.monotonic() - t0
+        with pytest.raises(BlockingIOError):  # the kernel drained its eventfd
+            os.eventfd_read(fd)
+    finally:
+        ctl[dp.POLL_STOP] = 1
+        os.eventfd_write(fd, 1)
+        th.join(60)
+        os.close(fd)
+    assert done == [dp.POLL_STOPPED]
+    assert woke < 0.2, woke  # not the rest of a nap of 0.4 s or more
+
+
+def _wait_for(cond: Callable[[], object], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)

@@ -146,3 +146,41 @@ def test_configuration_waits_at_most_a_burst_for_the_poller(make: Make) -> None:
     assert waits[len(waits) // 2] < 0.05, waits  # median: no long wait for the lock
     assert dev.poller.reasons["stopped"] > 0
     assert dev.queues.lock.ctl[dp.POLL_STOP] == 0
+
+
+def test_an_idle_poller_naps_in_its_kernel_and_its_eventfd_ends_the_nap(make: Make) -> None:
+    """Idle, the poll kernel naps without returning to Python; a thread that wants the queues
+    (or stops the poller) ends even a long nap at once instead of waiting it out."""
+    drv, dev = make()
+    drv.bring_up()
+    poller = dev.poller
+    assert poller is not None
+    poller.stop()
+    poller.nap = 30.0  # naps double up to 30 s: only the eventfd can end one early
+    poller.start()
+    ctl = dev.queues.lock.ctl
+
+    def long_nap() -> None:  # return as a nap begins that lasts 0.4 s or more
+        count, since, gap = int(ctl[dp.POLL_NAPS]), time.monotonic(), 0.0
+        while gap < 0.2:
+            assert time.monotonic() - since < 30, "no nap ended"
+            time.sleep(0.0005)
+            if ctl[dp.POLL_NAPS] != count:
+                now = time.monotonic()
+                count, since, gap = int(ctl[dp.POLL_NAPS]), now, now - since
+
+    long_nap()
+    t0 = time.monotonic()
+    with dev.queues.lock:
+        took = time.monotonic() - t0
+    assert took < 0.2, took
+    long_nap()
+    t0 = time.monotonic()
+    poller.stop()
+    stopped = time.monotonic() - t0
+    assert stopped < 0.2, stopped
+    assert poller.reasons["idle"] == 0 and poller.reasons["stopped"] >= 2
+    poller.nap = 0.0005
+    poller.start()  # and traffic moves again
+    assert drv.transmit([udp(4, 100)]) == 1
+    assert [f for _, f in drv.poll(timeout=5)] == [udp(4, 100)]

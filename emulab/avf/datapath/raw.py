@@ -18,7 +18,11 @@ Callers pass addresses they have bounds-checked; nothing here checks.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import select
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -55,6 +59,17 @@ if config.DISABLE_JIT:  # type: ignore[attr-defined]
         if n > 0:
             ctypes.memmove(int(dst), int(src), int(n))
 
+    def wait(fd: Any, usec: Any) -> int:
+        """Sleep up to ``usec`` microseconds or until eventfd ``fd`` (< 0: none) is readable,
+        then drain it; 1 if it was."""
+        if fd < 0:
+            time.sleep(int(usec) / 1e6)
+            return 0
+        ready, _, _ = select.select([int(fd)], [], [], int(usec) / 1e6)
+        if ready:
+            with contextlib.suppress(BlockingIOError):  # another reader drained it first
+                os.eventfd_read(int(fd))
+        return 1 if ready else 0
 else:
     from llvmlite import ir  # type: ignore[import-untyped]
     from numba import types
@@ -115,3 +130,39 @@ else:
             return context.get_dummy_value()
 
         return types.none(dst, src, n), codegen
+
+    def _alloca(builder: Any, size: int = 1) -> Any:
+        return cgutils.alloca_once(builder, _I64, size=size)  # type: ignore[no-untyped-call]
+
+    def _libc(builder: Any, name: str, ret: Any, args: list[Any]) -> Any:
+        fnty = ir.FunctionType(ret, args)
+        return cgutils.get_or_insert_function(builder.module, fnty, name)  # type: ignore[no-untyped-call]
+
+    @intrinsic
+    def wait(typingctx: Any, fd: Any, usec: Any) -> Any:
+        """Sleep up to ``usec`` microseconds or until eventfd ``fd`` (< 0: none) is readable
+        (libc ``ppoll``, the GIL not held), then drain it (``read``); 1 if it was readable."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+            f, us = (_as_i64(context, builder, t, a) for t, a in zip(sig.args, args, strict=True))
+            # struct pollfd {int fd; short events = POLLIN; short revents}; poll skips fd < 0
+            pfd = _alloca(builder)
+            builder.store(builder.or_(builder.and_(f, _I64(0xFFFFFFFF)), _I64(1 << 32)), pfd)
+            ts = _alloca(builder, 2)  # struct timespec {sec, nsec}
+            builder.store(builder.sdiv(us, _I64(1_000_000)), ts)
+            nsec = builder.mul(builder.srem(us, _I64(1_000_000)), _I64(1000))
+            builder.store(nsec, builder.gep(ts, [i32(1)]))
+            ppoll = _libc(builder, "ppoll", i32, [i8p, _I64, i8p, i8p])
+            null = ir.Constant(i8p, None)
+            got = builder.call(
+                ppoll, [builder.bitcast(pfd, i8p), _I64(1), builder.bitcast(ts, i8p), null]
+            )
+            ready = builder.icmp_signed(">", got, i32(0))
+            with builder.if_then(ready):  # drain the eventfd (8 bytes), or it stays readable
+                read = _libc(builder, "read", _I64, [i32, i8p, _I64])
+                buf = _alloca(builder)
+                builder.call(read, [builder.trunc(f, i32), builder.bitcast(buf, i8p), _I64(8)])
+            return builder.zext(ready, _I64)
+
+        return types.int64(fd, usec), codegen

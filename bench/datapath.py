@@ -20,7 +20,7 @@ one run, at 64 and 1500 bytes:
               the device also beside a CPU-bound loop that holds no GIL (its CPU share alone)
   idle        the CPU an idle device in polling mode costs
 
-Usage: python bench/datapath.py [--seconds 2] [--no-dpdk]
+Usage: python bench/datapath.py [--seconds 3] [--no-dpdk] [--chart datapath.png]
 Last line: RESULT mpps_64=X mpps_1500=Y dpdk_mpps_64=Z ratio_64=X/Z gbps_1500=G memcpy_gbps=M
 """
 
@@ -388,6 +388,16 @@ def device_rate(size: int, seconds: float, busy_main: str = "") -> float:
     return (n1 - n0) / (t1 - t0) / 1e6
 
 
+def device_beside_busy(seconds: float, rounds: int = 3) -> dict[str, float]:
+    """Median Mpps (64 B) of the device quiet (""), beside a busy cell ("cell") and beside a
+    no-GIL hog ("nogil"), the three alternated round by round (a noisy machine drifts)."""
+    got: dict[str, list[float]] = {"": [], "cell": [], "nogil": []}
+    for _ in range(rounds):
+        for kind, rates in got.items():
+            rates.append(device_rate(64, seconds, busy_main=kind))
+    return {k: statistics.median(v) for k, v in got.items()}
+
+
 def idle_device_cpu(seconds: float) -> float:
     """The CPU an idle device in polling mode costs (its poll thread napping in the kernel):
     the process's user+system time over ``seconds`` of wall time, per core."""
@@ -406,10 +416,50 @@ def idle_device_cpu(seconds: float) -> float:
     return used / (t1 - t0)
 
 
+def chart(
+    path: str,
+    figures: dict[int, dict[str, float]],
+    dpdk: dict[int, float],
+    dev_rates: dict[int, float],
+    dev_busy: dict[str, float],
+) -> None:
+    """The run's rates as bars (PNG): each path at 64 and 1500 B (log scale: no-jit is three
+    orders below), and the device quiet, beside a busy cell and beside a no-GIL hog."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.2), width_ratios=(3, 1.4))
+    paths = {
+        "numba/burst": {z: figures[z]["burst"] for z in figures},
+        "one-call": {z: figures[z]["one_call"] for z in figures},
+        "no-jit": {z: figures[z]["no_jit"] for z in figures},
+        "dpdk": dpdk,
+        "device": dev_rates,
+    }
+    for k, size in enumerate((64, 1500)):
+        vals = [paths[n].get(size, float("nan")) for n in paths]
+        ax.bar([i + 0.4 * k for i in range(len(paths))], vals, width=0.4, label=f"{size} B")
+    ax.set_xticks([i + 0.2 for i in range(len(paths))], list(paths))
+    ax.set_yscale("log")
+    ax.set_ylabel("Mpps")
+    ax.set_title("ring to ring, this run", fontsize=9)
+    ax.legend()
+    labels = {"": "quiet", "cell": "busy cell", "nogil": "no-GIL hog"}
+    bx.bar([labels[k] for k in dev_busy], list(dev_busy.values()), color="tab:green")
+    bx.set_ylabel("Mpps (64 B)")
+    bx.set_title("the device beside a busy main thread", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"chart written to {path}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--no-dpdk", action="store_true")
+    ap.add_argument("--chart", default="", help="write a bar chart of the rates (PNG) here")
     args = ap.parse_args()
     print("start-up, cold and warm numba cache ...", flush=True)
     cold, warm = startup()
@@ -427,11 +477,7 @@ def main() -> int:
     print("busy kernel (a CPU-bound main thread) ...", flush=True)
     busy_burst, busy_call = busy(Rig(64), args.seconds / 2)
     print("the device beside a busy cell, and beside a CPU hog that holds no GIL ...", flush=True)
-    busy_dev: dict[str, list[float]] = {"": [], "cell": [], "nogil": []}
-    for _ in range(3):  # alternated, for a noisy machine: idle, cell, nogil, idle, ...
-        for kind, got in busy_dev.items():
-            got.append(device_rate(64, args.seconds / 3, busy_main=kind))
-    dev_busy = {k: statistics.median(v) for k, v in busy_dev.items()}
+    dev_busy = device_beside_busy(args.seconds / 3)
     print("the device in polling mode, idle ...", flush=True)
     idle_cpu = idle_device_cpu(args.seconds)
     dpdk: dict[int, float] = {}
@@ -469,6 +515,8 @@ def main() -> int:
     print(f"idle device in polling mode: {idle_cpu:.1%} of a core (napping in its kernel)")
     print(f"start-up, import emulab -> server started, kernels ready: cold {cold:.1f} s "
           f"(compiling), warm {warm:.2f} s (numba's cache)")  # fmt: skip
+    if args.chart:
+        chart(args.chart, figures, dpdk, dev_rates, dev_busy)
     print(f"RESULT mpps_64={m64:.2f} mpps_1500={m1500:.2f} dpdk_mpps_64={d64:.2f} "
           f"ratio_64={m64 / d64:.2f} gbps_1500={gbps:.1f} memcpy_gbps={mem:.1f}")  # fmt: skip
     return 0

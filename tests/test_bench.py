@@ -7,6 +7,7 @@ checks catch a bench that would fail on a fresh clone before printing a figure.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,42 @@ iperf_rc=0
     assert got == {"tx": 838.0, "tx_retr": 3.0, "rx": 943.0, "rx_retr": 0.0}
     assert guest_iperf._ratio({"tx": 500.0}, {"tx": 1000.0}, "tx") == 0.5
     assert guest_iperf._ratio({}, {"tx": 1000.0}, "tx") == 0.0
+
+
+def test_datapath_chart_is_written(tmp_path: Path) -> None:
+    """Every rate of a run is also a chart."""
+    datapath = _load("datapath")
+    figures = {z: {"burst": 10.0, "one_call": 12.0, "no_jit": 0.01} for z in (64, 1500)}
+    out = tmp_path / "datapath.png"
+    datapath.chart(str(out), figures, {64: 5.0}, {64: 4.0, 1500: 3.0},
+                   {"": 4.0, "cell": 1.2, "nogil": 1.1})  # fmt: skip
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+HOG = """
+import sys, threading, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import datapath
+stop, sink = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+th = threading.Thread(target=datapath.hog, args=(stop, sink), daemon=True)
+th.start()
+deadline = time.monotonic() + 300  # (compiling it first)
+while not sink[0] and time.monotonic() < deadline:
+    time.sleep(0.01)
+stop[0] = 1
+th.join(10)
+print(int(sink[0] != 0), int(th.is_alive()))
+"""
+
+
+def test_the_no_gil_hog_stops_when_told(tmp_path: Path) -> None:
+    """The compiled hog (the busy cell's CPU share without its GIL) runs, and stops when its
+    flag is set: the flag is read on every turn, not hoisted out of the loop by the compiler.
+    In a child process with a numba cache of its own (the bench's would otherwise hold an entry
+    that names this test's module)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", HOG, str(BENCH)], capture_output=True,
+                          text=True, timeout=600, env=env, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1", "0"]  # it ran; it stopped

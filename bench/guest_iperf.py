@@ -18,6 +18,8 @@ gets CPU 1 to itself and everything else -- QEMU's other threads (virtio-net's I
 main loop), this process (the AVF's server and TAP threads), the host's iperf3 -- shares CPU 0,
 the same for both NICs: the usual layout of a VM benchmark (a vCPU is not preempted by the
 host's I/O), and with 2 cores the only one where a polling thread does not take the vCPU's core.
+Each run also reports the host CPU it cost outside the guest (this process; QEMU's threads but
+the vCPU) and, summed up, per Gbit moved: what an unpinned guest's vCPU competes with.
 
 iperf3 comes from Debian trixie, installed into emulab's QEMU chroot and packed with its
 libraries as an initramfs overlay (cached in ``~/.cache/emulab/guest-iperf``); the host's server
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from emulab import qemu
@@ -192,18 +196,27 @@ def run_virtio(
 
 
 class VcpuPinner:
-    """Keeps every QEMU guest this process starts on the layout of ``--pin``: vCPU threads
-    (``CPU n/TCG``) on ``vcpu``, QEMU's other threads on ``rest`` (this process and what it
-    starts are put there at the start). Re-applied every 0.2 s: QEMU starts threads late."""
+    """Watches every QEMU guest this process starts: each thread's CPU time (``cpu``: tid ->
+    (is a vCPU, seconds), sampled every 0.2 s) and, with ``pin``, keeps it on the layout of
+    ``--pin``: vCPU threads (``CPU n/TCG``) on ``vcpu``, QEMU's other threads on ``rest`` (this
+    process and what it starts are put there at the start). Re-applied every 0.2 s: QEMU
+    starts threads late."""
 
-    def __init__(self, vcpu: int = 1, rest: int = 0) -> None:
-        self.vcpu, self.rest = vcpu, rest
+    def __init__(self, vcpu: int = 1, rest: int = 0, *, pin: bool = True) -> None:
+        self.vcpu, self.rest, self.pin = vcpu, rest, pin
         self.pinned: set[int] = set()
-        for tid in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(tid), {rest})
+        self.cpu: dict[int, tuple[bool, float]] = {}
+        self.lock = threading.Lock()
+        if pin:
+            for tid in os.listdir("/proc/self/task"):
+                os.sched_setaffinity(int(tid), {rest})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vcpu-pinner", daemon=True)
         self._thread.start()
+
+    def snapshot(self) -> dict[int, tuple[bool, float]]:
+        with self.lock:
+            return dict(self.cpu)
 
     def _descendants(self) -> list[int]:
         parents: dict[int, list[int]] = {}
@@ -230,16 +243,48 @@ class VcpuPinner:
                         continue
                     for tid in os.listdir(f"/proc/{pid}/task"):
                         name = Path(f"/proc/{pid}/task/{tid}/comm").read_text()
-                        cpu = self.vcpu if name.startswith("CPU ") else self.rest
-                        os.sched_setaffinity(int(tid), {cpu})
-                        if cpu == self.vcpu:
-                            self.pinned.add(int(tid))
+                        vcpu = name.startswith("CPU ")
+                        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                        ticks = stat.rsplit(")", 1)[1].split()[11:13]
+                        with self.lock:
+                            self.cpu[int(tid)] = (vcpu, sum(map(int, ticks)) / CLK_TCK)
+                        if self.pin:
+                            os.sched_setaffinity(int(tid), {self.vcpu if vcpu else self.rest})
+                            if vcpu:
+                                self.pinned.add(int(tid))
                 except OSError:
                     continue  # gone meanwhile
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def measured(pinner: VcpuPinner, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``run()``'s figures, with the host CPU seconds it cost outside the guest: ``cpu_ours``
+    (this process: emulab's server, TAP and poll threads, and the bench's own), ``cpu_qemu``
+    (QEMU's threads but its vCPU: main loop, I/O) and ``cpu_vcpu`` (the TCG vCPU, the guest's
+    own work) -- over the whole run, boot included (QEMU's last 0.2 s are not sampled)."""
+    before = set(pinner.snapshot())
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    got = run()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    new = [v for t, v in pinner.snapshot().items() if t not in before]
+    got["cpu_ours"] = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    got["cpu_qemu"] = sum(s for vcpu, s in new if not vcpu)
+    got["cpu_vcpu"] = sum(s for vcpu, s in new if vcpu)
+    say(f"host CPU over the run: this process {got['cpu_ours']:.1f} s, QEMU's threads but the "
+        f"vCPU {got['cpu_qemu']:.1f} s, the vCPU {got['cpu_vcpu']:.1f} s")  # fmt: skip
+    return got
+
+
+def host_cpu_per_gbit(got: dict[str, float], seconds: int) -> float:
+    """Host CPU seconds outside the vCPU per Gbit moved (both directions' runs)."""
+    gbit = (got.get("tx", 0.0) + got.get("rx", 0.0)) * seconds / 1000
+    return (got.get("cpu_ours", 0.0) + got.get("cpu_qemu", 0.0)) / gbit if gbit else 0.0
 
 
 def chart(path: str, rows: dict[str, dict[str, float]], title: str = "") -> None:
@@ -279,27 +324,28 @@ def main() -> int:
     root = qemu.ensure_qemu(say)
     overlay = ensure_iperf(root)
     say(f"{qemu.qemu_version()}; {(overlay.parent / qemu.STAMP).read_text().strip()}")
-    pinner = VcpuPinner() if args.pin and (os.cpu_count() or 1) >= 2 else None
-    say("vCPU on CPU 1, the rest on CPU 0" if pinner else "no pinning: the host places threads")
+    pinner = VcpuPinner(pin=args.pin and (os.cpu_count() or 1) >= 2)
+    say("vCPU on CPU 1, the rest on CPU 0" if pinner.pin else "no pinning: the host places threads")
     runs: dict[str, list[dict[str, float]]] = {"virtio-net": [], "avf": [], "avf-poll": []}
     try:
         for r in range(args.rounds):
             say(f"round {r + 1}/{args.rounds}: virtio-net + TAP (QEMU's own) ...")
-            runs["virtio-net"].append(run_virtio(root, overlay, args.seconds, 1, mtu=args.mtu))
+            runs["virtio-net"].append(measured(pinner, lambda: run_virtio(
+                root, overlay, args.seconds, 1, mtu=args.mtu)))  # fmt: skip
             say(f"round {r + 1}/{args.rounds}: AVF + TAP, interrupt mode ...")
-            runs["avf"].append(run_avf(root, overlay, args.seconds, "interrupt", 2, mtu=args.mtu))
+            runs["avf"].append(measured(pinner, lambda: run_avf(
+                root, overlay, args.seconds, "interrupt", 2, mtu=args.mtu)))  # fmt: skip
             if r == 0:
                 say("AVF + TAP, polling mode ...")
-                runs["avf-poll"].append(run_avf(root, overlay, args.seconds, "poll", 3,
-                                                mtu=args.mtu))  # fmt: skip
+                runs["avf-poll"].append(measured(pinner, lambda: run_avf(
+                    root, overlay, args.seconds, "poll", 3, mtu=args.mtu)))  # fmt: skip
             v, a = runs["virtio-net"][-1], runs["avf"][-1]
             print(f"round {r + 1}: virtio-net {v.get('tx', 0.0):.0f}/{v.get('rx', 0.0):.0f}, "
                   f"AVF {a.get('tx', 0.0):.0f}/{a.get('rx', 0.0):.0f} Mbit/s (tx/rx): "
                   f"ratio_tx={_ratio(a, v, 'tx'):.2f} ratio_rx={_ratio(a, v, 'rx'):.2f}",
                   flush=True)  # fmt: skip
     finally:
-        if pinner:
-            pinner.stop()
+        pinner.stop()
 
     def median(name: str, d: str) -> float:
         vals = [x[d] for x in runs[name] if d in x]
@@ -315,8 +361,14 @@ def main() -> int:
     poll = runs["avf-poll"][0]
     print(f"polling: ratio_tx={_ratio(poll, runs['virtio-net'][0], 'tx'):.2f} "
           f"ratio_rx={_ratio(poll, runs['virtio-net'][0], 'rx'):.2f} (round 1)")  # fmt: skip
+    cpu = {name: statistics.median([host_cpu_per_gbit(x, args.seconds) for x in runs[name]])
+           for name in runs if runs[name]}  # fmt: skip
+    print(
+        "host CPU outside the vCPU per Gbit moved (medians; whole runs, boot included): "
+        + ", ".join(f"{name} {v:.2f} s" for name, v in cpu.items())
+    )
     if args.chart:
-        layout = "vCPU pinned" if pinner else "not pinned"
+        layout = "vCPU pinned" if pinner.pin else "not pinned"
         chart(args.chart, rows, f"medians of {args.rounds} rounds ({layout}; polling: round 1)")
     a, v = rows["avf"], rows["virtio-net"]
     print(f"RESULT avf_tx_mbps={a['tx']:.1f} avf_rx_mbps={a['rx']:.1f} "

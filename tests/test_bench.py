@@ -49,6 +49,10 @@ iperf_rc=0
     assert got == {"tx": 838.0, "tx_retr": 3.0, "rx": 943.0, "rx_retr": 0.0}
     assert guest_iperf._ratio({"tx": 500.0}, {"tx": 1000.0}, "tx") == 0.5
     assert guest_iperf._ratio({}, {"tx": 1000.0}, "tx") == 0.0
+    # 500 + 500 Mbit/s for 8 s each is 8 Gbit; 3 s of ours and 1 of QEMU's: 0.5 s per Gbit
+    run = {"tx": 500.0, "rx": 500.0, "cpu_ours": 3.0, "cpu_qemu": 1.0, "cpu_vcpu": 20.0}
+    assert guest_iperf.host_cpu_per_gbit(run, 8) == 0.5
+    assert guest_iperf.host_cpu_per_gbit({"cpu_ours": 3.0}, 8) == 0.0  # nothing moved
 
 
 def test_datapath_chart_is_written(tmp_path: Path) -> None:

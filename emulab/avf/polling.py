@@ -117,6 +117,16 @@ class Poller:
                 os.close(fd)
 
     @property
+    def native_id(self) -> int | None:
+        """The poll thread's OS thread id while it runs (for ``/proc/self/task/<id>``, taskset)."""
+        return self._thread.native_id if self._thread is not None else None
+
+    @property
+    def naps(self) -> int:
+        """Naps the poll kernel took while idle (see :func:`emulab.avf.datapath.poll`)."""
+        return int(self.ctl[dp.POLL_NAPS])
+
+    @property
     def loops(self) -> int:
         """Poll-loop iterations so far (each reads every tail once)."""
         return int(self.ctl[dp.POLL_LOOPS])

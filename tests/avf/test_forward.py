@@ -320,14 +320,7 @@ def test_poll_loop_naps_in_the_call_and_its_eventfd_ends_a_nap() -> None:
         regs[0] = w.tx[3]
         _wait_for(lambda: w.rx[0, dp.RX_PACKETS] == 1)
         assert not done  # it did not return for idleness, nor for the frame
-        # watch the naps double; once one lasted 0.2 s, the next lasts 0.4 s: end it at once
-        count, since, gap = int(ctl[dp.POLL_NAPS]), time.monotonic(), 0.0
-        while gap < 0.2:
-            assert time.monotonic() - since < 30, "no nap ended"
-            time.sleep(0.0005)
-            if ctl[dp.POLL_NAPS] != count:
-                now = time.monotonic()
-                count, since, gap = int(ctl[dp.POLL_NAPS]), now, now - since
+        long_nap_begins(ctl)
         t0 = time.monotonic()
         ctl[dp.POLL_STOP] = 1
         os.eventfd_write(fd, 1)
@@ -342,6 +335,18 @@ def test_poll_loop_naps_in_the_call_and_its_eventfd_ends_a_nap() -> None:
         os.close(fd)
     assert done == [dp.POLL_STOPPED]
     assert woke < 0.2, woke  # not the rest of a nap of 0.4 s or more
+
+
+def long_nap_begins(ctl: np.ndarray) -> None:
+    """Return as a poll kernel's nap begins that lasts 0.4 s or more: watch its naps double
+    (``POLL_NAPS``) until one lasted 0.2 s; the next is twice as long."""
+    count, since, gap = int(ctl[dp.POLL_NAPS]), time.monotonic(), 0.0
+    while gap < 0.2:
+        assert time.monotonic() - since < 30, "no nap ended"
+        time.sleep(0.0005)
+        if ctl[dp.POLL_NAPS] != count:
+            now = time.monotonic()
+            count, since, gap = int(ctl[dp.POLL_NAPS]), now, now - since
 
 
 def _wait_for(cond: Callable[[], object], timeout: float = 10) -> None:

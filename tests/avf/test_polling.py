@@ -23,6 +23,7 @@ from emulab.guest import NicDriver
 from emulab.server import VfioUserServer
 from emulab.vfio_user.constants import RegionFlags
 
+from .test_forward import long_nap_begins
 from .test_software_driver import MAC, udp
 
 Make = Callable[..., tuple[NicDriver, AvfDevice]]
@@ -159,22 +160,12 @@ def test_an_idle_poller_naps_in_its_kernel_and_its_eventfd_ends_the_nap(make: Ma
     poller.nap = 30.0  # naps double up to 30 s: only the eventfd can end one early
     poller.start()
     ctl = dev.queues.lock.ctl
-
-    def long_nap() -> None:  # return as a nap begins that lasts 0.4 s or more
-        count, since, gap = int(ctl[dp.POLL_NAPS]), time.monotonic(), 0.0
-        while gap < 0.2:
-            assert time.monotonic() - since < 30, "no nap ended"
-            time.sleep(0.0005)
-            if ctl[dp.POLL_NAPS] != count:
-                now = time.monotonic()
-                count, since, gap = int(ctl[dp.POLL_NAPS]), now, now - since
-
-    long_nap()
+    long_nap_begins(ctl)
     t0 = time.monotonic()
     with dev.queues.lock:
         took = time.monotonic() - t0
     assert took < 0.2, took
-    long_nap()
+    long_nap_begins(ctl)
     t0 = time.monotonic()
     poller.stop()
     stopped = time.monotonic() - t0

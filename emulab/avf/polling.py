@@ -50,7 +50,7 @@ WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the qu
 # seconds the poller stays out after another thread wanted the queues. With a wire delivering
 # (a TAP's reader takes the lock per batch), polling again at once costs that thread, and QEMU
 # on a shared core, their CPU and the GIL: iperf3 through a pinned TCG guest measured 250-370
-# Mbit/s without this pause and 420-550 with it (bench/guest_iperf.py's polling round).
+# Mbit/s without this pause and 390-560 with it (bench/guest_iperf.py's polling round).
 AFTER_STOP = 0.0002
 PR_SET_TIMERSLACK = 29
 SNAP_ROWS = 4096  # packet-trace rows per call while the trace is on

@@ -231,7 +231,7 @@ from emulab.avf import datapath as dp
 from emulab.avf.device import AvfDevice
 from emulab.server import VfioUserServer
 server = VfioUserServer(AvfDevice(), os.path.join(tempfile.mkdtemp(), "s.sock")).start()
-dp._warming[0].join()  # the kernels are compiled (cold) or loaded from the cache (warm)
+assert dp.BUILDER.wait((1,))  # the kernels compiled (cold) or loaded from the cache (warm)
 print(time.perf_counter() - t0)
 server.stop()
 """

@@ -7,9 +7,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
+from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
 from emulab.backends import open_backend
 from emulab.devices import DEVICES
@@ -35,6 +36,22 @@ def _status_line(server: VfioUserServer, t0: float, last: dict[str, float]) -> s
         f"{line} reads={dev.access_counts['read']} writes={dev.access_counts['write']} "
         f"irq_events={irqs}"
     )
+
+
+def _kernel_progress(t0: float) -> Callable[[BuildStatus], None]:
+    """Print the data-path kernels' build as it goes (a line per state, and per step)."""
+    seen: set[tuple[str, int]] = set()
+
+    def show(st: BuildStatus) -> None:
+        if (st.state, st.done) in seen or st.state == "idle":
+            return
+        seen.add((st.state, st.done))
+        note = ""
+        if st.state == "compiling" and st.done == 0:
+            note = " in a child process; the device answers meanwhile, its rings run interpreted"
+        print(f"emulab: [{time.monotonic() - t0:5.1f}s] {st.line()}{note}", flush=True)
+
+    return show
 
 
 def _make_device(args: argparse.Namespace) -> PciDevice:
@@ -71,6 +88,8 @@ def serve(args: argparse.Namespace) -> int:
     if isinstance(device, AvfDevice):
         print(f"emulab: MAC {device.pf.mac.hex(':')}, backend {args.backend}", flush=True)
     t0 = time.monotonic()
+    if isinstance(device, AvfDevice):
+        BUILDER.subscribe(_kernel_progress(t0))
     last = {"messages": 0.0, "t": t0}
     try:
         while not stop.wait(args.interval):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from emulab.avf import virtchnl as vc
 from emulab.avf.admin_queue import AdminQueue
-from emulab.avf.datapath import POLL_HOLD, POLL_PENDING, warmup_in_background
+from emulab.avf.datapath import BUILDER, POLL_HOLD, POLL_PENDING, BuildStatus
 from emulab.avf.pf import PfConfig, VirtchnlPf
 from emulab.avf.polling import Poller
 from emulab.avf.queues import QueueEngine
@@ -106,7 +106,9 @@ class AvfDevice(PciDevice):
         self._last_fire = [0.0] * MAX_VECTORS
         self._itr_timers: dict[int, threading.Timer] = {}
         self.backend = backend if backend is not None else LoopbackBackend()
-        warmup_in_background(mode == "poll")  # the kernels loaded before a first packet needs them
+        self._kstate: tuple[str, int] = ("", -1)
+        BUILDER.start()  # kernels compiled in a child process; interpreted until loaded here
+        BUILDER.subscribe(self._kernels_trace)
         self.queues = QueueEngine(
             self.memory, self.backend, self._queue_cause, num_queues=MAX_QUEUES
         )
@@ -142,7 +144,16 @@ class AvfDevice(PciDevice):
         if self.poller is not None:
             self.poller.start()
 
+    def _kernels_trace(self, st: BuildStatus) -> None:
+        if st.state in ("compiling", "ready", "failed") and (st.state, st.done) != self._kstate:
+            self._kstate = (st.state, st.done)
+            self.trace.record(
+                "device", device=self.name, event="kernels", state=st.state, done=st.done,
+                total=st.total, maps=st.maps, message=st.message,
+            )  # fmt: skip
+
     def close(self) -> None:
+        BUILDER.unsubscribe(self._kernels_trace)
         if self.poller is not None:
             self.poller.stop()
         super().close()
@@ -397,6 +408,8 @@ class AvfDevice(PciDevice):
             f"rx_discards={e['rx_discards']} irqs={sum(self.irq_counts)} "
             f"mailbox={self.admin_queue.stats['atq']}/{self.admin_queue.stats['arq']}"
         )
+        if BUILDER.status.state != "ready":  # the data path runs interpreted meanwhile
+            line += f" [{BUILDER.status.line()}]"
         return line + (f" errors: {'; '.join(errors)}" if errors else "")
 
     # -- link ------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import struct
 
 import numpy as np
 
-from emulab.avf.datapath import ones_sum, tso_cut
+from emulab.avf.datapath import KERNELS
 from emulab.backends.base import GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, GsoFrame
 
 __all__ = ["OFFLOAD_CMD_MASK", "apply_tx_offloads", "inet_checksum"]
@@ -43,7 +43,7 @@ def inet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int
     """The Internet checksum (RFC 1071) of ``data``, folded and complemented (summed by a numba
     kernel over the bytes in place: a TSO frame's segments are summed at memory speed)."""
     arr = np.frombuffer(data, dtype=np.uint8)
-    total = int(ones_sum(arr, 0, arr.shape[0])) + initial
+    total = int(KERNELS.ones_sum(arr, 0, arr.shape[0])) + initial
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -138,6 +138,6 @@ def _tso(frame: bytes, *, l4: int, l4len: int, ipv6: bool, mss: int) -> list[byt
     count = max(1, -(-(len(frame) - hl) // mss))
     out = np.empty((count, hl + mss), dtype=np.uint8)
     lens = np.empty(count, dtype=np.int64)
-    if tso_cut(np.frombuffer(frame, dtype=np.uint8), len(frame), hl, g, out, lens) != count:
+    if KERNELS.tso_cut(np.frombuffer(frame, dtype=np.uint8), len(frame), hl, g, out, lens) != count:
         return [frame]  # (cannot happen: sized above)
     return [out[i, : lens[i]].tobytes() for i in range(count)]

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from emulab.avf import datapath as dp
+from emulab.avf.datapath import KERNELS as K
 
 if TYPE_CHECKING:
     from emulab.avf.queues import QueueEngine
@@ -53,6 +54,7 @@ WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the qu
 # Mbit/s without this pause and 390-560 with it (bench/guest_iperf.py's polling round).
 AFTER_STOP = 0.0002
 PR_SET_TIMERSLACK = 29
+INTERPRETED_NAP = 0.001  # seconds between calls of the interpreted loop while idle
 SNAP_ROWS = 4096  # packet-trace rows per call while the trace is on
 
 
@@ -89,6 +91,7 @@ class Poller:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.calls = 0  # kernel calls, and why each returned
+        self.compiled = False  # the last call ran the compiled loop (not the interpreted)
         self.reasons = dict.fromkeys(("idle", "irq", "stopped", "error", "snap-full", "kick"), 0)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -144,8 +147,8 @@ class Poller:
             e.flush()  # frames the general path held back, and every vector to raise
             if reason == dp.POLL_STOPPED:  # another thread had the queues (a wire's frames):
                 time.sleep(AFTER_STOP)  # stay off them and off the CPU it and QEMU need
-            elif reason == dp.POLL_IDLE:  # (only without naps in the kernel: nap=0)
-                time.sleep(self.nap)
+            elif reason == dp.POLL_IDLE:  # without naps in the kernel (nap=0, or interpreted)
+                time.sleep(self.nap if self.compiled else INTERPRETED_NAP)
 
     def _once(self) -> int:
         """One kernel call and what Python does after it (called holding the engine lock)."""
@@ -166,9 +169,14 @@ class Poller:
         ctl = self.ctl
         ctl[dp.POLL_SNAPS] = 0
         ctl[dp.POLL_FORWARD] = 1 if fwd else 0
-        reason = int(dp.poll(t.words, t.wstarts, t.wends, t.wwritable, self.regs, self.layout,
+        # Until the compiled loop is loaded the interpreted one runs: it returns after a few
+        # idle loops instead of napping inside, so that the next call can be the compiled one.
+        self.compiled = compiled = K.poll.is_compiled(len(t.words))
+        ctl[dp.POLL_NAP] = round(self.nap * 1e6) if compiled else 0
+        reason = int(K.poll(t.words, t.wstarts, t.wends, t.wwritable, self.regs, self.layout,
                              txt, rxt, rxvec, self._scratch, table, lut, hena, self._hdr, filt,
-                             snap, acc, ctl, dp.BURST_POLL, MAX_IDLE))  # fmt: skip
+                             snap, acc, ctl, dp.BURST_POLL,
+                                     MAX_IDLE if compiled else 4))  # fmt: skip
         self.calls += 1
         name = ("idle", "irq", "stopped", "error", "snap-full", "kick")[reason]
         self.reasons[name] += 1

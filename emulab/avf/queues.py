@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emulab.avf import datapath as dp
+from emulab.avf.datapath import KERNELS as K
 from emulab.avf.offload import OFFLOAD_CMD_MASK, apply_tx_offloads
 from emulab.backends.base import GSO_COLS, PacketBackend
 from emulab.pci.dma import GuestMemory
@@ -227,8 +228,13 @@ class QueueEngine:
         self.backend.attach(self.receive, self.receive_rows, gso_rows=True)
 
     def _remap(self) -> None:
+        table = dp.MemoryTable(self.memory)
+        # the kernels specialise on the table's size: have them compiled for it from now on,
+        # in the background (until then they run interpreted; see ``datapath.kernels``)
+        dp.BUILDER.want(len(table.regions))
+        dp.BUILDER.want(len(table.words))
         with self.lock:
-            self._table = dp.MemoryTable(self.memory)
+            self._table = table
 
     def reset(self) -> None:
         """Every queue stopped and unconfigured (VF reset); counters are kept."""
@@ -259,7 +265,7 @@ class QueueEngine:
             if self.ring_to_ring:
                 sent = self._forward(q, vectors)
             while q.head != q.tail and q.enabled:
-                head, n, _, err = dp.tx_drain(
+                head, n, _, err = K.tx_drain(
                     t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head, q.tail,
                     self._arena, self._offsets, self._meta,
                 )  # fmt: skip
@@ -336,7 +342,7 @@ class QueueEngine:
         current settings (the table is recomputed only when the key changes)."""
         key = self.rss_key.tobytes()
         if key != self._table_key:
-            self._toeplitz = dp.toeplitz_table(self.rss_key)
+            self._toeplitz = K.toeplitz_table(self.rss_key)
             self._table_key = key
         lut = np.ascontiguousarray(self.rss_lut, dtype=np.uint8)
         return self._toeplitz, lut, np.uint64(self.rss_hena), self._filter_words()
@@ -354,7 +360,7 @@ class QueueEngine:
         taken = 0
         while q.enabled and q.head != q.tail:
             snap = self._snap if snaps else self._no_snap
-            dp.forward(t.words, t.wstarts, t.wends, t.wwritable, txa, rxt, self._fwd_scratch,
+            K.forward(t.words, t.wstarts, t.wends, t.wwritable, txa, rxt, self._fwd_scratch,
                        table, lut, hena, self._fwd_hdr, filt, snap, BURST, out)  # fmt: skip
             self.fast_bursts += 1
             q.head = int(txa[2])
@@ -541,11 +547,11 @@ class QueueEngine:
         table, lut, hena, filt = self.forward_params()
         qs, hs, ptypes, extra = self._pick_q, self._pick_h, self._pick_t, self._pick_x
         enabled = np.array([q.enabled for q in self.rx], dtype=np.bool_)
-        dp.rx_pick(frames, lens, n, table, lut, hena, enabled, self._tuple, qs, hs, ptypes,
+        K.rx_pick(frames, lens, n, table, lut, hena, enabled, self._tuple, qs, hs, ptypes,
                    filt, MAX_FRAME, extra, gso)  # fmt: skip
         t, out, done = self._table, self._place_out, self._place_done
         rxt = self.rx_table(self._place_rx)
-        taken = int(dp.rx_place(t.regions, t.starts, t.ends, t.writable, rxt, frames, lens, n,
+        taken = int(K.rx_place(t.regions, t.starts, t.ends, t.writable, rxt, frames, lens, n,
                                 qs, hs, ptypes, extra, self.backend.holds, done, out, gso,
                                 self._seg))  # fmt: skip
         self.rx_tso_frames += int(out[dp.PLACE_TSO])

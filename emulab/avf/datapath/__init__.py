@@ -153,15 +153,18 @@ from emulab.avf.datapath.rings import (
     toeplitz_table,
     tx_drain,
 )
-from emulab.avf.datapath.warm import (
-    _warming,
-    warmup,
-    warmup_in_background,
-)
+from emulab.avf.datapath.warm import warmup
 
 guard_package()  # before any kernel loads: a cache older than these sources is dropped
 
+from emulab.avf.datapath.kernels import (  # noqa: E402 -- after the guard: it may start a build
+    BUILDER,
+    KERNELS,
+    BuildStatus,
+)
+
 __all__ = [
+    "BUILDER",
     "BURST_POLL",
     "ERR_BAD_DESCRIPTOR",
     "ERR_BUFFER_ADDRESS",
@@ -188,6 +191,7 @@ __all__ = [
     "FWD_TX_MCAST",
     "HDR",
     "INTENA_BIT",
+    "KERNELS",
     "MAC_MASK",
     "MAX_TSO_FRAME",
     "MAX_TX_FRAME",
@@ -270,8 +274,8 @@ __all__ = [
     "TX_DTYPE_MASK",
     "TX_ENABLED",
     "TX_VECTOR",
+    "BuildStatus",
     "MemoryTable",
-    "_warming",
     "classify",
     "forward",
     "ones_sum",
@@ -289,5 +293,4 @@ __all__ = [
     "tso_cut",
     "tx_drain",
     "warmup",
-    "warmup_in_background",
 ]

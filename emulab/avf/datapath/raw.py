@@ -24,6 +24,7 @@ import os
 import select
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -41,35 +42,46 @@ def kernel(fn: _F) -> _F:
     return cast(_F, njit(**_NO_RUNTIME)(fn))
 
 
-# Interpreted (NUMBA_DISABLE_JIT=1, as tests also run the kernels): the same semantics.
+# The same semantics as plain Python, through ctypes: what the kernels call when they run
+# interpreted (NUMBA_DISABLE_JIT=1, as tests also run them; or ``kernels.interpret`` while the
+# compiled code is not loaded yet).
+
+
+def py_load(addr: Any) -> Any:
+    """The uint64 at host address ``addr``."""
+    return np.uint64(ctypes.c_uint64.from_address(int(addr)).value)
+
+
+def py_store(addr: Any, value: Any) -> None:
+    """Store a uint64 at host address ``addr``."""
+    ctypes.c_uint64.from_address(int(addr)).value = int(value) & 0xFFFFFFFFFFFFFFFF
+
+
+def py_copy(dst: Any, src: Any, n: Any) -> None:
+    """``n`` bytes from ``src`` to ``dst`` (host addresses; the areas do not overlap)."""
+    if n > 0:
+        ctypes.memmove(int(dst), int(src), int(n))
+
+
+def py_wait(fd: Any, usec: Any) -> int:
+    """Sleep up to ``usec`` microseconds or until eventfd ``fd`` (< 0: none) is readable,
+    then drain it; 1 if it was."""
+    if fd < 0:
+        time.sleep(int(usec) / 1e6)
+        return 0
+    ready, _, _ = select.select([int(fd)], [], [], int(usec) / 1e6)
+    if ready:
+        with contextlib.suppress(BlockingIOError):  # another reader drained it first
+            os.eventfd_read(int(fd))
+    return 1 if ready else 0
+
+
+PYTHON = SimpleNamespace(
+    load=py_load, store=py_store, store_release=py_store, copy=py_copy, wait=py_wait
+)
+
 if config.DISABLE_JIT:  # type: ignore[attr-defined]
-
-    def load(addr: Any) -> Any:
-        """The uint64 at host address ``addr``."""
-        return np.uint64(ctypes.c_uint64.from_address(int(addr)).value)
-
-    def store(addr: Any, value: Any) -> None:
-        """Store a uint64 at host address ``addr``."""
-        ctypes.c_uint64.from_address(int(addr)).value = int(value) & 0xFFFFFFFFFFFFFFFF
-
-    store_release = store
-
-    def copy(dst: Any, src: Any, n: Any) -> None:
-        """``n`` bytes from ``src`` to ``dst`` (host addresses; the areas do not overlap)."""
-        if n > 0:
-            ctypes.memmove(int(dst), int(src), int(n))
-
-    def wait(fd: Any, usec: Any) -> int:
-        """Sleep up to ``usec`` microseconds or until eventfd ``fd`` (< 0: none) is readable,
-        then drain it; 1 if it was."""
-        if fd < 0:
-            time.sleep(int(usec) / 1e6)
-            return 0
-        ready, _, _ = select.select([int(fd)], [], [], int(usec) / 1e6)
-        if ready:
-            with contextlib.suppress(BlockingIOError):  # another reader drained it first
-                os.eventfd_read(int(fd))
-        return 1 if ready else 0
+    load, store, store_release, copy, wait = py_load, py_store, py_store, py_copy, py_wait
 else:
     from llvmlite import ir  # type: ignore[import-untyped]
     from numba import types

@@ -1,0 +1,32 @@
+"""``python -m emulab.avf.datapath.build [MAPS ...]``: compile the data-path kernels into numba's
+on-disk cache, for guest memories of each number of DMA maps given (default 1 2 3), printing a
+``step NAME MAPS SECONDS`` line per kernel: what a device's :class:`~.kernels.Builder` runs in a
+child process, so that compiling never holds the serving process's locks or GIL."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    from emulab.avf.datapath import kernels, warm  # noqa: PLC0415 -- after the cache guard
+
+    maps = [int(a) for a in argv] or list(kernels.Builder.DEFAULT_MAPS)
+    t0 = time.perf_counter()
+    for name, call in warm.common_steps():
+        t = time.perf_counter()
+        call()
+        print(f"step {name} - {time.perf_counter() - t:.2f}", flush=True)
+    for n in maps:
+        for name, call in warm.steps(n):
+            t = time.perf_counter()
+            call()
+            print(f"step {name} {n} {time.perf_counter() - t:.2f}", flush=True)
+    kernels.record(set(maps))
+    print(f"built maps {' '.join(map(str, maps))} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

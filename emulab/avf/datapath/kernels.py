@@ -1,0 +1,367 @@
+"""The kernels as the device calls them: compiled once they are loaded, interpreted until then.
+
+Compiling the data path takes 15-40 s on a cold numba cache. A thread that calls a kernel numba
+has not compiled yet compiles it on the spot -- or waits on numba's global compiler lock for a
+compile elsewhere -- and the device's threads call kernels holding the queue lock: on a fresh
+machine the TAP reader took that lock, called ``rx_pick`` and waited half a minute for the
+compiler, and the server thread, asked to DMA_MAP, waited for the lock; QEMU gave up on its
+replies after 5 s. The kernels also specialise on the number of DMA maps (the translation table
+is a tuple), so a VMM whose memory is three maps met the compiler again at its first packet even
+after a warm-up with one.
+
+So the device never calls a compiled kernel that might compile:
+
+- each kernel is a :class:`Kernel`: its compiled form for the table sizes loaded in this process
+  (``ready``), and the same Python code, interpreted (:func:`interpret`), for any other -- slow
+  (a few hundred frames per second) but never waiting for anything;
+- one :class:`Builder` per process compiles what is missing in a child process
+  (``python -m emulab.avf.datapath.build``), which fills numba's on-disk cache, then loads the
+  result here (a fraction of a second, in a background thread) and switches the kernels over.
+  Progress reaches listeners (the CLI's status line, the lab) as :class:`BuildStatus`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from numba.core import config
+from numba.core.dispatcher import Dispatcher
+
+from emulab.avf.datapath import poll_loop, raw, ring_to_ring, rings, warm
+from emulab.avf.datapath.cache import digest
+
+__all__ = ["BUILDER", "KERNELS", "BuildStatus", "Builder", "Kernel", "KernelSet", "interpret"]
+
+JIT = not config.DISABLE_JIT  # type: ignore[attr-defined]
+HERE = Path(__file__).parent
+RECORD = "emulab-kernels.json"  # beside numba's cache: what a build compiled, for which sources
+
+
+# -- interpreted kernels -------------------------------------------------------------------------
+class _Interpreter:
+    """Rebuilds jitted functions as plain Python: each function's code with globals in which
+    every jitted callee is itself rebuilt and :mod:`raw`'s intrinsics are their ctypes forms."""
+
+    def __init__(self) -> None:
+        self._functions: dict[int, Callable[..., Any]] = {}
+        self._globals: dict[str, dict[str, Any]] = {}
+
+    def value(self, v: Any) -> Any:
+        if isinstance(v, Dispatcher):
+            return self.function(v)
+        if v is raw:
+            return raw.PYTHON
+        return v
+
+    def function(self, d: Dispatcher) -> Callable[..., Any]:
+        fn = self._functions.get(id(d))
+        if fn is None:
+            py = d.py_func
+            g = self._globals.get(py.__module__)
+            if g is None:
+                g = self._globals[py.__module__] = {}  # before filling: callees recurse here
+                g.update({k: self.value(v) for k, v in py.__globals__.items()})
+            fn = types.FunctionType(py.__code__, g, py.__name__, py.__defaults__, py.__closure__)
+            fn.__doc__ = py.__doc__
+            self._functions[id(d)] = fn
+        return fn
+
+
+def interpret(*kernels: Any) -> list[Callable[..., Any]]:
+    """Plain-Python forms of jitted kernels (sharing one rebuilt module namespace each), which
+    call no compiled code: the same semantics as under ``NUMBA_DISABLE_JIT=1``."""
+    it = _Interpreter()
+    return [it.function(k) if isinstance(k, Dispatcher) else k for k in kernels]
+
+
+class Kernel:
+    """One kernel: compiled where this process has loaded it for the call's table size,
+    interpreted otherwise (and then the :class:`Builder` is asked for it)."""
+
+    def __init__(self, name: str, compiled: Any, interpreted: Callable[..., Any], tabled: bool):
+        self.name = name
+        self.compiled = compiled
+        self.interpreted = interpreted
+        self.tabled = tabled  # the first argument is the translation table (a tuple of maps)
+        self.ready: set[int] = set()  # table sizes with compiled code loaded (0: untabled)
+        self.calls = [0, 0]  # interpreted, compiled
+        self.builder: Builder | None = None
+
+    def key(self, args: tuple[Any, ...]) -> int:
+        return len(args[0]) if self.tabled else 0
+
+    def is_compiled(self, maps: int = 1) -> bool:
+        return (maps if self.tabled else 0) in self.ready
+
+    def __call__(self, *args: Any) -> Any:
+        key = len(args[0]) if self.tabled else 0
+        if key in self.ready:
+            self.calls[1] += 1
+            return self.compiled(*args)
+        self.calls[0] += 1
+        if self.builder is not None:
+            self.builder.want(key)
+        return self.interpreted(*args)
+
+
+_NAMES: dict[str, tuple[Any, bool]] = {
+    "tx_drain": (rings.tx_drain, True),
+    "rx_pick": (rings.rx_pick, False),
+    "toeplitz_table": (rings.toeplitz_table, False),
+    "ones_sum": (rings.ones_sum, False),
+    "forward": (ring_to_ring.forward, True),
+    "rx_place": (ring_to_ring.rx_place, True),
+    "tso_cut": (ring_to_ring.tso_cut, False),
+    "poll": (poll_loop.poll, True),
+}
+# which warm-up step loads each kernel (``warm.steps`` / ``warm.common_steps``)
+_STEP_OF = {"rx_pick": "rx_pick", "toeplitz_table": "toeplitz_table", "ones_sum": "checksums",
+            "tso_cut": "tso_cut"}  # fmt: skip
+
+
+class KernelSet:
+    """Every kernel the device calls, by name (``kernels.forward(...)``)."""
+
+    tx_drain: Kernel
+    rx_pick: Kernel
+    toeplitz_table: Kernel
+    ones_sum: Kernel
+    forward: Kernel
+    rx_place: Kernel
+    tso_cut: Kernel
+    poll: Kernel
+
+    def __init__(self) -> None:
+        py = interpret(*(k for k, _ in _NAMES.values()))
+        self.all: dict[str, Kernel] = {}
+        for (name, (k, tabled)), f in zip(_NAMES.items(), py, strict=True):
+            kernel = Kernel(name, k, f, tabled)
+            if not JIT:  # NUMBA_DISABLE_JIT: the "compiled" form is this same Python
+                kernel.ready = _Always()
+            self.all[name] = kernel
+            setattr(self, name, kernel)
+
+    def compiled(self, maps: int = 1) -> bool:
+        """Whether every kernel runs compiled for a guest memory of ``maps`` DMA maps."""
+        return all(k.is_compiled(maps) for k in self.all.values())
+
+
+class _Always(set[int]):
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+# -- building ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildStatus:
+    """Where the kernels stand: ``state`` is ``idle`` (nothing asked yet), ``compiling`` (a
+    child process compiles into numba's cache), ``loading`` (this process loads its cache),
+    ``ready`` or ``failed``; ``done``/``total`` count compile steps, ``maps`` the table sizes
+    loaded; ``message`` says what happened last."""
+
+    state: str
+    done: int = 0
+    total: int = 0
+    maps: tuple[int, ...] = ()
+    seconds: float = 0.0
+    message: str = ""
+
+    def line(self) -> str:
+        if self.state == "compiling":
+            return f"kernels compiling {self.done}/{self.total} ({self.seconds:.0f} s)"
+        if self.state == "ready":
+            return f"kernels compiled (maps {','.join(map(str, self.maps))})"
+        return f"kernels {self.state}" + (f": {self.message}" if self.message else "")
+
+
+def cache_dir() -> Path:
+    """Where numba keeps this package's cache (and the build record beside it)."""
+    return (
+        Path(os.environ["NUMBA_CACHE_DIR"])
+        if os.environ.get("NUMBA_CACHE_DIR")
+        else HERE / "__pycache__"
+    )
+
+
+def sources_digest() -> str:
+    return digest(HERE.glob("*.py"))
+
+
+def recorded() -> set[int]:
+    """Table sizes a finished build compiled into the on-disk cache for these sources."""
+    try:
+        rec = json.loads((cache_dir() / RECORD).read_text())
+    except (OSError, ValueError):
+        return set()
+    if rec.get("digest") != sources_digest():
+        return set()
+    return {int(n) for n in rec.get("maps", [])}
+
+
+def record(maps: set[int]) -> None:
+    """Note (atomically, never raising) that the cache holds the kernels for ``maps``."""
+    with contextlib.suppress(OSError):
+        d = cache_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f"{RECORD}.{os.getpid()}"
+        tmp.write_text(json.dumps({"digest": sources_digest(), "maps": sorted(maps | recorded())}))
+        tmp.replace(d / RECORD)
+
+
+class Builder:
+    """Compiles the kernels out of process and loads them here, for the table sizes asked for
+    (:meth:`want`), one build at a time in a daemon thread; never blocks a caller."""
+
+    DEFAULT_MAPS = (1, 2, 3)  # the software driver's one map; QEMU's guest RAM as 2 or 3
+
+    def __init__(self, kernels: KernelSet) -> None:
+        self.kernels = kernels
+        for k in kernels.all.values():
+            k.builder = self
+        self._cond = threading.Condition()
+        self._wanted: set[int] = set()
+        self._failed: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[BuildStatus], None]] = []
+        self.status = BuildStatus("idle" if JIT else "ready")
+        self.log: list[str] = []  # the child's output, for a failure's explanation
+        self.child: subprocess.Popen[str] | None = None
+
+    def subscribe(self, fn: Callable[[BuildStatus], None]) -> None:
+        """Call ``fn`` with every new status (from the builder's thread), and now."""
+        self._listeners.append(fn)
+        fn(self.status)
+
+    def unsubscribe(self, fn: Callable[[BuildStatus], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
+    def start(self, maps: tuple[int, ...] = DEFAULT_MAPS) -> Builder:
+        """Ask for the kernels for ``maps`` table sizes (what a device does when created)."""
+        for n in maps:
+            self.want(n)
+        return self
+
+    def want(self, maps: int) -> None:
+        """Have the kernels compiled and loaded for tables of ``maps`` maps (0: the untabled
+        ones only). Cheap, and idempotent: callers on the data path call it freely."""
+        if not JIT or maps in self._wanted or maps in self._failed or maps > 64:
+            return
+        with self._cond:
+            if maps in self._wanted:
+                return
+            self._wanted.add(maps)
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="emulab-kernels", daemon=True
+                )
+                self._thread.start()
+
+    def wait(self, maps: tuple[int, ...] = (1,), timeout: float | None = None) -> bool:
+        """Block until the kernels run compiled for ``maps`` (True) or ``timeout`` passes."""
+        for n in maps:
+            self.want(n)
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not all(self.kernels.compiled(n) for n in maps):
+                if all(n in self._failed for n in maps if not self.kernels.compiled(n)):
+                    return False
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _set(self, status: BuildStatus) -> None:
+        self.status = status
+        for fn in list(self._listeners):
+            with contextlib.suppress(Exception):  # a listener's bug is not the builder's
+                fn(status)
+
+    def _loaded(self) -> set[int]:
+        return {n for n in self._wanted if self.kernels.compiled(n)}
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                todo = sorted(self._wanted - self._loaded() - self._failed)
+                if not todo:
+                    self._cond.notify_all()
+                    self._cond.wait()
+                    continue
+            t0 = time.monotonic()
+            cached = recorded()
+            missing = [n for n in todo if n not in cached]
+            if missing and not self._compile(missing, t0):
+                with self._cond:
+                    self._failed.update(missing)
+                    self._cond.notify_all()
+                continue  # (any that were cached still load next round)
+            self._set(BuildStatus("loading", maps=tuple(sorted(self._loaded()))))
+            try:
+                self._load([n for n in todo if n not in self._failed])
+            except Exception as exc:
+                self._failed.update(todo)
+                self._set(BuildStatus("failed", message=f"{type(exc).__name__}: {exc}"))
+                continue
+            loaded = tuple(sorted(self._loaded()))
+            self._set(BuildStatus("ready", maps=loaded, seconds=time.monotonic() - t0))
+            with self._cond:
+                self._cond.notify_all()
+
+    def _compile(self, maps: list[int], t0: float) -> bool:
+        """Run the build child for ``maps``; True when it filled the cache."""
+        cmd = [sys.executable, "-m", "emulab.avf.datapath.build", *map(str, maps)]
+        total = len(warm.common_steps()) + len(maps) * len(warm.steps(1))
+        self._set(BuildStatus("compiling", 0, total, message=f"maps {maps}"))
+        try:
+            self.child = child = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            )
+        except OSError as exc:
+            self._set(BuildStatus("failed", message=f"cannot start {cmd[0]}: {exc}"))
+            return False
+        done = 0
+        assert child.stdout is not None
+        for line in child.stdout:
+            self.log.append(line.rstrip())
+            if line.startswith("step "):
+                done += 1
+                self._set(BuildStatus("compiling", done, total, seconds=time.monotonic() - t0,
+                                      message=line[5:].strip()))  # fmt: skip
+        rc = child.wait()
+        self.child = None
+        if rc != 0:
+            tail = " | ".join(self.log[-3:])
+            self._set(BuildStatus("failed", done, total, message=f"build exited {rc}: {tail}"))
+            return False
+        return True
+
+    def _load(self, maps: list[int]) -> None:
+        """Load the cached kernels here (each call hits numba's cache) and switch them on."""
+        ks = self.kernels.all
+        for name, call in warm.common_steps():
+            call()
+            for k in ks.values():
+                if not k.tabled and _STEP_OF.get(k.name) == name:
+                    k.ready.add(0)
+        for n in maps:
+            for name, call in warm.steps(n):
+                call()
+                ks[name].ready.add(n)
+
+
+KERNELS = KernelSet()
+BUILDER = Builder(KERNELS)

@@ -12,6 +12,7 @@ from types import FrameType
 
 from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
+from emulab.avf.pf import PfConfig
 from emulab.backends import open_backend
 from emulab.devices import DEVICES
 from emulab.pci.device import PciDevice
@@ -56,8 +57,9 @@ def _kernel_progress(t0: float) -> Callable[[BuildStatus], None]:
 
 def _make_device(args: argparse.Namespace) -> PciDevice:
     if args.device == "avf":
+        pf = PfConfig(num_queue_pairs=args.queues, grant_wb_on_itr=args.wb_on_itr)
         return AvfDevice(
-            backend=open_backend(args.backend), mac=args.mac, num_queues=args.queues, mode=args.mode
+            backend=open_backend(args.backend), mac=args.mac, pf_config=pf, mode=args.mode
         )
     if args.backend != "loopback":
         raise ValueError(f"--backend applies to NIC devices, not {args.device}")
@@ -126,6 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("interrupt", "poll"),
         default="interrupt",
         help="avf: doorbells as messages (interrupt) or polled in mmapped tail pages (poll)",
+    )
+    p.add_argument(
+        "--wb-on-itr",
+        action="store_true",
+        help="avf: grant WB_ON_ITR as i40e/ice do (DPDK's PMD then needs MSI-X: not under "
+        "uio_pci_generic, where it waits for admin-queue interrupts that never come)",
     )
     p.add_argument(
         "--dma-layout",

@@ -415,7 +415,7 @@ def boot(
     timeout: float = 180.0,
     memory: str = "512M",
     smp: int = 1,
-    msg_timeout_ms: int = 30000,
+    msg_timeout_ms: int | None = None,
     extra_args: Sequence[str] = (),
     trace: bool = False,
     shared_memory: bool = True,
@@ -437,6 +437,9 @@ def boot(
             raise ValueError(f"module {mod} is not in the guest image ({sorted(image.modules)})")
         order += [p for p in image.modules[mod] if p not in order]
     entries: list[tuple[str, int, bytes]] = [
+        # this package's /init over the cached image's (a later archive's file wins): an image
+        # built by an older emulab boots with today's init
+        ("init", 0o100755, resources.files("emulab").joinpath("guest/init.sh").read_bytes()),
         ("emulab/script.sh", 0o100755, script.encode()),
         ("emulab/modules", 0o100644, "\n".join(order).encode() + b"\n"),
     ]
@@ -470,12 +473,13 @@ def boot(
         for i, sock in enumerate(sockets):
             sock_path = Path(sock).absolute()
             binds.add(str(sock_path.parent))
-            dev = {
+            dev: dict[str, object] = {
                 "driver": "vfio-user-pci",
                 "id": f"vfu{i}",
                 "socket": {"type": "unix", "path": str(sock_path)},
-                "x-msg-timeout": msg_timeout_ms,
             }
+            if msg_timeout_ms is not None:  # (by default QEMU's own: 5 s, what users get)
+                dev["x-msg-timeout"] = msg_timeout_ms
             qemu += ["-device", json.dumps(dev, separators=(",", ":"))]
         if trace:
             qemu += ["-trace", "vfio_user_*"]

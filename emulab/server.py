@@ -55,6 +55,8 @@ __all__ = ["ServerStats", "VfioUserServer"]
 
 NUM_IRQS = 5
 DMA_TIMEOUT = 10.0
+REFUSE_WAIT = 2.0  # seconds a refused client has to send its first request (to be answered)
+ADMIT_GRACE = 1.0  # seconds a new client waits for the previous one's clean-up before refusal
 
 
 class HandlerError(Exception):
@@ -66,6 +68,7 @@ class HandlerError(Exception):
 @dataclass
 class ServerStats:
     clients: int = 0
+    refused: int = 0  # connections answered EBUSY while another client was attached
     messages: int = 0
     errors: int = 0
     counts: dict[int, int] = field(default_factory=dict)  # per command code
@@ -175,6 +178,9 @@ class VfioUserServer:
         self._session: _Session | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._incoming: queue.SimpleQueue[Channel | None] = queue.SimpleQueue()
+        self._busy = False  # a client is served or queued: the door refuses others
+        self._door_cond = threading.Condition()
         self.worker = _Worker(f"emulab-{device.name}-worker", self._device_error)
         device.set_executor(self.worker.submit)
 
@@ -192,6 +198,9 @@ class VfioUserServer:
                 target=self._accept_loop, name=f"emulab-{self.device.name}-server", daemon=True
             )
             self._thread.start()
+            threading.Thread(
+                target=self._door, name=f"emulab-{self.device.name}-door", daemon=True
+            ).start()
         return self
 
     def connect_pair(self) -> Channel:
@@ -223,6 +232,11 @@ class VfioUserServer:
             session.channel.shutdown()
         if thread is not None and thread is not threading.current_thread():
             thread.join(10.0)
+        with contextlib.suppress(queue.Empty):
+            while True:  # clients admitted after the last one: closed, not left open
+                left = self._incoming.get_nowait()
+                if left is not None:
+                    left.close()
         self.worker.stop()
         if self._switch_held:
             self._switch_held = False
@@ -256,15 +270,64 @@ class VfioUserServer:
 
     # -- threads -------------------------------------------------------------------------------
     def _accept_loop(self) -> None:
+        """The server thread: serves the clients the door lets in, one after the other."""
+        while True:
+            channel = self._incoming.get()
+            if channel is None:
+                return
+            try:
+                self._serve_one(channel)
+            finally:
+                with self._door_cond:
+                    self._busy = False
+                    self._door_cond.notify()
+
+    def _door(self) -> None:
+        """Accepts every connection at once, so that none waits unanswered in the backlog."""
         while not self._stopping.is_set():
             listener = self._listener
             if listener is None:
-                return
+                break
             try:
                 channel = listener.accept()
             except ChannelClosed:
+                break
+            threading.Thread(target=self._admit, args=(channel,), daemon=True).start()
+        self._incoming.put(None)
+
+    def _admit(self, channel: Channel) -> None:
+        """Serve ``channel`` next if no client is attached, or none is within ``ADMIT_GRACE``
+        (a client that just left is still being cleaned up); else refuse it."""
+        with self._door_cond:
+            free = self._door_cond.wait_for(lambda: not self._busy, ADMIT_GRACE)
+            if free and not self._stopping.is_set():
+                self._busy = True
+                self._incoming.put(channel)
                 return
-            self._serve_one(channel)
+        self._refuse(channel)
+
+    def _refuse(self, channel: Channel) -> None:
+        """A second client while one is served: its first request (VERSION) gets an error reply
+        EBUSY, the refusal is traced and logged (``last_error``), the connection closed."""
+        self.stats.refused += 1
+        text = "busy: this server serves one client at a time and one is attached"
+        self.last_error = f"refused a second client ({text})"
+        self.trace.record("client", event="refused", number=self.stats.refused, error=text)
+        conn = Connection(Role.SERVER, dma_layout=self.dma_layout)
+        try:
+            channel.sock.settimeout(REFUSE_WAIT)
+            data, fds = channel.recv()
+            _Session._close_fds(fds)
+            conn.receive_data(data, ())
+            event = conn.next_event()
+            if isinstance(event, Request | BadRequest):
+                reply = conn.send_error(event, errno.EBUSY)
+                if reply:
+                    channel.send(reply)
+        except (ChannelClosed, ProtocolError, OSError):
+            pass  # it left, or spoke nonsense: closing is the answer
+        finally:
+            channel.close()
 
     def _serve_one(self, channel: Channel) -> None:
         session = _Session(self, channel)
@@ -360,7 +423,15 @@ class _Session:
                     self._complete(event)
                     self._close_fds(getattr(event, "fds", ()))
                 elif isinstance(event, UnexpectedReply):
+                    # a reply to nothing we asked: the peer may wait for an answer to what it
+                    # meant as a request, so it gets one (an error), and the trace says why
                     self._close_fds(event.fds)
+                    self.server.stats.errors += 1
+                    text = f"a reply (msg_id {event.header.msg_id}) to no request of ours"
+                    trace.record("client", event="protocol-error", error=text)
+                    data = self.conn.send_unexpected_error(event, errno.EINVAL)
+                    with contextlib.suppress(ChannelClosed):
+                        self.channel.send(data)
 
     def dispatch(self, event: Request | BadRequest) -> None:
         """Handle one command; the one place where failures become error replies."""

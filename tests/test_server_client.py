@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from emulab.client import ClientError, VfioUserClient
 from emulab.devices.memcpy import MAGIC, MemcpyDevice
 from emulab.server import VfioUserServer
+from emulab.vfio_user import Connection, Role
 from emulab.vfio_user import messages as m
 from emulab.vfio_user.constants import IrqIndex, IrqInfoFlags, RegionFlags
 
@@ -289,3 +291,63 @@ def test_io_bar(tmp_path: Path) -> None:
             assert c.read32(4, 0x4) == 0xCDAB0000
     finally:
         srv.stop()
+
+
+def _raw_session(path: Path) -> socket.socket:
+    """A bare socket past VERSION (built with the sans-IO client side), for hand-made bytes."""
+    conn = Connection(Role.CLIENT)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(str(path))
+    data, _, _ = conn.send_request(conn.version_request())
+    sock.sendall(data)
+    head = sock.recv(16)
+    _, _, size, flags, err = struct.unpack("<HHIII", head)
+    assert err == 0 and flags & 1
+    sock.recv(size - 16)
+    return sock
+
+
+def test_a_second_client_gets_ebusy_and_the_next_one_gets_in(server: VfioUserServer) -> None:
+    assert server.socket_path is not None
+    first = VfioUserClient.connect(server.socket_path)
+    with pytest.raises(ClientError) as e:
+        VfioUserClient.connect(server.socket_path, timeout=5)
+    assert e.value.errno == errno.EBUSY
+    assert server.stats.refused == 1 and "second client" in (server.last_error or "")
+    assert [ev.data["event"] for ev in server.trace.snapshot("client")].count("refused") == 1
+    assert first.read32(BAR0, 0) == MAGIC  # the attached client never noticed
+    first.close()  # and a client that connects right after it left is served, not refused
+    with VfioUserClient.connect(server.socket_path) as again:
+        assert again.read32(BAR0, 0) == MAGIC
+    assert server.stats.refused == 1
+
+
+def test_a_reply_to_nothing_gets_an_error_reply(server: VfioUserServer) -> None:
+    assert server.socket_path is not None
+    sock = _raw_session(server.socket_path)
+    sock.sendall(struct.pack("<HHIII", 0x7100, 3, 16, 1, 0))  # DEVICE_GET_INFO flagged "reply"
+    msg_id, command, size, flags, err = struct.unpack("<HHIII", sock.recv(16))
+    assert (msg_id, command, size, flags & 0xF, bool(flags & 0x20)) == (0x7100, 3, 16, 1, True)
+    assert err == errno.EINVAL
+    events = [ev.data for ev in server.trace.snapshot("client")]
+    assert any(d["event"] == "protocol-error" and "no request" in d["error"] for d in events)
+    # the connection is still good: a real request next gets its reply
+    sock.sendall(struct.pack("<HHIIIQII", 0x7101, 9, 32, 0, 0, 0, CONFIG, 4))  # REGION_READ
+    msg_id, command, size, flags, err = struct.unpack("<HHIII", sock.recv(16))
+    assert (msg_id, command, size, err) == (0x7101, 9, 36, 0)
+    sock.close()
+
+
+@pytest.mark.parametrize("kind", [2, 3, 0xF])
+def test_an_unknown_message_type_closes_that_client(server: VfioUserServer, kind: int) -> None:
+    assert server.socket_path is not None
+    sock = _raw_session(server.socket_path)
+    sock.sendall(struct.pack("<HHIII", 0x7200, 3, 16, kind, 0))
+    assert sock.recv(16) == b""  # closed: the stream cannot be trusted after that
+    wait_for(lambda: not server.connected)
+    events = [ev.data for ev in server.trace.snapshot("client")]
+    assert any(d["event"] == "protocol-error" and "unknown message type" in d["error"]
+               for d in events)  # fmt: skip
+    with VfioUserClient.connect(server.socket_path) as c:
+        assert c.read32(BAR0, 0) == MAGIC

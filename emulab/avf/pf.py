@@ -53,10 +53,13 @@ class PfConfig:
     link_up: bool = True
     link_speed_mbps: int = 10_000
     vsi_id: int = 1
-    # WB_ON_ITR is granted when asked, as i40e and ice do. Withholding it is the PF's way to keep
-    # DPDK's iavf PMD on its 50 ms admin-queue poll: the PMD takes AQ interrupts iff WB_ON_ITR is
-    # granted, and a VF bound to uio_pci_generic has no interrupt at all (VFs have no INTx).
-    grant_wb_on_itr: bool = True
+    # WB_ON_ITR is withheld by default. i40e and ice grant it when asked, but DPDK's iavf PMD
+    # takes admin-queue replies from interrupts iff it is granted, and bound to uio_pci_generic
+    # (the way to run DPDK in a guest without a vIOMMU) a VF has no interrupt at all -- VFs have
+    # no INTx -- so every runtime virtchnl command timed out ("No response for cmd 26"); without
+    # it the PMD polls the admin queue every 50 ms. Linux's iavf works either way (the device
+    # writes descriptors back at once). ``emulab serve avf --wb-on-itr`` grants it.
+    grant_wb_on_itr: bool = False
 
 
 @dataclass

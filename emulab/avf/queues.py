@@ -228,11 +228,8 @@ class QueueEngine:
         self.backend.attach(self.receive, self.receive_rows, gso_rows=True)
 
     def _remap(self) -> None:
-        table = dp.MemoryTable(self.memory)
-        # the kernels specialise on the table's size: have them compiled for it from now on,
-        # in the background (until then they run interpreted; see ``datapath.kernels``)
-        dp.BUILDER.want(len(table.regions))
-        dp.BUILDER.want(len(table.words))
+        table = dp.MemoryTable(self.memory)  # (the kernels specialise on its size: a size
+        # not built yet runs interpreted until the builder has it; see ``datapath.kernels``)
         with self.lock:
             self._table = table
 

@@ -17,6 +17,14 @@ if [ -f /emulab/modules ]; then
     insmod "/lib/modules/$KV/$mod" || echo "emulab-init: insmod $mod failed"
   done < /emulab/modules
 fi
+# A NIC driver probes asynchronously (iavf: its init task talks to the PF first): the script
+# starts once its interface exists, as `ip link set eth0 up` in a first command expects.
+if grep -q 'iavf.ko$' /emulab/modules 2>/dev/null; then
+  for i in $(seq 1 120); do
+    [ -n "$(ls /sys/class/net | grep -v '^lo$')" ] && break
+    sleep 0.25
+  done
+fi
 echo "=====EMULAB-BEGIN====="
 sh /emulab/script.sh 2>&1
 rc=$?

@@ -655,6 +655,16 @@ class Connection:
             return b""
         return _HEADER.pack(header.msg_id, header.command, HEADER_SIZE, _REPLY_ERROR, errno)
 
+    def send_unexpected_error(self, event: UnexpectedReply, errno: int) -> bytes:
+        """An error reply (``errno``) to a message that came flagged as a reply to no request
+        of ours -- a peer that set the reply bit on what it meant as a request would otherwise
+        wait for ever. Changes no state: nothing was outstanding."""
+        self._check_open()
+        if not 0 <= errno <= 0xFFFFFFFF:
+            raise LocalProtocolError(f"errno {errno} out of range", _EINVAL)
+        h = event.header
+        return _HEADER.pack(h.msg_id, h.command, HEADER_SIZE, _REPLY_ERROR, errno)
+
     # -- VERSION (server side) ---------------------------------------------------------------------
     def version_reply(self, request: Request) -> VersionReply:
         """The VERSION reply a server should send: the client's major (only 0 is supported: else

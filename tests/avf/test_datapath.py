@@ -222,6 +222,7 @@ def test_rx_place_holds_or_discards_without_room_and_stops_a_queue_on_bad_buffer
     assert int(ring["qword1"][7]) & dp.RX_DD == 0
 
 
+@pytest.mark.skipif(os.environ.get("EMULAB_KERNELS") is not None, reason="a variant already")
 def test_kernels_without_jit() -> None:
     """The same tests with NUMBA_DISABLE_JIT=1: readable tracebacks, kernel logic covered."""
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}

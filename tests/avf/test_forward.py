@@ -220,12 +220,20 @@ def test_a_table_larger_than_its_arrays_touches_nothing() -> None:
     assert w.tx[2] == 0 and np.array_equal(w.mem, before)
 
 
-@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="already without JIT")
-def test_the_kernels_as_plain_python() -> None:
+@pytest.mark.skipif(
+    os.environ.get("NUMBA_DISABLE_JIT") == "1" or os.environ.get("EMULAB_KERNELS") is not None,
+    reason="already without JIT",
+)
+@pytest.mark.parametrize(
+    "how", [{"NUMBA_DISABLE_JIT": "1"}, {"EMULAB_KERNELS": "interpreted"}], ids=["nojit", "interp"]
+)
+def test_the_kernels_as_plain_python(how: dict[str, str]) -> None:
     """The same tests (and the older kernels') with NUMBA_DISABLE_JIT=1: the Python semantics
-    of the kernels match the compiled ones."""
+    of the kernels match the compiled ones. And again with the interpreted forms a device runs
+    before its compiled kernels are loaded (``datapath.kernels.interpret``: each jitted
+    function's code with its callees and ``raw``'s intrinsics replaced, numba still on)."""
     here = Path(__file__).parent
-    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    env = {**os.environ, **how}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          str(here / "test_forward.py"), str(here / "test_datapath.py"), str(here / "test_rss.py")],

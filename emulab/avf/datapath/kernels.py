@@ -223,7 +223,9 @@ class Builder:
     """Compiles the kernels out of process and loads them here, for the table sizes asked for
     (:meth:`want`), one build at a time in a daemon thread; never blocks a caller."""
 
-    DEFAULT_MAPS = (1, 2, 3)  # the software driver's one map; QEMU's guest RAM as 2 or 3
+    # the software driver's one map; QEMU 11.1's q35 guest below 4 GiB: three writable maps
+    # (0-0xc3000, 0xe8000-0xf0000, 1 MiB up), fewer while its firmware shadows ROMs
+    DEFAULT_MAPS = (1, 2, 3)
 
     def __init__(self, kernels: KernelSet) -> None:
         self.kernels = kernels

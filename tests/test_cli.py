@@ -6,13 +6,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from emulab.client import VfioUserClient
 from emulab.devices.memcpy import MAGIC
+from tests.waiting import wait_until
+
+
+def _line(proc: subprocess.Popen[str], seen: list[str], text: str) -> bool:
+    """Read the server's next line (kept in ``seen``); whether it holds ``text``."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    seen.append(line)
+    return text in line
 
 
 def test_serve_status_lines_and_sigterm(tmp_path: Path) -> None:
@@ -36,15 +44,14 @@ def test_serve_status_lines_and_sigterm(tmp_path: Path) -> None:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert str(sock) in first
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
+        wait_until(sock.exists, 5, "the socket")
         with VfioUserClient.connect(sock) as client:
             assert client.read32(0, 0) == MAGIC
-            time.sleep(0.5)
+            seen: list[str] = []
+            wait_until(lambda: _line(proc, seen, "connected"), 5, "a status line, connected")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
+        out = "".join(seen) + out
     finally:
         proc.kill()
     assert proc.returncode == 0
@@ -93,22 +100,18 @@ def test_serve_avf_to_pcap_that_tshark_reads(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         assert str(sock) in proc.stdout.readline()
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
+        wait_until(sock.exists, 5, "the socket")
         with VfioUserClient.connect(sock) as client:
             drv = NicDriver(client)
             nic = drv.bring_up()
             assert nic.link_up
             assert drv.transmit(frames) == 5
-            deadline = time.monotonic() + 5
-            while drv.tx_pending():
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            time.sleep(0.5)  # a status line or two while up
+            wait_until(lambda: not drv.tx_pending(), 5, "TX descriptors done")
+            seen: list[str] = []
+            wait_until(lambda: _line(proc, seen, "tx=5 "), 10, "a status line with the frames")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
+        out = "".join(seen) + out
     finally:
         proc.kill()
     assert proc.returncode == 0

@@ -6,7 +6,6 @@ import errno
 import os
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from emulab.server import VfioUserServer
 from emulab.vfio_user import Connection, Role
 from emulab.vfio_user import messages as m
 from emulab.vfio_user.constants import IrqIndex, IrqInfoFlags, RegionFlags
+from tests.waiting import wait_until
 
 BAR0, BAR2, CONFIG = 0, 2, 7
 SRC_LO, DST_LO, LEN, DOORBELL, STATUS, ERRNO, COPIES = 0x08, 0x10, 0x18, 0x1C, 0x20, 0x24, 0x28
@@ -39,14 +39,6 @@ def client(server: VfioUserServer) -> Iterator[VfioUserClient]:
     c.close()
 
 
-def wait_for(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("timed out")
-        time.sleep(0.002)
-
-
 def copy(client: VfioUserClient, src: int, dst: int, length: int, *, posted: bool = False) -> None:
     client.write32(BAR0, SRC_LO, src & 0xFFFFFFFF, posted=posted)
     client.write32(BAR0, SRC_LO + 4, src >> 32, posted=posted)
@@ -57,7 +49,7 @@ def copy(client: VfioUserClient, src: int, dst: int, length: int, *, posted: boo
 
 
 def done(client: VfioUserClient) -> int:
-    wait_for(lambda: client.read32(BAR0, STATUS) & 1 == 0)
+    wait_until(lambda: client.read32(BAR0, STATUS) & 1 == 0)
     return client.read32(BAR0, STATUS)
 
 
@@ -190,12 +182,12 @@ def test_disconnect_cleans_up_and_next_client_works(server: VfioUserServer) -> N
         c.write32(BAR0, LEN, 1234)
         assert c.read32(BAR0, LEN) == 1234
         c.channel.close()  # vanish without unmapping
-        wait_for(lambda n=round_ + 1: not server.connected and server.stats.clients == n)
-        wait_for(lambda: len(server.device.memory.regions) == 0)
+        wait_until(lambda n=round_ + 1: not server.connected and server.stats.clients == n)
+        wait_until(lambda: len(server.device.memory.regions) == 0)
         assert server.device.regs["LEN"] == 0  # reset on disconnect
         for ram in c.ram:
             ram.close()
-    wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds_before + 3)
+    wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before + 3)
     with VfioUserClient.connect(server.socket_path) as c2:
         assert c2.read32(BAR0, 0) == MAGIC
 
@@ -204,7 +196,7 @@ def test_protocol_violation_drops_client_server_survives(server: VfioUserServer)
     assert server.socket_path is not None
     c = VfioUserClient.connect(server.socket_path)
     c.send_raw(struct.pack("<HHIII", 1, 9, 8, 0, 0))  # size < header: unframeable
-    wait_for(lambda: server.stats.clients == 1 and not server.connected)
+    wait_until(lambda: server.stats.clients == 1 and not server.connected)
     c.close()
     with VfioUserClient.connect(server.socket_path) as c2:
         assert c2.read32(BAR0, 0) == MAGIC
@@ -345,7 +337,7 @@ def test_an_unknown_message_type_closes_that_client(server: VfioUserServer, kind
     sock = _raw_session(server.socket_path)
     sock.sendall(struct.pack("<HHIII", 0x7200, 3, 16, kind, 0))
     assert sock.recv(16) == b""  # closed: the stream cannot be trusted after that
-    wait_for(lambda: not server.connected)
+    wait_until(lambda: not server.connected)
     events = [ev.data for ev in server.trace.snapshot("client")]
     assert any(d["event"] == "protocol-error" and "unknown message type" in d["error"]
                for d in events)  # fmt: skip

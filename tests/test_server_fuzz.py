@@ -15,6 +15,7 @@ from emulab.client import VfioUserClient
 from emulab.devices.memcpy import MAGIC, MemcpyDevice
 from emulab.server import VfioUserServer
 from emulab.transport.unix_socket import connect
+from tests.waiting import wait_until
 
 VERSION = struct.pack("<HHIII", 1, 1, 16 + 4 + 3, 0, 0) + struct.pack("<HH", 0, 0) + b"{}\0"
 
@@ -59,9 +60,7 @@ def test_random_frames_never_kill_the_server(
         except (TimeoutError, OSError):
             pass
         ch.close()
-        end = time.monotonic() + 5
-        while srv.connected and time.monotonic() < end:
-            time.sleep(0.005)
+        wait_until(lambda: not srv.connected, 5, "the server to see the client leave")
         with VfioUserClient.connect(sock) as c:
             assert c.read32(0, 0) == MAGIC
         assert srv.running

@@ -22,6 +22,7 @@ import pytest
 
 from emulab.client import VfioUserClient
 from emulab.guest import NicDriver
+from tests.waiting import wait_until
 
 REPLY_BUDGET = 2.0  # seconds: QEMU 11.1 gives up on a reply after 5 s
 
@@ -38,10 +39,8 @@ class Served:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        t0 = time.monotonic()
-        while not self.sock.exists():
-            assert time.monotonic() - t0 < 30 and self.proc.poll() is None, self.lines
-            time.sleep(0.02)
+        wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 30, "the socket")
+        assert self.sock.exists(), self.lines
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -49,13 +48,10 @@ class Served:
             self.lines.append(line.rstrip())
 
     def wait_line(self, text: str, timeout: float) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for line in list(self.lines):
-                if text in line:
-                    return line
-            time.sleep(0.1)
-        raise AssertionError(f"no {text!r} in {self.lines[-20:]}")
+        found = wait_until(
+            lambda: [line for line in list(self.lines) if text in line], timeout, repr(text)
+        )
+        return found[0]
 
     def close(self) -> None:
         self.proc.terminate()

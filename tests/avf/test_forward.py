@@ -9,13 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from emulab.avf import datapath as dp
+from tests.waiting import wait_until
 
 MEM = 1 << 20
 TXR, RXR, TXB, RXB = 0x1000, 0x4000, 0x10000, 0x80000
@@ -323,10 +323,10 @@ def test_poll_loop_naps_in_the_call_and_its_eventfd_ends_a_nap() -> None:
     th = threading.Thread(target=lambda: done.append(_poll(w, regs, ctl)[0]), daemon=True)
     try:
         th.start()
-        _wait_for(lambda: ctl[dp.POLL_NAPS] >= 3)
+        wait_until(lambda: ctl[dp.POLL_NAPS] >= 3)
         w.post_tx([(TXB, udp(1, 90))])  # a doorbell while it naps: moved at the next look
         regs[0] = w.tx[3]
-        _wait_for(lambda: w.rx[0, dp.RX_PACKETS] == 1)
+        wait_until(lambda: w.rx[0, dp.RX_PACKETS] == 1)
         assert not done  # it did not return for idleness, nor for the frame
         long_nap_begins(ctl)
         t0 = time.monotonic()
@@ -355,10 +355,3 @@ def long_nap_begins(ctl: np.ndarray) -> None:
         if ctl[dp.POLL_NAPS] != count:
             now = time.monotonic()
             count, since, gap = int(ctl[dp.POLL_NAPS]), now, now - since
-
-
-def _wait_for(cond: Callable[[], object], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.001)

@@ -22,6 +22,7 @@ from emulab.client import VfioUserClient
 from emulab.guest import NicDriver
 from emulab.server import VfioUserServer
 from emulab.vfio_user.constants import RegionFlags
+from tests.waiting import wait_until
 
 from .test_forward import long_nap_begins
 from .test_software_driver import MAC, udp
@@ -72,9 +73,7 @@ def test_doorbells_in_memory_reach_a_wire_and_frames_come_back(make: Make) -> No
     drv.bring_up()
     frames = [udp(100 + i, 80 + i) for i in range(10)]
     assert drv.transmit(frames) == 10
-    deadline = time.monotonic() + 5
-    while len(sent) < 10 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: len(sent) >= 10, 5, "10 frames on the wire")
     assert sent == frames
     assert dev.poller is not None and dev.poller.reasons["kick"] > 0
     backend.inject([udp(7, 120)])  # the RX tails the driver wrote in memory are honoured
@@ -108,9 +107,7 @@ def test_hostile_tx_buffer_stops_the_queue_not_the_poller(make: Make) -> None:
     drv.ram.write(ring.base + 16 * i, bad)
     ring.next = (i + 1) % ring.length
     drv.w32(0x0000, ring.next)
-    deadline = time.monotonic() + 5
-    while dev.queues.tx[0].error is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: dev.queues.tx[0].error is not None, 5, "the queue's error")
     assert dev.queues.tx[0].error == "buffer outside guest memory"
     assert not dev.queues.tx[0].enabled
     assert dev.poller is not None and dev.poller.reasons["error"] == 1

@@ -12,6 +12,7 @@ from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
 from emulab.backends import CallbackBackend, LoopbackBackend, Switch, open_backend
+from tests.waiting import wait_until
 
 
 def frame(dst: str, src: str, payload: bytes = b"x" * 46) -> bytes:
@@ -96,12 +97,8 @@ def test_tap_both_ways() -> None:
         host.bind((name, 0))
         host.settimeout(2)
         host.send(frame(A, B, b"from-host".ljust(46, b".")))
-        ours = []
-        for _ in range(200):  # the host also sends its own chatter (IPv6 MLD) on a new link
-            ours = [f for f in got if f[12:14] == b"\x88\xb5"]
-            if ours:
-                break
-            time.sleep(0.01)
+        # the host also sends its own chatter (IPv6 MLD) on a new link
+        ours = wait_until(lambda: [f for f in got if f[12:14] == b"\x88\xb5"], 2, "our frame")
         assert ours and ours[0][14:23] == b"from-host"
         tap.send([frame(B, A, b"from-device".ljust(46, b"."))])
         data = host.recv(2048)
@@ -209,29 +206,22 @@ def test_tap_holds_frames_until_the_device_has_room(monkeypatch: pytest.MonkeyPa
         host.bind((name, 0))
         for i in range(6):
             host.send(frame(A, B, f"n{i}".encode().ljust(46, b".")))
-        deadline = time.monotonic() + 2
-        while len(got) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)
+        wait_until(lambda: len(got) >= 2, 2, "two frames")
+        time.sleep(0.05)  # (a quiet spell in which no third frame may arrive)
         assert [f[14:16] for f in got] == [b"n0", b"n1"]  # the rest waits: not dropped
         assert tap.held >= 1 and tap.counters.dropped == 0
         budget[0] = 10
         tap.resume()  # the driver posted buffers
-        while len(got) < 6 and time.monotonic() < deadline + 2:
-            time.sleep(0.01)
+        wait_until(lambda: len(got) >= 6, 4, "the held frames")
         assert [f[14:16] for f in got] == [f"n{i}".encode() for i in range(6)]  # in order
         # a device that never makes room: the held batch goes after HOLD_MAX, counted
         monkeypatch.setattr(tap_mod, "HOLD_MAX", 0.05)
         budget[0] = 0
         host.send(frame(A, B, b"late".ljust(46, b".")))
-        deadline = time.monotonic() + 2
-        while tap.counters.dropped == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert tap.counters.dropped >= 1
+        wait_until(lambda: tap.counters.dropped >= 1, 2, "the held batch dropped")
         budget[0] = 10
         host.send(frame(A, B, b"after".ljust(46, b".")))  # the reader still reads
-        while not any(f[14:19] == b"after" for f in got) and time.monotonic() < deadline + 1:
-            time.sleep(0.01)
+        wait_until(lambda: any(f[14:19] == b"after" for f in got), 3, "the next frame")
         assert got[-1][14:19] == b"after"
     finally:
         host.close()
@@ -306,10 +296,8 @@ def test_tap_sends_tso_frames_whole_only_to_a_device_that_cuts_them(gso_rows: bo
         host.bind((name, 0))
         host.send(vnet + tcp)
         want = 1 if gso_rows else -(-len(payload) // 1448)
-        deadline = time.monotonic() + 2
-        while len(got) < want and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)
+        wait_until(lambda: len(got) >= want, 2, f"{want} frames")
+        time.sleep(0.05)  # (a quiet spell in which no extra frame may arrive)
         assert len(got) == want, [len(f) for f, _ in got]
         if gso_rows:
             f, g = got[0]

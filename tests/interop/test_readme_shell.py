@@ -13,10 +13,11 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -48,11 +49,8 @@ def _run_block(lines: list[str], tmp: Path, qemu_ready: object) -> tuple[str, li
                 stdout = server.stdout
                 assert stdout is not None
                 threading.Thread(target=served.extend, args=(stdout,), daemon=True).start()
-                sock = Path(re.findall(r"--socket (\S+)", cmd)[0])
-                t0 = time.monotonic()
-                while not (sock.exists() and (f"tap:{tap}" not in cmd or _has_link(tap))):
-                    assert time.monotonic() - t0 < 60 and server.poll() is None, served
-                    time.sleep(0.05)
+                wait_until(lambda s=server, c=cmd: _up(c, tap) or s.poll() is not None, 60)
+                assert _up(cmd, tap), served
                 continue
             r = subprocess.run(
                 cmd, shell=True, capture_output=True, text=True, timeout=600, check=False
@@ -66,8 +64,10 @@ def _run_block(lines: list[str], tmp: Path, qemu_ready: object) -> tuple[str, li
     return out, [s.rstrip() for s in served]
 
 
-def _has_link(name: str) -> bool:
-    return Path(f"/sys/class/net/{name}").exists()
+def _up(cmd: str, tap: str) -> bool:
+    """The server's socket exists, and so does its TAP if it makes one."""
+    sock = Path(re.findall(r"--socket (\S+)", cmd)[0])
+    return sock.exists() and (f"tap:{tap}" not in cmd or Path(f"/sys/class/net/{tap}").exists())
 
 
 def test_readme_has_the_examples_this_test_runs() -> None:

@@ -12,19 +12,13 @@ from emulab.avf.device import AvfDevice
 from emulab.lab import Lab
 from emulab.trace import Trace
 from emulab.widgets import tables
-
-
-def _wait(cond: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+from tests.waiting import wait_until
 
 
 def test_lab_runs_traffic_and_the_dashboard_shows_it(tmp_path: Path) -> None:
     with Lab.avf(pps=3000, hz=5.0) as lab:
         d = lab.dashboard
-        _wait(lambda: lab.received > 200 and d.refreshes >= 6 and d.chart.frames >= 3)
+        wait_until(lambda: lab.received > 200 and d.refreshes >= 6 and d.chart.frames >= 3)
         assert "link=up" in d.status.value and "queues=4/4" in d.status.value
         # the chart is a PNG and the rate is live
         assert d.chart.image.value[:8] == b"\x89PNG\r\n\x1a\n" and d.chart.frames >= 3

@@ -68,6 +68,18 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
     s.close()
 
 
+def _builds_of(pid: int) -> list[int]:
+    """Live build children started by process ``pid``."""
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"EMULAB_BUILD_PARENT={pid}\0".encode() in env.read_bytes():
+                found.append(int(env.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def _timed(client: VfioUserClient) -> list[float]:
     """Every request's round trip, recorded."""
     times: list[float] = []
@@ -108,6 +120,10 @@ def test_a_cold_cache_never_delays_a_reply(served: Served) -> None:
     assert max(times) < REPLY_BUDGET, sorted(times)[-5:]
     if served.mode == "poll":  # (the lines say "compiling N/M" meanwhile)
         client.close()
+        pid = served.proc.pid
+        assert wait_until(lambda: _builds_of(pid), 10, "the build child")
+        served.close()  # mid-build: the child ends with its server, it does not compile on
+        wait_until(lambda: not _builds_of(pid), 10, "the build child gone")
         return
     # the build finishes, the device switches to the compiled kernels, traffic still flows
     served.wait_line("kernels compiled", 240)

@@ -5,11 +5,30 @@ child process, so that compiling never holds the serving process's locks or GIL.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import signal
 import sys
 import time
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Started by a device's builder: end with that process (SIGTERM when it exits), not
+    compile on as an orphan."""
+    parent = os.environ.get("EMULAB_BUILD_PARENT")
+    if parent is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):  # it ended before the line above took effect
+        sys.exit(1)
+
 
 def main(argv: list[str]) -> int:
+    _die_with_parent()
     from emulab.avf.datapath import kernels, warm  # noqa: PLC0415 -- after the cache guard
 
     maps = [int(a) for a in argv] or list(kernels.Builder.DEFAULT_MAPS)

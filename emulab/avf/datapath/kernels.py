@@ -330,8 +330,9 @@ class Builder:
         self._set(BuildStatus("compiling", 0, total, message=f"maps {maps}"))
         try:
             self.child = child = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-            )
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                env={**os.environ, "EMULAB_BUILD_PARENT": str(os.getpid())},
+            )  # fmt: skip
         except OSError as exc:
             self._set(BuildStatus("failed", message=f"cannot start {cmd[0]}: {exc}"))
             return False

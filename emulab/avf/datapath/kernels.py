@@ -342,6 +342,11 @@ class Builder:
             self.log.append(line.rstrip())
             if line.startswith("step "):
                 done += 1
+                _, name, n, _secs = line.split()
+                # what the child just cached is loaded here at once (the device switches kernel
+                # by kernel); should the load miss the cache, _load finishes the job later
+                with contextlib.suppress(Exception):
+                    self._load_step(name, None if n == "-" else int(n))
                 self._set(BuildStatus("compiling", done, total, seconds=time.monotonic() - t0,
                                       message=line[5:].strip()))  # fmt: skip
         rc = child.wait()
@@ -354,16 +359,29 @@ class Builder:
 
     def _load(self, maps: list[int]) -> None:
         """Load the cached kernels here (each call hits numba's cache) and switch them on."""
-        ks = self.kernels.all
-        for name, call in warm.common_steps():
-            call()
-            for k in ks.values():
-                if not k.tabled and _STEP_OF.get(k.name) == name:
-                    k.ready.add(0)
+        for name, _ in warm.common_steps():
+            self._load_step(name, None)
         for n in maps:
-            for name, call in warm.steps(n):
+            for name, _ in warm.steps(n):
+                self._load_step(name, n)
+
+    def _load_step(self, name: str, maps: int | None) -> None:
+        """One warm-up step run here (``maps`` None: an untabled one), its kernels switched on."""
+        ks = self.kernels.all
+        if maps is None:
+            for step, call in warm.common_steps():
+                if step == name:
+                    call()
+                    for k in ks.values():
+                        if not k.tabled and _STEP_OF.get(k.name) == name:
+                            k.ready.add(0)
+            return
+        if maps in ks[name].ready:
+            return
+        for step, call in warm.steps(maps):
+            if step == name:
                 call()
-                ks[name].ready.add(n)
+                ks[name].ready.add(maps)
 
 
 KERNELS = KernelSet()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
 from emulab.backends import open_backend
 from emulab.client import VfioUserClient
@@ -220,6 +221,13 @@ class Lab:
                 time.sleep(0.01)
 
     # -- teardown --------------------------------------------------------------------------------
+    @property
+    def kernels(self) -> BuildStatus:
+        """Where the data path's compiled kernels stand (``compiling 5/16``, ``ready``): until
+        they are loaded the device runs them interpreted, slower; the dashboard's status line
+        shows it too."""
+        return BUILDER.status
+
     def stop(self) -> None:
         if self.dashboard is not None:
             self.dashboard.stop()

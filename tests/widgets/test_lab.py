@@ -99,3 +99,17 @@ def test_chart_painter_in_a_process_and_in_thread() -> None:
         assert remote.submit(frame) is not None
     finally:
         remote.close()
+
+
+def test_the_status_line_says_the_kernels_are_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emulab.avf import datapath as dp
+    from emulab.avf.device import AvfDevice
+
+    dev = AvfDevice()
+    try:
+        monkeypatch.setattr(dp.BUILDER, "status", dp.BuildStatus("compiling", 5, 16, seconds=7))
+        assert "[kernels compiling 5/16 (7 s)]" in dev.status_line()
+        monkeypatch.setattr(dp.BUILDER, "status", dp.BuildStatus("ready", maps=(1, 2, 3)))
+        assert "kernels" not in dev.status_line()
+    finally:
+        dev.close()

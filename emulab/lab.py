@@ -201,6 +201,7 @@ class Lab:
             'for i in $(seq 1 40); do [ "$(cat /sys/class/net/$IF/carrier)" = 1 ] && break\n'
             '  sleep 0.25; done; echo "$IF carrier=$(cat /sys/class/net/$IF/carrier)"\n'
             "ping -c 2 -W 1 10.0.0.1   # ARP requests go out on the wire\n"
+            "sleep 2.5   # iavf refreshes its counters (GET_STATS) every 2 s\n"
             "ethtool -S $IF | grep -E 'x_(bytes|unicast|broadcast)'; dmesg | grep -i iavf\n"
         )
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emulab-qemu")

@@ -153,8 +153,9 @@ class KernelSet:
             setattr(self, name, kernel)
 
     def compiled(self, maps: int = 1) -> bool:
-        """Whether every kernel runs compiled for a guest memory of ``maps`` DMA maps."""
-        return all(k.is_compiled(maps) for k in self.all.values())
+        """Whether every kernel runs compiled for a guest memory of ``maps`` DMA maps (0: every
+        kernel that takes no table)."""
+        return all(k.is_compiled(maps) for k in self.all.values() if maps or not k.tabled)
 
 
 class _Always(set[int]):
@@ -181,7 +182,7 @@ class BuildStatus:
         if self.state == "compiling":
             return f"kernels compiling {self.done}/{self.total} ({self.seconds:.0f} s)"
         if self.state == "ready":
-            return f"kernels compiled (maps {','.join(map(str, self.maps))})"
+            return f"kernels compiled (maps {','.join(str(n) for n in self.maps if n)})"
         return f"kernels {self.state}" + (f": {self.message}" if self.message else "")
 
 
@@ -251,19 +252,17 @@ class Builder:
 
     def start(self, maps: tuple[int, ...] = DEFAULT_MAPS) -> Builder:
         """Ask for the kernels for ``maps`` table sizes (what a device does when created)."""
-        for n in maps:
-            self.want(n)
+        self.want(*maps)
         return self
 
-    def want(self, maps: int) -> None:
-        """Have the kernels compiled and loaded for tables of ``maps`` maps (0: the untabled
-        ones only). Cheap, and idempotent: callers on the data path call it freely."""
-        if not JIT or maps in self._wanted or maps in self._failed or maps > 64:
+    def want(self, *maps: int) -> None:
+        """Have the kernels compiled and loaded for tables of each of ``maps`` maps (0: the
+        untabled ones only). Cheap, and idempotent: callers on the data path call it freely."""
+        new = {n for n in maps if n not in self._wanted and n not in self._failed and n <= 64}
+        if not JIT or not new:
             return
         with self._cond:
-            if maps in self._wanted:
-                return
-            self._wanted.add(maps)
+            self._wanted |= new  # all at once: one build for them, not one per size
             self._cond.notify()
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -273,8 +272,7 @@ class Builder:
 
     def wait(self, maps: tuple[int, ...] = (1,), timeout: float | None = None) -> bool:
         """Block until the kernels run compiled for ``maps`` (True) or ``timeout`` passes."""
-        for n in maps:
-            self.want(n)
+        self.want(*maps)
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not all(self.kernels.compiled(n) for n in maps):
@@ -305,7 +303,7 @@ class Builder:
                     continue
             t0 = time.monotonic()
             cached = recorded()
-            missing = [n for n in todo if n not in cached]
+            missing = [n for n in todo if n not in cached]  # (0: the untabled kernels only)
             if missing and not self._compile(missing, t0):
                 with self._cond:
                     self._failed.update(missing)
@@ -326,7 +324,7 @@ class Builder:
     def _compile(self, maps: list[int], t0: float) -> bool:
         """Run the build child for ``maps``; True when it filled the cache."""
         cmd = [sys.executable, "-m", "emulab.avf.datapath.build", *map(str, maps)]
-        total = len(warm.common_steps()) + len(maps) * len(warm.steps(1))
+        total = len(warm.common_steps()) + len([n for n in maps if n]) * len(warm.steps(1))
         self._set(BuildStatus("compiling", 0, total, message=f"maps {maps}"))
         try:
             self.child = child = subprocess.Popen(
@@ -362,7 +360,7 @@ class Builder:
         for name, _ in warm.common_steps():
             self._load_step(name, None)
         for n in maps:
-            for name, _ in warm.steps(n):
+            for name, _ in warm.steps(n) if n else ():
                 self._load_step(name, n)
 
     def _load_step(self, name: str, maps: int | None) -> None:

@@ -132,3 +132,4 @@ def test_a_cold_cache_never_delays_a_reply(served: Served) -> None:
     client.close()
     st = [line for line in served.lines if "kernels" in line]
     assert any("compiling 0/" in line for line in st) and any("16/16" in line for line in st), st
+    assert not [line for line in served.lines if "failed" in line], served.lines

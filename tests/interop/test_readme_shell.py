@@ -103,3 +103,4 @@ def test_readme_avf_example_from_an_empty_cache(
     status = [s for s in served if "msgs=" in s]
     assert status and "link=up" in status[-1] and "errors=0" in status[-1], status[-5:]
     assert not [s for s in served if "last error" in s], served
+    assert not [s for s in served if "kernels failed" in s], served

@@ -33,10 +33,10 @@ def _status_line(server: VfioUserServer, t0: float, last: dict[str, float]) -> s
     )
     if isinstance(dev, AvfDevice):
         return f"{line} {dev.status_line()}"
-    return (
-        f"{line} reads={dev.access_counts['read']} writes={dev.access_counts['write']} "
-        f"irq_events={irqs}"
+    line += (
+        f" reads={dev.access_counts['read']} writes={dev.access_counts['write']} irq_events={irqs}"
     )
+    return line + (f" FAULT: {dev.fault}" if dev.fault is not None else "")
 
 
 def _kernel_progress(t0: float) -> Callable[[BuildStatus], None]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emulab.pci.dma import memfd
 from emulab.transport.unix_socket import Channel, ChannelClosed, connect
 from emulab.vfio_user import (
     BadRequest,
@@ -226,10 +227,13 @@ class VfioUserClient:
             os.close(info.fd)
 
     # -- guest memory ----------------------------------------------------------------------------
-    def map_ram(self, size: int, iova: int = 0, *, writable: bool = True) -> GuestRam:
-        """Create shared guest memory (memfd) at ``iova`` and DMA_MAP it with its fd."""
-        fd = os.memfd_create(f"emulab-guest-{iova:x}", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
+    def map_ram(
+        self, size: int, iova: int = 0, *, writable: bool = True, sealed: bool = True
+    ) -> GuestRam:
+        """Create shared guest memory (memfd) at ``iova`` and DMA_MAP it with its fd. Sealed
+        against shrinking as QEMU's memfd RAM is; ``sealed=False`` plays a client whose file
+        can still shrink under the map (``GuestRam.fd`` stays open to do it with)."""
+        fd = memfd(f"emulab-guest-{iova:x}", size, sealed=sealed)
         ram = GuestRam(iova, size, fd, mmap.mmap(fd, size))
         flags = DmaMapFlags.READ | (DmaMapFlags.WRITE if writable else 0)
         try:
@@ -287,6 +291,23 @@ class VfioUserClient:
 
     def unmask_intx(self) -> None:
         self.mask_irq(IrqIndex.INTX, 0, 1, masked=False)
+
+    def intx_resample(self) -> int:
+        """Register an INTx resample eventfd (UNMASK + DATA_EVENTFD, as QEMU does under KVM):
+        signalling it unmasks INTx, which fires again if its level is still asserted. Returns
+        the fd to signal (``os.eventfd_write(fd, 1)``); ``intx_resample_off()`` removes it."""
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        flags = SetIrqsFlags.DATA_EVENTFD | SetIrqsFlags.ACTION_UNMASK
+        try:
+            self.request(m.SetIrqs(20, int(flags), IrqIndex.INTX, 0, 1, b"", (fd,)))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def intx_resample_off(self) -> None:
+        flags = SetIrqsFlags.DATA_EVENTFD | SetIrqsFlags.ACTION_UNMASK
+        self.request(m.SetIrqs(20, int(flags), IrqIndex.INTX, 0, 0, b"", ()))
 
     @staticmethod
     def wait_irq(fd: int, timeout: float = 5.0) -> int:

@@ -66,9 +66,10 @@ class GuestDriver:
         iova: int = 0x1_0000_0000,
         vectors: int = 5,
         aq_len: int = 32,
+        sealed: bool = True,
     ) -> None:
         self.client = client
-        self.ram: GuestRam = client.map_ram(ram_size, iova)
+        self.ram: GuestRam = client.map_ram(ram_size, iova, sealed=sealed)
         self._next = iova
         self.aq_len = aq_len
         self.vector_fds = client.enable_irqs(MSIX, 0, vectors)

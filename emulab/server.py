@@ -266,6 +266,7 @@ class VfioUserServer:
             "messages": self.stats.messages,
             "errors": self.stats.errors,
             "dma_maps": len(self.device.memory.regions),
+            "fault": self.device.fault,
         }
 
     # -- threads -------------------------------------------------------------------------------
@@ -668,8 +669,7 @@ class _Session:
             elif flags & (SetIrqsFlags.ACTION_MASK | SetIrqsFlags.ACTION_UNMASK):
                 masked = bool(flags & SetIrqsFlags.ACTION_MASK)
                 if flags & SetIrqsFlags.DATA_EVENTFD:
-                    # An unmask eventfd (KVM resampling): we take unmasks as messages instead.
-                    return None, ()
+                    return self._resample(kind, msg, masked)
                 if flags & SetIrqsFlags.DATA_BOOL:
                     for i, b in enumerate(msg.data):
                         if b:
@@ -679,6 +679,19 @@ class _Session:
         except ValueError as exc:
             raise HandlerError(errno.EINVAL, str(exc)) from exc
         return None, ()
+
+    def _resample(self, kind: IrqKind, msg: m.SetIrqs, masked: bool) -> tuple[Any, tuple[int, ...]]:
+        """UNMASK + DATA_EVENTFD: the INTx resample fd (QEMU passes KVM's resamplefd); as in
+        vfio-pci, only INTx has one, and MASK takes no eventfd."""
+        intx = self.device.interrupts.intx
+        if masked or kind is not IrqKind.INTX or intx is None or msg.start != 0 or msg.count > 1:
+            self._close_fds(msg.fds)
+            raise HandlerError(errno.EINVAL, f"no {'mask' if masked else 'unmask'} eventfd "
+                               f"for {kind.name} {msg.start}+{msg.count}")  # fmt: skip
+        fd = msg.fds[0] if msg.fds and msg.count else None
+        intx.set_resample(fd)
+        self._irq_trace(kind, msg, "resample" if fd is not None else "no-resample")
+        return None, tuple(msg.fds[:1]) if fd is not None else ()
 
     def _irq_trace(self, kind: IrqKind, msg: m.SetIrqs, what: str) -> None:
         self.server.trace.record(

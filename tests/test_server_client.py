@@ -24,14 +24,6 @@ SRC_LO, DST_LO, LEN, DOORBELL, STATUS, ERRNO, COPIES = 0x08, 0x10, 0x18, 0x1C, 0
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[VfioUserServer]:
-    srv = VfioUserServer(MemcpyDevice(), tmp_path / "memcpy.sock").start()
-    yield srv
-    srv.stop()
-    srv.device.close()
-
-
-@pytest.fixture
 def client(server: VfioUserServer) -> Iterator[VfioUserClient]:
     assert server.socket_path is not None
     c = VfioUserClient.connect(server.socket_path)

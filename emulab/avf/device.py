@@ -347,6 +347,9 @@ class AvfDevice(PciDevice):
         self.irq_counts[vector] += 1
         self.msix.trigger(vector)
 
+    def on_dma_lost(self, text: str) -> None:
+        self.queues.fail_all("guest memory vanished (see FAULT)")
+
     # -- reset -----------------------------------------------------------------------------------
     def on_reset(self) -> None:
         if self._reset_timer is not None:
@@ -410,6 +413,8 @@ class AvfDevice(PciDevice):
         )
         if BUILDER.status.state != "ready":  # the data path runs interpreted meanwhile
             line += f" [{BUILDER.status.line()}]"
+        if self.fault is not None:
+            line += f" FAULT: {self.fault}"
         return line + (f" errors: {'; '.join(errors)}" if errors else "")
 
     # -- link ------------------------------------------------------------------------------------

@@ -245,6 +245,17 @@ class QueueEngine:
         if self.on_error is not None:
             self.on_error(kind, q.index, q.error)
 
+    def fail_all(self, text: str) -> None:
+        """Guest memory went away under the device: every configured queue stops with ``text``."""
+        with self.lock:
+            for kind, qs in (("tx", self.tx), ("rx", self.rx)):
+                for q in qs:
+                    if q.enabled or q.length:
+                        q.error = text
+                        q.enabled = False
+                        if self.on_error is not None:
+                            self.on_error(kind, q.index, text)
+
     # -- TX --------------------------------------------------------------------------------------
     def tx_tail(self, index: int, tail: int) -> int:
         """The driver moved a TX tail: send what is ready. Returns frames sent."""

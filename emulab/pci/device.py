@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 
 from emulab.pci.config_space import HEADER, Bar, BarKind, ConfigSpace
-from emulab.pci.dma import GuestMemory
+from emulab.pci.dma import DmaRegion, GuestMemory
 from emulab.pci.interrupts import Interrupts, Intx, IrqKind, Msix
 from emulab.pci.regions import Region, RegionInfo, Window
 from emulab.trace import Trace
@@ -53,6 +53,8 @@ class PciDevice:
         self.regions: dict[int, Region] = {}
         self.interrupts = Interrupts(config)
         self.memory = GuestMemory()
+        self.memory.on_fault.append(self._dma_lost)
+        self.fault: str | None = None  # guest memory vanished under the device (until detach)
         self.lock = threading.RLock()
         self._run_later: Callable[[Callable[[], None]], None] = _inline
         self.access_counts = {"read": 0, "write": 0}
@@ -91,6 +93,18 @@ class PciDevice:
         # Clearing Interrupt Disable re-evaluates a pending INTx (uio_pci_generic relies on it).
         if self.interrupts.intx is not None and self.config.touches(offset, size, 0x04, 2):
             self.interrupts.intx.evaluate()
+
+    def _dma_lost(self, region: DmaRegion, text: str) -> None:
+        """A DMA map's file shrank under the device (see :mod:`emulab.pci.guard`): the device
+        is in an error state until the client goes; subclasses stop their engines."""
+        self.fault = text
+        self.trace.record(
+            "dma", device=self.name, event="lost", iova=region.iova, size=region.size, error=text
+        )
+        self.on_dma_lost(text)
+
+    def on_dma_lost(self, text: str) -> None:
+        """Subclasses stop what uses guest memory here (the map is already out of use)."""
 
     # -- what the server calls -----------------------------------------------------------------
     def region_info(self, index: int) -> RegionInfo:
@@ -177,6 +191,7 @@ class PciDevice:
         self.memory.unmap_all()
         self.interrupts.close_all()
         self.reset()
+        self.fault = None
 
     def close(self) -> None:
         for region in self.regions.values():

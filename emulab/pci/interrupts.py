@@ -2,15 +2,20 @@
 level-triggered INTx that honours the command register's Interrupt Disable bit.
 
 Semantics follow Linux vfio-pci, which a vfio-user client expects: INTx is *automasked* after it
-fires and stays masked until the client unmasks it (QEMU does that on guest EOI); an MSI-X vector
+fires and stays masked until the client unmasks it -- by a SET_IRQS UNMASK message, or by
+signalling the *resample* eventfd it registered with UNMASK + DATA_EVENTFD (KVM signals it on
+the guest's EOI), upon which the level is re-checked and, if still asserted, fires again; an
+MSI-X vector
 that is masked (by the client, the table's vector control, or the function mask) records a pending
 bit instead of firing and fires when unmasked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+import select
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,7 +103,7 @@ class IrqInfo:
 
 
 Observer = Callable[[IrqKind, int, str], None]
-"""``observer(kind, vector, what)`` with what in {"fire", "pend", "drop"}: for traces."""
+"""``observer(kind, vector, what)`` with what in {"fire", "pend", "drop", "unmask"}: for traces."""
 
 
 class _Vectors:
@@ -231,6 +236,55 @@ class Msix:
         """The PBA is read-only; writes are dropped (as on hardware)."""
 
 
+class FdWatch:
+    """Calls ``on_signal()`` each time the eventfd ``fd`` is signalled, from a thread of its own;
+    owns (and closes) the fd. For the INTx resample (unmask) eventfd."""
+
+    def __init__(
+        self, fd: int, on_signal: Callable[[], None], name: str = "emulab-fdwatch"
+    ) -> None:
+        self.fd = fd
+        self.on_signal = on_signal
+        self.signals = 0
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._wake_r in events:
+                return
+            mask = events.get(self.fd, 0)
+            if mask & (select.POLLERR | select.POLLNVAL):
+                return  # (not an eventfd we can wait on any more)
+            if mask & select.POLLIN:
+                try:
+                    os.read(self.fd, 8)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                self.signals += 1
+                with contextlib.suppress(Exception):  # a device hook must not end the watch
+                    self.on_signal()
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        for fd in (self.fd, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fd = -1
+
+
 class Intx:
     """A level-triggered INTx pin with vfio automask semantics."""
 
@@ -241,6 +295,23 @@ class Intx:
         self.fired = 0
         self.lock = threading.RLock()
         self.observer: Observer | None = None
+        self.resample: FdWatch | None = None  # the client's unmask eventfd, if it gave one
+
+    def set_resample(self, fd: int | None) -> None:
+        """Unmask (and re-check the level) whenever ``fd`` is signalled, as vfio-pci's
+        VFIO_IRQ_SET_ACTION_UNMASK with an eventfd does; ``None`` removes the fd."""
+        old, self.resample = self.resample, None
+        if old is not None:
+            old.close()
+        if fd is not None:
+            self.resample = FdWatch(fd, self.unmask, "emulab-intx-resample")
+
+    def unmask(self) -> None:
+        with self.lock:
+            self.state.masked[0] = False
+            if self.observer is not None:
+                self.observer(IrqKind.INTX, 0, "unmask")
+            self.evaluate()
 
     @property
     def disabled(self) -> bool:
@@ -363,6 +434,8 @@ class Interrupts:
 
     def close_all(self) -> None:
         """Detach every line (client gone): closes their eventfds."""
+        if self.intx is not None:
+            self.intx.set_resample(None)
         for kind in (IrqKind.INTX, IrqKind.MSIX, IrqKind.ERR, IrqKind.REQ):
             try:
                 self.disable(kind)

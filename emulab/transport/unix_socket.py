@@ -109,18 +109,31 @@ class UnixListener:
 
     def __init__(self, path: str | Path, mode: int = 0o600) -> None:
         self.path = Path(path).absolute()
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"no directory {self.path.parent} for the socket")
         self._remove_stale()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound and listening under a temporary name, then renamed into place: a client that
+        # waits for the path to appear never finds a socket that refuses it (bind, then listen).
+        tmp = self.path.with_name(f".{os.getpid()}.{self.path.name}")
+        if len(os.fsencode(tmp)) > 107:  # (sun_path's limit: no room for a temporary name)
+            tmp = self.path
         old_umask = os.umask(0o177)
         try:
-            self.sock.bind(os.fspath(self.path))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            self.sock.bind(os.fspath(tmp))
+            os.chmod(tmp, mode)
+            self.sock.listen(1)
+            if tmp != self.path:
+                os.replace(tmp, self.path)
         except OSError:
             self.sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, mode)
-        self.sock.listen(1)
         self._closed = False
 
     def _remove_stale(self) -> None:

@@ -19,9 +19,10 @@ class MemoryTable:
         writable: list[bool] = []
         with memory.lock:
             for r in memory.regions:
-                if r.mapping is None or not r.readable or not r.writable:
+                if r.mapping is None or r.lost is not None or not r.readable or not r.writable:
                     # Message-only maps are unreachable from compiled code, and read-only ones
-                    # (firmware ROMs) hold no rings or packet buffers: both stay out.
+                    # (firmware ROMs) hold no rings or packet buffers: both stay out, and so
+                    # does a map whose file shrank under it (``lost``).
                     continue
                 regions.append(np.frombuffer(r.mapping, dtype=np.uint8)[r.base : r.base + r.size])
                 starts.append(r.iova)

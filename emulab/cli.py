@@ -73,7 +73,9 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"emulab: cannot create the {args.device} device: {exc}", file=sys.stderr)
         return 1
-    server = VfioUserServer(device, args.socket, dma_layout=args.dma_layout)
+    server = VfioUserServer(
+        device, args.socket, dma_layout=args.dma_layout, socket_mode=args.socket_mode
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -114,6 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("serve", help="serve a device over vfio-user until Ctrl-C or SIGTERM")
     p.add_argument("device", choices=sorted(DEVICES), help="the device model to serve")
     p.add_argument("--socket", required=True, help="path of the UNIX socket to listen on")
+    p.add_argument(
+        "--socket-mode",
+        type=lambda text: int(text, 8),
+        default=0o600,
+        help="the socket's permissions, octal (default 0600: only this user may connect; a "
+        "client can DMA into this process's view of guest memory and drive the device)",
+    )
     p.add_argument("--interval", type=float, default=1.0, help="seconds between status lines")
     p.add_argument(
         "--backend",

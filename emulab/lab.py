@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import os
 import shutil
 import tempfile
 import threading
@@ -82,12 +83,22 @@ class Lab:
         dashboard: bool = True,
         guest: bool = True,
         hz: float = 5.0,
+        socket_dir: str | Path | None = None,
+        socket_mode: int = 0o600,
     ) -> Lab:
         """An AVF NIC served in this process; a software iavf brings it up and sends ``pps``
-        packets/s of UDP over 8 flows (looped back into the RX queues by RSS); a dashboard."""
-        workdir = Path(tempfile.mkdtemp(prefix="emulab-lab-"))
+        packets/s of UDP over 8 flows (looped back into the RX queues by RSS); a dashboard.
+
+        The socket is ``avf.sock`` in a fresh private directory under ``socket_dir`` (default:
+        ``$EMULAB_SOCKET_DIR``, else the system's temporary directory), mode ``socket_mode``."""
+        base = socket_dir or os.environ.get("EMULAB_SOCKET_DIR") or None
+        workdir = Path(tempfile.mkdtemp(prefix="emulab-lab-", dir=base))
+        # (mode 0700; a socket opened to the group or others needs them to pass the directory)
+        workdir.chmod(
+            0o700 | (0o010 if socket_mode & 0o060 else 0) | (0o001 if socket_mode & 0o006 else 0)
+        )
         device = AvfDevice(backend=open_backend(backend), num_queues=queues)
-        server = VfioUserServer(device, workdir / "avf.sock").start()
+        server = VfioUserServer(device, workdir / "avf.sock", socket_mode=socket_mode).start()
         driver = None
         if guest:
             assert server.socket_path is not None

@@ -163,9 +163,11 @@ class VfioUserServer:
         switch_interval: float | None = 1e-5,
         dma_layout: str = "spec",
         trace_messages: bool = True,
+        socket_mode: int = 0o600,
     ) -> None:
         self.device = device
         self.socket_path = Path(socket_path).absolute() if socket_path is not None else None
+        self.socket_mode = socket_mode  # who may connect: the owner only, unless widened
         self.trace = trace if trace is not None else device.trace
         self.stats = ServerStats()
         self.dma_layout = dma_layout
@@ -192,7 +194,7 @@ class VfioUserServer:
         with self._lock:
             if self._thread is not None:
                 return self
-            self._listener = UnixListener(self.socket_path)
+            self._listener = UnixListener(self.socket_path, self.socket_mode)
             self._switch_held = _SwitchInterval.acquire(self._switch_interval)
             self._thread = threading.Thread(
                 target=self._accept_loop, name=f"emulab-{self.device.name}-server", daemon=True

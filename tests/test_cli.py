@@ -125,3 +125,22 @@ def test_serve_avf_to_pcap_that_tshark_reads(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert r.stdout.split() == [f"10.0.0.{i}" for i in range(1, 6)]
+
+
+def test_socket_mode_is_configurable(tmp_path: Path) -> None:
+    """0600 by default (only this user may drive the device); ``--socket-mode`` widens it."""
+    sock = tmp_path / "g.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulab", "serve", "memcpy", "--socket", str(sock),
+         "--socket-mode", "0660", "--interval", "0.2"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(sock.exists, 30, "the socket")
+        assert os.stat(sock).st_mode & 0o777 == 0o660
+        with VfioUserClient.connect(sock) as client:
+            assert client.read32(0, 0) == MAGIC
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0

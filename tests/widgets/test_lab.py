@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -113,3 +114,15 @@ def test_the_status_line_says_the_kernels_are_compiling(monkeypatch: pytest.Monk
         assert "kernels" not in dev.status_line()
     finally:
         dev.close()
+
+
+def test_lab_socket_directory_and_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Lab.avf(pps=0, dashboard=False, guest=False, socket_dir=tmp_path) as lab:
+        assert lab.socket_path.parent.parent == tmp_path
+        assert os.stat(lab.socket_path).st_mode & 0o777 == 0o600
+        assert os.stat(lab.socket_path.parent).st_mode & 0o777 == 0o700
+    monkeypatch.setenv("EMULAB_SOCKET_DIR", str(tmp_path))
+    with Lab.avf(pps=0, dashboard=False, guest=False, socket_mode=0o660) as lab:
+        assert lab.socket_path.parent.parent == tmp_path
+        assert os.stat(lab.socket_path).st_mode & 0o777 == 0o660
+        assert os.stat(lab.socket_path.parent).st_mode & 0o777 == 0o710

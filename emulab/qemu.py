@@ -22,6 +22,7 @@ import lzma
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -403,6 +404,7 @@ class GuestRun:
     console: str  # the whole serial console and QEMU's stderr, for debugging
     duration: float
     qemu_returncode: int | None
+    killed: bool = False  # QEMU was SIGKILLed on purpose (``kill_when``)
 
 
 def boot(
@@ -420,6 +422,8 @@ def boot(
     trace: bool = False,
     shared_memory: bool = True,
     extra_initrds: Sequence[Path] = (),
+    kill_when: Callable[[str], bool] | None = None,
+    kill_delay: float = 0.0,
     progress: Progress = _stderr,
 ) -> GuestRun:
     """Boot a TCG guest attached to vfio-user sockets, run ``script``, return what it printed.
@@ -427,7 +431,9 @@ def boot(
     Guest RAM is a shared memfd that QEMU passes with DMA_MAP, so servers touch it directly;
     ``shared_memory=False`` gives anonymous RAM instead, which servers can reach only by
     DMA_READ / DMA_WRITE messages. ``extra_initrds`` are cpio archives laid over the base image
-    (e.g. :func:`emulab.qemu_dpdk.ensure_dpdk`'s testpmd).
+    (e.g. :func:`emulab.qemu_dpdk.ensure_dpdk`'s testpmd). ``kill_when(line)`` is asked of each
+    console line: once it says yes, QEMU is killed with SIGKILL ``kill_delay`` seconds later (a
+    VMM that dies mid-traffic).
     """
     root = ensure_qemu(progress)
     image = ensure_guest(kernel, progress)
@@ -490,27 +496,44 @@ def boot(
             mounts.append(f"mkdir -p {{r}}{b} && mount --bind {b} {{r}}{b}")
         shell = " && ".join(mounts).format(r=root) + f' && exec chroot {root} "$@"'
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, "sh", *qemu]
-        return _run_guest(cmd, timeout, progress)
+        return _run_guest(cmd, timeout, progress, kill_when, kill_delay)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_guest(cmd: list[str], timeout: float, progress: Progress) -> GuestRun:
+def _run_guest(
+    cmd: list[str],
+    timeout: float,
+    progress: Progress,
+    kill_when: Callable[[str], bool] | None = None,
+    kill_delay: float = 0.0,
+) -> GuestRun:
     t0 = time.monotonic()
     progress("emulab.qemu: booting guest ...")
+    # (unshare and sh exec into chroot and then QEMU: this pid ends up being QEMU's)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     chunks: list[bytes] = []
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
+    killer: threading.Timer | None = None
     try:
         for line in iter(proc.stdout.readline, b""):
             chunks.append(line)
             if BEGIN.encode() in line:
                 progress(f"emulab.qemu: guest script started at {time.monotonic() - t0:.1f}s")
+            if (
+                killer is None
+                and kill_when is not None
+                and kill_when(line.decode(errors="replace"))
+            ):
+                killer = threading.Timer(kill_delay, proc.kill)
+                killer.start()
         proc.wait()
     finally:
         timer.cancel()
+        if killer is not None:
+            killer.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -524,8 +547,10 @@ def _run_guest(cmd: list[str], timeout: float, progress: Progress) -> GuestRun:
             after = after[: m.start()]
         output = after.lstrip("\n")
     duration = time.monotonic() - t0
-    progress(f"emulab.qemu: guest finished in {duration:.1f}s (script rc={exit_code})")
-    return GuestRun(output, exit_code, console, duration, proc.returncode)
+    killed = killer is not None and proc.returncode == -signal.SIGKILL
+    what = "killed (SIGKILL)" if killed else f"finished (script rc={exit_code})"
+    progress(f"emulab.qemu: guest {what} after {duration:.1f}s")
+    return GuestRun(output, exit_code, console, duration, proc.returncode, killed)
 
 
 # -- command line --------------------------------------------------------------------------------

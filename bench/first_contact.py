@@ -19,18 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from emulab import VfioUserClient
+from emulab import VfioUserClient, fuzzing
 from emulab.guest import NicDriver
-from emulab.vfio_user import Connection, Role
 
 QEMU_TIMEOUT = 5.0
 
@@ -85,56 +81,23 @@ def cold_avf() -> str:
 
 
 def blackbox(seconds: float) -> str:
+    """``emulab serve memcpy`` against hostile messages (``emulab.fuzzing``), each waited on."""
     proc, sock_path = _serve(["memcpy"])
-    rng = random.Random(1)
-
-    def session() -> socket.socket:
-        conn = Connection(Role.CLIENT)
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(QEMU_TIMEOUT)
-        s.connect(sock_path)
-        data, _, _ = conn.send_request(conn.version_request())
-        s.sendall(data)
-        head = s.recv(16)
-        s.recv(struct.unpack("<HHIII", head)[2] - 16)
-        return s
-
-    answered = closed = silent = 0
-    s = session()
+    src = fuzzing.RandomSource(1)
+    prober = fuzzing.Prober(sock_path, timeout=QEMU_TIMEOUT)
     t0 = time.monotonic()
     try:
         while time.monotonic() - t0 < seconds:
-            mid, cmd = rng.randrange(1, 0xFFFF), rng.randrange(0, 24)
-            kind = rng.choice([0, 0, 0, 1, 2, 3])
-            payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 4, 8, 16, 32, 64])))
-            s.sendall(struct.pack("<HHIII", mid, cmd, 16 + len(payload), kind, 0) + payload)
-            try:
-                while True:
-                    head = s.recv(16)
-                    if not head:
-                        closed += 1
-                        s.close()
-                        s = session()
-                        break
-                    m, _, size, _, _ = struct.unpack("<HHIII", head)
-                    rest = size - 16
-                    while rest > 0:
-                        rest -= len(s.recv(rest))
-                    if m == mid:
-                        answered += 1
-                        break
-            except TimeoutError:
-                silent += 1
-                s.close()
-                s = session()
+            prober.send(fuzzing.message(src, prober.next_id(), [(0, 0x1000), (7, 4096)]))
     finally:
-        s.close()
+        prober.close()
         proc.terminate()
         proc.wait()
     dt = time.monotonic() - t0
-    got = answered + closed
-    return (f"{got} answered ({answered} replies, {closed} closes), {silent} met silence, "
-            f"in {dt:.0f} s: {got / dt:.0f} answered/s")  # fmt: skip
+    c = prober.counts
+    got = c["answered"] + c["closed"]
+    return (f"{got} answered ({c['answered']} replies, {c['closed']} closes), {c['silent']} met "
+            f"silence, in {dt:.0f} s: {got / dt:.0f} answered/s")  # fmt: skip
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ def _status_line(server: VfioUserServer, t0: float, last: dict[str, float]) -> s
     line += (
         f" reads={dev.access_counts['read']} writes={dev.access_counts['write']} irq_events={irqs}"
     )
+    if dev.errors:
+        line += f" device errors={len(dev.errors)} (last: {dev.errors[-1]})"
     return line + (f" FAULT: {dev.fault}" if dev.fault is not None else "")
 
 

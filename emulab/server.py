@@ -357,7 +357,7 @@ class VfioUserServer:
 
     def _device_error(self, exc: BaseException) -> None:
         self.last_error = f"device: {type(exc).__name__}: {exc}"
-        self.trace.record("device", device=self.device.name, event="error", error=self.last_error)
+        self.device.report_error("worker", exc)
 
 
 class _Session:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import socket
 import struct
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from emulab import fuzzing
 from emulab.client import VfioUserClient
 from emulab.devices.memcpy import MAGIC, MemcpyDevice
 from emulab.server import VfioUserServer
@@ -84,42 +84,20 @@ def test_half_a_header_then_silence_then_close(tmp_path: Path) -> None:
 
 
 def test_every_message_gets_an_answer(tmp_path: Path) -> None:
-    """A black-box client: random commands, types (request, reply, unknown) and payloads, each
-    waited on for 2 s. Every one gets a reply with its msg_id or the connection closed -- none
-    is met with silence (before: a "reply" to nothing was swallowed and the client waited)."""
-    rng = random.Random(13)
+    """A black-box client (``emulab.fuzzing``): hostile messages of every command, type and
+    size, fds that lie included, each waited on for 2 s. Every one gets a reply with its
+    msg_id or the connection closed -- none is met with silence (before: a "reply" to nothing
+    was swallowed and the client waited)."""
     sock_path = tmp_path / "s.sock"
-
-    def session() -> socket.socket:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(2)
-        s.connect(str(sock_path))
-        s.sendall(VERSION)
-        head = s.recv(16)
-        s.recv(struct.unpack("<HHIII", head)[2] - 16)
-        return s
-
-    answered, closed = 0, 0
+    src = fuzzing.RandomSource(13)
+    prober = fuzzing.Prober(sock_path, timeout=2.0)
     with VfioUserServer(MemcpyDevice(), sock_path) as srv:
-        s = session()
         for _ in range(400):
-            mid, cmd, kind = rng.randrange(1, 0xFFFF), rng.randrange(0, 24), rng.choice([0, 1, 2])
-            payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 4, 16, 24, 32])))
-            s.sendall(struct.pack("<HHIII", mid, cmd, 16 + len(payload), kind, 0) + payload)
-            while True:
-                head = s.recv(16)  # (a socket.timeout here: a message met with silence)
-                if not head:
-                    closed += 1
-                    s.close()
-                    s = session()
-                    break
-                m, _, size, _, _ = struct.unpack("<HHIII", head)
-                rest = size - 16
-                while rest > 0:
-                    rest -= len(s.recv(rest))
-                if m == mid:
-                    answered += 1
-                    break
-        s.close()
+            prober.send(fuzzing.message(src, prober.next_id(), [(0, 0x1000), (7, 4096)]))
+        prober.close()
         assert srv.running
-    assert answered + closed == 400 and answered > 200 and closed > 20, (answered, closed)
+        with VfioUserClient.connect(sock_path) as c:  # and a fresh client is served
+            assert c.read32(0, 0) == MAGIC
+    counts = prober.counts
+    assert counts["silent"] == 0, [p.what for p in prober.silent]
+    assert counts["answered"] > 200 and counts["closed"] > 10, counts

@@ -115,6 +115,7 @@ class AvfDevice(PciDevice):
         self.queues.on_error = lambda kind, q, what: self.trace.record(
             "device", device=self.name, event=f"{kind}-queue-error", queue=q, error=what
         )
+        self.queues.on_crash = self.report_error
         self.queues.on_packets = self._packets_trace
         self.queues.on_snaps = self._snaps_trace
         self.queues.wants_packets = lambda: self.trace.enabled
@@ -415,6 +416,8 @@ class AvfDevice(PciDevice):
             line += f" [{BUILDER.status.line()}]"
         if self.fault is not None:
             line += f" FAULT: {self.fault}"
+        if self.errors:
+            line += f" device errors={len(self.errors)} (last: {self.errors[-1]})"
         return line + (f" errors: {'; '.join(errors)}" if errors else "")
 
     # -- link ------------------------------------------------------------------------------------

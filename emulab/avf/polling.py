@@ -142,9 +142,14 @@ class Poller:
             if e.lock.wanted:  # someone else needs the queues: let them have the lock
                 time.sleep(WANTED_WAIT)
                 continue
-            with e.lock:
-                reason = self._once()
-            e.flush()  # frames the general path held back, and every vector to raise
+            try:
+                with e.lock:
+                    reason = self._once()
+                e.flush()  # frames the general path held back, and every vector to raise
+            except Exception as exc:  # a bug: reported, and the poller carries on
+                e.crashed("poll", exc)
+                time.sleep(AFTER_STOP)
+                continue
             if reason == dp.POLL_STOPPED:  # another thread had the queues (a wire's frames):
                 time.sleep(AFTER_STOP)  # stay off them and off the CPU it and QEMU need
             elif reason == dp.POLL_IDLE:  # without naps in the kernel (nap=0, or interpreted)

@@ -179,6 +179,9 @@ class QueueEngine:
     filter: MacFilter = field(default_factory=MacFilter)
     lock: PausingLock = field(default_factory=PausingLock)
     on_error: Callable[[str, int, str], None] | None = None
+    # a bug met on a thread of the data path (a backend's reader, the poller): reported here,
+    # and that thread carries on (the frames in hand are dropped)
+    on_crash: Callable[[str, BaseException], None] | None = None
     on_packets: Callable[[str, int, Sequence[bytes]], None] | None = None
     on_snaps: Callable[[str, int, Sequence[tuple[int, bytes]]], None] | None = None
     wants_packets: Callable[[], bool] = lambda: True
@@ -225,7 +228,27 @@ class QueueEngine:
         self._toeplitz = np.zeros((dp.RSS_TUPLE_MAX, 256), dtype=np.uint32)
         self.fast_bursts = 0  # kernel calls of the fast path (what a user checks it is used)
         self.rx_tso_frames = 0  # TSO frames from the wire cut into segments (rx_place)
-        self.backend.attach(self.receive, self.receive_rows, gso_rows=True)
+        self.backend.attach(self._receive_safely, self._receive_rows_safely, gso_rows=True)
+
+    def crashed(self, where: str, exc: BaseException) -> None:
+        if self.on_crash is not None:
+            self.on_crash(where, exc)
+
+    def _receive_safely(self, frames: Sequence[bytes]) -> int:
+        try:
+            return self.receive(frames)
+        except Exception as exc:  # (a bug must not end the backend's reader thread)
+            self.crashed("rx", exc)
+            return len(frames)
+
+    def _receive_rows_safely(
+        self, frames: np.ndarray, lens: np.ndarray, n: int, gso: np.ndarray | None = None
+    ) -> int:
+        try:
+            return self.receive_rows(frames, lens, n, gso)
+        except Exception as exc:
+            self.crashed("rx", exc)
+            return n
 
     def _remap(self) -> None:
         table = dp.MemoryTable(self.memory)  # (the kernels specialise on its size: a size

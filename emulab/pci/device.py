@@ -9,6 +9,7 @@ at a worker thread so that a device never does slow work inside a message handle
 
 from __future__ import annotations
 
+import collections
 import enum
 import threading
 from collections.abc import Callable
@@ -55,6 +56,7 @@ class PciDevice:
         self.memory = GuestMemory()
         self.memory.on_fault.append(self._dma_lost)
         self.fault: str | None = None  # guest memory vanished under the device (until detach)
+        self.errors: collections.deque[str] = collections.deque(maxlen=50)  # bugs met, latest last
         self.lock = threading.RLock()
         self._run_later: Callable[[Callable[[], None]], None] = _inline
         self.access_counts = {"read": 0, "write": 0}
@@ -102,6 +104,13 @@ class PciDevice:
             "dma", device=self.name, event="lost", iova=region.iova, size=region.size, error=text
         )
         self.on_dma_lost(text)
+
+    def report_error(self, where: str, exc: BaseException) -> None:
+        """A bug met on one of the device's threads (a handler, the worker, a data-path thread):
+        kept in :attr:`errors`, traced as ``device``/``error``; the thread carries on."""
+        text = f"{where}: {type(exc).__name__}: {exc}"
+        self.errors.append(text)
+        self.trace.record("device", device=self.name, event="error", error=text)
 
     def on_dma_lost(self, text: str) -> None:
         """Subclasses stop what uses guest memory here (the map is already out of use)."""

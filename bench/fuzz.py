@@ -49,11 +49,16 @@ class Crash(Exception):
     """What the target did wrong (libFuzzer saves the input that made it)."""
 
 
-def _target(name: str, workdir: Path, runs: int):  # type: ignore[no-untyped-def]  # noqa: PLR0915
-    """Set up target ``name``; returns (one_input(data) -> messages, finish() -> dict)."""
-    import atheris
+def _target(name: str, workdir: Path, runs: int, *, instrument: bool = True):  # type: ignore[no-untyped-def]  # noqa: PLR0915
+    """Set up target ``name``; returns (one_input(data) -> messages, finish() -> dict).
+    ``instrument``: emulab's Python instrumented for atheris (a regression replay needs not)."""
+    if instrument:
+        import atheris
 
-    with atheris.instrument_imports(include=["emulab"]):
+        context = atheris.instrument_imports(include=["emulab"])
+    else:
+        context = contextlib.nullcontext()
+    with context:
         from emulab import fuzzing
         from emulab.avf.device import AvfDevice
         from emulab.backends import LoopbackBackend
@@ -84,10 +89,13 @@ def _target(name: str, workdir: Path, runs: int):  # type: ignore[no-untyped-def
             conn.receive_data(version, ())
             hi = conn.next_event()
             conn.send_reply(hi, conn.version_reply(hi))
-            stream = b"".join(
-                fuzzing.message(src, 1 + i, [(0, 0x10000), (7, 4096)]).data
-                for i in range(src.number(1, 4))
-            )
+            probes = [fuzzing.message(src, 1 + i, [(0, 0x10000), (7, 4096)])
+                      for i in range(src.number(1, 4))]  # fmt: skip
+            for probe in probes:  # (the codec sees no fds: they were made, and are closed)
+                probe.close()
+                if probe.after is not None:
+                    probe.after()
+            stream = b"".join(probe.data for probe in probes)
             n = 0
             try:
                 while stream:

@@ -647,8 +647,13 @@ class _Session:
             raise HandlerError(errno.EINVAL, f"no IRQ index {msg.index}")
         kind = IrqKind(msg.index)
         irqs = self.device.interrupts
-        if self.device.interrupts.info(kind).count == 0:
+        vectors = self.device.interrupts.info(kind).count
+        if vectors == 0:
             raise HandlerError(errno.EINVAL, f"device has no {kind.name} interrupts")
+        if msg.start + msg.count > vectors:  # (before anything is sized by ``count``)
+            raise HandlerError(
+                errno.EINVAL, f"{kind.name} {msg.start}+{msg.count} beyond its {vectors} vectors"
+            )
         flags = SetIrqsFlags(msg.flags)
         try:
             if flags & SetIrqsFlags.ACTION_TRIGGER:

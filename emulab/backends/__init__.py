@@ -25,12 +25,16 @@ __all__ = [
 
 
 def open_backend(spec: str) -> PacketBackend:
-    """A backend from its command-line form: loopback | pcap:FILE | switch:NAME | tap:NAME."""
+    """A backend from its command-line form: loopback | pcap:FILE | switch:NAME | tap:NAME;
+    ``loopback:lossless`` and ``switch:NAME:lossless`` hold frames for want of RX buffers
+    instead of dropping them (flow control)."""
     kind, _, arg = spec.partition(":")
-    if kind == "loopback" and not arg:
-        return LoopbackBackend()
+    if kind == "loopback" and arg in ("", "lossless"):
+        return LoopbackBackend(lossless=arg == "lossless")
     if kind == "switch" and arg:
-        return Switch.named(arg).port()
+        name, _, opt = arg.partition(":")
+        if opt in ("", "lossless") and name:
+            return Switch.named(name).port(lossless=opt == "lossless")
     if kind == "pcap" and arg:
         from emulab.backends.pcap import PcapBackend  # noqa: PLC0415 -- scapy loads on demand
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import collections
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ takes them; ``GSO_DONE`` is the device's: how many segments of the frame it deli
 
 GSO_TYPE, GSO_SIZE, GSO_CSUM_START, GSO_CSUM_OFFSET, GSO_FLAGS, GSO_DONE = range(6)
 GSO_COLS = 6
+LOSSLESS_QUEUE = 65536  # frames a lossless wire holds for a device before it drops (counted)
+WIRE_BATCH = 64  # frames a lossless wire offers at a time
+WIRE_POLL = 0.05  # seconds a lossless wire waits for room before it offers again anyway
 GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4  # struct virtio_net_hdr's gso_type
 NEEDS_CSUM, DATA_VALID = 1, 2  # and its flags
 
@@ -124,11 +128,22 @@ class PacketBackend(abc.ABC):
     gso = False  # the wire finishes checksums and TCP segmentation (frames may be GsoFrames)
     holds = False  # the wire can wait for the device (flow control) instead of it dropping
 
-    def __init__(self) -> None:
+    def __init__(self, *, lossless: bool = False) -> None:
         self.counters = Counters()
         self._deliver: Deliver | None = None
         self._deliver_rows: DeliverRows | None = None
         self.room = threading.Event()  # set by the device when it has room again (``resume``)
+        # A lossless wire (flow control): frames to the device queue, in order, and a thread of
+        # the wire's own offers them; what the device cannot take yet waits for ``resume``.
+        self.lossless = lossless
+        self.queue_max = LOSSLESS_QUEUE
+        self.queue_peak = 0
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue_lock = threading.Lock()
+        self._wire: threading.Thread | None = None
+        self._closing = False
+        if lossless:
+            self.holds = True
 
     def attach(
         self, deliver: Deliver | None, rows: DeliverRows | None = None, *, gso_rows: bool = False
@@ -161,10 +176,42 @@ class PacketBackend(abc.ABC):
 
     def _receive(self, frames: Sequence[bytes]) -> int:
         """Frames from this wire, counted, to the device (none attached: dropped, counted);
-        returns how many it took."""
+        returns how many it took (a lossless wire: queued, up to ``queue_max`` waiting)."""
         if self._deliver is not None:
             self.counters.received(frames)
-        return self._offer(frames)
+        if not self.lossless:
+            return self._offer(frames)
+        with self._queue_lock:
+            room = max(self.queue_max - len(self._queue), 0)
+            if room < len(frames):
+                with self.counters.lock:
+                    self.counters.dropped += len(frames) - room
+            self._queue.extend(frames[:room])
+            self.queue_peak = max(self.queue_peak, len(self._queue))
+            if self._wire is None and not self._closing:
+                self._wire = threading.Thread(target=self._wire_loop, name="emulab-wire",
+                                              daemon=True)  # fmt: skip
+                self._wire.start()
+        self.room.set()
+        return len(frames)
+
+    def _wire_loop(self) -> None:
+        """The lossless wire's thread: offers the queue's head, in order, as the device has
+        room (it takes fewer when an RX queue has no buffer: then wait for ``resume``)."""
+        while not self._closing:
+            self.room.wait(WIRE_POLL)
+            self.room.clear()
+            while not self._closing:
+                with self._queue_lock:
+                    batch = [self._queue[i] for i in range(min(len(self._queue), WIRE_BATCH))]
+                if not batch:
+                    break
+                taken = self._offer(batch)
+                with self._queue_lock:
+                    for _ in range(taken):
+                        self._queue.popleft()
+                if taken < len(batch):
+                    break  # no room: until the device posts buffers (``resume``) or a poll
 
     def _offer(self, frames: Sequence[bytes]) -> int:
         """Frames (counted already) to the device again; returns how many it took."""
@@ -195,6 +242,16 @@ class PacketBackend(abc.ABC):
     def close(self) -> None:
         self._deliver = None
         self._deliver_rows = None
+        self._closing = True
+        self.room.set()
+        wire = self._wire
+        if wire is not None and wire is not threading.current_thread():
+            wire.join(5.0)
+
+    @property
+    def queued(self) -> int:
+        """Frames a lossless wire holds for the device."""
+        return len(self._queue)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.counters.as_dict()})"

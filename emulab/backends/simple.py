@@ -12,9 +12,16 @@ __all__ = ["CallbackBackend", "LoopbackBackend", "Switch", "SwitchPort"]
 
 
 class LoopbackBackend(PacketBackend):
-    """What the device sends, it receives."""
+    """What the device sends, it receives. ``lossless``: with flow control (see
+    :class:`PacketBackend`): nothing is dropped for want of RX buffers (and the ring-to-ring
+    fast path, which is a plain loopback's, is not used)."""
 
     kind = "loopback"
+
+    def __init__(self, *, lossless: bool = False) -> None:
+        super().__init__(lossless=lossless)
+        if lossless:
+            self.kind = "loopback-lossless"
 
     def _transmit(self, frames: Sequence[bytes]) -> None:
         self._receive(frames)
@@ -58,8 +65,9 @@ class Switch:
                 sw = cls._registry[name] = Switch(name)
             return sw
 
-    def port(self) -> SwitchPort:
-        p = SwitchPort(self)
+    def port(self, *, lossless: bool = False) -> SwitchPort:
+        """A new port; ``lossless``: frames to its device wait for RX buffers, in order."""
+        p = SwitchPort(self, lossless=lossless)
         with self.lock:
             self.ports.append(p)
         return p
@@ -91,8 +99,8 @@ class Switch:
 class SwitchPort(PacketBackend):
     kind = "switch"
 
-    def __init__(self, switch: Switch) -> None:
-        super().__init__()
+    def __init__(self, switch: Switch, *, lossless: bool = False) -> None:
+        super().__init__(lossless=lossless)
         self.switch = switch
 
     def _transmit(self, frames: Sequence[bytes]) -> None:

@@ -19,6 +19,8 @@ class MemoryTable:
         writable: list[bool] = []
         with memory.lock:
             for r in memory.regions:
+                if r.iova + r.size > 1 << 63:  # (a guest address the kernels' int64 cannot hold:
+                    continue  # unreachable from compiled code, as message-only maps are)
                 if r.mapping is None or r.lost is not None or not r.readable or not r.writable:
                     # Message-only maps are unreachable from compiled code, and read-only ones
                     # (firmware ROMs) hold no rings or packet buffers: both stay out, and so

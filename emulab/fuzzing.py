@@ -137,10 +137,19 @@ class Probe:
         self.fds = []
 
 
-def _fd(src: Source, size: int) -> tuple[int | None, Callable[[], None] | None, str]:
-    """An fd for a DMA map of ``size`` bytes that may lie: (fd, what to do after, what)."""
+def _fd(
+    src: Source, size: int, real: bool = True
+) -> tuple[int | None, Callable[[], None] | None, str]:
+    """An fd for a DMA map of ``size`` bytes that may lie: (fd, what to do after, what).
+    ``real=False``: the same choices, no fd made (for a codec that is handed none)."""
     kind = src.number(0, 7)
     size = max(0, min(size, 1 << 24))  # (the memory behind a lie stays small)
+    if not real:  # (consume what the real choice would, so that inputs mean the same)
+        if kind == 3:
+            src.number(1, 8192)
+        elif kind == 4:
+            src.number(0, max(size, 4096) - 1)
+        return None, None, "no fd made"
     if kind <= 2:
         return memfd("fuzz", max(size, 4096)), None, "sealed memfd"
     if kind == 3:
@@ -167,7 +176,7 @@ def _fd(src: Source, size: int) -> tuple[int | None, Callable[[], None] | None, 
 
 
 def _payload(  # noqa: PLR0915 -- one branch per command, flat on purpose
-    src: Source, command: int, regions: Sequence[tuple[int, int]]
+    src: Source, command: int, regions: Sequence[tuple[int, int]], fds: bool = True
 ) -> Probe:
     """The body of one command, fields from edge values, with the fds it may carry."""
     p = Probe(b"", what=Command(command).name if command in Command._value2member_map_ else "")
@@ -186,7 +195,7 @@ def _payload(  # noqa: PLR0915 -- one branch per command, flat on purpose
         address = (
             _pick(src, (0, 0x1000, 1 << 32, 0x1_0000_0000)) if src.number(0, 1) else _value(src, 64)
         )
-        fd, after, what = _fd(src, offset + size if offset < 1 << 24 else size)
+        fd, after, what = _fd(src, offset + size if offset < 1 << 24 else size, fds)
         p.fds = [fd] if fd is not None else []
         p.after = after
         p.what += f" ({what})"
@@ -215,8 +224,8 @@ def _payload(  # noqa: PLR0915 -- one branch per command, flat on purpose
         if flags & 2 and count < 64:
             data = src.take(count)
         if flags & 4 and count < 8 and src.number(0, 2):
-            p.fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(count)]
-            if count and not src.number(0, 5):
+            p.fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(count)] if fds else []
+            if count and not src.number(0, 5) and fds:
                 os.close(p.fds[0])
                 r, w = os.pipe()
                 os.close(w)
@@ -256,14 +265,17 @@ def _region_offset(src: Source, regions: Sequence[tuple[int, int]]) -> tuple[int
     return src.number(0, 12), _value(src, 64)
 
 
-def message(src: Source, msg_id: int, regions: Sequence[tuple[int, int]] = ()) -> Probe:
+def message(
+    src: Source, msg_id: int, regions: Sequence[tuple[int, int]] = (), *, fds: bool = True
+) -> Probe:
     """One hostile message with id ``msg_id``. ``regions`` are ``(index, size)`` of the
-    device's regions, where region accesses mostly go."""
+    device's regions, where region accesses mostly go; ``fds=False`` makes no fds (the same
+    bytes otherwise: for a sans-IO codec, which is handed none)."""
     if src.number(0, 15):
         command = _pick(src, [c.value for c in Command])
     else:
         command = _pick(src, (0, 19, 20, 0x7FFF, 0xFFFF))
-    probe = _payload(src, command, regions)
+    probe = _payload(src, command, regions, fds)
     kind = src.number(0, 19)
     flags = 0
     if kind == 0:

@@ -123,6 +123,17 @@ class Served:
     def status(self) -> str:
         return next((s for s in reversed(self.lines) if "msgs=" in s), "").strip()
 
+    def idle(self, timeout: float = 30.0) -> bool:
+        """Wait for a status line, printed after this call began, that says no client is
+        attached (the server has seen the VMM go and cleaned up after it)."""
+        start = len(self.lines)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any("msgs=" in s and "waiting" in s for s in self.lines[start:]):
+                return True
+            time.sleep(0.1)
+        return False
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -219,6 +230,7 @@ def main() -> int:
         t0 = time.monotonic()
         for i in range(1, args.cycles + 1):
             c = vmm_cycle(served, args.kernel)
+            served.idle()  # (measured once the server has cleaned up after the dead VMM)
             if not (c.pinged and c.killed):
                 failures += 1
                 print(f"cycle {i}: pinged={c.pinged} killed={c.killed}\n{c.console[-2000:]}")

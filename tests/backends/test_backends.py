@@ -202,6 +202,8 @@ def test_tap_holds_frames_until_the_device_has_room(monkeypatch: pytest.MonkeyPa
         return len(frames)
 
     tap.attach(deliver)  # type: ignore[arg-type]
+    # (held long enough for a loaded machine to get to the resume below: 0.25 s was not, once)
+    monkeypatch.setattr(tap_mod, "HOLD_MAX", 30.0)
     host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
     try:
         host.bind((name, 0))

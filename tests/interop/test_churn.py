@@ -46,6 +46,7 @@ def test_vmm_killed_mid_traffic_then_a_new_guest_and_driver_reloads(
             assert c.pinged, (i, c.console[-3000:])
             assert c.killed, (i, "QEMU was not killed mid-traffic", c.console[-2000:])
             assert served.alive, served.lines[-20:]
+            assert served.idle(), ("the server never saw the VMM go", served.lines[-10:])
             seen.append(served.resources())
         ok, out = churn.reloads(served, RELOADS)
         assert ok == RELOADS, out[-3000:]

@@ -229,6 +229,19 @@ class QueueEngine:
         self.fast_bursts = 0  # kernel calls of the fast path (what a user checks it is used)
         self.rx_tso_frames = 0  # TSO frames from the wire cut into segments (rx_place)
         self.backend.attach(self._receive_safely, self._receive_rows_safely, gso_rows=True)
+        self._stalled: set[int] = set()  # TX queues held back by a full lossless wire
+        self.backend.on_drained = self.retry_stalled
+
+    def retry_stalled(self) -> None:
+        """The wire drained: send what the held-back TX queues have (on the wire's thread)."""
+        with self.lock:
+            pending, self._stalled = sorted(self._stalled), set()
+        try:
+            for index in pending:
+                self.tx_tail(index, self.tx[index].tail)
+            self.flush()
+        except Exception as exc:  # (a bug must not end the wire's thread)
+            self.crashed("tx-retry", exc)
 
     def crashed(self, where: str, exc: BaseException) -> None:
         if self.on_crash is not None:
@@ -288,6 +301,9 @@ class QueueEngine:
             q = self.tx[index]
             q.tail = tail
             if not q.enabled or not q.length or not 0 <= tail < q.length:
+                return 0
+            if not self.backend.room_to_send():  # a full lossless wire: PAUSE, as it were
+                self._stalled.add(index)
                 return 0
             sent = 0
             vectors: set[int] = set()

@@ -51,6 +51,8 @@ takes them; ``GSO_DONE`` is the device's: how many segments of the frame it deli
 GSO_TYPE, GSO_SIZE, GSO_CSUM_START, GSO_CSUM_OFFSET, GSO_FLAGS, GSO_DONE = range(6)
 GSO_COLS = 6
 LOSSLESS_QUEUE = 65536  # frames a lossless wire holds for a device before it drops (counted)
+HIGH_WATER = 4096  # frames queued on a lossless wire at which its senders are held back ...
+LOW_WATER = 1024  # ... until it drains to this (back-pressure: flow control towards the sender)
 WIRE_BATCH = 64  # frames a lossless wire offers at a time
 WIRE_POLL = 0.05  # seconds a lossless wire waits for room before it offers again anyway
 GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4  # struct virtio_net_hdr's gso_type
@@ -142,6 +144,10 @@ class PacketBackend(abc.ABC):
         self._queue_lock = threading.Lock()
         self._wire: threading.Thread | None = None
         self._closing = False
+        self._was_full = False  # reached HIGH_WATER since the senders were last told it drained
+        # set by the device sending on this wire: called (on the wire's thread, holding no
+        # lock) when a lossless wire that held its senders back has drained
+        self.on_drained: Callable[[], None] | None = None
         if lossless:
             self.holds = True
 
@@ -188,6 +194,8 @@ class PacketBackend(abc.ABC):
                     self.counters.dropped += len(frames) - room
             self._queue.extend(frames[:room])
             self.queue_peak = max(self.queue_peak, len(self._queue))
+            if len(self._queue) >= HIGH_WATER:
+                self._was_full = True
             if self._wire is None and not self._closing:
                 self._wire = threading.Thread(target=self._wire_loop, name="emulab-wire",
                                               daemon=True)  # fmt: skip
@@ -210,6 +218,11 @@ class PacketBackend(abc.ABC):
                 with self._queue_lock:
                     for _ in range(taken):
                         self._queue.popleft()
+                    drained = self._was_full and len(self._queue) <= LOW_WATER
+                    if drained:
+                        self._was_full = False
+                if drained:
+                    self._drained()
                 if taken < len(batch):
                     break  # no room: until the device posts buffers (``resume``) or a poll
 
@@ -252,6 +265,17 @@ class PacketBackend(abc.ABC):
     def queued(self) -> int:
         """Frames a lossless wire holds for the device."""
         return len(self._queue)
+
+    def room_to_send(self) -> bool:
+        """May the device send now? Always, except on a lossless wire whose far end holds
+        ``HIGH_WATER`` frames: then the device leaves its TX ring as it is until told the wire
+        drained (``on_drained``), as a NIC stops on a PAUSE frame."""
+        return not self.lossless or len(self._queue) < HIGH_WATER
+
+    def _drained(self) -> None:
+        """This lossless wire drained after holding its senders back: tell them."""
+        if self.on_drained is not None:
+            self.on_drained()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.counters.as_dict()})"

@@ -106,6 +106,16 @@ class SwitchPort(PacketBackend):
     def _transmit(self, frames: Sequence[bytes]) -> None:
         self.switch.forward(self, frames)
 
+    def room_to_send(self) -> bool:
+        """Room on every lossless port this one could send to (see ``PacketBackend``)."""
+        others = [p for p in list(self.switch.ports) if p is not self]
+        return all(PacketBackend.room_to_send(p) for p in others)  # (their queues, not theirs)
+
+    def _drained(self) -> None:
+        for p in list(self.switch.ports):  # whoever sends to this port may go on
+            if p.on_drained is not None:
+                p.on_drained()
+
     def close(self) -> None:
         super().close()
         self.switch.remove(self)

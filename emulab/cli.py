@@ -19,7 +19,7 @@ from emulab.pci.device import PciDevice
 from emulab.server import VfioUserServer
 
 
-def _status_line(server: VfioUserServer, t0: float, last: dict[str, float]) -> str:
+def _status_line(server: VfioUserServer[PciDevice], t0: float, last: dict[str, float]) -> str:
     st = server.status()
     now = time.monotonic()
     rate = (st["messages"] - last["messages"]) / max(now - last["t"], 1e-9)

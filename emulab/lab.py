@@ -55,7 +55,7 @@ class Lab:
     def __init__(
         self,
         device: AvfDevice,
-        server: VfioUserServer,
+        server: VfioUserServer[AvfDevice],
         workdir: Path,
         *,
         driver: NicDriver | None = None,

@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from emulab.pci.device import AccessError, PciDevice
 from emulab.pci.dma import DmaError
+from emulab.pci.interface import NUM_REGIONS, AccessError, Device
 from emulab.pci.interrupts import EventfdLine, IrqKind
 from emulab.trace import Trace
 from emulab.transport.unix_socket import Channel, ChannelClosed, UnixListener, channel_pair
@@ -147,8 +147,13 @@ class _Worker:
             self.thread.join(5.0)
 
 
-class VfioUserServer:
+D = TypeVar("D", bound=Device)
+
+
+class VfioUserServer(Generic[D]):
     """Serve ``device`` on a UNIX socket (or an in-process channel) from background threads.
+
+    The server uses the device through :class:`emulab.pci.interface.Device` only.
 
     >>> server = VfioUserServer(MemcpyDevice(), "/tmp/memcpy.sock").start()   # doctest: +SKIP
     >>> server.stop()                                                          # doctest: +SKIP
@@ -156,7 +161,7 @@ class VfioUserServer:
 
     def __init__(
         self,
-        device: PciDevice,
+        device: D,
         socket_path: str | Path | None = None,
         *,
         trace: Trace | None = None,
@@ -184,10 +189,10 @@ class VfioUserServer:
         self._busy = False  # a client is served or queued: the door refuses others
         self._door_cond = threading.Condition()
         self.worker = _Worker(f"emulab-{device.name}-worker", self._device_error)
-        device.set_executor(self.worker.submit)
+        device.serve(self.worker.submit)
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> VfioUserServer:
+    def start(self) -> VfioUserServer[D]:
         """Listen on the socket and serve clients, one at a time, in a background thread."""
         if self.socket_path is None:
             raise ValueError("no socket path: use serve_channel() or connect_pair()")
@@ -244,7 +249,7 @@ class VfioUserServer:
             self._switch_held = False
             _SwitchInterval.release()
 
-    def __enter__(self) -> VfioUserServer:
+    def __enter__(self) -> VfioUserServer[D]:
         return self.start() if self.socket_path is not None else self
 
     def __exit__(self, *exc: object) -> None:
@@ -267,7 +272,7 @@ class VfioUserServer:
             "clients": self.stats.clients,
             "messages": self.stats.messages,
             "errors": self.stats.errors,
-            "dma_maps": len(self.device.memory.regions),
+            "dma_maps": self.device.dma_maps,
             "fault": self.device.fault,
         }
 
@@ -363,7 +368,7 @@ class VfioUserServer:
 class _Session:
     """One connected client: a Connection, its channel, and the command handlers."""
 
-    def __init__(self, server: VfioUserServer, channel: Channel) -> None:
+    def __init__(self, server: VfioUserServer[Any], channel: Channel) -> None:
         self.server = server
         self.device = server.device
         self.channel = channel
@@ -388,7 +393,7 @@ class _Session:
             Command.MIG_DATA_READ: self.no_migration,
             Command.MIG_DATA_WRITE: self.no_migration,
         }
-        self.device.memory.remote = self
+        self.device.attach(self)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -510,7 +515,6 @@ class _Session:
                     os.close(fd)
 
     def close(self) -> None:
-        self.device.memory.remote = None
         for ev, box in list(self._waiters.values()):
             box.append(HandlerError(errno.ECONNRESET, "client disconnected"))
             ev.set()
@@ -564,7 +568,7 @@ class _Session:
 
     def dma_map(self, req: Request) -> tuple[Any, tuple[int, ...]]:
         msg: m.DmaMap = req.message
-        self.device.memory.map(
+        self.device.dma_map(
             msg.address,
             msg.size,
             fd=msg.fd,
@@ -583,21 +587,21 @@ class _Session:
             raise HandlerError(errno.ENOTSUP, "dirty bitmaps (migration v1) are not supported")
         if msg.flags & DmaUnmapFlags.ALL:
             self.server.worker.drain()
-            n = self.device.memory.unmap_all()
+            n = self.device.dma_unmap_all()
             self.server.trace.record("dma", event="unmap-all", count=n)
         else:
             self.server.worker.drain()
-            self.device.memory.unmap(msg.address, msg.size)
+            self.device.dma_unmap(msg.address, msg.size)
             self.server.trace.record("dma", event="unmap", iova=msg.address, size=msg.size)
         return m.DmaUnmapReply(msg.argsz, msg.flags, msg.address, msg.size), ()
 
     def get_info(self, req: Request) -> tuple[Any, tuple[int, ...]]:
         flags = DeviceFlags.PCI | (DeviceFlags.RESET if self.device.supports_reset else 0)
-        return m.DeviceGetInfoReply(16, int(flags), 9, NUM_IRQS), ()
+        return m.DeviceGetInfoReply(16, int(flags), NUM_REGIONS, NUM_IRQS), ()
 
     def region_info(self, req: Request) -> tuple[Any, tuple[int, ...]]:
         msg: m.RegionInfoRequest = req.message
-        if not 0 <= msg.index < 9:
+        if not 0 <= msg.index < NUM_REGIONS:
             raise HandlerError(errno.EINVAL, f"no region {msg.index}")
         info = self.device.region_info(msg.index)
         flags = 0
@@ -624,7 +628,7 @@ class _Session:
 
     def region_io_fds(self, req: Request) -> tuple[Any, tuple[int, ...]]:
         msg: m.RegionIoFdsRequest = req.message
-        if not 0 <= msg.index < 9 or self.device.region_info(msg.index).size == 0:
+        if not 0 <= msg.index < NUM_REGIONS or self.device.region_info(msg.index).size == 0:
             raise HandlerError(errno.EINVAL, f"no region {msg.index}")
         return m.RegionIoFdsReply(argsz=16, flags=0, index=msg.index, count=0, entries=()), ()
 
@@ -647,7 +651,7 @@ class _Session:
             raise HandlerError(errno.EINVAL, f"no IRQ index {msg.index}")
         kind = IrqKind(msg.index)
         irqs = self.device.interrupts
-        vectors = self.device.interrupts.info(kind).count
+        vectors = irqs.info(kind).count
         if vectors == 0:
             raise HandlerError(errno.EINVAL, f"device has no {kind.name} interrupts")
         if msg.start + msg.count > vectors:  # (before anything is sized by ``count``)
@@ -690,13 +694,14 @@ class _Session:
     def _resample(self, kind: IrqKind, msg: m.SetIrqs, masked: bool) -> tuple[Any, tuple[int, ...]]:
         """UNMASK + DATA_EVENTFD: the INTx resample fd (QEMU passes KVM's resamplefd); as in
         vfio-pci, only INTx has one, and MASK takes no eventfd."""
-        intx = self.device.interrupts.intx
-        if masked or kind is not IrqKind.INTX or intx is None or msg.start != 0 or msg.count > 1:
-            self._close_fds(msg.fds)
+        irqs = self.device.interrupts
+        # (on an error, dispatch closes the request's fds: closing them here too would close
+        # whatever another thread opened under the same numbers meanwhile)
+        if masked or kind is not IrqKind.INTX or msg.start != 0 or msg.count > 1:
             raise HandlerError(errno.EINVAL, f"no {'mask' if masked else 'unmask'} eventfd "
                                f"for {kind.name} {msg.start}+{msg.count}")  # fmt: skip
         fd = msg.fds[0] if msg.fds and msg.count else None
-        intx.set_resample(fd)
+        irqs.set_resample(fd)  # (ValueError, no INTx: an EINVAL reply from set_irqs)
         self._irq_trace(kind, msg, "resample" if fd is not None else "no-resample")
         return None, tuple(msg.fds[:1]) if fd is not None else ()
 

@@ -15,7 +15,8 @@ import threading
 from collections.abc import Callable
 
 from emulab.pci.config_space import HEADER, Bar, BarKind, ConfigSpace
-from emulab.pci.dma import DmaRegion, GuestMemory
+from emulab.pci.dma import DmaRegion, GuestMemory, RemoteDma
+from emulab.pci.interface import NUM_REGIONS, AccessError, Executor
 from emulab.pci.interrupts import Interrupts, Intx, IrqKind, Msix
 from emulab.pci.regions import Region, RegionInfo, Window
 from emulab.trace import Trace
@@ -35,15 +36,8 @@ class RegionKind(enum.IntEnum):
     VGA = 8
 
 
-NUM_REGIONS = 9
-
-
-class AccessError(ValueError):
-    """A region access the device refuses (bad index, out of range)."""
-
-
 class PciDevice:
-    """Base class of every device model."""
+    """Base class of device models: satisfies :class:`emulab.pci.interface.Device`."""
 
     name = "pci-device"
     supports_reset = True
@@ -58,7 +52,7 @@ class PciDevice:
         self.fault: str | None = None  # guest memory vanished under the device (until detach)
         self.errors: collections.deque[str] = collections.deque(maxlen=50)  # bugs met, latest last
         self.lock = threading.RLock()
-        self._run_later: Callable[[Callable[[], None]], None] = _inline
+        self._run_later: Executor = _inline
         self.access_counts = {"read": 0, "write": 0}
 
     # -- building ------------------------------------------------------------------------------
@@ -195,8 +189,36 @@ class PciDevice:
     def on_reset(self) -> None:
         """Subclasses reset their own state here."""
 
+    # -- a client's guest memory ---------------------------------------------------------------
+    def attach(self, dma: RemoteDma) -> None:
+        """A client connected: DMA to maps without an fd goes through ``dma``."""
+        self.memory.remote = dma
+
+    def dma_map(
+        self,
+        iova: int,
+        size: int,
+        *,
+        fd: int | None = None,
+        offset: int = 0,
+        readable: bool = True,
+        writable: bool = True,
+    ) -> None:
+        self.memory.map(iova, size, fd=fd, offset=offset, readable=readable, writable=writable)
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        self.memory.unmap(iova, size)
+
+    def dma_unmap_all(self) -> int:
+        return self.memory.unmap_all()
+
+    @property
+    def dma_maps(self) -> int:
+        return len(self.memory.regions)
+
     def detach(self) -> None:
         """The client went away: drop its DMA maps and eventfds, then reset."""
+        self.memory.remote = None
         self.memory.unmap_all()
         self.interrupts.close_all()
         self.reset()
@@ -207,7 +229,8 @@ class PciDevice:
             region.close()
 
     # -- deferred work -------------------------------------------------------------------------
-    def set_executor(self, run_later: Callable[[Callable[[], None]], None] | None) -> None:
+    def serve(self, run_later: Executor | None) -> None:
+        """Slow work goes to ``run_later`` (a server's worker thread); ``None``: run inline."""
         self._run_later = run_later or _inline
 
     def run_later(self, fn: Callable[[], None]) -> None:

@@ -432,6 +432,12 @@ class Interrupts:
         elif kind is IrqKind.INTX and self.intx is not None:
             self.intx.evaluate()
 
+    def set_resample(self, fd: int | None) -> None:
+        """INTx's resample eventfd (see :meth:`Intx.set_resample`)."""
+        if self.intx is None:
+            raise ValueError("device has no INTx")
+        self.intx.set_resample(fd)
+
     def close_all(self) -> None:
         """Detach every line (client gone): closes their eventfds."""
         if self.intx is not None:

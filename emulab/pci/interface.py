@@ -1,0 +1,160 @@
+"""The device interface: everything a server needs from a device, and nothing more.
+
+This is the page to read first when you write a device. A server (``emulab.server``, or any
+other transport) holds a :class:`Device` and calls the members below, and only these: mypy
+checks it, because the server is typed against this protocol and not against
+:class:`~emulab.pci.device.PciDevice`.
+
+The easy way to satisfy it is to subclass :class:`~emulab.pci.device.PciDevice`, declare the
+config space and BARs in ``__init__`` and bind register hooks (see ``emulab/devices/memcpy.py``,
+about a hundred lines). A device that does not subclass it works as well, as long as it has
+these members (``tests/test_device_interface.py`` serves one written from nothing).
+
+The lifetime, as the server drives it::
+
+    serve(run_later)          once, when a server takes the device
+    attach(dma)               a client connected: ``dma`` reaches guest memory the maps cannot
+      dma_map / dma_unmap     the client's guest memory comes and goes
+      region_info / _read / _write, interrupts.*, reset
+    detach()                  the client left: drop its maps and fds, reset
+    ... attach(dma) again for the next client
+
+Errors: a region access the device refuses raises :class:`AccessError`; a DMA map it refuses
+raises :class:`~emulab.pci.dma.DmaError` (with an errno); an interrupt request out of range
+raises ``ValueError``. The server turns each into an error reply; anything else a device raises
+is a bug, answered with EIO and reported through :meth:`Device.report_error`. Every call comes
+from the server's socket thread, except that deferred work (``run_later``) runs on its worker
+thread; a device serialises itself (``PciDevice.lock``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from emulab.pci.dma import RemoteDma
+from emulab.pci.interrupts import InterruptLine, IrqInfo, IrqKind
+from emulab.pci.regions import RegionInfo
+from emulab.trace import Trace
+
+__all__ = ["NUM_REGIONS", "AccessError", "Device", "Executor", "IrqController", "RemoteDma"]
+
+NUM_REGIONS = 9
+"""Regions are numbered as VFIO numbers a PCI device's: BAR0..5 = 0..5, ROM = 6, config = 7,
+VGA = 8 (``emulab.pci.device.RegionKind``); a region a device lacks has size 0."""
+
+Executor = Callable[[Callable[[], None]], None]
+"""``run_later(fn)``: run ``fn`` soon, outside the current request, on the server's worker."""
+
+
+class AccessError(ValueError):
+    """A region access the device refuses (bad index, out of range)."""
+
+
+class IrqController(Protocol):
+    """A device's interrupts, with VFIO's SET_IRQS semantics (``emulab.pci.Interrupts``)."""
+
+    def info(self, kind: IrqKind) -> IrqInfo:
+        """How many vectors of ``kind`` and their flags (count 0: the device has none)."""
+        ...
+
+    def assign(self, kind: IrqKind, start: int, lines: Sequence[InterruptLine | None]) -> None:
+        """Signal vectors ``start..`` through ``lines`` (eventfds); ``None`` detaches one."""
+        ...
+
+    def disable(self, kind: IrqKind) -> None:
+        """Detach every line of ``kind``."""
+        ...
+
+    def set_masked(self, kind: IrqKind, start: int, count: int, masked: bool) -> None:
+        """Mask or unmask vectors; unmasking delivers what became pending meanwhile."""
+        ...
+
+    def trigger(self, kind: IrqKind, start: int, count: int) -> None:
+        """Fire vectors as if the device had (a client's loopback test)."""
+        ...
+
+    def set_resample(self, fd: int | None) -> None:
+        """INTx only: unmask and re-check the level whenever ``fd`` (an eventfd) is signalled;
+        takes ownership of ``fd``. ``None`` removes it. ``ValueError`` if there is no INTx."""
+        ...
+
+
+class Device(Protocol):
+    """What a server needs from a device (see the module's text for the lifetime)."""
+
+    @property
+    def name(self) -> str:
+        """Short and stable: thread names, traces and the status line carry it."""
+        ...
+
+    @property
+    def supports_reset(self) -> bool:
+        """Whether DEVICE_GET_INFO advertises a reset (DEVICE_RESET calls :meth:`reset`)."""
+        ...
+
+    @property
+    def trace(self) -> Trace:
+        """Where the device's records go; the server adds its own (messages, DMA maps)."""
+        ...
+
+    @property
+    def interrupts(self) -> IrqController: ...
+
+    @property
+    def fault(self) -> str | None:
+        """Why the device stopped (guest memory vanished under it), until :meth:`detach`."""
+        ...
+
+    def serve(self, run_later: Executor) -> None:
+        """A server takes the device: slow work goes to ``run_later`` from now on."""
+        ...
+
+    def attach(self, dma: RemoteDma) -> None:
+        """A client connected. DMA to maps that came without an fd goes through ``dma``
+        (vfio-user DMA_READ/DMA_WRITE); it may only be called from ``run_later`` work."""
+        ...
+
+    def detach(self) -> None:
+        """The client left: drop its DMA maps and interrupt fds, then reset."""
+        ...
+
+    def dma_map(
+        self,
+        iova: int,
+        size: int,
+        *,
+        fd: int | None,
+        offset: int,
+        readable: bool,
+        writable: bool,
+    ) -> None:
+        """Guest memory at ``iova``: ``fd`` (if any) is mmapped and may be closed after."""
+        ...
+
+    def dma_unmap(self, iova: int, size: int) -> None: ...
+
+    def dma_unmap_all(self) -> int:
+        """Drop every map; returns how many there were."""
+        ...
+
+    @property
+    def dma_maps(self) -> int:
+        """How many DMA maps the client has (for the status line)."""
+        ...
+
+    def region_info(self, index: int) -> RegionInfo:
+        """Size, access and mmappable areas (with their fd) of region ``index``."""
+        ...
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes: ...
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None: ...
+
+    def reset(self) -> None:
+        """Back to power-on state (registers, config space, interrupt state)."""
+        ...
+
+    def report_error(self, where: str, exc: BaseException) -> None:
+        """A bug met on one of the device's threads: kept and traced; serving goes on."""
+        ...

@@ -194,6 +194,10 @@ class QueueEngine:
 
     def __post_init__(self) -> None:
         self._outgoing: list[bytes] = []
+        # One flush at a time takes the outgoing frames and puts them on the wire: two threads
+        # flush (a TX doorbell's, and the lossless wire's when it drains: retry_stalled), and
+        # the second must not overtake the first between the two (taken under no other lock)
+        self._send_lock = threading.Lock()
         self._vectors: set[int] = set()
         self.tx = [TxQueue(i) for i in range(self.num_queues)]
         self.rx = [RxQueue(i) for i in range(self.num_queues)]
@@ -497,11 +501,12 @@ class QueueEngine:
     def flush(self) -> None:
         """Send what ``tx_tail`` held back (``defer_send``), then raise its interrupts; call it
         holding no lock."""
-        with self.lock:
-            frames, self._outgoing = self._outgoing, []
-            vectors, self._vectors = self._vectors, set()
-        if frames:
-            self.backend.send(frames)
+        with self._send_lock:
+            with self.lock:
+                frames, self._outgoing = self._outgoing, []
+                vectors, self._vectors = self._vectors, set()
+            if frames:
+                self.backend.send(frames)
         for v in vectors:  # after the wire, as without deferral (a looped-back frame is in)
             self.raise_vector(v)
 

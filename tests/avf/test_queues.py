@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
+import time
 
 import numpy as np
 
@@ -92,3 +94,38 @@ def test_hostile_tx_ring_stops_only_that_queue() -> None:
     assert eng.tx_tail(1, 3) == 0
     assert eng.tx[1].error and not eng.tx[1].enabled and errors[0][:2] == ("tx", 1)
     assert eng.tx_tail(0, post_tx(raw, 0, [udp(1)])) == 1  # the others still work
+
+
+def test_two_threads_flushing_one_queue_keep_its_order() -> None:
+    """The lossless wire's thread (``retry_stalled``) and the socket thread (a TX doorbell)
+    both flush; a second flush must not overtake a first still on its way to the wire. (The
+    60-minute soak met 255 frames reordered on a switch before flush sent one at a time.)"""
+    wire: list[bytes] = []
+    sending = threading.Event()
+
+    def slow_send(frame: bytes) -> None:  # the first burst takes a while to reach the wire
+        if not sending.is_set():
+            sending.set()
+            time.sleep(0.3)
+        wire.append(frame)
+
+    eng, raw, _ = setup(CallbackBackend(slow_send))
+    eng.defer_send = True
+    frames = [udp(2000 + i) for i in range(16)]
+    ring = raw[TXR : TXR + 16 * N].view(TX_DESC)
+    for i, f in enumerate(frames):
+        off = TXB + 2048 * i
+        raw[off : off + len(f)] = np.frombuffer(f, dtype=np.uint8)
+        ring[i] = (BASE + off, tx_qword1(len(f), TxCmd.EOP | TxCmd.RS))
+
+    def first() -> None:
+        eng.tx_tail(0, 8)
+        eng.flush()
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert sending.wait(5)
+    eng.tx_tail(0, 16)  # meanwhile, the next doorbell
+    eng.flush()
+    t.join(5)
+    assert wire == frames

@@ -201,7 +201,7 @@ class Poller:
         e.raise_later(vectors)
         qi = int(ctl[dp.POLL_QUEUE])
         if reason == dp.POLL_KICK:  # the general path for this queue (sends, offloads)
-            e.tx_tail(qi, e.tx[qi].tail)
+            e.tx_tail(qi)
         elif reason == dp.POLL_ERROR:
             e.forward_failed(e.tx[qi], acc[qi])
         return reason

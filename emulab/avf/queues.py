@@ -242,7 +242,7 @@ class QueueEngine:
             pending, self._stalled = sorted(self._stalled), set()
         try:
             for index in pending:
-                self.tx_tail(index, self.tx[index].tail)
+                self.tx_tail(index)
             self.flush()
         except Exception as exc:  # (a bug must not end the wire's thread)
             self.crashed("tx-retry", exc)
@@ -297,12 +297,15 @@ class QueueEngine:
                             self.on_error(kind, q.index, text)
 
     # -- TX --------------------------------------------------------------------------------------
-    def tx_tail(self, index: int, tail: int) -> int:
-        """The driver moved a TX tail: send what is ready. Returns frames sent."""
+    def tx_tail(self, index: int, tail: int | None = None) -> int:
+        """The driver moved a TX tail (``None``: where it is, for a retry): send what is ready.
+        Returns frames sent."""
         if not 0 <= index < self.num_queues:
             return 0
         with self.lock:
             q = self.tx[index]
+            if tail is None:  # (read under the lock: a stale tail would move it backwards)
+                tail = q.tail
             q.tail = tail
             if not q.enabled or not q.length or not 0 <= tail < q.length:
                 return 0
@@ -340,19 +343,17 @@ class QueueEngine:
                     break  # a frame without its EOP descriptor yet
                 if self.ring_to_ring:
                     sent += self._forward(q, vectors)  # the offloaded frame is out: back
+            # Queued for the wire in ring order, under the lock that walked the ring: were the
+            # frames queued after letting go, another thread's walk of the next lap could queue
+            # its frames first (the soak met a whole TX ring delivered after the next one).
+            self._outgoing.extend(outgoing)
+            self._vectors |= vectors
         # Onto the wire outside the lock: a switch delivers synchronously into its other
         # ports' queues, whose own TX may be sending to us at the same time (an AB-BA deadlock
         # if both held their locks). With ``defer_send`` the frames wait for :meth:`flush`,
         # which the device calls once it has released its own lock too.
-        if self.defer_send:
-            with self.lock:
-                self._outgoing.extend(outgoing)
-                self._vectors |= vectors
-            return sent
-        if outgoing:
-            self.backend.send(outgoing)
-        for v in vectors:
-            self.raise_vector(v)
+        if not self.defer_send:
+            self.flush()
         return sent
 
     # -- the fast path: loopback, ring to ring ---------------------------------------------------

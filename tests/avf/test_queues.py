@@ -96,10 +96,17 @@ def test_hostile_tx_ring_stops_only_that_queue() -> None:
     assert eng.tx_tail(0, post_tx(raw, 0, [udp(1)])) == 1  # the others still work
 
 
+def _post(raw: np.ndarray, frames: list[bytes], first: int = 0) -> None:
+    ring = raw[TXR : TXR + 16 * N].view(TX_DESC)
+    for i, f in enumerate(frames, first):
+        off = TXB + 2048 * i
+        raw[off : off + len(f)] = np.frombuffer(f, dtype=np.uint8)
+        ring[i] = (BASE + off, tx_qword1(len(f), TxCmd.EOP | TxCmd.RS))
+
+
 def test_two_threads_flushing_one_queue_keep_its_order() -> None:
     """The lossless wire's thread (``retry_stalled``) and the socket thread (a TX doorbell)
-    both flush; a second flush must not overtake a first still on its way to the wire. (The
-    60-minute soak met 255 frames reordered on a switch before flush sent one at a time.)"""
+    both flush; a second flush must not overtake a first still on its way to the wire."""
     wire: list[bytes] = []
     sending = threading.Event()
 
@@ -112,11 +119,7 @@ def test_two_threads_flushing_one_queue_keep_its_order() -> None:
     eng, raw, _ = setup(CallbackBackend(slow_send))
     eng.defer_send = True
     frames = [udp(2000 + i) for i in range(16)]
-    ring = raw[TXR : TXR + 16 * N].view(TX_DESC)
-    for i, f in enumerate(frames):
-        off = TXB + 2048 * i
-        raw[off : off + len(f)] = np.frombuffer(f, dtype=np.uint8)
-        ring[i] = (BASE + off, tx_qword1(len(f), TxCmd.EOP | TxCmd.RS))
+    _post(raw, frames)
 
     def first() -> None:
         eng.tx_tail(0, 8)
@@ -126,6 +129,53 @@ def test_two_threads_flushing_one_queue_keep_its_order() -> None:
     t.start()
     assert sending.wait(5)
     eng.tx_tail(0, 16)  # meanwhile, the next doorbell
+    eng.flush()
+    t.join(5)
+    assert wire == frames
+
+
+class NapAfterWalk:
+    """The engine's lock, except that the thread that walked the first lap is descheduled for
+    a while just after letting go of it (what a busy machine does at the worst moment)."""
+
+    def __init__(self, eng: QueueEngine) -> None:
+        self.eng, self.inner = eng, eng.lock
+        self.walked = threading.Event()
+
+    def __enter__(self) -> NapAfterWalk:
+        self.inner.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.release()
+        if not self.walked.is_set() and self.eng.tx[0].head == 8:
+            self.walked.set()
+            time.sleep(0.3)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_a_walked_lap_is_queued_for_the_wire_before_the_next_lap() -> None:
+    """The 60-minute soak met a whole TX ring delivered after the next one: the ring walk let
+    go of the lock before queueing its frames for the wire, and the next doorbell's walk (the
+    driver had its descriptors back already) queued the next lap first."""
+    wire: list[bytes] = []
+    eng, raw, _ = setup(CallbackBackend(wire.append))
+    eng.defer_send = True
+    nap = NapAfterWalk(eng)
+    eng.lock = nap  # type: ignore[assignment]
+    frames = [udp(3000 + i) for i in range(16)]
+    _post(raw, frames)
+
+    def first() -> None:  # the lossless wire's retry, say
+        eng.tx_tail(0, 8)
+        eng.flush()
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert nap.walked.wait(5)
+    eng.tx_tail(0, 16)  # the driver's next doorbell, while the first thread is away
     eng.flush()
     t.join(5)
     assert wire == frames

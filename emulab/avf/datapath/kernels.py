@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -168,7 +169,9 @@ class _Always(set[int]):
 class BuildStatus:
     """Where the kernels stand: ``state`` is ``idle`` (nothing asked yet), ``compiling`` (a
     child process compiles into numba's cache), ``loading`` (this process loads its cache),
-    ``ready`` or ``failed``; ``done``/``total`` count compile steps, ``maps`` the table sizes
+    ``ready``, ``failed``, or ``stopped`` (a signal that stops the process group -- Ctrl-C, a
+    service stop -- reached the child first: the kernels stay interpreted, nothing is wrong with
+    them); ``done``/``total`` count compile steps, ``maps`` the table sizes
     loaded; ``message`` says what happened last."""
 
     state: str
@@ -184,6 +187,9 @@ class BuildStatus:
         if self.state == "ready":
             return f"kernels compiled (maps {','.join(str(n) for n in self.maps if n)})"
         return f"kernels {self.state}" + (f": {self.message}" if self.message else "")
+
+
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def cache_dir() -> Path:
@@ -349,6 +355,10 @@ class Builder:
                                       message=line[5:].strip()))  # fmt: skip
         rc = child.wait()
         self.child = None
+        if -rc in STOP_SIGNALS:  # Ctrl-C or a stop aimed at the process group, not a failure
+            name = signal.Signals(-rc).name
+            self._set(BuildStatus("stopped", done, total, message=f"build stopped by {name}"))
+            return False
         if rc != 0:
             tail = " | ".join(self.log[-3:])
             self._set(BuildStatus("failed", done, total, message=f"build exited {rc}: {tail}"))

@@ -11,7 +11,7 @@ import enum
 
 from emulab.pci.registers import Access, Field, Register
 
-__all__ = ["BAR0_SIZE", "MAX_QUEUES", "MAX_VECTORS", "REGISTERS", "ResetState"]
+__all__ = ["BAR0_SIZE", "MAX_QUEUES", "MAX_VECTORS", "REGISTER", "REGISTERS", "ResetState"]
 
 BAR0_SIZE = 0x10000  # 64 KiB: the last register (VFQF_HLUT[15]) sits at 0xD03C
 MAX_QUEUES = 16  # queue pairs the register file holds tails for
@@ -100,3 +100,6 @@ REGISTERS: tuple[Register, ...] = (
     Register("VFQF_HKEY", 0xCC00, count=13, doc="RSS key (RSS_REG capability only)"),
     Register("VFQF_HLUT", 0xD000, count=16, doc="RSS lookup table (RSS_REG capability only)"),
 )
+
+REGISTER: dict[str, Register] = {r.name: r for r in REGISTERS}
+"""The declarations by name: where code needs an offset or a field, it reads it here."""

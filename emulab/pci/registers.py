@@ -111,6 +111,13 @@ class Register:
             return self.reset
         return sum(f.reset << f.lsb for f in self.fields)
 
+    def field(self, name: str) -> Field:
+        """The field called ``name`` (``KeyError`` if the register has none of that name)."""
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"{self.name} has no field {name!r}")
+
     def offsets(self) -> Iterator[int]:
         for i in range(self.count):
             yield self.offset + i * self.stride

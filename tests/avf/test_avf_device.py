@@ -166,12 +166,12 @@ def test_itr_throttles_a_queue_vector(rig: tuple[VfioUserClient, GuestRam, AvfDe
     c, _, dev = rig
     vecs = c.enable_irqs(IrqIndex.MSIX, 0, 2)
     c.write32(0, 0x3800, 1 | 0 << 3 | 2500 << 5)  # vector 1: INTENA, ITR0 = 2500 x 2 us = 5 ms
-    assert dev.itr_seconds(1) == pytest.approx(0.005)
-    dev._queue_cause(1)
+    assert dev.core.irq.itr_seconds(1) == pytest.approx(0.005)
+    dev.core.irq.queue_cause(1)
     assert c.wait_irq(vecs[1]) == 1
     t0 = time.monotonic()
     c.write32(0, 0x3800, 1 | 3 << 3)  # re-arm, keep the interval
-    dev._queue_cause(1)  # within the interval: held back
+    dev.core.irq.queue_cause(1)  # within the interval: held back
     assert c.wait_irq(vecs[1]) == 1
     assert time.monotonic() - t0 >= 0.004
     c.write32(0, 0x3800, 1 | 3 << 3 | 1 << 2)  # SWINT_TRIG: a software interrupt

@@ -137,5 +137,5 @@ def test_testpmd_probes_transmits_and_echoes(
     assert server.stats.errors == 0
     print(f"\n{dpdk.version} ({mode}): iavf PMD sent {ops}; txonly {tx}; macswap {sw}")
     if mode == "poll":  # QEMU mapped the tail pages: the PMD's doorbells were plain stores
-        assert dev.poller is not None and dev.tail_messages == 0, dev.tail_messages
+        assert dev.poller is not None and dev.core.tail_messages == 0, dev.core.tail_messages
         assert dev.poller.reasons["kick"] > 0, dev.poller.reasons

@@ -176,7 +176,7 @@ dmesg | grep -i iavf
     print(f"\nLinux {kernel} iavf sent: {ops}")
     if mode == "poll":  # QEMU mapped the tail pages: doorbells never came as messages
         assert dev.poller is not None
-        assert dev.tail_messages == 0 and dev.poller.reasons["kick"] > 0, dev.poller.reasons
+        assert dev.core.tail_messages == 0 and dev.poller.reasons["kick"] > 0, dev.poller.reasons
 
 
 def test_iavf_survives_mtu_change_and_reload(

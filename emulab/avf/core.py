@@ -1,0 +1,284 @@
+"""AvfCore: the AVF without PCI -- registers' side effects, admin queue, virtchnl PF, queues,
+interrupts, resets.
+
+As QEMU splits igb.c (PCI glue) from igb_core.c, ``emulab/avf/device.py`` places this core in a
+PCI function and this file holds the device's behaviour. It is built from what it needs -- a
+register file, guest memory, a way to raise a vector, a lock, a trace -- so a test builds one
+with no server and no socket (``tests/avf/test_core.py``).
+
+Resets come in two kinds (:class:`ResetKind`): the PCI function's (FLR, vfio-user
+DEVICE_RESET, the client leaving) and the PF's reset of the VF (VIRTCHNL_OP_RESET_VF,
+REQUEST_QUEUES). Both go through :meth:`AvfCore.reset`; they differ only in what the trace says.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable
+
+from emulab.avf import virtchnl as vc
+from emulab.avf.admin_queue import AdminQueue
+from emulab.avf.datapath import BUILDER, POLL_HOLD, POLL_PENDING, BuildStatus
+from emulab.avf.interrupts import InterruptBlock
+from emulab.avf.pf import PfConfig, VirtchnlPf
+from emulab.avf.polling import Poller
+from emulab.avf.queues import QueueEngine
+from emulab.avf.registers import MAX_QUEUES, REGISTER, ResetState
+from emulab.backends.base import PacketBackend
+from emulab.backends.simple import LoopbackBackend
+from emulab.pci.dma import GuestMemory
+from emulab.pci.registers import RegisterFile
+from emulab.trace import Trace
+
+__all__ = ["MODES", "TAIL_PAGES", "AvfCore", "ResetKind", "VirtchnlHandler"]
+
+VirtchnlHandler = Callable[[int, bytes], tuple[int, bytes] | None]
+MODES = ("interrupt", "poll")
+OP_RESET_VF = 2
+RESET_DELAY = 0.02  # the PF resets the VF shortly after completing the request, as hardware does
+SNAPLEN = 256  # bytes of each frame kept in the packet trace
+_WORD = 4
+TAIL_PAGES = (  # QTX_TAIL and QRX_TAIL (and VFINT_ITRN) pages: mmap-able in polling mode
+    (REGISTER["QTX_TAIL"].offset, 0x1000),
+    (REGISTER["QRX_TAIL"].offset, 0x1000),
+)
+# word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01 and DYN_CTLN[0]: the poll kernel's layout
+_QTX, _QRX, _CTL01, _CTLN = (
+    REGISTER[name].offset // _WORD
+    for name in ("QTX_TAIL", "QRX_TAIL", "VFINT_DYN_CTL01", "VFINT_DYN_CTLN")
+)
+POLL_LAYOUT = (_QTX, _QRX, _CTL01, _CTLN)
+
+
+class ResetKind(enum.Enum):
+    DEVICE = "device"  # the PCI function: FLR, DEVICE_RESET, the client gone
+    VF = "vf"  # the PF resets the VF: VIRTCHNL_OP_RESET_VF, REQUEST_QUEUES
+
+
+class AvfCore:
+    """One VF's behaviour over its BAR0 register file (``regs``, already placed by the glue)."""
+
+    def __init__(
+        self,
+        regs: RegisterFile,
+        memory: GuestMemory,
+        raise_vector: Callable[[int], object],
+        *,
+        lock: threading.RLock,
+        trace: Trace,
+        name: str = "avf",
+        report_error: Callable[[str, BaseException], None] | None = None,
+        virtchnl: VirtchnlHandler | None = None,
+        backend: PacketBackend | None = None,
+        num_queues: int = 4,
+        mac: bytes | str | None = None,
+        pf_config: PfConfig | None = None,
+        mode: str = "interrupt",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+        self.regs, self.memory, self.lock, self.trace, self.name = regs, memory, lock, trace, name
+        self.mode = mode
+        self.backend = backend if backend is not None else LoopbackBackend()
+        poll = mode == "poll"
+        self.queues = QueueEngine(
+            memory,
+            self.backend,
+            self._queue_cause,
+            num_queues=MAX_QUEUES,
+            on_error=self._queue_error,
+            on_crash=report_error,
+            on_packets=self._packets_trace,
+            on_snaps=self._snaps_trace,
+            wants_packets=lambda: self.trace.enabled,
+            defer_send=True,  # sent after region_write lets go of the device lock
+            tail_words=regs.words if poll else None,
+            tail_index=(_QTX, _QRX) if poll else (0, 0),
+        )
+        ctl = self.queues.lock.ctl
+        self.irq = InterruptBlock(
+            regs,
+            raise_vector,
+            lock,
+            hold=lambda mask: ctl.__setitem__(POLL_HOLD, mask),
+            rearmed=self._rearmed,
+        )
+        self.admin_queue = AdminQueue(
+            regs, memory, self._virtchnl, self.irq.adminq_cause, self._aq_trace
+        )
+        cfg = pf_config or PfConfig(num_queue_pairs=num_queues)
+        if mac is not None:
+            cfg.mac = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else mac
+        self.pf = VirtchnlPf(
+            self.queues,
+            lambda op, status, payload: self.post_event(op, payload, status),
+            self._schedule_vf_reset,
+            cfg,
+            self._aq_trace,
+        )
+        self.virtchnl: VirtchnlHandler = virtchnl or self.pf
+        self.tail_messages = 0  # TX doorbells that came as messages (polling mode: few)
+        self._reset_requested = False
+        self._reset_timer: threading.Timer | None = None
+        self._kstate: tuple[str, int] = ("", -1)
+        regs.on_write("VF_ATQT1", lambda i, old, new: self._atq_doorbell())
+        regs.on_write("VF_ARQT1", lambda i, old, new: self._arq_doorbell())
+        regs.on_write("VF_ARQLEN1", lambda i, old, new: self._arq_doorbell())
+        regs.on_write("QTX_TAIL", lambda i, old, new: self._tx_doorbell(i, new))
+        regs.on_write("QRX_TAIL", lambda i, old, new: self.queues.rx_tail(i, new))
+        BUILDER.start()  # kernels compiled in a child process; interpreted until loaded here
+        BUILDER.subscribe(self._kernels_trace)
+        self.poller = Poller(self.queues, regs.words, POLL_LAYOUT) if poll else None
+        if self.poller is not None:
+            self.poller.start()
+
+    def close(self) -> None:
+        BUILDER.unsubscribe(self._kernels_trace)
+        if self.poller is not None:
+            self.poller.stop()
+
+    # -- doorbells and causes --------------------------------------------------------------------
+    def _tx_doorbell(self, queue: int, tail: int) -> None:
+        self.tail_messages += 1  # (in polling mode a client that mmapped the page sends none)
+        self.queues.tx_tail(queue, tail)
+
+    def _queue_cause(self, vector: int) -> None:
+        self.irq.queue_cause(vector)
+
+    def _rearmed(self, vector: int) -> None:
+        ctl = self.queues.lock.ctl
+        if self.poller is not None and ctl[POLL_PENDING] >> vector & 1:
+            self.queues.lock.nudge()  # a cause the poll kernel holds fires now, not after a nap
+
+    def fail(self, text: str) -> None:
+        """Guest memory vanished under the device: every queue stops with ``text``."""
+        self.queues.fail_all(text)
+
+    # -- the admin queue -------------------------------------------------------------------------
+    def _atq_doorbell(self) -> None:
+        self._reset_requested = False
+        self.admin_queue.atq_kick()
+        self.pf.run_deferred()  # link events, PF-initiated resets: after the replies
+        if self._reset_requested:  # after the walk: the reset clears the queue registers
+            self._schedule_vf_reset()
+
+    def _arq_doorbell(self) -> None:
+        self.admin_queue.arq_kick()  # the driver posted buffers: deliver what waits
+
+    def _schedule_vf_reset(self) -> None:
+        """Reset the VF a moment after the driver's request completed (the driver first sees
+        its ATQ descriptor done, then polls for the reset, as with a real PF)."""
+        if self._reset_timer is not None:
+            self._reset_timer.cancel()
+        self._reset_timer = threading.Timer(RESET_DELAY, self.reset, (ResetKind.VF,))
+        self._reset_timer.daemon = True
+        self._reset_timer.start()
+
+    def _virtchnl(self, opcode: int, payload: bytes) -> tuple[int, bytes] | None:
+        if opcode == OP_RESET_VF:
+            self._reset_requested = True
+        return self.virtchnl(opcode, payload)
+
+    def post_event(self, opcode: int, payload: bytes, status: int = 0) -> None:
+        """A PF-initiated message (e.g. a link-state EVENT) to the driver."""
+        with self.lock:
+            self.admin_queue.post(opcode, status, payload)
+
+    # -- reset -----------------------------------------------------------------------------------
+    def reset(self, kind: ResetKind) -> None:
+        """Registers, admin queue, queues, causes and the PF's view of the VF back to their
+        power-on state. The driver polls VFGEN_RSTAT: our reset is instantaneous, so it sees
+        ARQLEN.ENABLE clear (reset detected) and then VF_ACTIVE, which is what
+        ``iavf_reset_task`` waits for."""
+        with self.lock:
+            if kind is ResetKind.DEVICE and self._reset_timer is not None:
+                self._reset_timer.cancel()
+            self.regs.set("VFGEN_RSTAT", ResetState.IN_PROGRESS)
+            self.regs.reset()
+            self.admin_queue.reset()
+            self.queues.reset()
+            self.irq.reset()
+            self.pf.vf_reset()
+            self.regs.set("VFGEN_RSTAT", ResetState.VF_ACTIVE)
+        if kind is ResetKind.VF:
+            self.trace.record("device", device=self.name, event="vf-reset")
+
+    # -- link ------------------------------------------------------------------------------------
+    def set_link(self, up: bool) -> None:
+        """Plug or unplug the cable: the driver gets a LINK_CHANGE event."""
+        with self.lock:
+            self.pf.set_link(up)
+
+    # -- trace -----------------------------------------------------------------------------------
+    def _queue_error(self, kind: str, queue: int, what: str) -> None:
+        self.trace.record(
+            "device", device=self.name, event=f"{kind}-queue-error", queue=queue, error=what
+        )
+
+    def _kernels_trace(self, st: BuildStatus) -> None:
+        shown = st.state in ("compiling", "ready", "failed", "stopped")
+        if shown and (st.state, st.done) != self._kstate:
+            self._kstate = (st.state, st.done)
+            self.trace.record(
+                "device", device=self.name, event="kernels", state=st.state, done=st.done,
+                total=st.total, maps=st.maps, message=st.message,
+            )  # fmt: skip
+
+    def _aq_trace(self, event: str, data: dict[str, object]) -> None:
+        opcode = data.get("opcode")
+        payload = data.get("payload")
+        if isinstance(opcode, int) and isinstance(payload, bytes):
+            data["op"] = vc.op_name(opcode)
+            try:
+                data["decoded"] = vc.decode(opcode, payload, from_pf=event != "aq-request")
+            except vc.VirtchnlError as exc:
+                data["decoded"] = f"malformed: {exc}"
+        self.trace.record("adminq", device=self.name, event=event, **data)
+
+    def _packets_trace(self, direction: str, queue: int, frames: object) -> None:
+        trace = self.trace
+        if trace.enabled:
+            for f in frames:  # type: ignore[attr-defined]
+                trace.record("packet", device=self.name, direction=direction, queue=queue,
+                             length=len(f), frame=bytes(f[:SNAPLEN]))  # fmt: skip
+
+    def _snaps_trace(self, direction: str, queue: int, rows: object) -> None:
+        """The fast path's packet trace: (length, first bytes) copied out by the kernel."""
+        trace = self.trace
+        if trace.enabled:
+            for length, head in rows:  # type: ignore[attr-defined]
+                trace.record("packet", device=self.name, direction=direction, queue=queue,
+                             length=length, frame=bytes(head[:SNAPLEN]))  # fmt: skip
+
+    # -- status ----------------------------------------------------------------------------------
+    def counters(self) -> dict[str, float]:
+        """Running totals per queue and vector (what the rate charts differentiate)."""
+        out: dict[str, float] = {}
+        for t in self.queues.tx[: self.pf.num_queue_pairs]:
+            out[f"tx_packets.q{t.index}"], out[f"tx_bytes.q{t.index}"] = t.packets, t.bytes
+        for r in self.queues.rx[: self.pf.num_queue_pairs]:
+            out[f"rx_packets.q{r.index}"], out[f"rx_bytes.q{r.index}"] = r.packets, r.bytes
+        out["irqs"] = sum(self.irq.counts)
+        out["rx_discards"] = self.queues.eth["rx_discards"]
+        return out
+
+    def status_line(self) -> str:
+        """One line for a terminal: link, queues, packets, interrupts."""
+        q = self.queues
+        up = sum(1 for t in q.tx[: self.pf.num_queue_pairs] if t.enabled)
+        e = q.eth
+        tx = e["tx_unicast"] + e["tx_multicast"] + e["tx_broadcast"]
+        rx = e["rx_unicast"] + e["rx_multicast"] + e["rx_broadcast"]
+        errors = [f"{kind}{x.index}: {x.error}" for kind, x in
+                  [("tx", t) for t in q.tx] + [("rx", r) for r in q.rx] if x.error]  # fmt: skip
+        line = (
+            f"link={'up' if self.pf.link_up else 'down'} "
+            f"vf={'active' if self.pf.active else 'idle'} queues={up}/{self.pf.num_queue_pairs} "
+            f"tx={tx} ({e['tx_bytes']} B) rx={rx} ({e['rx_bytes']} B) "
+            f"rx_discards={e['rx_discards']} irqs={sum(self.irq.counts)} "
+            f"mailbox={self.admin_queue.stats['atq']}/{self.admin_queue.stats['arq']}"
+        )
+        if BUILDER.status.state != "ready":  # the data path runs interpreted meanwhile
+            line += f" [{BUILDER.status.line()}]"
+        return line + (f" errors: {'; '.join(errors)}" if errors else "")

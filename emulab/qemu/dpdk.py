@@ -18,7 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from emulab.qemu import CACHE_DIR, STAMP, Progress, _run, _stderr, cpio_tree, ensure_qemu
+from emulab.qemu.chroot import (
+    CACHE_DIR,
+    STAMP,
+    Progress,
+    ensure_qemu,
+    progress_to_stderr,
+    run_step,
+)
+from emulab.qemu.cpio import cpio_tree
 
 __all__ = ["DpdkImage", "dpdk_guest_script", "ensure_dpdk"]
 
@@ -46,7 +54,7 @@ def _package_of(lib: str) -> str | None:
     return f"{name}-{ABI}" if name[-1].isdigit() else f"{name}{ABI}"
 
 
-def ensure_dpdk(progress: Progress = _stderr) -> DpdkImage:
+def ensure_dpdk(progress: Progress = progress_to_stderr) -> DpdkImage:
     """trixie's DPDK 24.11 testpmd + iavf PMD as an initramfs overlay (built once, cached)."""
     out = CACHE_DIR / "guest-dpdk"
     if (out / STAMP).exists():
@@ -70,21 +78,21 @@ def ensure_dpdk(progress: Progress = _stderr) -> DpdkImage:
     return DpdkImage(out / "dpdk.cpio")
 
 
-def install_testpmd(root: Path, progress: Progress = _stderr) -> str:
+def install_testpmd(root: Path, progress: Progress = progress_to_stderr) -> str:
     """DPDK's runtime, the iavf PMD and ``dpdk-testpmd`` in the chroot; returns the version."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["chroot", str(root), "apt-get", "install", "-y", "-qq", "--no-install-recommends",
            "-t", SUITE]  # fmt: skip
-    _run([*apt, *RUNTIME], progress, "install trixie's DPDK runtime and iavf PMD", env=env)
+    run_step([*apt, *RUNTIME], progress, "install trixie's DPDK runtime and iavf PMD", env=env)
     debs = root / "var/cache/emulab-debs"
     debs.mkdir(parents=True, exist_ok=True)
     os.chmod(debs, 0o777)
-    _run(["chroot", str(root), "sh", "-c",
-          f"cd /var/cache/emulab-debs && apt-get download -t {SUITE} dpdk-dev"],
-         progress, "download dpdk-dev (for dpdk-testpmd)")  # fmt: skip
+    run_step(["chroot", str(root), "sh", "-c",
+              f"cd /var/cache/emulab-debs && apt-get download -t {SUITE} dpdk-dev"],
+             progress, "download dpdk-dev (for dpdk-testpmd)")  # fmt: skip
     deb = sorted(debs.glob("dpdk-dev_*.deb"))[-1]
     shutil.rmtree(root / "opt/dpdk-dev", ignore_errors=True)
-    _run(["dpkg-deb", "-x", str(deb), str(root / "opt/dpdk-dev")], progress, "unpack dpdk-dev")
+    run_step(["dpkg-deb", "-x", str(deb), str(root / "opt/dpdk-dev")], progress, "unpack dpdk-dev")
     # the libraries testpmd links against (it carries commands for many NICs' PMDs)
     missing = re.findall(r"(\S+) => not found", _ldd(root, [TESTPMD]))
     pkgs = sorted({p for p in map(_package_of, missing) if p})
@@ -93,12 +101,12 @@ def install_testpmd(root: Path, progress: Progress = _stderr) -> str:
         extra = {"libjansson.so.4": "libjansson4", "libpcap.so.0.8": "libpcap0.8t64",
                  "libmlx5.so.1": "ibverbs-providers"}  # fmt: skip
         pkgs += sorted({extra[o] for o in others if o in extra})
-        _run([*apt, *pkgs], progress, f"install {len(pkgs)} libraries testpmd links", env=env)
+        run_step([*apt, *pkgs], progress, f"install {len(pkgs)} libraries testpmd links", env=env)
     still = re.findall(r"(\S+) => not found", _ldd(root, [TESTPMD]))
     if still:
         raise RuntimeError(f"dpdk-testpmd still misses {still} in {root}")
-    return _run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Version}", "dpdk"],
-                progress, "dpdk version")  # fmt: skip
+    return run_step(["chroot", str(root), "dpkg-query", "-W", "-f", "${Version}", "dpdk"],
+                    progress, "dpdk version")  # fmt: skip
 
 
 def _overlay(root: Path, image: Path) -> Path:

@@ -48,7 +48,7 @@ def _chroot(progress: Callable[[str], None]) -> tuple[Path, str]:
         raise RuntimeError("dpdk_anchor needs root (chroot and mount namespaces)")
     try:
         from emulab.qemu import ensure_qemu
-        from emulab.qemu_dpdk import TESTPMD, install_testpmd
+        from emulab.qemu.dpdk import TESTPMD, install_testpmd
 
         root = ensure_qemu(progress)
         if not (root / TESTPMD.lstrip("/")).exists():

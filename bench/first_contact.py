@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from emulab import VfioUserClient, fuzzing
-from emulab.guest import NicDriver
+from emulab.drivers import NicDriver
 
 QEMU_TIMEOUT = 5.0
 

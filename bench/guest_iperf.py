@@ -51,7 +51,7 @@ from pathlib import Path
 from emulab import qemu
 from emulab.avf.device import AvfDevice
 from emulab.backends.tap import TapBackend
-from emulab.qemu_dpdk import _copy_resolved, _ldd
+from emulab.qemu.dpdk import chroot_ldd, copy_resolved
 from emulab.server import VfioUserServer
 
 MAC = "02:e1:ab:00:00:01"
@@ -82,20 +82,22 @@ def ensure_iperf(root: Path) -> Path:
         return cpio
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["chroot", str(root), "apt-get", "install", "-y", "-qq", "--no-install-recommends"]
-    qemu._run([*apt, "-t", "trixie", "iperf3"], say, "install iperf3 in the QEMU chroot", env=env)
+    qemu.run_step(
+        [*apt, "-t", "trixie", "iperf3"], say, "install iperf3 in the QEMU chroot", env=env
+    )
     tmp = Path(tempfile.mkdtemp(prefix="emulab-iperf-", dir=qemu.CACHE_DIR))
     try:
         image = tmp / "root"
-        ldd = _ldd(root, ["/usr/bin/iperf3"])
+        ldd = chroot_ldd(root, ["/usr/bin/iperf3"])
         wanted = {"/usr/bin/iperf3", *re.findall(r"=> (/\S+)", ldd)}
         wanted.update(re.findall(r"^\s*(/\S+) \(0x", ldd, re.MULTILINE))
         wanted.add("/usr/lib/x86_64-linux-gnu/libgcc_s.so.1")  # glibc dlopens it (pthread_cancel)
         for path in sorted(wanted):
-            _copy_resolved(root, path, image, path)
+            copy_resolved(root, path, image, path)
         out.mkdir(parents=True, exist_ok=True)
         cpio.write_bytes(qemu.cpio_tree(image))
-        version = qemu._run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Version}",
-                             "iperf3"], say, "iperf3 version")  # fmt: skip
+        version = qemu.run_step(["chroot", str(root), "dpkg-query", "-W", "-f", "${Version}",
+                                 "iperf3"], say, "iperf3 version")  # fmt: skip
         (out / qemu.STAMP).write_text(f"iperf3 {version} +libgcc\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Soak: AVF devices moving sequence-numbered frames for minutes on lossless wires.
 
 Three AVFs, each served on a socket of its own in this process and driven by the software iavf
-driver (``emulab.guest.NicDriver``, four queue pairs): one on a lossless loopback
+driver (``emulab.drivers.NicDriver``, four queue pairs): one on a lossless loopback
 (``loopback:lossless``) sending to itself, and two on a lossless switch
 (``switch:NAME:lossless``) sending to each other. Every frame is a UDP datagram of one of 16
 flows carrying (sender, flow, sequence number); RSS keeps a flow on one queue. The wires are
@@ -29,7 +29,7 @@ from pathlib import Path
 from emulab.avf.device import AvfDevice
 from emulab.backends import open_backend
 from emulab.client import VfioUserClient
-from emulab.guest import NicDriver
+from emulab.drivers import NicDriver
 from emulab.server import VfioUserServer
 
 FLOWS = 16

@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from emulab import guest as drv
 from emulab.avf import virtchnl as vc
 from emulab.client import VfioUserClient
+from emulab.drivers import MailboxError, NicDriver
+from emulab.drivers.iavf_mailbox import ATQT
+from emulab.drivers.iavf_nic import QRX_TAIL, QTX_TAIL
 from emulab.pci.dma import memfd
 from emulab.vfio_user.constants import Command
 
@@ -400,7 +402,7 @@ class HostileGuest:
                "bring-up")  # fmt: skip
 
     def __init__(self, client: VfioUserClient, queues: int = 2) -> None:
-        self.driver = drv.NicDriver(client, queues=queues, ram_size=8 << 20)
+        self.driver = NicDriver(client, queues=queues, ram_size=8 << 20)
         self.driver.bring_up(ring_len=64)
         self.counts = dict.fromkeys(self.ACTIONS, 0)
 
@@ -409,7 +411,7 @@ class HostileGuest:
         self.counts[action] += 1
         d = self.driver
         nic = d.nic
-        with contextlib.suppress(drv.MailboxError):
+        with contextlib.suppress(MailboxError):
             if action == "virtchnl":
                 op = _pick(src, [int(o) for o in vc.Op]) if src.number(0, 7) else _value(src, 32)
                 d.send(op, src.take(src.number(0, 64) if src.number(0, 3) else src.number(0, 4096)))
@@ -417,11 +419,11 @@ class HostileGuest:
                 i = d.atq_tail
                 d.ram.write(d.atq + 32 * i, _descriptor(src, d.ram.iova, d.ram.size, 32))
                 d.atq_tail = (i + 1) % d.aq_len  # (the driver's own books stay sane) ...
-                d.w32(drv.ATQT, d.atq_tail if src.number(0, 7) else _value(src, 32))  # ... its lies
+                d.w32(ATQT, d.atq_tail if src.number(0, 7) else _value(src, 32))  # ... its lies
 
             elif action in ("tx-descriptors", "rx-descriptors") and nic is not None:
-                rings, size, tail = ((nic.tx, 16, drv.QTX_TAIL) if action[0] == "t"
-                                     else (nic.rx, 32, drv.QRX_TAIL))  # fmt: skip
+                rings, size, tail = ((nic.tx, 16, QTX_TAIL) if action[0] == "t"
+                                     else (nic.rx, 32, QRX_TAIL))  # fmt: skip
                 q = src.number(0, len(rings) - 1)
                 ring = rings[q]
                 for _ in range(src.number(1, 8)):

@@ -26,7 +26,7 @@ from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
 from emulab.backends import open_backend
 from emulab.client import VfioUserClient
-from emulab.guest import NicDriver
+from emulab.drivers import NicDriver
 from emulab.server import VfioUserServer
 from emulab.trace import Trace
 

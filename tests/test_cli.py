@@ -83,7 +83,7 @@ def test_serve_avf_to_pcap_that_tshark_reads(tmp_path: Path) -> None:
     import shutil
     import struct
 
-    from emulab.guest import NicDriver
+    from emulab.drivers import NicDriver
 
     sock, pcap = tmp_path / "avf.sock", tmp_path / "out.pcap"
     proc = subprocess.Popen(

@@ -9,7 +9,7 @@ import pytest
 
 from emulab.avf.device import AvfDevice
 from emulab.client import VfioUserClient
-from emulab.guest import GuestDriver, MailboxError
+from emulab.drivers import GuestDriver, MailboxError
 from emulab.server import VfioUserServer
 
 

@@ -23,7 +23,8 @@ import pytest
 from emulab.avf.device import AvfDevice
 from emulab.backends import LoopbackBackend
 from emulab.client import ClientError, VfioUserClient
-from emulab.guest import QTX_TAIL, NicDriver
+from emulab.drivers import NicDriver
+from emulab.drivers.iavf_nic import QTX_TAIL
 from emulab.pci import guard
 from emulab.pci.dma import F_GET_SEALS, F_SEAL_SHRINK, DmaError, GuestMemory, memfd
 from emulab.server import VfioUserServer

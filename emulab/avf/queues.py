@@ -88,7 +88,7 @@ class MacFilter:
     multicast: set[bytes] = field(default_factory=set)
     promisc_unicast: bool = False
     promisc_multicast: bool = False
-    # (applied in the kernels, from ``QueueEngine._filter_words``: ``datapath._accepts``)
+    # (applied in the kernels, from ``QueueEngine._filter_words``: ``datapath.rss.accepts``)
 
 
 def _kind(dst: bytes) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from emulab.client import VfioUserClient
-from emulab.guest import NicDriver
+from emulab.drivers import NicDriver
 from tests.waiting import wait_until
 
 REPLY_BUDGET = 2.0  # seconds: QEMU 11.1 gives up on a reply after 5 s

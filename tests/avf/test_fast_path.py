@@ -14,7 +14,7 @@ import pytest
 from emulab.avf.device import AvfDevice
 from emulab.backends import LoopbackBackend
 from emulab.client import VfioUserClient
-from emulab.guest import NicDriver
+from emulab.drivers import NicDriver
 from emulab.server import VfioUserServer
 
 from .test_software_driver import MAC, udp

@@ -19,7 +19,7 @@ import pytest
 from emulab.avf.device import AvfDevice
 from emulab.backends import base, open_backend
 from emulab.client import VfioUserClient
-from emulab.guest import NicDriver
+from emulab.drivers import NicDriver
 from emulab.server import VfioUserServer
 
 

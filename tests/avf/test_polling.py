@@ -19,7 +19,7 @@ from emulab.avf.device import AvfDevice
 from emulab.backends import CallbackBackend, LoopbackBackend
 from emulab.backends.base import PacketBackend
 from emulab.client import VfioUserClient
-from emulab.guest import NicDriver
+from emulab.drivers import NicDriver
 from emulab.server import VfioUserServer
 from emulab.vfio_user.constants import RegionFlags
 from tests.waiting import wait_until

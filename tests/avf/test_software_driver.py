@@ -25,7 +25,7 @@ from emulab.avf.pf import PfConfig
 from emulab.backends import CallbackBackend, LoopbackBackend, Switch
 from emulab.backends.base import PacketBackend
 from emulab.client import VfioUserClient
-from emulab.guest import MailboxError, NicDriver
+from emulab.drivers import MailboxError, NicDriver
 from emulab.server import VfioUserServer
 from tests.waiting import wait_until
 

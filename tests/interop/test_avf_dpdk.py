@@ -28,7 +28,7 @@ from emulab.avf.device import AvfDevice
 from emulab.avf.pf import PfConfig
 from emulab.avf.virtchnl import Cap
 from emulab.backends.simple import CallbackBackend
-from emulab.qemu_dpdk import dpdk_guest_script, ensure_dpdk
+from emulab.qemu.dpdk import dpdk_guest_script, ensure_dpdk
 from emulab.server import VfioUserServer
 
 pytestmark = pytest.mark.interop

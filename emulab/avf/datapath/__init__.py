@@ -20,6 +20,36 @@ kernel's own file, not the kernels it inlines from others).
 from __future__ import annotations
 
 from emulab.avf.datapath.cache import guard_package
+from emulab.avf.datapath.checksum import (
+    RX_ERR_IPE,
+    RX_ERR_L4E,
+    RX_L3L4P,
+    ones_sum,
+    rx_checksums,
+)
+from emulab.avf.datapath.general_path import (
+    ERR_BAD_DESCRIPTOR,
+    ERR_BUFFER_ADDRESS,
+    ERR_FRAME_TOO_LONG,
+    ERR_NONE,
+    ERR_RING_ADDRESS,
+    MAX_TSO_FRAME,
+    MAX_TX_FRAME,
+    PICK_FILTERED,
+    PICK_NO_QUEUE,
+    PICK_TOO_LONG,
+    RX_DD,
+    RX_EOF,
+    RX_FLTSTAT_RSS,
+    TX_CMD_EOP,
+    TX_CMD_RS,
+    TX_CTX_TSO,
+    TX_DESC_DONE,
+    TX_DTYPE_CONTEXT,
+    TX_DTYPE_MASK,
+    rx_pick,
+    tx_drain,
+)
 from emulab.avf.datapath.memory import (
     MemoryTable,
 )
@@ -93,18 +123,11 @@ from emulab.avf.datapath.ring_to_ring import (
     snap_rows_tx,
     tso_cut,
 )
-from emulab.avf.datapath.rings import (
-    ERR_BAD_DESCRIPTOR,
-    ERR_BUFFER_ADDRESS,
-    ERR_FRAME_TOO_LONG,
-    ERR_NONE,
-    ERR_RING_ADDRESS,
+from emulab.avf.datapath.rss import (
     FILTER_ON,
     FILTER_PROMISC_MC,
     FILTER_PROMISC_UC,
     MAC_MASK,
-    MAX_TSO_FRAME,
-    MAX_TX_FRAME,
     PCTYPE_IPV4_FRAG,
     PCTYPE_IPV4_OTHER,
     PCTYPE_IPV4_TCP,
@@ -112,9 +135,6 @@ from emulab.avf.datapath.rings import (
     PCTYPE_IPV4_UDP,
     PCTYPE_IPV4_UDP_MULTICAST,
     PCTYPE_IPV4_UDP_UNICAST,
-    PICK_FILTERED,
-    PICK_NO_QUEUE,
-    PICK_TOO_LONG,
     PTYPE_ARP,
     PTYPE_IPV4,
     PTYPE_IPV4_FRAG,
@@ -130,28 +150,12 @@ from emulab.avf.datapath.rings import (
     PTYPE_IPV6_UDP,
     PTYPE_L2,
     RSS_TUPLE_MAX,
-    RX_DD,
-    RX_EOF,
-    RX_ERR_IPE,
-    RX_ERR_L4E,
-    RX_FLTSTAT_RSS,
-    RX_L3L4P,
-    TX_CMD_EOP,
-    TX_CMD_RS,
-    TX_CTX_TSO,
-    TX_DESC_DONE,
-    TX_DTYPE_CONTEXT,
-    TX_DTYPE_MASK,
     classify,
-    ones_sum,
     rss_hash,
     rss_tuple,
-    rx_checksums,
-    rx_pick,
     toeplitz,
     toeplitz_fast,
     toeplitz_table,
-    tx_drain,
 )
 from emulab.avf.datapath.warm import warmup
 

@@ -39,7 +39,7 @@ from typing import Any
 from numba.core import config
 from numba.core.dispatcher import Dispatcher
 
-from emulab.avf.datapath import poll_loop, raw, ring_to_ring, rings, warm
+from emulab.avf.datapath import checksum, general_path, poll_loop, raw, ring_to_ring, rss, warm
 from emulab.avf.datapath.cache import digest
 
 __all__ = ["BUILDER", "KERNELS", "BuildStatus", "Builder", "Kernel", "KernelSet", "interpret"]
@@ -117,10 +117,10 @@ class Kernel:
 
 
 _NAMES: dict[str, tuple[Any, bool]] = {
-    "tx_drain": (rings.tx_drain, True),
-    "rx_pick": (rings.rx_pick, False),
-    "toeplitz_table": (rings.toeplitz_table, False),
-    "ones_sum": (rings.ones_sum, False),
+    "tx_drain": (general_path.tx_drain, True),
+    "rx_pick": (general_path.rx_pick, False),
+    "toeplitz_table": (rss.toeplitz_table, False),
+    "ones_sum": (checksum.ones_sum, False),
     "forward": (ring_to_ring.forward, True),
     "rx_place": (ring_to_ring.rx_place, True),
     "tso_cut": (ring_to_ring.tso_cut, False),

@@ -1,6 +1,6 @@
 """Loads, stores and copies at host addresses, for the ring-to-ring kernels.
 
-The fast path checks every guest address against the translation table (``_find``) and then
+The fast path checks every guest address against the translation table (``find_map``) and then
 touches guest memory at ``base of the map + offset``, as C would. Through numpy views, each
 view and each array handed to a helper cost a reference-count pair (an indirect call and an
 atomic add each; about 30 pairs per frame, seen in the LLVM IR), and a frame copy had to be

@@ -9,42 +9,36 @@ import numpy as np
 from numba import njit
 
 from emulab.avf.datapath import raw
-from emulab.avf.datapath.rings import (
+from emulab.avf.datapath.checksum import RX_L3L4P, fold, ones_sum
+from emulab.avf.datapath.general_path import (
     ERR_BUFFER_ADDRESS,
     ERR_FRAME_TOO_LONG,
     ERR_NONE,
     ERR_RING_ADDRESS,
-    MAC_MASK,
     MAX_TX_FRAME,
     PICK_FILTERED,
     RX_DD,
     RX_EOF,
     RX_FLTSTAT_RSS,
-    RX_L3L4P,
     TX_CMD_EOP,
     TX_CMD_RS,
     TX_DESC_DONE,
     TX_DTYPE_MASK,
-    _accepts,
-    _find,
-    _fold,
-    classify,
+    find_map,
     gso_header_len,
-    ones_sum,
-    rss_tuple,
-    toeplitz_fast,
 )
+from emulab.avf.datapath.rss import MAC_MASK, accepts, classify, rss_tuple, toeplitz_fast
 from emulab.backends.base import GSO_CSUM_START, GSO_DONE, GSO_NONE, GSO_SIZE, GSO_TYPE
 
 # -- ring to ring ----------------------------------------------------------------------------------
 # The fast path takes guest memory as a *tuple* of uint64 arrays (``MemoryTable.words``), one per
 # map, and touches it at host addresses (``raw``): each guest address is checked against the
-# table (``_find``), then read or written at map k's host address plus its offset in the map.
+# table (``find_map``), then read or written at map k's host address plus its offset in the map.
 # Descriptors are qwords; a frame moves in one ``memcpy``.
 #
 # ``forward`` is compiled without numba's runtime (``_nrt=False``): no reference counts and no
 # allocation. Every array it touches is borrowed from its caller, which holds it for the call.
-# With the runtime, each array handed to a helper (``_find``, ``rss_tuple``, ...) and each view
+# With the runtime, each array handed to a helper (``find_map``, ``rss_tuple``, ...) and each view
 # cost an incref/decref pair, an indirect call and an atomic add each, about 30 pairs per frame:
 # half the time per 64-byte frame (6.4 against 13.9 Mpps, measured side by side).
 (FWD_FRAMES, FWD_BYTES, FWD_TX_DESCS, FWD_DROPPED, FWD_ERROR, FWD_RX_MASK, FWD_FILTERED,
@@ -81,7 +75,7 @@ def _consistent(words: Any, starts: Any, ends: Any) -> bool:
 
 @njit(nogil=True, cache=True, inline="always")
 def _at(words: Any, starts: Any, k: Any, addr: Any) -> Any:
-    """The host address of guest address ``addr``, in map ``k`` (found by ``_find``)."""
+    """The host address of guest address ``addr``, in map ``k`` (found by ``find_map``)."""
     return np.int64(words[k].ctypes.data) + (addr - starts[k])
 
 
@@ -106,13 +100,13 @@ def _deliver(
     r = rhead
     for d in range(need):
         raddr = rbase + 32 * r
-        kr = _find(starts, ends, raddr, 32)
+        kr = find_map(starts, ends, raddr, 32)
         if kr < 0 or not writable[kr] or raddr & 7:
             return -ERR_RING_ADDRESS
         desc = _at(words, starts, kr, raddr)
         pkt = np.int64(raw.load(desc))
         chunk = min(bsize, length - done)
-        kp = _find(starts, ends, pkt, chunk)
+        kp = find_map(starts, ends, pkt, chunk)
         if kp < 0 or not writable[kp]:
             return -ERR_BUFFER_ADDRESS
         raw.copy(_at(words, starts, kp, pkt), src + done, chunk)
@@ -162,7 +156,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     ``words`` is guest memory as a tuple of uint64 arrays (``MemoryTable.words``). ``tx`` is
     ``[base, len, head, tail]`` (head updated in place); ``rx`` an ``(n, RX_COLS)`` table of RX
     queues ``[base, len, head, tail, buf_size, enabled, packets, bytes, max_frame]`` (heads and
-    counters updated). The port's MAC filter (``filt``, see :func:`_accepts`) drops frames not
+    counters updated). The port's MAC filter (``filt``, see :func:`accepts`) drops frames not
     for it. A frame goes to ``lut[hash % len(lut)]`` when its RSS hash (Toeplitz through
     ``table``, see :func:`toeplitz_table`; pctypes in ``hena``) is non-zero, else to queue 0; a
     frame with no RX buffer posted for it, or longer than the queue's max_frame, is dropped
@@ -210,7 +204,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     q1: Any = np.uint64(0)
     while i != tail and frames < budget:
         daddr = base + 16 * i
-        k = _find(starts, ends, daddr, 16)
+        k = find_map(starts, ends, daddr, 16)
         if k < 0 or not writable[k] or daddr & 7:
             err = ERR_RING_ADDRESS
             break
@@ -228,7 +222,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
         if pos + size > MAX_TX_FRAME or pos + size > 8 * scratch.shape[0]:
             err = ERR_FRAME_TOO_LONG
             break
-        kb = _find(starts, ends, buf, size)
+        kb = find_map(starts, ends, buf, size)
         if kb < 0:
             err = ERR_BUFFER_ADDRESS
             break
@@ -254,7 +248,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
         tx_bc += bcast
         tx_mc += mcast
         q: Any = np.int64(-1)
-        if length < 14 or not _accepts(filt, dst):
+        if length < 14 or not accepts(filt, dst):
             filtered += 1  # not for this port: a switch would not have sent it
         else:
             # the wire: RSS picks the RX queue, the frame lands in its posted buffers
@@ -302,7 +296,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
         j = frame_start
         while j != i:
             da = base + 16 * j
-            x = _at(words, starts, _find(starts, ends, da, 16), da) + 8  # (checked when read)
+            x = _at(words, starts, find_map(starts, ends, da, 16), da) + 8  # (checked when read)
             qq = raw.load(x)
             if (qq >> np.uint64(4)) & np.uint64(TX_CMD_RS):
                 raw.store_release(x, qq | np.uint64(TX_DESC_DONE))
@@ -353,7 +347,7 @@ def _cut(seg: Any, src: Any, hl: Any, g: Any, k: Any, nseg: Any, plen: Any) -> i
         ident = (np.int64(seg[l3 + 4]) << 8) | np.int64(seg[l3 + 5])
         _put16(seg, l3 + 4, (ident + k) & 0xFFFF)
         _put16(seg, l3 + 10, 0)
-        _put16(seg, l3 + 10, np.int64(~_fold(ones_sum(seg, l3, l3 + ihl)) & np.uint64(0xFFFF)))
+        _put16(seg, l3 + 10, np.int64(~fold(ones_sum(seg, l3, l3 + ihl)) & np.uint64(0xFFFF)))
         pseudo = ones_sum(seg, l3 + 12, l3 + 20)
     else:
         _put16(seg, l3 + 4, flen - l3 - 40)
@@ -372,7 +366,7 @@ def _cut(seg: Any, src: Any, hl: Any, g: Any, k: Any, nseg: Any, plen: Any) -> i
     seg[l4 + 13] = flags
     _put16(seg, l4 + 16, 0)
     total = pseudo + np.uint64(6) + np.uint64(flen - l4) + ones_sum(seg, l4, flen)
-    _put16(seg, l4 + 16, np.int64(~_fold(total) & np.uint64(0xFFFF)))
+    _put16(seg, l4 + 16, np.int64(~fold(total) & np.uint64(0xFFFF)))
     return int(flen)
 
 

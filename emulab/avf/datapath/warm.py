@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from emulab.avf.datapath.checksum import ones_sum
+from emulab.avf.datapath.general_path import rx_pick, tx_drain
 from emulab.avf.datapath.poll_loop import POLL_CTL, TX_COLS, poll
 from emulab.avf.datapath.ring_to_ring import (
     FWD_OUT,
@@ -18,15 +20,7 @@ from emulab.avf.datapath.ring_to_ring import (
     rx_place,
     tso_cut,
 )
-from emulab.avf.datapath.rings import (
-    RSS_TUPLE_MAX,
-    classify,
-    ones_sum,
-    rss_hash,
-    rx_pick,
-    toeplitz_table,
-    tx_drain,
-)
+from emulab.avf.datapath.rss import RSS_TUPLE_MAX, classify, rss_hash, toeplitz_table
 from emulab.backends.base import GSO_COLS
 
 

@@ -18,9 +18,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from emulab.qemu import CACHE_DIR, STAMP, Progress, _run, _stderr, cpio_tree, ensure_qemu
+from emulab.qemu.chroot import (
+    CACHE_DIR,
+    STAMP,
+    Progress,
+    ensure_qemu,
+    progress_to_stderr,
+    run_step,
+)
+from emulab.qemu.cpio import cpio_tree
 
-__all__ = ["DpdkImage", "dpdk_guest_script", "ensure_dpdk"]
+__all__ = ["DpdkImage", "chroot_ldd", "copy_resolved", "dpdk_guest_script", "ensure_dpdk"]
 
 SUITE = "trixie"
 ABI = "25"  # DPDK 24.11's ABI: librte-*25 packages, plugin directory pmds-25.0
@@ -46,7 +54,7 @@ def _package_of(lib: str) -> str | None:
     return f"{name}-{ABI}" if name[-1].isdigit() else f"{name}{ABI}"
 
 
-def ensure_dpdk(progress: Progress = _stderr) -> DpdkImage:
+def ensure_dpdk(progress: Progress = progress_to_stderr) -> DpdkImage:
     """trixie's DPDK 24.11 testpmd + iavf PMD as an initramfs overlay (built once, cached)."""
     out = CACHE_DIR / "guest-dpdk"
     if (out / STAMP).exists():
@@ -70,35 +78,35 @@ def ensure_dpdk(progress: Progress = _stderr) -> DpdkImage:
     return DpdkImage(out / "dpdk.cpio")
 
 
-def install_testpmd(root: Path, progress: Progress = _stderr) -> str:
+def install_testpmd(root: Path, progress: Progress = progress_to_stderr) -> str:
     """DPDK's runtime, the iavf PMD and ``dpdk-testpmd`` in the chroot; returns the version."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["chroot", str(root), "apt-get", "install", "-y", "-qq", "--no-install-recommends",
            "-t", SUITE]  # fmt: skip
-    _run([*apt, *RUNTIME], progress, "install trixie's DPDK runtime and iavf PMD", env=env)
+    run_step([*apt, *RUNTIME], progress, "install trixie's DPDK runtime and iavf PMD", env=env)
     debs = root / "var/cache/emulab-debs"
     debs.mkdir(parents=True, exist_ok=True)
     os.chmod(debs, 0o777)
-    _run(["chroot", str(root), "sh", "-c",
-          f"cd /var/cache/emulab-debs && apt-get download -t {SUITE} dpdk-dev"],
-         progress, "download dpdk-dev (for dpdk-testpmd)")  # fmt: skip
+    run_step(["chroot", str(root), "sh", "-c",
+              f"cd /var/cache/emulab-debs && apt-get download -t {SUITE} dpdk-dev"],
+             progress, "download dpdk-dev (for dpdk-testpmd)")  # fmt: skip
     deb = sorted(debs.glob("dpdk-dev_*.deb"))[-1]
     shutil.rmtree(root / "opt/dpdk-dev", ignore_errors=True)
-    _run(["dpkg-deb", "-x", str(deb), str(root / "opt/dpdk-dev")], progress, "unpack dpdk-dev")
+    run_step(["dpkg-deb", "-x", str(deb), str(root / "opt/dpdk-dev")], progress, "unpack dpdk-dev")
     # the libraries testpmd links against (it carries commands for many NICs' PMDs)
-    missing = re.findall(r"(\S+) => not found", _ldd(root, [TESTPMD]))
+    missing = re.findall(r"(\S+) => not found", chroot_ldd(root, [TESTPMD]))
     pkgs = sorted({p for p in map(_package_of, missing) if p})
     others = [m for m in missing if not _package_of(m)]
     if pkgs:
         extra = {"libjansson.so.4": "libjansson4", "libpcap.so.0.8": "libpcap0.8t64",
                  "libmlx5.so.1": "ibverbs-providers"}  # fmt: skip
         pkgs += sorted({extra[o] for o in others if o in extra})
-        _run([*apt, *pkgs], progress, f"install {len(pkgs)} libraries testpmd links", env=env)
-    still = re.findall(r"(\S+) => not found", _ldd(root, [TESTPMD]))
+        run_step([*apt, *pkgs], progress, f"install {len(pkgs)} libraries testpmd links", env=env)
+    still = re.findall(r"(\S+) => not found", chroot_ldd(root, [TESTPMD]))
     if still:
         raise RuntimeError(f"dpdk-testpmd still misses {still} in {root}")
-    return _run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Version}", "dpdk"],
-                progress, "dpdk version")  # fmt: skip
+    return run_step(["chroot", str(root), "dpkg-query", "-W", "-f", "${Version}", "dpdk"],
+                    progress, "dpdk version")  # fmt: skip
 
 
 def _overlay(root: Path, image: Path) -> Path:
@@ -107,29 +115,30 @@ def _overlay(root: Path, image: Path) -> Path:
         (image / d).mkdir(parents=True, exist_ok=True)
     pmds = [f"{PMD_DIR}/librte_{p}.so.{ABI}" for p in PMDS]
     wanted = {TESTPMD, *pmds}
-    ldd = _ldd(root, [TESTPMD, *pmds])
+    ldd = chroot_ldd(root, [TESTPMD, *pmds])
     wanted.update(re.findall(r"=> (/\S+)", ldd))
     wanted.update(re.findall(r"^\s*(/\S+) \(0x", ldd, re.MULTILINE))
     wanted.add(f"{LIBDIR}/libgcc_s.so.1")  # glibc dlopens it for pthread_cancel
     for path in sorted(wanted - set(pmds)):
         dst = "/usr/bin/dpdk-testpmd" if path == TESTPMD else path
-        _copy_resolved(root, path, image, dst)
+        copy_resolved(root, path, image, dst)
     for p in PMDS:  # EAL loads *.so.<ABI>.0 from its plugin directory: link to the library
         lib = f"librte_{p}.so.{ABI}"
-        _copy_resolved(root, f"{LIBDIR}/{lib}", image, f"{LIBDIR}/{lib}")
+        copy_resolved(root, f"{LIBDIR}/{lib}", image, f"{LIBDIR}/{lib}")
         link = image / PMD_DIR.lstrip("/") / f"{lib}.0"
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(f"../../{lib}")
     return image
 
 
-def _ldd(root: Path, paths: list[str]) -> str:
+def chroot_ldd(root: Path, paths: list[str]) -> str:
+    """``ldd`` of ``paths`` inside the chroot at ``root`` (its output, whatever it found)."""
     return subprocess.run(
         ["chroot", str(root), "ldd", *paths], capture_output=True, text=True, check=False
     ).stdout
 
 
-def _copy_resolved(root: Path, path: str, image: Path, dst: str) -> None:
+def copy_resolved(root: Path, path: str, image: Path, dst: str) -> None:
     """Copy the file behind ``path`` in the chroot (links resolved inside it) to ``dst``."""
     logical = re.sub(r"^/(lib|lib64|sbin|bin)/", r"/usr/\1/", dst)
     src = root / path.lstrip("/")

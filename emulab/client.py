@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from emulab.pci.dma import memfd
+from emulab.pci.interface import IrqKind, RegionIndex
 from emulab.transport.unix_socket import Channel, ChannelClosed, connect
 from emulab.vfio_user import (
     BadRequest,
@@ -38,9 +39,7 @@ from emulab.vfio_user.constants import (
     Command,
     DmaMapFlags,
     DmaUnmapFlags,
-    IrqIndex,
     RegionFlags,
-    RegionIndex,
     SetIrqsFlags,
 )
 from emulab.vfio_user.errors import ProtocolError
@@ -290,7 +289,7 @@ class VfioUserClient:
         self.request(m.SetIrqs(20, int(flags), index, start, count, b"", ()))
 
     def unmask_intx(self) -> None:
-        self.mask_irq(IrqIndex.INTX, 0, 1, masked=False)
+        self.mask_irq(IrqKind.INTX, 0, 1, masked=False)
 
     def intx_resample(self) -> int:
         """Register an INTx resample eventfd (UNMASK + DATA_EVENTFD, as QEMU does under KVM):
@@ -299,7 +298,7 @@ class VfioUserClient:
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         flags = SetIrqsFlags.DATA_EVENTFD | SetIrqsFlags.ACTION_UNMASK
         try:
-            self.request(m.SetIrqs(20, int(flags), IrqIndex.INTX, 0, 1, b"", (fd,)))
+            self.request(m.SetIrqs(20, int(flags), IrqKind.INTX, 0, 1, b"", (fd,)))
         except BaseException:
             os.close(fd)
             raise
@@ -307,7 +306,7 @@ class VfioUserClient:
 
     def intx_resample_off(self) -> None:
         flags = SetIrqsFlags.DATA_EVENTFD | SetIrqsFlags.ACTION_UNMASK
-        self.request(m.SetIrqs(20, int(flags), IrqIndex.INTX, 0, 0, b"", ()))
+        self.request(m.SetIrqs(20, int(flags), IrqKind.INTX, 0, 0, b"", ()))
 
     @staticmethod
     def wait_irq(fd: int, timeout: float = 5.0) -> int:

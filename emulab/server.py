@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from emulab.pci.dma import DmaError
-from emulab.pci.interface import NUM_REGIONS, AccessError, Device
+from emulab.pci.interface import NUM_IRQS, NUM_REGIONS, AccessError, Device
 from emulab.pci.interrupts import EventfdLine, IrqKind
 from emulab.trace import Trace
 from emulab.transport.unix_socket import Channel, ChannelClosed, UnixListener, channel_pair
@@ -53,7 +53,6 @@ from emulab.vfio_user.errors import LocalProtocolError, MessageError, ProtocolEr
 
 __all__ = ["ServerStats", "VfioUserServer"]
 
-NUM_IRQS = 5
 DMA_TIMEOUT = 10.0
 REFUSE_WAIT = 2.0  # seconds a refused client has to send its first request (to be answered)
 ADMIT_GRACE = 1.0  # seconds a new client waits for the previous one's clean-up before refusal

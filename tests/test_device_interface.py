@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from emulab.client import ClientError, VfioUserClient
+from emulab.pci import IrqKind
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.dma import RemoteDma
 from emulab.pci.interface import AccessError, Device, Executor
@@ -23,7 +24,6 @@ from emulab.pci.interrupts import Interrupts
 from emulab.pci.regions import RegionInfo
 from emulab.server import VfioUserServer
 from emulab.trace import Trace
-from emulab.vfio_user.constants import IrqIndex
 from tests.waiting import wait_until
 
 BAR0, CONFIG = 0, 7
@@ -148,7 +148,7 @@ def test_a_device_from_nothing_is_served(
         with pytest.raises(ClientError) as exc:
             client.read(BAR0, 4090, 16)
         assert exc.value.errno == errno.EINVAL
-        assert client.irq_info(IrqIndex.MSIX).count == 0
+        assert client.irq_info(IrqKind.MSIX).count == 0
 
         # DMA towards the client goes through what attach() was given: DMA_READ messages.
         ram = client.map_message_only(0x1000, 0x40000)

@@ -9,9 +9,10 @@ import os
 import pytest
 
 from emulab.client import ClientError, VfioUserClient
+from emulab.pci import IrqKind
 from emulab.server import VfioUserServer
 from emulab.vfio_user import messages as m
-from emulab.vfio_user.constants import IrqIndex, SetIrqsFlags
+from emulab.vfio_user.constants import SetIrqsFlags
 from tests.test_server_client import BAR0, STATUS, copy, done
 from tests.waiting import wait_until
 
@@ -25,7 +26,7 @@ def test_resample_fd_rearms_intx_and_rechecks_the_level(server: VfioUserServer) 
     assert server.socket_path is not None
     client = VfioUserClient.connect(server.socket_path)
     client.map_ram(0x10000)
-    (irq,) = client.enable_irqs(IrqIndex.INTX, 0, 1)
+    (irq,) = client.enable_irqs(IrqKind.INTX, 0, 1)
     resample = client.intx_resample()
     intx = server.device.interrupts.intx
     assert intx is not None
@@ -67,8 +68,8 @@ def test_eventfds_where_vfio_takes_none_are_refused(server: VfioUserServer) -> N
     client = VfioUserClient.connect(server.socket_path)
     fd = os.eventfd(0, os.EFD_CLOEXEC)
     for flags, index in [
-        (SetIrqsFlags.DATA_EVENTFD | SetIrqsFlags.ACTION_MASK, IrqIndex.INTX),
-        (SetIrqsFlags.DATA_EVENTFD | SetIrqsFlags.ACTION_UNMASK, IrqIndex.MSIX),
+        (SetIrqsFlags.DATA_EVENTFD | SetIrqsFlags.ACTION_MASK, IrqKind.INTX),
+        (SetIrqsFlags.DATA_EVENTFD | SetIrqsFlags.ACTION_UNMASK, IrqKind.MSIX),
     ]:
         with pytest.raises(ClientError) as exc:
             client.request(m.SetIrqs(20, int(flags), index, 0, 1, b"", (fd,)))

@@ -13,10 +13,11 @@ import pytest
 
 from emulab.client import ClientError, VfioUserClient
 from emulab.devices.memcpy import MAGIC, MemcpyDevice
+from emulab.pci import IrqKind
 from emulab.server import VfioUserServer
 from emulab.vfio_user import Connection, Role
 from emulab.vfio_user import messages as m
-from emulab.vfio_user.constants import IrqIndex, IrqInfoFlags, RegionFlags
+from emulab.vfio_user.constants import IrqInfoFlags, RegionFlags
 from tests.waiting import wait_until
 
 BAR0, BAR2, CONFIG = 0, 2, 7
@@ -58,10 +59,10 @@ def test_socket_mode_and_info(server: VfioUserServer, client: VfioUserClient) ->
     os.close(bar2.fd)
     assert client.region_info(CONFIG).size == 4096
     assert client.region_info(5).size == 0 and client.region_info(6).size == 0
-    msix = client.irq_info(IrqIndex.MSIX)
+    msix = client.irq_info(IrqKind.MSIX)
     assert msix.count == 1 and msix.flags & IrqInfoFlags.MASKABLE
-    assert client.irq_info(IrqIndex.INTX).count == 1
-    assert client.irq_info(IrqIndex.MSI).count == 0
+    assert client.irq_info(IrqKind.INTX).count == 1
+    assert client.irq_info(IrqKind.MSI).count == 0
 
 
 def test_config_space_through_client(client: VfioUserClient) -> None:
@@ -77,7 +78,7 @@ def test_config_space_through_client(client: VfioUserClient) -> None:
 def test_copy_with_msix(client: VfioUserClient) -> None:
     ram = client.map_ram(1 << 20, iova=0x1_0000_0000)
     ram.write(0x1_0000_0040, b"vfio-user over a socket")
-    (fd,) = client.enable_irqs(IrqIndex.MSIX, 0, 1)
+    (fd,) = client.enable_irqs(IrqKind.MSIX, 0, 1)
     copy(client, 0x1_0000_0040, 0x1_0008_0000, 23, posted=True)  # posted, as QEMU sends MMIO
     assert client.wait_irq(fd) == 1
     assert ram.read(0x1_0008_0000, 23) == b"vfio-user over a socket"
@@ -88,7 +89,7 @@ def test_copy_with_msix(client: VfioUserClient) -> None:
 def test_copy_with_intx_and_unmask(client: VfioUserClient) -> None:
     ram = client.map_ram(0x10000)
     ram.write(0x100, b"x" * 64)
-    (fd,) = client.enable_irqs(IrqIndex.INTX, 0, 1)
+    (fd,) = client.enable_irqs(IrqKind.INTX, 0, 1)
     copy(client, 0x100, 0x1000, 64)
     assert client.wait_irq(fd) == 1
     assert client.config_read(0x06, 2) & 0x08  # Interrupt Status
@@ -102,13 +103,13 @@ def test_copy_with_intx_and_unmask(client: VfioUserClient) -> None:
 
 def test_msix_mask_sets_pba_and_unmask_delivers(client: VfioUserClient) -> None:
     client.map_ram(0x10000)
-    (fd,) = client.enable_irqs(IrqIndex.MSIX, 0, 1)
-    client.mask_irq(IrqIndex.MSIX, 0, 1)
+    (fd,) = client.enable_irqs(IrqKind.MSIX, 0, 1)
+    client.mask_irq(IrqKind.MSIX, 0, 1)
     copy(client, 0, 0x100, 8)
     done(client)
     assert client.wait_irq(fd, 0.2) == 0
     assert client.read(BAR0, 0xC00, 8)[0] & 1  # pending in the PBA
-    client.mask_irq(IrqIndex.MSIX, 0, 1, masked=False)
+    client.mask_irq(IrqKind.MSIX, 0, 1, masked=False)
     assert client.wait_irq(fd) == 1
     assert client.read(BAR0, 0xC00, 8)[0] & 1 == 0
     os.close(fd)
@@ -170,7 +171,7 @@ def test_disconnect_cleans_up_and_next_client_works(server: VfioUserServer) -> N
     for round_ in range(3):
         c = VfioUserClient.connect(server.socket_path)
         c.map_ram(0x10000)
-        c.enable_irqs(IrqIndex.MSIX, 0, 1)
+        c.enable_irqs(IrqKind.MSIX, 0, 1)
         c.write32(BAR0, LEN, 1234)
         assert c.read32(BAR0, LEN) == 1234
         c.channel.close()  # vanish without unmapping

@@ -10,30 +10,17 @@ at a worker thread so that a device never does slow work inside a message handle
 from __future__ import annotations
 
 import collections
-import enum
 import threading
 from collections.abc import Callable
 
 from emulab.pci.config_space import HEADER, Bar, BarKind, ConfigSpace
 from emulab.pci.dma import DmaRegion, GuestMemory, RemoteDma
-from emulab.pci.interface import NUM_REGIONS, AccessError, Executor
+from emulab.pci.interface import NUM_REGIONS, AccessError, Executor, RegionIndex
 from emulab.pci.interrupts import Interrupts, Intx, IrqKind, Msix
 from emulab.pci.regions import Region, RegionInfo, Window
 from emulab.trace import Trace
 
-__all__ = ["NUM_REGIONS", "AccessError", "PciDevice", "RegionKind"]
-
-
-class RegionKind(enum.IntEnum):
-    BAR0 = 0
-    BAR1 = 1
-    BAR2 = 2
-    BAR3 = 3
-    BAR4 = 4
-    BAR5 = 5
-    ROM = 6
-    CONFIG = 7
-    VGA = 8
+__all__ = ["NUM_REGIONS", "AccessError", "PciDevice", "RegionIndex"]
 
 
 class PciDevice:
@@ -111,7 +98,7 @@ class PciDevice:
 
     # -- what the server calls -----------------------------------------------------------------
     def region_info(self, index: int) -> RegionInfo:
-        if index == RegionKind.CONFIG:
+        if index == RegionIndex.CONFIG:
             return RegionInfo(self.config.size)
         region = self.regions.get(index)
         if region is None:
@@ -120,7 +107,7 @@ class PciDevice:
 
     def name_at(self, index: int, offset: int) -> str:
         """The register behind a region offset, for views of the access trace."""
-        if index == RegionKind.CONFIG:
+        if index == RegionIndex.CONFIG:
             for reg in HEADER:
                 if reg.offset <= offset < reg.offset + 4 * reg.count:
                     i = (offset - reg.offset) // 4
@@ -137,7 +124,7 @@ class PciDevice:
         with self.lock:
             self.access_counts["read"] += 1
             try:
-                if index == RegionKind.CONFIG:
+                if index == RegionIndex.CONFIG:
                     data = self.config.read(offset, count)
                 else:
                     data = self._region(index).read(offset, count)
@@ -153,7 +140,7 @@ class PciDevice:
             if self.trace.enabled:
                 self._register_trace("write", index, offset, data)
             try:
-                if index == RegionKind.CONFIG:
+                if index == RegionIndex.CONFIG:
                     self.config.write(offset, data)
                 else:
                     self._region(index).write(offset, data)

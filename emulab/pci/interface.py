@@ -29,6 +29,7 @@ thread; a device serialises itself (``PciDevice.lock``).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -37,11 +38,37 @@ from emulab.pci.interrupts import InterruptLine, IrqInfo, IrqKind
 from emulab.pci.regions import RegionInfo
 from emulab.trace import Trace
 
-__all__ = ["NUM_REGIONS", "AccessError", "Device", "Executor", "IrqController", "RemoteDma"]
+__all__ = [
+    "NUM_IRQS",
+    "NUM_REGIONS",
+    "AccessError",
+    "Device",
+    "Executor",
+    "IrqController",
+    "IrqKind",
+    "RegionIndex",
+    "RemoteDma",
+]
 
-NUM_REGIONS = 9
-"""Regions are numbered as VFIO numbers a PCI device's: BAR0..5 = 0..5, ROM = 6, config = 7,
-VGA = 8 (``emulab.pci.device.RegionKind``); a region a device lacks has size 0."""
+
+class RegionIndex(enum.IntEnum):
+    """A device's regions, numbered as VFIO numbers a PCI device's (``VFIO_PCI_*_REGION_INDEX``,
+    which vfio-user keeps): the one numbering of regions in emulab. A region a device lacks has
+    size 0."""
+
+    BAR0 = 0
+    BAR1 = 1
+    BAR2 = 2
+    BAR3 = 3
+    BAR4 = 4
+    BAR5 = 5
+    ROM = 6
+    CONFIG = 7
+    VGA = 8
+
+
+NUM_REGIONS = len(RegionIndex)
+NUM_IRQS = len(IrqKind)  # interrupt kinds are numbered as VFIO's IRQ indices (``IrqKind``)
 
 Executor = Callable[[Callable[[], None]], None]
 """``run_later(fn)``: run ``fn`` soon, outside the current request, on the server's worker."""

@@ -18,7 +18,6 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_MAX_DATA_XFER_SIZE",
     "MAX_MAX_MSG_FDS",
-    "NUM_PCI_IRQS",
     "NUM_PCI_REGIONS",
     "PROTOCOL_MAJOR",
     "PROTOCOL_MINOR",
@@ -33,14 +32,12 @@ __all__ = [
     "DmaUnmapFlags",
     "HeaderFlags",
     "IoFdType",
-    "IrqIndex",
     "IrqInfoFlags",
     "MigState",
     "MigrationFlags",
     "MsgType",
     "RegionCapId",
     "RegionFlags",
-    "RegionIndex",
     "SetIrqsFlags",
 ]
 
@@ -68,7 +65,6 @@ REGION_WRITE_MULTI_DATA: Final = 8  # bytes of data in one REGION_WRITE_MULTI en
 REGION_WRITE_MULTI_MAX: Final = 200  # QEMU never batches more (VFIO_USER_MULTI_MAX)
 
 NUM_PCI_REGIONS: Final = 9  # VFIO_PCI_NUM_REGIONS
-NUM_PCI_IRQS: Final = 5  # VFIO_PCI_NUM_IRQS
 
 
 class Command(IntEnum):
@@ -100,26 +96,6 @@ class MsgType(IntEnum):
 class HeaderFlags(IntFlag):
     NO_REPLY = 0x10
     ERROR = 0x20
-
-
-class RegionIndex(IntEnum):
-    BAR0 = 0
-    BAR1 = 1
-    BAR2 = 2
-    BAR3 = 3
-    BAR4 = 4
-    BAR5 = 5
-    ROM = 6
-    CONFIG = 7
-    VGA = 8
-
-
-class IrqIndex(IntEnum):
-    INTX = 0
-    MSI = 1
-    MSIX = 2
-    ERR = 3
-    REQ = 4
 
 
 class DeviceFlags(IntFlag):

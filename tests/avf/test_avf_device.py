@@ -14,8 +14,8 @@ from emulab.avf.descriptors import AqFlags, AqOpcode
 from emulab.avf.device import AvfDevice
 from emulab.avf.registers import ResetState
 from emulab.client import GuestRam, VfioUserClient
+from emulab.pci import IrqKind
 from emulab.server import VfioUserServer
-from emulab.vfio_user.constants import IrqIndex
 from tests.waiting import wait_until
 
 ATQ, ARQ, BUFS, REQ, N = 0x1000, 0x2000, 0x10000, 0x8000, 8
@@ -64,7 +64,7 @@ def test_identity_and_regions(rig: tuple[VfioUserClient, GuestRam, AvfDevice]) -
     assert c.config_read(0x08) >> 8 == 0x020000
     assert c.config_read(0x3D, 1) == 0  # no INTx on a VF
     assert c.region_info(0).size == 0x10000 and c.region_info(3).size == 0x4000
-    assert c.irq_info(IrqIndex.MSIX).count == 17
+    assert c.irq_info(IrqKind.MSIX).count == 17
     assert c.read32(0, 0x8800) & 3 == ResetState.VF_ACTIVE
 
 
@@ -72,7 +72,7 @@ def test_mailbox_round_trip_and_misc_interrupt(
     rig: tuple[VfioUserClient, GuestRam, AvfDevice],
 ) -> None:
     c, ram, dev = rig
-    (misc,) = c.enable_irqs(IrqIndex.MSIX, 0, 1)
+    (misc,) = c.enable_irqs(IrqKind.MSIX, 0, 1)
     init_adminq(c, ram)
     send(c, ram, 0, 1, b"\x01\x00\x00\x00\x01\x00\x00\x00")
     assert c.wait_irq(misc) == 1
@@ -109,7 +109,7 @@ def test_tx_doorbell_to_loopback_rx_and_queue_interrupt(
     from emulab.avf.descriptors import TxCmd, tx_qword1
 
     c, ram, dev = rig
-    vecs = c.enable_irqs(IrqIndex.MSIX, 0, 2)
+    vecs = c.enable_irqs(IrqKind.MSIX, 0, 2)
     txr, rxr, txb, rxb = 0x20000, 0x21000, 0x22000, 0x30000
     q = dev.queues
     q.tx[0].base, q.tx[0].length, q.tx[0].enabled, q.tx[0].vector = txr, 16, True, 1
@@ -141,7 +141,7 @@ def test_queue_on_the_misc_vector(rig: tuple[VfioUserClient, GuestRam, AvfDevice
     from emulab.avf.descriptors import TxCmd, tx_qword1
 
     c, ram, dev = rig
-    (misc,) = c.enable_irqs(IrqIndex.MSIX, 0, 1)
+    (misc,) = c.enable_irqs(IrqKind.MSIX, 0, 1)
     txr, txb = 0x20000, 0x22000
     q = dev.queues
     q.tx[0].base, q.tx[0].length, q.tx[0].enabled, q.tx[0].vector = txr, 16, True, 0
@@ -164,7 +164,7 @@ def test_queue_on_the_misc_vector(rig: tuple[VfioUserClient, GuestRam, AvfDevice
 def test_itr_throttles_a_queue_vector(rig: tuple[VfioUserClient, GuestRam, AvfDevice]) -> None:
 
     c, _, dev = rig
-    vecs = c.enable_irqs(IrqIndex.MSIX, 0, 2)
+    vecs = c.enable_irqs(IrqKind.MSIX, 0, 2)
     c.write32(0, 0x3800, 1 | 0 << 3 | 2500 << 5)  # vector 1: INTENA, ITR0 = 2500 x 2 us = 5 ms
     assert dev.core.irq.itr_seconds(1) == pytest.approx(0.005)
     dev.core.irq.queue_cause(1)

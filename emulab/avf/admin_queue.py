@@ -16,22 +16,20 @@ out of a register write.
 from __future__ import annotations
 
 import collections
-import struct
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from emulab.avf.descriptors import AqFlags, AqOpcode
+from emulab.avf.descriptors import AQ_BUFFER, AqDescriptor, AqFlags, AqOpcode
+from emulab.avf.registers import REGISTER
 from emulab.pci.dma import DmaError, GuestMemory
 from emulab.pci.registers import RegisterFile
 
 __all__ = ["AdminQueue", "AqReturn", "Handler"]
 
-DESC = struct.Struct("<HHHHIIIIII")
-ENABLE = 1 << 31
-LEN_MASK = 0x3FF
-VFE = 1 << 28
-CRIT = 1 << 30
-MAX_BUFFER = 4096
+_LEN = REGISTER["VF_ATQLEN1"]  # (ARQLEN declares the same fields)
+ENABLE, LEN_MASK = _LEN.field("enable").mask, _LEN.field("len").mask
+VFE, CRIT = _LEN.field("vfe").mask, _LEN.field("crit").mask
 
 
 class AqReturn:
@@ -101,22 +99,20 @@ class AdminQueue:
         return done
 
     def _complete(self, addr: int) -> None:
-        fields = list(DESC.unpack(self.memory.read(addr, 32)))
-        flags, opcode, datalen = fields[0], fields[1], fields[2]
-        v_opcode = fields[4]
+        desc = AqDescriptor.unpack(self.memory.read(addr, 32))
+        flags, datalen, v_opcode = desc.flags, desc.datalen, desc.cookie_high
         retval = AqReturn.OK
         reply: tuple[int, bytes] | None = None
-        if opcode != AqOpcode.SEND_MSG_TO_PF:
+        if desc.opcode != AqOpcode.SEND_MSG_TO_PF:
             retval = AqReturn.ENOSYS
         else:
             payload = b""
             if flags & AqFlags.BUF and datalen:
-                if datalen > MAX_BUFFER:
+                if datalen > AQ_BUFFER:
                     retval = AqReturn.EINVAL
                 else:
-                    buf = fields[8] << 32 | fields[9]
                     try:
-                        payload = self.memory.read(buf, datalen)
+                        payload = self.memory.read(desc.addr, datalen)
                     except DmaError:
                         retval = AqReturn.EFAULT
             if retval == AqReturn.OK:
@@ -126,9 +122,8 @@ class AdminQueue:
                     self.trace(
                         "aq-request", {"opcode": v_opcode, "payload": payload, "status": status}
                     )
-        fields[0] = flags | AqFlags.DD | AqFlags.CMP | (AqFlags.ERR if retval else 0)
-        fields[3] = retval
-        self.memory.write(addr, DESC.pack(*fields))
+        done = flags | AqFlags.DD | AqFlags.CMP | (AqFlags.ERR if retval else 0)
+        self.memory.write(addr, dataclasses.replace(desc, flags=done, retval=retval).pack())
         if reply is not None:
             self.post(v_opcode, reply[0], reply[1])
 
@@ -151,20 +146,28 @@ class AdminQueue:
             v_opcode, status, payload = self.pending[0]
             addr = base + 32 * head
             try:
-                fields = list(DESC.unpack(self.memory.read(addr, 32)))
-                size = fields[2]
-                if len(payload) > size:
-                    raise DmaError(7, f"reply of {len(payload)} bytes > posted buffer {size}")
+                posted = AqDescriptor.unpack(self.memory.read(addr, 32))
+                if len(payload) > posted.datalen:
+                    raise DmaError(
+                        7, f"reply of {len(payload)} bytes > posted buffer {posted.datalen}"
+                    )
                 if payload:
-                    self.memory.write(fields[8] << 32 | fields[9], payload)
+                    self.memory.write(posted.addr, payload)
             except DmaError as exc:
                 self._error("ARQ", f"descriptor {head}", exc)
                 self.pending.popleft()
                 break
             flags = AqFlags.DD | AqFlags.CMP | (AqFlags.BUF if payload else 0)
-            fields[0:5] = [int(flags), AqOpcode.SEND_MSG_TO_VF, len(payload), 0, v_opcode]
-            fields[5] = status & 0xFFFFFFFF
-            self.memory.write(addr, DESC.pack(*fields))
+            done = dataclasses.replace(
+                posted,
+                flags=int(flags),
+                opcode=AqOpcode.SEND_MSG_TO_VF,
+                datalen=len(payload),
+                retval=0,
+                cookie_high=v_opcode,
+                cookie_low=status & 0xFFFFFFFF,
+            )
+            self.memory.write(addr, done.pack())
             self.pending.popleft()
             head = (head + 1) % length
             self.regs.set("VF_ARQH1", head)

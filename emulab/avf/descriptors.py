@@ -7,14 +7,20 @@ views use, and what the kernels' bit arithmetic is checked against.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import struct
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
+    "AQ_BUFFER",
     "AQ_DESC",
+    "AQ_STRUCT",
     "RX_DESC",
     "TX_DESC",
+    "AqDescriptor",
     "AqFlags",
     "AqOpcode",
     "RxStatus",
@@ -23,21 +29,57 @@ __all__ = [
     "tx_qword1",
 ]
 
-AQ_DESC = np.dtype(
+
+@dataclass(frozen=True, slots=True)
+class AqDescriptor:
+    """One admin-queue descriptor (32 bytes, ``struct iavf_aq_desc``): the one declaration the
+    PF side, the software driver, views and tests read and write descriptors through."""
+
+    flags: int = 0
+    opcode: int = 0  # SEND_MSG_TO_PF / SEND_MSG_TO_VF
+    datalen: int = 0
+    retval: int = 0
+    cookie_high: int = 0  # the virtchnl opcode
+    cookie_low: int = 0  # the virtchnl status (replies and events)
+    param0: int = 0
+    param1: int = 0
+    addr_high: int = 0
+    addr_low: int = 0
+
+    @property
+    def addr(self) -> int:
+        """The buffer's guest address."""
+        return self.addr_high << 32 | self.addr_low
+
+    @classmethod
+    def buffer(cls, addr: int, size: int, flags: int = 0, **fields: int) -> AqDescriptor:
+        """A descriptor pointing at ``size`` bytes at ``addr`` (BUF set)."""
+        return cls(
+            flags=flags | AqFlags.BUF,
+            datalen=size,
+            addr_high=addr >> 32,
+            addr_low=addr & 0xFFFFFFFF,
+            **fields,
+        )
+
+    def pack(self) -> bytes:
+        return AQ_STRUCT.pack(*(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    @classmethod
+    def unpack(cls, data: bytes | bytearray | memoryview) -> AqDescriptor:
+        return cls(*AQ_STRUCT.unpack_from(data))
+
+
+_AQ_CODES = {"H": "<u2", "I": "<u4"}
+AQ_STRUCT = struct.Struct("<HHHHIIIIII")  # in the field order above
+AQ_DESC = np.dtype(  # the same, as numpy sees a ring of them
     [
-        ("flags", "<u2"),
-        ("opcode", "<u2"),
-        ("datalen", "<u2"),
-        ("retval", "<u2"),
-        ("cookie_high", "<u4"),  # virtchnl opcode
-        ("cookie_low", "<u4"),  # virtchnl status
-        ("param0", "<u4"),
-        ("param1", "<u4"),
-        ("addr_high", "<u4"),
-        ("addr_low", "<u4"),
+        (f.name, _AQ_CODES[c])
+        for f, c in zip(dataclasses.fields(AqDescriptor), AQ_STRUCT.format[1:], strict=True)
     ]
 )
-assert AQ_DESC.itemsize == 32
+assert AQ_STRUCT.size == AQ_DESC.itemsize == 32
+AQ_BUFFER = 4096  # the largest message buffer (IAVF_MAX_AQ_BUF_SIZE)
 
 
 class AqFlags(enum.IntFlag):

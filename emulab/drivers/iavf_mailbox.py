@@ -15,22 +15,28 @@ import struct
 import time
 from dataclasses import dataclass
 
+from emulab.avf import virtchnl as vc
+from emulab.avf.descriptors import AQ_BUFFER, AqDescriptor, AqFlags, AqOpcode
+from emulab.avf.registers import REGISTER
 from emulab.client import ClientError, GuestRam, VfioUserClient
+from emulab.pci.interface import IrqKind
 
 __all__ = ["GuestDriver", "MailboxError", "MailboxMessage"]
 
-DESC = struct.Struct("<HHHHIIIIII")
-FLAG_DD, FLAG_CMP, FLAG_ERR, FLAG_RD, FLAG_BUF, FLAG_SI = 0x1, 0x2, 0x4, 0x400, 0x1000, 0x2000
-SEND_MSG_TO_PF = 0x0801
-ENABLE = 1 << 31
-AQ_BUF = 4096
-OP_EVENT = 17
-
-# BAR0 offsets (emulab.avf.registers declares them; a driver only needs the numbers)
-ATQH, ATQLEN, ATQT, ATQBAL, ATQBAH = 0x6400, 0x6800, 0x8400, 0x7C00, 0x7800
-ARQH, ARQLEN, ARQT, ARQBAL, ARQBAH = 0x7400, 0x8000, 0x7000, 0x6C00, 0x6000
-VFGEN_RSTAT, ICR0_ENA1, DYN_CTL01, ICR01 = 0x8800, 0x5000, 0x5C00, 0x4800
-MSIX = 2
+# BAR0 offsets and bits, as emulab.avf.registers declares them (the one declaration)
+ATQH, ATQLEN, ATQT, ATQBAL, ATQBAH = (
+    REGISTER[f"VF_{n}1"].offset for n in ("ATQH", "ATQLEN", "ATQT", "ATQBAL", "ATQBAH")
+)
+ARQH, ARQLEN, ARQT, ARQBAL, ARQBAH = (
+    REGISTER[f"VF_{n}1"].offset for n in ("ARQH", "ARQLEN", "ARQT", "ARQBAL", "ARQBAH")
+)
+VFGEN_RSTAT, ICR0_ENA1, DYN_CTL01, ICR01 = (
+    REGISTER[n].offset for n in ("VFGEN_RSTAT", "VFINT_ICR0_ENA1", "VFINT_DYN_CTL01", "VFINT_ICR01")
+)
+ENABLE = REGISTER["VF_ARQLEN1"].field("enable").mask
+ADMINQ_CAUSE = REGISTER["VFINT_ICR0_ENA1"].field("adminq").mask
+_CTL = REGISTER["VFINT_DYN_CTL01"]
+REARM = _CTL.field("intena").mask | _CTL.field("itr_indx").mask  # INTENA, no ITR update
 
 
 class MailboxError(RuntimeError):
@@ -59,7 +65,7 @@ class GuestDriver:
         self.ram: GuestRam = client.map_ram(ram_size, iova, sealed=sealed)
         self._next = iova
         self.aq_len = aq_len
-        self.vector_fds = client.enable_irqs(MSIX, 0, vectors)
+        self.vector_fds = client.enable_irqs(IrqKind.MSIX, 0, vectors)
         self.atq = self.arq = self.atq_bufs = self.arq_bufs = 0
         self.atq_tail = 0
         self.arq_next = 0
@@ -108,12 +114,11 @@ class GuestDriver:
         n = self.aq_len
         if not self.atq:
             self.atq, self.arq = self.alloc(32 * n), self.alloc(32 * n)
-            self.atq_bufs, self.arq_bufs = self.alloc(AQ_BUF * n), self.alloc(AQ_BUF * n)
+            self.atq_bufs, self.arq_bufs = self.alloc(AQ_BUFFER * n), self.alloc(AQ_BUFFER * n)
         for i in range(n):
             self.ram.write(self.atq + 32 * i, bytes(32))
-            addr = self.arq_bufs + AQ_BUF * i
-            desc = DESC.pack(FLAG_BUF, 0, AQ_BUF, 0, 0, 0, 0, 0, addr >> 32, addr & 0xFFFFFFFF)
-            self.ram.write(self.arq + 32 * i, desc)
+            desc = AqDescriptor.buffer(self.arq_bufs + AQ_BUFFER * i, AQ_BUFFER)
+            self.ram.write(self.arq + 32 * i, desc.pack())
         for off in (ATQH, ATQT, ARQH, ARQT):
             self.w32(off, 0)
         self.w32(ATQBAL, self.atq & 0xFFFFFFFF)
@@ -124,34 +129,37 @@ class GuestDriver:
         self.w32(ARQLEN, n | ENABLE)
         self.w32(ARQT, n - 1)
         self.atq_tail = self.arq_next = 0
-        self.w32(ICR0_ENA1, 1 << 30)  # admin-queue cause
+        self.w32(ICR0_ENA1, ADMINQ_CAUSE)
         self.arm_misc()
 
     def arm_misc(self) -> None:
-        self.w32(DYN_CTL01, 1 | 3 << 3)  # INTENA, no ITR update
+        self.w32(DYN_CTL01, REARM)
 
     # -- the mailbox -----------------------------------------------------------------------------
     def send(self, opcode: int, payload: bytes = b"") -> None:
         """Put a virtchnl message on the ATQ and ring the doorbell."""
-        if len(payload) > AQ_BUF:
-            raise MailboxError(f"message of {len(payload)} bytes > {AQ_BUF}")
+        if len(payload) > AQ_BUFFER:
+            raise MailboxError(f"message of {len(payload)} bytes > {AQ_BUFFER}")
         i = self.atq_tail
-        buf = self.atq_bufs + AQ_BUF * i
-        flags = FLAG_SI | (FLAG_BUF | FLAG_RD if payload else 0)
+        buf = self.atq_bufs + AQ_BUFFER * i
         if payload:
             self.ram.write(buf, payload)
-        desc = DESC.pack(flags, SEND_MSG_TO_PF, len(payload), 0, opcode, 0, 0, 0,
-                         buf >> 32, buf & 0xFFFFFFFF)  # fmt: skip
-        self.ram.write(self.atq + 32 * i, desc)
+            flags = AqFlags.SI | AqFlags.RD
+            desc = AqDescriptor.buffer(
+                buf, len(payload), flags, opcode=AqOpcode.SEND_MSG_TO_PF, cookie_high=opcode
+            )
+        else:
+            desc = AqDescriptor(AqFlags.SI, AqOpcode.SEND_MSG_TO_PF, cookie_high=opcode)
+        self.ram.write(self.atq + 32 * i, desc.pack())
         self.atq_tail = (i + 1) % self.aq_len
         self.w32(ATQT, self.atq_tail)
         self.log.append(("tx", opcode, 0, len(payload)))
         # iavf_asq_send_command waits until the head catches up and the descriptor is done
         if self.r32(ATQH) != self.atq_tail:
             raise MailboxError("the device did not consume the ATQ descriptor")
-        flags, *_ = DESC.unpack(self.ram.read(self.atq + 32 * i, 32))
-        if not flags & FLAG_DD or flags & FLAG_ERR:
-            raise MailboxError(f"ATQ descriptor completed with flags {flags:#x}")
+        done = AqDescriptor.unpack(self.ram.read(self.atq + 32 * i, 32)).flags
+        if not done & AqFlags.DD or done & AqFlags.ERR:
+            raise MailboxError(f"ATQ descriptor completed with flags {done:#x}")
 
     def receive(self, timeout: float = 5.0) -> MailboxMessage:
         """The next PF message from the ARQ (waits for the misc interrupt)."""
@@ -164,16 +172,14 @@ class GuestDriver:
                 self.r32(ICR01)  # read-to-clear the cause, as the misc handler does
                 self.arm_misc()
         i = self.arq_next
-        flags, _, datalen, _, opcode, status, _, _, hi, lo = DESC.unpack(
-            self.ram.read(self.arq + 32 * i, 32)
-        )
-        if not flags & FLAG_DD:
+        got = AqDescriptor.unpack(self.ram.read(self.arq + 32 * i, 32))
+        if not got.flags & AqFlags.DD:
             raise MailboxError(f"ARQ descriptor {i} not done")
-        payload = self.ram.read(hi << 32 | lo, datalen) if datalen else b""
+        opcode, status, datalen = got.cookie_high, got.cookie_low, got.datalen
+        payload = self.ram.read(got.addr, datalen) if datalen else b""
         # repost the buffer and give it back (iavf_clean_arq_element)
-        addr = self.arq_bufs + AQ_BUF * i
-        desc = DESC.pack(FLAG_BUF, 0, AQ_BUF, 0, 0, 0, 0, 0, addr >> 32, addr & 0xFFFFFFFF)
-        self.ram.write(self.arq + 32 * i, desc)
+        desc = AqDescriptor.buffer(self.arq_bufs + AQ_BUFFER * i, AQ_BUFFER)
+        self.ram.write(self.arq + 32 * i, desc.pack())
         self.w32(ARQT, i)
         self.arq_next = (i + 1) % self.aq_len
         if self.client.wait_irq(self.vector_fds[0], 0):  # the interrupt came: ack and re-arm
@@ -188,7 +194,7 @@ class GuestDriver:
         self.send(opcode, payload)
         while True:
             msg = self.receive(timeout)
-            if msg.opcode == OP_EVENT and opcode != OP_EVENT:
+            if msg.opcode == vc.Op.EVENT and opcode != vc.Op.EVENT:
                 self.events.append(msg)
                 continue
             if msg.opcode != opcode:

@@ -18,15 +18,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emulab.avf import virtchnl as vc
+from emulab.avf.descriptors import (
+    RX_LENGTH_PBUF_MASK,
+    RX_LENGTH_PBUF_SHIFT,
+    TX_DTYPE_DESC_DONE,
+    RxStatus,
+    TxCmd,
+    tx_qword1,
+)
+from emulab.avf.registers import REGISTER
 from emulab.client import VfioUserClient
-from emulab.drivers.iavf_mailbox import ARQLEN, ENABLE, GuestDriver, MailboxError
+from emulab.drivers.iavf_mailbox import ARQLEN, ENABLE, REARM, GuestDriver, MailboxError
 
 __all__ = ["Nic", "NicDriver", "Ring"]
 
-# BAR0 offsets of the queues (emulab.avf.registers declares them)
-QTX_TAIL, QRX_TAIL, DYN_CTLN = 0x0000, 0x2000, 0x3800
-TX_EOP, TX_RS, TX_DESC_DONE = 0x1, 0x2, 0xF
-RX_DD, RX_EOF = 0x1, 0x2
+QTX_TAIL, QRX_TAIL, DYN_CTLN = (
+    REGISTER[n].offset for n in ("QTX_TAIL", "QRX_TAIL", "VFINT_DYN_CTLN")
+)
 WANTED_CAPS = (
     vc.Cap.L2 | vc.Cap.RSS_PF | vc.Cap.WB_ON_ITR | vc.Cap.REQ_QUEUES | vc.Cap.ADV_LINK_SPEED
     | vc.Cap.VLAN | vc.Cap.RX_FLEX_DESC  # asked for like iavf does; a PF may refuse them
@@ -121,7 +129,7 @@ class NicDriver(GuestDriver):
         mask = (1 << nq) - 1
         self._ok(vc.Op.ENABLE_QUEUES, struct.pack("<HHII", vsi, 0, mask, mask))
         for i in range(nq):
-            self.w32(DYN_CTLN + 4 * i, 1 | 3 << 3)  # INTENA, no ITR change
+            self.w32(DYN_CTLN + 4 * i, REARM)
         self._wait_link(nic)
         return nic
 
@@ -190,9 +198,9 @@ class NicDriver(GuestDriver):
                 i = ring.next
                 buf = ring.buffers + ring.buf_size * i
                 self.ram.write(buf, piece)
-                cmd = TX_RS | (TX_EOP if k == len(pieces) - 1 else 0)
+                cmd = TxCmd.RS | (TxCmd.EOP if k == len(pieces) - 1 else 0)
                 self.ram.write(
-                    ring.base + 16 * i, struct.pack("<QQ", buf, cmd << 4 | len(piece) << 34)
+                    ring.base + 16 * i, struct.pack("<QQ", buf, tx_qword1(len(piece), cmd))
                 )
                 ring.next = (i + 1) % ring.length
             ring.packets += 1
@@ -205,7 +213,7 @@ class NicDriver(GuestDriver):
     def _reclaim_tx(self, ring: Ring) -> None:
         while ring.clean != ring.next:
             (q1,) = struct.unpack("<Q", self.ram.read(ring.base + 16 * ring.clean + 8, 8))
-            if q1 & 0xF != TX_DESC_DONE:
+            if q1 & 0xF != TX_DTYPE_DESC_DONE:
                 break
             ring.clean = (ring.clean + 1) % ring.length
 
@@ -227,7 +235,7 @@ class NicDriver(GuestDriver):
                 return got
             for q in range(nic.num_queues):
                 if self.client.wait_irq(self.vector_fds[1 + q], 0):
-                    self.w32(DYN_CTLN + 4 * q, 1 | 3 << 3)
+                    self.w32(DYN_CTLN + 4 * q, REARM)
             time.sleep(min(left, 0.001))
 
     def service_irqs(self) -> int:
@@ -236,7 +244,7 @@ class NicDriver(GuestDriver):
         fired = 0
         for q in range(self._nic().num_queues):
             if self.client.wait_irq(self.vector_fds[1 + q], 0):
-                self.w32(DYN_CTLN + 4 * q, 1 | 3 << 3)
+                self.w32(DYN_CTLN + 4 * q, REARM)
                 fired += 1
         return fired
 
@@ -247,12 +255,12 @@ class NicDriver(GuestDriver):
         i = start = ring.next
         while True:
             (q1,) = struct.unpack("<Q", self.ram.read(ring.base + 32 * i + 8, 8))
-            if not q1 & RX_DD:
+            if not q1 & RxStatus.DD:
                 break
-            length = (q1 >> 38) & 0x3FFF
+            length = (q1 >> RX_LENGTH_PBUF_SHIFT) & RX_LENGTH_PBUF_MASK
             pieces.append(self.ram.read(ring.buffers + ring.buf_size * i, length))
             i = (i + 1) % ring.length
-            if q1 & RX_EOF:
+            if q1 & RxStatus.EOF:
                 frames.append(b"".join(pieces))
                 pieces = []
                 start = i  # everything before ``i`` is consumed

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from emulab.avf.admin_queue import DESC, AdminQueue, AqReturn
+from emulab.avf.admin_queue import AdminQueue, AqReturn
+from emulab.avf.descriptors import AQ_STRUCT as DESC
 from emulab.avf.descriptors import AqFlags, AqOpcode
 from emulab.avf.registers import BAR0_SIZE, REGISTERS
 from emulab.pci.dma import GuestMemory, memfd

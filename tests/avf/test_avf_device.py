@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from emulab.avf import datapath as dp
-from emulab.avf.admin_queue import DESC
+from emulab.avf.descriptors import AQ_STRUCT as DESC
 from emulab.avf.descriptors import AqFlags, AqOpcode
 from emulab.avf.device import AvfDevice
 from emulab.avf.registers import ResetState

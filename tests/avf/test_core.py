@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from emulab.avf.admin_queue import DESC
 from emulab.avf.core import AvfCore, ResetKind
+from emulab.avf.descriptors import AQ_STRUCT as DESC
 from emulab.avf.descriptors import AqFlags
 from emulab.avf.registers import BAR0_SIZE, REGISTER, REGISTERS, ResetState
 from emulab.avf.virtchnl import Op

@@ -361,7 +361,7 @@ class QueueEngine:
     def ring_to_ring(self) -> bool:
         """Frames may go TX ring to RX ring in one kernel: the fast path is on, the wire is the
         loopback, and every guest map is reachable as words (see ``MemoryTable.all_words``)."""
-        return self.fast and self.backend.kind == "loopback" and self._table.all_words
+        return self.fast and self.backend.loops_back and self._table.all_words
 
     def _filter_words(self) -> np.ndarray:
         """The MAC filter as the kernels take it (rebuilt only when it changed)."""

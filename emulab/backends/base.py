@@ -129,6 +129,9 @@ class PacketBackend(abc.ABC):
     kind = "backend"
     gso = False  # the wire finishes checksums and TCP segmentation (frames may be GsoFrames)
     holds = False  # the wire can wait for the device (flow control) instead of it dropping
+    # what the device sends comes straight back to it, in order, with nothing in between: the
+    # device may move frames TX ring to RX ring inside one kernel call (the loopback)
+    loops_back = False
 
     def __init__(self, *, lossless: bool = False) -> None:
         self.counters = Counters()

@@ -17,11 +17,13 @@ class LoopbackBackend(PacketBackend):
     fast path, which is a plain loopback's, is not used)."""
 
     kind = "loopback"
+    loops_back = True
 
     def __init__(self, *, lossless: bool = False) -> None:
         super().__init__(lossless=lossless)
-        if lossless:
+        if lossless:  # (frames wait on the wire's queue: not ring to ring)
             self.kind = "loopback-lossless"
+            self.loops_back = False
 
     def _transmit(self, frames: Sequence[bytes]) -> None:
         self._receive(frames)

@@ -179,3 +179,15 @@ def test_a_walked_lap_is_queued_for_the_wire_before_the_next_lap() -> None:
     eng.flush()
     t.join(5)
     assert wire == frames
+
+
+def test_a_backend_declares_the_fast_path_it_allows_whatever_its_name() -> None:
+    class Mirror(LoopbackBackend):
+        kind = "mirror"  # (the engine once chose the fast path by the name "loopback")
+
+    eng, raw, _ = setup(Mirror())
+    assert eng.ring_to_ring
+    assert eng.tx_tail(0, post_tx(raw, 0, [udp(4000 + i) for i in range(8)])) == 8
+    assert eng.fast_bursts >= 1 and sum(q.packets for q in eng.rx) == 8
+    lossless, _, _ = setup(LoopbackBackend(lossless=True))
+    assert not lossless.ring_to_ring  # frames wait on the wire's queue: not ring to ring

@@ -16,7 +16,7 @@ A crash is an exception out of the code under test (an error reply is not one), 
 thread's error, or a dead process; a hang is a message met with silence (or libFuzzer's
 -timeout). After its last input each live target serves a fresh client (a register read and, for
 the AVF, a clean bring-up). Afterwards the corpus is replayed under coverage.py for the line
-coverage of ``emulab/vfio_user``, ``emulab/server.py`` and ``emulab/avf``.
+coverage of ``emulab/vfio_user``, ``emulab/server``, ``emulab/transport`` and ``emulab/avf``.
 
     python bench/fuzz.py --messages 1000000        # the campaign (about 15 min here)
     python bench/fuzz.py --messages 5000 --quick   # what make test runs
@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"codec": 0.40, "memcpy": 0.20, "avf": 0.16, "guest-interrupt": 0.12, "guest-poll": 0.12}
-COVERED = ("emulab/vfio_user", "emulab/server.py", "emulab/avf")
+COVERED = ("emulab/vfio_user", "emulab/server", "emulab/transport", "emulab/avf")
 
 
 # -- the children ----------------------------------------------------------------------------------

@@ -14,26 +14,16 @@ import errno
 import mmap
 import os
 import select
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from emulab.pci.dma import memfd
 from emulab.pci.interface import IrqKind, RegionIndex
-from emulab.transport.unix_socket import Channel, ChannelClosed, connect
-from emulab.vfio_user import (
-    BadRequest,
-    Connection,
-    ConnectionClosed,
-    ErrorReply,
-    NeedData,
-    Reply,
-    Request,
-    Role,
-    UnexpectedReply,
-)
+from emulab.transport.endpoint import Endpoint, RequestFailed, close_fds
+from emulab.transport.unix_socket import Channel, connect
+from emulab.vfio_user import BadRequest, Request, Role
 from emulab.vfio_user import messages as m
 from emulab.vfio_user.constants import (
     Command,
@@ -42,7 +32,6 @@ from emulab.vfio_user.constants import (
     RegionFlags,
     SetIrqsFlags,
 )
-from emulab.vfio_user.errors import ProtocolError
 
 __all__ = ["ClientError", "GuestRam", "VfioUserClient"]
 
@@ -86,27 +75,19 @@ class GuestRam:
             self.fd = None
 
 
-@dataclass
-class _Pending:
-    event: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-
-
 class VfioUserClient:
     def __init__(
         self, channel: Channel, *, dma_layout: str = "spec", timeout: float = 10.0
     ) -> None:
         self.channel = channel
         self.timeout = timeout
-        self.conn = Connection(Role.CLIENT, dma_layout=dma_layout)
         self.ram: list[GuestRam] = []
         self.dma_requests_served = 0
-        self._lock = threading.Lock()
-        self._pending: dict[int, _Pending] = {}
         self._closed = False
-        self._error: str | None = None
-        self._reader = threading.Thread(target=self._read_loop, name="emulab-client", daemon=True)
-        self._reader.start()
+        self.endpoint = Endpoint(
+            channel, Role.CLIENT, dma_layout=dma_layout, on_request=self._serve_dma
+        ).start("emulab-client")
+        self.conn = self.endpoint.conn  # (negotiated sizes and capabilities: read, not driven)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -124,9 +105,7 @@ class VfioUserClient:
         if self._closed:
             return
         self._closed = True
-        self.channel.close()
-        if threading.current_thread() is not self._reader:
-            self._reader.join(5.0)
+        self.endpoint.close()
         for ram in self.ram:
             ram.close()
         self.ram.clear()
@@ -139,34 +118,19 @@ class VfioUserClient:
 
     # -- requests --------------------------------------------------------------------------------
     def request(self, message: Any, *, no_reply: bool = False, raw: bool = False) -> Any:
-        """Send a command and wait for its reply message (None for NO_REPLY commands)."""
-        pending = _Pending()
-        with self._lock:
-            if self._error is not None:
-                raise ClientError(errno.ECONNRESET, self._error)
-            data, fds, msg_id = self.conn.send_request(message, no_reply=no_reply)
-            if not no_reply:
-                self._pending[msg_id] = pending
+        """Send a command and wait for its reply message (None for NO_REPLY commands; the
+        :class:`Reply` event itself with ``raw``)."""
         try:
-            self.channel.send(data, fds)
-        except ChannelClosed as exc:
-            raise ClientError(errno.ECONNRESET, str(exc)) from exc
-        if no_reply:
-            return None
-        if not pending.event.wait(self.timeout):
-            with self._lock:
-                self._pending.pop(msg_id, None)
-            raise ClientError(errno.ETIMEDOUT, f"no reply to {type(message).__name__}")
-        result = pending.result
-        if isinstance(result, ClientError):
-            raise result
-        if raw:
+            result = self.endpoint.request(message, no_reply=no_reply, timeout=self.timeout)
+        except RequestFailed as exc:
+            raise ClientError(exc.errno, f"{type(message).__name__}: {exc.strerror}") from exc
+        if result is None or raw:
             return result
-        return result.message if isinstance(result, Reply) else result
+        return result.message
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Put arbitrary bytes on the wire (for fault-injection tests)."""
-        self.channel.send(data, fds)
+        self.endpoint.send_raw(data, fds)
 
     # -- device queries --------------------------------------------------------------------------
     def device_info(self) -> m.DeviceGetInfoReply:
@@ -322,85 +286,25 @@ class VfioUserClient:
     def reset(self) -> None:
         self.request(m.DeviceReset())
 
-    # -- the reader thread -----------------------------------------------------------------------
-    def _read_loop(self) -> None:
-        reason = "server closed the connection"
-        try:
-            while True:
-                data, fds = self.channel.recv()
-                events = []
-                with self._lock:
-                    self.conn.receive_data(data, fds)
-                    while True:
-                        ev = self.conn.next_event()
-                        if isinstance(ev, NeedData):
-                            break
-                        events.append(ev)
-                        if isinstance(ev, ConnectionClosed):
-                            break
-                for ev in events:
-                    if isinstance(ev, ConnectionClosed):
-                        return
-                    self._handle(ev)
-                if not data:
-                    return
-        except (ChannelClosed, ProtocolError, OSError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._fail_all(reason)
-
-    def _handle(self, ev: Any) -> None:
-        if isinstance(ev, Reply | ErrorReply):
-            for fd in getattr(ev, "fds", ()):  # a BadReply hands back fds nobody will use
-                os.close(fd)
-            with self._lock:
-                pending = self._pending.pop(ev.header.msg_id, None)
-            if pending is None:
-                return
-            if isinstance(ev, ErrorReply):
-                pending.result = ClientError(ev.errno, f"server error: {os.strerror(ev.errno)}")
-            else:
-                pending.result = ev
-            pending.event.set()
-        elif isinstance(ev, Request):
-            self._serve_dma(ev)
-        elif isinstance(ev, UnexpectedReply):
-            for fd in ev.fds:
-                os.close(fd)
-        elif isinstance(ev, BadRequest):
-            for fd in ev.fds:
-                os.close(fd)
-            with self._lock:
-                data = self.conn.send_error(ev, ev.errno)
-            self.channel.send(data)
-
-    def _serve_dma(self, ev: Request) -> None:
+    # -- the server's requests (on the endpoint's reader thread) -----------------------------------
+    def _serve_dma(self, ev: Request | BadRequest) -> None:
+        """DMA_READ / DMA_WRITE from the server, served from the guest RAM this client shares."""
+        if isinstance(ev, BadRequest):
+            close_fds(ev.fds)
+            self.endpoint.error(ev, ev.errno)
+            return
         msg = ev.message
-        code = 0
-        reply: Any = None
-        ram = next((r for r in self.ram if r.contains(msg.address, msg.count)), None)
+        close_fds(getattr(msg, "fds", ()) or ())
+        self.dma_requests_served += 1
         if ev.header.command not in (Command.DMA_READ, Command.DMA_WRITE):
-            code = errno.ENOSYS
-        elif ram is None:
-            code = errno.EFAULT
+            self.endpoint.error(ev, errno.ENOSYS)
+            return
+        ram = next((r for r in self.ram if r.contains(msg.address, msg.count)), None)
+        if ram is None:
+            self.endpoint.error(ev, errno.EFAULT)
         elif ev.header.command == Command.DMA_READ:
-            reply = m.DmaReadReply(msg.address, msg.count, ram.read(msg.address, msg.count))
+            data = ram.read(msg.address, msg.count)
+            self.endpoint.reply(ev, m.DmaReadReply(msg.address, msg.count, data))
         else:
             ram.write(msg.address, bytes(msg.data))
-            reply = m.DmaWriteReply(msg.address, msg.count)
-        fds: tuple[int, ...] = ()
-        with self._lock:
-            if code:
-                data = self.conn.send_error(ev, code)
-            else:
-                data, fds = self.conn.send_reply(ev, reply)
-        self.dma_requests_served += 1
-        self.channel.send(data, fds)
-
-    def _fail_all(self, reason: str) -> None:
-        with self._lock:
-            self._error = reason
-            pending, self._pending = self._pending, {}
-        for p in pending.values():
-            p.result = ClientError(errno.ECONNRESET, reason)
-            p.event.set()
+            self.endpoint.reply(ev, m.DmaWriteReply(msg.address, msg.count))

@@ -28,4 +28,5 @@ def test_short_campaign_finds_no_crash_or_hang(tmp_path: Path) -> None:
     assert out.count("fresh client:") == 4, out  # memcpy, avf, guest-interrupt, guest-poll
     coverage = dict(re.findall(r"(emulab/[\w/.]+) ([\d.]+)%", out))
     assert float(coverage["emulab/vfio_user"]) > 60, coverage
-    assert float(coverage["emulab/server.py"]) > 50 and float(coverage["emulab/avf"]) > 40
+    assert float(coverage["emulab/server"]) > 50 and float(coverage["emulab/avf"]) > 40
+    assert float(coverage["emulab/transport"]) > 50

@@ -1,0 +1,144 @@
+"""The endpoint both peers use: requests and replies in both directions over one channel,
+one lock on the Connection however many threads send, and every fd accounted for."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from emulab.transport.endpoint import Endpoint, RequestFailed
+from emulab.transport.unix_socket import channel_pair
+from emulab.vfio_user import BadRequest, Request, Role
+from emulab.vfio_user import messages as m
+from emulab.vfio_user.constants import Command
+
+
+class Pair:
+    """A server endpoint that answers REGION_READ with bytes of the offset and DEVICE_RESET
+    with an error, and a client endpoint that answers DMA_READ from a buffer."""
+
+    def __init__(self) -> None:
+        a, b = channel_pair()
+        self.ram = bytes(range(256)) * 16
+        self.server = Endpoint(a, Role.SERVER, on_request=self._serve)
+        self.client = Endpoint(b, Role.CLIENT, on_request=self._client_serves)
+        self.server.start("test-server")
+        self.client.start("test-client")
+
+    def _serve(self, ev: Request | BadRequest) -> None:
+        if isinstance(ev, BadRequest):
+            self.server.error(ev, ev.errno)
+        elif ev.header.command == Command.VERSION:
+            self.server.reply(ev, self.server.conn.version_reply(ev))
+        elif ev.header.command == Command.REGION_READ:
+            msg = ev.message
+            data = bytes([msg.offset & 0xFF]) * msg.count
+            self.server.reply(ev, m.RegionReadReply(msg.offset, msg.region, msg.count, data))
+        else:
+            self.server.error(ev, errno.ENOTTY)
+
+    def _client_serves(self, ev: Request | BadRequest) -> None:
+        assert isinstance(ev, Request) and ev.header.command == Command.DMA_READ
+        msg = ev.message
+        data = self.ram[msg.address : msg.address + msg.count]
+        self.client.reply(ev, m.DmaReadReply(msg.address, msg.count, data))
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    p.client.request(p.client.conn.version_request())
+    yield p
+    p.close()
+
+
+def test_requests_both_ways_at_once_from_many_threads(pair: Pair) -> None:
+    """Four client threads read regions while four server threads DMA from the client: every
+    answer is the right one (one lock on each Connection, replies matched by msg_id)."""
+    errors: list[str] = []
+
+    def client_reads(k: int) -> None:
+        for i in range(200):
+            off = (k * 200 + i) % 251
+            reply = pair.client.request(m.RegionRead(off, 0, 4)).message
+            if reply.data != bytes([off]) * 4:
+                errors.append(f"region {off}: {reply.data!r}")
+
+    def server_dmas(k: int) -> None:
+        for i in range(200):
+            addr = (k * 331 + i * 7) % 4000
+            reply = pair.server.request(m.DmaRead(addr, 16)).message
+            if reply.data != pair.ram[addr : addr + 16]:
+                errors.append(f"dma {addr:#x}: {reply.data!r}")
+
+    threads = [threading.Thread(target=client_reads, args=(k,)) for k in range(4)]
+    threads += [threading.Thread(target=server_dmas, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+
+
+def test_an_error_reply_raises_with_its_errno(pair: Pair) -> None:
+    with pytest.raises(RequestFailed) as exc:
+        pair.client.request(m.DeviceReset())
+    assert exc.value.errno == errno.ENOTTY
+
+
+def test_a_closed_connection_fails_what_waits_and_what_comes(pair: Pair) -> None:
+    a, b = channel_pair()
+    silent = Endpoint(b, Role.CLIENT, on_request=lambda ev: None).start("test-silent")
+    waiting: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            silent.request(silent.conn.version_request(), timeout=10)
+        except RequestFailed as e:
+            waiting.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    a.recv()  # the request arrived; nobody will answer it
+    a.close()
+    t.join(5)
+    assert len(waiting) == 1 and waiting[0].errno == errno.ECONNRESET
+    with pytest.raises(RequestFailed) as exc:
+        silent.request(silent.conn.version_request())
+    assert exc.value.errno == errno.ECONNRESET
+    assert silent.end_reason == "eof"
+    silent.close()
+
+
+def test_no_reply_in_time_is_a_timeout() -> None:
+    a, b = channel_pair()
+    ep = Endpoint(b, Role.CLIENT, on_request=lambda ev: None).start("test-timeout")
+    with pytest.raises(RequestFailed) as exc:
+        ep.request(ep.conn.version_request(), timeout=0.2)
+    assert exc.value.errno == errno.ETIMEDOUT
+    ep.close()
+    a.close()
+
+
+def test_fds_of_a_reply_nobody_awaits_are_closed(pair: Pair) -> None:
+    """A reply to no request of ours (a peer confused or hostile) carrying an fd: closed."""
+    before = len(os.listdir("/proc/self/fd"))
+    fd = os.eventfd(0)
+    unexpected: list[object] = []
+    pair.client.on_unexpected = unexpected.append
+    with pair.server.lock:  # a reply header for msg_id 999, which the client never sent
+        data = bytes.fromhex("e703") + (Command.DEVICE_GET_INFO).to_bytes(2, "little")
+        data += (16).to_bytes(4, "little") + (1).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    pair.server.send_raw(data, [fd])
+    os.close(fd)
+    pair.client.request(m.RegionRead(1, 0, 1))  # (after the stray reply: it was read)
+    assert len(unexpected) == 1
+    assert len(os.listdir("/proc/self/fd")) == before  # (the copy that came is closed too)

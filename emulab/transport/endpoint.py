@@ -117,17 +117,18 @@ class Endpoint:
                 data, fds = self.channel.recv()
             except ChannelClosed as exc:
                 return f"socket error: {exc}"
+            lock, conn = self.lock, self.conn
             try:
-                with self.lock:
-                    self.conn.receive_data(data, fds)
+                with lock:
+                    conn.receive_data(data, fds)
             except ProtocolError as exc:
                 close_fds(fds)
                 close_fds(getattr(exc, "fds", ()))
                 return self._protocol_error(exc)
             while True:  # one event at a time: a request is answered before the next is parsed
                 try:
-                    with self.lock:
-                        event = self.conn.next_event()
+                    with lock:
+                        event = conn.next_event()
                 except ProtocolError as exc:
                     close_fds(getattr(exc, "fds", ()))
                     return self._protocol_error(exc)
@@ -209,7 +210,11 @@ class Endpoint:
         anything is sent; a peer that left does not (the reader sees it)."""
         with self.lock:
             data, fds = self.conn.send_reply(request, message)
-        self._send(data, fds)
+        if data:
+            try:  # noqa: SIM105 -- contextlib.suppress costs ~0.5 us a message here
+                self.channel.send(data, fds)
+            except ChannelClosed:
+                pass  # the peer left: the reader sees EOF next and ends
 
     def error(self, request: Request | BadRequest, code: int) -> None:
         """Answer ``request`` with an error reply ``code`` (nothing for a NO_REPLY one)."""
@@ -225,8 +230,10 @@ class Endpoint:
 
     def _send(self, data: bytes, fds: Sequence[int]) -> None:
         if data:
-            with contextlib.suppress(ChannelClosed):  # the reader sees EOF next and ends
+            try:  # noqa: SIM105 -- contextlib.suppress costs ~0.5 us a message here
                 self.channel.send(data, fds)
+            except ChannelClosed:
+                pass  # the peer left: the reader sees EOF next and ends
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Bytes on the wire as they are (fault injection)."""

@@ -92,7 +92,8 @@ class IrqRecord(Record):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DmaRecord(Record):
     """Guest memory: a client's map, unmap, unmap-all (``count`` maps dropped); a map lost
-    under the device (``lost``, ``error`` says why)."""
+    under the device (``lost``); a server -> client message DMA (``read``/``write`` of ``size``
+    bytes at ``iova``, ``error`` set if it failed)."""
 
     kind: ClassVar[str] = "dma"
     event: str

@@ -193,14 +193,29 @@ class Session:
 
     # -- server -> client DMA (called from the worker thread) ----------------------------------
     def dma_read(self, address: int, count: int) -> bytes:
-        reply = self._request(m.DmaRead(address, count))
-        data: bytes = reply.data
-        if len(data) != count:
-            raise DmaError(errno.EIO, f"DMA_READ returned {len(data)} of {count} bytes")
+        try:
+            reply = self._request(m.DmaRead(address, count))
+            data: bytes = reply.data
+            if len(data) != count:
+                raise DmaError(errno.EIO, f"DMA_READ returned {len(data)} of {count} bytes")
+        except Exception as exc:
+            self._dma_trace("read", address, count, str(exc))
+            raise
+        self._dma_trace("read", address, count)
         return data
 
     def dma_write(self, address: int, data: bytes) -> None:
-        self._request(m.DmaWrite(address, len(data), data))
+        try:
+            self._request(m.DmaWrite(address, len(data), data))
+        except Exception as exc:
+            self._dma_trace("write", address, len(data), str(exc))
+            raise
+        self._dma_trace("write", address, len(data))
+
+    def _dma_trace(self, event: str, address: int, size: int, error: str = "") -> None:
+        self.server.trace.record(
+            DmaRecord(device=self.device.name, event=event, iova=address, size=size, error=error)
+        )
 
     def _request(self, message: Any) -> Any:
         if threading.current_thread() is self.endpoint.reader:

@@ -160,8 +160,11 @@ def test_message_dma_against_real_qemu(
     maps = [e for e in server.trace.snapshot(DmaRecord) if e.event == "map"]
     assert maps and not any(m.fd for m in maps)  # no shared memory at all
     assert server.device.memory.stats["remote_reads"] >= 1
+    reads = [e for e in server.trace.snapshot(DmaRecord) if e.event == "read"]
+    assert reads  # (the server traces its DMA_READs)
     if layout == "spec":
         assert run.exit_code == 0 and v["COPY"] == "OK", run.output
+        assert not any(e.error for e in reads)
         assert int(v["IRQ"]) >= 1
     else:
         assert v["COPY"] == "MISMATCH", "QEMU now uses the offset-12 DMA layout: update the default"

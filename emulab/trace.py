@@ -32,7 +32,7 @@ __all__ = [
     "RegisterRecord",
     "Trace",
     "describe",
-    "frame",
+    "records_to_pandas",
 ]
 
 
@@ -285,8 +285,9 @@ class Trace:
             self._counts.clear()
 
     def to_pandas(self, cls: type[Record]) -> Any:
-        """The buffered records of one type as a DataFrame of flat columns (see :func:`frame`)."""
-        return frame(cls, self.snapshot(cls))
+        """The buffered records of one type as a DataFrame of flat columns
+        (:func:`records_to_pandas`)."""
+        return records_to_pandas(cls, self.snapshot(cls))
 
 
 # -- views' text --------------------------------------------------------------------------------
@@ -327,10 +328,11 @@ def _flat(value: object) -> object:
     return describe(value)
 
 
-def frame(cls: type[Record], records: Iterable[Record]) -> Any:
+def records_to_pandas(cls: type[Record], records: Iterable[Record]) -> Any:
     """Records of one type as a pandas DataFrame: a ``t`` column, then one per field, every cell
     flat (bytes as hex text, messages and decoded payloads as :func:`describe` text, an int
-    field that may be None as pandas' nullable ``Int64``)."""
+    field that may be None as pandas' nullable ``Int64``). For records already in hand (a
+    snapshot whose objects a notebook also reads); :meth:`Trace.to_pandas` takes a snapshot."""
     import pandas as pd  # noqa: PLC0415 -- pandas is heavy; only views need it
 
     fields = [f for f in dataclasses.fields(cls) if f.name != "t"]

@@ -19,6 +19,7 @@ from emulab.trace import (
     RegisterRecord,
     Trace,
     describe,
+    records_to_pandas,
 )
 from emulab.vfio_user import messages as m
 
@@ -163,6 +164,8 @@ def test_to_pandas_columns_are_flat() -> None:
     assert str(device["queue"].dtype) == "Int64" and list(device["queue"].fillna(-1)) == [-1, 3]
     empty = Trace().to_pandas(PacketRecord)
     assert empty.empty and "frame" in empty.columns
+    records = trace.snapshot(MessageRecord)  # (the same rows as the objects a notebook reads)
+    assert list(records_to_pandas(MessageRecord, records)["msg_id"]) == [e.msg_id for e in records]
 
 
 def test_describe_a_message_without_its_payload() -> None:

@@ -28,7 +28,7 @@ from emulab.backends import open_backend
 from emulab.client import VfioUserClient
 from emulab.drivers import NicDriver
 from emulab.server import VfioUserServer
-from emulab.trace import Trace
+from emulab.trace import DeviceRecord, Trace
 
 __all__ = ["Lab", "udp_flows"]
 
@@ -218,8 +218,11 @@ class Lab:
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emulab-qemu")
         return pool.submit(
             qemu.boot, script, sockets=[self.socket_path], modules=("iavf",), kernel=kernel,
-            timeout=timeout, progress=lambda m: self.trace.record("device", event="qemu", what=m),
+            timeout=timeout, progress=self._qemu_progress,
         )  # fmt: skip
+
+    def _qemu_progress(self, what: str) -> None:
+        self.trace.record(DeviceRecord(event="qemu", what=what))
 
     def release_guest(self) -> None:
         """Stop the software guest's traffic and disconnect it (the server takes a new client)."""

@@ -18,12 +18,12 @@ import pytest
 from emulab.client import ClientError, VfioUserClient
 from emulab.pci import IrqKind
 from emulab.pci.config_space import ConfigSpace
-from emulab.pci.dma import RemoteDma
+from emulab.pci.dma import DmaError, RemoteDma
 from emulab.pci.interface import AccessError, Device, Executor
 from emulab.pci.interrupts import Interrupts
 from emulab.pci.regions import RegionInfo
 from emulab.server import VfioUserServer
-from emulab.trace import Trace
+from emulab.trace import DmaRecord, Trace
 from tests.waiting import wait_until
 
 BAR0, CONFIG = 0, 7
@@ -159,6 +159,16 @@ def test_a_device_from_nothing_is_served(
         assert client.read(BAR0, 0x100, 16) == b"from-guest-ram!!"
         assert client.dma_requests_served == 1
         assert server.status()["dma_maps"] == 1
+        # (the server traces its DMA towards the client, a failed one with the error)
+        assert device.dma is not None
+        with pytest.raises(DmaError):
+            device.dma.dma_read(0x90000, 16)  # nothing mapped there
+        reads = [e for e in server.trace.snapshot(DmaRecord) if e.event == "read"]
+        assert [(e.device, e.iova, e.size) for e in reads] == [
+            ("scratchpad", 0x40010, 16),
+            ("scratchpad", 0x90000, 16),
+        ]
+        assert not reads[0].error and reads[1].error
 
         client.reset()
         assert client.read(BAR0, 0x20, 5) == bytes(5)

@@ -15,6 +15,7 @@ from emulab.client import ClientError, VfioUserClient
 from emulab.devices.memcpy import MAGIC, MemcpyDevice
 from emulab.pci import IrqKind
 from emulab.server import VfioUserServer
+from emulab.trace import ClientRecord, MessageRecord
 from emulab.vfio_user import Connection, Role
 from emulab.vfio_user import messages as m
 from emulab.vfio_user.constants import IrqInfoFlags, RegionFlags
@@ -161,7 +162,7 @@ def test_bad_requests_get_errors_and_the_next_works(
     client.send_raw(struct.pack("<HHIII", 0x7001, 99, 16, 0, 0))
     client.send_raw(struct.pack("<HHIII", 0x7002, 9, 20, 0, 0) + b"\0\0\0\0")
     assert client.read32(BAR0, 0) == MAGIC
-    errors = [e.data["error"] for e in server.trace.snapshot("message") if e.data["error"]]
+    errors = [e.error for e in server.trace.snapshot(MessageRecord) if e.error]
     assert {errno.ENOSYS, errno.EINVAL, errno.E2BIG} <= set(errors)
 
 
@@ -300,7 +301,7 @@ def test_a_second_client_gets_ebusy_and_the_next_one_gets_in(server: VfioUserSer
         VfioUserClient.connect(server.socket_path, timeout=5)
     assert e.value.errno == errno.EBUSY
     assert server.stats.refused == 1 and "second client" in (server.last_error or "")
-    assert [ev.data["event"] for ev in server.trace.snapshot("client")].count("refused") == 1
+    assert [ev.event for ev in server.trace.snapshot(ClientRecord)].count("refused") == 1
     assert first.read32(BAR0, 0) == MAGIC  # the attached client never noticed
     first.close()  # and a client that connects right after it left is served, not refused
     with VfioUserClient.connect(server.socket_path) as again:
@@ -315,8 +316,8 @@ def test_a_reply_to_nothing_gets_an_error_reply(server: VfioUserServer) -> None:
     msg_id, command, size, flags, err = struct.unpack("<HHIII", sock.recv(16))
     assert (msg_id, command, size, flags & 0xF, bool(flags & 0x20)) == (0x7100, 3, 16, 1, True)
     assert err == errno.EINVAL
-    events = [ev.data for ev in server.trace.snapshot("client")]
-    assert any(d["event"] == "protocol-error" and "no request" in d["error"] for d in events)
+    events = server.trace.snapshot(ClientRecord)
+    assert any(e.event == "protocol-error" and "no request" in e.error for e in events)
     # the connection is still good: a real request next gets its reply
     sock.sendall(struct.pack("<HHIIIQII", 0x7101, 9, 32, 0, 0, 0, CONFIG, 4))  # REGION_READ
     msg_id, command, size, flags, err = struct.unpack("<HHIII", sock.recv(16))
@@ -331,8 +332,7 @@ def test_an_unknown_message_type_closes_that_client(server: VfioUserServer, kind
     sock.sendall(struct.pack("<HHIII", 0x7200, 3, 16, kind, 0))
     assert sock.recv(16) == b""  # closed: the stream cannot be trusted after that
     wait_until(lambda: not server.connected)
-    events = [ev.data for ev in server.trace.snapshot("client")]
-    assert any(d["event"] == "protocol-error" and "unknown message type" in d["error"]
-               for d in events)  # fmt: skip
+    events = server.trace.snapshot(ClientRecord)
+    assert any(e.event == "protocol-error" and "unknown message type" in e.error for e in events)
     with VfioUserClient.connect(server.socket_path) as c:
         assert c.read32(BAR0, 0) == MAGIC

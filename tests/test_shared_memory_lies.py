@@ -28,6 +28,7 @@ from emulab.drivers.iavf_nic import QTX_TAIL
 from emulab.pci import guard
 from emulab.pci.dma import F_GET_SEALS, F_SEAL_SHRINK, DmaError, GuestMemory, memfd
 from emulab.server import VfioUserServer
+from emulab.trace import DmaRecord, MessageRecord
 from emulab.vfio_user import messages as m
 from emulab.vfio_user.constants import DmaMapFlags
 from tests.test_server_client import BAR0, COPIES, ERRNO, STATUS, copy, done
@@ -74,9 +75,7 @@ def test_fds_that_lie_about_their_size_or_kind_are_refused(server: VfioUserServe
     assert server.device.memory.regions == []
 
     def refusals() -> str:  # (traced just after the error reply is sent)
-        return " | ".join(
-            str(e.data["args"]) for e in server.trace.snapshot("message") if e.data.get("error")
-        )
+        return " | ".join(str(e.args) for e in server.trace.snapshot(MessageRecord) if e.error)
 
     wait_until(lambda: "not a regular file" in refusals(), 2, "the pipe's refusal traced")
     assert "holds 0x1000 bytes; the map needs 0x10000" in refusals()
@@ -112,8 +111,8 @@ def test_memory_shrunk_under_the_memcpy_engine(server: VfioUserServer) -> None:
     dev = server.device
     wait_until(lambda: dev.fault is not None, 2, "device fault")
     assert "shrank the file" in (dev.fault or "")
-    lost = [e for e in dev.trace.snapshot("dma") if e.data.get("event") == "lost"]
-    assert lost and lost[0].data["iova"] == 0
+    lost = [e for e in dev.trace.snapshot(DmaRecord) if e.event == "lost"]
+    assert lost and lost[0].iova == 0
     assert dev.memory.stats["lost"] == 1
     copy(client, 0x40, 0x3000, 6)  # the map stays out of use: EFAULT at once, no fault needed
     assert done(client) & 4
@@ -153,7 +152,7 @@ def test_memory_shrunk_under_the_avf_data_path(tmp_path: Path, mode: str) -> Non
         # guest memory" -- whichever came first; either way the queue stopped)
         assert "FAULT: guest memory" in line and "errors: tx0: " in line, line
         assert not dev.queues.tx[0].enabled and not dev.queues.rx[0].enabled
-        assert any(e.data.get("event") == "lost" for e in dev.trace.snapshot("dma"))
+        assert any(e.event == "lost" for e in dev.trace.snapshot(DmaRecord))
         client.close()
         wait_until(lambda: not srv.connected, 5, "client gone")
         client = connect(srv)

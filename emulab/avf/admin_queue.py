@@ -24,6 +24,7 @@ from emulab.avf.descriptors import AQ_BUFFER, AqDescriptor, AqFlags, AqOpcode
 from emulab.avf.registers import REGISTER
 from emulab.pci.dma import DmaError, GuestMemory
 from emulab.pci.registers import RegisterFile
+from emulab.trace import AdminqRecord
 
 __all__ = ["AdminQueue", "AqReturn", "Handler"]
 
@@ -53,7 +54,7 @@ class AdminQueue:
     memory: GuestMemory
     handler: Handler
     notify: Callable[[], None] = lambda: None  # a message was posted to the ARQ
-    trace: Callable[[str, dict[str, object]], None] | None = None
+    trace: Callable[[AdminqRecord], None] | None = None  # (the device names and decodes them)
     pending: collections.deque[tuple[int, int, bytes]] = field(default_factory=collections.deque)
     stats: dict[str, int] = field(default_factory=lambda: {"atq": 0, "arq": 0, "errors": 0})
 
@@ -70,7 +71,7 @@ class AdminQueue:
         self.stats["errors"] += 1
         self.regs.set(f"VF_{which}LEN1", self.regs.get(f"VF_{which}LEN1") | VFE | CRIT)
         if self.trace is not None:
-            self.trace("aq-error", {"queue": which, "what": what, "error": str(exc)})
+            self.trace(AdminqRecord(event="aq-error", queue=which, what=what, error=str(exc)))
 
     # -- ATQ: driver -> PF ----------------------------------------------------------------------
     def atq_kick(self) -> int:
@@ -120,7 +121,9 @@ class AdminQueue:
                 if self.trace is not None:
                     status = None if reply is None else reply[0]
                     self.trace(
-                        "aq-request", {"opcode": v_opcode, "payload": payload, "status": status}
+                        AdminqRecord(
+                            event="aq-request", opcode=v_opcode, payload=payload, status=status
+                        )
                     )
         done = flags | AqFlags.DD | AqFlags.CMP | (AqFlags.ERR if retval else 0)
         self.memory.write(addr, dataclasses.replace(desc, flags=done, retval=retval).pack())
@@ -173,7 +176,9 @@ class AdminQueue:
             self.regs.set("VF_ARQH1", head)
             delivered += 1
             if self.trace is not None:
-                self.trace("aq-reply", {"opcode": v_opcode, "status": status, "payload": payload})
+                self.trace(
+                    AdminqRecord(event="aq-reply", opcode=v_opcode, status=status, payload=payload)
+                )
         if delivered:
             self.stats["arq"] += delivered
             self.notify()

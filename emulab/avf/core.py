@@ -13,6 +13,7 @@ REQUEST_QUEUES). Both go through :meth:`AvfCore.reset`; they differ only in what
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import threading
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from emulab.backends.base import PacketBackend
 from emulab.backends.simple import LoopbackBackend
 from emulab.pci.dma import GuestMemory
 from emulab.pci.registers import RegisterFile
-from emulab.trace import Trace
+from emulab.trace import AdminqRecord, DeviceRecord, PacketRecord, Trace
 
 __all__ = ["MODES", "TAIL_PAGES", "AvfCore", "ResetKind", "VirtchnlHandler"]
 
@@ -202,7 +203,7 @@ class AvfCore:
             self.pf.vf_reset()
             self.regs.set("VFGEN_RSTAT", ResetState.VF_ACTIVE)
         if kind is ResetKind.VF:
-            self.trace.record("device", device=self.name, event="vf-reset")
+            self.trace.record(DeviceRecord(device=self.name, event="vf-reset"))
 
     # -- link ------------------------------------------------------------------------------------
     def set_link(self, up: bool) -> None:
@@ -213,43 +214,44 @@ class AvfCore:
     # -- trace -----------------------------------------------------------------------------------
     def _queue_error(self, kind: str, queue: int, what: str) -> None:
         self.trace.record(
-            "device", device=self.name, event=f"{kind}-queue-error", queue=queue, error=what
+            DeviceRecord(device=self.name, event=f"{kind}-queue-error", queue=queue, error=what)
         )
 
     def _kernels_trace(self, st: BuildStatus) -> None:
         shown = st.state in ("compiling", "ready", "failed", "stopped")
         if shown and (st.state, st.done) != self._kstate:
             self._kstate = (st.state, st.done)
-            self.trace.record(
-                "device", device=self.name, event="kernels", state=st.state, done=st.done,
+            self.trace.record(DeviceRecord(
+                device=self.name, event="kernels", state=st.state, done=st.done,
                 total=st.total, maps=st.maps, message=st.message,
-            )  # fmt: skip
+            ))  # fmt: skip
 
-    def _aq_trace(self, event: str, data: dict[str, object]) -> None:
-        opcode = data.get("opcode")
-        payload = data.get("payload")
-        if isinstance(opcode, int) and isinstance(payload, bytes):
-            data["op"] = vc.op_name(opcode)
+    def _aq_trace(self, rec: AdminqRecord) -> None:
+        """The admin queue's and the PF's records, named after this device; requests and
+        replies with their virtchnl payload decoded (a rare path: replace() is fine here)."""
+        opcode, decoded = rec.opcode, rec.decoded
+        if opcode is not None and rec.event in ("aq-request", "aq-reply"):
             try:
-                data["decoded"] = vc.decode(opcode, payload, from_pf=event != "aq-request")
+                decoded = vc.decode(opcode, rec.payload, from_pf=rec.event != "aq-request")
             except vc.VirtchnlError as exc:
-                data["decoded"] = f"malformed: {exc}"
-        self.trace.record("adminq", device=self.name, event=event, **data)
+                decoded = f"malformed: {exc}"
+        op = vc.op_name(opcode) if opcode is not None else rec.op
+        self.trace.record(dataclasses.replace(rec, device=self.name, op=op, decoded=decoded))
 
     def _packets_trace(self, direction: str, queue: int, frames: object) -> None:
         trace = self.trace
         if trace.enabled:
             for f in frames:  # type: ignore[attr-defined]
-                trace.record("packet", device=self.name, direction=direction, queue=queue,
-                             length=len(f), frame=bytes(f[:SNAPLEN]))  # fmt: skip
+                trace.record(PacketRecord(device=self.name, direction=direction, queue=queue,
+                                          length=len(f), frame=bytes(f[:SNAPLEN])))  # fmt: skip
 
     def _snaps_trace(self, direction: str, queue: int, rows: object) -> None:
         """The fast path's packet trace: (length, first bytes) copied out by the kernel."""
         trace = self.trace
         if trace.enabled:
             for length, head in rows:  # type: ignore[attr-defined]
-                trace.record("packet", device=self.name, direction=direction, queue=queue,
-                             length=length, frame=bytes(head[:SNAPLEN]))  # fmt: skip
+                trace.record(PacketRecord(device=self.name, direction=direction, queue=queue,
+                                          length=length, frame=bytes(head[:SNAPLEN])))  # fmt: skip
 
     # -- status ----------------------------------------------------------------------------------
     def counters(self) -> dict[str, float]:

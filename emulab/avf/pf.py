@@ -30,6 +30,7 @@ import numpy as np
 from emulab.avf import virtchnl as vc
 from emulab.avf.queues import DEFAULT_HENA, MAX_FRAME, QueueEngine
 from emulab.avf.virtchnl import Cap, Op, Status, VirtchnlError
+from emulab.trace import AdminqRecord
 
 __all__ = ["GRANTABLE", "PfConfig", "VirtchnlPf"]
 
@@ -68,7 +69,7 @@ class VirtchnlPf:
     post_event: Callable[[int, int, bytes], None]  # (opcode, status, payload) to the VF's ARQ
     request_reset: Callable[[], None]  # the PF resets the VF (REQUEST_QUEUES)
     config: PfConfig = field(default_factory=PfConfig)
-    trace: Callable[[str, dict[str, Any]], None] | None = None
+    trace: Callable[[AdminqRecord], None] | None = None
 
     def __post_init__(self) -> None:
         self.num_queue_pairs = min(self.config.num_queue_pairs, self.queues.num_queues)
@@ -126,8 +127,8 @@ class VirtchnlPf:
 
     def _refuse(self, opcode: int, status: Status, why: str) -> Reply:
         if self.trace is not None:
-            self.trace("virtchnl-refused", {"opcode": vc.op_name(opcode), "status": status.name,
-                                            "why": why})  # fmt: skip
+            self.trace(AdminqRecord(event="virtchnl-refused", opcode=opcode, op=vc.op_name(opcode),
+                                    status=int(status), error=f"{status.name}: {why}"))  # fmt: skip
         return int(status), b""
 
     def _check_vsi(self, msg: dict[str, Any]) -> None:

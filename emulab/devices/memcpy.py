@@ -14,7 +14,7 @@ from emulab.pci.config_space import PCIE_CONFIG_SIZE, Bar, BarKind, ConfigSpace
 from emulab.pci.device import PciDevice
 from emulab.pci.dma import DmaError
 from emulab.pci.registers import Access, Field, Register, RegisterFile
-from emulab.trace import Trace
+from emulab.trace import DeviceRecord, Trace
 
 MAGIC = 0x5950434D  # "MCPY"
 VENDOR_ID, DEVICE_ID = 0xE1AB, 0x0C01  # unassigned IDs: a lab device, not a product
@@ -82,13 +82,9 @@ class MemcpyDevice(PciDevice):
             self.regs.set("COPIES", self.regs["COPIES"] + (status == DONE))
             self.regs.set("STATUS", (self.regs["STATUS"] & ~BUSY) | status)
             self.trace.record(
-                "device",
-                device=self.name,
-                event="copy",
-                src=src,
-                dst=dst,
-                length=length,
-                errno=code,
+                DeviceRecord(
+                    device=self.name, event="copy", src=src, dst=dst, length=length, errno=code
+                )
             )
             if self.regs["CONTROL"] & 1 and self.msix.enabled:
                 self.msix.trigger(0)

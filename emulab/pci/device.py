@@ -18,7 +18,7 @@ from emulab.pci.dma import DmaRegion, GuestMemory, RemoteDma
 from emulab.pci.interface import NUM_REGIONS, AccessError, Executor, RegionIndex
 from emulab.pci.interrupts import Interrupts, Intx, IrqKind, Msix
 from emulab.pci.regions import Region, RegionInfo, Window
-from emulab.trace import Trace
+from emulab.trace import DeviceRecord, DmaRecord, IrqRecord, RegisterRecord, Trace
 
 __all__ = ["NUM_REGIONS", "AccessError", "PciDevice", "RegionIndex"]
 
@@ -70,7 +70,7 @@ class PciDevice:
         return intx
 
     def _irq_observer(self, kind: IrqKind, vector: int, what: str) -> None:
-        self.trace.record("irq", device=self.name, irq=kind.name, vector=vector, what=what)
+        self.trace.record(IrqRecord(device=self.name, irq=kind.name, vector=vector, what=what))
 
     def _config_written(self, offset: int, size: int, old: bytes) -> None:
         # Clearing Interrupt Disable re-evaluates a pending INTx (uio_pci_generic relies on it).
@@ -83,7 +83,9 @@ class PciDevice:
         self.on_dma_lost(text)  # (engines stopped first: ``fault`` set means the device stopped)
         self.fault = text
         self.trace.record(
-            "dma", device=self.name, event="lost", iova=region.iova, size=region.size, error=text
+            DmaRecord(
+                device=self.name, event="lost", iova=region.iova, size=region.size, error=text
+            )
         )
 
     def report_error(self, where: str, exc: BaseException) -> None:
@@ -91,7 +93,7 @@ class PciDevice:
         kept in :attr:`errors`, traced as ``device``/``error``; the thread carries on."""
         text = f"{where}: {type(exc).__name__}: {exc}"
         self.errors.append(text)
-        self.trace.record("device", device=self.name, event="error", error=text)
+        self.trace.record(DeviceRecord(device=self.name, event="error", error=text))
 
     def on_dma_lost(self, text: str) -> None:
         """Subclasses stop what uses guest memory here (the map is already out of use)."""
@@ -149,14 +151,15 @@ class PciDevice:
 
     def _register_trace(self, op: str, index: int, offset: int, data: bytes) -> None:
         self.trace.record(
-            "register",
-            device=self.name,
-            op=op,
-            region=index,
-            offset=offset,
-            name=self.name_at(index, offset),
-            size=len(data),
-            value=int.from_bytes(data[:8], "little"),
+            RegisterRecord(
+                device=self.name,
+                op=op,
+                region=index,
+                offset=offset,
+                name=self.name_at(index, offset),
+                size=len(data),
+                value=int.from_bytes(data[:8], "little"),
+            )
         )
 
     def _region(self, index: int) -> Region:
@@ -171,7 +174,7 @@ class PciDevice:
             self.config.reset()
             self.interrupts.reset()
             self.on_reset()
-        self.trace.record("device", device=self.name, event="reset")
+        self.trace.record(DeviceRecord(device=self.name, event="reset"))
 
     def on_reset(self) -> None:
         """Subclasses reset their own state here."""

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from emulab.pci.interface import Device
-from emulab.server.session import HandlerError, ServerStats, Session, describe
+from emulab.server.session import HandlerError, ServerStats, Session
 from emulab.server.threads import SwitchInterval, Worker
-from emulab.trace import Trace
+from emulab.trace import ClientRecord, Trace, describe
 from emulab.transport.endpoint import close_fds
 from emulab.transport.unix_socket import Channel, ChannelClosed, UnixListener, channel_pair
 from emulab.vfio_user import BadRequest, Connection, Request, Role
@@ -208,7 +208,7 @@ class VfioUserServer(Generic[D]):
         self.stats.refused += 1
         text = "busy: this server serves one client at a time and one is attached"
         self.last_error = f"refused a second client ({text})"
-        self.trace.record("client", event="refused", number=self.stats.refused, error=text)
+        self.trace.record(ClientRecord(event="refused", number=self.stats.refused, error=text))
         conn = Connection(Role.SERVER, dma_layout=self.dma_layout)
         try:
             channel.sock.settimeout(REFUSE_WAIT)
@@ -230,7 +230,7 @@ class VfioUserServer(Generic[D]):
         self._session = session
         self.stats.clients += 1
         self.stats.connected = True
-        self.trace.record("client", event="connect", number=self.stats.clients)
+        self.trace.record(ClientRecord(event="connect", number=self.stats.clients))
         try:
             session.run()
         except BaseException as exc:  # last line of defence: the thread must survive
@@ -246,7 +246,7 @@ class VfioUserServer(Generic[D]):
                 self.last_error = f"detach: {exc}"
             self._session = None
             self.stats.connected = False
-            self.trace.record("client", event="disconnect", reason=session.end_reason)
+            self.trace.record(ClientRecord(event="disconnect", reason=session.end_reason))
 
     def _device_error(self, exc: BaseException) -> None:
         self.last_error = f"device: {type(exc).__name__}: {exc}"

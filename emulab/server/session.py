@@ -18,7 +18,7 @@ from emulab.pci.dma import DmaError
 from emulab.pci.interface import NUM_IRQS, NUM_REGIONS, AccessError, Device
 from emulab.pci.interrupts import EventfdLine, IrqKind
 from emulab.server.threads import Worker
-from emulab.trace import Trace
+from emulab.trace import ClientRecord, DmaRecord, IrqRecord, MessageRecord, Trace
 from emulab.transport.endpoint import Endpoint, RequestFailed, close_fds
 from emulab.transport.unix_socket import Channel
 from emulab.vfio_user import BadRequest, Request, Role, UnexpectedReply
@@ -34,7 +34,7 @@ from emulab.vfio_user.constants import (
 )
 from emulab.vfio_user.errors import LocalProtocolError, MessageError
 
-__all__ = ["HandlerError", "ServerStats", "Session", "command_name", "describe"]
+__all__ = ["HandlerError", "ServerStats", "Session", "command_name"]
 
 DMA_TIMEOUT = 10.0
 
@@ -117,14 +117,14 @@ class Session:
         self.end_reason = self.endpoint.run()
 
     def _protocol_error(self, text: str) -> None:
-        self.server.trace.record("client", event="protocol-error", error=text)
+        self.server.trace.record(ClientRecord(event="protocol-error", error=text))
 
     def _unexpected(self, event: UnexpectedReply) -> None:
         """A reply to nothing we asked: the peer may wait for an answer to what it meant as a
         request, so it gets one (an error), and the trace says why."""
         self.server.stats.errors += 1
         text = f"a reply (msg_id {event.header.msg_id}) to no request of ours"
-        self.server.trace.record("client", event="protocol-error", error=text)
+        self.server.trace.record(ClientRecord(event="protocol-error", error=text))
         self.endpoint.error_unexpected(event, errno.EINVAL)
 
     def dispatch(self, event: Request | BadRequest) -> None:
@@ -162,28 +162,30 @@ class Session:
             return
         if server.trace_messages:
             server.trace.record(
-                "message",
-                direction="in",
-                command=NAMES.get(command) or command_name(command),
-                msg_id=event.header.msg_id,
-                args=event.message,  # frozen dataclasses: views describe them lazily
-                reply=reply,
-                error=0,
-                latency_us=(time.perf_counter() - t0) * 1e6,
+                MessageRecord(
+                    direction="in",
+                    command=NAMES.get(command) or command_name(command),
+                    msg_id=event.header.msg_id,
+                    args=event.message,  # frozen dataclasses: views describe them lazily
+                    reply=reply,
+                    error=0,
+                    latency_us=(time.perf_counter() - t0) * 1e6,
+                )
             )
 
     def _send_error(self, event: Request | BadRequest, code: int, text: str) -> None:
         self.server.stats.errors += 1
         self.endpoint.error(event, code)
         self.server.trace.record(
-            "message",
-            direction="in",
-            command=command_name(event.header.command),
-            msg_id=event.header.msg_id,
-            args=text,
-            reply=None,
-            error=code,
-            latency_us=0.0,
+            MessageRecord(
+                direction="in",
+                command=command_name(event.header.command),
+                msg_id=event.header.msg_id,
+                args=text,
+                reply=None,
+                error=code,
+                latency_us=0.0,
+            )
         )
 
     def close(self) -> None:
@@ -191,14 +193,29 @@ class Session:
 
     # -- server -> client DMA (called from the worker thread) ----------------------------------
     def dma_read(self, address: int, count: int) -> bytes:
-        reply = self._request(m.DmaRead(address, count))
-        data: bytes = reply.data
-        if len(data) != count:
-            raise DmaError(errno.EIO, f"DMA_READ returned {len(data)} of {count} bytes")
+        try:
+            reply = self._request(m.DmaRead(address, count))
+            data: bytes = reply.data
+            if len(data) != count:
+                raise DmaError(errno.EIO, f"DMA_READ returned {len(data)} of {count} bytes")
+        except Exception as exc:
+            self._dma_trace("read", address, count, str(exc))
+            raise
+        self._dma_trace("read", address, count)
         return data
 
     def dma_write(self, address: int, data: bytes) -> None:
-        self._request(m.DmaWrite(address, len(data), data))
+        try:
+            self._request(m.DmaWrite(address, len(data), data))
+        except Exception as exc:
+            self._dma_trace("write", address, len(data), str(exc))
+            raise
+        self._dma_trace("write", address, len(data))
+
+    def _dma_trace(self, event: str, address: int, size: int, error: str = "") -> None:
+        self.server.trace.record(
+            DmaRecord(device=self.device.name, event=event, iova=address, size=size, error=error)
+        )
 
     def _request(self, message: Any) -> Any:
         if threading.current_thread() is self.endpoint.reader:
@@ -228,7 +245,7 @@ class Session:
             writable=bool(msg.flags & DmaMapFlags.WRITE),
         )
         self.server.trace.record(
-            "dma", event="map", iova=msg.address, size=msg.size, fd=msg.fd is not None
+            DmaRecord(event="map", iova=msg.address, size=msg.size, fd=msg.fd is not None)
         )
         return None, ()  # the fd is closed after mmap: the mapping keeps the memory
 
@@ -239,11 +256,11 @@ class Session:
         if msg.flags & DmaUnmapFlags.ALL:
             self.server.worker.drain()
             n = self.device.dma_unmap_all()
-            self.server.trace.record("dma", event="unmap-all", count=n)
+            self.server.trace.record(DmaRecord(event="unmap-all", count=n))
         else:
             self.server.worker.drain()
             self.device.dma_unmap(msg.address, msg.size)
-            self.server.trace.record("dma", event="unmap", iova=msg.address, size=msg.size)
+            self.server.trace.record(DmaRecord(event="unmap", iova=msg.address, size=msg.size))
         return m.DmaUnmapReply(msg.argsz, msg.flags, msg.address, msg.size), ()
 
     def get_info(self, req: Request) -> tuple[Any, tuple[int, ...]]:
@@ -358,12 +375,9 @@ class Session:
 
     def _irq_trace(self, kind: IrqKind, msg: m.SetIrqs, what: str) -> None:
         self.server.trace.record(
-            "irq",
-            device=self.device.name,
-            irq=kind.name,
-            vector=msg.start,
-            what=what,
-            count=msg.count,
+            IrqRecord(
+                device=self.device.name, irq=kind.name, vector=msg.start, what=what, count=msg.count
+            )
         )
 
     def region_read(self, req: Request) -> tuple[Any, tuple[int, ...]]:
@@ -412,20 +426,3 @@ def command_name(command: int) -> str:
         return Command(command).name
     except ValueError:
         return f"UNKNOWN({command})"
-
-
-def describe(message: Any) -> str | None:
-    """A short text of a traced message (no payload bytes), for views."""
-    if message is None:
-        return None
-    fields = getattr(message, "__dataclass_fields__", {})
-    parts = []
-    for name in fields:
-        value = getattr(message, name)
-        if isinstance(value, bytes | bytearray | memoryview):
-            parts.append(f"{name}=<{len(value)} bytes>")
-        elif isinstance(value, int) and name in ("offset", "address", "iova", "size"):
-            parts.append(f"{name}={value:#x}")
-        else:
-            parts.append(f"{name}={value!r}")
-    return f"{type(message).__name__}({', '.join(parts)})"

@@ -14,7 +14,7 @@ from typing import Any
 
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.registers import Field, Register, RegisterFile
-from emulab.trace import Event
+from emulab.trace import AdminqRecord, MessageRecord, PacketRecord
 
 __all__ = [
     "CONFIG_HEADER",
@@ -140,24 +140,20 @@ VIRTCHNL_COLUMNS = ("t", "event", "op", "status", "decoded")
 PACKET_COLUMNS = ("t", "dir", "queue", "length", "summary")
 
 
-def message_rows(events: Sequence[Event]) -> Rows:
+def message_rows(events: Sequence[MessageRecord]) -> Rows:
     """vfio-user messages: time, direction, command, id, decoded arguments, error, latency."""
     return [
-        (e.t, d.get("direction", ""), d.get("command", ""), d.get("msg_id", 0),
-         _short(d.get("args", "")), d.get("error", 0), round(float(d.get("latency_us", 0.0)), 1))
+        (e.t, e.direction, e.command, e.msg_id, _short(e.args), e.error, round(e.latency_us, 1))
         for e in events
-        for d in (e.data,)
-    ]  # fmt: skip
+    ]
 
 
-def virtchnl_rows(events: Sequence[Event]) -> Rows:
+def virtchnl_rows(events: Sequence[AdminqRecord]) -> Rows:
     """The admin-queue conversation: requests, replies and PF events with decoded payloads."""
     return [
-        (e.t, d.get("event", ""), d.get("op", ""), d.get("status", ""),
-         _short(d.get("decoded", ""), 140))
+        (e.t, e.event, e.op, "" if e.status is None else e.status, _short(e.decoded, 140))
         for e in events
-        for d in (e.data,)
-    ]  # fmt: skip
+    ]
 
 
 _SUMMARIES: dict[bytes, str] = {}
@@ -179,14 +175,9 @@ def packet_summary(frame: bytes) -> str:
     return s
 
 
-def packet_rows(events: Sequence[Event]) -> Rows:
+def packet_rows(events: Sequence[PacketRecord]) -> Rows:
     """Packets seen on the wire: time, direction, queue, length, scapy's decoding."""
-    return [
-        (e.t, d.get("direction", ""), d.get("queue", 0), d.get("length", 0),
-         packet_summary(d.get("frame", b"")))
-        for e in events
-        for d in (e.data,)
-    ]  # fmt: skip
+    return [(e.t, e.direction, e.queue, e.length, packet_summary(e.frame)) for e in events]
 
 
 def hexdump(data: bytes, width: int = 16) -> str:
@@ -199,7 +190,7 @@ def hexdump(data: bytes, width: int = 16) -> str:
     return "\n".join(lines)
 
 
-def write_pcap(events: Sequence[Event], path: str | Path) -> int:
+def write_pcap(events: Sequence[PacketRecord], path: str | Path) -> int:
     """The traced packets (as captured, up to the trace's snap length) to a pcap file."""
     from scapy.utils import PcapWriter  # noqa: PLC0415
 
@@ -207,10 +198,8 @@ def write_pcap(events: Sequence[Event], path: str | Path) -> int:
     n = 0
     try:
         for e in events:
-            frame = e.data.get("frame")
-            if isinstance(frame, bytes | bytearray):
-                writer.write(bytes(frame))
-                n += 1
+            writer.write(e.frame)
+            n += 1
     finally:
         writer.close()
     return n

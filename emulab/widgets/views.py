@@ -13,18 +13,19 @@ import abc
 import html
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import ipywidgets as widgets
 
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.registers import RegisterFile
-from emulab.trace import Event, Trace
+from emulab.trace import AdminqRecord, MessageRecord, PacketRecord, Record, Trace
 from emulab.widgets import tables
 from emulab.widgets.painter import ChartFrame, PainterProcess
 
 __all__ = ["MessageView", "PacketView", "RateChart", "RegisterView", "View", "VirtchnlView"]
 
+R = TypeVar("R", bound=Record)
 HOT_SECONDS = 2.0  # how long a changed register stays highlighted
 _W220 = widgets.Layout(width="220px")
 
@@ -89,10 +90,10 @@ class RegisterView(View):
         _set(self.table, "value", body)
 
 
-class _TraceTable(View):
-    """A table of the newest events of one trace kind, with pause and a text filter."""
+class _TraceTable(View, Generic[R]):
+    """A table of the newest records of one type, with pause and a text filter."""
 
-    kind = ""
+    record: type[R]
     limit = 40
     _shown: tuple[int, str] | None = None  # (event count, filter) last rendered
 
@@ -103,7 +104,7 @@ class _TraceTable(View):
         self.pause = widgets.ToggleButton(description="pause", layout=widgets.Layout(width="80px"))
         self.count = widgets.Label()
         self.table = widgets.HTML()
-        self.table.add_class(f"emulab-{self.kind}")
+        self.table.add_class(f"emulab-{self.record.kind}")
         self.widget = widgets.VBox(
             [widgets.HBox([self.filter, self.pause, self.count]), self.table]
         )
@@ -111,52 +112,55 @@ class _TraceTable(View):
     columns: tuple[str, ...] = ()
 
     @abc.abstractmethod
-    def rows(self, events: list[Event]) -> tables.Rows:
-        """Table rows for events of this view's kind, oldest first."""
+    def rows(self, events: list[R]) -> tables.Rows:
+        """Table rows for records of this view's type, oldest first."""
 
     def frame(self) -> Any:
         """The newest events as a pandas DataFrame (for a notebook cell to analyse)."""
         import pandas as pd  # noqa: PLC0415
 
-        return pd.DataFrame(self.rows(self.trace.tail(self.kind, 400)), columns=list(self.columns))
+        return pd.DataFrame(
+            self.rows(self.trace.tail(self.record, 400)), columns=list(self.columns)
+        )
 
     def refresh(self) -> None:
-        total = self.trace.counts().get(self.kind, 0)
-        _set(self.count, "value", f"{total} {self.kind} events")
+        kind = self.record.kind
+        total = self.trace.counts().get(kind, 0)
+        _set(self.count, "value", f"{total} {kind} events")
         if self.pause.value or self._shown == (total, self.filter.value):
             return  # paused, or nothing new
         self._shown = (total, self.filter.value)
         needle = self.filter.value.lower()
         # decode only what the table shows, or a deeper window when a filter is set
-        rows = self.rows(self.trace.tail(self.kind, 400 if needle else self.limit))
+        rows = self.rows(self.trace.tail(self.record, 400 if needle else self.limit))
         if needle:
             rows = [r for r in rows if needle in " ".join(map(str, r)).lower()]
         shown = [(f"{r[0]:9.3f}", *r[1:]) for r in reversed(rows[-self.limit :])]
         _set(self.table, "value", tables.html_table(self.columns, shown))
 
 
-class MessageView(_TraceTable):
+class MessageView(_TraceTable[MessageRecord]):
     """vfio-user messages: direction, command, decoded arguments, latency."""
 
-    kind, title, columns = "message", "vfio-user messages", tables.MESSAGE_COLUMNS
+    record, title, columns = MessageRecord, "vfio-user messages", tables.MESSAGE_COLUMNS
 
-    def rows(self, events: list[Event]) -> tables.Rows:
+    def rows(self, events: list[MessageRecord]) -> tables.Rows:
         return tables.message_rows(events)
 
 
-class VirtchnlView(_TraceTable):
+class VirtchnlView(_TraceTable[AdminqRecord]):
     """The admin-queue conversation: request, reply, status, decoded payload."""
 
-    kind, title, columns = "adminq", "virtchnl", tables.VIRTCHNL_COLUMNS
+    record, title, columns = AdminqRecord, "virtchnl", tables.VIRTCHNL_COLUMNS
 
-    def rows(self, events: list[Event]) -> tables.Rows:
+    def rows(self, events: list[AdminqRecord]) -> tables.Rows:
         return tables.virtchnl_rows(events)
 
 
-class PacketView(_TraceTable):
+class PacketView(_TraceTable[PacketRecord]):
     """Packets decoded by scapy; pick one for its hexdump; export the trace as pcap."""
 
-    kind, title, limit, columns = "packet", "packets", 30, tables.PACKET_COLUMNS
+    record, title, limit, columns = PacketRecord, "packets", 30, tables.PACKET_COLUMNS
 
     def __init__(self, trace: Trace, title: str | None = None, pcap_dir: str | Path = ".") -> None:
         super().__init__(trace, title)
@@ -174,16 +178,16 @@ class PacketView(_TraceTable):
             self.hex,
         )
 
-    def rows(self, events: list[Event]) -> tables.Rows:
+    def rows(self, events: list[PacketRecord]) -> tables.Rows:
         return tables.packet_rows(events)
 
     def refresh(self) -> None:
         super().refresh()
         # packet # counts back from the newest (0 = newest), like the table's first row
-        events = self.trace.tail("packet", self.pick.value + 1)
+        events = self.trace.tail(PacketRecord, self.pick.value + 1)
         if not events:
             return
-        frame = events[0].data.get("frame", b"")
+        frame = events[0].frame
         text = html.escape(tables.hexdump(frame))
         _set(
             self.hex,
@@ -193,7 +197,7 @@ class PacketView(_TraceTable):
 
     def save_pcap(self, path: str | Path | None = None) -> Path:
         out = Path(path) if path else self.pcap_dir / f"emulab-{time.strftime('%H%M%S')}.pcap"
-        n = tables.write_pcap(self.trace.snapshot("packet"), out)
+        n = tables.write_pcap(self.trace.snapshot(PacketRecord), out)
         self.saved.value = f"{n} packets -> {out}"
         return out
 

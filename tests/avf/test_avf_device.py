@@ -16,6 +16,7 @@ from emulab.avf.registers import ResetState
 from emulab.client import GuestRam, VfioUserClient
 from emulab.pci import IrqKind
 from emulab.server import VfioUserServer
+from emulab.trace import DeviceRecord
 from tests.waiting import wait_until
 
 ATQ, ARQ, BUFS, REQ, N = 0x1000, 0x2000, 0x10000, 0x8000, 8
@@ -99,7 +100,7 @@ def test_reset_vf(rig: tuple[VfioUserClient, GuestRam, AvfDevice]) -> None:
     assert DESC.unpack(ram.read(ATQ, 32))[0] & AqFlags.DD  # the request was completed too
     assert c.read32(0, 0x8800) & 3 == ResetState.VF_ACTIVE
     assert DESC.unpack(ram.read(ARQ, 32))[4] == 0  # nothing was posted
-    assert [e.data["event"] for e in dev.trace.snapshot("device")][-1] == "vf-reset"
+    assert [e.event for e in dev.trace.snapshot(DeviceRecord)][-1] == "vf-reset"
 
 
 def test_tx_doorbell_to_loopback_rx_and_queue_interrupt(

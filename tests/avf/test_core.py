@@ -19,7 +19,7 @@ from emulab.avf.virtchnl import Op
 from emulab.backends import CallbackBackend
 from emulab.pci.dma import GuestMemory, memfd
 from emulab.pci.registers import RegisterFile
-from emulab.trace import Trace
+from emulab.trace import AdminqRecord, DeviceRecord, Trace
 from tests.waiting import wait_until
 
 CTL01, CTLN, ICR01, ENA = (
@@ -121,7 +121,7 @@ def test_a_pf_event_reaches_the_arq_and_raises_the_misc_vector(bench: Bench) -> 
     flags, _, length, _, v_op, *_ = DESC.unpack_from(bench.ram, ARQ)
     assert flags & AqFlags.DD and v_op == Op.EVENT and length == 8
     assert bytes(bench.ram[BUFS : BUFS + 8]) == b"\x01\x00\x00\x00link"
-    assert [e.data["op"] for e in bench.trace.snapshot("adminq")] == ["EVENT"]
+    assert [e.op for e in bench.trace.snapshot(AdminqRecord)] == ["EVENT"]
 
 
 @pytest.mark.parametrize("kind", list(ResetKind))
@@ -135,5 +135,5 @@ def test_one_reset_brings_registers_queues_and_causes_back(bench: Bench, kind: R
     assert bench.core.irq.queue_pending == set()
     assert not bench.core.queues.tx[0].enabled
     assert bench.core.pf.version is None
-    events = [e.data.get("event") for e in bench.trace.snapshot("device")]
+    events = [e.event for e in bench.trace.snapshot(DeviceRecord)]
     assert ("vf-reset" in events) is (kind is ResetKind.VF)

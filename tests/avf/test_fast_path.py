@@ -16,6 +16,7 @@ from emulab.backends import LoopbackBackend
 from emulab.client import VfioUserClient
 from emulab.drivers import NicDriver
 from emulab.server import VfioUserServer
+from emulab.trace import PacketRecord
 
 from .test_software_driver import MAC, udp
 
@@ -70,12 +71,12 @@ def test_same_frames_counters_and_trace(nic: tuple[NicDriver, AvfDevice]) -> Non
     assert stats["rx_bytes"] == sum(map(len, expect)) and stats["rx_discards"] == 0
     assert sum(q.packets for q in dev.queues.rx) == len(expect)
     assert dev.backend.counters.tx_packets == len(sent)
-    packets = dev.trace.snapshot("packet")
-    tx = [e.data for e in packets if e.data["direction"] == "tx"]
-    rx = [e.data for e in packets if e.data["direction"] == "rx"]
-    assert [d["length"] for d in tx] == [len(f) for f in sent]
-    assert sorted(d["length"] for d in rx) == sorted(len(f) for f in expect)
-    assert all(d["frame"] == f[:256] for d, f in zip(tx, sent, strict=True))
+    packets = dev.trace.snapshot(PacketRecord)
+    tx = [e for e in packets if e.direction == "tx"]
+    rx = [e for e in packets if e.direction == "rx"]
+    assert [e.length for e in tx] == [len(f) for f in sent]
+    assert sorted(e.length for e in rx) == sorted(len(f) for f in expect)
+    assert all(e.frame == f[:256] for e, f in zip(tx, sent, strict=True))
     assert dev.irq_counts[1:5] != [0, 0, 0, 0]
     # the fast path ran only where it was asked for: from doorbell messages, or in the poll loop
     if dev.poller is None:

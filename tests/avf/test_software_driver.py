@@ -27,6 +27,7 @@ from emulab.backends.base import PacketBackend
 from emulab.client import VfioUserClient
 from emulab.drivers import MailboxError, NicDriver
 from emulab.server import VfioUserServer
+from emulab.trace import AdminqRecord, PacketRecord, RegisterRecord
 from tests.waiting import wait_until
 
 MAC = bytes.fromhex("02e1ab000001")
@@ -189,7 +190,7 @@ def test_malformed_and_unknown_messages_get_answers(rig: Rig) -> None:
     assert drv.request(vc.Op.CONFIG_RSS_HFUNC, struct.pack("<HHI", vsi, 0, 0)).status == 0
     # nothing was broken by them: traffic still flows
     assert drv.transmit([udp(3)]) == 1 and len(drv.poll(timeout=2.0)) == 1
-    refused = [e for e in dev.trace.snapshot("adminq") if e.data["event"] == "virtchnl-refused"]
+    refused = [e for e in dev.trace.snapshot(AdminqRecord) if e.event == "virtchnl-refused"]
     assert len(refused) == len(cases)
 
 
@@ -320,12 +321,15 @@ def test_everything_is_traced_and_exports_to_pandas(rig: Rig) -> None:
     kinds = dev.trace.counts()
     for kind in ("register", "adminq", "irq", "packet"):
         assert kinds.get(kind), (kind, kinds)
-    regs = dev.trace.to_pandas("register")
+    regs = dev.trace.to_pandas(RegisterRecord)
     assert {"VF_ATQT1", "QTX_TAIL[0]", "VFGEN_RSTAT"} <= {n.split(".")[-1] for n in regs["name"]}
-    aq = dev.trace.to_pandas("adminq")
+    aq = dev.trace.to_pandas(AdminqRecord)
     enable = aq[(aq["event"] == "aq-request") & (aq["op"] == "ENABLE_QUEUES")].iloc[0]
-    assert enable["decoded"]["rx_queues"] == 0b1111
-    packets = dev.trace.to_pandas("packet")
+    assert "rx_queues=15" in enable["decoded"]  # (as text: the records keep the dict)
+    (request,) = [e for e in dev.trace.snapshot(AdminqRecord)
+                  if e.event == "aq-request" and e.op == "ENABLE_QUEUES"]  # fmt: skip
+    assert isinstance(request.decoded, dict) and request.decoded["rx_queues"] == 0b1111
+    packets = dev.trace.to_pandas(PacketRecord)
     assert set(packets["direction"]) == {"tx", "rx"} and (packets["length"] == 100).all()
 
 

@@ -6,6 +6,7 @@ import os
 from emulab.devices.memcpy import MAGIC, MemcpyDevice
 from emulab.pci.dma import memfd
 from emulab.pci.interrupts import IrqKind, RecordingLine
+from emulab.trace import DeviceRecord
 
 
 def w32(dev: MemcpyDevice, off: int, value: int) -> None:
@@ -47,7 +48,7 @@ def test_copy_with_msix_and_intx() -> None:
     dev.interrupts.assign(IrqKind.MSIX, 0, [vec])
     program(dev, 0x1_0000_0000, 0x1_0000_3000, 16)
     assert vec.count == 1 and intx.count == 1
-    events = [e.data["event"] for e in dev.trace.snapshot("device")]
+    events = [e.event for e in dev.trace.snapshot(DeviceRecord)]
     assert events == ["copy", "copy"]
     ram.close()
 

@@ -30,6 +30,7 @@ from emulab.avf.virtchnl import Cap
 from emulab.backends.simple import CallbackBackend
 from emulab.qemu.dpdk import dpdk_guest_script, ensure_dpdk
 from emulab.server import VfioUserServer
+from emulab.trace import AdminqRecord
 
 pytestmark = pytest.mark.interop
 
@@ -132,7 +133,7 @@ def test_testpmd_probes_transmits_and_echoes(
                "ENABLE_QUEUES", "DISABLE_QUEUES", "CONFIG_RSS_KEY", "CONFIG_RSS_LUT",
                "CONFIG_PROMISCUOUS_MODE", "RESET_VF"):  # fmt: skip
         assert ops.get(op), (op, ops)
-    refused = [e for e in dev.trace.snapshot("adminq") if e.data["event"] == "virtchnl-refused"]
+    refused = [e for e in dev.trace.snapshot(AdminqRecord) if e.event == "virtchnl-refused"]
     assert not refused, refused
     assert server.stats.errors == 0
     print(f"\n{dpdk.version} ({mode}): iavf PMD sent {ops}; txonly {tx}; macswap {sw}")

@@ -25,6 +25,7 @@ from emulab.avf.device import AvfDevice
 from emulab.backends import Switch, open_backend
 from emulab.backends.base import PacketBackend
 from emulab.server import VfioUserServer
+from emulab.trace import PacketRecord
 
 pytestmark = pytest.mark.interop
 
@@ -223,8 +224,8 @@ dmesg | grep -i iavf
     assert dev.pf.ops_seen.get("RESET_VF", 0) >= 1, dev.pf.ops_seen
     # 8000-byte pings crossed unfragmented: frames longer than 8000 bytes in both directions
     longest = {"tx": 0, "rx": 0}
-    for e in dev.trace.snapshot("packet"):
-        longest[e.data["direction"]] = max(longest[e.data["direction"]], e.data["length"])
+    for e in dev.trace.snapshot(PacketRecord):
+        longest[e.direction] = max(longest[e.direction], e.length)
     assert min(longest.values()) > 8000, longest
     assert server.stats.errors == 0
 

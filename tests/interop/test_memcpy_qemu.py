@@ -13,6 +13,8 @@ import pytest
 
 from emulab.devices.memcpy import MAGIC, MemcpyDevice
 from emulab.server import VfioUserServer
+from emulab.trace import DeviceRecord, DmaRecord, IrqRecord, MessageRecord
+from emulab.vfio_user.messages import RegionWrite
 
 pytestmark = pytest.mark.interop
 
@@ -90,9 +92,9 @@ def test_bar_accesses_reach_the_device(booted: tuple[Any, VfioUserServer]) -> No
     assert int(v["ID"], 16) == MAGIC
     assert int(v["LEN_READBACK"], 16) == 0x5A5A1234
     writes = [
-        e.data["args"]
-        for e in server.trace.snapshot("message")
-        if e.data["command"] == "REGION_WRITE" and e.data["args"].region == 0
+        e.args
+        for e in server.trace.snapshot(MessageRecord)
+        if isinstance(e.args, RegionWrite) and e.args.region == 0
     ]
     assert any(
         w.offset == 0x18 and bytes(w.data) == (0x5A5A1234).to_bytes(4, "little") for w in writes
@@ -100,8 +102,8 @@ def test_bar_accesses_reach_the_device(booted: tuple[Any, VfioUserServer]) -> No
     # BAR2 is sparse-mmapped: the guest's store went straight into our memory, no message
     assert server.device.region_read(2, 0x100, 16) == b"written-by-guest"
     assert not any(
-        e.data["command"] == "REGION_WRITE" and e.data["args"].region == 2
-        for e in server.trace.snapshot("message")
+        isinstance(e.args, RegionWrite) and e.args.region == 2
+        for e in server.trace.snapshot(MessageRecord)
     )
 
 
@@ -111,13 +113,13 @@ def test_dma_copy_lands_and_interrupt_reaches_guest(booted: tuple[Any, VfioUserS
     assert v["COPY"] == "OK"
     assert v["IRQ"].isdigit() and int(v["IRQ"]) >= 1
     assert int(v["STATUS"], 16) & 2 and int(v["COPIES"]) == 1
-    copies = [e.data for e in server.trace.snapshot("device") if e.data.get("event") == "copy"]
+    copies = [e for e in server.trace.snapshot(DeviceRecord) if e.event == "copy"]
     assert len(copies) == 1
-    assert copies[0]["src"] == int(v["SRC"], 16) and copies[0]["dst"] == int(v["DST"], 16)
-    assert copies[0]["length"] == int(v["LENGTH"]) and copies[0]["errno"] == 0
+    assert copies[0].src == int(v["SRC"], 16) and copies[0].dst == int(v["DST"], 16)
+    assert copies[0].length == int(v["LENGTH"]) and copies[0].errno == 0
     assert re.search(r"\d+\s.*uio", section(run.output, "interrupts"))
-    fired = [e for e in server.trace.snapshot("irq") if e.data["what"] == "fire"]
-    assert any(e.data["irq"] == "INTX" for e in fired)
+    fired = [e for e in server.trace.snapshot(IrqRecord) if e.what == "fire"]
+    assert any(e.irq == "INTX" for e in fired)
 
 
 def test_what_qemu_sent(booted: tuple[Any, VfioUserServer]) -> None:
@@ -131,9 +133,9 @@ def test_what_qemu_sent(booted: tuple[Any, VfioUserServer]) -> None:
     assert counts.get("DEVICE_GET_REGION_INFO", 0) >= 8
     assert counts.get("REGION_READ", 0) > 10
     assert server.stats.errors == 0 or all(
-        e.data["command"] in ("DEVICE_FEATURE", "DEVICE_GET_REGION_IO_FDS")
-        for e in server.trace.snapshot("message")
-        if e.data["error"]
+        e.command in ("DEVICE_FEATURE", "DEVICE_GET_REGION_IO_FDS")
+        for e in server.trace.snapshot(MessageRecord)
+        if e.error
     )
 
 
@@ -155,11 +157,14 @@ def test_message_dma_against_real_qemu(
     finally:
         server.stop()
     v = values(run.output)
-    maps = [e.data for e in server.trace.snapshot("dma") if e.data["event"] == "map"]
-    assert maps and not any(m["fd"] for m in maps)  # no shared memory at all
+    maps = [e for e in server.trace.snapshot(DmaRecord) if e.event == "map"]
+    assert maps and not any(m.fd for m in maps)  # no shared memory at all
     assert server.device.memory.stats["remote_reads"] >= 1
+    reads = [e for e in server.trace.snapshot(DmaRecord) if e.event == "read"]
+    assert reads  # (the server traces its DMA_READs)
     if layout == "spec":
         assert run.exit_code == 0 and v["COPY"] == "OK", run.output
+        assert not any(e.error for e in reads)
         assert int(v["IRQ"]) >= 1
     else:
         assert v["COPY"] == "MISMATCH", "QEMU now uses the offset-12 DMA layout: update the default"

@@ -11,7 +11,7 @@ from scapy.utils import rdpcap
 
 from emulab.avf.device import AvfDevice
 from emulab.lab import Lab
-from emulab.trace import Trace
+from emulab.trace import PacketRecord, Trace
 from emulab.widgets import tables
 from tests.waiting import wait_until
 
@@ -45,7 +45,7 @@ def test_lab_runs_traffic_and_the_dashboard_shows_it(tmp_path: Path) -> None:
         lab.stop_traffic()
         time.sleep(0.2)
         path = d.packets.save_pcap(tmp_path / "t.pcap")
-        assert len(rdpcap(str(path))) == len(lab.trace.snapshot("packet"))
+        assert len(rdpcap(str(path))) == len(lab.trace.snapshot(PacketRecord))
         # the refresh thread is cheap: well under its 200 ms period on average
         assert d.refresh_seconds / d.refreshes < 0.2
     assert not lab.server.stats.connected

@@ -1,0 +1,177 @@
+"""The trace bus: typed records in, typed snapshots and flat DataFrames out."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import numbers
+
+import pandas as pd
+import pytest
+
+from emulab.trace import (
+    RECORDS,
+    AdminqRecord,
+    DeviceRecord,
+    MessageRecord,
+    PacketRecord,
+    Record,
+    RegisterRecord,
+    Trace,
+    describe,
+    records_to_pandas,
+)
+from emulab.vfio_user import messages as m
+
+
+def packet(n: int, direction: str = "tx") -> PacketRecord:
+    return PacketRecord(device="avf", direction=direction, queue=n % 4, length=60 + n,
+                        frame=bytes(range(n % 200, n % 200 + 14)))  # fmt: skip
+
+
+def busy_trace() -> Trace:
+    """One record of every shape a DataFrame cell must flatten."""
+    trace = Trace()
+    trace.record(packet(1))
+    write = m.RegionWrite(0x2800, 0, 4, b"\x01\x00\x00\x00")
+    reply = m.RegionWriteReply(0x2800, 0, 4)
+    trace.record(MessageRecord(direction="in", command="REGION_WRITE", msg_id=7, args=write,
+                               reply=reply, latency_us=12.5))  # fmt: skip
+    trace.record(MessageRecord(direction="in", command="DMA_MAP", msg_id=8, args="bad fd",
+                               error=22))  # fmt: skip
+    trace.record(AdminqRecord(event="aq-request", device="avf", opcode=1, op="VERSION",
+                              payload=b"\x01\x00\x00\x00\x02\x00\x00\x00", status=0,
+                              decoded={"major": 1, "minor": 2}))  # fmt: skip
+    trace.record(AdminqRecord(event="aq-request", device="avf", opcode=2, op="RESET_VF"))
+    trace.record(AdminqRecord(event="aq-error", device="avf", queue="ATQ", error="bad"))
+    trace.record(DeviceRecord(event="kernels", device="avf", state="ready", maps=(1, 2)))
+    trace.record(DeviceRecord(event="tx-queue-error", device="avf", queue=3, error="bad"))
+    trace.record(RegisterRecord(device="avf", op="write", region=0, offset=0x2800,
+                                name="QTX_TAIL[0]", size=4, value=1))  # fmt: skip
+    return trace
+
+
+def test_every_kind_is_a_frozen_slotted_record_with_its_own_name() -> None:
+    kinds = [cls.kind for cls in RECORDS]
+    assert len(set(kinds)) == len(kinds) and all(kinds)
+    assert set(kinds) == {"message", "register", "irq", "dma", "device", "adminq", "packet",
+                          "client"}  # fmt: skip
+    rec = packet(1)
+    assert not hasattr(rec, "__dict__")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.length = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        PacketRecord("avf", "tx", 0, 60, b"")  # type: ignore[misc]  # keywords only
+
+
+def test_snapshot_by_type_returns_only_that_type() -> None:
+    trace = busy_trace()
+    packets = trace.snapshot(PacketRecord)
+    assert len(packets) == 1 and all(type(p) is PacketRecord for p in packets)
+    assert packets[0].length == 61
+    adminq = trace.snapshot(AdminqRecord)
+    assert [a.op for a in adminq] == ["VERSION", "RESET_VF", ""]
+    assert trace.snapshot(DeviceRecord)[1].queue == 3
+    everything = trace.snapshot()
+    assert len(everything) == 9 and {type(r) for r in everything} >= {PacketRecord, DeviceRecord}
+    assert [r.t for r in everything] == sorted(r.t for r in everything)
+
+
+def test_tail_is_the_newest_oldest_first() -> None:
+    trace = Trace()
+    for n in range(10):
+        trace.record(packet(n))
+    trace.record(DeviceRecord(event="reset"))
+    assert [p.length for p in trace.tail(PacketRecord, 3)] == [67, 68, 69]
+    assert trace.tail(AdminqRecord, 3) == []
+
+
+def test_t_is_stamped_when_recorded_and_increases() -> None:
+    trace = Trace()
+    rec = packet(1)
+    assert rec.t == 0.0  # not recorded yet
+    trace.record(rec)
+    for n in range(2, 50):
+        trace.record(packet(n))
+    times = [p.t for p in trace.snapshot(PacketRecord)]
+    assert times[0] > 0.0 and rec.t == times[0]
+    assert all(a <= b for a, b in itertools.pairwise(times)) and times[-1] > times[0]
+    off = Trace(enabled=False)
+    late = packet(1)
+    off.record(late)
+    assert late.t == 0.0 and off.snapshot() == [] and off.counts() == {}
+
+
+def test_counts_by_kind_name_include_what_the_buffer_dropped() -> None:
+    trace = Trace(capacity=5)
+    for n in range(8):
+        trace.record(packet(n))
+    trace.record(DeviceRecord(event="reset"))
+    assert trace.counts() == {"packet": 8, "device": 1}
+    assert len(trace.snapshot(PacketRecord)) == 5
+    trace.clear()
+    assert trace.counts() == {} and trace.snapshot() == []
+
+
+def test_a_subscriber_that_raises_is_dropped_and_the_others_keep_getting_records() -> None:
+    trace = Trace()
+    seen: list[Record] = []
+    calls = []
+
+    def broken(rec: Record) -> None:
+        calls.append(rec)
+        raise RuntimeError("a broken view")
+
+    trace.subscribe(broken)
+    stop = trace.subscribe(seen.append)
+    trace.record(packet(1))  # (the device never sees the exception)
+    trace.record(packet(2))
+    assert len(calls) == 1 and [type(r) for r in seen] == [PacketRecord, PacketRecord]
+    stop()
+    trace.record(packet(3))
+    assert len(seen) == 2
+
+
+def _flat(value: object) -> bool:
+    return value is None or value is pd.NA or isinstance(value, numbers.Real | str)
+
+
+def test_to_pandas_columns_are_flat() -> None:
+    trace = busy_trace()
+    for cls in RECORDS:
+        df = trace.to_pandas(cls)
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "t"]
+        assert list(df.columns) == ["t", *fields], cls
+        for column in df.columns:
+            for value in df[column]:
+                assert _flat(value), (cls.kind, column, value)
+    packets = trace.to_pandas(PacketRecord)
+    assert packets["frame"][0] == bytes(range(1, 15)).hex() and packets["length"].dtype == "int64"
+    assert packets["t"].dtype == "float64"
+    msgs = trace.to_pandas(MessageRecord)
+    assert list(msgs["args"]) == [
+        "RegionWrite(offset=0x2800, region=0, count=4, data=<4 bytes>)",
+        "bad fd",
+    ]
+    assert msgs["reply"][0] == "RegionWriteReply(offset=0x2800, region=0, count=4)"
+    assert pd.isna(msgs["reply"][1])
+    aq = trace.to_pandas(AdminqRecord)
+    assert str(aq["status"].dtype) == "Int64" and aq["status"][1] is pd.NA  # (no reply)
+    assert list(aq["decoded"][:2]) == ["major=1, minor=2", ""]
+    assert aq["payload"][0] == "0100000002000000"
+    device = trace.to_pandas(DeviceRecord)
+    assert list(device["maps"]) == ["(1, 2)", "()"]
+    assert str(device["queue"].dtype) == "Int64" and list(device["queue"].fillna(-1)) == [-1, 3]
+    empty = Trace().to_pandas(PacketRecord)
+    assert empty.empty and "frame" in empty.columns
+    records = trace.snapshot(MessageRecord)  # (the same rows as the objects a notebook reads)
+    assert list(records_to_pandas(MessageRecord, records)["msg_id"]) == [e.msg_id for e in records]
+
+
+def test_describe_a_message_without_its_payload() -> None:
+    assert describe(None) is None and describe("text") == "text"
+    assert describe(m.DmaMap(32, 3, 0, 0x1000, 0x2000, None)) == (
+        "DmaMap(argsz=32, flags=3, offset=0x0, address=0x1000, size=0x2000, fd=None)"
+    )
+    assert describe(b"\0" * 5) == "<5 bytes>"
+    assert describe({"vsi_id": 1, "key": b"\1\2"}) == "vsi_id=1, key=<2 bytes>"

@@ -81,12 +81,12 @@ class PciDevice:
         """A DMA map's file shrank under the device (see :mod:`emulab.pci.guard`): the device
         is in an error state until the client goes; subclasses stop their engines."""
         self.on_dma_lost(text)  # (engines stopped first: ``fault`` set means the device stopped)
-        self.fault = text
-        self.trace.record(
+        self.trace.record(  # (then the record: ``fault`` set means the trace says why, too)
             DmaRecord(
                 device=self.name, event="lost", iova=region.iova, size=region.size, error=text
             )
         )
+        self.fault = text
 
     def report_error(self, where: str, exc: BaseException) -> None:
         """A bug met on one of the device's threads (a handler, the worker, a data-path thread):

@@ -88,7 +88,9 @@ class Rig:
             frame = np.frombuffer(udp_frame(size, i % 64), dtype=np.uint8)
             self.mem[TX_BUFS + BUF * i : TX_BUFS + BUF * i + size] = frame
         self.size = size
-        self.tx = np.array([TX_RING, RING, 0, 0], dtype=np.int64)
+        self.txt = np.zeros((1, dp.TX_COLS), dtype=np.int64)
+        self.txt[0, : dp.TX_ENABLED + 1] = (TX_RING, RING, 0, 0, 1)
+        self.tx = self.txt[0]
         self.rx = np.zeros((QUEUES, dp.RX_COLS), dtype=np.int64)
         for q in range(QUEUES):
             self.rx[q, :6] = (RX_RINGS + q * RING * 32, RING, 0, 0, BUF, 1)
@@ -96,7 +98,7 @@ class Rig:
         self.scratch = np.zeros(2048, dtype=np.uint64)
         self.lut = (np.arange(64) % QUEUES).astype(np.uint8)
         self.hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
-        self.out = np.zeros(dp.FWD_OUT, dtype=np.int64)
+        self.out = np.zeros(dp.OUT, dtype=np.int64)
         self.filt = np.zeros(1, dtype=np.uint64)  # no MAC filter
         self.snap = np.zeros((0, dp.SNAP // 8 + 1), dtype=np.uint64)  # no packet trace
         m64 = self.mem.view(np.uint64)
@@ -104,18 +106,20 @@ class Rig:
             for c in range(RING):
                 m64[(RX_RINGS + (q * RING + c) * 32) >> 3] = RX_BUFS + (q * RING + c % POOL) * BUF
         guest_post(self.mem, self.tx, self.rx, self.guest, size)
+        self.ctx = dp.FastPath(
+            dp.Maps(self.words, self.starts, self.ends, self.writable),
+            self.rx,
+            dp.Rss(TABLE, self.lut, HENA, self.filt),
+            dp.Work(self.scratch, self.hdr, self.snap),
+        )
 
     def burst(self) -> int:
-        dp.forward(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
-                   self.scratch, TABLE, self.lut, HENA, self.hdr, self.filt, self.snap, BURST,
-                   self.out)  # fmt: skip
+        dp.forward(self.ctx, self.tx, BURST, self.out)
         guest_post(self.mem, self.tx, self.rx, self.guest, self.size)
-        return int(self.out[0])
+        return int(self.out[dp.OUT_TX_FRAMES])
 
     def spin(self, bursts: int) -> int:
-        return int(spin(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
-                        self.scratch, TABLE, self.lut, HENA, self.hdr, self.out, self.mem,
-                        self.guest, self.size, bursts, self.filt, self.snap))  # fmt: skip
+        return int(spin(self.ctx, self.tx, self.out, self.mem, self.guest, self.size, bursts))
 
 
 @njit(nogil=True, cache=True)
@@ -150,16 +154,12 @@ def guest_post(mem: Any, tx: Any, rx: Any, guest: Any, size: Any) -> None:
 
 
 @njit(nogil=True, cache=True)
-def spin(  # noqa: PLR0917 -- a numba kernel takes its arrays positionally
-    words: Any, starts: Any, ends: Any, writable: Any, tx: Any, rx: Any, scratch: Any,
-         key: Any, lut: Any, hena: Any, tuple_buf: Any, out: Any, mem: Any, guest: Any,
-         size: Any, bursts: Any, filt: Any, snap: Any) -> int:  # fmt: skip
+def spin(ctx: Any, tx: Any, out: Any, mem: Any, guest: Any, size: Any, bursts: Any) -> int:  # noqa: PLR0917
     total = 0
     for _ in range(bursts):
-        dp.forward(words, starts, ends, writable, tx, rx, scratch, key, lut, hena, tuple_buf,
-                   filt, snap, BURST, out)  # fmt: skip
-        total += out[0]
-        guest_post(mem, tx, rx, guest, size)
+        dp.forward(ctx, tx, BURST, out)
+        total += out[dp.OUT_TX_FRAMES]
+        guest_post(mem, tx, ctx.rx, guest, size)
     return total
 
 

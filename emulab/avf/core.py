@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from emulab.avf import virtchnl as vc
 from emulab.avf.admin_queue import AdminQueue
-from emulab.avf.datapath import BUILDER, POLL_HOLD, POLL_PENDING, BuildStatus
+from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.interrupts import InterruptBlock
 from emulab.avf.pf import PfConfig, VirtchnlPf
 from emulab.avf.polling import Poller
@@ -97,12 +97,12 @@ class AvfCore:
             tail_words=regs.words if poll else None,
             tail_index=(_QTX, _QRX) if poll else (0, 0),
         )
-        ctl = self.queues.lock.ctl
+        self.poller: Poller | None = None
         self.irq = InterruptBlock(
             regs,
             raise_vector,
             lock,
-            hold=lambda mask: ctl.__setitem__(POLL_HOLD, mask),
+            hold=self._hold,
             rearmed=self._rearmed,
         )
         self.admin_queue = AdminQueue(
@@ -147,9 +147,12 @@ class AvfCore:
     def _queue_cause(self, vector: int) -> None:
         self.irq.queue_cause(vector)
 
+    def _hold(self, mask: int) -> None:
+        if self.poller is not None:
+            self.poller.hold(mask)
+
     def _rearmed(self, vector: int) -> None:
-        ctl = self.queues.lock.ctl
-        if self.poller is not None and ctl[POLL_PENDING] >> vector & 1:
+        if self.poller is not None and self.poller.pending >> vector & 1:
             self.queues.lock.nudge()  # a cause the poll kernel holds fires now, not after a nap
 
     def fail(self, text: str) -> None:

@@ -82,12 +82,16 @@ class Poller:
         self.regs = regs
         self.layout = np.array(layout, dtype=np.int64)
         self.nap = nap
-        self.ctl = engine.lock.ctl
-        n = engine.num_queues
-        self._acc = np.zeros((n, dp.FWD_OUT), dtype=np.int64)
-        self._scratch = np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64)
-        self._hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
-        self._snap = np.zeros((SNAP_ROWS, dp.SNAP // 8 + 1), dtype=np.uint64)
+        self.ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)  # the kernel's control words
+        self.ctl[dp.POLL_WAKE] = -1
+        self._acc = np.zeros(dp.OUT, dtype=np.int64)
+        snap = np.zeros((SNAP_ROWS, dp.SNAP // 8 + 1), dtype=np.uint64)
+        self._work = dp.Work(
+            np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64),
+            np.zeros(dp.HDR // 8 + 2, dtype=np.uint64),
+            snap,
+        )
+        self._work_untraced = self._work._replace(snap=snap[:0])
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.calls = 0  # kernel calls, and why each returned
@@ -99,9 +103,10 @@ class Poller:
         if self._thread is None:
             self._stopping = False
             self.ctl[dp.POLL_NAP] = round(self.nap * 1e6)
-            self.engine.lock.set_wake_fd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
             self._thread = threading.Thread(target=self._run, name="emulab-avf-poll", daemon=True)
-            self.engine.lock.poller = self._thread  # set before it runs: no acquire skips the stop
+            lock = self.engine.lock
+            lock.attach(self._thread, self.ctl)  # before it runs: no acquire skips the stop
+            lock.set_wake_fd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
             self._thread.start()
         return self
 
@@ -113,16 +118,25 @@ class Poller:
             lock.want()  # the kernel returns (from a nap too) and is not called again
             thread.join(timeout=5)
             lock.unwant()
-            lock.poller = None
             if not thread.is_alive():  # (a kernel still running might yet poll the fd)
                 fd = int(self.ctl[dp.POLL_WAKE])
                 lock.set_wake_fd(-1)
                 os.close(fd)
+            lock.detach()
 
     @property
     def native_id(self) -> int | None:
         """The poll thread's OS thread id while it runs (for ``/proc/self/task/<id>``, taskset)."""
         return self._thread.native_id if self._thread is not None else None
+
+    def hold(self, mask: int) -> None:
+        """Vectors whose cause Python has latched already: the kernel need not return for them."""
+        self.ctl[dp.POLL_HOLD] = mask
+
+    @property
+    def pending(self) -> int:
+        """Vectors the kernel holds a cause for, as a mask."""
+        return int(self.ctl[dp.POLL_PENDING])
 
     @property
     def naps(self) -> int:
@@ -158,43 +172,30 @@ class Poller:
     def _once(self) -> int:
         """One kernel call and what Python does after it (called holding the engine lock)."""
         e = self.engine
-        t = e._table
-        fwd = e.ring_to_ring
-        txt = np.zeros((e.num_queues, dp.TX_COLS), dtype=np.int64)
-        for q in e.tx:
-            ok = q.enabled and q.length > 0
-            txt[q.index] = (q.base, q.length, q.head, q.tail, 1 if ok else 0, q.vector)
-        rxt = e.rx_table()
-        rxvec = np.array([r.vector for r in e.rx], dtype=np.int64)
-        table, lut, hena, filt = e.forward_params()
         snaps = e.on_snaps is not None and e.wants_packets()
-        snap = self._snap if snaps else self._snap[:0]
+        fast = e.fast_path(self._work if snaps else self._work_untraced)
+        ctx = dp.Polling(fast, e.tables.tx_table, self.regs, self.layout, self.ctl)
         acc = self._acc
         acc[:] = 0
         ctl = self.ctl
         ctl[dp.POLL_SNAPS] = 0
-        ctl[dp.POLL_FORWARD] = 1 if fwd else 0
+        ctl[dp.POLL_FORWARD] = 1 if e.ring_to_ring else 0
         # Until the compiled loop is loaded the interpreted one runs: it returns after a few
         # idle loops instead of napping inside, so that the next call can be the compiled one.
-        self.compiled = compiled = K.poll.is_compiled(len(t.words))
+        self.compiled = compiled = K.poll.is_compiled(len(fast.maps.arrays))
         ctl[dp.POLL_NAP] = round(self.nap * 1e6) if compiled else 0
-        reason = int(K.poll(t.words, t.wstarts, t.wends, t.wwritable, self.regs, self.layout,
-                             txt, rxt, rxvec, self._scratch, table, lut, hena, self._hdr, filt,
-                             snap, acc, ctl, dp.BURST_POLL,
-                                     MAX_IDLE if compiled else 4))  # fmt: skip
+        reason = int(K.poll(ctx, dp.BURST_POLL, MAX_IDLE if compiled else 4, acc))
         self.calls += 1
         name = ("idle", "irq", "stopped", "error", "snap-full", "kick")[reason]
         self.reasons[name] += 1
-        # what the kernel did, into the engine's state: tails, heads, counters, the trace
+        # what the kernel did (the queue tables it updated in place): counters, the trace
         vectors: set[int] = set()
-        rows = dp.snap_rows_tx(snap, int(ctl[dp.POLL_SNAPS])) if snaps else []
-        for q in e.tx:
-            q.tail = int(txt[q.index, 3])
-            q.head = int(txt[q.index, 2])
-            mine = [(n, rq, d) for tq, n, rq, d in rows if tq == q.index]
-            e.account(q, acc[q.index], rxt, vectors, mine)
-        for r in e.rx:
-            r.tail = int(rxt[r.index, dp.RX_TAIL])
+        e.account(acc, vectors)
+        e.looped_back(acc)
+        if snaps:
+            rows = dp.snap_rows_tx(fast.work.snap, int(ctl[dp.POLL_SNAPS]))
+            for q in e.tx:
+                e.snapped(q.index, [(n, rq, d) for tq, n, rq, d in rows if tq == q.index])
         pending = int(ctl[dp.POLL_PENDING])
         ctl[dp.POLL_PENDING] = 0
         vectors |= {v for v in range(64) if pending >> v & 1}
@@ -203,5 +204,5 @@ class Poller:
         if reason == dp.POLL_KICK:  # the general path for this queue (sends, offloads)
             e.tx_tail(qi)
         elif reason == dp.POLL_ERROR:
-            e.forward_failed(e.tx[qi], acc[qi])
+            e.forward_failed(e.tx[qi], acc)
         return reason

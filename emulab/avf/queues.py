@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, overload
 
 import numpy as np
 
@@ -42,37 +43,117 @@ BROADCAST = b"\xff" * 6
 DEFAULT_HENA = sum(1 << p for p in (29, 30, 31, 32, 33, 35, 36))
 
 
-@dataclass
-class TxQueue:
-    index: int
-    base: int = 0
-    length: int = 0
-    head: int = 0
-    tail: int = 0
-    enabled: bool = False
-    vector: int = -1
-    itr: int = 0
-    error: str | None = None
-    packets: int = 0
-    bytes: int = 0
+class Column:
+    """One column of a queue table, read and written through a queue's view as an int (or a
+    bool)."""
+
+    def __init__(self, col: int, kind: type[int] = int, zero: int = 0) -> None:
+        self.col = col
+        self.kind = kind
+        self.zero = zero  # what a 0 written here stands for (a buffer size of 0: the default)
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Column: ...
+    @overload
+    def __get__(self, obj: QueueView, owner: type | None = None) -> int: ...
+    def __get__(self, obj: QueueView | None, owner: type | None = None) -> Column | int:
+        if obj is None:
+            return self
+        return self.kind(obj.row[self.col])
+
+    def __set__(self, obj: QueueView, value: int) -> None:
+        obj.row[self.col] = value or self.zero
 
 
-@dataclass
-class RxQueue:
-    index: int
-    base: int = 0
-    length: int = 0
-    buf_size: int = 2048
-    max_frame: int = 1522
-    head: int = 0
-    tail: int = 0
-    enabled: bool = False
-    vector: int = -1
-    itr: int = 0
-    error: str | None = None
-    packets: int = 0
-    bytes: int = 0
-    discards: int = 0
+class QueueView:
+    """A queue as a row of its table (``datapath.context``): the kernels read and write the
+    same row, so nothing is copied either way. ``error`` (why the queue stopped) is text, and
+    lives here; setting it to ``None`` also clears the row's error code."""
+
+    __slots__ = ("_error", "index", "row")
+    DEFAULTS: ClassVar[dict[int, int]] = {}
+    ERROR_COL: ClassVar[int] = -1  # the row's error code column (-1: none)
+    columns: ClassVar[tuple[Column, ...]] = ()
+
+    def __init__(self, index: int, row: np.ndarray) -> None:
+        self.index = index
+        self.row = row
+        self._error: str | None = None
+
+    def __init_subclass__(cls) -> None:
+        cls.columns = tuple(v for v in vars(cls).values() if isinstance(v, Column))
+
+    def clear(self) -> None:
+        """Unconfigured, stopped, counters zero (the row's defaults)."""
+        self.row[:] = 0
+        for col, value in self.DEFAULTS.items():
+            self.row[col] = value
+        self._error = None
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @error.setter
+    def error(self, text: str | None) -> None:
+        self._error = text
+        if text is None and self.ERROR_COL >= 0:
+            self.row[self.ERROR_COL] = 0
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{c.name}={c.__get__(self)}" for c in self.columns)
+        return f"{type(self).__name__}(index={self.index}, {fields}, error={self.error!r})"
+
+
+class TxQueue(QueueView):
+    __slots__ = ()
+    DEFAULTS: ClassVar[dict[int, int]] = {dp.TX_VECTOR: -1}
+    base = Column(dp.TX_BASE)
+    length = Column(dp.TX_LEN)
+    head = Column(dp.TX_HEAD)
+    tail = Column(dp.TX_TAIL)
+    enabled = Column(dp.TX_ENABLED, bool)
+    vector = Column(dp.TX_VECTOR)
+    itr = Column(dp.TX_ITR)
+    packets = Column(dp.TX_PACKETS)
+    bytes = Column(dp.TX_BYTES)
+
+
+class RxQueue(QueueView):
+    __slots__ = ()
+    DEFAULTS: ClassVar[dict[int, int]] = {dp.RX_VECTOR: -1, dp.RX_BUF: 2048, dp.RX_MAX: 1522}
+    ERROR_COL: ClassVar[int] = dp.RX_ERROR
+    base = Column(dp.RX_BASE)
+    length = Column(dp.RX_LEN)
+    buf_size = Column(dp.RX_BUF, zero=2048)  # (the kernels divide by it)
+    max_frame = Column(dp.RX_MAX)
+    head = Column(dp.RX_HEAD)
+    tail = Column(dp.RX_TAIL)
+    enabled = Column(dp.RX_ENABLED, bool)
+    vector = Column(dp.RX_VECTOR)
+    itr = Column(dp.RX_ITR)
+    packets = Column(dp.RX_PACKETS)
+    bytes = Column(dp.RX_BYTES)
+    discards = Column(dp.RX_DISCARDS)
+
+
+class QueueTables:
+    """Every queue's state: the TX and RX tables the kernels take, and a named view per row."""
+
+    def __init__(self, num_queues: int) -> None:
+        self.tx_table = np.zeros((num_queues, dp.TX_COLS), dtype=np.int64)
+        self.rx_table = np.zeros((num_queues, dp.RX_COLS), dtype=np.int64)
+        self.tx = [TxQueue(i, self.tx_table[i]) for i in range(num_queues)]
+        self.rx = [RxQueue(i, self.rx_table[i]) for i in range(num_queues)]
+        self.clear()
+
+    def clear(self) -> None:
+        for q in (*self.tx, *self.rx):
+            q.clear()
 
 
 @dataclass
@@ -91,24 +172,30 @@ class MacFilter:
     # (applied in the kernels, from ``QueueEngine._filter_words``: ``datapath.rss.accepts``)
 
 
-def _kind(dst: bytes) -> str:
-    if dst == BROADCAST:
-        return "broadcast"
-    return "multicast" if dst[:1] and dst[0] & 1 else "unicast"
-
-
 class PausingLock:
     """The queue engine's lock: re-entrant, and in polling mode it first asks the poll kernel
     (which runs, holding this lock, inside one nogil call) to return, so that a configuration
-    change, a reset or frames from another backend never wait for more than one burst."""
+    change, a reset or frames from another backend never wait for more than one burst. The
+    poll kernel's control words are the poller's: it lends them while it runs (:meth:`attach`)."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._count_lock = threading.Lock()
         self._waiters = 0
-        self.ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)  # the poll kernel's control words
-        self.ctl[dp.POLL_WAKE] = -1
+        self._ctl: np.ndarray | None = None  # the running poller's control words
         self.poller: threading.Thread | None = None  # the poll thread: it takes the lock plainly
+
+    def attach(self, poller: threading.Thread, ctl: np.ndarray) -> None:
+        """A poll thread about to start, and the control words its kernel watches."""
+        with self._count_lock:
+            self._ctl = ctl
+            ctl[dp.POLL_STOP] = 1 if self._waiters else 0
+            self.poller = poller
+
+    def detach(self) -> None:
+        with self._count_lock:
+            self._ctl = None
+            self.poller = None
 
     def acquire(self) -> None:
         poller = self.poller
@@ -126,14 +213,15 @@ class PausingLock:
         every :meth:`want` has its :meth:`unwant`."""
         with self._count_lock:
             self._waiters += 1
-            self.ctl[dp.POLL_STOP] = 1
+            if self._ctl is not None:
+                self._ctl[dp.POLL_STOP] = 1
         self.nudge()
 
     def unwant(self) -> None:
         with self._count_lock:
             self._waiters -= 1
-            if not self._waiters:
-                self.ctl[dp.POLL_STOP] = 0
+            if not self._waiters and self._ctl is not None:
+                self._ctl[dp.POLL_STOP] = 0
 
     def release(self) -> None:
         self._lock.release()
@@ -142,7 +230,7 @@ class PausingLock:
         """End the poll kernel's nap without asking it to return (it looks again: a register
         Python changed, such as an INTENA re-armed for a cause it holds)."""
         with self._count_lock:
-            fd = int(self.ctl[dp.POLL_WAKE])
+            fd = int(self._ctl[dp.POLL_WAKE]) if self._ctl is not None else -1
             if fd >= 0:
                 os.eventfd_write(fd, 1)
 
@@ -150,12 +238,13 @@ class PausingLock:
         """The eventfd that ends the poll kernel's naps (-1: none), changed only between
         wake-ups, so that none writes to a closed descriptor."""
         with self._count_lock:
-            self.ctl[dp.POLL_WAKE] = fd
+            if self._ctl is not None:
+                self._ctl[dp.POLL_WAKE] = fd
 
     @property
     def wanted(self) -> bool:
         """Another thread waits for the lock (the poller lets it have it)."""
-        return bool(self.ctl[dp.POLL_STOP])
+        return self._waiters > 0  # (an int read: no lock needed)
 
     def __enter__(self) -> PausingLock:
         self.acquire()
@@ -171,8 +260,7 @@ class QueueEngine:
     backend: PacketBackend
     raise_vector: Callable[[int], None]
     num_queues: int = 4
-    tx: list[TxQueue] = field(init=False)
-    rx: list[RxQueue] = field(init=False)
+    tables: QueueTables = field(init=False)
     rss_key: np.ndarray = field(init=False)
     rss_lut: np.ndarray = field(init=False)
     rss_hena: int = DEFAULT_HENA
@@ -199,35 +287,41 @@ class QueueEngine:
         # the second must not overtake the first between the two (taken under no other lock)
         self._send_lock = threading.Lock()
         self._vectors: set[int] = set()
-        self.tx = [TxQueue(i) for i in range(self.num_queues)]
-        self.rx = [RxQueue(i) for i in range(self.num_queues)]
+        self.tables = QueueTables(self.num_queues)
         self.rss_key = np.frombuffer(bytes(range(1, 53)), dtype=np.uint8).copy()
         self.rss_lut = (np.arange(64) % self.num_queues).astype(np.uint8)
         self.eth: dict[str, int] = dict.fromkeys(ETH_STATS, 0)
         self._table = dp.MemoryTable(self.memory)
         self.memory.on_change = self._remap
-        self._arena = np.zeros(ARENA, dtype=np.uint8)
-        self._offsets = np.zeros(BURST + 1, dtype=np.int64)
-        self._meta = np.zeros((BURST, 2), dtype=np.uint64)
+        self._out = np.zeros(dp.OUT, dtype=np.int64)  # the last kernel call's result
+        self._gather_to = dp.Gather(
+            np.zeros(ARENA, dtype=np.uint8),
+            np.zeros(BURST + 1, dtype=np.int64),
+            np.zeros((BURST, 2), dtype=np.uint64),
+        )
         self._frames = np.zeros((BURST, MAX_FRAME), dtype=np.uint8)
         self._lens = np.zeros(BURST, dtype=np.int64)
-        self._tuple = np.zeros(12, dtype=np.uint8)
-        self._pick_q = np.zeros(BURST, dtype=np.int64)
-        self._pick_h = np.zeros(BURST, dtype=np.uint32)
-        self._pick_t = np.zeros(BURST, dtype=np.uint8)
-        self._pick_x = np.zeros(BURST, dtype=np.uint64)  # checksum status bits per frame
-        self._place_done = np.zeros(BURST, dtype=np.uint8)  # rx_place: which were delivered
-        self._place_out = np.zeros(dp.PLACE_OUT, dtype=np.int64)
-        self._place_rx = self.rx_table()
-        self._no_gso = np.zeros((BURST, GSO_COLS), dtype=np.int64)  # plain frames
-        self._seg = np.zeros(MAX_FRAME, dtype=np.uint8)  # where rx_place cuts TSO segments
+        self._burst = dp.Burst(
+            frames=self._frames,
+            lens=self._lens,
+            gso=np.zeros((BURST, GSO_COLS), dtype=np.int64),  # plain frames
+            queue=np.zeros(BURST, dtype=np.int64),
+            hash=np.zeros(BURST, dtype=np.uint32),
+            ptype=np.zeros(BURST, dtype=np.uint8),
+            extra=np.zeros(BURST, dtype=np.uint64),  # checksum status bits per frame
+            done=np.zeros(BURST, dtype=np.uint8),  # rx_place: which were delivered
+            tuple=np.zeros(12, dtype=np.uint8),
+            seg=np.zeros(MAX_FRAME, dtype=np.uint8),  # where rx_place cuts TSO segments
+        )
         self._filt_key: tuple[object, ...] = ()
         self._filt = np.zeros(1, dtype=np.uint64)
-        self._fwd_out = np.zeros(dp.FWD_OUT, dtype=np.int64)
-        self._fwd_hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
-        self._fwd_scratch = np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64)
-        self._snap = np.zeros((BURST, dp.SNAP // 8 + 1), dtype=np.uint64)
-        self._no_snap = self._snap[:0]
+        snap = np.zeros((BURST, dp.SNAP // 8 + 1), dtype=np.uint64)
+        self._work = dp.Work(
+            np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64),
+            np.zeros(dp.HDR // 8 + 2, dtype=np.uint64),
+            snap,
+        )
+        self._work_untraced = self._work._replace(snap=snap[:0])
         self._table_key = b""  # the key ``_toeplitz`` was built for: built at first use
         self._toeplitz = np.zeros((dp.RSS_TUPLE_MAX, 256), dtype=np.uint32)
         self.fast_bursts = 0  # kernel calls of the fast path (what a user checks it is used)
@@ -235,6 +329,14 @@ class QueueEngine:
         self.backend.attach(self._receive_safely, self._receive_rows_safely, gso_rows=True)
         self._stalled: set[int] = set()  # TX queues held back by a full lossless wire
         self.backend.on_drained = self.retry_stalled
+
+    @property
+    def tx(self) -> list[TxQueue]:
+        return self.tables.tx
+
+    @property
+    def rx(self) -> list[RxQueue]:
+        return self.tables.rx
 
     def retry_stalled(self) -> None:
         """The wire drained: send what the held-back TX queues have (on the wire's thread)."""
@@ -273,11 +375,15 @@ class QueueEngine:
         with self.lock:
             self._table = table
 
+    @property
+    def memory_table(self) -> dp.MemoryTable:
+        """Guest memory as the kernels take it now."""
+        return self._table
+
     def reset(self) -> None:
-        """Every queue stopped and unconfigured (VF reset); counters are kept."""
+        """Every queue stopped and unconfigured (VF reset); the port's counters are kept."""
         with self.lock:
-            self.tx = [TxQueue(i) for i in range(self.num_queues)]
-            self.rx = [RxQueue(i) for i in range(self.num_queues)]
+            self.tables.clear()
 
     def _fail(self, kind: str, q: TxQueue | RxQueue, code: int) -> None:
         q.error = ERRORS.get(code, f"error {code}")
@@ -295,6 +401,74 @@ class QueueEngine:
                         q.enabled = False
                         if self.on_error is not None:
                             self.on_error(kind, q.index, text)
+
+    # -- accounting: every path's result, one routine --------------------------------------------
+    def account(self, out: np.ndarray, vectors: set[int], tx: TxQueue | None = None) -> None:
+        """Add one result (``OUT_*``: a kernel's, or the general path's, see
+        :meth:`_sent_counts`) to the port's statistics; the vectors it calls for go into
+        ``vectors`` (``tx``: the TX queue it took frames from); an RX queue whose ring failed
+        (its row's error code) stops. The queues' own counters are their rows, which the
+        kernels updated already."""
+        v = out.tolist()
+        e = self.eth
+        frames = v[dp.OUT_TX_FRAMES]
+        if frames:
+            mc, bc = v[dp.OUT_TX_MCAST], v[dp.OUT_TX_BCAST]
+            e["tx_bytes"] += v[dp.OUT_TX_BYTES]
+            e["tx_multicast"] += mc
+            e["tx_broadcast"] += bc
+            e["tx_unicast"] += frames - mc - bc
+            if tx is not None and tx.vector >= 0:
+                vectors.add(tx.vector)
+        got = v[dp.OUT_RX_FRAMES]
+        if got:
+            rmc, rbc = v[dp.OUT_RX_MCAST], v[dp.OUT_RX_BCAST]
+            e["rx_bytes"] += v[dp.OUT_RX_BYTES]
+            e["rx_multicast"] += rmc
+            e["rx_broadcast"] += rbc
+            e["rx_unicast"] += got - rmc - rbc
+        e["rx_discards"] += v[dp.OUT_RX_DROPPED]
+        self.rx_tso_frames += v[dp.OUT_RX_TSO]
+        mask, touched = v[dp.OUT_RX_MASK], v[dp.OUT_RX_TOUCHED]
+        for r in self.rx if touched else ():
+            if mask >> r.index & 1 and r.vector >= 0:
+                vectors.add(r.vector)
+            code = int(r.row[dp.RX_ERROR])
+            if touched >> r.index & 1 and code and r.error is None:
+                self._fail("rx", r, code)
+
+    def _sent_counts(self, frames: Sequence[bytes]) -> np.ndarray:
+        """The general path's TX frames (after offloads) as a result to :meth:`account`."""
+        out = self._out
+        out[:] = 0
+        out[dp.OUT_TX_FRAMES] = len(frames)
+        out[dp.OUT_TX_BYTES] = sum(map(len, frames))
+        for f in frames:
+            if f[:6] == BROADCAST:
+                out[dp.OUT_TX_BCAST] += 1
+            elif f[:1] and f[0] & 1:
+                out[dp.OUT_TX_MCAST] += 1
+        return out
+
+    def looped_back(self, out: np.ndarray) -> None:
+        """Frames a kernel moved ring to ring, for the loopback wire's counters."""
+        frames, nbytes = int(out[dp.OUT_TX_FRAMES]), int(out[dp.OUT_TX_BYTES])
+        if frames:
+            self.backend.counters.sent_count(frames, nbytes)
+            self.backend.counters.received_count(frames, nbytes)
+
+    def snapped(self, index: int, rows: Sequence[tuple[int, int, bytes]]) -> None:
+        """The packet trace's copies of frames TX queue ``index`` sent ring to ring, as
+        :func:`datapath.snap_rows` gives them: to ``on_snaps``, by TX and by RX queue."""
+        if not rows or self.on_snaps is None:
+            return
+        self.on_snaps("tx", index, [(n, d) for n, _, d in rows])
+        by_queue: dict[int, list[tuple[int, bytes]]] = {}
+        for n, rq, d in rows:
+            if rq >= 0:
+                by_queue.setdefault(rq, []).append((n, d))
+        for rq, items in by_queue.items():
+            self.on_snaps("rx", rq, items)
 
     # -- TX --------------------------------------------------------------------------------------
     def tx_tail(self, index: int, tail: int | None = None) -> int:
@@ -315,29 +489,22 @@ class QueueEngine:
             sent = 0
             vectors: set[int] = set()
             outgoing: list[bytes] = []
-            t = self._table
+            out = self._out
             if self.ring_to_ring:
                 sent = self._forward(q, vectors)
             while q.head != q.tail and q.enabled:
-                head, n, _, err = K.tx_drain(
-                    t.regions, t.starts, t.ends, t.writable, q.base, q.length, q.head, q.tail,
-                    self._arena, self._offsets, self._meta,
-                )  # fmt: skip
-                q.head = int(head)
+                K.tx_drain(self._table.general, q.row, self._gather_to, out)
+                n, err = int(out[dp.OUT_TX_FRAMES]), int(out[dp.OUT_ERROR])
                 if n:
                     frames = self._gather(n)
-                    q.packets += n
-                    q.bytes += int(self._offsets[n])
                     sent += n
-                    if q.vector >= 0:
-                        vectors.add(q.vector)
-                    self._count("tx", frames)
+                    self.account(self._sent_counts(frames), vectors, q)
                     if self.on_packets is not None:
                         self.on_packets("tx", index, frames)
                     outgoing.extend(frames)
                 if err:
                     self.eth["tx_errors"] += 1
-                    self._fail("tx", q, int(err))
+                    self._fail("tx", q, err)
                     break
                 if n == 0:
                     break  # a frame without its EOP descriptor yet
@@ -379,48 +546,38 @@ class QueueEngine:
         self._filt_key = key
         return self._filt
 
-    def rx_table(self, out: np.ndarray | None = None) -> np.ndarray:
-        """The RX queues as ``forward`` and ``rx_place`` take them (``RX_COLS`` columns), in a
-        new array or written over ``out``."""
-        t = np.empty((self.num_queues, dp.RX_COLS), dtype=np.int64) if out is None else out
-        for r in self.rx:
-            ok = r.enabled and r.length and 0 <= r.tail < r.length
-            t[r.index] = (r.base, r.length, r.head, r.tail, r.buf_size or 2048, 1 if ok else 0,
-                          0, 0, r.max_frame, 0, 0)  # fmt: skip
-        return t
-
-    def forward_params(self) -> tuple[np.ndarray, np.ndarray, np.uint64, np.ndarray]:
-        """(Toeplitz table, LUT, HENA, MAC filter) as the kernel takes them, from the PF's
-        current settings (the table is recomputed only when the key changes)."""
+    def rss_context(self) -> dp.Rss:
+        """RSS and the MAC filter as the kernels take them, from the PF's current settings (the
+        Toeplitz table is recomputed only when the key changes)."""
         key = self.rss_key.tobytes()
         if key != self._table_key:
             self._toeplitz = K.toeplitz_table(self.rss_key)
             self._table_key = key
         lut = np.ascontiguousarray(self.rss_lut, dtype=np.uint8)
-        return self._toeplitz, lut, np.uint64(self.rss_hena), self._filter_words()
+        return dp.Rss(self._toeplitz, lut, np.uint64(self.rss_hena), self._filter_words())
+
+    def fast_path(self, work: dp.Work) -> dp.FastPath:
+        """``forward``'s context: guest memory, the RX table, RSS, and ``work``."""
+        return dp.FastPath(self._table.fast, self.tables.rx_table, self.rss_context(), work)
 
     def _forward(self, q: TxQueue, vectors: set[int]) -> int:
         """Drain TX queue ``q`` into this port's own RX rings with :func:`datapath.forward`, a
         bounded burst per call, until the ring is empty or a frame needs the general path.
         Called with the lock held; returns the frames taken."""
-        t = self._table
-        table, lut, hena, filt = self.forward_params()
-        rxt = self.rx_table()
-        txa = np.array([q.base, q.length, q.head, q.tail], dtype=np.int64)
-        out = self._fwd_out
         snaps = self.on_snaps is not None and self.wants_packets()
+        ctx = self.fast_path(self._work if snaps else self._work_untraced)
+        out = self._out
         taken = 0
         while q.enabled and q.head != q.tail:
-            snap = self._snap if snaps else self._no_snap
-            K.forward(t.words, t.wstarts, t.wends, t.wwritable, txa, rxt, self._fwd_scratch,
-                       table, lut, hena, self._fwd_hdr, filt, snap, BURST, out)  # fmt: skip
+            K.forward(ctx, q.row, BURST, out)
             self.fast_bursts += 1
-            q.head = int(txa[2])
-            frames = int(out[dp.FWD_FRAMES])
+            frames = int(out[dp.OUT_TX_FRAMES])
             taken += frames
-            rows = dp.snap_rows(snap, frames) if snaps else []
-            self.account(q, out, rxt, vectors, rows)
-            err = int(out[dp.FWD_ERROR])
+            self.account(out, vectors, q)
+            self.looped_back(out)
+            if snaps:
+                self.snapped(q.index, dp.snap_rows(ctx.work.snap, frames))
+            err = int(out[dp.OUT_ERROR])
             if err == dp.ERR_SLOW_PATH:
                 break
             if err:
@@ -433,8 +590,8 @@ class QueueEngine:
     def forward_failed(self, q: TxQueue, out: np.ndarray) -> None:
         """``forward`` stopped on an address error: an RX ring at fault stops that RX queue, a
         TX address this TX queue."""
-        err = int(out[dp.FWD_ERROR])
-        rq = int(out[dp.FWD_FAULT_RX])
+        err = int(out[dp.OUT_ERROR])
+        rq = int(out[dp.OUT_FAULT_RX])
         if rq >= 0:
             self._fail("rx", self.rx[rq], err)
         else:
@@ -445,59 +602,6 @@ class QueueEngine:
         """Vectors for :meth:`flush` to raise (after the lock is let go)."""
         with self.lock:
             self._vectors |= vectors
-
-    def account(
-        self,
-        q: TxQueue,
-        out: np.ndarray,
-        rxt: np.ndarray,
-        vectors: set[int],
-        rows: Sequence[tuple[int, int, bytes]] = (),
-    ) -> None:
-        """Counters, heads, vectors and packet trace after ``forward`` moved frames from TX
-        queue ``q`` (``out``: its counts; ``rxt``: the RX table it updated; ``rows``: snapshot
-        rows as :func:`datapath.snap_rows` gives them)."""
-        frames = int(out[dp.FWD_FRAMES])
-        if not frames:
-            return
-        e = self.eth
-        nbytes = int(out[dp.FWD_BYTES])
-        q.packets += frames
-        q.bytes += nbytes
-        mc, bc = int(out[dp.FWD_TX_MCAST]), int(out[dp.FWD_TX_BCAST])
-        e["tx_bytes"] += nbytes
-        e["tx_multicast"] += mc
-        e["tx_broadcast"] += bc
-        e["tx_unicast"] += frames - mc - bc
-        delivered = frames - int(out[dp.FWD_FILTERED]) - int(out[dp.FWD_DROPPED])
-        rmc, rbc = int(out[dp.FWD_RX_MCAST]), int(out[dp.FWD_RX_BCAST])
-        e["rx_bytes"] += int(out[dp.FWD_RX_BYTES])
-        e["rx_multicast"] += rmc
-        e["rx_broadcast"] += rbc
-        e["rx_unicast"] += delivered - rmc - rbc
-        e["rx_discards"] += int(out[dp.FWD_DROPPED])
-        self.backend.counters.sent_count(frames, nbytes)
-        self.backend.counters.received_count(frames, nbytes)
-        if q.vector >= 0:
-            vectors.add(q.vector)
-        mask = int(out[dp.FWD_RX_MASK])
-        for r in self.rx:
-            r.head = int(rxt[r.index, dp.RX_HEAD])
-            got = int(rxt[r.index, dp.RX_PACKETS])
-            if got:
-                r.packets += got
-                r.bytes += int(rxt[r.index, dp.RX_BYTES])
-                rxt[r.index, dp.RX_PACKETS] = rxt[r.index, dp.RX_BYTES] = 0
-            if mask >> r.index & 1 and r.vector >= 0:
-                vectors.add(r.vector)
-        if rows and self.on_snaps is not None:
-            self.on_snaps("tx", q.index, [(n, d) for n, _, d in rows])
-            by_queue: dict[int, list[tuple[int, bytes]]] = {}
-            for n, rq, d in rows:
-                if rq >= 0:
-                    by_queue.setdefault(rq, []).append((n, d))
-            for rq, items in by_queue.items():
-                self.on_snaps("rx", rq, items)
 
     def flush(self) -> None:
         """Send what ``tx_tail`` held back (``defer_send``), then raise its interrupts; call it
@@ -513,7 +617,7 @@ class QueueEngine:
 
     def _gather(self, n: int) -> list[bytes]:
         """The burst's frames as bytes, with the offloads their descriptors asked for done."""
-        off, meta, arena = self._offsets, self._meta, self._arena
+        arena, off, meta = self._gather_to
         frames: list[bytes] = []
         for i in range(n):
             q1, ctx = int(meta[i, 0]), int(meta[i, 1])
@@ -523,12 +627,6 @@ class QueueEngine:
             else:
                 frames.append(arena[off[i] : off[i + 1]].tobytes())
         return frames
-
-    def _count(self, direction: str, frames: Sequence[bytes]) -> None:
-        eth = self.eth
-        for f in frames:
-            eth[f"{direction}_{_kind(f[:6])}"] += 1
-            eth[f"{direction}_bytes"] += len(f)
 
     # -- RX --------------------------------------------------------------------------------------
     def rx_tail(self, index: int, tail: int) -> None:
@@ -594,46 +692,20 @@ class QueueEngine:
     ) -> int:  # fmt: skip
         """:meth:`receive_rows` under the lock; the vectors to raise go into ``vectors``."""
         n = min(n, BURST)
-        if gso is None:
-            gso = self._no_gso
+        burst = self._burst
+        if frames is not burst.frames or gso is not None:
+            plain = self._burst.gso
+            burst = burst._replace(frames=frames, lens=lens, gso=plain if gso is None else gso)
         self.sync_tails()
-        table, lut, hena, filt = self.forward_params()
-        qs, hs, ptypes, extra = self._pick_q, self._pick_h, self._pick_t, self._pick_x
-        enabled = np.array([q.enabled for q in self.rx], dtype=np.bool_)
-        K.rx_pick(frames, lens, n, table, lut, hena, enabled, self._tuple, qs, hs, ptypes,
-                   filt, MAX_FRAME, extra, gso)  # fmt: skip
-        t, out, done = self._table, self._place_out, self._place_done
-        rxt = self.rx_table(self._place_rx)
-        taken = int(K.rx_place(t.regions, t.starts, t.ends, t.writable, rxt, frames, lens, n,
-                                qs, hs, ptypes, extra, self.backend.holds, done, out, gso,
-                                self._seg))  # fmt: skip
-        self.rx_tso_frames += int(out[dp.PLACE_TSO])
-        touched = int(out[dp.PLACE_QUEUES])
-        if not touched:
-            self.eth["rx_discards"] += int(out[dp.PLACE_DISCARDS])
-            return taken
-        e = self.eth
-        got, bc, mc = int(out[dp.PLACE_PACKETS]), int(out[dp.PLACE_BCAST]), int(out[dp.PLACE_MCAST])
-        e["rx_broadcast"] += bc
-        e["rx_multicast"] += mc
-        e["rx_unicast"] += got - bc - mc
-        e["rx_bytes"] += int(out[dp.PLACE_BYTES])
-        e["rx_discards"] += int(out[dp.PLACE_DISCARDS])
-        trace = got and self.on_packets is not None and self.wants_packets()
-        for q in self.rx:
-            if not touched >> q.index & 1:
-                continue
-            row = rxt[q.index].tolist()
-            q.head = row[dp.RX_HEAD]
-            q.discards += row[dp.RX_DISCARDS]
-            if row[dp.RX_PACKETS]:
-                q.packets += row[dp.RX_PACKETS]
-                q.bytes += row[dp.RX_BYTES]
-                if q.vector >= 0:
-                    vectors.add(q.vector)
-                if trace and self.on_packets is not None:
-                    rows = np.flatnonzero((qs[:taken] == q.index) & (done[:taken] != 0))
-                    self.on_packets("rx", q.index, [frames[i, : lens[i]].tobytes() for i in rows])
-            if row[dp.RX_ERROR]:
-                self._fail("rx", q, row[dp.RX_ERROR])
+        rxt = self.tables.rx_table
+        K.rx_pick(burst, n, self.rss_context(), rxt, MAX_FRAME)
+        out = self._out
+        ctx = dp.WirePath(self._table.general, rxt, burst)
+        taken = int(K.rx_place(ctx, n, self.backend.holds, out))
+        self.account(out, vectors)
+        if out[dp.OUT_RX_FRAMES] and self.on_packets is not None and self.wants_packets():
+            qs, done = burst.queue[:taken], burst.done[:taken]
+            for q in np.unique(qs[done != 0]).tolist():
+                rows = np.flatnonzero((qs == q) & (done != 0))
+                self.on_packets("rx", q, [frames[i, : lens[i]].tobytes() for i in rows])
         return taken

@@ -42,12 +42,49 @@ def drain(gm: GuestMemory, head: int, tail: int, burst: int = 32, arena: int = 1
     buf = np.zeros(arena, dtype=np.uint8)
     offsets = np.zeros(burst + 1, dtype=np.int64)
     meta = np.zeros((burst, 2), dtype=np.uint64)
-    res = dp.tx_drain(
-        t.regions, t.starts, t.ends, t.writable, 0x4000_0000 + TXR, N, head, tail, buf, offsets,
-        meta,
-    )  # fmt: skip
+    res = _tx_drain(t, 0x4000_0000 + TXR, head, tail, dp.Gather(buf, offsets, meta))
     frames = [buf[offsets[i] : offsets[i + 1]].tobytes() for i in range(res[1])]
     return res, frames, meta
+
+
+def _tx_drain(
+    t: dp.MemoryTable, base: int, head: int, tail: int, gather: dp.Gather
+) -> tuple[int, int, int, int]:
+    """tx_drain on a one-queue TX table: (new head, frames, descriptors, error)."""
+    txt = np.zeros((1, dp.TX_COLS), dtype=np.int64)
+    txt[0, : dp.TX_ENABLED + 1] = (base, N, head, tail, 1)
+    out = np.zeros(dp.OUT, dtype=np.int64)
+    dp.tx_drain(t.general, txt[0], gather, out)
+    assert txt[0, dp.TX_PACKETS] == out[dp.OUT_TX_FRAMES]
+    return (int(txt[0, dp.TX_HEAD]), int(out[dp.OUT_TX_FRAMES]), int(out[dp.OUT_TX_DESCS]),
+            int(out[dp.OUT_ERROR]))  # fmt: skip
+
+
+def burst(
+    rows: np.ndarray, lens: np.ndarray, gso: np.ndarray | None = None, **chosen: np.ndarray
+) -> dp.Burst:
+    """A wire's burst of ``rows`` (``lens`` long), with what rx_pick chose (``chosen``)."""
+    n = len(lens)
+    fields = {
+        "queue": np.zeros(n, dtype=np.int64),
+        "hash": np.zeros(n, dtype=np.uint32),
+        "ptype": np.zeros(n, dtype=np.uint8),
+        "extra": np.zeros(n, dtype=np.uint64),
+        "done": np.zeros(n, dtype=np.uint8),
+        **chosen,
+    }
+    if gso is None:
+        gso = np.zeros((n, GSO_COLS), dtype=np.int64)
+    return dp.Burst(frames=rows, lens=lens, gso=gso, tuple=np.zeros(dp.RSS_TUPLE_MAX, np.uint8),
+                    seg=np.zeros(9728, dtype=np.uint8), **fields)  # fmt: skip
+
+
+NO_RSS = dp.Rss(
+    dp.toeplitz_table(np.zeros(52, np.uint8)),
+    np.zeros(64, dtype=np.uint8),
+    np.uint64(0),
+    np.zeros(1, dtype=np.uint64),
+)
 
 
 def test_tx_single_and_multi_descriptor_frames(mem: tuple[GuestMemory, np.ndarray]) -> None:
@@ -100,11 +137,9 @@ def test_tx_hostile_descriptors(
 def test_tx_ring_outside_memory(mem: tuple[GuestMemory, np.ndarray]) -> None:
     gm, _ = mem
     t = dp.MemoryTable(gm)
-    res = dp.tx_drain(
-        t.regions, t.starts, t.ends, t.writable, 0x4000_0000 + SIZE - 8, N, 0, 1,
-        np.zeros(4096, dtype=np.uint8), np.zeros(5, dtype=np.int64),
-        np.zeros((4, 2), dtype=np.uint64),
-    )  # fmt: skip
+    gather = dp.Gather(np.zeros(4096, dtype=np.uint8), np.zeros(5, dtype=np.int64),
+                       np.zeros((4, 2), dtype=np.uint64))  # fmt: skip
+    res = _tx_drain(t, 0x4000_0000 + SIZE - 8, 0, 1, gather)
     assert res[3] == dp.ERR_RING_ADDRESS
 
 
@@ -148,15 +183,14 @@ def fill(  # type: ignore[no-untyped-def]
     rx = np.zeros((1, dp.RX_COLS), dtype=np.int64)
     rx[0, : dp.RX_MAX + 1] = (0x4000_0000 + RXR, N, head, tail, buf_size, 1, 0, 0, max_frame)
     done = np.zeros(len(frames), dtype=np.uint8)
-    out = np.zeros(dp.PLACE_OUT, dtype=np.int64)
+    out = np.zeros(dp.OUT, dtype=np.int64)
     qs = np.array(queues or [0] * len(frames), dtype=np.int64)
-    taken = dp.rx_place(
-        t.regions, t.starts, t.ends, t.writable, rx, arr, lens, len(frames), qs, h,
-        np.array([dp.classify(arr[i], len(f)) for i, f in enumerate(frames)], dtype=np.uint8),
-        np.array([dp.rx_checksums(arr[i], len(f)) for i, f in enumerate(frames)], np.uint64),
-        holds, done, out, np.zeros((len(frames), GSO_COLS), dtype=np.int64),
-        np.zeros(9728, dtype=np.uint8),
+    b = burst(
+        arr, lens, queue=qs, hash=h, done=done,
+        ptype=np.array([dp.classify(arr[i], len(f)) for i, f in enumerate(frames)], np.uint8),
+        extra=np.array([dp.rx_checksums(arr[i], len(f)) for i, f in enumerate(frames)], np.uint64),
     )  # fmt: skip
+    taken = dp.rx_place(dp.WirePath(t.general, rx, b), len(frames), holds, out)
     fill.last = (rx, done, out)  # type: ignore[attr-defined]
     return int(rx[0, dp.RX_HEAD]), int(rx[0, dp.RX_PACKETS]), int(rx[0, dp.RX_ERROR]), int(taken)
 
@@ -171,7 +205,7 @@ def test_rx_place_jumbo_across_buffers_with_rss(mem: tuple[GuestMemory, np.ndarr
     assert (head, delivered, err, taken) == (4, 2, dp.ERR_NONE, 2)
     rx, done, out = fill.last  # type: ignore[attr-defined]
     assert list(done) == [1, 1] and rx[0, dp.RX_BYTES] == 60 + len(big)
-    assert out[dp.PLACE_MCAST] == 1 and out[dp.PLACE_BCAST] == 0  # 01:01:.. is multicast
+    assert out[dp.OUT_RX_MCAST] == 1 and out[dp.OUT_RX_BCAST] == 0  # 01:01:.. is multicast
     q1 = ring["qword1"]
     assert q1[0] & 3 == 3 and (q1[0] >> 38) & 0x3FFF == 60
     assert [(int(q) & 3, (int(q) >> 38) & 0x3FFF) for q in q1[1:4]] == [
@@ -200,7 +234,7 @@ def test_rx_place_holds_or_discards_without_room_and_stops_a_queue_on_bad_buffer
     post()
     a, b = b"\xff" * 6 + b"a" * 54, b"b" * 60
     assert fill(gm, 0, 1, [a, b]) == (1, 1, dp.ERR_NONE, 1)  # holds: the rest waits
-    assert fill.last[2][dp.PLACE_BCAST] == 1  # type: ignore[attr-defined]
+    assert fill.last[2][dp.OUT_RX_BCAST] == 1  # type: ignore[attr-defined]
     post()
     assert fill(gm, 0, 1, [a, b], holds=False) == (1, 1, dp.ERR_NONE, 2)  # b is discarded
     assert fill.last[0][0, dp.RX_DISCARDS] == 1  # type: ignore[attr-defined]
@@ -210,7 +244,7 @@ def test_rx_place_holds_or_discards_without_room_and_stops_a_queue_on_bad_buffer
     post()
     assert fill(gm, 0, 8, [a, a, a, a], queues=verdicts) == (1, 1, dp.ERR_NONE, 4)
     _, done, out = fill.last  # type: ignore[attr-defined]
-    assert list(done) == [0, 0, 0, 1] and out[dp.PLACE_DISCARDS] == 2
+    assert list(done) == [0, 0, 0, 1] and out[dp.OUT_RX_DROPPED] == 2
     post()
     assert fill(gm, 0, 8, [a, b * 3], max_frame=100)[1:] == (1, dp.ERR_NONE, 2)
     assert fill.last[0][0, dp.RX_DISCARDS] == 1  # type: ignore[attr-defined]
@@ -325,19 +359,13 @@ def _pick_and_place(  # type: ignore[no-untyped-def]
     """rx_pick then rx_place into one RX queue (no RSS, no filter), holding; returns
     (taken, new head, extra bits, RX table)."""
     n = len(lens)
-    qs, hs = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.uint32)
-    pt, ex = np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.uint64)
-    key = np.zeros(52, dtype=np.uint8)
-    dp.rx_pick(rows, lens, n, dp.toeplitz_table(key), np.zeros(64, dtype=np.uint8),
-               np.uint64(0), np.ones(1, dtype=np.bool_), np.zeros(dp.RSS_TUPLE_MAX, np.uint8),
-               qs, hs, pt, np.zeros(1, dtype=np.uint64), 9728, ex, gso)  # fmt: skip
     t = dp.MemoryTable(gm)
     rx = np.zeros((1, dp.RX_COLS), dtype=np.int64)
     rx[0, : dp.RX_MAX + 1] = (0x4000_0000 + RXR, N, head, tail, buf_size, 1, 0, 0, 9728)
-    taken = dp.rx_place(t.regions, t.starts, t.ends, t.writable, rx, rows, lens, n, qs, hs, pt,
-                        ex, True, np.zeros(n, dtype=np.uint8), np.zeros(dp.PLACE_OUT, np.int64),
-                        gso, np.zeros(9728, dtype=np.uint8))  # fmt: skip
-    return int(taken), int(rx[0, dp.RX_HEAD]), ex, rx
+    b = burst(rows, lens, gso)
+    dp.rx_pick(b, n, NO_RSS, rx, 9728)
+    taken = dp.rx_place(dp.WirePath(t.general, rx, b), n, True, np.zeros(dp.OUT, np.int64))
+    return int(taken), int(rx[0, dp.RX_HEAD]), b.extra, rx
 
 
 @pytest.mark.parametrize("ipv6", [False, True])
@@ -417,10 +445,8 @@ def test_rx_pick_finishes_a_checksum_the_host_left_partial() -> None:
     rows = np.frombuffer(bytes(f), dtype=np.uint8).reshape(1, -1).copy()
     gso = np.zeros((1, GSO_COLS), dtype=np.int64)
     gso[0, :5] = (0, 0, 34, 6, NEEDS_CSUM)
-    ex = np.zeros(1, dtype=np.uint64)
-    dp.rx_pick(rows, np.array([len(f)]), 1, dp.toeplitz_table(np.zeros(52, np.uint8)),
-               np.zeros(64, np.uint8), np.uint64(0), np.ones(1, np.bool_),
-               np.zeros(dp.RSS_TUPLE_MAX, np.uint8), np.zeros(1, np.int64),
-               np.zeros(1, np.uint32), np.zeros(1, np.uint8), np.zeros(1, np.uint64), 9728, ex,
-               gso)  # fmt: skip
-    assert bytes(rows[0, 40:42]) == good and int(ex[0]) == dp.RX_L3L4P
+    b = burst(rows, np.array([len(f)]), gso)
+    rx = np.zeros((1, dp.RX_COLS), dtype=np.int64)
+    rx[0, dp.RX_ENABLED] = 1
+    dp.rx_pick(b, 1, NO_RSS, rx, 9728)
+    assert bytes(rows[0, 40:42]) == good and int(b.extra[0]) == dp.RX_L3L4P

@@ -31,6 +31,11 @@ def udp(sport: int, size: int) -> bytes:
     return head + bytes((sport + i) & 0xFF for i in range(size - len(head)))
 
 
+def named(out: np.ndarray, *names: str) -> list[int]:
+    """A kernel's result at the positions named ``OUT_<name>``."""
+    return [int(out[getattr(dp, f"OUT_{n}")]) for n in names]
+
+
 class Wire:
     """One guest memory region, a TX ring and 4 RX rings, driven like a driver would."""
 
@@ -41,14 +46,19 @@ class Wire:
         self.starts = np.array([0], dtype=np.int64)
         self.ends = np.array([MEM], dtype=np.int64)
         self.writable = np.array([True])
-        self.tx = np.array([TXR, 64, 0, 0], dtype=np.int64)
-        self.rx = np.array([(RXR + q * 64 * 32, 64, 0, 0, rx_buf, 1, 0, 0, 0)
-                            for q in range(queues)], dtype=np.int64)  # fmt: skip
+        self.txt = np.zeros((1, dp.TX_COLS), dtype=np.int64)  # the TX table: one queue
+        self.txt[0, : dp.TX_ENABLED + 1] = (TXR, 64, 0, 0, 1)
+        self.txt[0, dp.TX_VECTOR] = -1
+        self.tx = self.txt[0]
+        self.rx = np.zeros((queues, dp.RX_COLS), dtype=np.int64)
+        for q in range(queues):
+            self.rx[q, : dp.RX_MAX + 1] = (RXR + q * 64 * 32, 64, 0, 0, rx_buf, 1, 0, 0, 0)
+        self.rx[:, dp.RX_VECTOR] = -1
         self.table = dp.toeplitz_table(KEY)
         self.lut = (np.arange(64) % queues).astype(np.uint8)
         self.scratch = np.zeros(2048, dtype=np.uint64)
         self.hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
-        self.out = np.zeros(dp.FWD_OUT, dtype=np.int64)
+        self.out = np.zeros(dp.OUT, dtype=np.int64)
         self.filt = np.zeros(1, dtype=np.uint64)  # no MAC filter
         self.snap = np.zeros((0, dp.SNAP // 8 + 1), dtype=np.uint64)
         self.rx_buf = rx_buf
@@ -71,10 +81,13 @@ class Wire:
             self.m64[((TXR + 16 * i) >> 3) + 1] = (cmd << 4) | (len(data) << 34) | extra
             self.tx[3] = (i + 1) % self.tx[1]
 
+    def context(self) -> dp.FastPath:
+        maps = dp.Maps(self.words, self.starts, self.ends, self.writable)
+        rss = dp.Rss(self.table, self.lut, HENA, self.filt)
+        return dp.FastPath(maps, self.rx, rss, dp.Work(self.scratch, self.hdr, self.snap))
+
     def forward(self, budget: int = 64) -> np.ndarray:
-        dp.forward(self.words, self.starts, self.ends, self.writable, self.tx, self.rx,
-                   self.scratch, self.table, self.lut, HENA, self.hdr, self.filt, self.snap,
-                   budget, self.out)  # fmt: skip
+        dp.forward(self.context(), self.tx, budget, self.out)
         return self.out
 
     def rx_desc(self, q: int, c: int) -> tuple[int, int]:
@@ -90,8 +103,10 @@ def test_frames_land_intact_spread_by_rss_with_write_back() -> None:
     for i, f in enumerate(frames):
         w.post_tx([(TXB + 2048 * i, f)])
     out = w.forward()
-    assert list(out[:5]) == [40, sum(map(len, frames)), 40, 0, dp.ERR_NONE]
-    assert out[dp.FWD_RX_BYTES] == sum(map(len, frames)) and out[dp.FWD_FILTERED] == 0
+    assert named(out, "TX_FRAMES", "TX_BYTES", "TX_DESCS", "RX_DROPPED", "ERROR") == [
+        40, sum(map(len, frames)), 40, 0, dp.ERR_NONE
+    ]  # fmt: skip
+    assert out[dp.OUT_RX_BYTES] == sum(map(len, frames)) and out[dp.OUT_FILTERED] == 0
     seen = {q: 0 for q in range(4)}
     for f in frames:
         h = int(dp.rss_hash(KEY, np.frombuffer(f, np.uint8), len(f), np.zeros(12, np.uint8), HENA))
@@ -104,7 +119,7 @@ def test_frames_land_intact_spread_by_rss_with_write_back() -> None:
         assert w.mem[addr : addr + len(f)].tobytes() == f
         seen[q] += 1
     assert sum(seen.values()) == 40 and min(seen.values()) > 0
-    assert int(out[5]) == sum(1 << q for q, n in seen.items() if n)
+    assert int(out[dp.OUT_RX_MASK]) == sum(1 << q for q, n in seen.items() if n)
     for i in range(40):  # DESC_DONE on every RS descriptor
         assert int(w.m64[((TXR + 16 * i) >> 3) + 1]) & 0xF == 0xF
     assert w.tx[2] == 40 and list(w.rx[:, 2]) == [seen[q] for q in range(4)]
@@ -118,7 +133,11 @@ def test_gather_unaligned_and_scatter_into_small_buffers() -> None:
     # three TX pieces at odd addresses (a Linux skb's data is 2 bytes off)
     w.post_tx([(TXB + 2, f[:100]), (TXB + 4096 + 5, f[100:900]), (TXB + 8192 + 3, f[900:])])
     out = w.forward()
-    assert out[0] == 1 and out[2] == 3 and out[4] == dp.ERR_NONE
+    assert (
+        out[dp.OUT_TX_FRAMES] == 1
+        and out[dp.OUT_TX_DESCS] == 3
+        and out[dp.OUT_ERROR] == dp.ERR_NONE
+    )
     got = b""
     for c in range(3):  # 1400 bytes in 512-byte buffers: 3 descriptors, EOF on the last
         _, q1 = w.rx_desc(0, c)  # (write-back replaced the buffer address with the hash)
@@ -134,8 +153,11 @@ def test_no_rx_buffer_drops_and_completes_tx() -> None:
     w = Wire(queues=1)
     w.post_tx([(TXB, udp(9, 100))])
     out = w.forward()
-    assert list(out[:5]) == [1, 100, 1, 1, dp.ERR_NONE] and w.tx[2] == 1
-    assert out[dp.FWD_RX_BYTES] == 0
+    assert named(out, "TX_FRAMES", "TX_BYTES", "TX_DESCS", "RX_DROPPED", "ERROR") == [
+        1, 100, 1, 1, dp.ERR_NONE
+    ]  # fmt: skip
+    assert w.tx[2] == 1
+    assert out[dp.OUT_RX_BYTES] == 0
 
 
 def test_mac_filter_counts_and_kinds() -> None:
@@ -150,14 +172,14 @@ def test_mac_filter_counts_and_kinds() -> None:
     for i, dst in enumerate(kinds):
         w.post_tx([(TXB + 2048 * i, dst + base[6:])])
     out = w.forward()
-    assert out[dp.FWD_FRAMES] == 5 and out[dp.FWD_FILTERED] == 2  # other and 01:..:02
-    assert out[dp.FWD_TX_BCAST] == 1 and out[dp.FWD_TX_MCAST] == 2
-    assert out[dp.FWD_RX_BCAST] == 1 and out[dp.FWD_RX_MCAST] == 1
+    assert out[dp.OUT_TX_FRAMES] == 5 and out[dp.OUT_FILTERED] == 2  # other and 01:..:02
+    assert out[dp.OUT_TX_BCAST] == 1 and out[dp.OUT_TX_MCAST] == 2
+    assert out[dp.OUT_RX_BCAST] == 1 and out[dp.OUT_RX_MCAST] == 1
     assert w.rx[0, dp.RX_PACKETS] == 3 and w.tx[2] == 5
     w.filt[0] = dp.FILTER_ON | dp.FILTER_PROMISC_MC  # all multicast, still not other unicast
     for i, dst in enumerate(kinds):
         w.post_tx([(TXB + 2048 * i, dst + base[6:])])
-    assert w.forward()[dp.FWD_FILTERED] == 1
+    assert w.forward()[dp.OUT_FILTERED] == 1
 
 
 def test_offloads_leave_the_frame_for_the_general_path() -> None:
@@ -166,10 +188,10 @@ def test_offloads_leave_the_frame_for_the_general_path() -> None:
     w.post_tx([(TXB, udp(1, 80))])
     w.post_tx([(TXB + 2048, udp(2, 80))], extra=1 << 12)  # L4T=TCP: a checksum to compute
     out = w.forward()
-    assert out[dp.FWD_FRAMES] == 1 and out[dp.FWD_ERROR] == dp.ERR_SLOW_PATH and w.tx[2] == 1
+    assert out[dp.OUT_TX_FRAMES] == 1 and out[dp.OUT_ERROR] == dp.ERR_SLOW_PATH and w.tx[2] == 1
     w.post_tx([(TXB + 4096, udp(3, 80))])
     w.tx[2] = 2  # (as if the general path took frame 2)
-    assert w.forward()[dp.FWD_FRAMES] == 1 and w.tx[2] == 3
+    assert w.forward()[dp.OUT_TX_FRAMES] == 1 and w.tx[2] == 3
 
 
 def test_snapshots_and_max_frame() -> None:
@@ -182,7 +204,7 @@ def test_snapshots_and_max_frame() -> None:
     w.post_tx([(TXB + 2048, frames[1][:700]), (TXB + 4096 + 1, frames[1][700:])])
     w.post_tx([(TXB + 8192, frames[2])])
     out = w.forward()
-    assert out[dp.FWD_FRAMES] == 3 and out[dp.FWD_DROPPED] == 1  # 1400 > max_frame
+    assert out[dp.OUT_TX_FRAMES] == 3 and out[dp.OUT_RX_DROPPED] == 1  # 1400 > max_frame
     rows = dp.snap_rows(w.snap, 3)
     assert [(n, q) for n, q, _ in rows] == [(80, 0), (1400, -1), (300, 0)]
     assert [d for _, _, d in rows] == [f[: dp.SNAP] for f in frames]
@@ -201,8 +223,8 @@ def test_hostile_addresses_stop_the_burst_with_an_error(where: str) -> None:
     out = w.forward()
     bad_ring = where.endswith("ring")
     expect = dp.ERR_RING_ADDRESS if bad_ring else dp.ERR_BUFFER_ADDRESS
-    assert out[4] == expect
-    assert out[dp.FWD_FAULT_RX] == (0 if where.startswith("rx") else -1)
+    assert out[dp.OUT_ERROR] == expect
+    assert out[dp.OUT_FAULT_RX] == (0 if where.startswith("rx") else -1)
     # the frames before the bad one went through; the bad one stays in the ring
     assert w.tx[2] == {"tx-buffer": 1, "tx-ring": 0, "rx-buffer": 0, "rx-ring": 0}[where]
 
@@ -216,7 +238,7 @@ def test_a_table_larger_than_its_arrays_touches_nothing() -> None:
     w.words = (w.m64[: (TXB + 64) >> 3],)  # ends[0] still says MEM
     before = w.mem.copy()
     out = w.forward()
-    assert out[dp.FWD_ERROR] == dp.ERR_RING_ADDRESS and out[dp.FWD_FRAMES] == 0
+    assert out[dp.OUT_ERROR] == dp.ERR_RING_ADDRESS and out[dp.OUT_TX_FRAMES] == 0
     assert w.tx[2] == 0 and np.array_equal(w.mem, before)
 
 
@@ -243,15 +265,12 @@ def test_the_kernels_as_plain_python(how: dict[str, str]) -> None:
 
 
 def _poll(w: Wire, regs: np.ndarray, ctl: np.ndarray, vector: int = -1) -> tuple[int, np.ndarray]:
-    txt = np.array([[w.tx[0], w.tx[1], w.tx[2], w.tx[3], 1, vector]], dtype=np.int64)
-    acc = np.zeros((1, dp.FWD_OUT), dtype=np.int64)
-    rxvec = np.full(w.rx.shape[0], vector, dtype=np.int64)
+    w.txt[0, dp.TX_VECTOR] = vector
+    w.rx[:, dp.RX_VECTOR] = vector
+    acc = np.zeros(dp.OUT, dtype=np.int64)
     layout = np.array([0, 16, 32, 48], dtype=np.int64)  # QTX_TAIL, QRX_TAIL, DYN_CTL01, DYN_CTLN
-    reason = dp.poll(w.words, w.starts, w.ends, w.writable, regs, layout, txt, w.rx, rxvec,
-                     w.scratch, w.table, w.lut, HENA, w.hdr, w.filt, w.snap, acc, ctl, 64,
-                     50)  # fmt: skip
-    w.tx[2], w.tx[3] = txt[0, 2], txt[0, 3]
-    return int(reason), acc[0]
+    reason = dp.poll(dp.Polling(w.context(), w.txt, regs, layout, ctl), 64, 50, acc)
+    return int(reason), acc
 
 
 def test_poll_loop_forwards_from_tail_words_and_returns_when_python_must_act() -> None:
@@ -267,7 +286,7 @@ def test_poll_loop_forwards_from_tail_words_and_returns_when_python_must_act() -
     regs[0] = w.tx[3]  # QTX_TAIL[0]: the doorbell, a store to memory
     w.tx[3] = 0
     reason, acc = _poll(w, regs, ctl)
-    assert reason == dp.POLL_IDLE and acc[dp.FWD_FRAMES] == 5 and w.tx[2] == 5
+    assert reason == dp.POLL_IDLE and acc[dp.OUT_TX_FRAMES] == 5 and w.tx[2] == 5
     assert w.rx[0, dp.RX_TAIL] == 32 and w.rx[0, dp.RX_PACKETS] == 5
     assert ctl[dp.POLL_LOOPS] > 50
     # a vector with a cause: return only when its INTENA (DYN_CTLN[v-1] bit 0) is set
@@ -301,7 +320,7 @@ def test_poll_loop_stops_on_a_hostile_address() -> None:
     w.post_tx([(MEM - 10, udp(1, 80))])
     regs[0] = w.tx[3]
     reason, acc = _poll(w, regs, ctl)
-    assert reason == dp.POLL_ERROR and acc[dp.FWD_ERROR] == dp.ERR_BUFFER_ADDRESS
+    assert reason == dp.POLL_ERROR and acc[dp.OUT_ERROR] == dp.ERR_BUFFER_ADDRESS
     assert w.tx[2] == 0  # the bad frame stays in the ring
 
 

@@ -31,9 +31,12 @@ def test_a_table_size_not_loaded_runs_interpreted_and_asks_the_builder() -> None
     asked = Asked()
     k.builder = asked  # type: ignore[assignment]
     k.ready = {1}
-    k((np.zeros(1),), 0)
-    k((np.zeros(1),) * 3, 0)  # QEMU's three maps, not loaded yet: never the compiler
-    assert ran == ["compiled", "interp"] and asked.wanted == [3] and k.calls == [1, 1]
+    one, three = (dp.Maps((np.zeros(1),) * n, None, None, None) for n in (1, 3))
+    k(dp.FastPath(one, None, None, None), 0)  # (a context holding guest memory)
+    k(one, 0)
+    k(three, 0)  # QEMU's three maps, not loaded yet: never the compiler
+    assert ran == ["compiled", "compiled", "interp"] and asked.wanted == [3]
+    assert k.calls == [1, 2]
     untabled = kernels.Kernel("ones_sum", lambda *a: "c", lambda *a: "i", False)
     untabled.builder = asked  # type: ignore[assignment]
     assert untabled(np.zeros(4), 0, 4) == "i" and asked.wanted == [3, 0]

@@ -143,7 +143,7 @@ def test_configuration_waits_at_most_a_burst_for_the_poller(make: Make) -> None:
     waits.sort()
     assert waits[len(waits) // 2] < 0.05, waits  # median: no long wait for the lock
     assert dev.poller.reasons["stopped"] > 0
-    assert dev.queues.lock.ctl[dp.POLL_STOP] == 0
+    assert dev.poller.ctl[dp.POLL_STOP] == 0 and not dev.queues.lock.wanted
 
 
 def test_an_idle_poller_naps_in_its_kernel_and_its_eventfd_ends_the_nap(make: Make) -> None:
@@ -156,7 +156,7 @@ def test_an_idle_poller_naps_in_its_kernel_and_its_eventfd_ends_the_nap(make: Ma
     poller.stop()
     poller.nap = 30.0  # naps double up to 30 s: only the eventfd can end one early
     poller.start()
-    ctl = dev.queues.lock.ctl
+    ctl = poller.ctl
     long_nap_begins(ctl)
     t0 = time.monotonic()
     with dev.queues.lock:

@@ -13,6 +13,24 @@ import numpy as np
 from numba import njit
 
 from emulab.avf.datapath.checksum import RX_L3L4P, finish_csum, rx_checksums
+from emulab.avf.datapath.context import (
+    OUT,
+    OUT_ERROR,
+    OUT_TX_BYTES,
+    OUT_TX_DESCS,
+    OUT_TX_FRAMES,
+    RX_ENABLED,
+    TX_BASE,
+    TX_BYTES,
+    TX_HEAD,
+    TX_LEN,
+    TX_PACKETS,
+    TX_TAIL,
+    Burst,
+    Gather,
+    Maps,
+    Rss,
+)
 from emulab.avf.datapath.rss import accepts, classify, rss_tuple, toeplitz_fast
 from emulab.backends.base import (
     GSO_CSUM_OFFSET,
@@ -95,7 +113,28 @@ def _copy(dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> None:
 
 
 @njit(nogil=True, cache=True)
-def tx_drain(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
+def tx_drain(maps: Maps, tx: Any, gather: Gather, out: Any) -> None:
+    """Gather the frames of TX queue ``tx`` (its row of the TX table: head, frames and bytes
+    updated) into ``gather`` (see :func:`drain`). ``out`` receives the frames
+    (``OUT_TX_FRAMES``), their bytes, the descriptors used and the error that stopped the walk
+    (``OUT_ERROR``, 0: none)."""
+    regions, starts, ends, writable = maps
+    arena, offsets, meta = gather
+    head, n, used, err = drain(regions, starts, ends, writable, tx[TX_BASE], tx[TX_LEN],
+                               tx[TX_HEAD], tx[TX_TAIL], arena, offsets, meta)  # fmt: skip
+    for j in range(OUT):
+        out[j] = 0
+    tx[TX_HEAD] = head
+    tx[TX_PACKETS] += n
+    tx[TX_BYTES] += offsets[n]
+    out[OUT_TX_FRAMES] = n
+    out[OUT_TX_BYTES] = offsets[n]
+    out[OUT_TX_DESCS] = used
+    out[OUT_ERROR] = err
+
+
+@njit(nogil=True, cache=True)
+def drain(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     regions: Any,
     starts: Any,
     ends: Any,
@@ -212,7 +251,18 @@ def gso_header_len(row: Any, seen: Any, g: Any) -> int:
 
 
 @njit(nogil=True, cache=True)
-def rx_pick(
+def rx_pick(burst: Burst, n: Any, rss: Rss, rx: Any, max_len: Any) -> None:
+    """For the first ``n`` frames of ``burst``, in one call: the port's MAC filter, each
+    frame's RSS hash, its RX queue (from the RX table ``rx``), its packet type and its checksum
+    status bits (see :func:`pick`)."""
+    table, lut, hena, filt = rss
+    frames, lens, gso, qs, hashes, ptypes, extra, _, tuple_buf, _ = burst
+    pick(frames, lens, n, table, lut, hena, rx[:, RX_ENABLED], tuple_buf, qs, hashes, ptypes,
+         filt, max_len, extra, gso)  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def pick(
     frames: Any, lens: Any, n: Any, table: Any, lut: Any, hena: Any, enabled: Any,
     tuple_buf: Any, qs: Any, hashes: Any, ptypes: Any, filt: Any, max_len: Any, extra: Any,
     gso: Any,

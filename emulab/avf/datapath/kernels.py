@@ -41,6 +41,7 @@ from numba.core.dispatcher import Dispatcher
 
 from emulab.avf.datapath import checksum, general_path, poll_loop, raw, ring_to_ring, rss, warm
 from emulab.avf.datapath.cache import digest
+from emulab.avf.datapath.context import maps_of
 
 __all__ = ["BUILDER", "KERNELS", "BuildStatus", "Builder", "Kernel", "KernelSet", "interpret"]
 
@@ -94,19 +95,19 @@ class Kernel:
         self.name = name
         self.compiled = compiled
         self.interpreted = interpreted
-        self.tabled = tabled  # the first argument is the translation table (a tuple of maps)
+        self.tabled = tabled  # the first argument holds guest memory (``context.Maps``)
         self.ready: set[int] = set()  # table sizes with compiled code loaded (0: untabled)
         self.calls = [0, 0]  # interpreted, compiled
         self.builder: Builder | None = None
 
     def key(self, args: tuple[Any, ...]) -> int:
-        return len(args[0]) if self.tabled else 0
+        return len(maps_of(args[0]).arrays) if self.tabled else 0
 
     def is_compiled(self, maps: int = 1) -> bool:
         return (maps if self.tabled else 0) in self.ready
 
     def __call__(self, *args: Any) -> Any:
-        key = len(args[0]) if self.tabled else 0
+        key = len(maps_of(args[0]).arrays) if self.tabled else 0
         if key in self.ready:
             self.calls[1] += 1
             return self.compiled(*args)

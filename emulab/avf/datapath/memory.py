@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from emulab.avf.datapath.context import Maps
 from emulab.pci.dma import GuestMemory
 
 
@@ -56,3 +57,7 @@ class MemoryTable:
         self.all_words = (
             len(words) == len(starts) and all(a % 8 == 0 for a in starts) and wends == ends
         )
+        self.general = Maps(
+            self.regions, self.starts, self.ends, self.writable
+        )  # (tx_drain, rx_place)
+        self.fast = Maps(self.words, self.wstarts, self.wends, self.wwritable)  # (forward, poll)

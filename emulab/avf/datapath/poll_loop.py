@@ -8,22 +8,29 @@ import numpy as np
 from numba import njit
 
 from emulab.avf.datapath import raw
-from emulab.avf.datapath.ring_to_ring import (
-    ERR_SLOW_PATH,
-    FWD_ERROR,
-    FWD_FAULT_RX,
-    FWD_FRAMES,
-    FWD_OUT,
-    FWD_RX_MASK,
+from emulab.avf.datapath.context import (
+    OUT,
+    OUT_ERROR,
+    OUT_LATEST,
+    OUT_MASKS,
+    OUT_RX_MASK,
+    OUT_TX_FRAMES,
     RX_LEN,
     RX_TAIL,
-    forward,
+    RX_VECTOR,
+    TX_ENABLED,
+    TX_HEAD,
+    TX_LEN,
+    TX_TAIL,
+    TX_VECTOR,
+    FastPath,
+    Polling,
+    Work,
 )
+from emulab.avf.datapath.ring_to_ring import ERR_SLOW_PATH, forward
 
 # -- polling: the tail registers in shared memory, watched by one long nogil call ---------------
 BURST_POLL = 64  # frames per forward call inside the poll loop
-TX_COLS = 6  # the poll kernel's TX table: base, len, head, tail, enabled, vector
-TX_ENABLED, TX_VECTOR = 4, 5
 POLL_STOP, POLL_HOLD, POLL_PENDING, POLL_LOOPS, POLL_SNAPS, POLL_QUEUE, POLL_FORWARD = range(7)
 POLL_NAP, POLL_WAKE, POLL_NAPS = 7, 8, 9
 POLL_CTL = 10
@@ -33,36 +40,15 @@ INTENA_BIT = 1
 
 
 @njit(nogil=True, cache=True)
-def poll(
-    words: Any,
-    starts: Any,
-    ends: Any,
-    writable: Any,
-    regs: Any,
-    layout: Any,
-    txt: Any,
-    rx: Any,
-    rxvec: Any,
-    scratch: Any,
-    table: Any,
-    lut: Any,
-    hena: Any,
-    hdr: Any,
-    filt: Any,
-    snap: Any,
-    acc: Any,
-    ctl: Any,
-    budget: Any,
-    max_idle: Any,
-) -> int:
+def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
     """The polling mode's loop: watch the tail registers (``regs``, the BAR's words in shared
     memory, which the client writes without messages) and move frames ring to ring with
     :func:`forward`, all inside one call; return to Python only when Python must act.
 
-    ``layout`` holds the word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01 and DYN_CTLN[0].
-    ``txt`` is ``(n, TX_COLS)`` (heads and tails updated), ``rx`` as for :func:`forward` (tails
-    taken from the registers), ``rxvec`` each RX queue's vector. ``acc[t]`` accumulates
-    ``forward``'s ``out`` per TX queue. ``ctl``: ``POLL_STOP`` (set by another thread: return
+    ``ctx.tx`` and ``ctx.fast.rx`` are the queue tables (heads, tails and counters updated in
+    place; see :class:`~emulab.avf.datapath.context.Polling` for the rest). ``acc``
+    accumulates ``forward``'s results (``OUT_*``: sums, masks ORed, the error of the last).
+    ``ctl``: ``POLL_STOP`` (set by another thread: return
     now), ``POLL_HOLD`` (vectors whose cause Python already latched), ``POLL_PENDING`` (vectors
     with a cause, kept across calls), ``POLL_LOOPS`` (iterations, counted), ``POLL_SNAPS``
     (snapshot rows used), ``POLL_QUEUE`` (the TX queue of an error or kick), ``POLL_FORWARD``
@@ -79,20 +65,18 @@ def poll(
     Returns why it stopped: ``POLL_IRQ`` (a pending vector's INTENA is set: Python fires it),
     ``POLL_KICK`` (a TX queue needs the general path), ``POLL_ERROR``, ``POLL_SNAP_FULL``,
     ``POLL_STOPPED``, or ``POLL_IDLE`` (no naps) after ``max_idle`` loops with nothing to do."""
-    out = np.zeros(FWD_OUT, dtype=np.int64)
-    txv = np.zeros(4, dtype=np.int64)
-    return _poll(words, starts, ends, writable, regs, layout, txt, rx, rxvec, scratch, table, lut,
-                 hena, hdr, filt, snap, acc, ctl, budget, max_idle, out, txv)  # fmt: skip
+    out = np.zeros(OUT, dtype=np.int64)
+    return _poll(ctx, budget, max_idle, acc, out)
 
 
 # Without numba's runtime, as ``forward`` (see ring_to_ring): nothing here allocates.
 @raw.kernel
-def _poll(  # noqa: PLR0915 -- one loop, kept whole for the compiler
-    words: Any, starts: Any, ends: Any, writable: Any, regs: Any, layout: Any, txt: Any,
-    rx: Any, rxvec: Any, scratch: Any, table: Any, lut: Any, hena: Any, hdr: Any, filt: Any,
-    snap: Any, acc: Any, ctl: Any, budget: Any, max_idle: Any, out: Any, txv: Any,
-) -> int:  # fmt: skip
-    """:func:`poll`'s loop, with its work arrays (``out``: FWD_OUT words, ``txv``: 4)."""
+def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int:  # noqa: PLR0915 -- one loop, kept whole for the compiler
+    """:func:`poll`'s loop, with its work array (``out``: ``OUT`` words)."""
+    fast, txt, regs, layout, ctl = ctx
+    rx = fast.rx
+    maps, _, rss, work = fast
+    snap = work.snap
     nsnap = snap.shape[0]
     used = ctl[POLL_SNAPS]
     idle = 0
@@ -107,13 +91,13 @@ def _poll(  # noqa: PLR0915 -- one loop, kept whole for the compiler
                 rx[q, RX_TAIL] = rt
         busy = False
         for t in range(txt.shape[0]):
-            if txt[t, TX_ENABLED] == 0:
+            if txt[t, TX_ENABLED] == 0 or txt[t, TX_LEN] <= 0:
                 continue
             tail = np.int64(regs[layout[0] + t])
-            if tail >= txt[t, 1]:
+            if tail >= txt[t, TX_LEN]:
                 continue
-            txt[t, 3] = tail
-            if txt[t, 2] == tail:
+            txt[t, TX_TAIL] = tail
+            if txt[t, TX_HEAD] == tail:
                 continue
             if ctl[POLL_FORWARD] == 0:
                 ctl[POLL_QUEUE] = t
@@ -121,19 +105,16 @@ def _poll(  # noqa: PLR0915 -- one loop, kept whole for the compiler
             if nsnap and used + budget > nsnap:
                 ctl[POLL_SNAPS] = used
                 return POLL_SNAP_FULL
-            for c in range(4):
-                txv[c] = txt[t, c]
-            forward(words, starts, ends, writable, txv, rx, scratch, table, lut, hena, hdr,
-                    filt, snap[used : used + budget] if nsnap else snap, budget, out)  # fmt: skip
-            txt[t, 2] = txv[2]
-            n = out[FWD_FRAMES]
-            for c in range(FWD_OUT):
-                if c == FWD_RX_MASK:
-                    acc[t, c] |= out[c]
-                elif c in (FWD_ERROR, FWD_FAULT_RX):
-                    acc[t, c] = out[c]
+            part = Work(work.scratch, work.hdr, snap[used : used + budget] if nsnap else snap)
+            forward(FastPath(maps, rx, rss, part), txt[t], budget, out)
+            n = out[OUT_TX_FRAMES]
+            for c in range(OUT):
+                if c in OUT_MASKS:
+                    acc[c] |= out[c]
+                elif c in OUT_LATEST:
+                    acc[c] = out[c]
                 else:
-                    acc[t, c] += out[c]
+                    acc[c] += out[c]
             if nsnap:
                 for r in range(min(n, budget)):
                     snap[used + r, 0] |= np.uint64(t) << np.uint64(48)
@@ -144,12 +125,12 @@ def _poll(  # noqa: PLR0915 -- one loop, kept whole for the compiler
                 pend = ctl[POLL_PENDING]
                 if txt[t, TX_VECTOR] >= 0:
                     pend |= np.int64(1) << txt[t, TX_VECTOR]
-                mask = out[FWD_RX_MASK]
+                mask = out[OUT_RX_MASK]
                 for q in range(rx.shape[0]):
-                    if (mask >> q) & 1 and rxvec[q] >= 0:
-                        pend |= np.int64(1) << rxvec[q]
+                    if (mask >> q) & 1 and rx[q, RX_VECTOR] >= 0:
+                        pend |= np.int64(1) << rx[q, RX_VECTOR]
                 ctl[POLL_PENDING] = pend
-            err = out[FWD_ERROR]
+            err = out[OUT_ERROR]
             if err:
                 ctl[POLL_QUEUE] = t
                 return POLL_KICK if err == ERR_SLOW_PATH else POLL_ERROR

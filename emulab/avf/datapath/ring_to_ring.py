@@ -10,6 +10,44 @@ from numba import njit
 
 from emulab.avf.datapath import raw
 from emulab.avf.datapath.checksum import RX_L3L4P, fold, ones_sum
+from emulab.avf.datapath.context import (
+    OUT,
+    OUT_ERROR,
+    OUT_FAULT_RX,
+    OUT_FILTERED,
+    OUT_RX_BCAST,
+    OUT_RX_BYTES,
+    OUT_RX_DROPPED,
+    OUT_RX_FRAMES,
+    OUT_RX_MASK,
+    OUT_RX_MCAST,
+    OUT_RX_TOUCHED,
+    OUT_RX_TSO,
+    OUT_TX_BCAST,
+    OUT_TX_BYTES,
+    OUT_TX_DESCS,
+    OUT_TX_FRAMES,
+    OUT_TX_MCAST,
+    RX_BASE,
+    RX_BUF,
+    RX_BYTES,
+    RX_DISCARDS,
+    RX_ENABLED,
+    RX_ERROR,
+    RX_HEAD,
+    RX_LEN,
+    RX_MAX,
+    RX_PACKETS,
+    RX_TAIL,
+    TX_BASE,
+    TX_BYTES,
+    TX_HEAD,
+    TX_LEN,
+    TX_PACKETS,
+    TX_TAIL,
+    FastPath,
+    WirePath,
+)
 from emulab.avf.datapath.general_path import (
     ERR_BUFFER_ADDRESS,
     ERR_FRAME_TOO_LONG,
@@ -41,24 +79,18 @@ from emulab.backends.base import GSO_CSUM_START, GSO_DONE, GSO_NONE, GSO_SIZE, G
 # With the runtime, each array handed to a helper (``find_map``, ``rss_tuple``, ...) and each view
 # cost an incref/decref pair, an indirect call and an atomic add each, about 30 pairs per frame:
 # half the time per 64-byte frame (6.4 against 13.9 Mpps, measured side by side).
-(FWD_FRAMES, FWD_BYTES, FWD_TX_DESCS, FWD_DROPPED, FWD_ERROR, FWD_RX_MASK, FWD_FILTERED,
- FWD_TX_MCAST, FWD_TX_BCAST, FWD_RX_MCAST, FWD_RX_BCAST, FWD_RX_BYTES,
- FWD_FAULT_RX) = range(13)  # fmt: skip
-FWD_OUT = 13
-(RX_BASE, RX_LEN, RX_HEAD, RX_TAIL, RX_BUF, RX_ENABLED, RX_PACKETS, RX_BYTES, RX_MAX,
- RX_DISCARDS, RX_ERROR) = range(11)  # fmt: skip
-RX_COLS = 11
-# rx_place's counts: delivered frames, of them broadcast and multicast, their bytes, all
-# discards (each queue's are also in its row), a mask of the queues with anything to report,
-# and the TSO frames from the wire cut into segments
-(PLACE_PACKETS, PLACE_BCAST, PLACE_MCAST, PLACE_BYTES, PLACE_DISCARDS, PLACE_QUEUES,
- PLACE_TSO) = range(7)  # fmt: skip
-PLACE_OUT = 7
 ERR_SLOW_PATH = 100  # not an error: the frame at the head needs the general path (offloads)
 OFFLOAD_BITS = (3 << 9) | (3 << 12)  # IIPT and L4T in TX qword 1 (checksum offloads)
 SNAP = 256  # bytes of each frame copied out for the packet trace (when asked for)
 TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 HDR = 64  # header bytes copied out for classification and the RSS tuple
+
+
+@njit(nogil=True, cache=True, inline="always")
+def rx_ready(rx: Any, q: Any) -> bool:
+    """RX queue ``q`` takes frames: enabled, with a ring and a tail inside it."""
+    n = rx[q, RX_LEN]
+    return bool(rx[q, RX_ENABLED] != 0 and n > 0 and 0 <= rx[q, RX_TAIL] < n)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -94,7 +126,7 @@ def _deliver(
     avail = rtail - rhead
     if avail < 0:
         avail += rlen
-    if rx[q, RX_ENABLED] == 0 or need > avail:
+    if not rx_ready(rx, q) or need > avail:
         return 0
     done = 0
     r = rhead
@@ -133,30 +165,13 @@ def _deliver(
 
 
 @raw.kernel  # without numba's runtime: see the note above
-def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
-    words: Any,
-    starts: Any,
-    ends: Any,
-    writable: Any,
-    tx: Any,
-    rx: Any,
-    scratch: Any,
-    table: Any,
-    lut: Any,
-    hena: Any,
-    hdr: Any,
-    filt: Any,
-    snap: Any,
-    budget: Any,
-    out: Any,
-) -> None:
+def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     """Move up to ``budget`` frames from one TX ring straight into RX rings (a loopback wire,
     or a wire between two devices sharing this process), without Python per packet.
 
-    ``words`` is guest memory as a tuple of uint64 arrays (``MemoryTable.words``). ``tx`` is
-    ``[base, len, head, tail]`` (head updated in place); ``rx`` an ``(n, RX_COLS)`` table of RX
-    queues ``[base, len, head, tail, buf_size, enabled, packets, bytes, max_frame]`` (heads and
-    counters updated). The port's MAC filter (``filt``, see :func:`accepts`) drops frames not
+    ``ctx.maps`` is guest memory as uint64 words (``MemoryTable.fast``). ``tx`` is the TX
+    queue's row of the TX table, ``ctx.rx`` the RX table (see ``context``): heads and counters
+    are updated in place. The port's MAC filter (``filt``, see :func:`accepts`) drops frames not
     for it. A frame goes to ``lut[hash % len(lut)]`` when its RSS hash (Toeplitz through
     ``table``, see :func:`toeplitz_table`; pctypes in ``hena``) is non-zero, else to queue 0; a
     frame with no RX buffer posted for it, or longer than the queue's max_frame, is dropped
@@ -169,9 +184,13 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     ``ERR_SLOW_PATH``: the general path (:func:`tx_drain`) takes it. ``snap`` (uint64, one row
     of ``SNAP // 8 + 1`` words per frame; zero rows for none) receives each frame's length, its
     RX queue (or -1: filtered or dropped) and first ``SNAP`` bytes, for the packet trace.
-    ``out`` (``FWD_OUT`` int64) receives the counts named by the ``FWD_*`` indexes, and with an
-    address error, the RX queue at fault (``FWD_FAULT_RX``; -1: the TX ring's)."""
-    base, ring_len, head, tail = tx[0], tx[1], tx[2], tx[3]
+    ``out`` (``OUT`` int64) receives the counts named by the ``OUT_*`` indexes, and with an
+    address error, the RX queue at fault (``OUT_FAULT_RX``; -1: the TX ring's)."""
+    words, starts, ends, writable = ctx.maps
+    rx = ctx.rx
+    table, lut, hena, filt = ctx.rss
+    scratch, hdr, snap = ctx.work
+    base, ring_len, head, tail = tx[TX_BASE], tx[TX_LEN], tx[TX_HEAD], tx[TX_TAIL]
     frames: Any = 0
     nbytes: Any = 0
     rbytes: Any = 0
@@ -257,7 +276,7 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
             lsz = lut.shape[0]  # 64 or 512 entries: a mask, not a division
             slot = np.int64(h) & (lsz - 1) if lsz & (lsz - 1) == 0 else np.int64(h) % lsz
             q = np.int64(lut[slot]) if h != 0 else 0
-            if q >= rx.shape[0] or rx[q, RX_ENABLED] == 0:
+            if q >= rx.shape[0] or not rx_ready(rx, q):
                 q = 0
             ptype = classify(header, hl)
             got = 0
@@ -305,20 +324,26 @@ def forward(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
             if j == ring_len:
                 j = 0
         frame_start = i
-    tx[2] = frame_start
-    out[FWD_FRAMES] = frames
-    out[FWD_BYTES] = nbytes
-    out[FWD_TX_DESCS] = used
-    out[FWD_DROPPED] = dropped
-    out[FWD_ERROR] = err
-    out[FWD_RX_MASK] = rx_mask
-    out[FWD_FILTERED] = filtered
-    out[FWD_TX_MCAST] = tx_mc
-    out[FWD_TX_BCAST] = tx_bc
-    out[FWD_RX_MCAST] = rx_mc
-    out[FWD_RX_BCAST] = rx_bc
-    out[FWD_RX_BYTES] = rbytes
-    out[FWD_FAULT_RX] = fault_rx
+    tx[TX_HEAD] = frame_start
+    tx[TX_PACKETS] += frames
+    tx[TX_BYTES] += nbytes
+    for j in range(OUT):
+        out[j] = 0
+    out[OUT_TX_FRAMES] = frames
+    out[OUT_TX_BYTES] = nbytes
+    out[OUT_TX_DESCS] = used
+    out[OUT_TX_MCAST] = tx_mc
+    out[OUT_TX_BCAST] = tx_bc
+    out[OUT_RX_FRAMES] = frames - filtered - dropped
+    out[OUT_RX_BYTES] = rbytes
+    out[OUT_RX_MCAST] = rx_mc
+    out[OUT_RX_BCAST] = rx_bc
+    out[OUT_RX_DROPPED] = dropped
+    out[OUT_FILTERED] = filtered
+    out[OUT_RX_MASK] = rx_mask
+    out[OUT_RX_TOUCHED] = rx_mask
+    out[OUT_ERROR] = err
+    out[OUT_FAULT_RX] = fault_rx
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -389,23 +414,19 @@ def tso_cut(frame: Any, length: Any, hl: Any, g: Any, out: Any, lens: Any) -> in
 
 
 @raw.kernel  # without numba's runtime, as forward
-def rx_place(
-    maps: Any, starts: Any, ends: Any, writable: Any, rx: Any, frames: Any, lens: Any, n: Any,
-    qs: Any, hashes: Any, ptypes: Any, extra: Any, holds: Any, done: Any, out: Any,
-    gso: Any, seg: Any,
-) -> int:  # fmt: skip
-    """Frames from a wire, the first ``n`` rows of ``frames`` (``lens`` long), into the RX
-    queues ``rx_pick`` chose for them (``qs``, with ``hashes``, ``ptypes`` and the checksum
-    bits ``extra``), in order, in one call: the wire's whole receive burst without Python.
+def rx_place(ctx: WirePath, n: Any, holds: Any, out: Any) -> int:  # noqa: PLR0915 -- one walk
+    """Frames from a wire, the first ``n`` rows of ``ctx.burst``, into the RX queues
+    ``rx_pick`` chose for them (with their hashes, packet types and checksum bits), in order,
+    in one call: the wire's whole receive burst without Python.
 
-    ``maps`` is guest memory as ``MemoryTable.regions``; ``rx`` the ``(n, RX_COLS)`` table of
-    :meth:`QueueEngine.rx_table`, whose heads, packets, bytes, discards and errors (the first
+    ``ctx.maps`` is guest memory as ``MemoryTable.general``; ``ctx.rx`` the RX table, whose
+    heads, packets, bytes, discards and errors (the first
     address error stops the queue, ``RX_ERROR``) are updated. A frame longer than its queue's
     max_frame, or for a disabled queue, or (``rx_pick``) for no queue at all, is discarded; a
     filtered one just taken. A frame with too few buffers posted for it is discarded too,
     unless the wire ``holds``: then the burst stops there, for the wire to offer the rest once
-    the driver posts buffers. ``done[i]`` is 1 for each frame delivered; ``out`` (``PLACE_OUT``
-    int64) receives the counts named by the ``PLACE_*`` indexes. Returns how many frames, from
+    the driver posts buffers. ``done[i]`` is 1 for each frame delivered; ``out`` (``OUT``
+    int64) receives the counts named by the ``OUT_*`` indexes. Returns how many frames, from
     the front, were taken.
 
     A TSO frame (``gso``, see ``emulab.backends.base.DeliverRows``; checked by ``rx_pick``) is
@@ -413,7 +434,10 @@ def rx_place(
     least), delivered as frames of their own; with a wire that holds, one that does not fit
     whole is delivered as far as it fits and goes on from there (``GSO_DONE``) when offered
     again."""
-    for j in range(PLACE_OUT):
+    maps, starts, ends, writable = ctx.maps
+    rx = ctx.rx
+    frames, lens, gso, qs, hashes, ptypes, extra, done, _, seg = ctx.burst
+    for j in range(OUT):
         out[j] = 0
     ok = _consistent(maps, starts, ends) and frames.shape[1] >= 6  # else nothing is touched
     base = np.int64(frames.ctypes.data)
@@ -425,17 +449,17 @@ def rx_place(
         length = lens[i]
         if q < 0:
             if q != PICK_FILTERED:
-                out[PLACE_DISCARDS] += 1  # no queue enabled, or longer than any frame
+                out[OUT_RX_DROPPED] += 1  # no queue enabled, or longer than any frame
             continue
-        if q >= nq or rx[q, RX_ENABLED] == 0 or rx[q, RX_ERROR] != 0:
-            out[PLACE_DISCARDS] += 1
+        if q >= nq or not rx_ready(rx, q) or rx[q, RX_ERROR] != 0:
+            out[OUT_RX_DROPPED] += 1
             continue
-        out[PLACE_QUEUES] |= np.int64(1) << q
+        out[OUT_RX_TOUCHED] |= np.int64(1) << q
         if length > frames.shape[1] or (
             rx[q, RX_MAX] and length > rx[q, RX_MAX] and gso[i, GSO_TYPE] == GSO_NONE
         ):
             rx[q, RX_DISCARDS] += 1
-            out[PLACE_DISCARDS] += 1
+            out[OUT_RX_DROPPED] += 1
             continue
         g = gso[i]
         if g[GSO_TYPE] != GSO_NONE and ok:
@@ -454,7 +478,7 @@ def rx_place(
             if holds:
                 return i  # flow control: the rest waits for buffers
             rx[q, RX_DISCARDS] += 1
-            out[PLACE_DISCARDS] += 1
+            out[OUT_RX_DROPPED] += 1
             continue
         got = -ERR_RING_ADDRESS
         if ok:
@@ -464,7 +488,7 @@ def rx_place(
             if got < 0:
                 rx[q, RX_ERROR] = -got
             rx[q, RX_DISCARDS] += 1
-            out[PLACE_DISCARDS] += 1
+            out[OUT_RX_DROPPED] += 1
             continue
         done[i] = 1
         _counted(rx, q, out, length, frames[i, 0], frames[i, 1:6])
@@ -474,15 +498,16 @@ def rx_place(
 @njit(nogil=True, cache=True, inline="always")
 def _counted(rx: Any, q: Any, out: Any, length: Any, first: Any, rest: Any) -> None:
     """Count a frame delivered to queue ``q`` (``first``, ``rest``: its destination MAC)."""
-    out[PLACE_PACKETS] += 1
+    out[OUT_RX_FRAMES] += 1
+    out[OUT_RX_MASK] |= np.int64(1) << q
     rx[q, RX_PACKETS] += 1
     rx[q, RX_BYTES] += length
-    out[PLACE_BYTES] += length
+    out[OUT_RX_BYTES] += length
     if first & 1:
         bcast = first == 0xFF
         for b in range(5):
             bcast = bcast and rest[b] == 0xFF
-        out[PLACE_BCAST if bcast else PLACE_MCAST] += 1
+        out[OUT_RX_BCAST if bcast else OUT_RX_MCAST] += 1
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -502,7 +527,7 @@ def _place_tso(
     if hl <= 0 or (rx[q, RX_MAX] and hl + mss > rx[q, RX_MAX]) or hl + mss > seg.shape[0]:
         # segments longer than the queue takes (or than the work area): all discarded
         rx[q, RX_DISCARDS] += nseg
-        out[PLACE_DISCARDS] += nseg
+        out[OUT_RX_DROPPED] += nseg
         return -1
     while k < nseg:
         plen = min(mss, payload - k * mss)
@@ -516,7 +541,7 @@ def _place_tso(
                 g[GSO_DONE] = k
                 return 0
             rx[q, RX_DISCARDS] += nseg - k
-            out[PLACE_DISCARDS] += nseg - k
+            out[OUT_RX_DROPPED] += nseg - k
             return -1
         _cut(seg, src, hl, g, k, nseg, plen)
         got = _deliver(maps, starts, ends, writable, rx, q, np.int64(seg.ctypes.data), flen, h,
@@ -525,12 +550,12 @@ def _place_tso(
             if got < 0:
                 rx[q, RX_ERROR] = -got
             rx[q, RX_DISCARDS] += nseg - k
-            out[PLACE_DISCARDS] += nseg - k
+            out[OUT_RX_DROPPED] += nseg - k
             return -1
         _counted(rx, q, out, flen, seg[0], seg[1:6])
         k += 1
     g[GSO_DONE] = 0
-    out[PLACE_TSO] += 1
+    out[OUT_RX_TSO] += 1
     return 1
 
 

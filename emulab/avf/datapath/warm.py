@@ -8,20 +8,58 @@ from collections.abc import Callable
 import numpy as np
 
 from emulab.avf.datapath.checksum import ones_sum
-from emulab.avf.datapath.general_path import rx_pick, tx_drain
-from emulab.avf.datapath.poll_loop import POLL_CTL, TX_COLS, poll
-from emulab.avf.datapath.ring_to_ring import (
-    FWD_OUT,
-    HDR,
-    PLACE_OUT,
+from emulab.avf.datapath.context import (
+    OUT,
     RX_COLS,
-    SNAP,
-    forward,
-    rx_place,
-    tso_cut,
+    TX_COLS,
+    Burst,
+    FastPath,
+    Gather,
+    Maps,
+    Polling,
+    Rss,
+    WirePath,
+    Work,
 )
+from emulab.avf.datapath.general_path import rx_pick, tx_drain
+from emulab.avf.datapath.poll_loop import POLL_CTL, poll
+from emulab.avf.datapath.ring_to_ring import HDR, SNAP, forward, rx_place, tso_cut
 from emulab.avf.datapath.rss import RSS_TUPLE_MAX, classify, rss_hash, toeplitz_table
 from emulab.backends.base import GSO_COLS
+
+MAX_SCRATCH = 16  # words of the gather area (any size: the type is what counts)
+
+
+def burst(rows: int = 8, width: int = 64) -> Burst:
+    """A burst of ``rows`` frames ``width`` wide, with the types the device uses."""
+    return Burst(
+        frames=np.zeros((rows, width), dtype=np.uint8),
+        lens=np.zeros(rows, dtype=np.int64),
+        gso=np.zeros((rows, GSO_COLS), dtype=np.int64),
+        queue=np.zeros(rows, dtype=np.int64),
+        hash=np.zeros(rows, dtype=np.uint32),
+        ptype=np.zeros(rows, dtype=np.uint8),
+        extra=np.zeros(rows, dtype=np.uint64),
+        done=np.zeros(rows, dtype=np.uint8),
+        tuple=np.zeros(12, dtype=np.uint8),
+        seg=np.zeros(9728, dtype=np.uint8),
+    )
+
+
+def rss(lut: int = 64) -> Rss:
+    """RSS off and no filter, with the types the device uses."""
+    table = np.zeros((RSS_TUPLE_MAX, 256), dtype=np.uint32)  # (toeplitz_table's type)
+    return Rss(table, np.zeros(lut, dtype=np.uint8), np.uint64(0), np.zeros(1, dtype=np.uint64))
+
+
+def work(snap_rows: int = 0) -> Work:
+    """The fast path's work areas (``snap_rows`` rows of packet trace)."""
+    snap = np.zeros((max(snap_rows, 1), SNAP // 8 + 1), dtype=np.uint64)
+    return Work(
+        np.zeros(MAX_SCRATCH, dtype=np.uint64),
+        np.zeros(HDR // 8 + 2, dtype=np.uint64),
+        snap if snap_rows else snap[:0],
+    )
 
 
 def steps(maps: int = 1, polling: bool = True) -> list[tuple[str, Callable[[], object]]]:
@@ -30,44 +68,30 @@ def steps(maps: int = 1, polling: bool = True) -> list[tuple[str, Callable[[], o
     ``(name, call)`` pairs, in the order a device needs them."""
     mem = np.zeros(1 << 16, dtype=np.uint8)
     regions = tuple(mem[i * 4096 : (i + 1) * 4096] for i in range(maps))
-    words = tuple(r.view(np.uint64) for r in regions)
     starts = np.arange(maps, dtype=np.int64) * 4096
     ends = starts + 4096
     writable = np.ones(maps, dtype=np.bool_)
-    arena = np.zeros(4096, dtype=np.uint8)
-    offsets = np.zeros(9, dtype=np.int64)
-    meta = np.zeros((8, 2), dtype=np.uint64)
-    frames = np.zeros((8, 64), dtype=np.uint8)
-    lens = np.zeros(8, dtype=np.int64)
-    table = np.zeros((RSS_TUPLE_MAX, 256), dtype=np.uint32)  # (toeplitz_table's type)
+    general = Maps(regions, starts, ends, writable)
+    fast = Maps(tuple(r.view(np.uint64) for r in regions), starts, ends, writable)
+    gather = Gather(np.zeros(4096, dtype=np.uint8), np.zeros(9, dtype=np.int64),
+                    np.zeros((8, 2), dtype=np.uint64))  # fmt: skip
+    rxt = np.zeros((1, RX_COLS), dtype=np.int64)
+    txt = np.zeros((1, TX_COLS), dtype=np.int64)
     out: list[tuple[str, Callable[[], object]]] = [
-        ("tx_drain", lambda: tx_drain(regions, starts, ends, writable, 0, 8, 0, 0, arena,
-                                      offsets, meta)),
-        ("rx_place", lambda: rx_place(regions, starts, ends, writable,
-                np.zeros((1, RX_COLS), dtype=np.int64), frames, lens, 0,
-                np.zeros(8, dtype=np.int64), np.zeros(8, dtype=np.uint32),
-                np.zeros(8, dtype=np.uint8), np.zeros(8, dtype=np.uint64), True,
-                np.zeros(8, dtype=np.uint8), np.zeros(PLACE_OUT, dtype=np.int64),
-                np.zeros((8, GSO_COLS), dtype=np.int64), np.zeros(9728, dtype=np.uint8))),
-        ("forward", lambda: forward(words, starts, ends, writable, np.array([0, 8, 0, 0]),
-                np.zeros((1, RX_COLS), dtype=np.int64), np.zeros(16, dtype=np.uint64), table,
-                np.zeros(64, dtype=np.uint8), np.uint64(0), np.zeros(HDR // 8 + 2, dtype=np.uint64),
-                np.zeros(1, dtype=np.uint64), np.zeros((0, SNAP // 8 + 1), dtype=np.uint64),
-                64, np.zeros(FWD_OUT, dtype=np.int64))),
+        ("tx_drain", lambda: tx_drain(general, txt[0], gather, np.zeros(OUT, dtype=np.int64))),
+        ("rx_place", lambda: rx_place(WirePath(general, rxt, burst()), 0, True,
+                                      np.zeros(OUT, dtype=np.int64))),
+        ("forward", lambda: forward(FastPath(fast, rxt, rss(), work()), txt[0], 64,
+                                    np.zeros(OUT, dtype=np.int64))),
     ]  # fmt: skip
     if polling:
 
         def poll_both() -> None:
             for rows in (0, 8):  # without and with the packet trace (a zero-row view, an array)
-                snap = np.zeros((rows, SNAP // 8 + 1), dtype=np.uint64)
-                poll(words, starts, ends, writable, np.zeros(64, dtype=np.uint32),
-                     np.array([0, 8, 16, 32]), np.zeros((1, TX_COLS), dtype=np.int64),
-                     np.zeros((1, RX_COLS), dtype=np.int64), np.zeros(1, dtype=np.int64),
-                     np.zeros(16, dtype=np.uint64), table, np.zeros(64, dtype=np.uint8),
-                     np.uint64(0), np.zeros(HDR // 8 + 2, dtype=np.uint64),
-                     np.zeros(1, dtype=np.uint64), snap if rows else snap[:0],
-                     np.zeros((1, FWD_OUT), dtype=np.int64), np.zeros(POLL_CTL, dtype=np.int64),
-                     64, 1)  # fmt: skip
+                ctx = Polling(FastPath(fast, rxt, rss(), work(rows)), txt,
+                              np.zeros(64, dtype=np.uint32), np.array([0, 8, 16, 32]),
+                              np.zeros(POLL_CTL, dtype=np.int64))  # fmt: skip
+                poll(ctx, 64, 1, np.zeros(OUT, dtype=np.int64))
 
         out.append(("poll", poll_both))
     return out
@@ -76,7 +100,6 @@ def steps(maps: int = 1, polling: bool = True) -> list[tuple[str, Callable[[], o
 def common_steps() -> list[tuple[str, Callable[[], object]]]:
     """The kernels that do not take the translation table (one signature set each)."""
     frames = np.zeros((8, 64), dtype=np.uint8)
-    lens = np.zeros(8, dtype=np.int64)
     key = np.zeros(52, dtype=np.uint8)
 
     def checksums() -> None:
@@ -92,12 +115,8 @@ def common_steps() -> list[tuple[str, Callable[[], object]]]:
                                     np.zeros(GSO_COLS, dtype=np.int64),
                                     np.zeros((1, 64), dtype=np.uint8),
                                     np.zeros(1, dtype=np.int64))),
-        ("rx_pick", lambda: rx_pick(frames, lens, 1, toeplitz_table(key),
-                np.zeros(64, dtype=np.uint8), np.uint64(0), np.ones(4, dtype=np.bool_),
-                np.zeros(12, dtype=np.uint8), np.zeros(8, dtype=np.int64),
-                np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint8),
-                np.zeros(1, dtype=np.uint64), 9728, np.zeros(8, dtype=np.uint64),
-                np.zeros((8, GSO_COLS), dtype=np.int64))),
+        ("rx_pick", lambda: rx_pick(burst(), 1, rss()._replace(table=toeplitz_table(key)),
+                                    np.zeros((4, RX_COLS), dtype=np.int64), 9728)),
     ]  # fmt: skip
 
 

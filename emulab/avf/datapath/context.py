@@ -1,0 +1,133 @@
+"""What the kernels take and give back, declared once: the queue tables' columns, the kernels'
+contexts and their result.
+
+The queue tables are the queues' state -- ``emulab.avf.queues`` reads and writes them through
+named views (``TxQueue``, ``RxQueue``) and every kernel works on them in place; nothing is
+copied in before a call or back after it. A kernel takes one context (a ``NamedTuple`` of
+arrays, which numba passes as a struct: no allocation, no reference counts) plus its scalars,
+and writes one result vector whose positions are named ``OUT_*`` below, the same for every
+kernel, so one accounting routine reads them all (``QueueEngine.account``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+# -- the queue tables: one int64 row per queue ----------------------------------------------------
+# TX: ring base and length, head (the device's) and tail (the driver's), enabled, interrupt vector
+# and ITR index, frames and bytes taken
+(TX_BASE, TX_LEN, TX_HEAD, TX_TAIL, TX_ENABLED, TX_VECTOR, TX_ITR, TX_PACKETS,
+ TX_BYTES) = range(9)  # fmt: skip
+TX_COLS = 9
+# RX: as TX, with the buffer size and the longest frame taken; frames and bytes delivered,
+# frames discarded, and the error code that stopped the queue (0: none)
+(RX_BASE, RX_LEN, RX_HEAD, RX_TAIL, RX_BUF, RX_ENABLED, RX_PACKETS, RX_BYTES, RX_MAX,
+ RX_DISCARDS, RX_ERROR, RX_VECTOR, RX_ITR) = range(13)  # fmt: skip
+RX_COLS = 13
+
+# -- the result: what one call moved, and why it stopped ------------------------------------------
+# frames, bytes and descriptors taken from a TX ring, of the frames multicast and broadcast;
+# frames and bytes delivered into RX rings, of them multicast and broadcast; frames dropped on
+# the way in (no buffers posted, too long, a queue off), frames the MAC filter kept out; a mask
+# of the RX queues that got frames, and of those with anything to report; the error that ended
+# the call (0: none) and the RX queue at fault (-1: the TX ring); TSO frames cut into segments
+(OUT_TX_FRAMES, OUT_TX_BYTES, OUT_TX_DESCS, OUT_TX_MCAST, OUT_TX_BCAST, OUT_RX_FRAMES,
+ OUT_RX_BYTES, OUT_RX_MCAST, OUT_RX_BCAST, OUT_RX_DROPPED, OUT_FILTERED, OUT_RX_MASK,
+ OUT_RX_TOUCHED, OUT_ERROR, OUT_FAULT_RX, OUT_RX_TSO) = range(16)  # fmt: skip
+OUT = 16
+OUT_LATEST = (OUT_ERROR, OUT_FAULT_RX)  # positions a sum of results takes from the last call
+OUT_MASKS = (OUT_RX_MASK, OUT_RX_TOUCHED)  # positions a sum of results ORs
+
+
+class Maps(NamedTuple):
+    """Guest memory: one array per DMA map (uint8 for the general path, uint64 words for the
+    fast path; see ``MemoryTable``), their guest start and end addresses and writable flags.
+    Kernels specialise on the number of maps."""
+
+    arrays: Any
+    starts: Any
+    ends: Any
+    writable: Any
+
+
+class Rss(NamedTuple):
+    """Receive-side scaling and the MAC filter: the Toeplitz table of the key
+    (``toeplitz_table``), the lookup table, the hashed pctypes (HENA) and the filter words
+    (``rss.accepts``)."""
+
+    table: Any
+    lut: Any
+    hena: Any
+    filt: Any
+
+
+class Work(NamedTuple):
+    """The fast path's work areas: ``scratch`` (uint64) gathers a frame spread over buffers,
+    ``hdr`` (``HDR // 8 + 2`` uint64) holds a header and its RSS tuple, ``snap`` receives the
+    packet trace's rows (zero rows: no trace)."""
+
+    scratch: Any
+    hdr: Any
+    snap: Any
+
+
+class FastPath(NamedTuple):
+    """``forward``'s context: TX frames into this port's RX rings."""
+
+    maps: Maps
+    rx: Any  # the RX table
+    rss: Rss
+    work: Work
+
+
+class Burst(NamedTuple):
+    """Frames from a wire, a row each (``lens`` long, virtio-net ``gso`` rows), and what
+    ``rx_pick`` chose for each: its RX queue, hash, packet type and checksum status bits; then
+    whether ``rx_place`` delivered it (``done``). ``tuple`` and ``seg`` are work areas."""
+
+    frames: Any
+    lens: Any
+    gso: Any
+    queue: Any
+    hash: Any
+    ptype: Any
+    extra: Any
+    done: Any
+    tuple: Any
+    seg: Any
+
+
+class WirePath(NamedTuple):
+    """``rx_place``'s context: a wire's burst into the RX rings."""
+
+    maps: Maps
+    rx: Any
+    burst: Burst
+
+
+class Gather(NamedTuple):
+    """``tx_drain``'s output areas: frame ``f`` is ``arena[offsets[f]:offsets[f + 1]]``, with
+    ``meta[f]`` its offload qwords."""
+
+    arena: Any
+    offsets: Any
+    meta: Any
+
+
+class Polling(NamedTuple):
+    """``poll``'s context: the fast path's, the TX table, the registers in shared memory
+    (``regs``, with ``layout``: the word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01 and
+    DYN_CTLN[0]) and the loop's control words (``POLL_*``)."""
+
+    fast: FastPath
+    tx: Any
+    regs: Any
+    layout: Any
+    ctl: Any
+
+
+def maps_of(ctx: Any) -> Maps:
+    """The guest memory inside a context (what a tabled kernel specialises on)."""
+    while not isinstance(ctx, Maps):
+        ctx = ctx[0]
+    return ctx

@@ -64,7 +64,10 @@ class MessageRecord(Record):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RegisterRecord(Record):
-    """A region access (config space or a BAR) through the device interface."""
+    """A region access (config space or a BAR): through the device interface (a message,
+    ``via="message"``), or a write the client made straight into a register page it mmapped,
+    as the device saw it (``via="mmap"``: the AVF's tail registers in polling mode; two writes
+    between two looks of the poller are seen as the last)."""
 
     kind: ClassVar[str] = "register"
     device: str
@@ -74,6 +77,7 @@ class RegisterRecord(Record):
     name: str  # the register behind the offset
     size: int
     value: int  # the first (up to) 8 bytes, little-endian
+    via: str = "message"  # "message" | "mmap"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from emulab.avf import virtchnl as vc
 from emulab.avf.admin_queue import AdminQueue
@@ -30,7 +30,7 @@ from emulab.backends.base import PacketBackend
 from emulab.backends.simple import LoopbackBackend
 from emulab.pci.dma import GuestMemory
 from emulab.pci.registers import RegisterFile
-from emulab.trace import AdminqRecord, DeviceRecord, PacketRecord, Trace
+from emulab.trace import AdminqRecord, DeviceRecord, PacketRecord, RegisterRecord, Trace
 
 __all__ = ["MODES", "TAIL_PAGES", "AvfCore", "ResetKind", "VirtchnlHandler"]
 
@@ -95,6 +95,7 @@ class AvfCore:
             wants_packets=lambda: self.trace.enabled,
             defer_send=True,  # sent after region_write lets go of the device lock
             tail_words=regs.words if poll else None,
+            on_mmap_writes=self._mmap_trace if poll else None,
             tail_index=(_QTX, _QRX) if poll else (0, 0),
         )
         self.poller: Poller | None = None
@@ -146,6 +147,16 @@ class AvfCore:
 
     def _queue_cause(self, vector: int) -> None:
         self.irq.queue_cause(vector)
+
+    def _mmap_trace(self, writes: Sequence[tuple[int, int]]) -> None:
+        """Tail writes the client made into the mmapped pages (word index, value), as the
+        poller saw them: register records like those of writes that came as messages."""
+        for word, value in writes:
+            offset = 4 * word
+            self.trace.record(
+                RegisterRecord(device=self.name, op="write", region=0, offset=offset,
+                               name=self.regs.name_at(offset), size=4, value=value, via="mmap")
+            )  # fmt: skip
 
     def _hold(self, mask: int) -> None:
         if self.poller is not None:

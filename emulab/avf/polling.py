@@ -56,6 +56,7 @@ AFTER_STOP = 0.0002
 PR_SET_TIMERSLACK = 29
 INTERPRETED_NAP = 0.001  # seconds between calls of the interpreted loop while idle
 SNAP_ROWS = 4096  # packet-trace rows per call while the trace is on
+WRITE_ROWS = 1024  # tail writes kept per call while the trace is on
 
 
 def _precise_timers() -> None:
@@ -92,6 +93,7 @@ class Poller:
             snap,
         )
         self._work_untraced = self._work._replace(snap=snap[:0])
+        self._writes = np.zeros((WRITE_ROWS, 2), dtype=np.int64)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.calls = 0  # kernel calls, and why each returned
@@ -173,12 +175,14 @@ class Poller:
         """One kernel call and what Python does after it (called holding the engine lock)."""
         e = self.engine
         snaps = e.on_snaps is not None and e.wants_packets()
+        writes = self._writes if snaps and e.on_mmap_writes is not None else self._writes[:0]
         fast = e.fast_path(self._work if snaps else self._work_untraced)
-        ctx = dp.Polling(fast, e.tables.tx_table, self.regs, self.layout, self.ctl)
+        ctx = dp.Polling(fast, e.tables.tx_table, self.regs, self.layout, self.ctl, writes)
         acc = self._acc
         acc[:] = 0
         ctl = self.ctl
         ctl[dp.POLL_SNAPS] = 0
+        ctl[dp.POLL_WRITES] = 0
         ctl[dp.POLL_FORWARD] = 1 if e.ring_to_ring else 0
         # Until the compiled loop is loaded the interpreted one runs: it returns after a few
         # idle loops instead of napping inside, so that the next call can be the compiled one.
@@ -189,6 +193,9 @@ class Poller:
         name = ("idle", "irq", "stopped", "error", "snap-full", "kick")[reason]
         self.reasons[name] += 1
         # what the kernel did (the queue tables it updated in place): counters, the trace
+        seen = int(ctl[dp.POLL_WRITES])
+        if seen and e.on_mmap_writes is not None:
+            e.on_mmap_writes([(w, v) for w, v in writes[:seen].tolist()])
         vectors: set[int] = set()
         e.account(acc, vectors)
         e.looped_back(acc)

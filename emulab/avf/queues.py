@@ -272,7 +272,9 @@ class QueueEngine:
     on_crash: Callable[[str, BaseException], None] | None = None
     on_packets: Callable[[str, int, Sequence[bytes]], None] | None = None
     on_snaps: Callable[[str, int, Sequence[tuple[int, bytes]]], None] | None = None
-    wants_packets: Callable[[], bool] = lambda: True
+    wants_packets: Callable[[], bool] = lambda: True  # (the trace is on)
+    # polling mode: tail writes the driver made into the mmapped page, as (word index, value)
+    on_mmap_writes: Callable[[Sequence[tuple[int, int]]], None] | None = None
     defer_send: bool = False  # TX frames wait for flush() (see tx_tail)
     fast: bool = True  # loopback frames go ring to ring in one kernel (datapath.forward)
     # polling mode: the tail registers as the client writes them in shared memory, and the word
@@ -641,10 +643,15 @@ class QueueEngine:
         words = self.tail_words
         if words is not None:
             base = self.tail_index[1]
+            seen: list[tuple[int, int]] = []
             for r in self.rx:
                 tail = int(words[base + r.index])
                 if not r.length or tail < r.length:
+                    if tail != r.tail:
+                        seen.append((base + r.index, tail))
                     r.tail = tail
+            if seen and self.on_mmap_writes is not None and self.wants_packets():
+                self.on_mmap_writes(seen)
 
     def receive(self, frames: Sequence[bytes]) -> int:
         """Frames from the backend as bytes: copied into the engine's burst rows a burst at a

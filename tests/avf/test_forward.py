@@ -264,12 +264,16 @@ def test_the_kernels_as_plain_python(how: dict[str, str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
-def _poll(w: Wire, regs: np.ndarray, ctl: np.ndarray, vector: int = -1) -> tuple[int, np.ndarray]:
+def _poll(
+    w: Wire, regs: np.ndarray, ctl: np.ndarray, vector: int = -1, writes: np.ndarray | None = None
+) -> tuple[int, np.ndarray]:
     w.txt[0, dp.TX_VECTOR] = vector
     w.rx[:, dp.RX_VECTOR] = vector
     acc = np.zeros(dp.OUT, dtype=np.int64)
     layout = np.array([0, 16, 32, 48], dtype=np.int64)  # QTX_TAIL, QRX_TAIL, DYN_CTL01, DYN_CTLN
-    reason = dp.poll(dp.Polling(w.context(), w.txt, regs, layout, ctl), 64, 50, acc)
+    if writes is None:
+        writes = np.zeros((0, 2), dtype=np.int64)  # (no register trace)
+    reason = dp.poll(dp.Polling(w.context(), w.txt, regs, layout, ctl, writes), 64, 50, acc)
     return int(reason), acc
 
 
@@ -308,6 +312,30 @@ def test_poll_loop_forwards_from_tail_words_and_returns_when_python_must_act() -
     assert reason == dp.POLL_KICK and ctl[dp.POLL_QUEUE] == 0
     ctl[dp.POLL_STOP] = 1
     assert _poll(w, regs, ctl)[0] == dp.POLL_STOPPED
+
+
+def test_poll_loop_keeps_the_tail_writes_it_sees_for_the_trace() -> None:
+    """Each tail the driver moves in the mmapped page is kept (word index, value) while the
+    trace is on; rows full, the loop returns for Python to take them, and goes on after."""
+    w = Wire(queues=1)
+    w.post_rx(0, 32)
+    regs = np.zeros(64, dtype=np.uint32)
+    regs[16] = 32  # QRX_TAIL[0]
+    w.rx[0, dp.RX_TAIL] = 0
+    ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)
+    ctl[dp.POLL_FORWARD] = 1
+    writes = np.zeros((1, 2), dtype=np.int64)
+    w.post_tx([(TXB, udp(1, 90))])
+    regs[0] = w.tx[3]  # QTX_TAIL[0]
+    w.tx[3] = 0
+    reason, _ = _poll(w, regs, ctl, writes=writes)
+    assert reason == dp.POLL_SNAP_FULL and ctl[dp.POLL_WRITES] == 1
+    assert writes[0].tolist() == [16, 32]  # the RX tail first; the TX tail did not fit
+    assert w.tx[2] == 0  # nothing moved before Python took the rows
+    ctl[dp.POLL_WRITES] = 0
+    reason, acc = _poll(w, regs, ctl, writes=writes)
+    assert reason == dp.POLL_IDLE and writes[0].tolist() == [0, 1] and w.tx[2] == 1
+    assert acc[dp.OUT_TX_FRAMES] == 1 and ctl[dp.POLL_WRITES] == 1
 
 
 def test_poll_loop_stops_on_a_hostile_address() -> None:

@@ -125,6 +125,7 @@ from emulab.avf.datapath.poll_loop import (
     POLL_STOP,
     POLL_STOPPED,
     POLL_WAKE,
+    POLL_WRITES,
     poll,
 )
 from emulab.avf.datapath.ring_to_ring import (
@@ -246,6 +247,7 @@ __all__ = [
     "POLL_STOP",
     "POLL_STOPPED",
     "POLL_WAKE",
+    "POLL_WRITES",
     "PTYPE_ARP",
     "PTYPE_IPV4",
     "PTYPE_IPV4_FRAG",

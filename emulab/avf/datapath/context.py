@@ -117,13 +117,15 @@ class Gather(NamedTuple):
 class Polling(NamedTuple):
     """``poll``'s context: the fast path's, the TX table, the registers in shared memory
     (``regs``, with ``layout``: the word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01 and
-    DYN_CTLN[0]) and the loop's control words (``POLL_*``)."""
+    DYN_CTLN[0]), the loop's control words (``POLL_*``) and the rows where it keeps the tail
+    writes it sees (``writes``, int64 ``(n, 2)``: word index, value; zero rows: none)."""
 
     fast: FastPath
     tx: Any
     regs: Any
     layout: Any
     ctl: Any
+    writes: Any
 
 
 def maps_of(ctx: Any) -> Maps:

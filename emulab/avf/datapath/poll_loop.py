@@ -32,8 +32,8 @@ from emulab.avf.datapath.ring_to_ring import ERR_SLOW_PATH, forward
 # -- polling: the tail registers in shared memory, watched by one long nogil call ---------------
 BURST_POLL = 64  # frames per forward call inside the poll loop
 POLL_STOP, POLL_HOLD, POLL_PENDING, POLL_LOOPS, POLL_SNAPS, POLL_QUEUE, POLL_FORWARD = range(7)
-POLL_NAP, POLL_WAKE, POLL_NAPS = 7, 8, 9
-POLL_CTL = 10
+POLL_NAP, POLL_WAKE, POLL_NAPS, POLL_WRITES = 7, 8, 9, 10
+POLL_CTL = 11
 NAP_FIRST = 20  # microseconds: the first nap of an idle spell (each next one doubles)
 POLL_IDLE, POLL_IRQ, POLL_STOPPED, POLL_ERROR, POLL_SNAP_FULL, POLL_KICK = range(6)
 INTENA_BIT = 1
@@ -54,7 +54,9 @@ def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
     (snapshot rows used), ``POLL_QUEUE`` (the TX queue of an error or kick), ``POLL_FORWARD``
     (0: only watch, returning ``POLL_KICK`` for Python's general path -- a non-loopback wire),
     ``POLL_NAP`` (the longest nap, in microseconds; 0: no naps), ``POLL_WAKE`` (an eventfd that
-    ends a nap early, -1: none), ``POLL_NAPS`` (naps taken, counted).
+    ends a nap early, -1: none), ``POLL_NAPS`` (naps taken, counted), ``POLL_WRITES`` (rows
+    of ``ctx.writes`` used: each tail the loop saw the driver move, as its register's word
+    index and value, for the register trace; zero rows: none kept).
 
     Idleness: after ``max_idle`` loops with nothing moved, the loop naps -- ``NAP_FIRST``
     microseconds, doubling up to ``POLL_NAP`` -- and polls once between naps, until something
@@ -63,20 +65,38 @@ def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
     With ``POLL_NAP`` 0 the call returns ``POLL_IDLE`` instead of napping.
 
     Returns why it stopped: ``POLL_IRQ`` (a pending vector's INTENA is set: Python fires it),
-    ``POLL_KICK`` (a TX queue needs the general path), ``POLL_ERROR``, ``POLL_SNAP_FULL``,
+    ``POLL_KICK`` (a TX queue needs the general path), ``POLL_ERROR``, ``POLL_SNAP_FULL`` (the
+    packet trace's or the tail writes' rows are full),
     ``POLL_STOPPED``, or ``POLL_IDLE`` (no naps) after ``max_idle`` loops with nothing to do."""
     out = np.zeros(OUT, dtype=np.int64)
     return _poll(ctx, budget, max_idle, acc, out)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _logged(writes: Any, ctl: Any, word: Any, value: Any) -> bool:
+    """Keep a tail write the loop saw for the register trace (none kept without rows); False
+    when the rows are full (the loop returns for Python to take them first)."""
+    n = writes.shape[0]
+    if n == 0:
+        return True
+    k = ctl[POLL_WRITES]
+    if k >= n:
+        return False
+    writes[k, 0] = word
+    writes[k, 1] = value
+    ctl[POLL_WRITES] = k + 1
+    return True
 
 
 # Without numba's runtime, as ``forward`` (see ring_to_ring): nothing here allocates.
 @raw.kernel
 def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int:  # noqa: PLR0915 -- one loop, kept whole for the compiler
     """:func:`poll`'s loop, with its work array (``out``: ``OUT`` words)."""
-    fast, txt, regs, layout, ctl = ctx
+    fast, txt, regs, layout, ctl, _ = ctx
     rx = fast.rx
     maps, _, rss, work = fast
     snap = work.snap
+    writes = ctx.writes
     nsnap = snap.shape[0]
     used = ctl[POLL_SNAPS]
     idle = 0
@@ -88,6 +108,8 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
         for q in range(rx.shape[0]):
             rt = np.int64(regs[layout[1] + q])
             if rt < rx[q, RX_LEN]:  # a tail past the ring is ignored, as the doorbell path does
+                if rt != rx[q, RX_TAIL] and not _logged(writes, ctl, layout[1] + q, rt):
+                    return POLL_SNAP_FULL
                 rx[q, RX_TAIL] = rt
         busy = False
         for t in range(txt.shape[0]):
@@ -96,6 +118,8 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
             tail = np.int64(regs[layout[0] + t])
             if tail >= txt[t, TX_LEN]:
                 continue
+            if tail != txt[t, TX_TAIL] and not _logged(writes, ctl, layout[0] + t, tail):
+                return POLL_SNAP_FULL
             txt[t, TX_TAIL] = tail
             if txt[t, TX_HEAD] == tail:
                 continue

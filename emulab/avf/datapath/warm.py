@@ -90,7 +90,8 @@ def steps(maps: int = 1, polling: bool = True) -> list[tuple[str, Callable[[], o
             for rows in (0, 8):  # without and with the packet trace (a zero-row view, an array)
                 ctx = Polling(FastPath(fast, rxt, rss(), work(rows)), txt,
                               np.zeros(64, dtype=np.uint32), np.array([0, 8, 16, 32]),
-                              np.zeros(POLL_CTL, dtype=np.int64))  # fmt: skip
+                              np.zeros(POLL_CTL, dtype=np.int64),
+                              np.zeros((rows, 2), dtype=np.int64))  # fmt: skip
                 poll(ctx, 64, 1, np.zeros(OUT, dtype=np.int64))
 
         out.append(("poll", poll_both))

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import emulab.vfio_user
 from emulab.vfio_user import messages as m
 from emulab.vfio_user.capabilities import Capabilities
 from emulab.vfio_user.connection import (
@@ -643,6 +644,80 @@ def test_write_multiple_only_when_offered() -> None:
     bad = one(server, raw(7, Command.REGION_WRITE_MULTI, multi.pack(), 0x10))
     assert isinstance(bad, BadRequest) and bad.errno == errno.ENOSYS
     assert server.send_error(bad, bad.errno).data == b""  # posted: nothing to answer
+
+
+# -- what the send_* calls return ----------------------------------------------------------------
+def test_every_send_returns_one_outgoing() -> None:
+    """send_request, send_reply (VERSION too), send_error and send_unexpected_error: one frozen
+    shape, ``data`` the wire bytes, ``fds`` the descriptors to pass, ``msg_id`` the exchange."""
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    proposal = client.version_request()
+    version = client.send_request(proposal)
+    req = one(server, version.data)
+    accepted = server.version_reply(req)
+    answer = server.send_reply(req, accepted)  # VERSION: a path of its own
+    one(client, answer.data)
+    dma_map = m.DmaMap(32, 3, 0, 0x100000, 0x1000, 42)
+    mapped = client.send_request(dma_map)
+    map_req = one(server, mapped.data, mapped.fds)
+    info_req = call(client, server, m.RegionInfoRequest(32, 0))
+    flags = RegionFlags.READ | RegionFlags.MMAP
+    info = m.RegionInfoReply(0, flags, 0, 0, 0x4000, 0, (), 33).fit(32)
+    stray = one(client, raw(700, Command.REGION_READ, flags=1))
+    assert isinstance(stray, UnexpectedReply)
+    results = {
+        "send_request": (version, raw(1, Command.VERSION, proposal.pack()), (), 1),
+        "send_reply VERSION": (answer, raw(1, Command.VERSION, accepted.pack(), 1), (), 1),
+        "send_request fds": (mapped, raw(2, Command.DMA_MAP, dma_map.pack()), (42,), 2),
+        "send_reply": (server.send_reply(map_req), raw(2, Command.DMA_MAP, flags=1), (), 2),
+        "send_reply fds": (
+            server.send_reply(info_req, info),
+            raw(3, Command.DEVICE_GET_REGION_INFO, info.pack(), 1),
+            (33,),
+            3,
+        ),
+        "send_error": (
+            server.send_error(info_req, errno.EIO),
+            raw(3, Command.DEVICE_GET_REGION_INFO, flags=0x21, error=errno.EIO),
+            (),
+            3,
+        ),
+        "send_unexpected_error": (
+            client.send_unexpected_error(stray, errno.EPROTO),
+            raw(700, Command.REGION_READ, flags=0x21, error=errno.EPROTO),
+            (),
+            700,
+        ),
+    }
+    for name, (out, data, fds, msg_id) in results.items():
+        assert type(out) is Outgoing, name
+        assert (out.data, out.fds, out.msg_id) == (data, fds, msg_id), name
+        assert type(out.data) is bytes and type(out.fds) is tuple, name
+    with pytest.raises(AttributeError):  # frozen
+        version.data = b""  # type: ignore[misc]
+    assert Outgoing(b"x", msg_id=4) == Outgoing(b"x", (), msg_id=4)  # fds default to none
+    assert emulab.vfio_user.Outgoing is Outgoing
+    assert "Outgoing" in emulab.vfio_user.__all__
+
+
+def test_nothing_to_send_is_an_empty_outgoing() -> None:
+    """A NO_REPLY command: every answer is ``b""`` with no fds, under the command's msg_id."""
+    client, server = negotiate()
+    flags = RegionFlags.READ | RegionFlags.MMAP
+    info = m.RegionInfoReply(0, flags, 0, 0, 0x4000, 0, (), 33).fit(32)
+    posted = raw(9, Command.DEVICE_GET_REGION_INFO, m.RegionInfoRequest(32, 0).pack(), 0x10)
+    req = one(server, posted)
+    for out in (
+        server.send_reply(req, info),
+        server.send_reply(req),
+        server.send_error(req, errno.EIO),
+    ):
+        assert out == Outgoing(b"", (), msg_id=9)
+    fresh = Connection(Role.SERVER)  # a VERSION that asked for no reply still negotiates
+    hello = raw(5, Command.VERSION, client.version_request().pack(), 0x10)
+    version = one(fresh, hello)
+    assert fresh.send_reply(version, fresh.version_reply(version)) == Outgoing(b"", msg_id=5)
+    assert fresh.state is State.READY
 
 
 # -- DMA layouts ----------------------------------------------------------------------------------

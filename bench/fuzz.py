@@ -80,7 +80,7 @@ def _target(name: str, workdir: Path, runs: int, *, instrument: bool = True):  #
     stats: dict[str, object] = {"target": name}
     if name == "codec":
         hello = Connection(Role.CLIENT)
-        version = hello.send_request(hello.version_request())[0]
+        version = hello.send_request(hello.version_request()).data
         total = [0]
 
         def one(data: bytes) -> int:

@@ -285,8 +285,7 @@ def _raw_session(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(5)
     sock.connect(str(path))
-    data, _, _ = conn.send_request(conn.version_request())
-    sock.sendall(data)
+    sock.sendall(conn.send_request(conn.version_request()).data)
     head = sock.recv(16)
     _, _, size, flags, err = struct.unpack("<HHIII", head)
     assert err == 0 and flags & 1

@@ -218,8 +218,8 @@ class VfioUserServer(Generic[D]):
             event = conn.next_event()
             if isinstance(event, Request | BadRequest):
                 reply = conn.send_error(event, errno.EBUSY)
-                if reply:
-                    channel.send(reply)
+                if reply.data:
+                    channel.send(reply.data)
         except (ChannelClosed, ProtocolError, OSError):
             pass  # it left, or spoke nonsense: closing is the answer
         finally:

@@ -29,6 +29,7 @@ from emulab.vfio_user import (
     ConnectionClosed,
     ErrorReply,
     NeedData,
+    Outgoing,
     Reply,
     Request,
     Role,
@@ -165,11 +166,12 @@ class Endpoint:
         with self.lock:
             if self.end_reason is not None:
                 raise RequestFailed(errno.ECONNRESET, f"connection closed ({self.end_reason})")
-            data, fds, msg_id = self.conn.send_request(message, no_reply=no_reply)
+            out = self.conn.send_request(message, no_reply=no_reply)
+            msg_id = out.msg_id
             if not no_reply:
                 self._waiters[msg_id] = waiter
         try:
-            self.channel.send(data, fds)
+            self.channel.send(out.data, out.fds)
         except ChannelClosed as exc:
             with self.lock:
                 self._waiters.pop(msg_id, None)
@@ -209,29 +211,29 @@ class Endpoint:
         request). Encoding errors (a reply larger than the peer's buffer, say) raise before
         anything is sent; a peer that left does not (the reader sees it)."""
         with self.lock:
-            data, fds = self.conn.send_reply(request, message)
-        if data:
+            out = self.conn.send_reply(request, message)
+        if out.data:
             try:  # noqa: SIM105 -- contextlib.suppress costs ~0.5 us a message here
-                self.channel.send(data, fds)
+                self.channel.send(out.data, out.fds)
             except ChannelClosed:
                 pass  # the peer left: the reader sees EOF next and ends
 
     def error(self, request: Request | BadRequest, code: int) -> None:
         """Answer ``request`` with an error reply ``code`` (nothing for a NO_REPLY one)."""
         with self.lock:
-            data = self.conn.send_error(request, code)
-        self._send(data, ())
+            out = self.conn.send_error(request, code)
+        self._send(out)
 
     def error_unexpected(self, event: UnexpectedReply, code: int) -> None:
         """Answer a reply to nothing we asked, in case the peer meant it as a request."""
         with self.lock:
-            data = self.conn.send_unexpected_error(event, code)
-        self._send(data, ())
+            out = self.conn.send_unexpected_error(event, code)
+        self._send(out)
 
-    def _send(self, data: bytes, fds: Sequence[int]) -> None:
-        if data:
+    def _send(self, out: Outgoing) -> None:
+        if out.data:  # b"": a NO_REPLY command, nothing to answer
             try:  # noqa: SIM105 -- contextlib.suppress costs ~0.5 us a message here
-                self.channel.send(data, fds)
+                self.channel.send(out.data, out.fds)
             except ChannelClosed:
                 pass  # the peer left: the reader sees EOF next and ends
 

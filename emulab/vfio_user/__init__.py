@@ -5,11 +5,19 @@ descriptors: nothing here opens, closes or duplicates one.
 
 Modules: :mod:`.constants` (commands, flags, indices), :mod:`.messages` (one class per payload, plus
 :class:`Header` and the ``REQUEST_TYPES`` / ``REPLY_TYPES`` registry), :mod:`.connection`
-(:class:`Connection`, roles, states and the transition table), :mod:`.events`, :mod:`.errors`.
+(:class:`Connection`, the :class:`Outgoing` its ``send_*`` methods return, roles, states and the
+transition table), :mod:`.events`, :mod:`.errors`.
 """
 
 from emulab.vfio_user.capabilities import CLIENT_CAPABILITIES, SERVER_CAPABILITIES, Capabilities
-from emulab.vfio_user.connection import TRANSITIONS, Connection, Role, State, Transition
+from emulab.vfio_user.connection import (
+    TRANSITIONS,
+    Connection,
+    Outgoing,
+    Role,
+    State,
+    Transition,
+)
 from emulab.vfio_user.constants import HEADER_SIZE, Command
 from emulab.vfio_user.errors import (
     LocalProtocolError,
@@ -52,6 +60,7 @@ __all__ = [
     "Message",
     "MessageError",
     "NeedData",
+    "Outgoing",
     "ProtocolError",
     "RemoteProtocolError",
     "Reply",

@@ -9,7 +9,12 @@ One :class:`Connection` per socket, for either end::
         if isinstance(event, NeedData):
             break
         if isinstance(event, Request):    # a command from the peer: answer it ...
-            data, fds = conn.send_reply(event, reply_message)   # ... or send_error(event, errno)
+            out = conn.send_reply(event, reply_message)   # ... or send_error(event, errno)
+            if out.data:                  # b"" when the command had NO_REPLY
+                send(out.data, out.fds)   # sendmsg() with the fds as SCM_RIGHTS
+
+Every ``send_*`` method returns an :class:`Outgoing`: the wire bytes (``b""`` when there is
+nothing to send), the descriptors to pass with them, and the msg_id of the exchange.
 
 Nothing here touches a socket or closes a file descriptor. Events that carry descriptors the
 application cannot use (:class:`BadRequest`, :class:`BadReply`, :class:`UnexpectedReply`,
@@ -51,6 +56,7 @@ import functools
 import json
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
 from enum import Enum, auto
 from types import MappingProxyType
 from typing import Any, Final, NoReturn, TypeAlias
@@ -104,6 +110,7 @@ __all__ = [
     "ErrorReply",
     "Event",
     "NeedData",
+    "Outgoing",
     "Reply",
     "Request",
     "Role",
@@ -127,6 +134,26 @@ _REPLY: Final = int(MsgType.REPLY)
 _REPLY_ERROR: Final = _REPLY | _ERROR
 _EINVAL: Final = errno.EINVAL  # send_error()'s parameter shadows the module
 _REPLY_BY_COMMAND: Final[dict[int, type[Message]]] = {int(c): t for c, t in REPLY_TYPES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What one ``send_*`` call hands back for the transport to write: every one of
+    :meth:`Connection.send_request`, :meth:`~Connection.send_reply`,
+    :meth:`~Connection.send_error` and :meth:`~Connection.send_unexpected_error` returns one.
+
+    ``data`` is the whole message, header included, for a single ``sendmsg()``; it is ``b""``
+    when there is nothing to send (the peer's command had NO_REPLY), and then ``fds`` is empty
+    too. ``fds`` are the descriptors to pass with ``data`` (SCM_RIGHTS), the message's own: the
+    connection neither duplicates nor closes them. ``msg_id`` is the exchange's id: the one
+    allocated for our request (its reply will carry it), or that of the peer's message being
+    answered.
+    """
+
+    data: bytes
+    fds: tuple[int, ...] = ()
+    _: KW_ONLY
+    msg_id: int
 
 
 # -- states and the legal order -------------------------------------------------------------------
@@ -506,10 +533,9 @@ class Connection:
         """The VERSION a client sends: 0.0 and our capabilities."""
         return VersionRequest(PROTOCOL_MAJOR, PROTOCOL_MINOR, self._declared.to_json())
 
-    def send_request(
-        self, message: Message, *, no_reply: bool = False
-    ) -> tuple[bytes, tuple[int, ...], int]:
-        """Encode one of our commands: ``(wire bytes incl. header, fds to pass, msg_id)``."""
+    def send_request(self, message: Message, *, no_reply: bool = False) -> Outgoing:
+        """Encode one of our commands, under a fresh ``msg_id`` (``data`` includes the header;
+        ``fds`` are the message's own)."""
         self._check_open()
         command = self._our_requests.get(type(message))
         if command is None:
@@ -549,7 +575,7 @@ class Connection:
             self._declared = declared
             self._update_limits()
             self._transition(Transition.SEND_VERSION)
-        return data, fds, msg_id
+        return Outgoing(data, fds, msg_id=msg_id)
 
     def _pack(self, message: Message) -> bytes:
         if type(message) in DMA_TYPES:
@@ -570,11 +596,9 @@ class Connection:
         self._next_id = (msg_id + 1) & 0xFFFF
         return msg_id
 
-    def send_reply(
-        self, request: Request | BadRequest, message: Message | None = None
-    ) -> tuple[bytes, tuple[int, ...]]:
-        """Encode the reply to a peer command: ``(wire bytes, fds to pass)``. ``None`` (or
-        :class:`Empty`) is a header-only reply. Returns ``(b"", ())`` if the command had NO_REPLY.
+    def send_reply(self, request: Request | BadRequest, message: Message | None = None) -> Outgoing:
+        """Encode the reply to a peer command (``fds``: the reply message's). ``None`` (or
+        :class:`Empty`) is a header-only reply. ``data`` is ``b""`` if the command had NO_REPLY.
         Raises :class:`LocalProtocolError` for a reply of the wrong type, one larger than the
         client's buffer, or more fds than the peer accepts."""
         self._check_open()
@@ -587,7 +611,7 @@ class Connection:
         if not self._ready:
             raise LocalProtocolError(f"cannot reply in {self._state.name}; use send_error()")
         if header.flags & _NO_REPLY:
-            return b"", ()
+            return Outgoing(b"", msg_id=header.msg_id)
         if message is None or type(message) is Empty:
             expected = _REPLY_BY_COMMAND.get(command)
             if (
@@ -596,7 +620,8 @@ class Connection:
                 and command not in HEADER_ONLY_REPLIES
             ):
                 raise LocalProtocolError(f"a {_name(command)} reply needs a {expected.__name__}")
-            return _HEADER.pack(header.msg_id, command, HEADER_SIZE, _REPLY, 0), ()
+            data = _HEADER.pack(header.msg_id, command, HEADER_SIZE, _REPLY, 0)
+            return Outgoing(data, msg_id=header.msg_id)
         if type(message) is not _REPLY_BY_COMMAND.get(command):
             raise LocalProtocolError(f"{type(message).__name__} is no reply to {_name(command)}")
         payload = self._pack(message)
@@ -614,7 +639,8 @@ class Connection:
                 errno.EINVAL,
             )
         size = HEADER_SIZE + len(payload)
-        return _HEADER.pack(header.msg_id, command, size, _REPLY, 0) + payload, fds
+        data = _HEADER.pack(header.msg_id, command, size, _REPLY, 0) + payload
+        return Outgoing(data, fds, msg_id=header.msg_id)
 
     @staticmethod
     def _reply_bound(request: Request | BadRequest) -> int:
@@ -635,9 +661,9 @@ class Connection:
                 return max(int(message.argsz), header.size - HEADER_SIZE)
         return header.size - HEADER_SIZE
 
-    def send_error(self, request: Request | BadRequest, errno: int) -> bytes:
-        """A header-only error reply (REPLY|ERROR, ``errno``); ``b""`` if the command had
-        NO_REPLY. Refusing a pending VERSION returns a server to AWAIT_VERSION."""
+    def send_error(self, request: Request | BadRequest, errno: int) -> Outgoing:
+        """A header-only error reply (REPLY|ERROR, ``errno``); ``data`` is ``b""`` if the command
+        had NO_REPLY. Refusing a pending VERSION returns a server to AWAIT_VERSION."""
         self._check_open()
         if not 0 <= errno <= 0xFFFFFFFF:
             raise LocalProtocolError(f"errno {errno} out of range", _EINVAL)
@@ -652,10 +678,11 @@ class Connection:
         else:
             self._transition(Transition.SEND_ERROR)
         if header.flags & _NO_REPLY:
-            return b""
-        return _HEADER.pack(header.msg_id, header.command, HEADER_SIZE, _REPLY_ERROR, errno)
+            return Outgoing(b"", msg_id=header.msg_id)
+        data = _HEADER.pack(header.msg_id, header.command, HEADER_SIZE, _REPLY_ERROR, errno)
+        return Outgoing(data, msg_id=header.msg_id)
 
-    def send_unexpected_error(self, event: UnexpectedReply, errno: int) -> bytes:
+    def send_unexpected_error(self, event: UnexpectedReply, errno: int) -> Outgoing:
         """An error reply (``errno``) to a message that came flagged as a reply to no request
         of ours -- a peer that set the reply bit on what it meant as a request would otherwise
         wait for ever. Changes no state: nothing was outstanding."""
@@ -663,7 +690,8 @@ class Connection:
         if not 0 <= errno <= 0xFFFFFFFF:
             raise LocalProtocolError(f"errno {errno} out of range", _EINVAL)
         h = event.header
-        return _HEADER.pack(h.msg_id, h.command, HEADER_SIZE, _REPLY_ERROR, errno)
+        data = _HEADER.pack(h.msg_id, h.command, HEADER_SIZE, _REPLY_ERROR, errno)
+        return Outgoing(data, msg_id=h.msg_id)
 
     # -- VERSION (server side) ---------------------------------------------------------------------
     def version_reply(self, request: Request) -> VersionReply:
@@ -713,9 +741,7 @@ class Connection:
             errno.E2BIG, f"no VERSION reply fits the client's {room} bytes (minimum: {text})"
         )
 
-    def _send_version_reply(
-        self, request: Request, reply: VersionReply
-    ) -> tuple[bytes, tuple[int, ...]]:
+    def _send_version_reply(self, request: Request, reply: VersionReply) -> Outgoing:
         proposal: VersionRequest = request.message
         if reply.major != proposal.major or reply.minor > proposal.minor:
             raise LocalProtocolError(
@@ -739,7 +765,9 @@ class Connection:
         self._pending_peer = None
         self._update_limits()
         self._transition(Transition.SEND_VERSION_REPLY)
+        msg_id = request.header.msg_id
         if request.header.flags & _NO_REPLY:
-            return b"", ()
+            return Outgoing(b"", msg_id=msg_id)
         size = HEADER_SIZE + len(payload)
-        return _HEADER.pack(request.header.msg_id, Command.VERSION, size, _REPLY, 0) + payload, ()
+        data = _HEADER.pack(msg_id, Command.VERSION, size, _REPLY, 0) + payload
+        return Outgoing(data, msg_id=msg_id)

@@ -13,11 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import emulab.vfio_user
 from emulab.vfio_user import messages as m
 from emulab.vfio_user.capabilities import Capabilities
 from emulab.vfio_user.connection import (
     TRANSITIONS,
     Connection,
+    Outgoing,
     Role,
     State,
     Transition,
@@ -75,18 +77,18 @@ def negotiate(
 ) -> tuple[Connection, Connection]:
     client = client or Connection(Role.CLIENT)
     server = server or Connection(Role.SERVER)
-    data, fds, _ = client.send_request(client.version_request())
-    req = one(server, data, fds)
-    out, _ = server.send_reply(req, server.version_reply(req))
-    reply = one(client, out)
+    sent = client.send_request(client.version_request())
+    req = one(server, sent.data, sent.fds)
+    out = server.send_reply(req, server.version_reply(req))
+    reply = one(client, out.data)
     assert isinstance(reply, Reply)
     assert client.state is server.state is State.READY
     return client, server
 
 
 def call(client: Connection, server: Connection, message: m.Message, **kw: Any) -> Request:
-    data, fds, _ = client.send_request(message, **kw)
-    event = one(server, data, fds)
+    sent = client.send_request(message, **kw)
+    event = one(server, sent.data, sent.fds)
     assert isinstance(event, Request), event
     return event
 
@@ -97,19 +99,19 @@ def test_full_negotiation_walk() -> None:
     assert [client.state, server.state] == [State.AWAIT_VERSION] * 2
     proposal = client.version_request()
     assert (proposal.major, proposal.minor) == (0, 0)
-    data, fds, msg_id = client.send_request(proposal)
-    assert msg_id == 1 and fds == () and [client.state] == [State.NEGOTIATING]
-    req = one(server, data)
+    sent = client.send_request(proposal)
+    assert sent.msg_id == 1 and sent.fds == () and [client.state] == [State.NEGOTIATING]
+    req = one(server, sent.data)
     assert isinstance(req, Request) and req.message == proposal
     assert server.state == State.NEGOTIATING
     reply = server.version_reply(req)
     assert (reply.major, reply.minor) == (0, 0)
     assert reply.capabilities["max_msg_fds"] == 8 and reply.capabilities["write_multiple"]
-    out, out_fds = server.send_reply(req, reply)
-    assert out_fds == () and len(out) <= len(data)
+    out = server.send_reply(req, reply)
+    assert out.fds == () and len(out.data) <= len(sent.data) and out.msg_id == 1
     assert [server.state] == [State.READY]  # (a list: mypy narrows the property)
     assert server.peer_capabilities == client.capabilities
-    event = one(client, out)
+    event = one(client, out.data)
     assert isinstance(event, Reply) and event.message == reply and event.request == proposal
     assert client.state is State.READY
     assert client.peer_capabilities == server.capabilities
@@ -123,7 +125,7 @@ def test_version_reply_to_qemu_fits_its_buffer(separators: tuple[str, str]) -> N
     text = json.dumps({"capabilities": QEMU_CAPS}, separators=separators).encode() + b"\0"
     request = raw(0, Command.VERSION, struct.pack("<HH", 0, 0) + text)
     req = one(server, request)
-    out, _ = server.send_reply(req, server.version_reply(req))
+    out = server.send_reply(req, server.version_reply(req)).data
     assert len(out) <= len(request)  # QEMU's rsize is its own request size
     header = m.Header.unpack(out)
     assert header.flags == 1 and header.msg_id == 0
@@ -143,8 +145,8 @@ def test_version_reply_squeezes_into_a_tiny_request() -> None:
     req = one(server, raw(3, Command.VERSION, b"\0\0\0\0" + b'{"capabilities":{}}\0'))
     reply = server.version_reply(req)
     assert reply.capabilities == {}  # everything dropped is a default we can live with
-    out, _ = server.send_reply(req, reply)
-    assert len(out) == 16 + 24
+    out = server.send_reply(req, reply)
+    assert len(out.data) == 16 + 24
     assert server.capabilities == Capabilities()  # what we declared on the wire
     # ... so a message with two fds is now too many
     bad = one(server, raw(4, Command.DMA_MAP, m.DmaMap(32, 3, 0, 0, 4096).pack()), (5, 6))
@@ -158,7 +160,7 @@ def test_version_reply_impossible_and_refused() -> None:
         server.version_reply(req)
     assert info.value.errno == errno.E2BIG
     err = server.send_error(req, info.value.errno)
-    assert m.Header.unpack(err) == m.Header(3, Command.VERSION, 16, 0x21, errno.E2BIG)
+    assert m.Header.unpack(err.data) == m.Header(3, Command.VERSION, 16, 0x21, errno.E2BIG)
     assert server.state is State.AWAIT_VERSION
     req = one(server, raw(4, Command.VERSION, struct.pack("<HH", 1, 0) + b"{}\0"))
     with pytest.raises(MessageError) as info:
@@ -202,7 +204,7 @@ def test_commands_before_negotiation() -> None:
     assert isinstance(bad, BadRequest) and bad.errno == errno.EINVAL
     assert server.state is State.AWAIT_VERSION
     err = server.send_error(bad, bad.errno)
-    assert m.Header.unpack(err).flags == 0x21
+    assert m.Header.unpack(err.data).flags == 0x21
     client, server = negotiate()
     again = one(server, raw(9, Command.VERSION, client.version_request().pack()))
     assert isinstance(again, BadRequest) and again.errno == errno.EINVAL
@@ -246,15 +248,13 @@ class Pair:
         self.version_req: Request | None = None
 
     def send_version(self) -> None:
-        data, _, _ = self.client.send_request(self.client.version_request())
-        self.version_req = one(self.server, data)
+        sent = self.client.send_request(self.client.version_request())
+        self.version_req = one(self.server, sent.data)
 
     def answer_version(self) -> bytes:
         assert self.version_req is not None
-        out, _ = self.server.send_reply(
-            self.version_req, self.server.version_reply(self.version_req)
-        )
-        return out
+        out = self.server.send_reply(self.version_req, self.server.version_reply(self.version_req))
+        return out.data
 
     def reach(self, state: State, closed_by: Transition = Transition.EOF) -> None:
         if state is State.NEGOTIATING:
@@ -282,13 +282,13 @@ class Pair:
             one(client, self.answer_version())
         elif kind is t.SEND_VERSION_ERROR:
             assert self.version_req is not None
-            one(client, server.send_error(self.version_req, errno.EINVAL))
+            one(client, server.send_error(self.version_req, errno.EINVAL).data)
         elif kind is t.RECV_VERSION_REPLY:
             one(client, self.answer_version())
         elif kind is t.RECV_VERSION_ERROR:
             assert self.version_req is not None
             assert isinstance(
-                one(client, server.send_error(self.version_req, errno.EINVAL)), ErrorReply
+                one(client, server.send_error(self.version_req, errno.EINVAL).data), ErrorReply
             )
         elif kind in (t.SEND_REQUEST, t.RECV_REQUEST, t.SEND_REPLY, t.RECV_REPLY):
             sender_is_me = kind in (t.SEND_REQUEST, t.RECV_REPLY)
@@ -300,16 +300,16 @@ class Pair:
                 msg, reply = m.RegionRead(0, 7, 4), m.RegionReadReply(0, 7, 4, b"abcd")
             else:
                 msg, reply = m.DmaRead(0x1000, 4), m.DmaReadReply(0x1000, 4, b"abcd")
-            data, _, _ = sender.send_request(msg)
-            req = one(receiver, data)
+            sent = sender.send_request(msg)
+            req = one(receiver, sent.data)
             assert isinstance(req, Request)
-            out, _ = receiver.send_reply(req, reply)
-            assert isinstance(one(sender, out), Reply)
+            out = receiver.send_reply(req, reply)
+            assert isinstance(one(sender, out.data), Reply)
         elif kind is t.SEND_ERROR:
             bad = one(me, raw(77, 99))  # unknown command, legal to refuse in any open state
             assert isinstance(bad, BadRequest) and bad.errno == errno.ENOSYS
             err = me.send_error(bad, bad.errno)
-            assert m.Header.unpack(err) == m.Header(77, 99, 16, 0x21, errno.ENOSYS)
+            assert m.Header.unpack(err.data) == m.Header(77, 99, 16, 0x21, errno.ENOSYS)
         elif kind is t.EOF:  # once closed, next_event() keeps saying so
             events = drain(me) if me.state is State.CLOSED else drain(me, b"")
             assert isinstance(events[-1], ConnectionClosed)
@@ -352,11 +352,11 @@ def test_send_after_close() -> None:
 # -- framing --------------------------------------------------------------------------------------
 def test_several_messages_in_one_chunk_and_one_message_in_many() -> None:
     client, server = negotiate()
-    a, _, _ = client.send_request(m.RegionRead(0, 0, 4))
-    b, _, _ = client.send_request(m.RegionWrite(8, 1, 3, b"xyz"), no_reply=True)
+    a = client.send_request(m.RegionRead(0, 0, 4)).data
+    b = client.send_request(m.RegionWrite(8, 1, 3, b"xyz"), no_reply=True).data
     events = drain(server, a + b)
     assert [type(e.message) for e in events] == [m.RegionRead, m.RegionWrite]
-    c, _, _ = client.send_request(m.RegionWrite(0, 0, 1000, bytes(1000)))
+    c = client.send_request(m.RegionWrite(0, 0, 1000, bytes(1000))).data
     for i in range(len(c) - 1):
         assert drain(server, c[i : i + 1]) == []
     assert one(server, c[-1:]).message.count == 1000
@@ -365,7 +365,7 @@ def test_several_messages_in_one_chunk_and_one_message_in_many() -> None:
 def test_malformed_then_valid() -> None:
     client, server = negotiate()
     bad = raw(40, Command.REGION_READ, b"\0" * 15)
-    good, _, _ = client.send_request(m.RegionRead(4, 0, 4))
+    good = client.send_request(m.RegionRead(4, 0, 4)).data
     first, second = drain(server, bad + good)
     assert isinstance(first, BadRequest) and first.errno == errno.EINVAL
     assert first.header.msg_id == 40 and "expected 16" in first.reason
@@ -377,7 +377,8 @@ def test_unknown_command_is_enosys(command: int) -> None:
     _, server = negotiate()
     bad = one(server, raw(5, command, b"junk"))
     assert isinstance(bad, BadRequest) and bad.errno == errno.ENOSYS
-    assert server.send_error(bad, bad.errno) == raw(5, command, flags=0x21, error=errno.ENOSYS)
+    err = server.send_error(bad, bad.errno)
+    assert err.data == raw(5, command, flags=0x21, error=errno.ENOSYS) and err.msg_id == 5
 
 
 @pytest.mark.parametrize(
@@ -410,7 +411,7 @@ def test_size_limit_defaults_and_override() -> None:
 
 def test_eof_mid_message_and_eof_fds() -> None:
     client, server = negotiate()
-    data, _, _ = client.send_request(m.RegionRead(0, 0, 4))
+    data = client.send_request(m.RegionRead(0, 0, 4)).data
     server.receive_data(data[:20], (5,))
     server.receive_data(b"")
     with pytest.raises(RemoteProtocolError) as info:
@@ -426,21 +427,21 @@ def test_eof_mid_message_and_eof_fds() -> None:
 # -- file descriptors -----------------------------------------------------------------------------
 def test_fds_go_to_the_message_holding_the_last_byte() -> None:
     client, server = negotiate()
-    map1, _, _ = client.send_request(m.DmaMap(32, 3, 0, 0, 0xA0000))
-    map2, fds2, _ = client.send_request(m.DmaMap(32, 3, 0, 0x100000, 0x100000, 42))
-    assert fds2 == (42,)
+    map1 = client.send_request(m.DmaMap(32, 3, 0, 0, 0xA0000))
+    map2 = client.send_request(m.DmaMap(32, 3, 0, 0x100000, 0x100000, 42))
+    assert map1.fds == () and map2.fds == (42,)
     # recvmsg glued a descriptor-less map before the one that carried the fd
-    first, second = drain(server, map1 + map2, fds2)
+    first, second = drain(server, map1.data + map2.data, map2.fds)
     assert first.message.fd is None and second.message.fd == 42
     # the fd arrives with the header bytes, the rest later
-    map3, fds3, _ = client.send_request(m.DmaMap(32, 1, 0x1000, 0x200000, 0x1000, 43))
-    assert drain(server, map3[:10], fds3) == []
-    assert one(server, map3[10:]).message.fd == 43
+    map3 = client.send_request(m.DmaMap(32, 1, 0x1000, 0x200000, 0x1000, 43))
+    assert drain(server, map3.data[:10], map3.fds) == []
+    assert one(server, map3.data[10:]).message.fd == 43
 
 
 def test_fds_rejections_hand_fds_back() -> None:
     client, server = negotiate()
-    read, _, _ = client.send_request(m.RegionRead(0, 0, 4))
+    read = client.send_request(m.RegionRead(0, 0, 4)).data
     bad = one(server, read, (9,))
     assert isinstance(bad, BadRequest) and bad.fds == (9,) and bad.errno == errno.EINVAL
     payload = m.SetIrqs(20, EVENTFD_TRIGGER, 2, 0, 9, b"", tuple(range(10, 19))).pack()
@@ -484,7 +485,7 @@ def summarize(event: Any) -> tuple[Any, ...]:
 def serve(chunks: list[tuple[bytes, tuple[int, ...]]]) -> list[tuple[Any, ...]]:
     client = Connection(Role.CLIENT)
     server = Connection(Role.SERVER)
-    version, _, _ = client.send_request(client.version_request())
+    version = client.send_request(client.version_request()).data
     out: list[tuple[Any, ...]] = []
     for i, (data, fds) in enumerate([(version, ()), *chunks]):
         for event in drain(server, data, fds):
@@ -547,12 +548,12 @@ def test_reply_size_bounds() -> None:
     with pytest.raises(LocalProtocolError) as info:
         server.send_reply(req, m.RegionReadReply(0, 0, 8, bytes(8)))
     assert info.value.errno == errno.E2BIG
-    out, _ = server.send_reply(req, m.RegionReadReply(0, 0, 2, b"ab"))  # a short read fits
-    assert one(client, out).message.data == b"ab"
+    out = server.send_reply(req, m.RegionReadReply(0, 0, 2, b"ab"))  # a short read fits
+    assert one(client, out.data).message.data == b"ab"
     unmap = call(client, server, m.DmaUnmap(24, 0, 0x1000, 0x1000))
-    out, _ = server.send_reply(unmap, m.DmaUnmapReply.echo(unmap.message))
-    assert len(out) == 16 + 24
-    assert one(client, out).message == m.DmaUnmapReply(24, 0, 0x1000, 0x1000)
+    out = server.send_reply(unmap, m.DmaUnmapReply.echo(unmap.message))
+    assert len(out.data) == 16 + 24
+    assert one(client, out.data).message == m.DmaUnmapReply(24, 0, 0x1000, 0x1000)
 
 
 def test_region_info_argsz_negotiation() -> None:
@@ -562,26 +563,28 @@ def test_region_info_argsz_negotiation() -> None:
     req = call(client, server, m.RegionInfoRequest(32, 0))
     with pytest.raises(LocalProtocolError):
         server.send_reply(req, info.fit(1000))  # the chain does not fit 32 bytes
-    out, fds = server.send_reply(req, info.fit(req.message.argsz))
-    assert len(out) == 16 + 32 and fds == (33,)
-    first = one(client, out, fds).message
+    out = server.send_reply(req, info.fit(req.message.argsz))
+    assert len(out.data) == 16 + 32 and out.fds == (33,)
+    first = one(client, out.data, out.fds).message
     assert first.truncated and first.argsz == 32 + 8 + 8 + 16 + 8 + 8
     assert first.flags & RegionFlags.CAPS and first.cap_offset == 32
     req = call(client, server, m.RegionInfoRequest(first.argsz, 0))
-    out, fds = server.send_reply(req, info.fit(req.message.argsz))
-    second = one(client, out, fds).message
+    out = server.send_reply(req, info.fit(req.message.argsz))
+    second = one(client, out.data, out.fds).message
     assert second.caps == caps and second.fd == 33 and second.argsz == first.argsz
 
 
 def test_no_reply() -> None:
     client, server = negotiate()
-    data, _, msg_id = client.send_request(m.RegionWrite(0, 0, 4, b"abcd"), no_reply=True)
+    sent = client.send_request(m.RegionWrite(0, 0, 4, b"abcd"), no_reply=True)
+    msg_id = sent.msg_id
     assert msg_id not in client.outstanding
-    req = one(server, data)
+    req = one(server, sent.data)
     assert req.header.no_reply and req.header.flags & HeaderFlags.NO_REPLY
-    assert server.send_reply(req, m.RegionWriteReply(0, 0, 4)) == (b"", ())
-    assert server.send_reply(req) == (b"", ())
-    assert server.send_error(req, errno.EIO) == b""
+    nothing = Outgoing(b"", (), msg_id=msg_id)
+    assert server.send_reply(req, m.RegionWriteReply(0, 0, 4)) == nothing
+    assert server.send_reply(req) == nothing
+    assert server.send_error(req, errno.EIO) == nothing
     # a reply nobody waits for is an event, not an error
     stray = one(client, raw(msg_id, Command.REGION_WRITE, m.RegionWriteReply(0, 0, 4).pack(), 1))
     assert isinstance(stray, UnexpectedReply) and stray.header.msg_id == msg_id
@@ -596,23 +599,23 @@ def test_header_only_replies_echo_the_request() -> None:
         (m.DeviceReset(), m.Empty()),
     ]:
         req = call(client, server, message)
-        out, _ = server.send_reply(req)
-        assert len(out) == 16
-        reply = one(client, out)
+        out = server.send_reply(req)
+        assert len(out.data) == 16
+        reply = one(client, out.data)
         assert isinstance(reply, Reply) and reply.message == expected and reply.request == message
 
 
 def test_error_and_bad_replies() -> None:
     client, server = negotiate()
     req = call(client, server, m.RegionRead(0, 0, 4))
-    err = one(client, server.send_error(req, errno.EFAULT))
+    err = one(client, server.send_error(req, errno.EFAULT).data)
     assert isinstance(err, ErrorReply) and err.errno == errno.EFAULT
     assert err.request == m.RegionRead(0, 0, 4)
-    _, _, msg_id = client.send_request(m.DeviceGetInfoRequest(16))
+    msg_id = client.send_request(m.DeviceGetInfoRequest(16)).msg_id
     confused = one(client, raw(msg_id, Command.REGION_READ, flags=1))
     assert isinstance(confused, BadReply) and isinstance(confused, ErrorReply)
     assert confused.errno == errno.EPROTO
-    _, _, msg_id = client.send_request(m.DeviceGetInfoRequest(16))
+    msg_id = client.send_request(m.DeviceGetInfoRequest(16)).msg_id
     short = one(client, raw(msg_id, Command.DEVICE_GET_INFO, b"\0" * 8, flags=1), (4,))
     assert isinstance(short, BadReply) and short.fds == (4,) and short.errno == errno.EINVAL
     assert client.outstanding == {}
@@ -620,13 +623,13 @@ def test_error_and_bad_replies() -> None:
 
 def test_msg_ids_count_from_one_wrap_and_skip_outstanding() -> None:
     client, _ = negotiate()
-    ids = [client.send_request(m.DeviceGetInfoRequest(16))[2] for _ in range(3)]
+    ids = [client.send_request(m.DeviceGetInfoRequest(16)).msg_id for _ in range(3)]
     assert ids == [2, 3, 4]  # 1 was VERSION
     client._next_id = 0xFFFF  # white-box: jump to the wrap
-    assert client.send_request(m.DeviceReset(), no_reply=True)[2] == 0xFFFF
-    assert client.send_request(m.DeviceReset(), no_reply=True)[2] == 0
-    assert client.send_request(m.DeviceReset(), no_reply=True)[2] == 1
-    assert client.send_request(m.DeviceReset())[2] == 5  # 2, 3 and 4 are still outstanding
+    assert client.send_request(m.DeviceReset(), no_reply=True).msg_id == 0xFFFF
+    assert client.send_request(m.DeviceReset(), no_reply=True).msg_id == 0
+    assert client.send_request(m.DeviceReset(), no_reply=True).msg_id == 1
+    assert client.send_request(m.DeviceReset()).msg_id == 5  # 2, 3 and 4 are still outstanding
 
 
 def test_write_multiple_only_when_offered() -> None:
@@ -640,7 +643,81 @@ def test_write_multiple_only_when_offered() -> None:
         client.send_request(multi)
     bad = one(server, raw(7, Command.REGION_WRITE_MULTI, multi.pack(), 0x10))
     assert isinstance(bad, BadRequest) and bad.errno == errno.ENOSYS
-    assert server.send_error(bad, bad.errno) == b""  # posted: nothing to answer
+    assert server.send_error(bad, bad.errno).data == b""  # posted: nothing to answer
+
+
+# -- what the send_* calls return ----------------------------------------------------------------
+def test_every_send_returns_one_outgoing() -> None:
+    """send_request, send_reply (VERSION too), send_error and send_unexpected_error: one frozen
+    shape, ``data`` the wire bytes, ``fds`` the descriptors to pass, ``msg_id`` the exchange."""
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    proposal = client.version_request()
+    version = client.send_request(proposal)
+    req = one(server, version.data)
+    accepted = server.version_reply(req)
+    answer = server.send_reply(req, accepted)  # VERSION: a path of its own
+    one(client, answer.data)
+    dma_map = m.DmaMap(32, 3, 0, 0x100000, 0x1000, 42)
+    mapped = client.send_request(dma_map)
+    map_req = one(server, mapped.data, mapped.fds)
+    info_req = call(client, server, m.RegionInfoRequest(32, 0))
+    flags = RegionFlags.READ | RegionFlags.MMAP
+    info = m.RegionInfoReply(0, flags, 0, 0, 0x4000, 0, (), 33).fit(32)
+    stray = one(client, raw(700, Command.REGION_READ, flags=1))
+    assert isinstance(stray, UnexpectedReply)
+    results = {
+        "send_request": (version, raw(1, Command.VERSION, proposal.pack()), (), 1),
+        "send_reply VERSION": (answer, raw(1, Command.VERSION, accepted.pack(), 1), (), 1),
+        "send_request fds": (mapped, raw(2, Command.DMA_MAP, dma_map.pack()), (42,), 2),
+        "send_reply": (server.send_reply(map_req), raw(2, Command.DMA_MAP, flags=1), (), 2),
+        "send_reply fds": (
+            server.send_reply(info_req, info),
+            raw(3, Command.DEVICE_GET_REGION_INFO, info.pack(), 1),
+            (33,),
+            3,
+        ),
+        "send_error": (
+            server.send_error(info_req, errno.EIO),
+            raw(3, Command.DEVICE_GET_REGION_INFO, flags=0x21, error=errno.EIO),
+            (),
+            3,
+        ),
+        "send_unexpected_error": (
+            client.send_unexpected_error(stray, errno.EPROTO),
+            raw(700, Command.REGION_READ, flags=0x21, error=errno.EPROTO),
+            (),
+            700,
+        ),
+    }
+    for name, (out, data, fds, msg_id) in results.items():
+        assert type(out) is Outgoing, name
+        assert (out.data, out.fds, out.msg_id) == (data, fds, msg_id), name
+        assert type(out.data) is bytes and type(out.fds) is tuple, name
+    with pytest.raises(AttributeError):  # frozen
+        version.data = b""  # type: ignore[misc]
+    assert Outgoing(b"x", msg_id=4) == Outgoing(b"x", (), msg_id=4)  # fds default to none
+    assert emulab.vfio_user.Outgoing is Outgoing
+    assert "Outgoing" in emulab.vfio_user.__all__
+
+
+def test_nothing_to_send_is_an_empty_outgoing() -> None:
+    """A NO_REPLY command: every answer is ``b""`` with no fds, under the command's msg_id."""
+    client, server = negotiate()
+    flags = RegionFlags.READ | RegionFlags.MMAP
+    info = m.RegionInfoReply(0, flags, 0, 0, 0x4000, 0, (), 33).fit(32)
+    posted = raw(9, Command.DEVICE_GET_REGION_INFO, m.RegionInfoRequest(32, 0).pack(), 0x10)
+    req = one(server, posted)
+    for out in (
+        server.send_reply(req, info),
+        server.send_reply(req),
+        server.send_error(req, errno.EIO),
+    ):
+        assert out == Outgoing(b"", (), msg_id=9)
+    fresh = Connection(Role.SERVER)  # a VERSION that asked for no reply still negotiates
+    hello = raw(5, Command.VERSION, client.version_request().pack(), 0x10)
+    version = one(fresh, hello)
+    assert fresh.send_reply(version, fresh.version_reply(version)) == Outgoing(b"", msg_id=5)
+    assert fresh.state is State.READY
 
 
 # -- DMA layouts ----------------------------------------------------------------------------------
@@ -649,20 +726,20 @@ def test_dma_roundtrip_through_connections(layout: str) -> None:
     client, server = negotiate(
         Connection(Role.CLIENT, dma_layout=layout), Connection(Role.SERVER, dma_layout=layout)
     )
-    data, fds, _ = server.send_request(m.DmaRead(0x1000, 5))
-    assert len(data) == 32 and fds == ()
-    req = one(client, data)
+    sent = server.send_request(m.DmaRead(0x1000, 5))
+    assert len(sent.data) == 32 and sent.fds == ()
+    req = one(client, sent.data)
     assert req.message == m.DmaRead(0x1000, 5)
-    out, _ = client.send_reply(req, m.DmaReadReply(0x1000, 5, b"hello"))
+    out = client.send_reply(req, m.DmaReadReply(0x1000, 5, b"hello")).data
     assert len(out) == 16 + 16 + 5
     data_at = 12 if layout == "qemu" else 16
     assert out[16 + data_at : 16 + data_at + 5] == b"hello"
     assert one(server, out).message == m.DmaReadReply(0x1000, 5, b"hello")
-    data, _, _ = server.send_request(m.DmaWrite(0x2000, 4, b"abcd"))
+    data = server.send_request(m.DmaWrite(0x2000, 4, b"abcd")).data
     assert data[16 + data_at : 16 + data_at + 4] == b"abcd"
     req = one(client, data)
     assert req.message == m.DmaWrite(0x2000, 4, b"abcd")
-    out, _ = client.send_reply(req, m.DmaWriteReply(0x2000, 4))
+    out = client.send_reply(req, m.DmaWriteReply(0x2000, 4)).data
     assert len(out) == (16 if layout == "qemu" else 32)  # QEMU answers header-only
     reply = one(server, out)
     assert reply.message == m.DmaWriteReply(0x2000, 4)
@@ -670,16 +747,17 @@ def test_dma_roundtrip_through_connections(layout: str) -> None:
 
 def test_qemu_dma_bytes_as_qemu_sends_them() -> None:
     _, server = negotiate(server=Connection(Role.SERVER, dma_layout="qemu"))
-    data, _, msg_id = server.send_request(m.DmaRead(0x3000, 6))
-    assert data[16:] == struct.pack("<QII", 0x3000, 6, 0)  # QEMU needs 16 bytes, count u32
+    sent = server.send_request(m.DmaRead(0x3000, 6))
+    msg_id = sent.msg_id
+    assert sent.data[16:] == struct.pack("<QII", 0x3000, 6, 0)  # QEMU needs 16 bytes, count u32
     # QEMU: memcpy(request header + 16 payload bytes); data at 12; size 32 + count
     reply = raw(msg_id, Command.DMA_READ, struct.pack("<QI", 0x3000, 6) + b"qemu!!" + bytes(4), 1)
     assert one(server, reply).message.data == b"qemu!!"
     _, spec = negotiate()
-    _, _, msg_id = spec.send_request(m.DmaRead(0x3000, 6))
+    msg_id = spec.send_request(m.DmaRead(0x3000, 6)).msg_id
     reply = raw(msg_id, Command.DMA_READ, struct.pack("<QI", 0x3000, 6) + b"qemu!!" + bytes(4), 1)
     assert isinstance(one(spec, reply), BadReply)  # the spec layout cannot read QEMU's reply
-    _, _, msg_id = server.send_request(m.DmaWrite(0x3000, 2, b"ok"))
+    msg_id = server.send_request(m.DmaWrite(0x3000, 2, b"ok")).msg_id
     done = one(server, raw(msg_id, Command.DMA_WRITE, flags=1))  # QEMU's header-only success
     assert done.message == m.DmaWriteReply(0x3000, 2)
 

@@ -581,7 +581,7 @@ def test_no_reply() -> None:
     assert msg_id not in client.outstanding
     req = one(server, sent.data)
     assert req.header.no_reply and req.header.flags & HeaderFlags.NO_REPLY
-    nothing = Outgoing(b"", (), msg_id=msg_id)
+    nothing = Outgoing(b"", msg_id=msg_id)
     assert server.send_reply(req, m.RegionWriteReply(0, 0, 4)) == nothing
     assert server.send_reply(req) == nothing
     assert server.send_error(req, errno.EIO) == nothing
@@ -648,7 +648,7 @@ def test_write_multiple_only_when_offered() -> None:
 
 # -- what the send_* calls return ----------------------------------------------------------------
 def test_every_send_returns_one_outgoing() -> None:
-    """send_request, send_reply (VERSION too), send_error and send_unexpected_error: one frozen
+    """send_request, send_reply (VERSION too), send_error and send_unexpected_error: one immutable
     shape, ``data`` the wire bytes, ``fds`` the descriptors to pass, ``msg_id`` the exchange."""
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
     proposal = client.version_request()
@@ -695,7 +695,7 @@ def test_every_send_returns_one_outgoing() -> None:
         assert type(out.data) is bytes and type(out.fds) is tuple, name
     with pytest.raises(AttributeError):  # frozen
         version.data = b""  # type: ignore[misc]
-    assert Outgoing(b"x", msg_id=4) == Outgoing(b"x", (), msg_id=4)  # fds default to none
+    assert Outgoing(b"x", msg_id=4) == Outgoing(b"x", 4, ())  # fds default to none
     assert emulab.vfio_user.Outgoing is Outgoing
     assert "Outgoing" in emulab.vfio_user.__all__
 
@@ -712,7 +712,7 @@ def test_nothing_to_send_is_an_empty_outgoing() -> None:
         server.send_reply(req),
         server.send_error(req, errno.EIO),
     ):
-        assert out == Outgoing(b"", (), msg_id=9)
+        assert out == Outgoing(b"", msg_id=9)
     fresh = Connection(Role.SERVER)  # a VERSION that asked for no reply still negotiates
     hello = raw(5, Command.VERSION, client.version_request().pack(), 0x10)
     version = one(fresh, hello)

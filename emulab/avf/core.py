@@ -232,7 +232,7 @@ class AvfCore:
         opcode, decoded = rec.opcode, rec.decoded
         if opcode is not None and rec.event in ("aq-request", "aq-reply"):
             try:
-                decoded = vc.decode(opcode, rec.payload, from_pf=rec.event != "aq-request")
+                decoded = vc.decode_fields(opcode, rec.payload, from_pf=rec.event != "aq-request")
             except vc.VirtchnlError as exc:
                 decoded = f"malformed: {exc}"
         op = vc.op_name(opcode) if opcode is not None else rec.op

@@ -120,7 +120,7 @@ class VirtchnlPf:
         if needs_active and not self.active:
             return self._refuse(opcode, Status.ERR_PARAM, "VF has no resources yet")
         try:
-            msg = vc.decode(opcode, payload)
+            msg = vc.decode_fields(opcode, payload)
             return handler(self, msg)
         except VirtchnlError as exc:
             return self._refuse(opcode, Status.ERR_PARAM, str(exc))

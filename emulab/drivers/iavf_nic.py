@@ -90,10 +90,10 @@ class NicDriver(GuestDriver):
         """Probe and open the NIC the way Linux iavf does; returns once the link is up."""
         self.wait_reset_done()
         self.init_admin_queue()
-        ver = vc.decode(vc.Op.VERSION, self._ok(vc.Op.VERSION, struct.pack("<II", 1, 1)))
+        ver = vc.decode_fields(vc.Op.VERSION, self._ok(vc.Op.VERSION, struct.pack("<II", 1, 1)))
         if (ver["major"], ver["minor"]) > (1, 1):
             raise MailboxError(f"unsupported PF API version {ver}")
-        res = vc.decode(
+        res = vc.decode_fields(
             vc.Op.GET_VF_RESOURCES,
             self._ok(vc.Op.GET_VF_RESOURCES, struct.pack("<I", int(WANTED_CAPS))),
             from_pf=True,
@@ -171,7 +171,7 @@ class NicDriver(GuestDriver):
         end = time.monotonic() + timeout
         while True:
             for ev in self.events:
-                info = vc.decode(vc.Op.EVENT, ev.payload)
+                info = vc.decode_fields(vc.Op.EVENT, ev.payload)
                 if info["event"] == vc.EVENT_LINK_CHANGE:
                     nic.link_up, nic.link_speed_mbps = bool(info["link_up"]), info["link_speed"]
             self.events.clear()
@@ -278,7 +278,7 @@ class NicDriver(GuestDriver):
         """The port's counters as the PF reports them (VIRTCHNL_OP_GET_STATS)."""
         nic = self._nic()
         reply = self._ok(vc.Op.GET_STATS, struct.pack("<HHII", nic.vsi_id, 0, 0, 0))
-        return vc.decode(vc.Op.GET_STATS, reply, from_pf=True)
+        return vc.decode_fields(vc.Op.GET_STATS, reply, from_pf=True)
 
     # -- reset -----------------------------------------------------------------------------------
     def reset_vf(self, timeout: float = 5.0) -> None:

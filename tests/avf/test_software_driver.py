@@ -153,7 +153,7 @@ def test_request_queues_resets_the_vf_with_more_queues(rig: Rig) -> None:
     reply = drv.request(vc.Op.REQUEST_QUEUES, struct.pack("<H", 8))
     assert (reply.status, reply.payload) == (0, struct.pack("<H", 8))
     ev = drv.receive()  # the PF announces the reset, then does it
-    assert vc.decode(vc.Op.EVENT, ev.payload)["event"] == vc.EVENT_RESET_IMPENDING
+    assert vc.PfEvent.unpack(ev.payload) == vc.PfEvent(vc.EVENT_RESET_IMPENDING)
     drv.wait_reset_done()
     wait_until(lambda: not drv.r32(0x8000) & 1 << 31, 2, "ARQLEN.ENABLE cleared")
     nic = drv.bring_up()

@@ -150,16 +150,16 @@ def test_request_queues_resets_the_vf_with_more_queues(rig: Rig) -> None:
     drv, dev = rig(queues=8)
     nic = drv.bring_up()
     assert nic.num_queues == 4  # the PF offers four
-    reply = drv.request(vc.Op.REQUEST_QUEUES, struct.pack("<H", 8))
-    assert (reply.status, reply.payload) == (0, struct.pack("<H", 8))
+    reply = drv.request(vc.Op.REQUEST_QUEUES, vc.VfResRequest(8).pack())
+    assert (reply.status, vc.VfResRequest.unpack(reply.payload)) == (0, vc.VfResRequest(8))
     ev = drv.receive()  # the PF announces the reset, then does it
     assert vc.PfEvent.unpack(ev.payload) == vc.PfEvent(vc.EVENT_RESET_IMPENDING)
     drv.wait_reset_done()
     wait_until(lambda: not drv.r32(0x8000) & 1 << 31, 2, "ARQLEN.ENABLE cleared")
     nic = drv.bring_up()
     assert nic.num_queues == 8
-    too_many = drv.request(vc.Op.REQUEST_QUEUES, struct.pack("<H", 64))
-    assert too_many.payload == struct.pack("<H", 16)  # what the PF can do; no reset
+    too_many = drv.request(vc.Op.REQUEST_QUEUES, vc.VfResRequest(64).pack())
+    assert too_many.payload == vc.VfResRequest(16).pack()  # what the PF can do; no reset
     assert dev.pf.num_queue_pairs == 8
 
 

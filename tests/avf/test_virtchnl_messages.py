@@ -2,17 +2,19 @@
 
 Every class packs and unpacks to itself, lays its bytes out at the sizes the header checks
 (``VIRTCHNL_CHECK_STRUCT_LEN``), and refuses a short or malformed payload with VirtchnlError;
-one table says which class each opcode's request and reply are.
+one table says which class each opcode's request and reply are, and the PF's handlers take them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import struct
+import typing
 
 import pytest
 
 from emulab.avf import virtchnl as vc
+from emulab.avf.pf import VirtchnlPf
 
 MAC = bytes.fromhex("02e1ab000001")
 TXQ = vc.TxqInfo(1, 2, 512, 0x1_0000_2000)
@@ -223,3 +225,10 @@ def test_decode_reads_by_the_opcode_table() -> None:
     assert vc.decode(vc.Op.ENABLE_QUEUES, b"", from_pf=True) == vc.Empty()
     with pytest.raises(vc.VirtchnlError):
         vc.decode(vc.Op.ENABLE_QUEUES, bytes(11))
+
+
+def test_the_pf_handlers_take_the_request_classes_of_the_table() -> None:
+    for op, handler in VirtchnlPf._HANDLERS.items():
+        hints = typing.get_type_hints(handler)
+        (param,) = [v for k, v in hints.items() if k not in ("self", "return")]
+        assert param is vc.MESSAGES[op][0], vc.op_name(op)

@@ -75,12 +75,12 @@ def test_bring_up_like_iavf_then_rss_over_four_queues(rig: Rig) -> None:
     nic = drv.bring_up()
     assert nic.link_up and nic.link_speed_mbps == 10_000 and nic.mac == MAC
     assert nic.num_queues == 4
-    granted = vc.Cap(nic.resources["caps"])
+    granted = nic.resources.caps
     assert granted == vc.Cap.L2 | vc.Cap.RSS_PF | vc.Cap.REQ_QUEUES | vc.Cap.ADV_LINK_SPEED
     # VLAN and RX_FLEX_DESC were asked for and refused: not implemented; WB_ON_ITR withheld by
     # default (see PfConfig), granted when configured:
     drv2, _ = rig(pf_config=PfConfig(mac=MAC, grant_wb_on_itr=True))
-    assert vc.Cap(drv2.bring_up().resources["caps"]) == granted | vc.Cap.WB_ON_ITR
+    assert drv2.bring_up().resources.caps == granted | vc.Cap.WB_ON_ITR
     ops = [op for d, op, _, _ in drv.log if d == "tx"]
     assert ops == [vc.Op.VERSION, vc.Op.GET_VF_RESOURCES, vc.Op.CONFIG_IRQ_MAP,
                    vc.Op.CONFIG_RSS_KEY, vc.Op.CONFIG_RSS_LUT, vc.Op.ADD_ETH_ADDR,

@@ -325,10 +325,12 @@ def test_everything_is_traced_and_exports_to_pandas(rig: Rig) -> None:
     assert {"VF_ATQT1", "QTX_TAIL[0]", "VFGEN_RSTAT"} <= {n.split(".")[-1] for n in regs["name"]}
     aq = dev.trace.to_pandas(AdminqRecord)
     enable = aq[(aq["event"] == "aq-request") & (aq["op"] == "ENABLE_QUEUES")].iloc[0]
-    assert "rx_queues=15" in enable["decoded"]  # (as text: the records keep the dict)
+    assert enable["decoded"] == "QueueSelect(vsi_id=1, rx_queues=15, tx_queues=15)"  # (text)
     (request,) = [e for e in dev.trace.snapshot(AdminqRecord)
                   if e.event == "aq-request" and e.op == "ENABLE_QUEUES"]  # fmt: skip
-    assert isinstance(request.decoded, dict) and request.decoded["rx_queues"] == 0b1111
+    assert request.decoded == vc.QueueSelect(1, 0b1111, 0b1111)  # (the records keep the message)
+    replies = aq[aq["event"] == "aq-reply"]
+    assert not replies["decoded"].str.startswith("malformed").any()  # empty replies: Empty()
     packets = dev.trace.to_pandas(PacketRecord)
     assert set(packets["direction"]) == {"tx", "rx"} and (packets["length"] == 100).all()
 

@@ -33,13 +33,6 @@ from emulab.avf.virtchnl.constants import (
     legacy_link_speed,
     op_name,
 )
-from emulab.avf.virtchnl.legacy import (
-    RXQ,
-    decode_fields,
-    link_event,
-    reset_impending_event,
-    vf_resource,
-)
 from emulab.avf.virtchnl.messages import (
     Empty,
     EtherAddr,
@@ -83,7 +76,6 @@ __all__ = [
     "PROMISC_MULTICAST",
     "PROMISC_UNICAST",
     "RSS_TOEPLITZ_ASYMMETRIC",
-    "RXQ",
     "VERSION_MAJOR",
     "VERSION_MINOR",
     "VSI_SRIOV",
@@ -120,12 +112,8 @@ __all__ = [
     "VsiQueueConfigInfo",
     "VsiResource",
     "decode",
-    "decode_fields",
     "legacy_link_speed",
-    "link_event",
     "op_name",
-    "reset_impending_event",
-    "vf_resource",
 ]
 
 MessageType = type[Message] | None

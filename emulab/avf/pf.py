@@ -153,7 +153,7 @@ class VirtchnlPf:
         self.caps = V10_CAPS if requested is None else Cap(requested) & grantable
         self.active = True
         self.deferred.append(self._link_event)  # as ice does: the VF learns the link early
-        vsi = vc.VsiResource(self.config.vsi_id, self.num_queue_pairs, self.mac)  # SR-IOV
+        vsi = vc.VsiResource(self.config.vsi_id, self.num_queue_pairs, default_mac_addr=self.mac)
         reply = vc.VfResource(
             num_queue_pairs=self.num_queue_pairs,
             max_vectors=self.num_queue_pairs + 1,

@@ -19,7 +19,7 @@ from emulab.avf.pf import VirtchnlPf
 MAC = bytes.fromhex("02e1ab000001")
 TXQ = vc.TxqInfo(1, 2, 512, 0x1_0000_2000)
 RXQ = vc.RxqInfo(1, 2, 512, 0, 2048, 9728, 0, 1, 0x1_0000_8000)
-VSI = vc.VsiResource(1, 4, MAC)
+VSI = vc.VsiResource(1, 4, default_mac_addr=MAC)
 
 SAMPLES: list[vc.Message] = [
     vc.Empty(),
@@ -31,7 +31,7 @@ SAMPLES: list[vc.Message] = [
     vc.GetVfResources(),  # a version 1.0 VF
     VSI,
     vc.VfResource(4, 5, 9728, vc.Cap.L2 | vc.Cap.ADV_LINK_SPEED, 52, 64, (VSI,)),
-    vc.VfResource(4, 5, 1500, vc.Cap.L2, 52, 64, (VSI, vc.VsiResource(2, 1, b"\2" * 6, 6, 3))),
+    vc.VfResource(4, 5, 1500, vc.Cap.L2, 52, 64, (VSI, vc.VsiResource(2, 1, 6, 3, b"\2" * 6))),
     TXQ,
     RXQ,
     vc.QueuePairInfo(TXQ, RXQ),

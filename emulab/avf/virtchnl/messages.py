@@ -163,17 +163,17 @@ class VsiResource(Message):
 
     vsi_id: int
     num_queue_pairs: int
-    default_mac_addr: bytes
     vsi_type: int = VSI_SRIOV
     qset_handle: int = 0
+    default_mac_addr: bytes = bytes(6)
 
     SIZE: ClassVar[int] = _VSI_RESOURCE.size
 
     def __repr__(self) -> str:
         return (
             f"VsiResource(vsi_id={self.vsi_id}, num_queue_pairs={self.num_queue_pairs}, "
-            f"default_mac_addr={_mac(self.default_mac_addr)}, vsi_type={self.vsi_type}, "
-            f"qset_handle={self.qset_handle})"
+            f"vsi_type={self.vsi_type}, qset_handle={self.qset_handle}, "
+            f"default_mac_addr={_mac(self.default_mac_addr)})"
         )
 
     def pack(self) -> bytes:
@@ -183,8 +183,7 @@ class VsiResource(Message):
     @classmethod
     def unpack(cls, data: BytesLike) -> Self:
         need(cls, data, _VSI_RESOURCE.size)
-        vsi_id, num_queue_pairs, vsi_type, qset, mac = _VSI_RESOURCE.unpack(data)
-        return cls(vsi_id, num_queue_pairs, mac, vsi_type, qset)
+        return cls(*_VSI_RESOURCE.unpack(data))
 
 
 @dataclass(frozen=True, slots=True)

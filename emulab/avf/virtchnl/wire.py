@@ -31,8 +31,9 @@ class VirtchnlError(ValueError):
 
 class Message(abc.ABC):
     """Base of every virtchnl payload class. Subclasses are frozen, slotted dataclasses whose
-    fields are the C struct's (reserved and padding fields left out: written as zero, ignored
-    when read); ``pack()`` lays them out as the C compiler does, little-endian."""
+    fields are the C struct's, in its order (reserved, padding and deprecated fields left out:
+    written as zero, ignored when read; element counts are the length of a tuple field);
+    ``pack()`` lays them out as the C compiler does, little-endian."""
 
     __slots__ = ()
 

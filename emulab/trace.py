@@ -137,7 +137,8 @@ class AdminqRecord(Record):
     """The admin-queue conversation: ``aq-request`` (the driver's virtchnl message, ``status``
     the PF's answer or None when it sends none), ``aq-reply`` (a reply or PF event delivered to
     the ARQ), ``aq-error`` (a ring fault on ``queue`` ATQ/ARQ), ``virtchnl-refused`` (the PF
-    refused ``op``; ``error`` says why)."""
+    refused ``op``; ``error`` says why). ``decoded`` is the payload as its virtchnl message
+    dataclass (frozen: views describe it lazily), or the text of why it does not decode."""
 
     kind: ClassVar[str] = "adminq"
     event: str
@@ -146,7 +147,7 @@ class AdminqRecord(Record):
     op: str = ""  # its name
     payload: bytes = b""
     status: int | None = None  # virtchnl status
-    decoded: Mapping[str, Any] | str = ""  # the payload's fields, or why it does not decode
+    decoded: object = ""  # the payload's message, or why it does not decode
     queue: str = ""
     what: str = ""
     error: str = ""

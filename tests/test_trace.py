@@ -9,6 +9,7 @@ import numbers
 import pandas as pd
 import pytest
 
+from emulab.avf import virtchnl as vc
 from emulab.trace import (
     RECORDS,
     AdminqRecord,
@@ -41,7 +42,7 @@ def busy_trace() -> Trace:
                                error=22))  # fmt: skip
     trace.record(AdminqRecord(event="aq-request", device="avf", opcode=1, op="VERSION",
                               payload=b"\x01\x00\x00\x00\x02\x00\x00\x00", status=0,
-                              decoded={"major": 1, "minor": 2}))  # fmt: skip
+                              decoded=vc.VersionInfo(1, 2)))  # fmt: skip
     trace.record(AdminqRecord(event="aq-request", device="avf", opcode=2, op="RESET_VF"))
     trace.record(AdminqRecord(event="aq-error", device="avf", queue="ATQ", error="bad"))
     trace.record(DeviceRecord(event="kernels", device="avf", state="ready", maps=(1, 2)))
@@ -157,7 +158,7 @@ def test_to_pandas_columns_are_flat() -> None:
     assert pd.isna(msgs["reply"][1])
     aq = trace.to_pandas(AdminqRecord)
     assert str(aq["status"].dtype) == "Int64" and aq["status"][1] is pd.NA  # (no reply)
-    assert list(aq["decoded"][:2]) == ["major=1, minor=2", ""]
+    assert list(aq["decoded"][:2]) == ["VersionInfo(major=1, minor=2)", ""]  # describe() text
     assert aq["payload"][0] == "0100000002000000"
     device = trace.to_pandas(DeviceRecord)
     assert list(device["maps"]) == ["(1, 2)", "()"]
@@ -175,3 +176,15 @@ def test_describe_a_message_without_its_payload() -> None:
     )
     assert describe(b"\0" * 5) == "<5 bytes>"
     assert describe({"vsi_id": 1, "key": b"\1\2"}) == "vsi_id=1, key=<2 bytes>"
+
+
+def test_describe_a_virtchnl_message_with_nested_messages_and_macs() -> None:
+    macs = vc.EtherAddrList(1, (vc.EtherAddr(bytes.fromhex("02e1ab000001"), 1),))
+    assert (
+        describe(macs) == "EtherAddrList(vsi_id=1, addrs=(EtherAddr(02:e1:ab:00:00:01, kind=1),))"
+    )
+    assert describe(vc.RssKey(1, bytes(52))) == "RssKey(vsi_id=1, key=<52 bytes>)"
+    trace = Trace()
+    trace.record(AdminqRecord(event="aq-request", opcode=10, op="ADD_ETH_ADDR",
+                              payload=macs.pack(), decoded=macs))  # fmt: skip
+    assert trace.to_pandas(AdminqRecord)["decoded"][0] == describe(macs)  # a flat string cell

@@ -242,7 +242,8 @@ class AvfCore:
 
     def _aq_trace(self, rec: AdminqRecord) -> None:
         """The admin queue's and the PF's records, named after this device; requests and
-        replies with their virtchnl payload decoded (a rare path: replace() is fine here)."""
+        replies with their virtchnl payload decoded into its message class (a rare path:
+        replace() is fine here)."""
         opcode, decoded = rec.opcode, rec.decoded
         if opcode is not None and rec.event in ("aq-request", "aq-reply"):
             try:

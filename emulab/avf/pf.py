@@ -20,7 +20,6 @@ after the admin-queue walk (:meth:`run_deferred`), so the driver always sees the
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -101,8 +100,8 @@ class VirtchnlPf:
 
     def _link_event(self) -> None:
         advanced = bool(self.caps & Cap.ADV_LINK_SPEED)
-        payload = vc.link_event(self.link_up, self.config.link_speed_mbps, advanced=advanced)
-        self.post_event(Op.EVENT, 0, payload)
+        event = vc.PfEvent.link_change(self.link_up, self.config.link_speed_mbps, advanced=advanced)
+        self.post_event(Op.EVENT, 0, event.pack())
 
     def run_deferred(self) -> None:
         todo, self.deferred = self.deferred, []
@@ -131,40 +130,40 @@ class VirtchnlPf:
                                     status=int(status), error=f"{status.name}: {why}"))  # fmt: skip
         return int(status), b""
 
-    def _check_vsi(self, msg: dict[str, Any]) -> None:
-        if "vsi_id" in msg and msg["vsi_id"] != self.config.vsi_id:
-            raise VirtchnlError(f"unknown VSI {msg['vsi_id']}")
+    def _check_vsi(self, vsi_id: int) -> None:
+        if vsi_id != self.config.vsi_id:
+            raise VirtchnlError(f"unknown VSI {vsi_id}")
 
     def _check_queue_bits(self, bits: int, what: str) -> None:
         if bits >> self.num_queue_pairs:
             raise VirtchnlError(f"{what} {bits:#x} names queues beyond {self.num_queue_pairs}")
 
     # -- handshake -----------------------------------------------------------------------------
-    def _version(self, msg: dict[str, Any]) -> Reply:
+    def _version(self, msg: vc.VersionInfo) -> Reply:
         # The PF answers with its own version whatever the VF sent (virtchnl.h).
-        self.version = (msg["major"], msg["minor"])
-        return 0, struct.pack("<II", vc.VERSION_MAJOR, vc.VERSION_MINOR)
+        self.version = (msg.major, msg.minor)
+        return 0, vc.VersionInfo(vc.VERSION_MAJOR, vc.VERSION_MINOR).pack()
 
-    def _reset_vf(self, msg: dict[str, Any]) -> Reply:
+    def _reset_vf(self, msg: vc.ResetVf) -> Reply:
         return None  # the device resets the VF after the walk; RESET_VF has no reply
 
-    def _get_vf_resources(self, msg: dict[str, Any]) -> Reply:
-        requested = msg["caps"]
+    def _get_vf_resources(self, msg: vc.GetVfResources) -> Reply:
+        requested = msg.caps
         grantable = GRANTABLE if self.config.grant_wb_on_itr else GRANTABLE & ~Cap.WB_ON_ITR
         self.caps = V10_CAPS if requested is None else Cap(requested) & grantable
         self.active = True
         self.deferred.append(self._link_event)  # as ice does: the VF learns the link early
-        reply = vc.vf_resource(
+        vsi = vc.VsiResource(self.config.vsi_id, self.num_queue_pairs, default_mac_addr=self.mac)
+        reply = vc.VfResource(
             num_queue_pairs=self.num_queue_pairs,
             max_vectors=self.num_queue_pairs + 1,
             max_mtu=self.config.max_frame,
-            caps=int(self.caps),
+            caps=self.caps,
             rss_key_size=RSS_KEY_SIZE,
             rss_lut_size=RSS_LUT_SIZE,
-            vsi_id=self.config.vsi_id,
-            mac=self.mac,
+            vsis=(vsi,),
         )
-        return 0, reply
+        return 0, reply.pack()
 
     # -- queues --------------------------------------------------------------------------------
     def _check_txq(self, txq: vc.TxqInfo) -> None:
@@ -196,21 +195,21 @@ class VirtchnlPf:
             q.base, q.length, q.head = rxq.dma_ring_addr, rxq.ring_len, 0
             q.buf_size, q.max_frame, q.error = rxq.databuffer_size, rxq.max_pkt_size, None
 
-    def _config_tx_queue(self, msg: dict[str, Any]) -> Reply:
-        self._check_vsi(msg["txq"].__dict__)
-        self._check_txq(msg["txq"])
-        self._apply_txq(msg["txq"])
+    def _config_tx_queue(self, txq: vc.TxqInfo) -> Reply:
+        self._check_vsi(txq.vsi_id)
+        self._check_txq(txq)
+        self._apply_txq(txq)
         return 0, b""
 
-    def _config_rx_queue(self, msg: dict[str, Any]) -> Reply:
-        self._check_vsi(msg["rxq"].__dict__)
-        self._check_rxq(msg["rxq"])
-        self._apply_rxq(msg["rxq"])
+    def _config_rx_queue(self, rxq: vc.RxqInfo) -> Reply:
+        self._check_vsi(rxq.vsi_id)
+        self._check_rxq(rxq)
+        self._apply_rxq(rxq)
         return 0, b""
 
-    def _config_vsi_queues(self, msg: dict[str, Any]) -> Reply:
-        self._check_vsi(msg)
-        pairs: list[vc.QueuePairInfo] = msg["qpairs"]
+    def _config_vsi_queues(self, msg: vc.VsiQueueConfigInfo) -> Reply:
+        self._check_vsi(msg.vsi_id)
+        pairs = msg.qpairs
         if len(pairs) > self.num_queue_pairs:
             raise VirtchnlError(f"{len(pairs)} queue pairs > {self.num_queue_pairs}")
         for p in pairs:  # validate everything before changing anything
@@ -223,10 +222,10 @@ class VirtchnlPf:
             self._apply_rxq(p.rxq)
         return 0, b""
 
-    def _config_irq_map(self, msg: dict[str, Any]) -> Reply:
-        maps: list[vc.VectorMap] = msg["vecmap"]
+    def _config_irq_map(self, msg: vc.IrqMapInfo) -> Reply:
+        maps = msg.vecmap
         for m in maps:
-            self._check_vsi(m.__dict__)
+            self._check_vsi(m.vsi_id)
             if m.vector_id > self.num_queue_pairs:
                 raise VirtchnlError(f"vector {m.vector_id} > {self.num_queue_pairs}")
             self._check_queue_bits(m.rxq_map | m.txq_map, "queue map")
@@ -241,9 +240,9 @@ class VirtchnlPf:
                         self.queues.tx[i].vector, self.queues.tx[i].itr = m.vector_id, m.txitr_idx
         return 0, b""
 
-    def _queue_select(self, msg: dict[str, Any], enable: bool) -> Reply:
-        self._check_vsi(msg)
-        rx, tx = msg["rx_queues"], msg["tx_queues"]
+    def _queue_select(self, msg: vc.QueueSelect, enable: bool) -> Reply:
+        self._check_vsi(msg.vsi_id)
+        rx, tx = msg.rx_queues, msg.tx_queues
         if not rx and not tx:
             raise VirtchnlError("no queues selected")
         self._check_queue_bits(rx | tx, "queue selection")
@@ -262,75 +261,77 @@ class VirtchnlPf:
             self.deferred.append(self._link_event)  # what lets iavf turn the carrier on
         return 0, b""
 
-    def _enable_queues(self, msg: dict[str, Any]) -> Reply:
+    def _enable_queues(self, msg: vc.QueueSelect) -> Reply:
         return self._queue_select(msg, True)
 
-    def _disable_queues(self, msg: dict[str, Any]) -> Reply:
+    def _disable_queues(self, msg: vc.QueueSelect) -> Reply:
         return self._queue_select(msg, False)
 
-    def _request_queues(self, msg: dict[str, Any]) -> Reply:
+    def _request_queues(self, msg: vc.VfResRequest) -> Reply:
         if not self.caps & Cap.REQ_QUEUES:
             return self._refuse(Op.REQUEST_QUEUES, Status.NOT_SUPPORTED, "REQ_QUEUES not granted")
-        wanted = msg["num_queue_pairs"]
+        wanted = msg.num_queue_pairs
         limit = min(self.config.max_queue_pairs, self.queues.num_queues)
         if wanted == 0 or wanted > limit:
             # the PF answers with what it can do and does not reset (ice_vc_request_qs_msg)
-            return 0, struct.pack("<H", limit)
+            return 0, vc.VfResRequest(limit).pack()
         self.num_queue_pairs = wanted
         self.deferred.append(self._reset_for_queues)
-        return 0, struct.pack("<H", wanted)
+        return 0, vc.VfResRequest(wanted).pack()
 
     def _reset_for_queues(self) -> None:
-        self.post_event(Op.EVENT, 0, vc.reset_impending_event())
+        self.post_event(Op.EVENT, 0, vc.PfEvent.reset_impending().pack())
         self.request_reset()
 
     # -- filters, stats, RSS ---------------------------------------------------------------------
-    def _eth_addr(self, msg: dict[str, Any], add: bool) -> Reply:
-        self._check_vsi(msg)
+    def _eth_addr(self, msg: vc.EtherAddrList, add: bool) -> Reply:
+        self._check_vsi(msg.vsi_id)
         f = self.queues.filter
-        for mac, kind in msg["addrs"]:
+        for entry in msg.addrs:
+            mac = entry.addr
             if mac == b"\0" * 6:
                 raise VirtchnlError("zero MAC address")
             table = f.multicast if mac[0] & 1 else f.unicast
             if add:
                 table.add(mac)
-                if kind == vc.ETHER_ADDR_PRIMARY or (not mac[0] & 1 and self.mac not in table):
+                primary = entry.kind == vc.ETHER_ADDR_PRIMARY
+                if primary or (not mac[0] & 1 and self.mac not in table):
                     self.mac = mac
             else:
                 table.discard(mac)
         return 0, b""
 
-    def _add_eth_addr(self, msg: dict[str, Any]) -> Reply:
+    def _add_eth_addr(self, msg: vc.EtherAddrList) -> Reply:
         return self._eth_addr(msg, True)
 
-    def _del_eth_addr(self, msg: dict[str, Any]) -> Reply:
+    def _del_eth_addr(self, msg: vc.EtherAddrList) -> Reply:
         return self._eth_addr(msg, False)
 
-    def _promisc(self, msg: dict[str, Any]) -> Reply:
-        self._check_vsi(msg)
-        flags = msg["flags"]
+    def _promisc(self, msg: vc.PromiscInfo) -> Reply:
+        self._check_vsi(msg.vsi_id)
+        flags = msg.flags
         f = self.queues.filter
         f.promisc_unicast = bool(flags & vc.PROMISC_UNICAST)
         f.promisc_multicast = bool(flags & vc.PROMISC_MULTICAST)
         return 0, b""
 
-    def _get_stats(self, msg: dict[str, Any]) -> Reply:
-        self._check_vsi(msg)
+    def _get_stats(self, msg: vc.QueueSelect) -> Reply:
+        self._check_vsi(msg.vsi_id)
         with self.queues.lock:
             return 0, vc.EthStats(**self.queues.eth).pack()
 
-    def _rss_key(self, msg: dict[str, Any]) -> Reply:
+    def _rss_key(self, msg: vc.RssKey) -> Reply:
         self._check_rss()
-        self._check_vsi(msg)
-        if len(msg["key"]) != RSS_KEY_SIZE:
-            raise VirtchnlError(f"RSS key of {len(msg['key'])} bytes, not {RSS_KEY_SIZE}")
-        self.queues.rss_key = np.frombuffer(msg["key"], dtype=np.uint8).copy()
+        self._check_vsi(msg.vsi_id)
+        if len(msg.key) != RSS_KEY_SIZE:
+            raise VirtchnlError(f"RSS key of {len(msg.key)} bytes, not {RSS_KEY_SIZE}")
+        self.queues.rss_key = np.frombuffer(msg.key, dtype=np.uint8).copy()
         return 0, b""
 
-    def _rss_lut(self, msg: dict[str, Any]) -> Reply:
+    def _rss_lut(self, msg: vc.RssLut) -> Reply:
         self._check_rss()
-        self._check_vsi(msg)
-        lut: list[int] = msg["lut"]
+        self._check_vsi(msg.vsi_id)
+        lut = msg.lut
         if len(lut) != RSS_LUT_SIZE:
             raise VirtchnlError(f"RSS LUT of {len(lut)} entries, not {RSS_LUT_SIZE}")
         if max(lut) >= self.num_queue_pairs:
@@ -342,25 +343,26 @@ class VirtchnlPf:
         if not self.caps & Cap.RSS_PF:
             raise VirtchnlError("RSS_PF was not negotiated")
 
-    def _rss_hfunc(self, msg: dict[str, Any]) -> Reply:
+    def _rss_hfunc(self, msg: vc.RssHfunc) -> Reply:
         self._check_rss()
-        self._check_vsi(msg)
-        if msg["algorithm"] != vc.RSS_TOEPLITZ_ASYMMETRIC:  # the only one the device computes
+        self._check_vsi(msg.vsi_id)
+        if msg.algorithm != vc.RSS_TOEPLITZ_ASYMMETRIC:  # the only one the device computes
             return self._refuse(Op.CONFIG_RSS_HFUNC, Status.NOT_SUPPORTED, "only Toeplitz")
         return 0, b""
 
-    def _get_hena_caps(self, msg: dict[str, Any]) -> Reply:
+    def _get_hena_caps(self, msg: vc.GetRssHenaCaps) -> Reply:
         self._check_rss()
-        return 0, struct.pack("<Q", vc.PCTYPES_SUPPORTED)
+        return 0, vc.RssHena(vc.PCTYPES_SUPPORTED).pack()
 
-    def _set_hena(self, msg: dict[str, Any]) -> Reply:
+    def _set_hena(self, msg: vc.RssHena) -> Reply:
         self._check_rss()
         # Bits for packet types the device does not classify are accepted and have no effect
         # (those packets are not hashed, they go to the first queue), as hardware without them.
-        self.queues.rss_hena = msg["hena"] & vc.PCTYPES_SUPPORTED
+        self.queues.rss_hena = msg.hena & vc.PCTYPES_SUPPORTED
         return 0, b""
 
-    _HANDLERS: ClassVar[dict[int, Callable[[VirtchnlPf, dict[str, Any]], Reply]]] = {
+    # Each handler takes the request class vc.MESSAGES names for its opcode (a test checks).
+    _HANDLERS: ClassVar[dict[int, Callable[[VirtchnlPf, Any], Reply]]] = {
         Op.VERSION: _version,
         Op.RESET_VF: _reset_vf,
         Op.GET_VF_RESOURCES: _get_vf_resources,

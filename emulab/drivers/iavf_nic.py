@@ -11,6 +11,7 @@ there is no QEMU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import struct
 import time
@@ -59,7 +60,7 @@ class Ring:
 class Nic:
     """What bring-up negotiated: the VF's resources and its rings."""
 
-    resources: dict[str, Any]
+    resources: vc.VfResource
     vsi_id: int
     mac: bytes
     num_queues: int
@@ -80,8 +81,9 @@ class NicDriver(GuestDriver):
         self.nic: Nic | None = None
         self._ring_pool: dict[tuple[int, int, int, int], tuple[int, int]] = {}
 
-    def _ok(self, opcode: int, payload: bytes = b"") -> bytes:
-        msg = self.request(opcode, payload)
+    def _ok(self, opcode: int, message: vc.Message) -> bytes:
+        """Send a request, return the reply's payload (a refusal raises)."""
+        msg = self.request(opcode, message.pack())
         if msg.status:
             raise MailboxError(f"{vc.op_name(opcode)} refused: status {msg.status}")
         return msg.payload
@@ -90,44 +92,40 @@ class NicDriver(GuestDriver):
         """Probe and open the NIC the way Linux iavf does; returns once the link is up."""
         self.wait_reset_done()
         self.init_admin_queue()
-        ver = vc.decode(vc.Op.VERSION, self._ok(vc.Op.VERSION, struct.pack("<II", 1, 1)))
-        if (ver["major"], ver["minor"]) > (1, 1):
+        ver = vc.VersionInfo.unpack(self._ok(vc.Op.VERSION, vc.VersionInfo(1, 1)))
+        if (ver.major, ver.minor) > (1, 1):
             raise MailboxError(f"unsupported PF API version {ver}")
-        res = vc.decode(
-            vc.Op.GET_VF_RESOURCES,
-            self._ok(vc.Op.GET_VF_RESOURCES, struct.pack("<I", int(WANTED_CAPS))),
-            from_pf=True,
-        )
-        if res["vsi_type"] != vc.VSI_SRIOV:
+        asked = vc.GetVfResources(WANTED_CAPS)
+        res = vc.VfResource.unpack(self._ok(vc.Op.GET_VF_RESOURCES, asked))
+        lan = res.vsis[0]
+        if lan.vsi_type != vc.VSI_SRIOV:
             raise MailboxError("no LAN VSI in the VF resources")
-        vsi = res["vsi_id"]
-        nq = min(self.wanted_queues, res["num_queue_pairs"], res["max_vectors"] - 1)
-        nic = Nic(res, vsi, bytes.fromhex(res["mac"].replace(":", "")), nq)
+        vsi = lan.vsi_id
+        nq = min(self.wanted_queues, res.num_queue_pairs, res.max_vectors - 1)
+        nic = Nic(res, vsi, lan.default_mac_addr, nq)
         # vectors: queue i on vector 1 + i, the misc vector last (as iavf maps them)
-        maps = [struct.pack("<HHHHHH", vsi, 1 + i, 1 << i, 1 << i, 0, 1) for i in range(nq)]
-        maps.append(struct.pack("<HHHHHH", vsi, 0, 0, 0, 0, 0))
-        self._ok(vc.Op.CONFIG_IRQ_MAP, struct.pack("<H", len(maps)) + b"".join(maps))
-        if res["caps"] & vc.Cap.RSS_PF:
-            key = os.urandom(52)
-            self._ok(vc.Op.CONFIG_RSS_KEY, struct.pack("<HH", vsi, len(key)) + key + b"\0")
-            lut = bytes(i % nq for i in range(64))
-            self._ok(vc.Op.CONFIG_RSS_LUT, struct.pack("<HH", vsi, len(lut)) + lut + b"\0")
-        self._ok(
-            vc.Op.ADD_ETH_ADDR,
-            struct.pack("<HH", vsi, 1) + struct.pack("<6sBx", nic.mac, vc.ETHER_ADDR_PRIMARY),
-        )
+        maps = [vc.VectorMap(vsi, 1 + i, 1 << i, 1 << i, 0, 1) for i in range(nq)]
+        maps.append(vc.VectorMap(vsi, 0, 0, 0, 0, 0))
+        self._ok(vc.Op.CONFIG_IRQ_MAP, vc.IrqMapInfo(tuple(maps)))
+        if res.caps & vc.Cap.RSS_PF:
+            self._ok(vc.Op.CONFIG_RSS_KEY, vc.RssKey(vsi, os.urandom(52)))
+            self._ok(vc.Op.CONFIG_RSS_LUT, vc.RssLut(vsi, tuple(i % nq for i in range(64))))
+        primary = vc.EtherAddr(nic.mac, vc.ETHER_ADDR_PRIMARY)
+        self._ok(vc.Op.ADD_ETH_ADDR, vc.EtherAddrList(vsi, (primary,)))
         self._setup_rings(nic, ring_len, buf_size)
-        pairs = b"".join(
-            struct.pack("<HHHHQQ", vsi, i, ring_len, 0, nic.tx[i].base, 0)
-            + vc.RXQ.pack(vsi, i, ring_len, 0, 0, buf_size, max_frame, 0, 0, nic.rx[i].base, 0, 0)
+        pairs = tuple(
+            vc.QueuePairInfo(
+                vc.TxqInfo(vsi, i, ring_len, nic.tx[i].base),
+                vc.RxqInfo(vsi, i, ring_len, 0, buf_size, max_frame, 0, 0, nic.rx[i].base),
+            )
             for i in range(nq)
         )
-        self._ok(vc.Op.CONFIG_VSI_QUEUES, struct.pack("<HHI", vsi, nq, 0) + pairs)
+        self._ok(vc.Op.CONFIG_VSI_QUEUES, vc.VsiQueueConfigInfo(vsi, pairs))
         self.nic = nic
         for i in range(nq):
             self._post_rx(i, ring_len - 1)
         mask = (1 << nq) - 1
-        self._ok(vc.Op.ENABLE_QUEUES, struct.pack("<HHII", vsi, 0, mask, mask))
+        self._ok(vc.Op.ENABLE_QUEUES, vc.QueueSelect(vsi, mask, mask))
         for i in range(nq):
             self.w32(DYN_CTLN + 4 * i, REARM)
         self._wait_link(nic)
@@ -171,9 +169,9 @@ class NicDriver(GuestDriver):
         end = time.monotonic() + timeout
         while True:
             for ev in self.events:
-                info = vc.decode(vc.Op.EVENT, ev.payload)
-                if info["event"] == vc.EVENT_LINK_CHANGE:
-                    nic.link_up, nic.link_speed_mbps = bool(info["link_up"]), info["link_speed"]
+                info = vc.PfEvent.unpack(ev.payload)
+                if info.event == vc.EVENT_LINK_CHANGE:
+                    nic.link_up, nic.link_speed_mbps = info.link_up, info.link_speed
             self.events.clear()
             if nic.link_up:
                 return
@@ -275,16 +273,15 @@ class NicDriver(GuestDriver):
         return frames
 
     def stats(self) -> dict[str, int]:
-        """The port's counters as the PF reports them (VIRTCHNL_OP_GET_STATS)."""
-        nic = self._nic()
-        reply = self._ok(vc.Op.GET_STATS, struct.pack("<HHII", nic.vsi_id, 0, 0, 0))
-        return vc.decode(vc.Op.GET_STATS, reply, from_pf=True)
+        """The port's counters as the PF reports them (VIRTCHNL_OP_GET_STATS), by name."""
+        reply = self._ok(vc.Op.GET_STATS, vc.QueueSelect(self._nic().vsi_id))
+        return dataclasses.asdict(vc.EthStats.unpack(reply))
 
     # -- reset -----------------------------------------------------------------------------------
     def reset_vf(self, timeout: float = 5.0) -> None:
         """VIRTCHNL_OP_RESET_VF, then the register handshake iavf_reset_task does: wait for the
         reset to start (ARQLEN.ENABLE clears) and end (VFGEN_RSTAT), re-init the admin queue."""
-        self.send(vc.Op.RESET_VF)
+        self.send(vc.Op.RESET_VF, vc.ResetVf().pack())
         end = time.monotonic() + timeout
         while self.r32(ARQLEN) & ENABLE:
             if time.monotonic() > end:

@@ -14,7 +14,7 @@ from typing import Any
 
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.registers import Field, Register, RegisterFile
-from emulab.trace import AdminqRecord, MessageRecord, PacketRecord
+from emulab.trace import AdminqRecord, MessageRecord, PacketRecord, describe
 
 __all__ = [
     "CONFIG_HEADER",
@@ -149,11 +149,13 @@ def message_rows(events: Sequence[MessageRecord]) -> Rows:
 
 
 def virtchnl_rows(events: Sequence[AdminqRecord]) -> Rows:
-    """The admin-queue conversation: requests, replies and PF events with decoded payloads."""
+    """The admin-queue conversation: requests, replies and PF events with their payloads'
+    messages (as :func:`~emulab.trace.describe` text)."""
     return [
-        (e.t, e.event, e.op, "" if e.status is None else e.status, _short(e.decoded, 140))
+        (e.t, e.event, e.op, "" if e.status is None else e.status,
+         _short(describe(e.decoded) or "", 140))
         for e in events
-    ]
+    ]  # fmt: skip
 
 
 _SUMMARIES: dict[bytes, str] = {}

@@ -75,12 +75,12 @@ def test_bring_up_like_iavf_then_rss_over_four_queues(rig: Rig) -> None:
     nic = drv.bring_up()
     assert nic.link_up and nic.link_speed_mbps == 10_000 and nic.mac == MAC
     assert nic.num_queues == 4
-    granted = vc.Cap(nic.resources["caps"])
+    granted = nic.resources.caps
     assert granted == vc.Cap.L2 | vc.Cap.RSS_PF | vc.Cap.REQ_QUEUES | vc.Cap.ADV_LINK_SPEED
     # VLAN and RX_FLEX_DESC were asked for and refused: not implemented; WB_ON_ITR withheld by
     # default (see PfConfig), granted when configured:
     drv2, _ = rig(pf_config=PfConfig(mac=MAC, grant_wb_on_itr=True))
-    assert vc.Cap(drv2.bring_up().resources["caps"]) == granted | vc.Cap.WB_ON_ITR
+    assert drv2.bring_up().resources.caps == granted | vc.Cap.WB_ON_ITR
     ops = [op for d, op, _, _ in drv.log if d == "tx"]
     assert ops == [vc.Op.VERSION, vc.Op.GET_VF_RESOURCES, vc.Op.CONFIG_IRQ_MAP,
                    vc.Op.CONFIG_RSS_KEY, vc.Op.CONFIG_RSS_LUT, vc.Op.ADD_ETH_ADDR,
@@ -150,16 +150,16 @@ def test_request_queues_resets_the_vf_with_more_queues(rig: Rig) -> None:
     drv, dev = rig(queues=8)
     nic = drv.bring_up()
     assert nic.num_queues == 4  # the PF offers four
-    reply = drv.request(vc.Op.REQUEST_QUEUES, struct.pack("<H", 8))
-    assert (reply.status, reply.payload) == (0, struct.pack("<H", 8))
+    reply = drv.request(vc.Op.REQUEST_QUEUES, vc.VfResRequest(8).pack())
+    assert (reply.status, vc.VfResRequest.unpack(reply.payload)) == (0, vc.VfResRequest(8))
     ev = drv.receive()  # the PF announces the reset, then does it
-    assert vc.decode(vc.Op.EVENT, ev.payload)["event"] == vc.EVENT_RESET_IMPENDING
+    assert vc.PfEvent.unpack(ev.payload) == vc.PfEvent(vc.EVENT_RESET_IMPENDING)
     drv.wait_reset_done()
     wait_until(lambda: not drv.r32(0x8000) & 1 << 31, 2, "ARQLEN.ENABLE cleared")
     nic = drv.bring_up()
     assert nic.num_queues == 8
-    too_many = drv.request(vc.Op.REQUEST_QUEUES, struct.pack("<H", 64))
-    assert too_many.payload == struct.pack("<H", 16)  # what the PF can do; no reset
+    too_many = drv.request(vc.Op.REQUEST_QUEUES, vc.VfResRequest(64).pack())
+    assert too_many.payload == vc.VfResRequest(16).pack()  # what the PF can do; no reset
     assert dev.pf.num_queue_pairs == 8
 
 
@@ -325,10 +325,12 @@ def test_everything_is_traced_and_exports_to_pandas(rig: Rig) -> None:
     assert {"VF_ATQT1", "QTX_TAIL[0]", "VFGEN_RSTAT"} <= {n.split(".")[-1] for n in regs["name"]}
     aq = dev.trace.to_pandas(AdminqRecord)
     enable = aq[(aq["event"] == "aq-request") & (aq["op"] == "ENABLE_QUEUES")].iloc[0]
-    assert "rx_queues=15" in enable["decoded"]  # (as text: the records keep the dict)
+    assert enable["decoded"] == "QueueSelect(vsi_id=1, rx_queues=15, tx_queues=15)"  # (text)
     (request,) = [e for e in dev.trace.snapshot(AdminqRecord)
                   if e.event == "aq-request" and e.op == "ENABLE_QUEUES"]  # fmt: skip
-    assert isinstance(request.decoded, dict) and request.decoded["rx_queues"] == 0b1111
+    assert request.decoded == vc.QueueSelect(1, 0b1111, 0b1111)  # (the records keep the message)
+    replies = aq[aq["event"] == "aq-reply"]
+    assert not replies["decoded"].str.startswith("malformed").any()  # empty replies: Empty()
     packets = dev.trace.to_pandas(PacketRecord)
     assert set(packets["direction"]) == {"tx", "rx"} and (packets["length"] == 100).all()
 

@@ -245,7 +245,8 @@ class AvfCore:
         replies with their virtchnl payload decoded into its message class (a rare path:
         replace() is fine here)."""
         opcode, decoded = rec.opcode, rec.decoded
-        if opcode is not None and rec.event in ("aq-request", "aq-reply"):
+        refused = rec.event == "aq-reply" and rec.status  # (an error reply: no reply payload)
+        if opcode is not None and rec.event in ("aq-request", "aq-reply") and not refused:
             try:
                 decoded = vc.decode(opcode, rec.payload, from_pf=rec.event != "aq-request")
             except vc.VirtchnlError as exc:

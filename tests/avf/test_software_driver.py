@@ -183,6 +183,7 @@ def test_malformed_and_unknown_messages_get_answers(rig: Rig) -> None:
         (vc.Op.ADD_VLAN, struct.pack("<HHH", vsi, 1, 10), vc.Status.NOT_SUPPORTED),
         (vc.Op.CONFIG_RSS_HFUNC, struct.pack("<HHI", vsi, 3, 0), vc.Status.NOT_SUPPORTED),
         (vc.Op.GET_OFFLOAD_VLAN_V2_CAPS, b"", vc.Status.NOT_SUPPORTED),
+        (vc.Op.GET_STATS, struct.pack("<HHII", vsi + 5, 0, 0, 0), vc.Status.ERR_PARAM),
         (200, b"whatever", vc.Status.NOT_SUPPORTED),
     ]  # fmt: skip
     for op, payload, status in cases:
@@ -192,6 +193,10 @@ def test_malformed_and_unknown_messages_get_answers(rig: Rig) -> None:
     assert drv.transmit([udp(3)]) == 1 and len(drv.poll(timeout=2.0)) == 1
     refused = [e for e in dev.trace.snapshot(AdminqRecord) if e.event == "virtchnl-refused"]
     assert len(refused) == len(cases)
+    # an error reply carries no reply payload: the trace does not call it malformed
+    errors = [e for e in dev.trace.snapshot(AdminqRecord) if e.event == "aq-reply" and e.status]
+    assert len(errors) >= len(cases)
+    assert not any(str(e.decoded).startswith("malformed") for e in errors)
 
 
 class GsoWire(CallbackBackend):

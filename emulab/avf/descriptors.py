@@ -112,6 +112,12 @@ TX_OFFSET_SHIFT = 16
 TX_BUF_SZ_SHIFT = 34
 TX_BUF_SZ_MASK = 0x3FFF
 TX_L2TAG1_SHIFT = 48
+TX_DTYPE_MASK = 0xF
+# the checksum offloads' fields in qword 1: IIPT (none / IPv6 / IPv4 / IPv4 with its header
+# checksum) at bits 9-10 and L4T (none / TCP / SCTP / UDP) at bits 12-13
+TX_IIPT_SHIFT, TX_L4T_SHIFT = 9, 12
+TX_OFFLOAD_MASK = (3 << TX_IIPT_SHIFT) | (3 << TX_L4T_SHIFT)
+TX_CTX_CMD_TSO = 1 << 4  # a context descriptor's CMD.TSO, in its qword 1
 
 
 class TxCmd(enum.IntFlag):
@@ -155,6 +161,18 @@ RX_LENGTH_PBUF_SHIFT = 38
 RX_LENGTH_PBUF_MASK = 0x3FFF
 RX_FLTSTAT_SHIFT = 12  # status bits 12..13: filter status (3 = RSS hash valid)
 RX_FLTSTAT_RSS_HASH = 3
+RX_FLTSTAT_RSS = RX_FLTSTAT_RSS_HASH << RX_FLTSTAT_SHIFT
+
+
+class RxError(enum.IntFlag):
+    """Error bits of a written-back RX descriptor (from bit ``RX_ERROR_SHIFT`` of qword 1)."""
+
+    RXE = 1 << 0
+    HBO = 1 << 2
+    IPE = 1 << 3  # the IPv4 header checksum is wrong
+    L4E = 1 << 4  # the TCP/UDP checksum is wrong
+    EIPE = 1 << 5
+    OVERSIZE = 1 << 6
 
 
 def rx_writeback_qword1(length: int, status: RxStatus, ptype: int = 0, errors: int = 0) -> int:

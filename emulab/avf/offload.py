@@ -28,15 +28,16 @@ import struct
 import numpy as np
 
 from emulab.avf.datapath import KERNELS
+from emulab.avf.descriptors import TX_CTX_CMD_TSO, TX_IIPT_SHIFT, TX_L4T_SHIFT, TX_OFFLOAD_MASK
 from emulab.backends.base import GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, GsoFrame
 
 __all__ = ["OFFLOAD_CMD_MASK", "apply_tx_offloads", "inet_checksum"]
 
-IIPT_SHIFT, L4T_SHIFT = 9, 12  # positions in qword 1 (CMD starts at bit 4)
+IIPT_SHIFT, L4T_SHIFT = TX_IIPT_SHIFT, TX_L4T_SHIFT  # positions in qword 1
 IIPT_IPV6, IIPT_IPV4, IIPT_IPV4_CSUM = 1, 2, 3
 L4T_TCP, L4T_SCTP, L4T_UDP = 1, 2, 3
-OFFLOAD_CMD_MASK = (3 << IIPT_SHIFT) | (3 << L4T_SHIFT)
-CTX_TSO = 1 << 4
+OFFLOAD_CMD_MASK = TX_OFFLOAD_MASK
+CTX_TSO = TX_CTX_CMD_TSO
 
 
 def inet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:

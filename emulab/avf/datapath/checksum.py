@@ -9,8 +9,11 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-RX_L3L4P = 1 << 3  # status: the checksums were checked (errors below say how they were)
-RX_ERR_IPE, RX_ERR_L4E = 1 << (19 + 3), 1 << (19 + 4)  # errors: the IPv4 header's, the segment's
+from emulab.avf.descriptors import RX_ERROR_SHIFT, RxError, RxStatus
+
+RX_L3L4P = int(RxStatus.L3L4P)  # status: the checksums were checked (errors say how they were)
+RX_ERR_IPE = int(RxError.IPE) << RX_ERROR_SHIFT  # the IPv4 header's sum is wrong
+RX_ERR_L4E = int(RxError.L4E) << RX_ERROR_SHIFT  # the segment's
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from emulab.avf import descriptors as desc
 from emulab.avf.datapath.checksum import RX_L3L4P, finish_csum, rx_checksums
 from emulab.avf.datapath.context import (
     OUT,
@@ -50,17 +51,18 @@ ERR_BUFFER_ADDRESS = 2  # a buffer lies outside (writable) guest memory
 ERR_FRAME_TOO_LONG = 3  # a TX frame longer than the queue's maximum
 ERR_BAD_DESCRIPTOR = 4  # a descriptor type we do not accept
 
-TX_DTYPE_MASK = 0xF
-TX_DTYPE_CONTEXT = 0x1
-TX_DESC_DONE = 0xF
-TX_CTX_TSO = 0x1  # context descriptor CMD bit
+# the descriptor bits the kernels use, as plain ints (declared in ``emulab.avf.descriptors``)
+TX_DTYPE_MASK = desc.TX_DTYPE_MASK
+TX_DTYPE_CONTEXT = desc.TX_DTYPE_CONTEXT
+TX_DESC_DONE = desc.TX_DTYPE_DESC_DONE
+TX_CTX_TSO = desc.TX_CTX_CMD_TSO >> desc.TX_CMD_SHIFT  # (in the CMD field)
 MAX_TX_FRAME = 9728  # a 9000-byte MTU frame plus headers, rounded as the drivers do
 MAX_TSO_FRAME = 262144  # a TSO "super frame" (headers + up to 256 KiB of payload)
-TX_CMD_EOP = 0x1
-TX_CMD_RS = 0x2
-RX_DD = 1
-RX_EOF = 2
-RX_FLTSTAT_RSS = 3 << 12
+TX_CMD_EOP = int(desc.TxCmd.EOP)
+TX_CMD_RS = int(desc.TxCmd.RS)
+RX_DD = int(desc.RxStatus.DD)
+RX_EOF = int(desc.RxStatus.EOF)
+RX_FLTSTAT_RSS = desc.RX_FLTSTAT_RSS
 PICK_NO_QUEUE, PICK_FILTERED, PICK_TOO_LONG = -1, -2, -3  # rx_pick's verdicts besides a queue
 GSO_ECN = 0x80  # virtio-net's gso_type bit: the frame has CWR set (cleared after the first)
 

@@ -66,6 +66,7 @@ from emulab.avf.datapath.general_path import (
     gso_header_len,
 )
 from emulab.avf.datapath.rss import MAC_MASK, accepts, classify, rss_tuple, toeplitz_fast
+from emulab.avf.descriptors import TX_OFFLOAD_MASK
 from emulab.backends.base import GSO_CSUM_START, GSO_DONE, GSO_NONE, GSO_SIZE, GSO_TYPE
 
 # -- ring to ring ----------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ from emulab.backends.base import GSO_CSUM_START, GSO_DONE, GSO_NONE, GSO_SIZE, G
 # cost an incref/decref pair, an indirect call and an atomic add each, about 30 pairs per frame:
 # half the time per 64-byte frame (6.4 against 13.9 Mpps, measured side by side).
 ERR_SLOW_PATH = 100  # not an error: the frame at the head needs the general path (offloads)
-OFFLOAD_BITS = (3 << 9) | (3 << 12)  # IIPT and L4T in TX qword 1 (checksum offloads)
+OFFLOAD_BITS = TX_OFFLOAD_MASK  # IIPT and L4T in TX qword 1 (checksum offloads)
 SNAP = 256  # bytes of each frame copied out for the packet trace (when asked for)
 TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 HDR = 64  # header bytes copied out for classification and the RSS tuple

@@ -86,13 +86,8 @@ class Poller:
         self.ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)  # the kernel's control words
         self.ctl[dp.POLL_WAKE] = -1
         self._acc = np.zeros(dp.OUT, dtype=np.int64)
-        snap = np.zeros((SNAP_ROWS, dp.SNAP // 8 + 1), dtype=np.uint64)
-        self._work = dp.Work(
-            np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64),
-            np.zeros(dp.HDR // 8 + 2, dtype=np.uint64),
-            snap,
-        )
-        self._work_untraced = self._work._replace(snap=snap[:0])
+        self._work = dp.work_areas(SNAP_ROWS)
+        self._work_untraced = self._work._replace(snap=self._work.snap[:0])
         self._writes = np.zeros((WRITE_ROWS, 2), dtype=np.int64)
         self._thread: threading.Thread | None = None
         self._stopping = False

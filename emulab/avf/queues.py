@@ -317,13 +317,8 @@ class QueueEngine:
         )
         self._filt_key: tuple[object, ...] = ()
         self._filt = np.zeros(1, dtype=np.uint64)
-        snap = np.zeros((BURST, dp.SNAP // 8 + 1), dtype=np.uint64)
-        self._work = dp.Work(
-            np.zeros(dp.MAX_TX_FRAME // 8 + 8, dtype=np.uint64),
-            np.zeros(dp.HDR // 8 + 2, dtype=np.uint64),
-            snap,
-        )
-        self._work_untraced = self._work._replace(snap=snap[:0])
+        self._work = dp.work_areas(BURST)
+        self._work_untraced = self._work._replace(snap=self._work.snap[:0])
         self._table_key = b""  # the key ``_toeplitz`` was built for: built at first use
         self._toeplitz = np.zeros((dp.RSS_TUPLE_MAX, 256), dtype=np.uint32)
         self.fast_bursts = 0  # kernel calls of the fast path (what a user checks it is used)

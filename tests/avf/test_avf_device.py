@@ -168,12 +168,12 @@ def test_itr_throttles_a_queue_vector(rig: tuple[VfioUserClient, GuestRam, AvfDe
     vecs = c.enable_irqs(IrqKind.MSIX, 0, 2)
     c.write32(0, 0x3800, 1 | 0 << 3 | 2500 << 5)  # vector 1: INTENA, ITR0 = 2500 x 2 us = 5 ms
     assert dev.core.irq.itr_seconds(1) == pytest.approx(0.005)
+    t0 = time.monotonic()  # (before the first fire: a loaded machine may see it late)
     dev.core.irq.queue_cause(1)
     assert c.wait_irq(vecs[1]) == 1
-    t0 = time.monotonic()
     c.write32(0, 0x3800, 1 | 3 << 3)  # re-arm, keep the interval
     dev.core.irq.queue_cause(1)  # within the interval: held back
     assert c.wait_irq(vecs[1]) == 1
-    assert time.monotonic() - t0 >= 0.004
+    assert time.monotonic() - t0 >= 0.0045  # the interval from the first fire, at least
     c.write32(0, 0x3800, 1 | 3 << 3 | 1 << 2)  # SWINT_TRIG: a software interrupt
     assert c.wait_irq(vecs[1], 0.5) == 1

@@ -139,6 +139,7 @@ from emulab.avf.datapath.ring_to_ring import (
     snap_rows,
     snap_rows_tx,
     tso_cut,
+    work_areas,
 )
 from emulab.avf.datapath.rss import (
     FILTER_ON,
@@ -329,4 +330,5 @@ __all__ = [
     "tso_cut",
     "tx_drain",
     "warmup",
+    "work_areas",
 ]

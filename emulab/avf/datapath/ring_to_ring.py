@@ -47,6 +47,7 @@ from emulab.avf.datapath.context import (
     TX_TAIL,
     FastPath,
     WirePath,
+    Work,
 )
 from emulab.avf.datapath.general_path import (
     ERR_BUFFER_ADDRESS,
@@ -85,6 +86,16 @@ OFFLOAD_BITS = TX_OFFLOAD_MASK  # IIPT and L4T in TX qword 1 (checksum offloads)
 SNAP = 256  # bytes of each frame copied out for the packet trace (when asked for)
 TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 HDR = 64  # header bytes copied out for classification and the RSS tuple
+
+
+def work_areas(snap_rows: int) -> Work:
+    """The fast path's work areas, with ``snap_rows`` rows of packet trace; its untraced form is
+    ``work._replace(snap=work.snap[:0])``."""
+    return Work(
+        np.zeros(MAX_TX_FRAME // 8 + 8, dtype=np.uint64),
+        np.zeros(HDR // 8 + 2, dtype=np.uint64),
+        np.zeros((snap_rows, SNAP // 8 + 1), dtype=np.uint64),
+    )
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -23,11 +23,9 @@ from emulab.avf.datapath.context import (
 )
 from emulab.avf.datapath.general_path import rx_pick, tx_drain
 from emulab.avf.datapath.poll_loop import POLL_CTL, poll
-from emulab.avf.datapath.ring_to_ring import HDR, SNAP, forward, rx_place, tso_cut
+from emulab.avf.datapath.ring_to_ring import forward, rx_place, tso_cut, work_areas
 from emulab.avf.datapath.rss import RSS_TUPLE_MAX, classify, rss_hash, toeplitz_table
 from emulab.backends.base import GSO_COLS
-
-MAX_SCRATCH = 16  # words of the gather area (any size: the type is what counts)
 
 
 def burst(rows: int = 8, width: int = 64) -> Burst:
@@ -53,13 +51,10 @@ def rss(lut: int = 64) -> Rss:
 
 
 def work(snap_rows: int = 0) -> Work:
-    """The fast path's work areas (``snap_rows`` rows of packet trace)."""
-    snap = np.zeros((max(snap_rows, 1), SNAP // 8 + 1), dtype=np.uint64)
-    return Work(
-        np.zeros(MAX_SCRATCH, dtype=np.uint64),
-        np.zeros(HDR // 8 + 2, dtype=np.uint64),
-        snap if snap_rows else snap[:0],
-    )
+    """The fast path's work areas (``snap_rows`` rows of packet trace; none: a zero-row view,
+    as the device passes when the trace is off)."""
+    w = work_areas(max(snap_rows, 1))
+    return w if snap_rows else w._replace(snap=w.snap[:0])
 
 
 def steps(maps: int = 1, polling: bool = True) -> list[tuple[str, Callable[[], object]]]:

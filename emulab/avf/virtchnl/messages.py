@@ -6,7 +6,7 @@ are ``virtchnl.h``'s."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar, Final, Self
 
 from emulab.avf.virtchnl.constants import (
@@ -21,6 +21,7 @@ from emulab.avf.virtchnl.constants import (
 from emulab.avf.virtchnl.wire import (
     LIST_HEADER,
     BytesLike,
+    Fixed,
     Message,
     bad,
     counted,
@@ -59,7 +60,7 @@ _VLAN: Final = struct.Struct("<H")
 _PROMISC: Final = struct.Struct("<HH")
 _ETH_STATS: Final = struct.Struct("<12Q")
 _RSS_HENA: Final = struct.Struct("<Q")
-_RSS_HFUNC: Final = struct.Struct("<HHI")  # vsi_id, rss_algorithm, reserved
+_RSS_HFUNC: Final = struct.Struct("<HH4x")  # vsi_id, rss_algorithm, reserved
 _PF_EVENT: Final = struct.Struct("<iIB3xi")  # event, link speed, link status, pad, severity
 
 
@@ -124,19 +125,13 @@ class GetRssHenaCaps(Message):
 
 # -- handshake -------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class VersionInfo(Message):
+class VersionInfo(Fixed):
     """``virtchnl_version_info`` (8 bytes): VERSION both ways (the PF answers with its own)."""
 
     major: int = VERSION_MAJOR
     minor: int = VERSION_MINOR
 
-    def pack(self) -> bytes:
-        return _VERSION.pack(self.major, self.minor)
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _VERSION.size)
-        return cls(*_VERSION.unpack(data))
+    LAYOUT: ClassVar[struct.Struct] = _VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +153,7 @@ class GetVfResources(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class VsiResource(Message):
+class VsiResource(Fixed):
     """``virtchnl_vsi_resource`` (16 bytes): a VSI the PF gives the VF, with its MAC."""
 
     vsi_id: int
@@ -176,14 +171,7 @@ class VsiResource(Message):
             f"default_mac_addr={_mac(self.default_mac_addr)})"
         )
 
-    def pack(self) -> bytes:
-        return _VSI_RESOURCE.pack(self.vsi_id, self.num_queue_pairs, self.vsi_type,
-                                  self.qset_handle, self.default_mac_addr)  # fmt: skip
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _VSI_RESOURCE.size)
-        return cls(*_VSI_RESOURCE.unpack(data))
+    LAYOUT: ClassVar[struct.Struct] = _VSI_RESOURCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +207,7 @@ class VfResource(Message):
 
 # -- filters ---------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class EtherAddr(Message):
+class EtherAddr(Fixed):
     """``virtchnl_ether_addr`` (8 bytes): a MAC address and (newer kernels) its ``type``
     (:data:`~emulab.avf.virtchnl.ETHER_ADDR_PRIMARY` / ``EXTRA``; 0 from older ones)."""
 
@@ -231,13 +219,7 @@ class EtherAddr(Message):
     def __repr__(self) -> str:
         return f"EtherAddr({_mac(self.addr)}, kind={self.kind})"
 
-    def pack(self) -> bytes:
-        return _ETHER_ADDR.pack(self.addr, self.kind)
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _ETHER_ADDR.size)
-        return cls(*_ETHER_ADDR.unpack(data))
+    LAYOUT: ClassVar[struct.Struct] = _ETHER_ADDR
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,25 +261,19 @@ class VlanFilterList(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class PromiscInfo(Message):
+class PromiscInfo(Fixed):
     """``virtchnl_promisc_info`` (4 bytes): CONFIG_PROMISCUOUS_MODE, ``flags`` the
     ``PROMISC_*`` bits."""
 
     vsi_id: int
     flags: int
 
-    def pack(self) -> bytes:
-        return _PROMISC.pack(self.vsi_id, self.flags)
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _PROMISC.size)
-        return cls(*_PROMISC.unpack(data))
+    LAYOUT: ClassVar[struct.Struct] = _PROMISC
 
 
 # -- statistics ------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class EthStats(Message):
+class EthStats(Fixed):
     """``virtchnl_eth_stats`` (96 bytes), the GET_STATS reply: twelve ``u64`` counters."""
 
     rx_bytes: int = 0
@@ -313,13 +289,7 @@ class EthStats(Message):
     tx_discards: int = 0
     tx_errors: int = 0
 
-    def pack(self) -> bytes:
-        return _ETH_STATS.pack(*(getattr(self, f.name) for f in fields(self)))
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _ETH_STATS.size)
-        return cls(*_ETH_STATS.unpack(data))
+    LAYOUT: ClassVar[struct.Struct] = _ETH_STATS
 
 
 # -- RSS -------------------------------------------------------------------------------------------
@@ -358,37 +328,24 @@ class RssLut(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class RssHena(Message):
+class RssHena(Fixed):
     """``virtchnl_rss_hena`` (8 bytes): the hash-enable bits, one per packet classifier type
     (SET_RSS_HENA, and the GET_RSS_HENA_CAPS reply)."""
 
     hena: int
 
-    def pack(self) -> bytes:
-        return _RSS_HENA.pack(self.hena)
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _RSS_HENA.size)
-        return cls(*_RSS_HENA.unpack(data))
+    LAYOUT: ClassVar[struct.Struct] = _RSS_HENA
 
 
 @dataclass(frozen=True, slots=True)
-class RssHfunc(Message):
+class RssHfunc(Fixed):
     """``virtchnl_rss_hfunc`` (8 bytes): CONFIG_RSS_HFUNC, ``algorithm`` the hash function
     (``rss_algorithm`` in virtchnl.h)."""
 
     vsi_id: int
     algorithm: int
 
-    def pack(self) -> bytes:
-        return _RSS_HFUNC.pack(self.vsi_id, self.algorithm, 0)
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _RSS_HFUNC.size)
-        vsi_id, algorithm, _reserved = _RSS_HFUNC.unpack(data)
-        return cls(vsi_id, algorithm)
+    LAYOUT: ClassVar[struct.Struct] = _RSS_HFUNC
 
 
 # -- events ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, Final, Self
 
-from emulab.avf.virtchnl.wire import BytesLike, Message, counted, items, need
+from emulab.avf.virtchnl.wire import BytesLike, Fixed, Message, counted, items, need
 
 __all__ = [
     "IrqMapInfo",
@@ -21,17 +21,17 @@ __all__ = [
     "VsiQueueConfigInfo",
 ]
 
-_TXQ: Final = struct.Struct("<HHHHQQ")
+_TXQ: Final = struct.Struct("<HHH2xQ8x")
 _RXQ: Final = struct.Struct("<HHIHHIIBB2xQII")
 _VSI_QUEUES: Final = struct.Struct("<HHI")  # vsi_id, num_queue_pairs, pad
 _VECTOR_MAP: Final = struct.Struct("<HHHHHH")
 _NUM_VECTORS: Final = struct.Struct("<H")
-_QUEUE_SELECT: Final = struct.Struct("<HHII")  # vsi_id, pad, rx_queues, tx_queues
+_QUEUE_SELECT: Final = struct.Struct("<H2xII")  # vsi_id, pad, rx_queues, tx_queues
 _RES_REQUEST: Final = struct.Struct("<H")
 
 
 @dataclass(frozen=True, slots=True)
-class TxqInfo(Message):
+class TxqInfo(Fixed):
     """``virtchnl_txq_info`` (24 bytes; CONFIG_TX_QUEUE, and half a queue pair). The
     deprecated head write-back fields are written as 0 and ignored."""
 
@@ -42,14 +42,7 @@ class TxqInfo(Message):
 
     SIZE: ClassVar[int] = _TXQ.size
 
-    def pack(self) -> bytes:
-        return _TXQ.pack(self.vsi_id, self.queue_id, self.ring_len, 0, self.dma_ring_addr, 0)
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _TXQ.size)
-        vsi_id, queue_id, ring_len, _headwb, addr, _headwb_addr = _TXQ.unpack(data)
-        return cls(vsi_id, queue_id, ring_len, addr)
+    LAYOUT: ClassVar[struct.Struct] = _TXQ
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +113,7 @@ class VsiQueueConfigInfo(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class VectorMap(Message):
+class VectorMap(Fixed):
     """``virtchnl_vector_map`` (12 bytes): the queues (bitmaps) a vector serves, and their ITRs."""
 
     vsi_id: int
@@ -132,15 +125,7 @@ class VectorMap(Message):
 
     SIZE: ClassVar[int] = _VECTOR_MAP.size
 
-    def pack(self) -> bytes:
-        return _VECTOR_MAP.pack(
-            self.vsi_id, self.vector_id, self.rxq_map, self.txq_map, self.rxitr_idx, self.txitr_idx
-        )
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _VECTOR_MAP.size)
-        return cls(*_VECTOR_MAP.unpack(data))
+    LAYOUT: ClassVar[struct.Struct] = _VECTOR_MAP
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +145,7 @@ class IrqMapInfo(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class QueueSelect(Message):
+class QueueSelect(Fixed):
     """``virtchnl_queue_select`` (12 bytes): ENABLE_QUEUES, DISABLE_QUEUES (queue bitmaps) and
     GET_STATS (the VSI only)."""
 
@@ -168,26 +153,13 @@ class QueueSelect(Message):
     rx_queues: int = 0
     tx_queues: int = 0
 
-    def pack(self) -> bytes:
-        return _QUEUE_SELECT.pack(self.vsi_id, 0, self.rx_queues, self.tx_queues)
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _QUEUE_SELECT.size)
-        vsi_id, _pad, rx, tx = _QUEUE_SELECT.unpack(data)
-        return cls(vsi_id, rx, tx)
+    LAYOUT: ClassVar[struct.Struct] = _QUEUE_SELECT
 
 
 @dataclass(frozen=True, slots=True)
-class VfResRequest(Message):
+class VfResRequest(Fixed):
     """``virtchnl_vf_res_request`` (2 bytes): REQUEST_QUEUES, the VF's wish and the PF's answer."""
 
     num_queue_pairs: int
 
-    def pack(self) -> bytes:
-        return _RES_REQUEST.pack(self.num_queue_pairs)
-
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        need(cls, data, _RES_REQUEST.size)
-        return cls(*_RES_REQUEST.unpack(data))
+    LAYOUT: ClassVar[struct.Struct] = _RES_REQUEST

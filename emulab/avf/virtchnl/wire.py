@@ -4,12 +4,14 @@ and the length checks the layouts of ``virtchnl.h`` call for."""
 from __future__ import annotations
 
 import abc
+import dataclasses
 import struct
-from typing import Final, Self, TypeAlias
+from typing import ClassVar, Final, Self, TypeAlias
 
 __all__ = [
     "LIST_HEADER",
     "BytesLike",
+    "Fixed",
     "Message",
     "VirtchnlError",
     "bad",
@@ -45,6 +47,23 @@ class Message(abc.ABC):
     @abc.abstractmethod
     def unpack(cls, data: BytesLike) -> Self:
         """Decode a payload; one that does not fit the layout raises :class:`VirtchnlError`."""
+
+
+class Fixed(Message):
+    """A message of one fixed layout whose fields are the layout's, in order (``LAYOUT``:
+    reserved and padding bytes are pad bytes there, ``x``): ``pack`` and ``unpack`` come from
+    that one declaration."""
+
+    __slots__ = ()
+    LAYOUT: ClassVar[struct.Struct]
+
+    def pack(self) -> bytes:
+        return self.LAYOUT.pack(*(getattr(self, f.name) for f in dataclasses.fields(self)))  # type: ignore[arg-type]
+
+    @classmethod
+    def unpack(cls, data: BytesLike) -> Self:
+        need(cls, data, cls.LAYOUT.size)
+        return cls(*cls.LAYOUT.unpack(data))
 
 
 def bad(cls: type, text: str) -> VirtchnlError:

@@ -1,4 +1,9 @@
-"""``emulab`` command line: ``emulab serve DEVICE --socket PATH``."""
+"""``emulab`` command line: ``emulab serve DEVICE --socket PATH [--opt key=value ...]``.
+
+DEVICE is a built-in (``memcpy``, ``avf``), a name an installed package registers (entry-point
+group ``emulab.devices``), ``FILE.py:Class`` or ``package.module:Class``; ``--opt`` gives its
+constructor keyword arguments (see :mod:`emulab.devices.loading`).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,12 @@ from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
 from emulab.avf.pf import PfConfig
 from emulab.backends import open_backend
-from emulab.devices import DEVICES
-from emulab.pci.device import PciDevice
+from emulab.devices.loading import DeviceSpecError, load_device, parse_options
+from emulab.pci.interface import Device
 from emulab.server import VfioUserServer
 
 
-def _status_line(server: VfioUserServer[PciDevice], t0: float, last: dict[str, float]) -> str:
+def _status_line(server: VfioUserServer[Device], t0: float, last: dict[str, float]) -> str:
     st = server.status()
     now = time.monotonic()
     rate = (st["messages"] - last["messages"]) / max(now - last["t"], 1e-9)
@@ -33,11 +38,13 @@ def _status_line(server: VfioUserServer[PciDevice], t0: float, last: dict[str, f
     )
     if isinstance(dev, AvfDevice):
         return f"{line} {dev.status_line()}"
-    line += (
-        f" reads={dev.access_counts['read']} writes={dev.access_counts['write']} irq_events={irqs}"
-    )
-    if dev.errors:
-        line += f" device errors={len(dev.errors)} (last: {dev.errors[-1]})"
+    counts = getattr(dev, "access_counts", None)  # (PciDevice's; not part of Device)
+    if counts is not None:
+        line += f" reads={counts['read']} writes={counts['write']}"
+    line += f" irq_events={irqs}"
+    errors = getattr(dev, "errors", None)
+    if errors:
+        line += f" device errors={len(errors)} (last: {errors[-1]})"
     return line + (f" FAULT: {dev.fault}" if dev.fault is not None else "")
 
 
@@ -57,21 +64,23 @@ def _kernel_progress(t0: float) -> Callable[[BuildStatus], None]:
     return show
 
 
-def _make_device(args: argparse.Namespace) -> PciDevice:
+def _make_device(args: argparse.Namespace) -> Device:
+    options = parse_options(args.opt)
     if args.device == "avf":
         pf = PfConfig(num_queue_pairs=args.queues, grant_wb_on_itr=args.wb_on_itr)
-        return AvfDevice(
-            backend=open_backend(args.backend), mac=args.mac, pf_config=pf, mode=args.mode
-        )
+        flags = {"mac": args.mac, "pf_config": pf, "mode": args.mode}
+        return load_device("avf", {"backend": open_backend(args.backend), **flags, **options})
     if args.backend != "loopback":
         raise ValueError(f"--backend applies to NIC devices, not {args.device}")
-    device: PciDevice = DEVICES[args.device]()
-    return device
+    return load_device(args.device, options)
 
 
 def serve(args: argparse.Namespace) -> int:
     try:
         device = _make_device(args)
+    except DeviceSpecError as exc:  # (its text says what and where; a traceback would not)
+        print(f"emulab: cannot serve {args.device}: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"emulab: cannot create the {args.device} device: {exc}", file=sys.stderr)
         return 1
@@ -90,7 +99,8 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, FileExistsError) as exc:
         print(f"emulab: cannot listen on {args.socket}: {exc}", file=sys.stderr)
         return 1
-    print(f"emulab: serving {args.device} on {server.socket_path}", flush=True)
+    named = "" if device.name == args.device else f" ({device.name})"
+    print(f"emulab: serving {args.device}{named} on {server.socket_path}", flush=True)
     if isinstance(device, AvfDevice):
         print(f"emulab: MAC {device.pf.mac.hex(':')}, backend {args.backend}", flush=True)
     t0 = time.monotonic()
@@ -105,7 +115,9 @@ def serve(args: argparse.Namespace) -> int:
                 server.last_error = None
     finally:
         server.stop()
-        device.close()
+        close = getattr(device, "close", None)  # (PciDevice's: its BARs' shared memory)
+        if callable(close):
+            close()
         if isinstance(device, AvfDevice):
             device.backend.close()
     print("emulab: stopped", flush=True)
@@ -116,7 +128,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emulab", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("serve", help="serve a device over vfio-user until Ctrl-C or SIGTERM")
-    p.add_argument("device", choices=sorted(DEVICES), help="the device model to serve")
+    p.add_argument(
+        "device",
+        help="the device to serve: memcpy | avf | a name an installed package registers (entry "
+        "points 'emulab.devices') | FILE.py:Class | package.module:Class",
+    )
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword argument for the device's constructor (repeatable); VALUE is a Python "
+        "literal where it parses as one (3, 0x10, True, 'x'), else a string",
+    )
     p.add_argument("--socket", required=True, help="path of the UNIX socket to listen on")
     p.add_argument(
         "--socket-mode",

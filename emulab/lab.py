@@ -6,6 +6,10 @@
 >>> lab.boot_linux()         # a real QEMU guest with iavf, where QEMU can run
 >>> lab.stop()
 
+Any device takes the same road: ``Lab(MyDevice())``, or a spec as ``emulab serve`` takes it
+(``Lab("mydev.py:MyDevice", options={"value": 3})``, ``Lab("memcpy")``), serves it from this
+process, and ``lab.boot_linux(script)`` attaches a QEMU guest to it that runs ``script``.
+
 Everything runs in background threads of the kernel: the server, the traffic generator (the
 software iavf driver) and the dashboard's refresh thread. Cells return at once.
 """
@@ -15,22 +19,45 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
 from emulab.backends import open_backend
 from emulab.client import VfioUserClient
+from emulab.devices.loading import load_device
 from emulab.drivers import NicDriver
+from emulab.drivers.iavf_nic import Nic
+from emulab.pci.device import PciDevice
+from emulab.pci.interface import Device
 from emulab.server import VfioUserServer
 from emulab.trace import DeviceRecord, Trace
 
 __all__ = ["Lab", "udp_flows"]
+
+D = TypeVar("D", bound=Device)
+
+SLOT = "0000:00:01.0"  # where the device sits in the guest (q35, the first vfio-user-pci)
+DEVICE_SCRIPT = f"""lspci -nn -vv -s {SLOT}
+echo "resources (start end flags per BAR):"; cat /sys/bus/pci/devices/{SLOT}/resource
+"""
+NIC_SCRIPT = (
+    "for i in $(seq 1 80); do IF=$(ls /sys/class/net | grep -v lo | head -1)\n"
+    '  [ -n "$IF" ] && break; sleep 0.25; done\n'
+    "ip link set $IF up; ip addr add 10.0.0.2/24 dev $IF\n"
+    'for i in $(seq 1 40); do [ "$(cat /sys/class/net/$IF/carrier)" = 1 ] && break\n'
+    '  sleep 0.25; done; echo "$IF carrier=$(cat /sys/class/net/$IF/carrier)"\n'
+    "ping -c 2 -W 1 10.0.0.1   # ARP requests go out on the wire\n"
+    "sleep 2.5   # iavf refreshes its counters (GET_STATS) every 2 s\n"
+    "ethtool -S $IF | grep -E 'x_(bytes|unicast|broadcast)'; dmesg | grep -i iavf\n"
+)
 
 
 def udp_flows(mac: bytes, flows: int = 8, size: int = 128) -> list[bytes]:
@@ -49,21 +76,79 @@ def udp_flows(mac: bytes, flows: int = 8, size: int = 128) -> list[bytes]:
     return out
 
 
-class Lab:
-    """A running device with its server, a software guest driver and (optionally) a dashboard."""
+class Lab(Generic[D]):
+    """A running device with its server; for the AVF NIC (:meth:`avf`) a software guest driver,
+    traffic and a dashboard; a real QEMU guest on demand (:meth:`boot_linux`)."""
+
+    @overload
+    def __init__(
+        self: Lab[Device],
+        device: str,
+        *,
+        options: Mapping[str, Any] | None = None,
+        dashboard: bool = False,
+        hz: float = 5.0,
+        socket_dir: str | Path | None = None,
+        socket_mode: int = 0o600,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        device: D,
+        *,
+        options: None = None,
+        dashboard: bool = False,
+        hz: float = 5.0,
+        socket_dir: str | Path | None = None,
+        socket_mode: int = 0o600,
+    ) -> None: ...
 
     def __init__(
         self,
-        device: AvfDevice,
-        server: VfioUserServer[AvfDevice],
-        workdir: Path,
+        device: Any,
         *,
-        driver: NicDriver | None = None,
+        options: Mapping[str, Any] | None = None,
+        dashboard: bool = False,
+        hz: float = 5.0,
+        socket_dir: str | Path | None = None,
+        socket_mode: int = 0o600,
     ) -> None:
-        self.device, self.server, self.workdir = device, server, workdir
+        """Serve ``device`` from this process: an object that satisfies
+        :class:`emulab.pci.interface.Device` (any :class:`~emulab.PciDevice`), or a spec as
+        ``emulab serve`` takes one -- ``"memcpy"``, ``"FILE.py:Class"``,
+        ``"package.module:Class"``, a name an installed package registers -- made with
+        ``options`` as its constructor's keyword arguments (a bad spec raises
+        :class:`~emulab.devices.loading.DeviceSpecError`, saying why).
+
+        The socket is ``NAME.sock`` in a fresh private directory under ``socket_dir`` (default:
+        ``$EMULAB_SOCKET_DIR``, else the system's temporary directory), mode ``socket_mode``.
+        ``dashboard`` shows a :class:`~emulab.PciDevice`'s registers and messages (the ``lab``
+        extra)."""
+        made_here = isinstance(device, str)
+        if isinstance(device, str):
+            device = load_device(device, options)
+        elif options:
+            raise TypeError("options are for a device spec string; this device is made already")
+        base = socket_dir or os.environ.get("EMULAB_SOCKET_DIR") or None
+        workdir = Path(tempfile.mkdtemp(prefix="emulab-lab-", dir=base))
+        # (mode 0700; a socket opened to the group or others needs them to pass the directory)
+        workdir.chmod(
+            0o700 | (0o010 if socket_mode & 0o060 else 0) | (0o001 if socket_mode & 0o006 else 0)
+        )
+        sock = workdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', device.name) or 'device'}.sock"
+        try:
+            server = VfioUserServer(device, sock, socket_mode=socket_mode).start()
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        self.device: D = device
+        self.server: VfioUserServer[D] = server
+        self.workdir = workdir
+        self._made_here = made_here  # (a device made from a spec is the lab's to close)
         self.trace: Trace = device.trace
-        self.driver = driver
-        self.nic = driver.nic if driver is not None else None
+        self.driver: NicDriver | None = None
+        self.nic: Nic | None = None
         self.dashboard: Any = None
         self.received = 0
         self.sent = 0
@@ -71,6 +156,8 @@ class Lab:
         self._stop = threading.Event()
         self._traffic: threading.Thread | None = None
         self._lock = threading.Lock()
+        if dashboard:
+            self.show_dashboard(hz=hz)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -85,29 +172,24 @@ class Lab:
         hz: float = 5.0,
         socket_dir: str | Path | None = None,
         socket_mode: int = 0o600,
-    ) -> Lab:
+    ) -> Lab[AvfDevice]:
         """An AVF NIC served in this process; a software iavf brings it up and sends ``pps``
         packets/s of UDP over 8 flows (looped back into the RX queues by RSS); a dashboard.
 
         The socket is ``avf.sock`` in a fresh private directory under ``socket_dir`` (default:
         ``$EMULAB_SOCKET_DIR``, else the system's temporary directory), mode ``socket_mode``."""
-        base = socket_dir or os.environ.get("EMULAB_SOCKET_DIR") or None
-        workdir = Path(tempfile.mkdtemp(prefix="emulab-lab-", dir=base))
-        # (mode 0700; a socket opened to the group or others needs them to pass the directory)
-        workdir.chmod(
-            0o700 | (0o010 if socket_mode & 0o060 else 0) | (0o001 if socket_mode & 0o006 else 0)
-        )
         device = AvfDevice(backend=open_backend(backend), num_queues=queues)
-        server = VfioUserServer(device, workdir / "avf.sock", socket_mode=socket_mode).start()
-        driver = None
+        lab = Lab(device, socket_dir=socket_dir, socket_mode=socket_mode)
         if guest:
-            assert server.socket_path is not None
-            driver = NicDriver(VfioUserClient.connect(server.socket_path), queues=queues)
-            driver.bring_up()
-        lab = cls(device, server, workdir, driver=driver)
+            try:
+                lab.driver = NicDriver(VfioUserClient.connect(lab.socket_path), queues=queues)
+                lab.nic = lab.driver.bring_up()
+            except BaseException:
+                lab.stop()
+                raise
         if dashboard:
             lab.show_dashboard(hz=hz)
-        if driver is not None and pps > 0:
+        if lab.driver is not None and pps > 0:
             lab.traffic(pps=pps)
         return lab
 
@@ -120,6 +202,8 @@ class Lab:
         """The device's dashboard (needs the ``lab`` extra), refreshing at ``hz``."""
         from emulab.widgets import Dashboard  # noqa: PLC0415 -- Jupyter is an optional extra
 
+        if not isinstance(self.device, PciDevice):
+            raise TypeError(f"the dashboard shows a PciDevice's registers, not a {self.device}")
         if self.dashboard is None:
             self.dashboard = Dashboard(self.device, self.trace, hz=hz, pcap_dir=self.workdir)
         self.dashboard.start()
@@ -191,35 +275,53 @@ class Lab:
         return reason
 
     def boot_linux(
-        self, script: str | None = None, *, kernel: str = "6.12", timeout: float = 240.0
+        self,
+        script: str | None = None,
+        *,
+        kernel: str = "6.12",
+        modules: Sequence[str] | None = None,
+        files: Mapping[str, bytes | Path] | None = None,
+        timeout: float = 240.0,
     ) -> concurrent.futures.Future[Any]:
-        """Boot Linux with the unmodified iavf against this lab's device, in the background.
+        """Boot Linux in QEMU with this lab's device attached (``vfio-user-pci``, at
+        ``0000:00:01.0``), in the background; the future's result is the
+        :class:`~emulab.qemu.GuestRun` of ``script`` (a shell script, run as root in a busybox
+        initramfs with lspci, setpci, devmem; ``files`` are added to it).
 
-        The software guest steps aside first (a device has one driver). The default script
-        brings the interface up, waits for carrier, sends ARP requests (a ping) on the wire and
-        prints ``ethtool -S`` and iavf's kernel messages. Raises RuntimeError saying
-        why where QEMU cannot run (no root, no Debian mirror)."""
+        The AVF: the guest loads the unmodified iavf, and the default script brings the
+        interface up, waits for carrier, sends ARP requests (a ping) on the wire and prints
+        ``ethtool -S`` and iavf's kernel messages; the software guest steps aside first (a device
+        has one driver). Any other device: no module is loaded unless ``modules`` names some
+        (``uio_pci_generic``), and the default script prints ``lspci -vv`` and the BARs' guest
+        addresses. Raises RuntimeError saying why where QEMU cannot run (no root, no Debian
+        mirror), or while another client holds the device (one at a time)."""
         reason = self.qemu_unavailable()
         if reason is not None:
             raise RuntimeError(f"no QEMU guest here: {reason}")
         from emulab import qemu  # noqa: PLC0415
 
         self.release_guest()
-        script = script or (
-            "for i in $(seq 1 80); do IF=$(ls /sys/class/net | grep -v lo | head -1)\n"
-            '  [ -n "$IF" ] && break; sleep 0.25; done\n'
-            "ip link set $IF up; ip addr add 10.0.0.2/24 dev $IF\n"
-            'for i in $(seq 1 40); do [ "$(cat /sys/class/net/$IF/carrier)" = 1 ] && break\n'
-            '  sleep 0.25; done; echo "$IF carrier=$(cat /sys/class/net/$IF/carrier)"\n'
-            "ping -c 2 -W 1 10.0.0.1   # ARP requests go out on the wire\n"
-            "sleep 2.5   # iavf refreshes its counters (GET_STATS) every 2 s\n"
-            "ethtool -S $IF | grep -E 'x_(bytes|unicast|broadcast)'; dmesg | grep -i iavf\n"
-        )
+        if not self._wait_disconnected(2.0):
+            raise RuntimeError(
+                "a client is still connected to this lab's device (one at a time): close it "
+                "before booting a guest"
+            )
+        nic = isinstance(self.device, AvfDevice)
+        if modules is None:
+            modules = ("iavf",) if nic else ()
+        if script is None:
+            script = NIC_SCRIPT if nic else DEVICE_SCRIPT
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emulab-qemu")
         return pool.submit(
-            qemu.boot, script, sockets=[self.socket_path], modules=("iavf",), kernel=kernel,
-            timeout=timeout, progress=self._qemu_progress,
+            qemu.boot, script, sockets=[self.socket_path], modules=tuple(modules), kernel=kernel,
+            files=files, timeout=timeout, progress=self._qemu_progress,
         )  # fmt: skip
+
+    def _wait_disconnected(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self.server.stats.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self.server.stats.connected
 
     def _qemu_progress(self, what: str) -> None:
         self.trace.record(DeviceRecord(event="qemu", what=what))
@@ -231,9 +333,7 @@ class Lab:
             with self._lock:
                 self.driver.client.close()
             self.driver = None
-            deadline = time.monotonic() + 5
-            while self.server.stats.connected and time.monotonic() < deadline:
-                time.sleep(0.01)
+            self._wait_disconnected(5.0)
 
     # -- teardown --------------------------------------------------------------------------------
     @property
@@ -248,10 +348,14 @@ class Lab:
             self.dashboard.stop()
         self.release_guest()
         self.server.stop()
-        self.device.backend.close()
+        if isinstance(self.device, AvfDevice):
+            self.device.backend.close()
+        close = getattr(self.device, "close", None)
+        if self._made_here and callable(close):
+            close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Lab[D]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -260,4 +364,10 @@ class Lab:
     def _repr_mimebundle_(self, **kw: Any) -> Any:
         if self.dashboard is not None:
             return self.dashboard._repr_mimebundle_(**kw)
-        return {"text/plain": f"Lab({self.device.status_line()})"}
+        status = getattr(self.device, "status_line", None)
+        if callable(status):
+            return {"text/plain": f"Lab({status()})"}
+        st = self.server.status()
+        connected = "connected" if st["connected"] else "waiting"
+        return {"text/plain": f"Lab({self.device.name} on {self.socket_path}: {connected}, "
+                              f"{st['messages']} messages, {st['errors']} errors)"}  # fmt: skip

@@ -144,3 +144,78 @@ def test_socket_mode_is_configurable(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
     assert proc.returncode == 0
+
+
+USER_DEVICE = """
+from emulab.pci import Access, Bar, BarKind, ConfigSpace, PciDevice, Register, RegisterFile
+
+class Beacon(PciDevice):
+    name = "beacon"
+
+    def __init__(self, value: int = 0, note: str = ""):
+        super().__init__(ConfigSpace(vendor_id=0xE1AB, device_id=0x0BEA, class_code=0xFF0000))
+        self.note = note
+        regs = (Register("VALUE", 0, Access.RO, reset=value), Register("NOTE_LEN", 4, Access.RO,
+                reset=len(note)))
+        self.regs = RegisterFile("beacon", 0x10, regs)
+        self.add_bar(Bar(0, 0x1000, BarKind.MEM32)).add_registers(0, self.regs)
+"""
+
+
+def test_serve_a_class_from_a_file_with_options(tmp_path: Path) -> None:
+    """``emulab serve FILE.py:Class --opt k=v``: a literal where it parses, else a string."""
+    dev, sock = tmp_path / "beacon.py", tmp_path / "b.sock"
+    dev.write_text(USER_DEVICE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulab.cli", "serve", f"{dev}:Beacon", "--socket", str(sock),
+         "--opt", "value=0xC0FFEE", "--opt", "note=hello world", "--interval", "0.2"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert f"serving {dev}:Beacon (beacon) on {sock}" in first
+        wait_until(sock.exists, 5, "the socket")
+        with VfioUserClient.connect(sock) as client:
+            assert client.config_read(0, 4) == 0x0BEAE1AB
+            assert client.read32(0, 0) == 0xC0FFEE
+            assert client.read32(0, 4) == len("hello world")
+            seen: list[str] = []
+            wait_until(lambda: _line(proc, seen, "connected"), 5, "a status line, connected")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.splitlines()[-1] == "emulab: stopped"
+    assert any("reads=" in line and "errors=0" in line for line in seen), seen
+
+
+@pytest.mark.parametrize(
+    ("device", "opts", "says"),
+    [
+        ("{tmp}/nowhere.py:Beacon", [], "no such file: {tmp}/nowhere.py"),
+        ("{dev}:Becaon", [], "has no 'Becaon' (its device classes: Beacon)"),
+        ("os.path:join", [], "join in module os.path is not a class but a function"),
+        ("collections:OrderedDict", [], "OrderedDict in module collections is not a device"),
+        ("{dev}:Beacon", ["--opt", "colour=red"], "bad options for Beacon: "),
+        ("{dev}:Beacon", ["--opt", "value"], "option 'value': write key=value"),
+        ("blender", [], "no device named 'blender' (there are: avf, memcpy"),
+    ],
+    ids=["missing-file", "missing-class", "not-a-class", "not-a-device", "bad-option",
+         "no-value", "unknown-name"],
+)  # fmt: skip
+def test_serve_says_what_is_wrong_without_a_traceback(
+    tmp_path: Path, device: str, opts: list[str], says: str
+) -> None:
+    dev = tmp_path / "beacon.py"
+    dev.write_text(USER_DEVICE)
+    spec = device.format(tmp=tmp_path, dev=dev)
+    r = subprocess.run(
+        [sys.executable, "-m", "emulab.cli", "serve", spec, "--socket", str(tmp_path / "s"), *opts],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2, r
+    assert r.stderr.startswith(f"emulab: cannot serve {spec}: ")
+    assert says.format(tmp=tmp_path) in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "s").exists()

@@ -33,7 +33,7 @@ class PciDevice:
         self.config = config
         self.trace = trace if trace is not None else Trace()
         self.regions: dict[int, Region] = {}
-        self.interrupts = Interrupts(config)
+        self.interrupts = Interrupts(config)  # (with an INTx line if the config has a pin)
         self.memory = GuestMemory()
         self.memory.on_fault.append(self._dma_lost)
         self.fault: str | None = None  # guest memory vanished under the device (until detach)
@@ -41,6 +41,8 @@ class PciDevice:
         self.lock = threading.RLock()
         self._run_later: Executor = _inline
         self.access_counts = {"read": 0, "write": 0}
+        if self.interrupts.intx is not None:
+            self._wire_intx(self.interrupts.intx)
 
     # -- building ------------------------------------------------------------------------------
     def add_bar(self, bar: Bar, name: str = "") -> Region:
@@ -63,11 +65,23 @@ class PciDevice:
         return msix
 
     def add_intx(self) -> Intx:
-        intx = Intx(self.config)
-        intx.observer = self._irq_observer
-        self.interrupts.intx = intx
-        self.config.on_write(self._config_written)
+        """The INTx line behind the config space's Interrupt Pin, for the device to drive
+        (``intx.set_level``). A device whose pin is not 0 has it from the start, asserted only
+        when the device says so (see :mod:`emulab.pci.interrupts`); this returns it. A pin of 0
+        means no INTx: ``ValueError``."""
+        if self.interrupts.intx is not None:
+            return self.interrupts.intx
+        if not self.interrupts.pin:
+            raise ValueError(
+                f"{self.name}: interrupt pin 0 has no INTx (ConfigSpace(interrupt_pin=1))"
+            )
+        intx = self.interrupts.intx = Intx(self.config)
+        self._wire_intx(intx)
         return intx
+
+    def _wire_intx(self, intx: Intx) -> None:
+        intx.observer = self._irq_observer
+        self.config.on_write(self._config_written)
 
     def _irq_observer(self, kind: IrqKind, vector: int, what: str) -> None:
         self.trace.record(IrqRecord(device=self.name, irq=kind.name, vector=vector, what=what))

@@ -8,6 +8,14 @@ the guest's EOI), upon which the level is re-checked and, if still asserted, fir
 MSI-X vector
 that is masked (by the client, the table's vector control, or the function mask) records a pending
 bit instead of firing and fires when unmasked.
+
+Defaults, as vfio-pci reports a device's interrupts: INTx has one vector exactly when the config
+space's Interrupt Pin is not 0 (``vfio_pci_get_irq_count``: ``return pin ? 1 : 0``), so a device
+gets its INTx line from its pin -- present, and silent until the device asserts it. A client
+relies on that: QEMU reads only the pin (``vfio_intx_enable``) and, when it is set, attaches an
+eventfd to INTx with SET_IRQS at realize, failing the device if that is refused. MSI and MSI-X
+have the vectors the device declares (none by default: SET_IRQS on them is EINVAL, as it is from
+vfio-pci), ERR and REQ one each.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ __all__ = [
 ]
 
 _ONE = (1).to_bytes(8, "little")
+INTERRUPT_PIN = 0x3D  # config space offset
 
 
 class IrqKind(enum.IntEnum):
@@ -351,9 +360,18 @@ class Interrupts:
     err: _Vectors = field(default_factory=lambda: _Vectors(1))
     req: _Vectors = field(default_factory=lambda: _Vectors(1))
 
+    def __post_init__(self) -> None:
+        if self.intx is None and self.pin:
+            self.intx = Intx(self.config)  # the line behind the pin (see the module's text)
+
+    @property
+    def pin(self) -> int:
+        """The config space's Interrupt Pin (0: no INTx; 1-4: INTA-INTD)."""
+        return self.config.get(INTERRUPT_PIN, 1)
+
     def info(self, kind: IrqKind) -> IrqInfo:
         if kind is IrqKind.INTX:
-            n = 1 if self.intx is not None else 0
+            n = 1 if self.intx is not None and self.pin else 0  # (vfio-pci: pin ? 1 : 0)
             return IrqInfo(n, maskable=True, automasked=True)
         if kind is IrqKind.MSIX:
             n = self.msix.vectors if self.msix is not None else 0
@@ -363,7 +381,7 @@ class Interrupts:
         return IrqInfo(0, eventfd=False)
 
     def _vectors(self, kind: IrqKind) -> _Vectors:
-        if kind is IrqKind.INTX and self.intx is not None:
+        if kind is IrqKind.INTX and self.intx is not None and self.pin:
             return self.intx.state
         if kind is IrqKind.MSIX and self.msix is not None:
             return self.msix.state

@@ -126,3 +126,73 @@ def test_lab_socket_directory_and_mode(tmp_path: Path, monkeypatch: pytest.Monke
         assert lab.socket_path.parent.parent == tmp_path
         assert os.stat(lab.socket_path).st_mode & 0o777 == 0o660
         assert os.stat(lab.socket_path.parent).st_mode & 0o777 == 0o710
+
+
+def test_a_lab_serves_any_device(tmp_path: Path) -> None:
+    """``Lab(device)`` and ``Lab(spec, options=...)``: the device is served on the lab's
+    socket; a spec's device is made (and closed) by the lab, an instance stays the caller's."""
+    from emulab.client import VfioUserClient
+    from emulab.devices.memcpy import MAGIC, MemcpyDevice
+    from tests.test_default_interrupts import Accumulator
+
+    dev = Accumulator()
+    with Lab(dev, socket_dir=tmp_path) as lab:
+        assert lab.device is dev and lab.socket_path.name == "accumulator.sock"
+        with VfioUserClient.connect(lab.socket_path) as client:
+            client.write32(0, 0x4, 5)
+            assert client.read32(0, 0x8) == 5
+        assert "accumulator on" in lab._repr_mimebundle_()["text/plain"]
+        with pytest.raises(RuntimeError, match="no software guest"):
+            lab.traffic(pps=10)
+    assert not lab.workdir.exists() and dev.regs["SUM"] == 5
+
+    with Lab("memcpy", socket_dir=tmp_path) as mem:
+        assert isinstance(mem.device, MemcpyDevice)
+        with VfioUserClient.connect(mem.socket_path) as client:
+            assert client.read32(0, 0) == MAGIC
+    spec = tmp_path / "konst.py"
+    spec.write_text(
+        "from tests.test_default_interrupts import Accumulator\n"
+        "class Konst(Accumulator):\n"
+        "    def __init__(self, start=0):\n"
+        "        super().__init__()\n"
+        "        self.regs.set('SUM', start)\n"
+    )
+    with (
+        Lab(f"{spec}:Konst", options={"start": 40}, socket_dir=tmp_path) as konst,
+        VfioUserClient.connect(konst.socket_path) as client,
+    ):
+        client.write32(0, 0x4, 2)
+        assert client.read32(0, 0x8) == 42
+    from emulab.devices.loading import DeviceSpecError
+
+    with pytest.raises(DeviceSpecError, match="no such file"):
+        Lab(f"{tmp_path}/nowhere.py:Konst")
+    with pytest.raises(TypeError, match="options are for a device spec"):
+        Lab(dev, options={"start": 1})  # type: ignore[call-overload]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["konst.py"]  # no lab left behind
+
+
+def test_a_lab_of_any_device_boots_linux_or_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emulab import qemu
+    from emulab.client import VfioUserClient
+
+    with Lab("memcpy") as lab:
+        monkeypatch.setattr(qemu, "unavailable_reason", lambda: "not root (QEMU needs it)")
+        with pytest.raises(RuntimeError, match="no QEMU guest here: not root"):
+            lab.boot_linux()
+        monkeypatch.setattr(Lab, "qemu_unavailable", staticmethod(lambda: None))
+        with VfioUserClient.connect(lab.socket_path) as client:  # the device has its one client
+            assert client.read32(0, 0)
+            with pytest.raises(RuntimeError, match="still connected"):
+                lab.boot_linux("true")
+
+
+def test_a_lab_shows_a_pci_devices_dashboard() -> None:
+    from emulab.devices.memcpy import MemcpyDevice
+
+    with Lab(MemcpyDevice(), dashboard=True, hz=5.0) as lab:
+        d = lab.dashboard
+        wait_until(lambda: d.refreshes >= 2)
+        assert "vendor=0xe1ab" in d.config.table.value.lower()
+        assert d.registers is not None and "DOORBELL" in d.registers.table.value

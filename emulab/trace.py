@@ -7,7 +7,8 @@ appends it under a lock) and never blocks on a subscriber: a subscriber that rai
 not propagated into the device.
 
 What is buffered leaves the session as flat tables (:meth:`Trace.to_pandas`, and files:
-:meth:`Trace.to_parquet`, :meth:`Trace.to_jsonl`).
+:meth:`Trace.to_parquet`, :meth:`Trace.to_jsonl`) and the packets as a capture
+(:meth:`Trace.to_pcap`: pcapng or pcap, with wall-clock times and lengths on the wire).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, overload
+from typing import Any, ClassVar, Literal, TypeVar, overload
+
+from emulab import pcap
 
 __all__ = [
     "RECORDS",
+    "SNAPLEN",
     "AdminqRecord",
     "ClientRecord",
     "DeviceRecord",
@@ -162,7 +166,8 @@ class AdminqRecord(Record):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PacketRecord(Record):
-    """A frame on a queue (``frame``: its first bytes, up to the device's snap length)."""
+    """A frame on a queue: ``length`` its length, ``frame`` its first bytes (up to ``SNAPLEN``,
+    what a device keeps)."""
 
     kind: ClassVar[str] = "packet"
     device: str
@@ -183,6 +188,10 @@ class ClientRecord(Record):
     error: str = ""
     reason: str = ""
 
+
+SNAPLEN = 256
+"""Bytes of a frame a device keeps in its :class:`PacketRecord` (the packet trace's snap
+length: a pcap export's, unless a record kept more)."""
 
 RECORDS: tuple[type[Record], ...] = (
     MessageRecord,
@@ -360,6 +369,29 @@ class Trace:
             write(out, kind, self.snapshot(kind), self._wall0)
             written.append(out)
         return written
+
+    def to_pcap(
+        self,
+        path: str | Path,
+        *,
+        format: Literal["pcap", "pcapng"] | None = None,
+        snaplen: int = SNAPLEN,
+    ) -> int:
+        """The buffered packets to a capture file, as recorded; returns how many. pcapng
+        (``format``; None: classic pcap if the name ends in ``.pcap``, else pcapng) has an
+        interface per device (named as the device), each frame's direction (``rx``: inbound)
+        and queue; classic pcap has neither. Both carry each frame's wall-clock time (ns) and
+        its full length (``orig_len``) beside the bytes kept (``incl_len``, up to the snap
+        length: ``snaplen``, or the longest frame a record kept if longer). See
+        :mod:`emulab.pcap`."""
+        packets = self.snapshot(PacketRecord)
+        snaplen = max([snaplen, *(len(p.frame) for p in packets)])
+        frames = (
+            pcap.Frame(p.frame, self.wall_ns(p.t), p.length, p.device,
+                       "in" if p.direction == "rx" else "out", p.queue)
+            for p in packets
+        )  # fmt: skip
+        return pcap.write_frames(path, frames, format=format, snaplen=snaplen)
 
 
 # -- views' text --------------------------------------------------------------------------------

@@ -6,15 +6,21 @@ import dataclasses
 import itertools
 import json
 import numbers
+import shutil
+import subprocess
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from scapy.utils import rdpcap
 
 from emulab.avf import virtchnl as vc
+from emulab.pcap import read_frames
 from emulab.trace import (
     RECORDS,
+    SNAPLEN,
     AdminqRecord,
     DeviceRecord,
     MessageRecord,
@@ -194,7 +200,7 @@ def test_describe_a_virtchnl_message_with_nested_messages_and_macs() -> None:
     assert trace.to_pandas(AdminqRecord)["decoded"][0] == describe(macs)  # a flat string cell
 
 
-# -- exports: Parquet, JSON Lines ----------------------------------------------------------
+# -- exports: Parquet, JSON Lines, pcap ----------------------------------------------------------
 def _hexed(frame: pd.DataFrame) -> pd.DataFrame:
     """An export's DataFrame as :meth:`Trace.to_pandas` shows it: bytes as hex, no wall time."""
     out = frame.drop(columns="wall_time")
@@ -279,3 +285,48 @@ def test_wall_time_is_the_monotonic_t_on_one_wall_clock_anchor() -> None:
     (rec,) = trace.snapshot(PacketRecord)
     assert trace.wall_ns(rec.t) == trace.start_ns + round(rec.t * 1e9)
     assert before <= trace.wall_ns(rec.t) <= time.time_ns()
+
+
+def cut_trace() -> Trace:
+    trace = Trace()
+    full = bytes.fromhex("02e1ab0000010200000000090800") + bytes(range(256)) * 6
+    trace.record(PacketRecord(device="avf", direction="tx", queue=1, length=len(full),
+                              frame=full[:SNAPLEN]))  # fmt: skip
+    trace.record(PacketRecord(device="avf", direction="rx", queue=2, length=60,
+                              frame=full[:60]))  # fmt: skip
+    trace.record(PacketRecord(device="avf2", direction="rx", queue=0, length=64,
+                              frame=full[:64]))  # fmt: skip
+    return trace
+
+
+@pytest.mark.parametrize("name", ["t.pcapng", "t.pcap"])
+def test_pcap_carries_wall_clock_times_and_full_lengths(tmp_path: Path, name: str) -> None:
+    trace = cut_trace()
+    assert trace.to_pcap(tmp_path / name) == 3
+    pkts = rdpcap(str(tmp_path / name))
+    records = trace.snapshot(PacketRecord)
+    assert [p.time for p in pkts] == [Decimal(trace.wall_ns(r.t)) / 10**9 for r in records]
+    assert [p.wirelen for p in pkts] == [r.length for r in records] == [1550, 60, 64]
+    assert [bytes(p) for p in pkts] == [r.frame for r in records]  # incl_len: bytes kept
+    frames = list(read_frames(tmp_path / name))
+    if name.endswith(".pcapng"):
+        assert [(f.interface, f.direction, f.queue) for f in frames] == [
+            ("avf", "out", 1), ("avf", "in", 2), ("avf2", "in", 0)
+        ]  # fmt: skip
+        assert [p.direction for p in pkts] == [2, 1, 1]
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
+def test_tshark_reads_the_trace_pcap(tmp_path: Path) -> None:
+    trace = cut_trace()
+    trace.to_pcap(tmp_path / "t.pcapng")
+    out = subprocess.run(
+        ["tshark", "-r", str(tmp_path / "t.pcapng"), "-T", "fields", "-e", "frame.time_epoch",
+         "-e", "frame.len", "-e", "frame.cap_len", "-e", "frame.interface_name"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split("\t") for line in out.splitlines()]
+    records = trace.snapshot(PacketRecord)
+    assert [r[1:] for r in rows] == [["1550", "256", "avf"], ["60", "60", "avf"],
+                                     ["64", "64", "avf2"]]  # fmt: skip
+    assert [Decimal(r[0]) for r in rows] == [Decimal(trace.wall_ns(r.t)) / 10**9 for r in records]

@@ -144,3 +144,26 @@ def test_socket_mode_is_configurable(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
     assert proc.returncode == 0
+
+
+def test_serve_avf_replaying_a_capture_shows_its_progress(tmp_path: Path) -> None:
+    """`emulab serve avf --backend replay:FILE?rate=max`: the capture plays into the device
+    (which drops it: no driver enabled its queues) and the status lines follow it to the end."""
+    from emulab.pcap import Frame, write_frames
+
+    sock, path = tmp_path / "avf.sock", tmp_path / "in.pcapng"
+    write_frames(path, [Frame(bytes(60), 10**18 + k, 60) for k in range(50)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulab.cli", "serve", "avf", "--socket", str(sock),
+         "--backend", f"replay:{path}?rate=max", "--interval", "0.2"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        seen: list[str] = []
+        wait_until(lambda: _line(proc, seen, "replay: done: 50/50 frames"), 30, "the replay")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "backend replay:" in "".join(seen)
+    assert "replay:" not in out  # (no more progress lines once it is done)

@@ -83,8 +83,9 @@ class ReplayProgress:
     def __str__(self) -> str:
         of = f"/{self.file_frames}" if self.file_frames is not None else ""
         state = "done" if self.done else "playing"
-        text = (f"{state}: {self.frames}{of} frames, {self.bytes} bytes, {self.passes} passes, "
-                f"{self.rate:,.0f} frames/s, held {self.held}")  # fmt: skip
+        text = (f"{state}: {self.frames}{of} frames ({self.bytes} bytes) in "
+                f"{self.elapsed_s:.2f} s, {self.rate:,.0f} frames/s; passes {self.passes}, "
+                f"held {self.held}, truncated {self.truncated}")  # fmt: skip
         return text + (f", error: {self.error}" if self.error else "")
 
 

@@ -19,6 +19,7 @@ from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
 from emulab.avf.pf import PfConfig
 from emulab.backends import open_backend
+from emulab.backends.pcap import PcapReplayBackend
 from emulab.devices.loading import DeviceSpecError, load_device, parse_options
 from emulab.pci.interface import Device
 from emulab.server import VfioUserServer
@@ -107,9 +108,15 @@ def serve(args: argparse.Namespace) -> int:
     if isinstance(device, AvfDevice):
         BUILDER.subscribe(_kernel_progress(t0))
     last = {"messages": 0.0, "t": t0}
+    backend = device.backend if isinstance(device, AvfDevice) else None
+    replay = backend if isinstance(backend, PcapReplayBackend) else None
     try:
         while not stop.wait(args.interval):
             print(_status_line(server, t0, last), flush=True)
+            if replay is not None:  # its progress, up to the line that says it is done
+                progress = replay.progress()
+                print(f"  replay: {progress}", flush=True)
+                replay = None if progress.done else replay
             if server.last_error:
                 print(f"  last error: {server.last_error}", flush=True)
                 server.last_error = None
@@ -154,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--backend",
         default="loopback",
         help="avf: where the wire goes: loopback | tap:NAME (created; address it yourself) | "
-        "pcap:FILE | switch:NAME (default: loopback)",
+        "pcap:FILE (records what is sent) | replay:FILE[?rate=N|max][&loop][&delay=S] (plays a "
+        "capture into RX) | switch:NAME (default: loopback)",
     )
     p.add_argument("--mac", default="02:e1:ab:00:00:01", help="avf: the VF's MAC address")
     p.add_argument("--queues", type=int, default=4, help="avf: queue pairs offered (1-16)")

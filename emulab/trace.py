@@ -5,22 +5,32 @@ Models record typed records (one frozen dataclass per kind: :class:`PacketRecord
 record type on a timer, or subscribe. Recording is cheap (the trace stamps the record's ``t`` and
 appends it under a lock) and never blocks on a subscriber: a subscriber that raises is dropped,
 not propagated into the device.
+
+What is buffered leaves the session as flat tables (:meth:`Trace.to_pandas`, and files:
+:meth:`Trace.to_parquet`, :meth:`Trace.to_jsonl`) and the packets as a capture
+(:meth:`Trace.to_pcap`: pcapng or pcap, with wall-clock times and lengths on the wire).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
+import json
 import numbers
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, overload
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar, overload
+
+from emulab import pcap
 
 __all__ = [
     "RECORDS",
+    "SNAPLEN",
     "AdminqRecord",
     "ClientRecord",
     "DeviceRecord",
@@ -32,6 +42,7 @@ __all__ = [
     "RegisterRecord",
     "Trace",
     "describe",
+    "read_jsonl",
     "records_to_pandas",
 ]
 
@@ -155,7 +166,8 @@ class AdminqRecord(Record):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PacketRecord(Record):
-    """A frame on a queue (``frame``: its first bytes, up to the device's snap length)."""
+    """A frame on a queue: ``length`` its length, ``frame`` its first bytes (up to ``SNAPLEN``,
+    what a device keeps)."""
 
     kind: ClassVar[str] = "packet"
     device: str
@@ -177,6 +189,10 @@ class ClientRecord(Record):
     reason: str = ""
 
 
+SNAPLEN = 256
+"""Bytes of a frame a device keeps in its :class:`PacketRecord` (the packet trace's snap
+length: a pcap export's, unless a record kept more)."""
+
 RECORDS: tuple[type[Record], ...] = (
     MessageRecord,
     RegisterRecord,
@@ -197,9 +213,15 @@ _stamp = object.__setattr__  # (on the fresh record, before anyone else sees it)
 
 @dataclass
 class Trace:
+    """Bounded buffers of records, one per kind. A record's ``t`` is seconds since the trace
+    started on a monotonic clock (``time.perf_counter``: it does not jump when the wall clock is
+    set); the wall clock is read once, at the same start, so that exports carry real times
+    (:attr:`start_ns`, :meth:`wall_ns`)."""
+
     capacity: int = 20_000
     enabled: bool = True
     _t0: float = field(default_factory=time.perf_counter)
+    _wall0: int = field(default_factory=time.time_ns)  # (the wall clock at ``_t0``)
     _buffers: dict[str, deque[Record]] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
     _subscribers: tuple[Subscriber, ...] = ()  # replaced, never mutated: read without a copy
@@ -294,6 +316,83 @@ class Trace:
         (:func:`records_to_pandas`)."""
         return records_to_pandas(cls, self.snapshot(cls))
 
+    @property
+    def start_ns(self) -> int:
+        """Unix time, in nanoseconds, of ``t`` = 0 (the wall clock read once, as the trace
+        started)."""
+        return self._wall0
+
+    def wall_ns(self, t: float) -> int:
+        """A record's ``t`` as Unix time in nanoseconds."""
+        return self._wall0 + round(t * 1e9)
+
+    # -- files that leave the session ----------------------------------------------------------
+    def to_parquet(self, path: str | Path, cls: type[Record] | None = None) -> list[Path]:
+        """The buffered records of one type to the Parquet file ``path``; with no type, every
+        type to ``path`` as a directory (made if need be) of one file per kind, named
+        ``<kind>.parquet`` (``packet.parquet``, ...; a kind with no records too: its columns
+        are there). Returns the files written.
+
+        Columns: those of :meth:`to_pandas` (``t``, then the record's fields, flat: messages
+        and decoded payloads as :func:`describe` text), then ``wall_time`` (the record's time
+        as a UTC timestamp, ns). Typed as the fields are: ``int64`` (nullable where a field may
+        be None: pandas reads it back as ``Int64``), ``float64``, ``bool``, ``string``, and bytes
+        (a packet's ``frame``, an admin-queue ``payload``) raw, as ``binary``. The file's
+        metadata says the kind (``emulab.kind``) and the trace's start (``emulab.start_ns``).
+        ``pandas.read_parquet(path)`` gives the DataFrame back."""
+        return self._export(Path(path), cls, ".parquet", _write_parquet)
+
+    def to_jsonl(self, path: str | Path, cls: type[Record] | None = None) -> list[Path]:
+        """As :meth:`to_parquet`, as JSON Lines (``<kind>.jsonl`` in a directory): one object
+        per record, one key per column, None as null, bytes as lowercase hex text (the text
+        :meth:`to_pandas` shows; ``bytes.fromhex`` gives them back), ``wall_time`` as RFC 3339
+        text in UTC with nanoseconds (``2025-01-31T12:00:00.123456789Z``).
+        :func:`read_jsonl` reads a file back into the DataFrame ``pandas.read_parquet`` gives
+        of the same records (``pandas.read_json(..., lines=True)`` alone would guess types: it
+        turns hex of only digits into numbers)."""
+        return self._export(Path(path), cls, ".jsonl", _write_jsonl)
+
+    def _export(
+        self,
+        path: Path,
+        cls: type[Record] | None,
+        suffix: str,
+        write: Callable[[Path, type[Record], list[Record], int], None],
+    ) -> list[Path]:
+        if cls is not None:
+            write(path, cls, self.snapshot(cls), self._wall0)
+            return [path]
+        path.mkdir(parents=True, exist_ok=True)
+        written = []
+        for kind in RECORDS:
+            out = path / f"{kind.kind}{suffix}"
+            write(out, kind, self.snapshot(kind), self._wall0)
+            written.append(out)
+        return written
+
+    def to_pcap(
+        self,
+        path: str | Path,
+        *,
+        format: Literal["pcap", "pcapng"] | None = None,
+        snaplen: int = SNAPLEN,
+    ) -> int:
+        """The buffered packets to a capture file, as recorded; returns how many. pcapng
+        (``format``; None: classic pcap if the name ends in ``.pcap``, else pcapng) has an
+        interface per device (named as the device), each frame's direction (``rx``: inbound)
+        and queue; classic pcap has neither. Both carry each frame's wall-clock time (ns) and
+        its full length (``orig_len``) beside the bytes kept (``incl_len``, up to the snap
+        length: ``snaplen``, or the longest frame a record kept if longer). See
+        :mod:`emulab.pcap`."""
+        packets = self.snapshot(PacketRecord)
+        snaplen = max([snaplen, *(len(p.frame) for p in packets)])
+        frames = (
+            pcap.Frame(p.frame, self.wall_ns(p.t), p.length, p.device,
+                       "in" if p.direction == "rx" else "out", p.queue)
+            for p in packets
+        )  # fmt: skip
+        return pcap.write_frames(path, frames, format=format, snaplen=snaplen)
+
 
 # -- views' text --------------------------------------------------------------------------------
 _BYTES = (bytes, bytearray, memoryview)
@@ -352,3 +451,106 @@ def records_to_pandas(cls: type[Record], records: Iterable[Record]) -> Any:
         for name, values in columns.items()
     }
     return pd.DataFrame(data, columns=names)
+
+
+# -- exports --------------------------------------------------------------------------------------
+_SCALARS = {"int": "int", "int | None": "int?", "float": "float", "bool": "bool", "str": "str",
+            "bytes": "bytes"}  # fmt: skip
+# a column's type -> pandas dtype of its column in an export's DataFrame
+_DTYPES = {"int": "int64", "int?": "Int64", "float": "float64", "bool": "bool", "str": "object",
+           "text": "object", "bytes": "object"}  # fmt: skip
+
+
+def _column_types(cls: type[Record]) -> list[tuple[str, str]]:
+    """An export's columns before ``wall_time``: ``t`` and the record's fields, each with its
+    type: int, int? (may be None), float, bool, str, bytes, or text (anything else:
+    described, None kept)."""
+    fields = [(f.name, _SCALARS.get(str(f.type), "text")) for f in dataclasses.fields(cls)]
+    return [("t", "float"), *(f for f in fields if f[0] != "t")]  # (annotations are text)
+
+
+def _cell(value: object, kind: str) -> object:
+    if kind == "text":
+        flat = _flat(value)
+        return flat if flat is None or isinstance(flat, str) else str(flat)
+    if value is None:
+        return None
+    if kind == "bytes":
+        return bytes(value)  # type: ignore[call-overload]
+    return value
+
+
+def _export_frame(cls: type[Record], records: list[Record], start_ns: int) -> Any:
+    """Records as the DataFrame an export is written from (bytes raw, ``wall_time`` added)."""
+    import pandas as pd  # noqa: PLC0415
+
+    types = _column_types(cls)
+    data: dict[str, Any] = {
+        name: pd.Series([_cell(getattr(r, name), kind) for r in records], dtype=_DTYPES[kind])
+        for name, kind in types
+    }
+    wall = pd.Series([start_ns + round(r.t * 1e9) for r in records], dtype="int64")
+    data["wall_time"] = pd.to_datetime(wall, unit="ns", utc=True)
+    return pd.DataFrame(data, columns=[*(name for name, _ in types), "wall_time"])
+
+
+def _arrow_table(cls: type[Record], frame: Any, start_ns: int | None = None) -> Any:
+    """An export's DataFrame as an Arrow table of the type's schema (see
+    :meth:`Trace.to_parquet`), with pandas' metadata (nullable ints come back ``Int64``)."""
+    import pyarrow as pa  # noqa: PLC0415 -- only exports need it
+
+    arrow = {"int": pa.int64(), "int?": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
+             "str": pa.string(), "text": pa.string(), "bytes": pa.binary()}  # fmt: skip
+    fields = [pa.field(name, arrow[kind], nullable=kind in ("int?", "text"))
+              for name, kind in _column_types(cls)]  # fmt: skip
+    fields.append(pa.field("wall_time", pa.timestamp("ns", tz="UTC"), nullable=False))
+    metadata = {"emulab.kind": cls.kind}
+    if start_ns is not None:
+        metadata["emulab.start_ns"] = str(start_ns)
+    schema = pa.schema(fields, metadata=metadata)
+    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+
+
+def _write_parquet(path: Path, cls: type[Record], records: list[Record], start_ns: int) -> None:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    pq.write_table(_arrow_table(cls, _export_frame(cls, records, start_ns), start_ns), path)
+
+
+def _rfc3339(ns: int) -> str:
+    sec, frac = divmod(ns, 1_000_000_000)
+    when = datetime.datetime.fromtimestamp(sec, tz=datetime.UTC)
+    return f"{when:%Y-%m-%dT%H:%M:%S}.{frac:09d}Z"
+
+
+def _write_jsonl(path: Path, cls: type[Record], records: list[Record], start_ns: int) -> None:
+    types = _column_types(cls)
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            row = {}
+            for name, kind in types:
+                value = _cell(getattr(rec, name), kind)
+                row[name] = value.hex() if isinstance(value, bytes) else value
+            row["wall_time"] = _rfc3339(start_ns + round(rec.t * 1e9))
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str | Path, cls: type[Record]) -> Any:
+    """A JSON Lines export of records of type ``cls`` (:meth:`Trace.to_jsonl`) as the DataFrame
+    ``pandas.read_parquet`` gives of a Parquet export of the same records: the same columns and
+    dtypes, bytes raw, ``wall_time`` a UTC timestamp."""
+    import pandas as pd  # noqa: PLC0415
+
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    types = _column_types(cls)
+    data: dict[str, Any] = {}
+    for name, kind in types:
+        values = [row.get(name) for row in rows]
+        if kind == "bytes":
+            values = [None if v is None else bytes.fromhex(v) for v in values]
+        data[name] = pd.Series(values, dtype=_DTYPES[kind])
+    wall = pd.Series([row["wall_time"] for row in rows], dtype="object")
+    data["wall_time"] = pd.to_datetime(wall, utc=True, format="ISO8601").dt.as_unit("ns")
+    frame = pd.DataFrame(data, columns=[*(name for name, _ in types), "wall_time"])
+    return _arrow_table(cls, frame).to_pandas()  # (as read_parquet converts it)

@@ -219,3 +219,26 @@ def test_serve_says_what_is_wrong_without_a_traceback(
     assert says.format(tmp=tmp_path) in r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_serve_avf_replaying_a_capture_shows_its_progress(tmp_path: Path) -> None:
+    """`emulab serve avf --backend replay:FILE?rate=max`: the capture plays into the device
+    (which drops it: no driver enabled its queues) and the status lines follow it to the end."""
+    from emulab.pcap import Frame, write_frames
+
+    sock, path = tmp_path / "avf.sock", tmp_path / "in.pcapng"
+    write_frames(path, [Frame(bytes(60), 10**18 + k, 60) for k in range(50)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulab.cli", "serve", "avf", "--socket", str(sock),
+         "--backend", f"replay:{path}?rate=max", "--interval", "0.2"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        seen: list[str] = []
+        wait_until(lambda: _line(proc, seen, "replay: done: 50/50 frames"), 30, "the replay")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "backend replay:" in "".join(seen)
+    assert "replay:" not in out  # (no more progress lines once it is done)

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import numbers
+import shutil
+import subprocess
+import time
+from decimal import Decimal
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from scapy.utils import rdpcap
 
 from emulab.avf import virtchnl as vc
+from emulab.pcap import read_frames
 from emulab.trace import (
     RECORDS,
+    SNAPLEN,
     AdminqRecord,
     DeviceRecord,
     MessageRecord,
@@ -20,6 +29,7 @@ from emulab.trace import (
     RegisterRecord,
     Trace,
     describe,
+    read_jsonl,
     records_to_pandas,
 )
 from emulab.vfio_user import messages as m
@@ -188,3 +198,135 @@ def test_describe_a_virtchnl_message_with_nested_messages_and_macs() -> None:
     trace.record(AdminqRecord(event="aq-request", opcode=10, op="ADD_ETH_ADDR",
                               payload=macs.pack(), decoded=macs))  # fmt: skip
     assert trace.to_pandas(AdminqRecord)["decoded"][0] == describe(macs)  # a flat string cell
+
+
+# -- exports: Parquet, JSON Lines, pcap ----------------------------------------------------------
+def _hexed(frame: pd.DataFrame) -> pd.DataFrame:
+    """An export's DataFrame as :meth:`Trace.to_pandas` shows it: bytes as hex, no wall time."""
+    out = frame.drop(columns="wall_time")
+    for column in ("frame", "payload"):
+        if column in out:
+            out[column] = out[column].map(bytes.hex)
+    return out
+
+
+def test_parquet_and_jsonl_round_trip_every_kind(tmp_path: Path) -> None:
+    trace = busy_trace()
+    trace.record(packet(2, "rx"))
+    parquet = trace.to_parquet(tmp_path / "trace")
+    jsonl = trace.to_jsonl(tmp_path / "trace")
+    assert [p.name for p in parquet] == [f"{cls.kind}.parquet" for cls in RECORDS]
+    assert [p.name for p in jsonl] == [f"{cls.kind}.jsonl" for cls in RECORDS]
+    for cls in RECORDS:
+        back = pd.read_parquet(tmp_path / "trace" / f"{cls.kind}.parquet")
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "t"]
+        assert list(back.columns) == ["t", *fields, "wall_time"], cls
+        # JSON Lines reads back to the same frame, dtypes and all
+        pd.testing.assert_frame_equal(read_jsonl(tmp_path / "trace" / f"{cls.kind}.jsonl", cls),
+                                      back)  # fmt: skip
+        records = trace.snapshot(cls)
+        assert len(back) == len(records), cls
+        if records:  # the same cells as to_pandas, bytes aside
+            pd.testing.assert_frame_equal(_hexed(back), trace.to_pandas(cls), check_dtype=False)
+        assert list(back["wall_time"].astype("int64")) == [trace.wall_ns(r.t) for r in records]
+    packets = pd.read_parquet(tmp_path / "trace" / "packet.parquet")
+    assert list(packets["frame"]) == [p.frame for p in trace.snapshot(PacketRecord)]  # raw
+    assert str(packets["wall_time"].dtype) == "datetime64[ns, UTC]"
+    adminq = pd.read_parquet(tmp_path / "trace" / "adminq.parquet")
+    assert str(adminq["status"].dtype) == "Int64" and adminq["status"][1] is pd.NA
+    assert adminq["payload"][0] == b"\x01\x00\x00\x00\x02\x00\x00\x00"
+
+
+def test_parquet_columns_are_typed_and_raw_even_when_empty(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    trace = Trace()
+    (path,) = trace.to_parquet(tmp_path / "p.parquet", PacketRecord)
+    schema = pq.read_schema(path)
+    assert [str(schema.field(n).type) for n in schema.names] == [
+        "double", "string", "string", "int64", "int64", "binary", "timestamp[ns, tz=UTC]"
+    ]  # fmt: skip
+    assert schema.metadata[b"emulab.kind"] == b"packet"
+    assert int(schema.metadata[b"emulab.start_ns"]) == trace.start_ns
+    full = busy_trace()
+    full.to_parquet(tmp_path / "a.parquet", AdminqRecord)
+    table = pq.read_table(tmp_path / "a.parquet")
+    assert table.column("payload").to_pylist()[0] == b"\x01\x00\x00\x00\x02\x00\x00\x00"
+    assert table.column("opcode").null_count == 1 and str(table.schema.field("decoded").type) == (
+        "string"
+    )
+    device = pq.read_table(full.to_parquet(tmp_path / "d.parquet", DeviceRecord)[0])
+    assert device.column("maps").to_pylist() == ["(1, 2)", "()"]  # flat: as to_pandas shows it
+
+
+def test_jsonl_lines_are_plain_json_with_hex_bytes_and_rfc3339_times(tmp_path: Path) -> None:
+    trace = busy_trace()
+    (path,) = trace.to_jsonl(tmp_path / "adminq.jsonl", AdminqRecord)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    records = trace.snapshot(AdminqRecord)
+    assert [bytes.fromhex(r["payload"]) for r in rows] == [a.payload for a in records]
+    assert rows[0]["payload"] == "0100000002000000"  # (read_jsonl keeps it bytes, not a number)
+    assert rows[1]["status"] is None and rows[0]["decoded"] == "VersionInfo(major=1, minor=2)"
+    for row, rec in zip(rows, records, strict=True):
+        assert row["t"] == rec.t
+        when = pd.Timestamp(row["wall_time"])
+        assert row["wall_time"].endswith("Z") and when.value == trace.wall_ns(rec.t)
+    empty = Trace().to_jsonl(tmp_path / "empty.jsonl", PacketRecord)[0]
+    assert empty.read_text() == "" and list(read_jsonl(empty, PacketRecord).columns) == [
+        "t", "device", "direction", "queue", "length", "frame", "wall_time"
+    ]  # fmt: skip
+
+
+def test_wall_time_is_the_monotonic_t_on_one_wall_clock_anchor() -> None:
+    before = time.time_ns()
+    trace = Trace()
+    after = time.time_ns()
+    assert before <= trace.start_ns <= after
+    trace.record(packet(1))
+    (rec,) = trace.snapshot(PacketRecord)
+    assert trace.wall_ns(rec.t) == trace.start_ns + round(rec.t * 1e9)
+    assert before <= trace.wall_ns(rec.t) <= time.time_ns()
+
+
+def cut_trace() -> Trace:
+    trace = Trace()
+    full = bytes.fromhex("02e1ab0000010200000000090800") + bytes(range(256)) * 6
+    trace.record(PacketRecord(device="avf", direction="tx", queue=1, length=len(full),
+                              frame=full[:SNAPLEN]))  # fmt: skip
+    trace.record(PacketRecord(device="avf", direction="rx", queue=2, length=60,
+                              frame=full[:60]))  # fmt: skip
+    trace.record(PacketRecord(device="avf2", direction="rx", queue=0, length=64,
+                              frame=full[:64]))  # fmt: skip
+    return trace
+
+
+@pytest.mark.parametrize("name", ["t.pcapng", "t.pcap"])
+def test_pcap_carries_wall_clock_times_and_full_lengths(tmp_path: Path, name: str) -> None:
+    trace = cut_trace()
+    assert trace.to_pcap(tmp_path / name) == 3
+    pkts = rdpcap(str(tmp_path / name))
+    records = trace.snapshot(PacketRecord)
+    assert [p.time for p in pkts] == [Decimal(trace.wall_ns(r.t)) / 10**9 for r in records]
+    assert [p.wirelen for p in pkts] == [r.length for r in records] == [1550, 60, 64]
+    assert [bytes(p) for p in pkts] == [r.frame for r in records]  # incl_len: bytes kept
+    frames = list(read_frames(tmp_path / name))
+    if name.endswith(".pcapng"):
+        assert [(f.interface, f.direction, f.queue) for f in frames] == [
+            ("avf", "out", 1), ("avf", "in", 2), ("avf2", "in", 0)
+        ]  # fmt: skip
+        assert [p.direction for p in pkts] == [2, 1, 1]
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
+def test_tshark_reads_the_trace_pcap(tmp_path: Path) -> None:
+    trace = cut_trace()
+    trace.to_pcap(tmp_path / "t.pcapng")
+    out = subprocess.run(
+        ["tshark", "-r", str(tmp_path / "t.pcapng"), "-T", "fields", "-e", "frame.time_epoch",
+         "-e", "frame.len", "-e", "frame.cap_len", "-e", "frame.interface_name"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split("\t") for line in out.splitlines()]
+    records = trace.snapshot(PacketRecord)
+    assert [r[1:] for r in rows] == [["1550", "256", "avf"], ["60", "60", "avf"],
+                                     ["64", "64", "avf2"]]  # fmt: skip
+    assert [Decimal(r[0]) for r in rows] == [Decimal(trace.wall_ns(r.t)) / 10**9 for r in records]

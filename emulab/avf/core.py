@@ -30,7 +30,14 @@ from emulab.backends.base import PacketBackend
 from emulab.backends.simple import LoopbackBackend
 from emulab.pci.dma import GuestMemory
 from emulab.pci.registers import RegisterFile
-from emulab.trace import AdminqRecord, DeviceRecord, PacketRecord, RegisterRecord, Trace
+from emulab.trace import (
+    SNAPLEN,
+    AdminqRecord,
+    DeviceRecord,
+    PacketRecord,
+    RegisterRecord,
+    Trace,
+)
 
 __all__ = ["MODES", "TAIL_PAGES", "AvfCore", "ResetKind", "VirtchnlHandler"]
 
@@ -38,7 +45,6 @@ VirtchnlHandler = Callable[[int, bytes], tuple[int, bytes] | None]
 MODES = ("interrupt", "poll")
 OP_RESET_VF = 2
 RESET_DELAY = 0.02  # the PF resets the VF shortly after completing the request, as hardware does
-SNAPLEN = 256  # bytes of each frame kept in the packet trace
 _WORD = 4
 TAIL_PAGES = (  # QTX_TAIL and QRX_TAIL (and VFINT_ITRN) pages: mmap-able in polling mode
     (REGISTER["QTX_TAIL"].offset, 0x1000),

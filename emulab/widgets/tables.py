@@ -1,4 +1,4 @@
-"""What the views show, as plain data: register rows, trace tables, rates, HTML, hexdumps, pcap.
+"""What the views show, as plain data: register rows, trace tables, rates, HTML, hexdumps.
 
 Nothing here imports Jupyter, so it is tested (and usable) without a frontend; the widgets in
 :mod:`emulab.widgets.views` only lay these out and refresh them on the dashboard's timer.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from emulab.pci.config_space import ConfigSpace
@@ -28,7 +27,6 @@ __all__ = [
     "packet_summary",
     "register_rows",
     "virtchnl_rows",
-    "write_pcap",
 ]
 
 
@@ -190,21 +188,6 @@ def hexdump(data: bytes, width: int = 16) -> str:
         text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
         lines.append(f"{off:04x}  {hexes}  {text}")
     return "\n".join(lines)
-
-
-def write_pcap(events: Sequence[PacketRecord], path: str | Path) -> int:
-    """The traced packets (as captured, up to the trace's snap length) to a pcap file."""
-    from scapy.utils import PcapWriter  # noqa: PLC0415
-
-    writer = PcapWriter(str(path), linktype=1, sync=False)
-    n = 0
-    try:
-        for e in events:
-            writer.write(e.frame)
-            n += 1
-    finally:
-        writer.close()
-    return n
 
 
 # -- rates ----------------------------------------------------------------------------------------

@@ -158,7 +158,8 @@ class VirtchnlView(_TraceTable[AdminqRecord]):
 
 
 class PacketView(_TraceTable[PacketRecord]):
-    """Packets decoded by scapy; pick one for its hexdump; export the trace as pcap."""
+    """Packets decoded by scapy; pick one for its hexdump; save the packet trace as pcapng
+    (:meth:`Trace.to_pcap`: wall-clock times, full lengths, directions and queues)."""
 
     record, title, limit, columns = PacketRecord, "packets", 30, tables.PACKET_COLUMNS
 
@@ -196,8 +197,8 @@ class PacketView(_TraceTable[PacketRecord]):
         )
 
     def save_pcap(self, path: str | Path | None = None) -> Path:
-        out = Path(path) if path else self.pcap_dir / f"emulab-{time.strftime('%H%M%S')}.pcap"
-        n = tables.write_pcap(self.trace.snapshot(PacketRecord), out)
+        out = Path(path) if path else self.pcap_dir / f"emulab-{time.strftime('%H%M%S')}.pcapng"
+        n = self.trace.to_pcap(out)
         self.saved.value = f"{n} packets -> {out}"
         return out
 

@@ -76,8 +76,9 @@ def test_pcap_is_readable(tmp_path: Path) -> None:
     pc.send([frame(A, B), frame(BCAST, A, b"z" * 1400)])
     pc.close()
     pkts = rdpcap(str(tmp_path / "out.pcap"))
-    assert [len(p) for p in pkts] == [60, 1414]
+    assert [len(p) for p in pkts] == [60, 1414] == [p.wirelen for p in pkts]
     assert pkts[1][Ether].dst == BCAST and pkts[0][Ether].type == 0x88B5
+    assert abs(float(pkts[0].time) - time.time()) < 60  # (wall-clock time, in ns)
 
 
 def test_bad_spec() -> None:

@@ -189,6 +189,22 @@ class ClientRecord(Record):
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DebugRecord(Record):
+    """A watchpoint or breakpoint at a register access (``emulab.server.debugger``): ``hit``
+    (a breakpoint matched), ``watch`` (a watchpoint did), ``paused`` and ``resumed`` (the
+    access held and let go, ``value`` as it went on)."""
+
+    kind: ClassVar[str] = "debug"
+    event: str
+    op: str
+    region: int
+    offset: int
+    name: str
+    value: int
+    breakpoint: int = 0  # its number (0: a step)
+
+
 SNAPLEN = 256
 """Bytes of a frame a device keeps in its :class:`PacketRecord` (the packet trace's snap
 length: a pcap export's, unless a record kept more)."""
@@ -202,6 +218,7 @@ RECORDS: tuple[type[Record], ...] = (
     AdminqRecord,
     PacketRecord,
     ClientRecord,
+    DebugRecord,
 )
 """Every record type (one per kind)."""
 

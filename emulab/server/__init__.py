@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from emulab.pci.interface import Device
+from emulab.server.debugger import Breakpoint, Debugger, Stop
 from emulab.server.session import HandlerError, ServerStats, Session
 from emulab.server.threads import SwitchInterval, Worker
 from emulab.trace import ClientRecord, Trace, describe
@@ -29,7 +30,15 @@ from emulab.transport.unix_socket import Channel, ChannelClosed, UnixListener, c
 from emulab.vfio_user import BadRequest, Connection, Request, Role
 from emulab.vfio_user.errors import ProtocolError
 
-__all__ = ["HandlerError", "ServerStats", "VfioUserServer", "describe"]
+__all__ = [
+    "Breakpoint",
+    "Debugger",
+    "HandlerError",
+    "ServerStats",
+    "Stop",
+    "VfioUserServer",
+    "describe",
+]
 
 REFUSE_WAIT = 2.0  # seconds a refused client has to send its first request (to be answered)
 ADMIT_GRACE = 1.0  # seconds a new client waits for the previous one's clean-up before refusal
@@ -63,6 +72,8 @@ class VfioUserServer(Generic[D]):
         self.socket_mode = socket_mode  # who may connect: the owner only, unless widened
         self.trace = trace if trace is not None else device.trace
         self.stats = ServerStats()
+        name_at = getattr(device, "name_at", None)  # (PciDevice's: registers by name)
+        self.debugger = Debugger(self.trace, name_at) if name_at else Debugger(self.trace)
         self.dma_layout = dma_layout
         self.trace_messages = trace_messages
         self.last_error: str | None = None
@@ -117,6 +128,7 @@ class VfioUserServer(Generic[D]):
     def stop(self) -> None:
         """Stop serving: disconnect the client, close the socket, reset the device. Idempotent."""
         self._stopping.set()
+        self.debugger.release()  # (a paused access goes on: the session can end)
         with self._lock:
             listener, self._listener = self._listener, None
             thread, self._thread = self._thread, None

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from emulab.pci.dma import DmaError
 from emulab.pci.interface import NUM_IRQS, NUM_REGIONS, AccessError, Device
 from emulab.pci.interrupts import EventfdLine, IrqKind
+from emulab.server.debugger import Debugger
 from emulab.server.threads import Worker
 from emulab.trace import ClientRecord, DmaRecord, IrqRecord, MessageRecord, Trace
 from emulab.transport.endpoint import Endpoint, RequestFailed, close_fds
@@ -70,6 +71,7 @@ class Served(Protocol):
     trace: Trace
     stats: ServerStats
     worker: Worker
+    debugger: Debugger
     dma_layout: str
     trace_messages: bool
     last_error: str | None
@@ -383,18 +385,27 @@ class Session:
     def region_read(self, req: Request) -> tuple[Any, tuple[int, ...]]:
         msg: m.RegionRead = req.message
         data = self.device.region_read(msg.region, msg.offset, msg.count)
+        debugger = self.server.debugger
+        if debugger.active:  # (a breakpoint may hold the reply here)
+            data = debugger.check("read", msg.region, msg.offset, data)
         return m.RegionReadReply(msg.offset, msg.region, msg.count, data), ()
 
     def region_write(self, req: Request) -> tuple[Any, tuple[int, ...]]:
         msg: m.RegionWrite = req.message
-        self.device.region_write(msg.region, msg.offset, bytes(msg.data))
+        self._write(msg.region, msg.offset, bytes(msg.data))
         return m.RegionWriteReply(msg.offset, msg.region, msg.count), ()
 
     def region_write_multi(self, req: Request) -> tuple[Any, tuple[int, ...]]:
         msg: m.RegionWriteMulti = req.message
         for offset, region, count, data in msg.writes:
-            self.device.region_write(region, offset, bytes(data[:count]))
+            self._write(region, offset, bytes(data[:count]))
         return m.RegionWriteMultiReply(len(msg.writes)), ()
+
+    def _write(self, region: int, offset: int, data: bytes) -> None:
+        debugger = self.server.debugger
+        if debugger.active:  # (a breakpoint may hold the write, and change it, here)
+            data = debugger.check("write", region, offset, data)
+        self.device.region_write(region, offset, data)
 
     def reset(self, req: Request) -> tuple[Any, tuple[int, ...]]:
         self.server.worker.drain()

@@ -37,7 +37,7 @@ from emulab.drivers import NicDriver
 from emulab.drivers.iavf_nic import Nic
 from emulab.pci.device import PciDevice
 from emulab.pci.interface import Device
-from emulab.server import VfioUserServer
+from emulab.server import Debugger, VfioUserServer
 from emulab.trace import DeviceRecord, Trace
 
 __all__ = ["Lab", "udp_flows"]
@@ -198,6 +198,12 @@ class Lab(Generic[D]):
         assert self.server.socket_path is not None
         return Path(self.server.socket_path)
 
+    @property
+    def debugger(self) -> Debugger:
+        """The server's :class:`~emulab.server.debugger.Debugger`: watchpoints and breakpoints
+        on the device's register accesses (``lab.debugger.break_on("VF_ATQT1")``)."""
+        return self.server.debugger
+
     def show_dashboard(self, hz: float = 5.0) -> Any:
         """The device's dashboard (needs the ``lab`` extra), refreshing at ``hz``."""
         from emulab.widgets import Dashboard  # noqa: PLC0415 -- Jupyter is an optional extra
@@ -205,7 +211,8 @@ class Lab(Generic[D]):
         if not isinstance(self.device, PciDevice):
             raise TypeError(f"the dashboard shows a PciDevice's registers, not a {self.device}")
         if self.dashboard is None:
-            self.dashboard = Dashboard(self.device, self.trace, hz=hz, pcap_dir=self.workdir)
+            self.dashboard = Dashboard(self.device, self.trace, hz=hz, pcap_dir=self.workdir,
+                                       debugger=self.server.debugger)  # fmt: skip
         self.dashboard.start()
         return self.dashboard
 

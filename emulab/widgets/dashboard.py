@@ -11,8 +11,10 @@ import ipywidgets as widgets
 
 from emulab.pci.device import PciDevice
 from emulab.pci.registers import RegisterFile
+from emulab.server.debugger import Debugger
 from emulab.trace import Trace
 from emulab.widgets.views import (
+    DebuggerView,
     MessageView,
     PacketView,
     RateChart,
@@ -38,6 +40,7 @@ class Dashboard:
         hz: float = 5.0,
         pcap_dir: str | Path = ".",
         status: Any = None,
+        debugger: Debugger | None = None,
     ) -> None:
         self.device = device
         self.trace = trace if trace is not None else device.trace
@@ -55,6 +58,9 @@ class Dashboard:
         self.packets = PacketView(self.trace, pcap_dir=pcap_dir)
         self.chart = RateChart(self.trace, device.name)
         self.views += [self.config, self.messages, self.virtchnl, self.packets]
+        self.debugger = DebuggerView(debugger) if debugger is not None else None
+        if self.debugger is not None:
+            self.views.append(self.debugger)
         self._status_fn = status if status is not None else getattr(device, "status_line", None)
         self.status = widgets.HTML()
         self.status.add_class("emulab-status")

@@ -19,11 +19,20 @@ import ipywidgets as widgets
 
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.registers import RegisterFile
+from emulab.server.debugger import Debugger
 from emulab.trace import AdminqRecord, MessageRecord, PacketRecord, Record, Trace
 from emulab.widgets import tables
 from emulab.widgets.painter import ChartFrame, PainterProcess
 
-__all__ = ["MessageView", "PacketView", "RateChart", "RegisterView", "View", "VirtchnlView"]
+__all__ = [
+    "DebuggerView",
+    "MessageView",
+    "PacketView",
+    "RateChart",
+    "RegisterView",
+    "View",
+    "VirtchnlView",
+]
 
 R = TypeVar("R", bound=Record)
 HOT_SECONDS = 2.0  # how long a changed register stays highlighted
@@ -273,3 +282,45 @@ class RateChart(View):
         if self.painter is not None:
             self.painter.close()
             self.painter = None
+
+
+class DebuggerView(View):
+    """The server's breakpoints and watchpoints, where the device is paused (the access and its
+    value), and continue / step / clear buttons (``emulab.server.debugger``)."""
+
+    title = "debugger"
+
+    def __init__(self, debugger: Debugger) -> None:
+        self.debugger = debugger
+        self.state = widgets.HTML("<b>running</b>")
+        self.table = widgets.HTML()
+        self.cont = widgets.Button(description="continue", icon="play", disabled=True)
+        self.step = widgets.Button(description="step", icon="step-forward", disabled=True)
+        self.clear = widgets.Button(description="clear all", icon="trash")
+        self.cont.on_click(lambda _: debugger.cont())
+        self.step.on_click(lambda _: debugger.step())
+        self.clear.on_click(lambda _: debugger.clear())
+        buttons = widgets.HBox([self.cont, self.step, self.clear])
+        self.widget = widgets.VBox([self.state, buttons, self.table])
+
+    def refresh(self) -> None:
+        stop = self.debugger.paused
+        if stop is None:
+            state = "<b>running</b>"
+        else:
+            why = stop.breakpoint.describe() if stop.breakpoint is not None else "step"
+            state = f"<b>paused</b> at {html.escape(stop.describe())} ({html.escape(why)})"
+        _set(self.state, "value", state)
+        _set(self.cont, "disabled", stop is None)
+        _set(self.step, "disabled", stop is None)
+        rows = "".join(
+            f"<tr><td>{html.escape(b.describe())}</td><td>{b.hits}</td>"
+            f"<td>{'on' if b.enabled else 'off'}</td></tr>"
+            for b in self.debugger.breakpoints
+        )
+        table = (
+            f"<table><tr><th>breakpoint</th><th>hits</th><th></th></tr>{rows}</table>"
+            if rows
+            else "<i>no breakpoints: server.debugger.break_on('REGISTER')</i>"
+        )
+        _set(self.table, "value", table)

@@ -196,3 +196,29 @@ def test_a_lab_shows_a_pci_devices_dashboard() -> None:
         wait_until(lambda: d.refreshes >= 2)
         assert "vendor=0xe1ab" in d.config.table.value.lower()
         assert d.registers is not None and "DOORBELL" in d.registers.table.value
+
+
+def test_the_dashboards_debugger_shows_a_pause_and_its_buttons_resume(tmp_path: Path) -> None:
+    """``lab.debugger.break_on``: the debugger tab says where the device is paused, with the
+    access's value; its continue button lets the client's write go on."""
+    import threading
+
+    from emulab.client import VfioUserClient
+    from emulab.devices.memcpy import MemcpyDevice
+
+    with Lab(MemcpyDevice(), socket_dir=tmp_path, dashboard=True, hz=20.0) as lab:
+        view = lab.dashboard.debugger
+        assert view is not None
+        lab.debugger.break_on("LEN", op="write")
+        with VfioUserClient.connect(lab.socket_path) as client:
+            writer = threading.Thread(target=lambda: client.write32(0, 0x18, 99), daemon=True)
+            writer.start()
+            assert lab.debugger.wait(5) is not None
+            wait_until(lambda: "paused" in view.state.value, 5, "the paused state shown")
+            assert "write LEN" in view.state.value and "0x63" in view.state.value
+            assert not view.cont.disabled and "#1 break write LEN" in view.table.value
+            view.cont.click()
+            writer.join(5)
+            assert not writer.is_alive() and client.read32(0, 0x18) == 99
+            wait_until(lambda: "running" in view.state.value, 5, "running again")
+            assert view.cont.disabled and "<td>1</td>" in view.table.value  # one hit

@@ -44,6 +44,8 @@ __all__ = ["Lab", "udp_flows"]
 
 D = TypeVar("D", bound=Device)
 
+# seconds QEMU waits for a reply while breakpoints are set (its x-msg-timeout; its own is 5 s)
+DEBUG_MSG_TIMEOUT = 600.0
 SLOT = "0000:00:01.0"  # where the device sits in the guest (q35, the first vfio-user-pci)
 DEVICE_SCRIPT = f"""lspci -nn -vv -s {SLOT}
 echo "resources (start end flags per BAR):"; cat /sys/bus/pci/devices/{SLOT}/resource
@@ -289,6 +291,7 @@ class Lab(Generic[D]):
         modules: Sequence[str] | None = None,
         files: Mapping[str, bytes | Path] | None = None,
         timeout: float = 240.0,
+        msg_timeout: float | None = None,
     ) -> concurrent.futures.Future[Any]:
         """Boot Linux in QEMU with this lab's device attached (``vfio-user-pci``, at
         ``0000:00:01.0``), in the background; the future's result is the
@@ -301,7 +304,12 @@ class Lab(Generic[D]):
         has one driver). Any other device: no module is loaded unless ``modules`` names some
         (``uio_pci_generic``), and the default script prints ``lspci -vv`` and the BARs' guest
         addresses. Raises RuntimeError saying why where QEMU cannot run (no root, no Debian
-        mirror), or while another client holds the device (one at a time)."""
+        mirror), or while another client holds the device (one at a time).
+
+        ``msg_timeout``: seconds QEMU waits for a reply before it fails the access
+        (``x-msg-timeout``). By default QEMU's own 5 s -- unless breakpoints are set
+        (``lab.debugger``): then ``DEBUG_MSG_TIMEOUT``, so that a paused device can stay paused
+        while you look."""
         reason = self.qemu_unavailable()
         if reason is not None:
             raise RuntimeError(f"no QEMU guest here: {reason}")
@@ -318,10 +326,13 @@ class Lab(Generic[D]):
             modules = ("iavf",) if nic else ()
         if script is None:
             script = NIC_SCRIPT if nic else DEVICE_SCRIPT
+        if msg_timeout is None and self.debugger.breakpoints:
+            msg_timeout = DEBUG_MSG_TIMEOUT
+        msg_ms = round(msg_timeout * 1000) if msg_timeout is not None else None
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emulab-qemu")
         return pool.submit(
             qemu.boot, script, sockets=[self.socket_path], modules=tuple(modules), kernel=kernel,
-            files=files, timeout=timeout, progress=self._qemu_progress,
+            files=files, timeout=timeout, progress=self._qemu_progress, msg_timeout_ms=msg_ms,
         )  # fmt: skip
 
     def _wait_disconnected(self, seconds: float) -> bool:

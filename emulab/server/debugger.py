@@ -20,12 +20,22 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from emulab.trace import DebugRecord, Trace
+from emulab.trace import (
+    AdminqRecord,
+    DebugRecord,
+    DmaRecord,
+    IrqRecord,
+    PacketRecord,
+    Record,
+    Trace,
+)
 
-__all__ = ["Breakpoint", "Debugger", "Stop"]
+__all__ = ["Breakpoint", "Debugger", "EventWatch", "Stop"]
 
 Condition = Callable[[int], bool]
 
@@ -86,6 +96,27 @@ class Stop:
 
 
 @dataclass
+class EventWatch:
+    """A watchpoint on what a device does rather than on an access: every trace record of
+    type ``kind`` for which ``when`` holds is counted, recorded (a ``watch`` debug record
+    naming it) and handed to ``callback`` -- a virtchnl op, an interrupt vector, a DMA range,
+    a packet predicate (see the ``Debugger.watch_*`` helpers). It does not pause: those
+    happen on the device's own threads, with its locks held."""
+
+    kind: type[Record]
+    when: Callable[[Any], bool]
+    callback: Callable[[Any], None] | None = None
+    label: str = ""
+    hits: int = 0
+    enabled: bool = True
+    number: int = 0
+    seen: deque[Record] = field(default_factory=lambda: deque(maxlen=1000))  # the last matches
+
+    def describe(self) -> str:
+        return f"#{self.number} watch {self.label or self.kind.kind}"
+
+
+@dataclass
 class Debugger:
     """The breakpoints of one served device, checked by the session on every region access
     (one attribute test when there are none)."""
@@ -101,6 +132,8 @@ class Debugger:
         self._stepping = False
         self._released = False  # the server stopped: nothing pauses any more
         self._numbers = itertools.count(1)
+        self.events: list[EventWatch] = []
+        self._unsubscribe: dict[int, Callable[[], None]] = {}
         self._stops = itertools.count(1)
         self.active = False  # any breakpoint, or a step pending: the session asks us
 
@@ -129,7 +162,9 @@ class Debugger:
             self.active = bool(self.breakpoints) or self._stepping
 
     def clear(self) -> None:
-        """No breakpoints; a paused device continues."""
+        """No breakpoints or watchpoints; a paused device continues."""
+        for w in list(self.events):
+            self.unwatch(w)
         with self._cond:
             self.breakpoints = []
             self._stepping = False
@@ -166,6 +201,57 @@ class Debugger:
         with self._cond:
             self._released = True
             self._cond.notify_all()
+
+    # -- watchpoints on what the device does ----------------------------------------------------
+    def watch_event(
+        self, kind: type[Record], when: Callable[[Any], bool] = lambda rec: True,
+        callback: Callable[[Any], None] | None = None, label: str = "",
+    ) -> EventWatch:  # fmt: skip
+        """Watch every ``kind`` record for which ``when`` holds (see :class:`EventWatch`)."""
+        w = EventWatch(kind, when, callback, label or kind.kind, number=next(self._numbers))
+
+        def check(rec: Record) -> None:
+            if w.enabled and isinstance(rec, kind) and w.when(rec):
+                w.hits += 1
+                w.seen.append(rec)
+                self.trace.record(
+                    DebugRecord(event="watch", op=kind.kind, region=-1, offset=0, name=w.label,
+                                value=w.hits, breakpoint=w.number)
+                )  # fmt: skip
+                if w.callback is not None:
+                    w.callback(rec)
+
+        self._unsubscribe[w.number] = self.trace.subscribe(check)
+        self.events.append(w)
+        return w
+
+    def unwatch(self, w: EventWatch) -> None:
+        self.events = [e for e in self.events if e is not w]
+        self._unsubscribe.pop(w.number, lambda: None)()
+
+    def watch_virtchnl(self, op: int, callback: Callable[[Any], None] | None = None) -> EventWatch:
+        """Each virtchnl request with opcode ``op`` the PF receives."""
+        return self.watch_event(AdminqRecord, lambda r: r.event == "aq-request" and r.opcode == op,
+                                callback, f"virtchnl op {op}")  # fmt: skip
+
+    def watch_irq(self, vector: int, callback: Callable[[Any], None] | None = None) -> EventWatch:
+        """Each interrupt the device fires on ``vector``."""
+        return self.watch_event(IrqRecord, lambda r: r.what == "fire" and r.vector == vector,
+                                callback, f"irq vector {vector}")  # fmt: skip
+
+    def watch_dma(
+        self, start: int, end: int, callback: Callable[[Any], None] | None = None
+    ) -> EventWatch:
+        """Each DMA map, unmap or message DMA that touches guest addresses ``[start, end)``."""
+        return self.watch_event(DmaRecord, lambda r: r.iova < end and r.iova + r.size > start,
+                                callback, f"dma [{start:#x}, {end:#x})")  # fmt: skip
+
+    def watch_packets(
+        self, when: Callable[[bytes], bool], callback: Callable[[Any], None] | None = None
+    ) -> EventWatch:
+        """Each frame (its first bytes, as the packet trace keeps them) for which ``when``
+        holds, either direction."""
+        return self.watch_event(PacketRecord, lambda r: when(r.frame), callback, "packets")
 
     # -- what the session calls ------------------------------------------------------------------
     def check(self, op: str, region: int, offset: int, data: bytes) -> bytes:

@@ -4,6 +4,7 @@
 >>> lab                      # in a notebook: the live dashboard
 >>> lab.traffic(pps=5000)    # change the offered load
 >>> lab.boot_linux()         # a real QEMU guest with iavf, where QEMU can run
+>>> guest = lab.start_linux()  # one that keeps running: guest.sh("ethtool -S eth0")
 >>> lab.stop()
 
 Any device takes the same road: ``Lab(MyDevice())``, or a spec as ``emulab serve`` takes it
@@ -26,7 +27,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
@@ -39,6 +40,9 @@ from emulab.pci.device import PciDevice
 from emulab.pci.interface import Device
 from emulab.server import VfioUserServer
 from emulab.trace import DeviceRecord, Trace
+
+if TYPE_CHECKING:
+    from emulab.qemu import LiveGuest
 
 __all__ = ["Lab", "udp_flows"]
 
@@ -150,6 +154,7 @@ class Lab(Generic[D]):
         self.driver: NicDriver | None = None
         self.nic: Nic | None = None
         self.dashboard: Any = None
+        self.guest: LiveGuest | None = None  # the guest start_linux() keeps running
         self.received = 0
         self.sent = 0
         self._pps = 0.0
@@ -295,20 +300,10 @@ class Lab(Generic[D]):
         (``uio_pci_generic``), and the default script prints ``lspci -vv`` and the BARs' guest
         addresses. Raises RuntimeError saying why where QEMU cannot run (no root, no Debian
         mirror), or while another client holds the device (one at a time)."""
-        reason = self.qemu_unavailable()
-        if reason is not None:
-            raise RuntimeError(f"no QEMU guest here: {reason}")
+        modules = self._make_room_for_qemu(modules)
         from emulab import qemu  # noqa: PLC0415
 
-        self.release_guest()
-        if not self._wait_disconnected(2.0):
-            raise RuntimeError(
-                "a client is still connected to this lab's device (one at a time): close it "
-                "before booting a guest"
-            )
         nic = isinstance(self.device, AvfDevice)
-        if modules is None:
-            modules = ("iavf",) if nic else ()
         if script is None:
             script = NIC_SCRIPT if nic else DEVICE_SCRIPT
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emulab-qemu")
@@ -316,6 +311,51 @@ class Lab(Generic[D]):
             qemu.boot, script, sockets=[self.socket_path], modules=tuple(modules), kernel=kernel,
             files=files, timeout=timeout, progress=self._qemu_progress,
         )  # fmt: skip
+
+    def start_linux(
+        self,
+        *,
+        kernel: str = "6.12",
+        modules: Sequence[str] | None = None,
+        files: Mapping[str, bytes | Path] | None = None,
+        ready_timeout: float = 240.0,
+    ) -> LiveGuest:
+        """Boot Linux in QEMU with this lab's device attached, as :meth:`boot_linux` does, and
+        keep it running: returns at once, while it boots, a :class:`~emulab.qemu.LiveGuest`.
+        ``guest.sh("ethtool -S eth0")`` runs a command in it (waiting for the boot first) and
+        gives back its ``.out`` and ``.status`` (``check=True`` raises on a non-zero one; a
+        ``timeout``), ``guest.dmesg()``, ``guest.console`` (the serial console's lines, followed
+        or pushed to a callback), ``guest.stop()`` (``lab.stop()`` stops it too). The server and
+        the dashboard keep running meanwhile; commands reuse the one boot.
+
+        The AVF: the guest loads iavf and takes commands once its interface exists (``eth0``,
+        down: ``ip link set eth0 up`` is the first command's). Raises RuntimeError as
+        :meth:`boot_linux` does (both do while the live guest runs)."""
+        modules = self._make_room_for_qemu(modules)
+        from emulab import qemu  # noqa: PLC0415
+
+        self.guest = qemu.start_guest(
+            sockets=[self.socket_path], modules=tuple(modules), kernel=kernel, files=files,
+            ready_timeout=ready_timeout, progress=self._qemu_progress,
+        )  # fmt: skip
+        return self.guest
+
+    def _make_room_for_qemu(self, modules: Sequence[str] | None) -> Sequence[str]:
+        """Check QEMU can run, step the software guest aside; the guest's modules."""
+        reason = self.qemu_unavailable()
+        if reason is not None:
+            raise RuntimeError(f"no QEMU guest here: {reason}")
+        if self.guest is not None and self.guest.running:
+            raise RuntimeError("this lab's live guest is still running: guest.stop() it first")
+        self.release_guest()
+        if not self._wait_disconnected(2.0):
+            raise RuntimeError(
+                "a client is still connected to this lab's device (one at a time): close it "
+                "before booting a guest"
+            )
+        if modules is None:
+            modules = ("iavf",) if isinstance(self.device, AvfDevice) else ()
+        return modules
 
     def _wait_disconnected(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -346,6 +386,8 @@ class Lab(Generic[D]):
     def stop(self) -> None:
         if self.dashboard is not None:
             self.dashboard.stop()
+        if self.guest is not None:
+            self.guest.stop()
         self.release_guest()
         self.server.stop()
         if isinstance(self.device, AvfDevice):

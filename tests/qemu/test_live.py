@@ -163,3 +163,28 @@ def test_the_console_keeps_the_newest_lines_and_a_slow_follower_skips_the_lost_o
     assert list(follower) == ["2", "3", "4"]  # (0 and 1 fell out before it read them)
     console.close()
     assert list(console) == ["2", "3", "4"]
+
+
+def test_a_lab_keeps_its_live_guest_one_at_a_time_and_stops_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from emulab import Lab, qemu
+
+    asked: dict[str, object] = {}
+
+    def start_guest(**kw: object) -> LiveGuest:
+        asked.update(kw)
+        return launch()
+
+    monkeypatch.setattr(Lab, "qemu_unavailable", staticmethod(lambda: None))
+    monkeypatch.setattr(qemu, "start_guest", start_guest)
+    with Lab.avf(pps=0, dashboard=False) as lab:
+        guest = lab.start_linux()
+        assert lab.driver is None  # the software guest stepped aside
+        assert asked["sockets"] == [lab.socket_path] and asked["modules"] == ("iavf",)
+        assert guest.sh("echo up").out == "up\n"
+        with pytest.raises(RuntimeError, match="still running"):
+            lab.start_linux()
+        with pytest.raises(RuntimeError, match="still running"):
+            lab.boot_linux()
+    assert not guest.running and guest.returncode == 0  # lab.stop() powered it off

@@ -216,6 +216,7 @@ class _Machine:
         self.ready = False
         self.exited = False
         self.sock: socket.socket | None = None
+        self.send_lock = threading.Lock()
         self.t0 = time.monotonic()
         progress("emulab.qemu: booting a live guest ...")
         self.proc = _spawn(cmd)
@@ -231,6 +232,8 @@ class _Machine:
             if not self.ready:
                 self.ready = True
                 self.progress(f"emulab.qemu: guest ready after {time.monotonic() - self.t0:.1f}s")
+                for name in ("initrd", "vmlinuz"):  # (loaded long ago; not left if we are killed)
+                    (self.work / name).unlink(missing_ok=True)
             self.cond.notify_all()
 
     def _read_console(self) -> None:
@@ -294,7 +297,8 @@ class _Machine:
 
     def send(self, data: bytes) -> None:
         assert self.sock is not None
-        self.sock.sendall(data)
+        with self.send_lock:  # (whole lines: a stop() may come while a command runs)
+            self.sock.sendall(data)
 
     def wait_reply(self, rid: int, timeout: float) -> Reply | None:
         with self.cond:
@@ -417,12 +421,10 @@ class LiveGuest:
         does not within ``timeout`` seconds; returns QEMU's exit status. Idempotent."""
         m = self._m
         if self.running and m.ready and m.sock is not None:
-            with self._lock:
-                try:
-                    m.send(encode_stop(next(self._ids)))
-                    m.proc.wait(timeout)
-                except (OSError, subprocess.TimeoutExpired):
-                    pass
+            # (not waiting for a running command: the loop reads this after it, or QEMU is killed)
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                m.send(encode_stop(next(self._ids)))
+                m.proc.wait(timeout)
         self._finalizer()  # kills what is left, joins the readers, removes the work directory
         return m.proc.returncode
 

@@ -4,7 +4,7 @@
 # reply is framed: "@@EMULAB-REPLY ID STATUS@@", its output in base64, "@@EMULAB-END ID@@"
 # (emulab/qemu/channel.py parses it). "ID 0 ." ends the loop, and /init powers the guest off.
 PORT=${1:-/dev/ttyS1}
-D=$(mktemp -d /tmp/emulab-live.XXXXXX)
+D=${2:-$(mktemp -d /tmp/emulab-live.XXXXXX)}  # where a command and its output are kept
 exec 3<>"$PORT"
 stty raw -echo <&3
 echo "@@EMULAB-READY@@" >&3

@@ -2,7 +2,7 @@
 command loop) runs under busybox on a pty, which this relays to the channel's unix socket as
 QEMU relays the guest's ttyS1; stdout is the console.
 
-python standin_guest.py CHANNEL_SOCKET SERVE_SH
+python standin_guest.py CHANNEL_SOCKET SERVE_SH WORK_DIR
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 
 def main() -> None:
-    chan, serve = sys.argv[1], sys.argv[2]
+    chan, serve, work = sys.argv[1:4]
     print("stand-in: booting", flush=True)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(chan)
@@ -24,7 +24,7 @@ def main() -> None:
     master, slave = pty.openpty()
     # (the loop dies with this process, as a guest with its QEMU)
     loop = subprocess.Popen(
-        ["setpriv", "--pdeathsig", "KILL", "busybox", "sh", serve, os.ttyname(slave)]
+        ["setpriv", "--pdeathsig", "KILL", "busybox", "sh", serve, os.ttyname(slave), work]
     )
     conn, _ = srv.accept()
     while loop.poll() is None:

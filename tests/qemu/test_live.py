@@ -30,11 +30,18 @@ SERVE = str(resources.files("emulab.qemu").joinpath("serve.sh"))
 
 
 def standin_command(work: Path) -> list[str]:
-    return [*DIE_WITH_PARENT, sys.executable, str(STANDIN), str(work / "cmd.sock"), SERVE]
+    return [
+        *DIE_WITH_PARENT,
+        sys.executable,
+        str(STANDIN),
+        str(work / "cmd.sock"),
+        SERVE,
+        str(work),
+    ]
 
 
-def launch(**kw: float) -> LiveGuest:
-    work = Path(tempfile.mkdtemp(prefix="emulab-live-test-"))
+def launch(parent: str | None = None, **kw: float) -> LiveGuest:
+    work = Path(tempfile.mkdtemp(prefix="emulab-live-test-", dir=parent))
     return LiveGuest.launch(standin_command(work), work, work / "cmd.sock", progress=print, **kw)
 
 
@@ -128,17 +135,17 @@ CHILD = """
 import sys, time
 sys.path[:0] = {path!r}
 from tests.qemu.test_live import launch
-g = launch()
+g = launch({parent!r})
 g.wait_ready(20)
 print("PID", g.pid, flush=True)
 time.sleep(60)
 """
 
 
-def test_the_guest_dies_with_the_python_that_started_it_even_by_sigkill() -> None:
+def test_the_guest_dies_with_the_python_that_started_it_even_by_sigkill(tmp_path: Path) -> None:
     root = str(Path(__file__).parents[2])
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD.format(path=[root, *sys.path])],
+    child = subprocess.Popen(  # (its work directory in tmp_path: nothing is left to remove it)
+        [sys.executable, "-c", CHILD.format(path=[root, *sys.path], parent=str(tmp_path))],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -188,3 +195,24 @@ def test_a_lab_keeps_its_live_guest_one_at_a_time_and_stops_it(
         with pytest.raises(RuntimeError, match="still running"):
             lab.boot_linux()
     assert not guest.running and guest.returncode == 0  # lab.stop() powered it off
+
+
+def test_stop_does_not_wait_for_a_running_command(tmp_path: Path) -> None:
+    g = launch()
+    marker = tmp_path / "started"
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            g.sh(f"touch {marker}; sleep 30")
+        except GuestStopped as e:
+            failed.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    wait_until(marker.exists, what="the command to start")
+    t0 = time.monotonic()
+    g.stop(timeout=1)  # the loop is busy: it is killed after 1 s
+    assert time.monotonic() - t0 < 5 and not g.running
+    t.join(10)
+    assert failed and "stopped during" in str(failed[0])

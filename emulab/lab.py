@@ -275,8 +275,9 @@ class Lab(Generic[D]):
         from emulab import qemu  # noqa: PLC0415
 
         reason = qemu.unavailable_reason()
-        if reason is None and not shutil.which("unshare"):
-            reason = "unshare(1) is missing"
+        for tool in ("unshare", "setpriv"):  # (util-linux: the mount namespace, PDEATHSIG)
+            if reason is None and not shutil.which(tool):
+                reason = f"{tool}(1) is missing"
         return reason
 
     def boot_linux(

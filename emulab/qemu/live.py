@@ -359,6 +359,12 @@ class LiveGuest:
         return self._m.console
 
     @property
+    def workdir(self) -> Path:
+        """Its files (the channel's socket; the kernel and initrd until it is up), removed when
+        it stops -- but not if this process is killed (SIGKILL) meanwhile."""
+        return self._m.work
+
+    @property
     def pid(self) -> int:
         """QEMU's process id."""
         return self._m.proc.pid

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,8 +45,8 @@ def test_lab_start_linux_runs_commands_in_one_boot(qemu_ready: object) -> None:
         guest = lab.start_linux()
         assert time.monotonic() - t0 < 10 and not guest.ready  # returned while it boots
         sock = str(lab.socket_path)
-        assert processes_naming(sock) == [guest.pid]
         links = guest.sh("ip link", check=True)  # (waits for the boot)
+        assert processes_naming(sock) == [guest.pid]  # QEMU, exec'd into by its wrappers
         assert re.search(r"^\d+: eth0:", links.out, re.M), links.out
         assert lab.server.stats.connected  # the server kept serving QEMU meanwhile
         up = guest.sh(
@@ -81,7 +82,7 @@ sys.path[:0] = {path!r}
 from emulab import qemu
 guest = qemu.start_guest(modules=(), progress=lambda m: None)   # no device: nothing else ends it
 guest.wait_ready(240)
-print("PID", guest.pid, flush=True)
+print("PID", guest.pid, guest.workdir, flush=True)
 time.sleep(600)
 """
 
@@ -95,10 +96,12 @@ def test_a_live_guest_dies_with_the_python_that_started_it(qemu_ready: object) -
     assert child.stdout is not None
     line = child.stdout.readline()
     assert line.startswith("PID "), line
-    pid = int(line.split()[1])
+    pid, workdir = int(line.split()[1]), Path(line.split()[2])
     assert pid in processes_naming("qemu-system-x86_64")
     child.send_signal(signal.SIGKILL)  # no atexit, no finalizer: PR_SET_PDEATHSIG alone
     child.wait()
     wait_until(
         lambda: pid not in processes_naming("qemu-system-x86_64"), 5, "QEMU to die with its Python"
     )
+    assert workdir.name.startswith("emulab-live-") and not (workdir / "initrd").exists()
+    shutil.rmtree(workdir)  # (its socket: the killed Python could not remove it)

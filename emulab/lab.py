@@ -4,6 +4,7 @@
 >>> lab                      # in a notebook: the live dashboard
 >>> lab.traffic(pps=5000)    # change the offered load
 >>> lab.boot_linux()         # a real QEMU guest with iavf, where QEMU can run
+>>> guest = lab.start_linux()  # one that keeps running: guest.sh("ethtool -S eth0")
 >>> lab.stop()
 
 Any device takes the same road: ``Lab(MyDevice())``, or a spec as ``emulab serve`` takes it
@@ -26,7 +27,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
@@ -39,6 +40,9 @@ from emulab.pci.device import PciDevice
 from emulab.pci.interface import Device
 from emulab.server import Debugger, VfioUserServer
 from emulab.trace import DeviceRecord, Trace
+
+if TYPE_CHECKING:
+    from emulab.qemu import LiveGuest
 
 __all__ = ["Lab", "udp_flows"]
 
@@ -152,6 +156,7 @@ class Lab(Generic[D]):
         self.driver: NicDriver | None = None
         self.nic: Nic | None = None
         self.dashboard: Any = None
+        self.guest: LiveGuest | None = None  # the guest start_linux() keeps running
         self.received = 0
         self.sent = 0
         self._pps = 0.0
@@ -279,8 +284,9 @@ class Lab(Generic[D]):
         from emulab import qemu  # noqa: PLC0415
 
         reason = qemu.unavailable_reason()
-        if reason is None and not shutil.which("unshare"):
-            reason = "unshare(1) is missing"
+        for tool in ("unshare", "setpriv"):  # (util-linux: the mount namespace, PDEATHSIG)
+            if reason is None and not shutil.which(tool):
+                reason = f"{tool}(1) is missing"
         return reason
 
     def boot_linux(
@@ -310,30 +316,72 @@ class Lab(Generic[D]):
         (``x-msg-timeout``). By default QEMU's own 5 s -- unless breakpoints are set
         (``lab.debugger``): then ``DEBUG_MSG_TIMEOUT``, so that a paused device can stay paused
         while you look."""
+        modules = self._make_room_for_qemu(modules)
+        from emulab import qemu  # noqa: PLC0415
+
+        nic = isinstance(self.device, AvfDevice)
+        if script is None:
+            script = NIC_SCRIPT if nic else DEVICE_SCRIPT
+        msg_ms = self._msg_timeout_ms(msg_timeout)
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emulab-qemu")
+        return pool.submit(
+            qemu.boot, script, sockets=[self.socket_path], modules=tuple(modules), kernel=kernel,
+            files=files, timeout=timeout, progress=self._qemu_progress, msg_timeout_ms=msg_ms,
+        )  # fmt: skip
+
+    def start_linux(
+        self,
+        *,
+        kernel: str = "6.12",
+        modules: Sequence[str] | None = None,
+        files: Mapping[str, bytes | Path] | None = None,
+        ready_timeout: float = 240.0,
+        msg_timeout: float | None = None,
+    ) -> LiveGuest:
+        """Boot Linux in QEMU with this lab's device attached, as :meth:`boot_linux` does, and
+        keep it running: returns at once, while it boots, a :class:`~emulab.qemu.LiveGuest`.
+        ``guest.sh("ethtool -S eth0")`` runs a command in it (waiting for the boot first) and
+        gives back its ``.out`` and ``.status`` (``check=True`` raises on a non-zero one; a
+        ``timeout``), ``guest.dmesg()``, ``guest.console`` (the serial console's lines, followed
+        or pushed to a callback), ``guest.stop()`` (``lab.stop()`` stops it too). The server and
+        the dashboard keep running meanwhile; commands reuse the one boot.
+
+        The AVF: the guest loads iavf and takes commands once its interface exists (``eth0``,
+        down: ``ip link set eth0 up`` is the first command's). Raises RuntimeError as
+        :meth:`boot_linux` does (both do while the live guest runs); ``msg_timeout`` as there."""
+        modules = self._make_room_for_qemu(modules)
+        from emulab import qemu  # noqa: PLC0415
+
+        self.guest = qemu.start_guest(
+            sockets=[self.socket_path], modules=tuple(modules), kernel=kernel, files=files,
+            ready_timeout=ready_timeout, progress=self._qemu_progress,
+            msg_timeout_ms=self._msg_timeout_ms(msg_timeout),
+        )  # fmt: skip
+        return self.guest
+
+    def _msg_timeout_ms(self, seconds: float | None) -> int | None:
+        """QEMU's reply timeout in ms: ``seconds``, or while breakpoints are set a debugging
+        session's (``DEBUG_MSG_TIMEOUT``), else QEMU's own (None)."""
+        if seconds is None and self.debugger.breakpoints:
+            seconds = DEBUG_MSG_TIMEOUT
+        return round(seconds * 1000) if seconds is not None else None
+
+    def _make_room_for_qemu(self, modules: Sequence[str] | None) -> Sequence[str]:
+        """Check QEMU can run, step the software guest aside; the guest's modules."""
         reason = self.qemu_unavailable()
         if reason is not None:
             raise RuntimeError(f"no QEMU guest here: {reason}")
-        from emulab import qemu  # noqa: PLC0415
-
+        if self.guest is not None and self.guest.running:
+            raise RuntimeError("this lab's live guest is still running: guest.stop() it first")
         self.release_guest()
         if not self._wait_disconnected(2.0):
             raise RuntimeError(
                 "a client is still connected to this lab's device (one at a time): close it "
                 "before booting a guest"
             )
-        nic = isinstance(self.device, AvfDevice)
         if modules is None:
-            modules = ("iavf",) if nic else ()
-        if script is None:
-            script = NIC_SCRIPT if nic else DEVICE_SCRIPT
-        if msg_timeout is None and self.debugger.breakpoints:
-            msg_timeout = DEBUG_MSG_TIMEOUT
-        msg_ms = round(msg_timeout * 1000) if msg_timeout is not None else None
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emulab-qemu")
-        return pool.submit(
-            qemu.boot, script, sockets=[self.socket_path], modules=tuple(modules), kernel=kernel,
-            files=files, timeout=timeout, progress=self._qemu_progress, msg_timeout_ms=msg_ms,
-        )  # fmt: skip
+            modules = ("iavf",) if isinstance(self.device, AvfDevice) else ()
+        return modules
 
     def _wait_disconnected(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -364,6 +412,8 @@ class Lab(Generic[D]):
     def stop(self) -> None:
         if self.dashboard is not None:
             self.dashboard.stop()
+        if self.guest is not None:
+            self.guest.stop()
         self.release_guest()
         self.server.stop()
         if isinstance(self.device, AvfDevice):

@@ -1,12 +1,13 @@
 """Every notebook runs top to bottom in a fresh kernel, in under 60 s, with live numbers.
 
-Without QEMU (or its cached guest image) notebook 06's guest cells skip, saying why, and notebook
-05 drives its device through the Python client instead of a guest's devmem. Run times go to
-``build/notebook-times.txt``.
+Without QEMU (or its cached guest image) notebook 06's guest cells (one-shot and live) skip,
+saying why, and notebook 05 drives its device through the Python client instead of a guest's
+devmem. Run times go to ``build/notebook-times.txt``.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def test_notebook_runs(path: Path) -> None:
         assert needle in text, (needle, text[-3000:])
     if path.name.startswith("06") and "SKIPPED" not in text:
         assert "NIC Link is Up" in text and "guest exit code 0" in text, text[-3000:]
+        assert re.search(r"a failing command: status [1-9]", text), text[-3000:]  # (live guest)
+        assert "live guest stopped, QEMU exit status 0" in text, text[-3000:]
     if path.name.startswith("05") and "SKIPPED" not in text:  # the cell's class in a guest
         assert "[e1ab:0acc]" in text and "guest exit code 0" in text, text[-3000:]
     assert took < 60, f"{path.name} took {took:.1f} s"

@@ -12,6 +12,9 @@
   script and powers off; the script's output and exit code come back in a :class:`GuestRun`.
 * :mod:`emulab.qemu.dpdk`: DPDK's testpmd and iavf PMD as an initramfs overlay (imported on its
   own); :mod:`emulab.qemu.cpio`: the initramfs archives.
+* :func:`start_guest` (:mod:`emulab.qemu.live`): the same guest kept running, a handle to run
+  commands in it one after another (``guest.sh("ethtool -S eth0")``) over a serial port of their
+  own (:mod:`emulab.qemu.channel`), its console as a stream, ``guest.stop()``.
 
 Everything is downloaded with the machine's own apt configuration (its Debian mirror); nothing is
 committed. Needs root (debootstrap, chroot, mount namespaces).
@@ -30,6 +33,15 @@ from emulab.qemu.chroot import (
 )
 from emulab.qemu.cpio import cpio_archive, cpio_tree
 from emulab.qemu.image import BASE_MODULES, KERNELS, GuestImage, ensure_guest
+from emulab.qemu.live import (
+    CommandResult,
+    Console,
+    GuestCommandError,
+    GuestStopped,
+    GuestTimeout,
+    LiveGuest,
+    start_guest,
+)
 from emulab.qemu.machine import GuestRun, boot
 
 __all__ = [
@@ -37,8 +49,14 @@ __all__ = [
     "CACHE_DIR",
     "KERNELS",
     "STAMP",
+    "CommandResult",
+    "Console",
+    "GuestCommandError",
     "GuestImage",
     "GuestRun",
+    "GuestStopped",
+    "GuestTimeout",
+    "LiveGuest",
     "Progress",
     "boot",
     "cpio_archive",
@@ -49,5 +67,6 @@ __all__ = [
     "progress_to_stderr",
     "qemu_version",
     "run_step",
+    "start_guest",
     "unavailable_reason",
 ]

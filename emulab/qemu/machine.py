@@ -22,7 +22,13 @@ from emulab.qemu.chroot import Progress, ensure_qemu, progress_to_stderr
 from emulab.qemu.cpio import cpio_archive
 from emulab.qemu.image import ensure_guest
 
-__all__ = ["GuestRun", "boot"]
+__all__ = ["GuestRun", "boot", "qemu_command"]
+
+# QEMU gets SIGKILL when the thread that started it ends (PR_SET_PDEATHSIG, set by util-linux's
+# setpriv before it execs): the Python that started it killed, crashed or exited (a notebook
+# kernel restarted) does not leave it running. The signal survives setpriv, unshare and chroot
+# exec'ing into QEMU (none is set-uid); start QEMU from a thread that lives as long as QEMU.
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 BEGIN = "=====EMULAB-BEGIN====="
 END_RE = re.compile(r"=====EMULAB-END rc=(-?\d+)=====")
@@ -66,6 +72,41 @@ def boot(
     console line: once it says yes, QEMU is killed with SIGKILL ``kill_delay`` seconds later (a
     VMM that dies mid-traffic).
     """
+    work = Path(tempfile.mkdtemp(prefix="emulab-boot-", dir="/tmp"))
+    try:
+        cmd = qemu_command(
+            script, work, sockets=sockets, kernel=kernel, files=files, modules=modules,
+            memory=memory, smp=smp, msg_timeout_ms=msg_timeout_ms, extra_args=extra_args,
+            trace=trace, shared_memory=shared_memory, extra_initrds=extra_initrds,
+            progress=progress,
+        )  # fmt: skip
+        return _run_guest(cmd, timeout, progress, kill_when, kill_delay)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def qemu_command(
+    script: str,
+    work: Path,
+    *,
+    sockets: Sequence[str | Path] = (),
+    kernel: str = "6.12",
+    files: Mapping[str, bytes | Path] | None = None,
+    modules: Sequence[str] = ("uio_pci_generic",),
+    memory: str = "512M",
+    smp: int = 1,
+    msg_timeout_ms: int | None = None,
+    extra_args: Sequence[str] = (),
+    trace: bool = False,
+    shared_memory: bool = True,
+    extra_initrds: Sequence[Path] = (),
+    progress: Progress = progress_to_stderr,
+) -> list[str]:
+    """The command line that boots a guest running ``script`` (see :func:`boot`), its kernel and
+    initramfs written into ``work`` (a directory that must outlive QEMU's start). It starts QEMU
+    (under ``setpriv``, ``unshare`` and ``chroot``, which exec into it: the process is QEMU's)
+    with the serial console on its stdout, to die with the thread that starts it
+    (:data:`DIE_WITH_PARENT`)."""
     root = ensure_qemu(progress)
     image = ensure_guest(kernel, progress)
     order: list[str] = []
@@ -86,50 +127,46 @@ def boot(
         if str(parent) != ".":
             entries.insert(0, (parent.as_posix(), 0o040755, b""))
         entries.append((path.lstrip("/"), 0o100755, data))
-    work = Path(tempfile.mkdtemp(prefix="emulab-boot-", dir="/tmp"))
-    try:
-        initrd = work / "initrd"
-        with open(initrd, "wb") as f:
-            for part in (image.initrd, *extra_initrds):
-                f.write(part.read_bytes())
-            f.write(cpio_archive(entries))
-        shutil.copy2(image.kernel, work / "vmlinuz")
-        qemu = [
-            "qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-user-config",
-            "-no-reboot", "-serial", "stdio", "-accel", "tcg", "-cpu", "max",
-            "-smp", str(smp), "-m", memory,
-            "-kernel", str(work / "vmlinuz"), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 quiet",
-        ]  # fmt: skip
-        if shared_memory:
-            qemu += ["-machine", "q35,memory-backend=mem",
-                     "-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]  # fmt: skip
-        else:
-            qemu += ["-machine", "q35"]
-        binds = {"/tmp", "/run"}
-        for i, sock in enumerate(sockets):
-            sock_path = Path(sock).absolute()
-            binds.add(str(sock_path.parent))
-            dev: dict[str, object] = {
-                "driver": "vfio-user-pci",
-                "id": f"vfu{i}",
-                "socket": {"type": "unix", "path": str(sock_path)},
-            }
-            if msg_timeout_ms is not None:  # (by default QEMU's own: 5 s, what users get)
-                dev["x-msg-timeout"] = msg_timeout_ms
-            qemu += ["-device", json.dumps(dev, separators=(",", ":"))]
-        if trace:
-            qemu += ["-trace", "vfio_user_*"]
-        qemu += list(extra_args)
-        mounts = ["mount --rbind /dev {r}/dev", "mount -t proc proc {r}/proc",
-                  "mount --rbind /sys {r}/sys"]  # fmt: skip
-        for b in sorted(binds, key=len):
-            mounts.append(f"mkdir -p {{r}}{b} && mount --bind {b} {{r}}{b}")
-        shell = " && ".join(mounts).format(r=root) + f' && exec chroot {root} "$@"'
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, "sh", *qemu]
-        return _run_guest(cmd, timeout, progress, kill_when, kill_delay)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    initrd = work / "initrd"
+    with open(initrd, "wb") as f:
+        for part in (image.initrd, *extra_initrds):
+            f.write(part.read_bytes())
+        f.write(cpio_archive(entries))
+    shutil.copy2(image.kernel, work / "vmlinuz")
+    qemu = [
+        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-user-config",
+        "-no-reboot", "-serial", "stdio", "-accel", "tcg", "-cpu", "max",
+        "-smp", str(smp), "-m", memory,
+        "-kernel", str(work / "vmlinuz"), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 quiet",
+    ]  # fmt: skip
+    if shared_memory:
+        qemu += ["-machine", "q35,memory-backend=mem",
+                 "-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]  # fmt: skip
+    else:
+        qemu += ["-machine", "q35"]
+    binds = {"/tmp", "/run"}
+    for i, sock in enumerate(sockets):
+        sock_path = Path(sock).absolute()
+        binds.add(str(sock_path.parent))
+        dev: dict[str, object] = {
+            "driver": "vfio-user-pci",
+            "id": f"vfu{i}",
+            "socket": {"type": "unix", "path": str(sock_path)},
+        }
+        if msg_timeout_ms is not None:  # (by default QEMU's own: 5 s, what users get)
+            dev["x-msg-timeout"] = msg_timeout_ms
+        qemu += ["-device", json.dumps(dev, separators=(",", ":"))]
+    if trace:
+        qemu += ["-trace", "vfio_user_*"]
+    qemu += list(extra_args)
+    mounts = ["mount --rbind /dev {r}/dev", "mount -t proc proc {r}/proc",
+              "mount --rbind /sys {r}/sys"]  # fmt: skip
+    for b in sorted(binds, key=len):
+        mounts.append(f"mkdir -p {{r}}{b} && mount --bind {b} {{r}}{b}")
+    shell = " && ".join(mounts).format(r=root) + f' && exec chroot {root} "$@"'
+    return [*DIE_WITH_PARENT, "unshare", "--mount", "--propagation", "private", "sh", "-c", shell,
+            "sh", *qemu]  # fmt: skip
 
 
 def _run_guest(
@@ -141,7 +178,7 @@ def _run_guest(
 ) -> GuestRun:
     t0 = time.monotonic()
     progress("emulab.qemu: booting guest ...")
-    # (unshare and sh exec into chroot and then QEMU: this pid ends up being QEMU's)
+    # (setpriv, unshare and sh exec into chroot and then QEMU: this pid ends up being QEMU's)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     chunks: list[bytes] = []

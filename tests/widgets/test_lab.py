@@ -181,11 +181,15 @@ def test_a_lab_of_any_device_boots_linux_or_says_why_not(monkeypatch: pytest.Mon
         monkeypatch.setattr(qemu, "unavailable_reason", lambda: "not root (QEMU needs it)")
         with pytest.raises(RuntimeError, match="no QEMU guest here: not root"):
             lab.boot_linux()
+        with pytest.raises(RuntimeError, match="no QEMU guest here: not root"):
+            lab.start_linux()
         monkeypatch.setattr(Lab, "qemu_unavailable", staticmethod(lambda: None))
         with VfioUserClient.connect(lab.socket_path) as client:  # the device has its one client
             assert client.read32(0, 0)
             with pytest.raises(RuntimeError, match="still connected"):
                 lab.boot_linux("true")
+            with pytest.raises(RuntimeError, match="still connected"):
+                lab.start_linux()
 
 
 def test_a_lab_shows_a_pci_devices_dashboard() -> None:

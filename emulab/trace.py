@@ -35,6 +35,7 @@ __all__ = [
     "ClientRecord",
     "DeviceRecord",
     "DmaRecord",
+    "FaultRecord",
     "IrqRecord",
     "MessageRecord",
     "PacketRecord",
@@ -189,6 +190,17 @@ class ClientRecord(Record):
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultRecord(Record):
+    """An injected fault (:mod:`emulab.faults`): ``fault`` its label (``drop-irq(vector=1)``),
+    ``what`` what it did this time (``on``, ``off``, ``vector 1 dropped``, ...)."""
+
+    kind: ClassVar[str] = "fault"
+    device: str
+    fault: str
+    what: str
+
+
 SNAPLEN = 256
 """Bytes of a frame a device keeps in its :class:`PacketRecord` (the packet trace's snap
 length: a pcap export's, unless a record kept more)."""
@@ -202,6 +214,7 @@ RECORDS: tuple[type[Record], ...] = (
     AdminqRecord,
     PacketRecord,
     ClientRecord,
+    FaultRecord,
 )
 """Every record type (one per kind)."""
 

@@ -58,8 +58,8 @@ Rig = Callable[..., tuple[NicDriver, AvfDevice]]
 def rig(tmp_path: Path) -> Iterator[Rig]:
     made: list[tuple[VfioUserServer, VfioUserClient, AvfDevice]] = []
 
-    def make(queues: int = 1) -> tuple[NicDriver, AvfDevice]:
-        dev = AvfDevice(backend=LoopbackBackend(), mac=MAC)
+    def make(queues: int = 1, mode: str = "interrupt") -> tuple[NicDriver, AvfDevice]:
+        dev = AvfDevice(backend=LoopbackBackend(), mac=MAC, mode=mode)
         srv = VfioUserServer(dev, tmp_path / f"avf{len(made)}.sock").start()
         assert srv.socket_path is not None
         client = VfioUserClient.connect(srv.socket_path)
@@ -183,6 +183,16 @@ def test_drop_frames_by_direction_queue_predicate_and_rate(rig: Rig) -> None:
     assert 0 < some.fires < 40 and len(got) == 40 - some.fires
     dev.faults.clear()
     assert len(roundtrip(drv, [udp(i) for i in range(8)])) == 8
+
+
+def test_frame_faults_in_polling_mode(rig: Rig) -> None:
+    drv, dev = rig(mode="poll")
+    assert dev.poller is not None and drv.bar0_maps  # doorbells are stores: the poller sees them
+    drop = dev.faults.add(DropFrames(direction="tx", match=lambda f: f[-1] == 1))
+    got = roundtrip(drv, [udp(i, payload_byte=i) for i in range(4)], timeout=1.0)
+    assert sorted(f[-1] for f in got) == [0, 2, 3] and drop.fires == 1
+    dev.faults.clear()
+    assert len(roundtrip(drv, [udp(i) for i in range(4)])) == 4
 
 
 def test_corrupt_frames_on_rx(rig: Rig) -> None:

@@ -113,15 +113,20 @@ class Fault:
 
     # -- firing ----------------------------------------------------------------------------------
     def roll(self) -> bool:
-        """Whether to act on this (matching) event: enabled, and the dice say so."""
-        return self.enabled and (self.rate >= 1.0 or self._random.random() < self.rate)
+        """Whether to act on this (matching) event: enabled, not spent (``count``), and the
+        dice say so."""
+        if not self.enabled or (self.count is not None and self.fires >= self.count):
+            return False
+        return self.rate >= 1.0 or self._random.random() < self.rate
 
     def fire(self, what: str) -> None:
-        """It acted: counted, traced; a fault with a ``count`` stops after that many."""
+        """It acted: counted, traced; a fault with a ``count`` stops after that many (switched
+        off on a thread of its own: a hook fires holding the device's inner locks, and
+        switching takes the device's lock, which comes first)."""
         self.fires += 1
         self._note(what)
         if self.count is not None and self.fires >= self.count:
-            self.off()
+            threading.Thread(target=self.off, name=f"{self.name}-off", daemon=True).start()
 
     def _note(self, what: str) -> None:
         if self.registry is not None:

@@ -1,16 +1,19 @@
-"""Faults injected under unmodified Linux iavf (6.12) in QEMU 11.1: what the real driver does.
+"""Faults injected under unmodified Linux iavf (6.12, 7.x) in QEMU 11.1: what the driver does.
 
-One guest pings the host once a second, printing its carrier, while the test fires faults from
-the host side once the host can ping it: a link flap (the guest loses carrier, gets it back and
-pings again), a PF-initiated VF reset (RESET_IMPENDING, then the reset: iavf's reset task
-rebuilds the VF and traffic resumes), and GET_STATS refused (the driver's watchdog asks every
-2 s; iavf says so in dmesg). The guest stops looping when the host's web server says done.
+One guest pings the host once a second and samples its carrier every 0.1 s, while the test
+fires faults from the host side once the host can ping it: a link flap (the guest loses
+carrier, gets it back and pings again), a PF-initiated VF reset (RESET_IMPENDING, then the
+reset: iavf's reset task rebuilds the VF and traffic resumes), GET_STATS refused (the driver's
+watchdog asks every 2 s; iavf says so in dmesg), and a PF gone silent for 5 s (iavf waits for
+its one request in flight, then carries on once the replies come). The guest stops looping
+when the host's web server says done.
 """
 
 from __future__ import annotations
 
 import http.server
 import os
+import re
 import subprocess
 import threading
 import time
@@ -21,7 +24,7 @@ from typing import Any
 import pytest
 
 from emulab.avf.device import AvfDevice
-from emulab.avf.faults import LinkFlap, RefuseOp, VfReset
+from emulab.avf.faults import LinkFlap, RefuseOp, StallAdminq, VfReset
 from emulab.server import VfioUserServer
 from emulab.trace import DeviceRecord, FaultRecord
 from tests.interop.test_avf_linux import MAC, WAIT_CARRIER, WAIT_IFACE, Tap
@@ -30,15 +33,18 @@ pytestmark = pytest.mark.interop
 
 HOST, GUEST, PORT = "10.95.0.1", "10.95.0.2", 8932
 LOOP = rf"""
+( while :; do cat /sys/class/net/$IF/carrier; sleep 0.1; done ) > /tmp/carrier 2>&1 &
 i=0
-while [ $i -lt 200 ]; do
+while [ $i -lt 300 ]; do  # (a second a tick at least: the host ends it long before)
   i=$((i+1))
   C=$(cat /sys/class/net/$IF/carrier 2>/dev/null)
-  if ping -c 1 -W 1 {HOST} >/dev/null 2>&1; then P=ok; else P=lost; sleep 1; fi
-  echo "tick=$i carrier=$C ping=$P"
+  if ping -c 1 -W 1 {HOST} >/dev/null 2>&1; then P=ok; else P=lost; fi
+  sleep 1
+  echo "tick=$i carrier=$C ping=$P" >> /tmp/ticks
   timeout 3 wget -q -O /dev/null http://{HOST}:{PORT}/done 2>/dev/null && break
 done
-echo "loop_done=$i"
+echo "loop_done=$i carrier_down_samples=$(grep -c 0 /tmp/carrier)"
+cat /tmp/ticks
 ping -c 3 -W 2 {HOST}; echo "final_ping_rc=$?"
 dmesg | grep -i iavf
 """
@@ -100,11 +106,23 @@ def fire_faults(dev: AvfDevice, t: Tap) -> dict[str, float | None]:
     refuse.off()
     assert refuse.fires >= 2, refuse
     took["after refusals"] = reach(t, 30)
+    stats = dev.pf.ops_seen.get("GET_STATS", 0)
+    stall = dev.faults.add(StallAdminq())  # the PF goes silent: iavf waits for its reply
+    time.sleep(5.0)
+    asked = dev.pf.ops_seen.get("GET_STATS", 0) - stats
+    assert asked <= 1, asked  # (one request in flight; the watchdog sends no other)
+    stall.off()
+    deadline = time.monotonic() + 20
+    while dev.pf.ops_seen.get("GET_STATS", 0) - stats < asked + 2:  # replies flow again
+        assert time.monotonic() < deadline, dev.pf.ops_seen
+        time.sleep(0.2)
+    took["after stall"] = reach(t, 30)
     return took
 
 
-def test_iavf_rides_out_link_flap_pf_reset_and_a_refused_op(
-    guest: Callable[..., Any], tmp_path: Path, tap_wire: Tap
+@pytest.mark.parametrize("kernel", ["6.12", "7"])
+def test_iavf_rides_out_link_flap_pf_reset_refused_op_and_stall(
+    guest: Callable[..., Any], tmp_path: Path, tap_wire: Tap, kernel: str
 ) -> None:
     t = tap_wire
     dev = AvfDevice(backend=t.backend, mac=MAC)
@@ -116,7 +134,13 @@ def test_iavf_rides_out_link_flap_pf_reset_and_a_refused_op(
     runs: list[Any] = []
     booted = threading.Thread(
         target=lambda: runs.append(
-            guest(script + LOOP, sockets=[server.socket_path], modules=("iavf",), timeout=400)
+            guest(
+                script + LOOP,
+                sockets=[server.socket_path],
+                modules=("iavf",),
+                kernel=kernel,
+                timeout=400,
+            )
         ),
         daemon=True,
     )
@@ -138,7 +162,9 @@ def test_iavf_rides_out_link_flap_pf_reset_and_a_refused_op(
     assert run.exit_code == 0, run.console[-3000:]
     assert all(v is not None for v in took.values()), took
     # the guest saw the carrier go and come back, and pinged at the end
-    assert "carrier=0" in out and "final_ping_rc=0" in out, out
+    down = re.search(r"carrier_down_samples=(\d+)", out)
+    assert down and int(down[1]) > 0 and "final_ping_rc=0" in out, out
     assert out.count("NIC Link is Down") >= 1 and out.count("NIC Link is Up") >= 2, out
     assert "Reset indication received from the PF" in out, out
     assert "PF returned error -5 (IAVF_ERR_PARAM) to our request 15" in out, out
+    assert "loop_done=300" not in out, "the host never said done"

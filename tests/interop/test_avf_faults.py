@@ -5,8 +5,9 @@ fires faults from the host side once the host can ping it: a link flap (the gues
 carrier, gets it back and pings again), a PF-initiated VF reset (RESET_IMPENDING, then the
 reset: iavf's reset task rebuilds the VF and traffic resumes), GET_STATS refused (the driver's
 watchdog asks every 2 s; iavf says so in dmesg), and a PF gone silent for 5 s (iavf waits for
-its one request in flight, then carries on once the replies come). The guest stops looping
-when the host's web server says done.
+its one request in flight, then carries on once the replies come), and two queue interrupts
+lost (the vector stays masked until the driver's watchdog kicks the queue: pings come back
+within seconds). The guest stops looping when the host's web server says done.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 
 from emulab.avf.device import AvfDevice
 from emulab.avf.faults import LinkFlap, RefuseOp, StallAdminq, VfReset
+from emulab.faults import DropIrq
 from emulab.server import VfioUserServer
 from emulab.trace import DeviceRecord, FaultRecord
 from tests.interop.test_avf_linux import MAC, WAIT_CARRIER, WAIT_IFACE, Tap
@@ -117,6 +119,9 @@ def fire_faults(dev: AvfDevice, t: Tap) -> dict[str, float | None]:
         assert time.monotonic() < deadline, dev.pf.ops_seen
         time.sleep(0.2)
     took["after stall"] = reach(t, 30)
+    lost = dev.faults.add(DropIrq(vector=1, count=2))  # the queue vector's next two: lost
+    took["after lost irqs"] = reach(t, 30)
+    assert lost.fires == 2, lost
     return took
 
 

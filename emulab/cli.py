@@ -3,6 +3,12 @@
 DEVICE is a built-in (``memcpy``, ``avf``), a name an installed package registers (entry-point
 group ``emulab.devices``), ``FILE.py:Class`` or ``package.module:Class``; ``--opt`` gives its
 constructor keyword arguments (see :mod:`emulab.devices.loading`).
+
+Faults (an AVF's: :mod:`emulab.avf.faults`): ``--fault SPEC[@SECONDS]`` switches one on at
+start (or SECONDS after it): ``--fault link-flap=5@30``, ``--fault refuse-op=GET_STATS``,
+``--fault drop-irq:vector=1,rate=0.5``. With ``--fault-control`` the server reads commands on
+its standard input, a line each: ``SPEC`` (add it, on), ``on NAME``, ``off NAME``, ``clear``,
+``list``; each answered on standard output (``fault: ...``).
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from types import FrameType
 
 from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.device import AvfDevice
+from emulab.avf.faults import make_avf_fault
 from emulab.avf.pf import PfConfig
 from emulab.backends import open_backend
 from emulab.backends.pcap import PcapReplayBackend
 from emulab.devices.loading import DeviceSpecError, load_device, parse_options
+from emulab.faults import Faults, FaultSpecError
 from emulab.pci.interface import Device
 from emulab.server import VfioUserServer
 
@@ -76,9 +84,72 @@ def _make_device(args: argparse.Namespace) -> Device:
     return load_device(args.device, options)
 
 
+def fault_command(faults: Faults, line: str) -> str:
+    """One line of ``--fault-control``: what it did, as a line of text."""
+    words = line.split()
+    if not words:
+        return ""
+    try:
+        if words == ["list"]:
+            return "; ".join(repr(f) for f in faults) or "no faults"
+        if words == ["clear"]:
+            faults.clear()
+            return "cleared"
+        if words[0] in ("on", "off", "remove") and len(words) == 2:
+            f = faults[words[1]]
+            if words[0] == "remove":
+                faults.remove(f)
+            else:
+                f.on() if words[0] == "on" else f.off()
+            return f"{words[0]} {f!r}"
+        return f"added {faults.add(make_avf_fault(line.strip()))!r}"
+    except KeyError as exc:
+        return f"no fault {exc}"
+    except (FaultSpecError, ValueError) as exc:
+        return f"error: {exc}"
+
+
+def _fault_specs(device: Device, args: argparse.Namespace) -> list[tuple[float, str]]:
+    """``--fault``'s specs as (seconds after the start, spec), each checked (a bad one stops
+    the CLI before it serves)."""
+    if (args.fault or args.fault_control) and not isinstance(device, AvfDevice):
+        raise ValueError(f"--fault: {args.device} has no faults (the AVF has)")
+    out = []
+    for spec in args.fault:
+        text, _, when = spec.rpartition("@") if "@" in spec else (spec, "", "0")
+        make_avf_fault(text)
+        out.append((float(when), text))
+    return out
+
+
+def _start_faults(
+    device: AvfDevice, specs: list[tuple[float, str]], control: bool, stop: threading.Event
+) -> None:
+    """``--fault``: each on now, or that many seconds after the start; ``--fault-control``."""
+    for delay, text in specs:
+        fault = make_avf_fault(text)
+        if delay <= 0:
+            device.faults.add(fault)
+        else:
+            timer = threading.Timer(delay, lambda f=fault: stop.is_set() or device.faults.add(f))
+            timer.daemon = True
+            timer.start()
+    if control:
+        threading.Thread(target=_fault_control, args=(device,), daemon=True).start()
+
+
+def _fault_control(device: AvfDevice) -> None:
+    """``--fault-control``: commands from standard input, until it ends."""
+    for line in sys.stdin:
+        answer = fault_command(device.faults, line)
+        if answer:
+            print(f"fault: {answer}", flush=True)
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         device = _make_device(args)
+        faults = _fault_specs(device, args)
     except DeviceSpecError as exc:  # (its text says what and where; a traceback would not)
         print(f"emulab: cannot serve {args.device}: {exc}", file=sys.stderr)
         return 2
@@ -107,6 +178,7 @@ def serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     if isinstance(device, AvfDevice):
         BUILDER.subscribe(_kernel_progress(t0))
+        _start_faults(device, faults, args.fault_control, stop)
     last = {"messages": 0.0, "t": t0}
     backend = device.backend if isinstance(device, AvfDevice) else None
     replay = backend if isinstance(backend, PcapReplayBackend) else None
@@ -177,6 +249,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="avf: grant WB_ON_ITR as i40e/ice do (DPDK's PMD then needs MSI-X: not under "
         "uio_pci_generic, where it waits for admin-queue interrupts that never come)",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC[@SECONDS]",
+        help="avf: switch a fault on at start, or SECONDS after it (repeatable): link-flap=5, "
+        "link-down, vf-reset, refuse-op=GET_STATS[:status=ERR_PARAM], delay-op=OP:seconds=S, "
+        "stall-adminq, drop-irq[=VECTOR][:rate=R], delay-irq, dup-irq, drop-frames[=RATE]"
+        "[:queue=Q,direction=tx|rx], corrupt-frames, bad-descriptor[=tx|rx][:queue=Q]",
+    )
+    p.add_argument(
+        "--fault-control",
+        action="store_true",
+        help="avf: read fault commands on stdin, a line each: SPEC (add, on), on NAME, off NAME, "
+        "remove NAME, clear, list",
     )
     p.add_argument(
         "--dma-layout",

@@ -35,6 +35,7 @@ __all__ = [
     "ClientRecord",
     "DeviceRecord",
     "DmaRecord",
+    "FaultRecord",
     "IrqRecord",
     "MessageRecord",
     "PacketRecord",
@@ -205,6 +206,17 @@ class DebugRecord(Record):
     breakpoint: int = 0  # its number (0: a step)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultRecord(Record):
+    """An injected fault (:mod:`emulab.faults`): ``fault`` its label (``drop-irq(vector=1)``),
+    ``what`` what it did this time (``on``, ``off``, ``vector 1 dropped``, ...)."""
+
+    kind: ClassVar[str] = "fault"
+    device: str
+    fault: str
+    what: str
+
+
 SNAPLEN = 256
 """Bytes of a frame a device keeps in its :class:`PacketRecord` (the packet trace's snap
 length: a pcap export's, unless a record kept more)."""
@@ -219,6 +231,7 @@ RECORDS: tuple[type[Record], ...] = (
     PacketRecord,
     ClientRecord,
     DebugRecord,
+    FaultRecord,
 )
 """Every record type (one per kind)."""
 

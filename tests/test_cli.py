@@ -242,3 +242,49 @@ def test_serve_avf_replaying_a_capture_shows_its_progress(tmp_path: Path) -> Non
         proc.kill()
     assert proc.returncode == 0 and "backend replay:" in "".join(seen)
     assert "replay:" not in out  # (no more progress lines once it is done)
+
+
+def test_serve_avf_with_faults_from_the_command_line_and_stdin(tmp_path: Path) -> None:
+    """``--fault refuse-op=GET_STATS`` at start; ``--fault-control``: lines on stdin switch it
+    off and flap the link, each answered; the status line names what is on."""
+    from emulab.avf import virtchnl as vc
+    from emulab.drivers import MailboxError, NicDriver
+
+    sock = tmp_path / "avf.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulab.cli", "serve", "avf", "--socket", str(sock),
+         "--interval", "0.2", "--fault", "refuse-op=GET_STATS:status=NOT_SUPPORTED",
+         "--fault", "drop-irq=3@600", "--fault-control"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    seen: list[str] = []
+
+    def command(line: str, answer: str) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        wait_until(lambda: _line(proc, seen, answer), 10, answer)
+
+    try:
+        wait_until(sock.exists, 10, "the socket")
+        with VfioUserClient.connect(sock) as client:
+            drv = NicDriver(client)
+            drv.bring_up()
+            with pytest.raises(MailboxError, match="status -64"):
+                drv.stats()
+            wait_until(lambda: _line(proc, seen, "faults: refuse-op("), 10, "the fault shown")
+            command("off refuse-op", "fault: off <refuse-op(op='GET_STATS'")
+            assert drv.stats()["tx_bytes"] == 0
+            command("link-flap=0.2", "fault: added <link-flap(down=0.2) on")
+            links: list[bool] = []  # (a link-up event from bring-up may come first)
+            while links[-2:] != [False, True] and len(links) < 4:
+                links.append(vc.PfEvent.unpack(drv.receive(timeout=5).payload).link_up)
+            assert links[-2:] == [False, True], links
+            command("nonesuch", "fault: error: unknown fault 'nonesuch'")
+            command("list", "fault: <refuse-op(")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(seen) + out

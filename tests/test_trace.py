@@ -66,7 +66,7 @@ def test_every_kind_is_a_frozen_slotted_record_with_its_own_name() -> None:
     kinds = [cls.kind for cls in RECORDS]
     assert len(set(kinds)) == len(kinds) and all(kinds)
     assert set(kinds) == {"message", "register", "irq", "dma", "device", "adminq", "packet",
-                          "client", "debug"}  # fmt: skip
+                          "client", "debug", "fault"}  # fmt: skip
     rec = packet(1)
     assert not hasattr(rec, "__dict__")
     with pytest.raises(dataclasses.FrozenInstanceError):

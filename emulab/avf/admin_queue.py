@@ -57,6 +57,7 @@ class AdminQueue:
     trace: Callable[[AdminqRecord], None] | None = None  # (the device names and decodes them)
     pending: collections.deque[tuple[int, int, bytes]] = field(default_factory=collections.deque)
     stats: dict[str, int] = field(default_factory=lambda: {"atq": 0, "arq": 0, "errors": 0})
+    held: bool = False  # a stalled PF (fault injection): messages wait until it is released
 
     # -- rings ---------------------------------------------------------------------------------
     def _ring(self, which: str) -> tuple[int, int] | None:
@@ -139,7 +140,7 @@ class AdminQueue:
     def arq_kick(self) -> int:
         """Deliver pending messages into the buffers the driver has posted."""
         ring = self._ring("ARQ")
-        if ring is None or not self.pending:
+        if ring is None or not self.pending or self.held:
             return 0
         base, length = ring
         head = self.regs.get("VF_ARQH1") & LEN_MASK

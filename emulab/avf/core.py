@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from emulab.avf import virtchnl as vc
@@ -41,7 +42,8 @@ from emulab.trace import (
 
 __all__ = ["MODES", "TAIL_PAGES", "AvfCore", "ResetKind", "VirtchnlHandler"]
 
-VirtchnlHandler = Callable[[int, bytes], tuple[int, bytes] | None]
+Reply = tuple[int, bytes] | None
+VirtchnlHandler = Callable[[int, bytes], Reply]
 MODES = ("interrupt", "poll")
 OP_RESET_VF = 2
 RESET_DELAY = 0.02  # the PF resets the VF shortly after completing the request, as hardware does
@@ -130,6 +132,9 @@ class AvfCore:
         self._reset_requested = False
         self._reset_timer: threading.Timer | None = None
         self._kstate: tuple[str, int] = ("", -1)
+        # fault injection (emulab.avf.faults): set while a fault of theirs is on
+        self.virtchnl_fault: Callable[[int, bytes, VirtchnlHandler], Reply] | None = None
+        self.doorbell_fault: Callable[[str, int, int], None] | None = None
         regs.on_write("VF_ATQT1", lambda i, old, new: self._atq_doorbell())
         regs.on_write("VF_ARQT1", lambda i, old, new: self._arq_doorbell())
         regs.on_write("VF_ARQLEN1", lambda i, old, new: self._arq_doorbell())
@@ -149,6 +154,8 @@ class AvfCore:
     # -- doorbells and causes --------------------------------------------------------------------
     def _tx_doorbell(self, queue: int, tail: int) -> None:
         self.tail_messages += 1  # (in polling mode a client that mmapped the page sends none)
+        if self.doorbell_fault is not None:
+            self.doorbell_fault("tx", queue, tail)
         self.queues.tx_tail(queue, tail)
 
     def _queue_cause(self, vector: int) -> None:
@@ -199,6 +206,8 @@ class AvfCore:
     def _virtchnl(self, opcode: int, payload: bytes) -> tuple[int, bytes] | None:
         if opcode == OP_RESET_VF:
             self._reset_requested = True
+        if self.virtchnl_fault is not None:
+            return self.virtchnl_fault(opcode, payload, self.virtchnl)
         return self.virtchnl(opcode, payload)
 
     def post_event(self, opcode: int, payload: bytes, status: int = 0) -> None:
@@ -207,11 +216,12 @@ class AvfCore:
             self.admin_queue.post(opcode, status, payload)
 
     # -- reset -----------------------------------------------------------------------------------
-    def reset(self, kind: ResetKind) -> None:
+    def reset(self, kind: ResetKind, hold: float = 0.0) -> None:
         """Registers, admin queue, queues, causes and the PF's view of the VF back to their
         power-on state. The driver polls VFGEN_RSTAT: our reset is instantaneous, so it sees
         ARQLEN.ENABLE clear (reset detected) and then VF_ACTIVE, which is what
-        ``iavf_reset_task`` waits for."""
+        ``iavf_reset_task`` waits for. ``hold``: VFGEN_RSTAT stays IN_PROGRESS that many
+        seconds before VF_ACTIVE, as i40e's and ice's VF resets take their time."""
         with self.lock:
             if kind is ResetKind.DEVICE and self._reset_timer is not None:
                 self._reset_timer.cancel()
@@ -221,9 +231,27 @@ class AvfCore:
             self.queues.reset()
             self.irq.reset()
             self.pf.vf_reset()
-            self.regs.set("VFGEN_RSTAT", ResetState.VF_ACTIVE)
+            self.regs.set("VFGEN_RSTAT", ResetState.IN_PROGRESS if hold else ResetState.VF_ACTIVE)
+        if hold:
+            time.sleep(hold)
+            with self.lock:
+                if self.regs.get("VFGEN_RSTAT") == ResetState.IN_PROGRESS:  # (no reset since)
+                    self.regs.set("VFGEN_RSTAT", ResetState.VF_ACTIVE)
         if kind is ResetKind.VF:
             self.trace.record(DeviceRecord(device=self.name, event="vf-reset"))
+
+    def pf_reset_vf(self, after: float = 0.1, hold: float = 0.05) -> None:
+        """The PF resets the VF on its own, as i40e and ice do (a port VLAN or trust change, an
+        administrator's ``echo 1 > .../reset``): the RESET_IMPENDING event first, the reset
+        ``after`` seconds later with VFGEN_RSTAT IN_PROGRESS for ``hold`` seconds (the
+        driver's reset task sees ARQLEN.ENABLE clear, then waits for the state)."""
+        with self.lock:
+            self.admin_queue.post(vc.Op.EVENT, 0, vc.PfEvent.reset_impending().pack())
+            if self._reset_timer is not None:
+                self._reset_timer.cancel()
+            self._reset_timer = threading.Timer(after, self.reset, (ResetKind.VF, hold))
+            self._reset_timer.daemon = True
+            self._reset_timer.start()
 
     # -- link ------------------------------------------------------------------------------------
     def set_link(self, up: bool) -> None:

@@ -8,10 +8,12 @@ core: reset, guest memory lost, a register write's frames sent outside the devic
 
 from __future__ import annotations
 
+from emulab.avf import faults as avf_faults
 from emulab.avf.core import MODES, TAIL_PAGES, AvfCore, ResetKind, VirtchnlHandler
 from emulab.avf.pf import PfConfig
 from emulab.avf.registers import BAR0_SIZE, MAX_VECTORS, REGISTERS
 from emulab.backends.base import PacketBackend
+from emulab.faults import Faults
 from emulab.pci.capabilities import add_pcie, add_pm
 from emulab.pci.config_space import PCIE_CONFIG_SIZE, Bar, BarKind, ConfigSpace
 from emulab.pci.device import PciDevice
@@ -88,8 +90,13 @@ class AvfDevice(PciDevice):
         self.admin_queue, self.backend, self.poller = core.admin_queue, core.backend, core.poller
         self.mode, self.irq_counts = mode, core.irq.counts
         self.trace.add_probe(self.name, core.counters)
+        # injected faults (emulab.faults, emulab.avf.faults): dev.faults.add(DropIrq(vector=1))
+        self.faults = Faults(
+            self.trace, self.name, target=core, install=avf_faults.hooks(core), lock=self.lock
+        )
 
     def close(self) -> None:
+        self.faults.clear()
         self.core.close()
         super().close()
 
@@ -131,6 +138,9 @@ class AvfDevice(PciDevice):
     def status_line(self) -> str:
         """One line for a terminal: link, queues, packets, interrupts, and what went wrong."""
         line = self.core.status_line()
+        on = [f.label for f in self.faults if f.enabled]
+        if on:
+            line += f" faults: {', '.join(on)}"
         if self.fault is not None:
             line += f" FAULT: {self.fault}"
         if self.errors:

@@ -72,6 +72,8 @@ class InterruptBlock:
         self.counts = [0] * MAX_VECTORS  # interrupts raised, per vector
         self._last_fire = [0.0] * MAX_VECTORS
         self._timers: dict[int, threading.Timer] = {}
+        # fault injection (emulab.faults): raises go through it while an interrupt fault is on
+        self.fault: Callable[[int, Callable[[int], object], threading.RLock], None] | None = None
         regs.on_write("VFINT_DYN_CTL01", lambda i, old, new: self._dyn_ctl(0, old, new))
         regs.on_write("VFINT_DYN_CTLN", lambda i, old, new: self._dyn_ctl(i + 1, old, new))
         regs.on_write("VFINT_ICR0_ENA1", lambda i, old, new: self._misc_update())
@@ -184,7 +186,10 @@ class InterruptBlock:
         self.queue_pending.discard(vector)
         self._sync_hold()
         self.counts[vector] += 1
-        self.raise_vector(vector)
+        if self.fault is None:
+            self.raise_vector(vector)
+        else:
+            self.fault(vector, self.raise_vector, self.lock)
 
     def _sync_hold(self) -> None:
         mask = sum(1 << v for v in self.queue_pending)

@@ -277,6 +277,10 @@ class QueueEngine:
     on_mmap_writes: Callable[[Sequence[tuple[int, int]]], None] | None = None
     defer_send: bool = False  # TX frames wait for flush() (see tx_tail)
     fast: bool = True  # loopback frames go ring to ring in one kernel (datapath.forward)
+    # fault injection (emulab.faults): every frame, TX and RX, goes through it while a frame
+    # fault is on -- (direction, queue, frame) -> the frame, changed or not, or None: dropped
+    # (the general path only: whoever sets it turns ``fast`` off)
+    frame_fault: Callable[[str, int, bytes], bytes | None] | None = None
     # polling mode: the tail registers as the client writes them in shared memory, and the word
     # indexes of QTX_TAIL[0] and QRX_TAIL[0] in it (``sync_tails`` reads them)
     tail_words: np.ndarray | None = None
@@ -498,6 +502,8 @@ class QueueEngine:
                     self.account(self._sent_counts(frames), vectors, q)
                     if self.on_packets is not None:
                         self.on_packets("tx", index, frames)
+                    if self.frame_fault is not None:  # (lost or hurt on the wire, once sent)
+                        frames = [g for f in frames if (g := self.frame_fault("tx", index, f))]
                     outgoing.extend(frames)
                 if err:
                     self.eth["tx_errors"] += 1
@@ -688,6 +694,30 @@ class QueueEngine:
             self.raise_vector(v)
         return room
 
+    def _rx_faults(self, burst: dp.Burst, n: int, rxt: np.ndarray) -> None:
+        """The frame faults on a picked burst: a dropped frame is filtered out, a corrupted one
+        is changed in its row and the burst picked again (its checksum status must be the
+        changed frame's, as the hardware would check it)."""
+        assert self.frame_fault is not None
+        frames, lens, qs = burst.frames, burst.lens, burst.queue
+        dropped: list[int] = []
+        changed = False
+        for i in range(n):
+            q, length = int(qs[i]), int(lens[i])
+            if q < 0 or length > frames.shape[1]:
+                continue
+            f = frames[i, :length].tobytes()
+            g = self.frame_fault("rx", q, f)
+            if g is None:
+                dropped.append(i)
+            elif g != f:
+                frames[i, :length] = np.frombuffer(g[:length].ljust(length, b"\0"), np.uint8)
+                changed = True
+        if changed:
+            K.rx_pick(burst, n, self.rss_context(), rxt, MAX_FRAME)
+        for i in dropped:
+            qs[i] = dp.PICK_FILTERED
+
     def _receive_rows(
         self, frames: np.ndarray, lens: np.ndarray, n: int, gso: np.ndarray | None,
         vectors: set[int],
@@ -701,6 +731,8 @@ class QueueEngine:
         self.sync_tails()
         rxt = self.tables.rx_table
         K.rx_pick(burst, n, self.rss_context(), rxt, MAX_FRAME)
+        if self.frame_fault is not None:
+            self._rx_faults(burst, n, rxt)
         out = self._out
         ctx = dp.WirePath(self._table.general, rxt, burst)
         taken = int(K.rx_place(ctx, n, self.backend.holds, out))

@@ -93,6 +93,7 @@ def test_step_pauses_at_the_next_access_and_a_read_can_be_changed(rig) -> None: 
     assert s.op == "read" and s.value == srv.device.regs.get("ID")  # read: the device answered
     s.value = 0xDEADBEEF  # the value the client will read instead
     dbg.cont()
+    assert dbg.wait(0.2) is None  # continued: a wait now is for the next stop, not this one
     t1.join(5)
     assert out == [(None, 0xDEADBEEF)]
     assert c.read32(0, LEN) == 7  # not stepping any more: no pause

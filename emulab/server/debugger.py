@@ -187,6 +187,7 @@ class Debugger:
         with self._cond:
             if self._paused is not None:
                 self._go = True
+                self._paused = None  # (now: a wait() right after this waits for the next stop)
                 self._cond.notify_all()
 
     def step(self) -> None:
@@ -283,7 +284,8 @@ class Debugger:
         self._record("paused", stop, stop.breakpoint)
         with self._cond:
             self._cond.wait_for(lambda: self._go or self._released)
-            self._paused = None
+            if self._paused is stop:
+                self._paused = None
         self._record("resumed", stop, stop.breakpoint)
 
     def _record(self, event: str, stop: Stop, bp: Breakpoint | None) -> None:

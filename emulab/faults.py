@@ -18,6 +18,7 @@ reproducible run).
 
 from __future__ import annotations
 
+import abc
 import ast
 import random
 import threading
@@ -244,7 +245,7 @@ class Faults:
 
 
 # -- interrupts ---------------------------------------------------------------------------------
-class IrqFault(Fault):
+class IrqFault(Fault, abc.ABC):
     """An interrupt fault on one vector (``vector``) or all (None)."""
 
     hook = "irq"
@@ -259,9 +260,9 @@ class IrqFault(Fault):
     def matches(self, vector: int) -> bool:
         return self.vector is None or self.vector == vector
 
+    @abc.abstractmethod
     def act(self, vector: int, raise_vector: RaiseVector, lock: threading.RLock) -> bool:
         """Do it; True when the interrupt was taken care of (not to be raised now)."""
-        raise NotImplementedError
 
 
 class DropIrq(IrqFault):
@@ -314,7 +315,7 @@ class DuplicateIrq(IrqFault):
 DIRECTIONS = ("tx", "rx", "both")
 
 
-class FrameFault(Fault):
+class FrameFault(Fault, abc.ABC):
     """A fault on frames of one queue (``queue``) or all, in ``direction`` ``tx``, ``rx`` or
     ``both``, and only frames ``match`` (a predicate on the frame's bytes) accepts."""
 
@@ -348,8 +349,9 @@ class FrameFault(Fault):
             and (self.match is None or bool(self.match(frame)))
         )
 
+    @abc.abstractmethod
     def act(self, frame: bytes) -> bytes | None:
-        raise NotImplementedError
+        """The frame to pass on instead (changed, or the same), or None to drop it."""
 
 
 class DropFrames(FrameFault):

@@ -18,6 +18,7 @@ Every frame carries its Unix time in nanoseconds, the bytes captured and its len
 
 from __future__ import annotations
 
+import abc
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -75,7 +76,7 @@ def _block(kind: int, body: bytes) -> bytes:
     return struct.pack("<II", kind, length) + body + struct.pack("<I", length)
 
 
-class _Writer:
+class _Writer(abc.ABC):
     """A file of frames, written as they come (``with``-able)."""
 
     def __init__(self, path: str | Path, snaplen: int) -> None:
@@ -86,8 +87,9 @@ class _Writer:
         self.count = 0  # frames written
         self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 -- closed by close()
 
+    @abc.abstractmethod
     def write(self, frame: Frame) -> None:
-        raise NotImplementedError
+        """Append one frame."""
 
     def _kept(self, frame: Frame) -> tuple[bytes, int]:
         """The bytes to keep (up to the snap length) and the length on the wire."""

@@ -25,6 +25,7 @@ while no fault of its kind is on.
 
 from __future__ import annotations
 
+import abc
 import struct
 import threading
 from collections.abc import Callable
@@ -63,7 +64,7 @@ def _status(status: int | str) -> int:
 
 
 # -- virtchnl -------------------------------------------------------------------------------------
-class OpFault(Fault):
+class OpFault(Fault, abc.ABC):
     hook = "virtchnl"
 
     def __init__(self, op: int | str, **kw: Any) -> None:
@@ -73,8 +74,9 @@ class OpFault(Fault):
     def params(self) -> dict[str, object]:
         return {"op": vc.op_name(self.op), **super().params()}
 
+    @abc.abstractmethod
     def act(self, opcode: int, payload: bytes, handler: VirtchnlHandler) -> Reply:
-        raise NotImplementedError
+        """The PF's answer to this op instead of (or after) the handler's."""
 
 
 class RefuseOp(OpFault):

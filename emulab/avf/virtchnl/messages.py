@@ -99,8 +99,9 @@ class Opaque(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class ResetVf(Message):
-    """RESET_VF: no payload, and no reply (the PF resets the VF). A payload is ignored."""
+class NoPayload(Message):
+    """A request that carries nothing: written empty, and a payload sent with it is ignored
+    (as the kernel PFs ignore it)."""
 
     def pack(self) -> bytes:
         return b""
@@ -111,16 +112,13 @@ class ResetVf(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class GetRssHenaCaps(Message):
-    """GET_RSS_HENA_CAPS request: no payload (a payload is ignored); the reply is
-    :class:`RssHena`."""
+class ResetVf(NoPayload):
+    """RESET_VF: no payload, and no reply (the PF resets the VF)."""
 
-    def pack(self) -> bytes:
-        return b""
 
-    @classmethod
-    def unpack(cls, data: BytesLike) -> Self:
-        return cls()
+@dataclass(frozen=True, slots=True)
+class GetRssHenaCaps(NoPayload):
+    """GET_RSS_HENA_CAPS request: no payload; the reply is :class:`RssHena`."""
 
 
 # -- handshake -------------------------------------------------------------------------------------

@@ -283,11 +283,7 @@ class Lab(Generic[D]):
         """Why a QEMU guest cannot run here, or None if it can."""
         from emulab import qemu  # noqa: PLC0415
 
-        reason = qemu.unavailable_reason()
-        for tool in ("unshare", "setpriv"):  # (util-linux: the mount namespace, PDEATHSIG)
-            if reason is None and not shutil.which(tool):
-                reason = f"{tool}(1) is missing"
-        return reason
+        return qemu.unavailable_reason()
 
     def boot_linux(
         self,

@@ -22,6 +22,7 @@ def test_binder_has_what_the_lab_needs() -> None:
     assert "ipykernel" in listed  # pinned past 7.0.0 (widgets from threads broke there)
     post = (ROOT / "binder/postBuild").read_text()
     assert "pip install --no-deps ." in post
+    assert "python -m emulab.qemu prepare" in post  # QEMU and the guest, without root
     for script in ("postBuild", "start"):
         assert (ROOT / "binder" / script).stat().st_mode & 0o111
     readme = (ROOT / "README.md").read_text()

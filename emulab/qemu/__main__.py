@@ -1,4 +1,5 @@
-"""``python -m emulab.qemu``: ``prepare`` builds QEMU's chroot and the guest image (what
+"""``python -m emulab.qemu``: ``prepare`` builds QEMU (its chroot as root, the user's tree
+otherwise) and the guest image (what
 ``make guest-prepare`` runs); ``run`` boots a guest attached to vfio-user sockets and runs a
 command in it."""
 
@@ -9,9 +10,9 @@ import sys
 from collections.abc import Sequence
 
 import emulab.qemu
-from emulab.qemu.chroot import ensure_qemu, qemu_version
 from emulab.qemu.image import ensure_guest
 from emulab.qemu.machine import boot
+from emulab.qemu.provision import prepare_qemu, qemu_version
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("command", nargs="+", help="shell command(s) to run in the guest")
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
-        ensure_qemu()
+        prepare_qemu()
         img = ensure_guest(args.kernel)
         print(f"{qemu_version()}; guest kernel {img.kernel_version}")
         return 0

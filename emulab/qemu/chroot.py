@@ -2,104 +2,50 @@
 
 :func:`ensure_qemu` builds a trixie chroot (debootstrap) with ``qemu-system-x86`` from
 trixie-backports -- the first Debian build with the vfio-user client -- under
-``~/.cache/emulab/qemu-trixie``; :func:`unavailable_reason` says why it cannot be built or run
-here. :func:`run_step` runs one step of such a build (a command, its progress reported), and
-each finished build in :data:`CACHE_DIR` carries a :data:`STAMP` (:func:`ready`).
+``~/.cache/emulab/qemu-trixie``; :func:`chroot_unavailable` says why it cannot be built or run
+here. :class:`ChrootSysroot` gives a guest image's parts from it.
 
 Everything is downloaded with the machine's own apt configuration (its Debian mirror); nothing is
-committed. Needs root (debootstrap, chroot, mount namespaces).
+committed. Needs root (debootstrap, chroot, mount namespaces); without root,
+:mod:`emulab.qemu.rootless` provisions the same QEMU and guest.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = [
-    "CACHE_DIR",
-    "STAMP",
-    "Progress",
-    "debian_mirror",
-    "ensure_qemu",
-    "progress_to_stderr",
-    "qemu_version",
-    "ready",
-    "run_step",
-    "unavailable_reason",
-]
-
-CACHE_DIR = Path(os.environ.get("EMULAB_CACHE", Path.home() / ".cache" / "emulab"))
-STAMP = ".emulab-ready"
-CHROOT_PACKAGES = ("pciutils", "pci.ids", "ethtool", "iproute2", "kmod")
-
-Progress = Callable[[str], None]
-# root's tools live in sbin, which a CI shell's PATH may lack
-os.environ["PATH"] = os.pathsep.join(
-    [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"]
+from emulab.qemu.host import (
+    CACHE_DIR,
+    STAMP,
+    Progress,
+    debian_mirror,
+    progress_to_stderr,
+    ready,
+    run_step,
 )
 
+__all__ = ["CHROOT_PACKAGES", "ChrootSysroot", "chroot_unavailable", "ensure_qemu"]
 
-def progress_to_stderr(msg: str) -> None:
-    """The default :data:`Progress`: each line to stderr, flushed."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-# -- availability ----------------------------------------------------------------------------------
-def debian_mirror() -> str | None:
-    """The Debian mirror this machine's apt uses (never hard-coded)."""
-    for f in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
-        for line in f.read_text().splitlines():
-            if line.startswith("URIs:"):
-                for uri in line.split()[1:]:
-                    if "security" not in uri:
-                        return uri.rstrip("/")
-    sources = Path("/etc/apt/sources.list")
-    if sources.exists():
-        for line in sources.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and "security" not in parts[1]:
-                return parts[1].rstrip("/")
-    return None
+CHROOT_PACKAGES = ("pciutils", "pci.ids", "ethtool", "iproute2", "kmod")
 
 
-def unavailable_reason() -> str | None:
-    """Why QEMU guests cannot run here, or None if they can (no downloads are made)."""
-    if sys.platform != "linux":
-        return "QEMU guests need Linux"
+def chroot_unavailable() -> str | None:
+    """Why the chroot cannot be built or run here, or None if it can (no downloads are made)."""
     if os.geteuid() != 0:
-        return "QEMU guests need root (debootstrap, chroot and mount namespaces); run as root"
+        return "the QEMU chroot needs root (debootstrap, chroot and mount namespaces)"
     if ready(CACHE_DIR / "qemu-trixie"):
         return None
     if debian_mirror() is None:
         return "no Debian package mirror is configured in /etc/apt (needed to fetch QEMU 11.1)"
-    for tool in ("debootstrap", "unshare", "chroot", "depmod"):
+    for tool in ("debootstrap", "unshare", "chroot", "depmod", "setpriv"):
         if shutil.which(tool) is None:
             return f"{tool} is missing (make deps installs the host packages)"
     return None
-
-
-def ready(path: Path) -> bool:
-    """Whether the build in ``path`` (a directory of :data:`CACHE_DIR`) finished."""
-    return (path / STAMP).exists()
-
-
-def run_step(cmd: Sequence[str], progress: Progress, what: str, **kw: object) -> str:
-    """Run ``cmd`` as the build step ``what`` (said before and after, with its time); returns
-    its stdout, raises RuntimeError with the tail of its output if it fails."""
-    t0 = time.monotonic()
-    progress(f"emulab.qemu: {what} ...")
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        raise RuntimeError(f"{what} failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
-    progress(f"emulab.qemu: {what} done in {time.monotonic() - t0:.1f}s")
-    out: str = proc.stdout
-    return out
 
 
 # -- QEMU ----------------------------------------------------------------------------------------
@@ -108,7 +54,7 @@ def ensure_qemu(progress: Progress = progress_to_stderr) -> Path:
     root = CACHE_DIR / "qemu-trixie"
     if ready(root):
         return root
-    reason = unavailable_reason()
+    reason = chroot_unavailable()
     if reason:
         raise RuntimeError(reason)
     mirror = debian_mirror()
@@ -161,5 +107,68 @@ def ensure_qemu(progress: Progress = progress_to_stderr) -> Path:
     return root
 
 
-def qemu_version() -> str:
-    return (CACHE_DIR / "qemu-trixie" / STAMP).read_text().strip()
+class ChrootSysroot:
+    """A guest image's parts from the chroot (:class:`~emulab.qemu.host.Sysroot`): apt for the
+    kernel's packages, ``ldd`` for the tools' libraries, the host's dpkg-deb, depmod, busybox."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def kernel_debs(self, suite: str, kernel: str, progress: Progress) -> tuple[list[Path], str]:
+        meta = run_step(
+            ["chroot", str(self.root), "apt-cache", "depends", "-t", suite, "linux-image-amd64"],
+            progress,
+            f"resolve the {suite} kernel package",
+        )
+        pkgs = re.findall(rf"Depends: (linux-image-{re.escape(kernel)}[.\d]*\+[^\s]*)", meta)
+        if not pkgs:
+            raise RuntimeError(f"no {kernel} kernel behind linux-image-amd64 in {suite}:\n{meta}")
+        image_pkg = pkgs[0]
+        kver = image_pkg.removeprefix("linux-image-")
+        wanted = [image_pkg]
+        deps = run_step(
+            ["chroot", str(self.root), "apt-cache", "depends", "-t", suite, image_pkg],
+            progress,
+            f"resolve {image_pkg}",
+        )
+        # 7.x splits the kernel into linux-binary-V and linux-modules-V
+        wanted += sorted(
+            set(re.findall(rf"Depends: (linux-(?:binary|modules)-{re.escape(kver)})", deps))
+        )
+        debs = self.root / "var/cache/emulab-debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        os.chmod(debs, 0o777)
+        run_step(
+            ["chroot", str(self.root), "sh", "-c",
+             f"cd /var/cache/emulab-debs && apt-get download -t {suite} {' '.join(wanted)}"],
+            progress,
+            f"download {' '.join(wanted)}",
+        )  # fmt: skip
+        return [next(debs.glob(f"{name}_*.deb")) for name in wanted], kver
+
+    def closure(self, tools: Sequence[str]) -> list[str]:
+        needed: set[str] = set()
+        for tool in tools:
+            needed.add(tool)
+            ldd = subprocess.run(
+                ["chroot", str(self.root), "ldd", tool], capture_output=True, text=True, check=True
+            ).stdout
+            needed.update(re.findall(r"(/\S+) \(0x", ldd))
+            needed.update(re.findall(r"=> (/\S+)", ldd))
+        return sorted(needed)
+
+    def file(self, path: str) -> Path:
+        src = self.root / path.lstrip("/")
+        if src.is_symlink():  # links inside the chroot point into it
+            target = os.readlink(src)
+            src = (src.parent / target) if not target.startswith("/") else self.root / target[1:]
+        return src
+
+    def unpack(self, deb: Path, dest: Path, progress: Progress) -> None:
+        run_step(["dpkg-deb", "-x", str(deb), str(dest)], progress, f"unpack {deb.name}")
+
+    def depmod(self, image: Path, kver: str, progress: Progress) -> None:
+        run_step(["depmod", "-b", str(image), kver], progress, "depmod")
+
+    def busybox(self) -> Path:
+        return Path(shutil.which("busybox") or "/bin/busybox")

@@ -18,15 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from emulab.qemu.chroot import (
-    CACHE_DIR,
-    STAMP,
-    Progress,
-    ensure_qemu,
-    progress_to_stderr,
-    run_step,
-)
+from emulab.qemu.chroot import ensure_qemu
 from emulab.qemu.cpio import cpio_tree
+from emulab.qemu.host import CACHE_DIR, STAMP, Progress, progress_to_stderr, run_step
 
 __all__ = ["DpdkImage", "chroot_ldd", "copy_resolved", "dpdk_guest_script", "ensure_dpdk"]
 

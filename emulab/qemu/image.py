@@ -19,16 +19,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from emulab.qemu.chroot import (
-    CACHE_DIR,
-    STAMP,
-    Progress,
-    ensure_qemu,
-    progress_to_stderr,
-    ready,
-    run_step,
-)
 from emulab.qemu.cpio import cpio_tree
+from emulab.qemu.host import CACHE_DIR, STAMP, Progress, Sysroot, progress_to_stderr, ready
+from emulab.qemu.provision import sysroot
 
 __all__ = ["BASE_MODULES", "KERNELS", "GuestImage", "ensure_guest"]
 
@@ -45,9 +38,7 @@ class GuestImage:
     modules: Mapping[str, tuple[str, ...]]  # module name -> its .ko paths, dependencies first
 
 
-def ensure_guest(  # noqa: PLR0915 -- one linear recipe, easier to follow unsplit
-    kernel: str = "6.12", progress: Progress = progress_to_stderr
-) -> GuestImage:
+def ensure_guest(kernel: str = "6.12", progress: Progress = progress_to_stderr) -> GuestImage:
     """A kernel and base initramfs for ``kernel`` (trixie's 6.12 line), built once, cached."""
     if kernel not in KERNELS:
         raise ValueError(f"unsupported guest kernel line {kernel!r} (supported: {sorted(KERNELS)})")
@@ -57,44 +48,14 @@ def ensure_guest(  # noqa: PLR0915 -- one linear recipe, easier to follow unspli
         if all(m in cached.modules for m in BASE_MODULES):
             return cached
         progress(f"emulab.qemu: the cached guest {kernel} lacks modules; rebuilding it")
-    root = ensure_qemu(progress)
+    root = sysroot(progress)
     t0 = time.monotonic()
-    suite = KERNELS[kernel]
-    meta = run_step(
-        ["chroot", str(root), "apt-cache", "depends", "-t", suite, "linux-image-amd64"],
-        progress,
-        f"resolve the {suite} kernel package",
-    )
-    pkgs = re.findall(rf"Depends: (linux-image-{re.escape(kernel)}[.\d]*\+[^\s]*)", meta)
-    if not pkgs:
-        raise RuntimeError(f"no {kernel} kernel behind linux-image-amd64 in {suite}:\n{meta}")
-    image_pkg = pkgs[0]
-    kver = image_pkg.removeprefix("linux-image-")
-    wanted = [image_pkg]
-    deps = run_step(
-        ["chroot", str(root), "apt-cache", "depends", "-t", suite, image_pkg],
-        progress,
-        f"resolve {image_pkg}",
-    )
-    # 7.x splits the kernel into linux-binary-V and linux-modules-V
-    wanted += sorted(
-        set(re.findall(rf"Depends: (linux-(?:binary|modules)-{re.escape(kver)})", deps))
-    )
-    debs = root / "var/cache/emulab-debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    os.chmod(debs, 0o777)
-    run_step(
-        ["chroot", str(root), "sh", "-c",
-         f"cd /var/cache/emulab-debs && apt-get download -t {suite} {' '.join(wanted)}"],
-        progress,
-        f"download {' '.join(wanted)}",
-    )  # fmt: skip
+    debs, kver = root.kernel_debs(KERNELS[kernel], kernel, progress)
     tmp = Path(tempfile.mkdtemp(prefix="emulab-guest-", dir=CACHE_DIR))
     try:
         kx = tmp / "kernel"
-        for name in wanted:
-            deb = next(debs.glob(f"{name}_*.deb"))
-            run_step(["dpkg-deb", "-x", str(deb), str(kx)], progress, f"unpack {name}")
+        for deb in debs:
+            root.unpack(deb, kx, progress)
         moddir = kx / "usr/lib/modules" / kver
         vmlinuz = next(
             p for p in (kx / "boot" / f"vmlinuz-{kver}", moddir / "vmlinuz") if p.exists()
@@ -105,11 +66,10 @@ def ensure_guest(  # noqa: PLR0915 -- one linear recipe, easier to follow unspli
         for d in ("lib", "lib64", "sbin"):  # merged /usr, as trixie has it
             (image / d).symlink_to(f"usr/{d}")
         modules = _install_modules(moddir, image / "usr/lib/modules" / kver, BASE_MODULES)
-        run_step(["depmod", "-b", str(image), kver], progress, "depmod")
+        root.depmod(image, kver, progress)
         _install_tools(root, image)
-        busybox = shutil.which("busybox") or "/bin/busybox"
         (image / "bin").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(busybox, image / "bin/busybox")
+        shutil.copy2(root.busybox(), image / "bin/busybox")
         init = resources.files("emulab.qemu").joinpath("init.sh").read_bytes()
         (image / "init").write_bytes(init)
         os.chmod(image / "init", 0o755)
@@ -193,23 +153,11 @@ def _ko_bytes(ko: Path) -> bytes:
     return data
 
 
-def _install_tools(root: Path, image: Path) -> None:
-    """Copy lspci, ethtool, ip and their shared-library closure from the chroot."""
-    needed: set[str] = set()
-    for tool in GUEST_TOOLS:
-        needed.add(tool)
-        ldd = subprocess.run(
-            ["chroot", str(root), "ldd", tool], capture_output=True, text=True, check=True
-        ).stdout
-        needed.update(re.findall(r"(/\S+) \(0x", ldd))
-        needed.update(re.findall(r"=> (/\S+)", ldd))
-    needed.add("/usr/share/misc/pci.ids")
-    for path in sorted(needed):
+def _install_tools(root: Sysroot, image: Path) -> None:
+    """Copy lspci, ethtool, ip and their shared-library closure from the sysroot."""
+    for path in [*root.closure(GUEST_TOOLS), "/usr/share/misc/pci.ids"]:
         logical = re.sub(r"^/(lib|lib64|sbin|bin)/", r"/usr/\1/", path)
-        src = root / logical.lstrip("/")
-        if src.is_symlink():  # copy the content (links inside the chroot point into it)
-            target = os.readlink(src)
-            src = (src.parent / target) if not target.startswith("/") else root / target.lstrip("/")
+        src = root.file(logical)
         dst = image / logical.lstrip("/")
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)

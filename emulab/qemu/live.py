@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from emulab.qemu.channel import READY, Reply, ReplyParser, encode_request, encode_stop
-from emulab.qemu.chroot import Progress, progress_to_stderr
+from emulab.qemu.host import Progress, progress_to_stderr
 from emulab.qemu.machine import qemu_command
 
 __all__ = [

@@ -18,17 +18,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from emulab.qemu.chroot import Progress, ensure_qemu, progress_to_stderr
 from emulab.qemu.cpio import cpio_archive
+from emulab.qemu.host import Progress, progress_to_stderr
 from emulab.qemu.image import ensure_guest
+from emulab.qemu.provision import DIE_WITH_PARENT, qemu_command_prefix
 
-__all__ = ["GuestRun", "boot", "qemu_command"]
-
-# QEMU gets SIGKILL when the thread that started it ends (PR_SET_PDEATHSIG, set by util-linux's
-# setpriv before it execs): the Python that started it killed, crashed or exited (a notebook
-# kernel restarted) does not leave it running. The signal survives setpriv, unshare and chroot
-# exec'ing into QEMU (none is set-uid); start QEMU from a thread that lives as long as QEMU.
-DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
+__all__ = ["DIE_WITH_PARENT", "GuestRun", "boot", "qemu_command"]
 
 BEGIN = "=====EMULAB-BEGIN====="
 END_RE = re.compile(r"=====EMULAB-END rc=(-?\d+)=====")
@@ -104,10 +99,9 @@ def qemu_command(
 ) -> list[str]:
     """The command line that boots a guest running ``script`` (see :func:`boot`), its kernel and
     initramfs written into ``work`` (a directory that must outlive QEMU's start). It starts QEMU
-    (under ``setpriv``, ``unshare`` and ``chroot``, which exec into it: the process is QEMU's)
+    (:func:`~emulab.qemu.provision.qemu_command_prefix`: the process is QEMU's, root or not)
     with the serial console on its stdout, to die with the thread that starts it
-    (:data:`DIE_WITH_PARENT`)."""
-    root = ensure_qemu(progress)
+    (:data:`~emulab.qemu.provision.DIE_WITH_PARENT`)."""
     image = ensure_guest(kernel, progress)
     order: list[str] = []
     for mod in modules:
@@ -134,7 +128,7 @@ def qemu_command(
         f.write(cpio_archive(entries))
     shutil.copy2(image.kernel, work / "vmlinuz")
     qemu = [
-        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-user-config",
+        "-nodefaults", "-display", "none", "-no-user-config",
         "-no-reboot", "-serial", "stdio", "-accel", "tcg", "-cpu", "max",
         "-smp", str(smp), "-m", memory,
         "-kernel", str(work / "vmlinuz"), "-initrd", str(initrd),
@@ -145,7 +139,7 @@ def qemu_command(
                  "-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]  # fmt: skip
     else:
         qemu += ["-machine", "q35"]
-    binds = {"/tmp", "/run"}
+    binds: set[str] = set()
     for i, sock in enumerate(sockets):
         sock_path = Path(sock).absolute()
         binds.add(str(sock_path.parent))
@@ -160,13 +154,7 @@ def qemu_command(
     if trace:
         qemu += ["-trace", "vfio_user_*"]
     qemu += list(extra_args)
-    mounts = ["mount --rbind /dev {r}/dev", "mount -t proc proc {r}/proc",
-              "mount --rbind /sys {r}/sys"]  # fmt: skip
-    for b in sorted(binds, key=len):
-        mounts.append(f"mkdir -p {{r}}{b} && mount --bind {b} {{r}}{b}")
-    shell = " && ".join(mounts).format(r=root) + f' && exec chroot {root} "$@"'
-    return [*DIE_WITH_PARENT, "unshare", "--mount", "--propagation", "private", "sh", "-c", shell,
-            "sh", *qemu]  # fmt: skip
+    return [*qemu_command_prefix(binds, progress), *qemu]
 
 
 def _run_guest(
@@ -178,7 +166,7 @@ def _run_guest(
 ) -> GuestRun:
     t0 = time.monotonic()
     progress("emulab.qemu: booting guest ...")
-    # (setpriv, unshare and sh exec into chroot and then QEMU: this pid ends up being QEMU's)
+    # (what runs it execs into QEMU: this pid ends up being QEMU's)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     chunks: list[bytes] = []

@@ -32,7 +32,7 @@ from emulab.qemu.dpdk import dpdk_guest_script, ensure_dpdk
 from emulab.server import VfioUserServer
 from emulab.trace import AdminqRecord
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("root_only")]
 
 MAC = "02:e1:ab:00:00:0d"
 PEER = "02:00:00:00:bb:01"

@@ -31,7 +31,7 @@ from emulab.server import VfioUserServer
 from emulab.trace import DeviceRecord, FaultRecord
 from tests.interop.test_avf_linux import MAC, WAIT_CARRIER, WAIT_IFACE, Tap
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("root_only")]
 
 HOST, GUEST, PORT = "10.95.0.1", "10.95.0.2", 8932
 LOOP = rf"""

@@ -27,7 +27,7 @@ from emulab.backends.base import PacketBackend
 from emulab.server import VfioUserServer
 from emulab.trace import PacketRecord
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("root_only")]
 
 MAC = "02:e1:ab:00:00:01"
 WAIT_IFACE = r"""

@@ -18,7 +18,7 @@ import pytest
 
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("root_only")]
 
 CYCLES, RELOADS = 3, 4
 

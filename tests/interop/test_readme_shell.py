@@ -20,7 +20,7 @@ import pytest
 
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("root_only")]
 
 README = Path(__file__).parent.parent.parent / "README.md"
 

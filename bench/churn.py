@@ -70,7 +70,15 @@ for r in $(seq 1 {n}); do
   for i in $(seq 1 80); do [ "$(cat /sys/class/net/$IF/carrier)" = 1 ] && break; sleep 0.25; done
   if ping -c 1 -W 3 {HOST_IP} >/dev/null || ping -c 2 -W 3 {HOST_IP} >/dev/null; then
     ok=$((ok + 1)); echo "churn: reload $r ok mtu=$(cat /sys/class/net/$IF/mtu)"
-  else echo "churn: reload $r FAILED"; fi
+  else
+    # what the guest sees when its pings go unanswered, then one slower try (said apart)
+    echo "churn: reload $r no reply in 9 s: carrier=$(cat /sys/class/net/$IF/carrier)"
+    ip neigh show dev $IF; ethtool -S $IF | grep -E '^ +(tx|rx)_(packets|bytes|discards|errors)'
+    dmesg | grep -i iavf | tail -4
+    if ping -c 5 -W 2 {HOST_IP} >/dev/null; then
+      ok=$((ok + 1)); echo "churn: reload $r ok (late) mtu=$(cat /sys/class/net/$IF/mtu)"
+    else echo "churn: reload $r FAILED"; fi
+  fi
 done
 echo "churn: reloads ok=$ok of {n}"
 """

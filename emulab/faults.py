@@ -53,7 +53,7 @@ class FaultSpecError(ValueError):
 
 class Fault:
     """One fault. ``hook`` names where it acts (``irq``, ``frames``, ``virtchnl``,
-    ``adminq``, ``doorbell``), or is empty for a fault that acts when switched on or off
+    ``adminq``, ``descriptors``), or is empty for a fault that acts when switched on or off
     (:meth:`activate`, :meth:`deactivate`: a link going down, a reset)."""
 
     name: ClassVar[str] = "fault"

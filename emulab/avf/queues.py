@@ -281,6 +281,11 @@ class QueueEngine:
     # fault is on -- (direction, queue, frame) -> the frame, changed or not, or None: dropped
     # (the general path only: whoever sets it turns ``fast`` off)
     frame_fault: Callable[[str, int, bytes], bytes | None] | None = None
+    # fault injection (emulab.avf.faults.BadDescriptor): a TX queue about to be walked (its
+    # tail is past its head), called holding the lock before any of its descriptors is read --
+    # from a doorbell message or, in polling mode, from the poller's kick (the poll kernel
+    # hands every moved tail to Python while ``fast`` is off, as whoever sets it turns it)
+    tx_fault: Callable[[TxQueue], None] | None = None
     # polling mode: the tail registers as the client writes them in shared memory, and the word
     # indexes of QTX_TAIL[0] and QRX_TAIL[0] in it (``sync_tails`` reads them)
     tail_words: np.ndarray | None = None
@@ -487,6 +492,8 @@ class QueueEngine:
             if not self.backend.room_to_send():  # a full lossless wire: PAUSE, as it were
                 self._stalled.add(index)
                 return 0
+            if self.tx_fault is not None and q.head != q.tail:
+                self.tx_fault(q)
             sent = 0
             vectors: set[int] = set()
             outgoing: list[bytes] = []

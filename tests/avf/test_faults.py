@@ -282,14 +282,27 @@ def test_pf_initiated_vf_reset_then_the_driver_brings_up_again(rig: Rig) -> None
     assert len(roundtrip(drv, [udp(1)])) == 1
 
 
-def test_bad_descriptor_stops_the_queue_and_a_reset_recovers(rig: Rig) -> None:
-    drv, dev = rig()
+@pytest.mark.parametrize("mode", ["interrupt", "poll"])
+def test_bad_descriptor_stops_the_queue_and_a_reset_recovers(rig: Rig, mode: str) -> None:
+    """In polling mode the TX tail is a store into the mmapped page, no message: the poller
+    sees it move and the fault acts before the descriptor is read, as at a doorbell message."""
+    drv, dev = rig(mode=mode)
+    assert bool(drv.bar0_maps) == (mode == "poll")
+    messages = dev.core.tail_messages
     bad = dev.faults.add(BadDescriptor("tx", queue=0))
+    assert not dev.queues.fast  # (the poll kernel hands the moved tail to Python)
     assert roundtrip(drv, [udp(1)], timeout=0.3) == []
     assert dev.queues.tx[0].error == "buffer outside guest memory"
+    assert not dev.queues.tx[0].enabled and dev.queues.eth["tx_errors"] == 1
     wait_until(lambda: not bad.enabled, 2, "one shot")
+    assert fired(dev, "bad-descriptor") == [
+        "on", f"tx q0 desc {dev.queues.tx[0].head}: buffer address 0xbad000000000000", "off"
+    ]  # fmt: skip
     errors = [r for r in dev.trace.snapshot(DeviceRecord) if r.event == "tx-queue-error"]
     assert errors and errors[0].queue == 0
+    if mode == "poll":
+        assert dev.core.tail_messages == messages  # no doorbell message: the poller's kick
+        assert dev.queues.fast  # the fault spent: the fast path is back
     drv.reset_vf()
     drv.bring_up()
     assert len(roundtrip(drv, [udp(2)])) == 1

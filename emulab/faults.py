@@ -355,8 +355,10 @@ class FrameFault(Fault, abc.ABC):
 
 
 class DropFrames(FrameFault):
-    """Matching frames are lost on the wire (TX: after the device sent and counted them; RX:
-    before the MAC filter's verdict is applied)."""
+    """Matching frames are lost (TX: taken from the ring, then discarded by the port --
+    counted in ``tx_discards``, not as sent; RX: accepted by the MAC filter, then discarded
+    before their RX queue -- counted in its ``discards`` and the port's ``rx_discards``, as a
+    device counts its drops, so the driver's statistics show them)."""
 
     name = "drop-frames"
 

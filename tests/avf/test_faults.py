@@ -185,6 +185,30 @@ def test_drop_frames_by_direction_queue_predicate_and_rate(rig: Rig) -> None:
     assert len(roundtrip(drv, [udp(i) for i in range(8)])) == 8
 
 
+@pytest.mark.parametrize("mode", ["interrupt", "poll"])
+def test_dropped_frames_are_the_ports_discards_in_get_stats(rig: Rig, mode: str) -> None:
+    """An RX drop is a frame the guest would have had: its queue's and the port's rx_discards
+    (GET_STATS: what ethtool -S shows) move by exactly the frames dropped; a TX drop is the
+    port's tx_discards, not counted as sent."""
+    drv, dev = rig(mode=mode)
+    before = drv.stats()
+    odd = dev.faults.add(DropFrames(direction="rx", match=lambda f: f[-1] & 1 == 1))
+    got = roundtrip(drv, [udp(i, payload_byte=i) for i in range(7)], timeout=0.5)
+    assert len(got) == 4 and odd.fires == 3
+    after = drv.stats()
+    assert after["rx_discards"] - before["rx_discards"] == 3
+    assert after["rx_unicast"] - before["rx_unicast"] == 4
+    assert after["tx_unicast"] - before["tx_unicast"] == 7 and after["tx_discards"] == 0
+    assert dev.queues.rx[0].discards == 3
+    dev.faults.clear()
+    lost = dev.faults.add(DropFrames(direction="tx", count=2))
+    assert len(roundtrip(drv, [udp(i) for i in range(5)], timeout=0.5)) == 3
+    final = drv.stats()
+    assert final["tx_discards"] == lost.fires == 2
+    assert final["tx_unicast"] - after["tx_unicast"] == 3
+    assert final["rx_discards"] == after["rx_discards"]  # (lost on TX: never offered to RX)
+
+
 def test_frame_faults_in_polling_mode(rig: Rig) -> None:
     drv, dev = rig(mode="poll")
     assert dev.poller is not None and drv.bar0_maps  # doorbells are stores: the poller sees them

@@ -53,7 +53,7 @@ class FaultSpecError(ValueError):
 
 class Fault:
     """One fault. ``hook`` names where it acts (``irq``, ``frames``, ``virtchnl``,
-    ``adminq``, ``doorbell``), or is empty for a fault that acts when switched on or off
+    ``adminq``, ``descriptors``), or is empty for a fault that acts when switched on or off
     (:meth:`activate`, :meth:`deactivate`: a link going down, a reset)."""
 
     name: ClassVar[str] = "fault"
@@ -355,8 +355,10 @@ class FrameFault(Fault, abc.ABC):
 
 
 class DropFrames(FrameFault):
-    """Matching frames are lost on the wire (TX: after the device sent and counted them; RX:
-    before the MAC filter's verdict is applied)."""
+    """Matching frames are lost (TX: taken from the ring, then discarded by the port --
+    counted in ``tx_discards``, not as sent; RX: accepted by the MAC filter, then discarded
+    before their RX queue -- counted in its ``discards`` and the port's ``rx_discards``, as a
+    device counts its drops, so the driver's statistics show them)."""
 
     name = "drop-frames"
 

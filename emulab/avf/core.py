@@ -134,7 +134,6 @@ class AvfCore:
         self._kstate: tuple[str, int] = ("", -1)
         # fault injection (emulab.avf.faults): set while a fault of theirs is on
         self.virtchnl_fault: Callable[[int, bytes, VirtchnlHandler], Reply] | None = None
-        self.doorbell_fault: Callable[[str, int, int], None] | None = None
         regs.on_write("VF_ATQT1", lambda i, old, new: self._atq_doorbell())
         regs.on_write("VF_ARQT1", lambda i, old, new: self._arq_doorbell())
         regs.on_write("VF_ARQLEN1", lambda i, old, new: self._arq_doorbell())
@@ -154,8 +153,6 @@ class AvfCore:
     # -- doorbells and causes --------------------------------------------------------------------
     def _tx_doorbell(self, queue: int, tail: int) -> None:
         self.tail_messages += 1  # (in polling mode a client that mmapped the page sends none)
-        if self.doorbell_fault is not None:
-            self.doorbell_fault("tx", queue, tail)
         self.queues.tx_tail(queue, tail)
 
     def _queue_cause(self, vector: int) -> None:

@@ -11,16 +11,18 @@ Besides the device-independent ones (:mod:`emulab.faults`: interrupts, frames):
   the PF's LINK_CHANGE event, as it sends it when the cable goes.
 * :class:`VfReset` -- a PF-initiated VF reset, as i40e and ice do it: the RESET_IMPENDING
   event first, then the reset with VFGEN_RSTAT IN_PROGRESS for a while (``AvfCore.pf_reset_vf``).
-* :class:`BadDescriptor` -- the next TX descriptor (at the next doorbell) or the RX
-  descriptor at the head has its buffer address overwritten in guest memory with one outside
-  it: the queue's error path runs (the queue stops, ``tx-queue-error``/``rx-queue-error``).
-  TX doorbells that come as messages only (interrupt mode).
+* :class:`BadDescriptor` -- the next TX descriptor (when the tail next moves past the head)
+  or the RX descriptor at the head has its buffer address overwritten in guest memory with one
+  outside it: the queue's error path runs (the queue stops, ``tx-queue-error``/
+  ``rx-queue-error``). In both modes: a TX tail moved by a doorbell message, or by a store into
+  the mmapped page that the poller sees.
 
 Where they act: the interrupt block's raise (``InterruptBlock.fault``), the queue engine's TX
-gather and RX pick (``QueueEngine.frame_fault``; the ring-to-ring fast path is off meanwhile),
-the virtchnl dispatch (``AvfCore.virtchnl_fault``), the ARQ delivery
-(``AdminQueue.held``) and the TX doorbell (``AvfCore.doorbell_fault``). Each is None (False)
-while no fault of its kind is on.
+gather and RX pick (``QueueEngine.frame_fault``), the virtchnl dispatch
+(``AvfCore.virtchnl_fault``), the ARQ delivery (``AdminQueue.held``) and the TX walk's start
+(``QueueEngine.tx_fault``). Each is None (False) while no fault of its kind is on. A frame or
+descriptor fault turns the ring-to-ring fast path off while it is on: every frame, and in
+polling mode every TX tail the poll kernel sees move, goes through Python's general path.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from emulab.faults import Fault, Faults, make_fault
 
 if TYPE_CHECKING:
     from emulab.avf.core import AvfCore, Reply, VirtchnlHandler
+    from emulab.avf.queues import TxQueue
 
 __all__ = [
     "BAD_ADDRESS",
@@ -226,13 +229,14 @@ class VfReset(Fault):
 
 # -- descriptors ----------------------------------------------------------------------------------
 class BadDescriptor(Fault):
-    """The next descriptor of queue ``queue`` (``direction`` ``tx``: at the next TX doorbell;
-    ``rx``: the one at the head now) gets a buffer address outside guest memory, written into
-    the ring as a driver bug or a flipped bit would: the queue stops with an error. One shot
-    (``count=1``) unless told otherwise."""
+    """The next descriptor of queue ``queue`` (``direction`` ``tx``: the one at the head when
+    the driver next moves the tail past it, before the device reads it -- a doorbell message,
+    or in polling mode a store the poller sees; ``rx``: the one at the head now) gets a buffer
+    address outside guest memory, written into the ring as a driver bug or a flipped bit would:
+    the queue stops with an error. One shot (``count=1``) unless told otherwise."""
 
     name = "bad-descriptor"
-    hook = "doorbell"
+    hook = "descriptors"
 
     def __init__(self, direction: str = "tx", queue: int = 0, **kw: Any) -> None:
         if direction not in ("tx", "rx"):
@@ -251,17 +255,16 @@ class BadDescriptor(Fault):
         if self.direction == "rx":
             core: AvfCore = self.target
             with core.lock, core.queues.lock:
+                core.queues.sync_tails()  # (polling mode: the buffers posted by stores)
                 q = core.queues.rx[self.queue]
                 if q.enabled and q.length and q.head != q.tail:
                     self._corrupt(core, q.base + 32 * q.head, f"rx q{self.queue} desc {q.head}")
 
-    def doorbell(self, core: AvfCore, direction: str, queue: int, tail: int) -> None:
-        if direction != self.direction or queue != self.queue or not self.roll():
-            return
-        with core.queues.lock:
-            q = core.queues.tx[queue]
-            if q.enabled and q.length and q.head != tail and 0 <= tail < q.length:
-                self._corrupt(core, q.base + 16 * q.head, f"tx q{queue} desc {q.head}")
+    def tx_walk(self, core: AvfCore, q: TxQueue) -> None:
+        """TX queue ``q`` is about to be walked from its head (the queue engine's lock held,
+        none of its descriptors read yet)."""
+        if self.direction == "tx" and q.index == self.queue and self.roll():
+            self._corrupt(core, q.base + 16 * q.head, f"tx q{q.index} desc {q.head}")
 
     def _corrupt(self, core: AvfCore, addr: int, where: str) -> None:
         core.memory.write(addr, struct.pack("<Q", BAD_ADDRESS))
@@ -280,22 +283,21 @@ def hooks(core: AvfCore) -> Callable[[Faults], None]:
                 return f.act(opcode, payload, handler)
         return handler(opcode, payload)
 
-    def doorbell(faults: Faults, direction: str, queue: int, tail: int) -> None:
-        for f in faults.enabled("doorbell"):
+    def tx_walk(faults: Faults, q: TxQueue) -> None:
+        for f in faults.enabled("descriptors"):
             assert isinstance(f, BadDescriptor)
-            f.doorbell(core, direction, queue, tail)
+            f.tx_walk(core, q)
 
     def install(faults: Faults) -> None:
         core.irq.fault = faults.deliver_irq if faults.enabled("irq") else None
         frames = bool(faults.enabled("frames"))
-        with core.queues.lock:
+        descriptors = bool(faults.enabled("descriptors"))
+        with core.queues.lock:  # (the poll kernel is out meanwhile: it sees ``fast`` anew)
             core.queues.frame_fault = faults.frame if frames else None
-            core.queues.fast = fast and not frames
+            core.queues.tx_fault = (lambda q: tx_walk(faults, q)) if descriptors else None
+            core.queues.fast = fast and not (frames or descriptors)
         core.virtchnl_fault = (
             (lambda op, p, h: virtchnl(faults, op, p, h)) if faults.enabled("virtchnl") else None
-        )
-        core.doorbell_fault = (
-            (lambda d, q, t: doorbell(faults, d, q, t)) if faults.enabled("doorbell") else None
         )
 
     return install

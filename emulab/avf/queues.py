@@ -281,6 +281,11 @@ class QueueEngine:
     # fault is on -- (direction, queue, frame) -> the frame, changed or not, or None: dropped
     # (the general path only: whoever sets it turns ``fast`` off)
     frame_fault: Callable[[str, int, bytes], bytes | None] | None = None
+    # fault injection (emulab.avf.faults.BadDescriptor): a TX queue about to be walked (its
+    # tail is past its head), called holding the lock before any of its descriptors is read --
+    # from a doorbell message or, in polling mode, from the poller's kick (the poll kernel
+    # hands every moved tail to Python while ``fast`` is off, as whoever sets it turns it)
+    tx_fault: Callable[[TxQueue], None] | None = None
     # polling mode: the tail registers as the client writes them in shared memory, and the word
     # indexes of QTX_TAIL[0] and QRX_TAIL[0] in it (``sync_tails`` reads them)
     tail_words: np.ndarray | None = None
@@ -487,6 +492,8 @@ class QueueEngine:
             if not self.backend.room_to_send():  # a full lossless wire: PAUSE, as it were
                 self._stalled.add(index)
                 return 0
+            if self.tx_fault is not None and q.head != q.tail:
+                self.tx_fault(q)
             sent = 0
             vectors: set[int] = set()
             outgoing: list[bytes] = []
@@ -499,11 +506,11 @@ class QueueEngine:
                 if n:
                     frames = self._gather(n)
                     sent += n
-                    self.account(self._sent_counts(frames), vectors, q)
                     if self.on_packets is not None:
                         self.on_packets("tx", index, frames)
-                    if self.frame_fault is not None:  # (lost or hurt on the wire, once sent)
-                        frames = [g for f in frames if (g := self.frame_fault("tx", index, f))]
+                    if self.frame_fault is not None:
+                        frames = self._tx_faults(q, frames, vectors)
+                    self.account(self._sent_counts(frames), vectors, q)
                     outgoing.extend(frames)
                 if err:
                     self.eth["tx_errors"] += 1
@@ -525,6 +532,22 @@ class QueueEngine:
         if not self.defer_send:
             self.flush()
         return sent
+
+    def _tx_faults(self, q: TxQueue, frames: list[bytes], vectors: set[int]) -> list[bytes]:
+        """The frame faults on a TX burst: the frames to send (changed or not); a dropped one
+        is the port's discard (``tx_discards``, not counted as sent). The descriptors are done
+        either way: the queue's vector is asked for even when nothing is left to send."""
+        assert self.frame_fault is not None
+        kept: list[bytes] = []
+        for f in frames:
+            g = self.frame_fault("tx", q.index, f)
+            if g is None:
+                self.eth["tx_discards"] += 1
+            else:
+                kept.append(g)
+        if q.vector >= 0:
+            vectors.add(q.vector)
+        return kept
 
     # -- the fast path: loopback, ring to ring ---------------------------------------------------
     @property
@@ -695,9 +718,10 @@ class QueueEngine:
         return room
 
     def _rx_faults(self, burst: dp.Burst, n: int, rxt: np.ndarray) -> None:
-        """The frame faults on a picked burst: a dropped frame is filtered out, a corrupted one
-        is changed in its row and the burst picked again (its checksum status must be the
-        changed frame's, as the hardware would check it)."""
+        """The frame faults on a picked burst: a dropped frame is filtered out and counted as
+        its queue's and the port's discard (``rx_discards``: the driver's ``ethtool -S`` sees
+        it), a corrupted one is changed in its row and the burst picked again (its checksum
+        status must be the changed frame's, as the hardware would check it)."""
         assert self.frame_fault is not None
         frames, lens, qs = burst.frames, burst.lens, burst.queue
         dropped: list[int] = []
@@ -716,7 +740,9 @@ class QueueEngine:
         if changed:
             K.rx_pick(burst, n, self.rss_context(), rxt, MAX_FRAME)
         for i in dropped:
+            self.rx[int(qs[i])].discards += 1
             qs[i] = dp.PICK_FILTERED
+        self.eth["rx_discards"] += len(dropped)
 
     def _receive_rows(
         self, frames: np.ndarray, lens: np.ndarray, n: int, gso: np.ndarray | None,

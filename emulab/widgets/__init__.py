@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "Dashboard": "emulab.widgets.dashboard",
+    "FaultsView": "emulab.widgets.views",
     "MessageView": "emulab.widgets.views",
     "PacketView": "emulab.widgets.views",
     "RateChart": "emulab.widgets.views",
@@ -21,6 +22,7 @@ _EXPORTS = {
 }
 __all__ = [
     "Dashboard",
+    "FaultsView",
     "MessageView",
     "PacketView",
     "RateChart",
@@ -32,6 +34,7 @@ __all__ = [
 if TYPE_CHECKING:
     from emulab.widgets.dashboard import Dashboard
     from emulab.widgets.views import (
+        FaultsView,
         MessageView,
         PacketView,
         RateChart,

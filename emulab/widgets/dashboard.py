@@ -9,12 +9,14 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from emulab.faults import Faults
 from emulab.pci.device import PciDevice
 from emulab.pci.registers import RegisterFile
 from emulab.server.debugger import Debugger
 from emulab.trace import Trace
 from emulab.widgets.views import (
     DebuggerView,
+    FaultsView,
     MessageView,
     PacketView,
     RateChart,
@@ -28,8 +30,10 @@ __all__ = ["Dashboard"]
 
 class Dashboard:
     """Registers (BAR and config space), vfio-user messages, virtchnl, packets and rate charts
-    of one device, in tabs under a status line. ``start()`` runs the refresh thread at ``hz``;
-    the device never waits for it (views read trace snapshots and register words)."""
+    of one device, in tabs under a status line; the debugger's tab with a ``debugger``, the
+    faults' with a device that has a ``faults`` registry (:mod:`emulab.faults`). ``start()``
+    runs the refresh thread at ``hz``; the device never waits for it (views read trace
+    snapshots and register words)."""
 
     def __init__(
         self,
@@ -61,6 +65,10 @@ class Dashboard:
         self.debugger = DebuggerView(debugger) if debugger is not None else None
         if self.debugger is not None:
             self.views.append(self.debugger)
+        faults = getattr(device, "faults", None)  # (a device with fault injection)
+        self.faults = FaultsView(faults, self.trace) if isinstance(faults, Faults) else None
+        if self.faults is not None:
+            self.views.append(self.faults)
         self._status_fn = status if status is not None else getattr(device, "status_line", None)
         self.status = widgets.HTML()
         self.status.add_class("emulab-status")

@@ -11,15 +11,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from emulab.faults import Fault
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.registers import Field, Register, RegisterFile
-from emulab.trace import AdminqRecord, MessageRecord, PacketRecord, describe
+from emulab.trace import AdminqRecord, FaultRecord, MessageRecord, PacketRecord, describe
 
 __all__ = [
     "CONFIG_HEADER",
     "RateMeter",
     "RegRow",
     "config_rows",
+    "fault_list_rows",
+    "fault_rows",
     "hexdump",
     "html_table",
     "message_rows",
@@ -136,6 +139,8 @@ Rows = list[tuple[Any, ...]]
 MESSAGE_COLUMNS = ("t", "dir", "command", "id", "args", "error", "latency_us")
 VIRTCHNL_COLUMNS = ("t", "event", "op", "status", "decoded")
 PACKET_COLUMNS = ("t", "dir", "queue", "length", "summary")
+FAULT_COLUMNS = ("t", "fault", "what")
+FAULT_LIST_COLUMNS = ("fault", "params", "state", "fired")
 
 
 def message_rows(events: Sequence[MessageRecord]) -> Rows:
@@ -178,6 +183,20 @@ def packet_summary(frame: bytes) -> str:
 def packet_rows(events: Sequence[PacketRecord]) -> Rows:
     """Packets seen on the wire: time, direction, queue, length, scapy's decoding."""
     return [(e.t, e.direction, e.queue, e.length, packet_summary(e.frame)) for e in events]
+
+
+def fault_rows(events: Sequence[FaultRecord]) -> Rows:
+    """What injected faults did: time, the fault's label, what (on, off, each fire)."""
+    return [(e.t, e.fault, e.what) for e in events]
+
+
+def fault_list_rows(faults: Iterable[Fault]) -> Rows:
+    """A device's faults: name, parameters, on or off, how many times each fired."""
+    return [
+        (f.name, ", ".join(f"{k}={v!r}" for k, v in f.params().items() if v is not None),
+         "on" if f.enabled else "off", f.fires)
+        for f in faults
+    ]  # fmt: skip
 
 
 def hexdump(data: bytes, width: int = 16) -> str:

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import abc
 import html
+import threading
 import time
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import ipywidgets as widgets
 
+from emulab.faults import Fault, Faults
 from emulab.pci.config_space import ConfigSpace
 from emulab.pci.registers import RegisterFile
 from emulab.server.debugger import Debugger
-from emulab.trace import AdminqRecord, MessageRecord, PacketRecord, Record, Trace
+from emulab.trace import AdminqRecord, FaultRecord, MessageRecord, PacketRecord, Record, Trace
 from emulab.widgets import tables
 from emulab.widgets.painter import ChartFrame, PainterProcess
 
 __all__ = [
     "DebuggerView",
+    "FaultRecordView",
+    "FaultsView",
     "MessageView",
     "PacketView",
     "RateChart",
@@ -324,3 +328,75 @@ class DebuggerView(View):
             else "<i>no breakpoints: server.debugger.break_on('REGISTER')</i>"
         )
         _set(self.table, "value", table)
+
+
+class FaultRecordView(_TraceTable[FaultRecord]):
+    """What injected faults did (:class:`~emulab.trace.FaultRecord`): switched on or off, and
+    each time one acted."""
+
+    record, title, limit, columns = FaultRecord, "fault records", 20, tables.FAULT_COLUMNS
+
+    def rows(self, events: list[FaultRecord]) -> tables.Rows:
+        return tables.fault_rows(events)
+
+
+class FaultsView(View):
+    """A device's injected faults (its :class:`~emulab.faults.Faults` registry): each with its
+    parameters, on or off, and how many times it fired, a toggle that switches it on or off,
+    and below, what they did (the newest FaultRecords of the trace). The toggles are the only
+    thing here that acts on the device, through the registry, as a cell would."""
+
+    title = "faults"
+
+    def __init__(self, faults: Faults, trace: Trace) -> None:
+        self.faults = faults
+        self.table = widgets.HTML()
+        self.table.add_class("emulab-faults")
+        self.toggles: dict[Fault, widgets.ToggleButton] = {}
+        self.switches = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
+        self.records = FaultRecordView(trace)
+        self._listed: tuple[int, ...] | None = None
+        self._refreshing = threading.local()  # (a toggle's value written by refresh: no click)
+        self.widget = widgets.VBox(
+            [widgets.HTML(tables.STYLE), self.table, self.switches, self.records.widget]
+        )
+
+    def _toggle(self, fault: Fault) -> widgets.ToggleButton:
+        button = widgets.ToggleButton(
+            value=fault.enabled,
+            description=fault.label,
+            tooltip=f"switch {fault.label} on or off",
+            layout=widgets.Layout(width="auto"),
+        )
+        button.observe(lambda change: self._clicked(fault, change["new"]), names="value")
+        return button
+
+    def _clicked(self, fault: Fault, on: bool) -> None:
+        if getattr(self._refreshing, "on", False) or on == fault.enabled:
+            return
+        if on:
+            fault.on()
+        else:
+            fault.off()
+
+    def refresh(self) -> None:
+        faults = list(self.faults)
+        listed = tuple(map(id, faults))
+        self._refreshing.on = True
+        try:
+            if listed != self._listed:  # a fault added or removed: the toggles follow
+                self._listed = listed
+                self.toggles = {f: self.toggles.get(f) or self._toggle(f) for f in faults}
+                self.switches.children = tuple(self.toggles.values())
+            for f, button in self.toggles.items():
+                _set(button, "value", f.enabled)
+                _set(button, "button_style", "danger" if f.enabled else "")
+        finally:
+            self._refreshing.on = False
+        table = (
+            tables.html_table(tables.FAULT_LIST_COLUMNS, tables.fault_list_rows(faults))
+            if faults
+            else "<i>no faults: device.faults.add(DropIrq(vector=1)), or --fault on the CLI</i>"
+        )
+        _set(self.table, "value", table)
+        self.records.refresh()

@@ -185,6 +185,30 @@ def test_drop_frames_by_direction_queue_predicate_and_rate(rig: Rig) -> None:
     assert len(roundtrip(drv, [udp(i) for i in range(8)])) == 8
 
 
+@pytest.mark.parametrize("mode", ["interrupt", "poll"])
+def test_dropped_frames_are_the_ports_discards_in_get_stats(rig: Rig, mode: str) -> None:
+    """An RX drop is a frame the guest would have had: its queue's and the port's rx_discards
+    (GET_STATS: what ethtool -S shows) move by exactly the frames dropped; a TX drop is the
+    port's tx_discards, not counted as sent."""
+    drv, dev = rig(mode=mode)
+    before = drv.stats()
+    odd = dev.faults.add(DropFrames(direction="rx", match=lambda f: f[-1] & 1 == 1))
+    got = roundtrip(drv, [udp(i, payload_byte=i) for i in range(7)], timeout=0.5)
+    assert len(got) == 4 and odd.fires == 3
+    after = drv.stats()
+    assert after["rx_discards"] - before["rx_discards"] == 3
+    assert after["rx_unicast"] - before["rx_unicast"] == 4
+    assert after["tx_unicast"] - before["tx_unicast"] == 7 and after["tx_discards"] == 0
+    assert dev.queues.rx[0].discards == 3
+    dev.faults.clear()
+    lost = dev.faults.add(DropFrames(direction="tx", count=2))
+    assert len(roundtrip(drv, [udp(i) for i in range(5)], timeout=0.5)) == 3
+    final = drv.stats()
+    assert final["tx_discards"] == lost.fires == 2
+    assert final["tx_unicast"] - after["tx_unicast"] == 3
+    assert final["rx_discards"] == after["rx_discards"]  # (lost on TX: never offered to RX)
+
+
 def test_frame_faults_in_polling_mode(rig: Rig) -> None:
     drv, dev = rig(mode="poll")
     assert dev.poller is not None and drv.bar0_maps  # doorbells are stores: the poller sees them
@@ -282,14 +306,27 @@ def test_pf_initiated_vf_reset_then_the_driver_brings_up_again(rig: Rig) -> None
     assert len(roundtrip(drv, [udp(1)])) == 1
 
 
-def test_bad_descriptor_stops_the_queue_and_a_reset_recovers(rig: Rig) -> None:
-    drv, dev = rig()
+@pytest.mark.parametrize("mode", ["interrupt", "poll"])
+def test_bad_descriptor_stops_the_queue_and_a_reset_recovers(rig: Rig, mode: str) -> None:
+    """In polling mode the TX tail is a store into the mmapped page, no message: the poller
+    sees it move and the fault acts before the descriptor is read, as at a doorbell message."""
+    drv, dev = rig(mode=mode)
+    assert bool(drv.bar0_maps) == (mode == "poll")
+    messages = dev.core.tail_messages
     bad = dev.faults.add(BadDescriptor("tx", queue=0))
+    assert not dev.queues.fast  # (the poll kernel hands the moved tail to Python)
     assert roundtrip(drv, [udp(1)], timeout=0.3) == []
     assert dev.queues.tx[0].error == "buffer outside guest memory"
+    assert not dev.queues.tx[0].enabled and dev.queues.eth["tx_errors"] == 1
     wait_until(lambda: not bad.enabled, 2, "one shot")
+    assert fired(dev, "bad-descriptor") == [
+        "on", f"tx q0 desc {dev.queues.tx[0].head}: buffer address 0xbad000000000000", "off"
+    ]  # fmt: skip
     errors = [r for r in dev.trace.snapshot(DeviceRecord) if r.event == "tx-queue-error"]
     assert errors and errors[0].queue == 0
+    if mode == "poll":
+        assert dev.core.tail_messages == messages  # no doorbell message: the poller's kick
+        assert dev.queues.fast  # the fault spent: the fast path is back
     drv.reset_vf()
     drv.bring_up()
     assert len(roundtrip(drv, [udp(2)])) == 1

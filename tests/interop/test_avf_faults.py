@@ -8,6 +8,12 @@ watchdog asks every 2 s; iavf says so in dmesg), and a PF gone silent for 5 s (i
 its one request in flight, then carries on once the replies come), and two queue interrupts
 lost (the vector stays masked until the driver's watchdog kicks the queue: pings come back
 within seconds). The guest stops looping when the host's web server says done.
+
+A second boot (a live guest, commands one after another) meets three more: GET_VF_RESOURCES
+answered 1.5 s late at probe (iavf asks again meanwhile, waits, comes up), three echo replies
+dropped on RX (the ping loses exactly those; ``ethtool -S`` counts them in rx_discards), and a
+bad buffer address in the next TX descriptor (the queue stops; the kernel's TX watchdog calls
+iavf's timeout handler, which resets the VF: traffic is back with no help from the PF).
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from typing import Any
 import pytest
 
 from emulab.avf.device import AvfDevice
-from emulab.avf.faults import LinkFlap, RefuseOp, StallAdminq, VfReset
-from emulab.faults import DropIrq
+from emulab.avf.faults import BadDescriptor, DelayOp, LinkFlap, RefuseOp, StallAdminq, VfReset
+from emulab.faults import DropFrames, DropIrq
+from emulab.qemu import start_guest
 from emulab.server import VfioUserServer
-from emulab.trace import DeviceRecord, FaultRecord
+from emulab.trace import AdminqRecord, DeviceRecord, FaultRecord
 from tests.interop.test_avf_linux import MAC, WAIT_CARRIER, WAIT_IFACE, Tap
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("root_only")]
@@ -173,3 +180,89 @@ def test_iavf_rides_out_link_flap_pf_reset_refused_op_and_stall(
     assert "Reset indication received from the PF" in out, out
     assert "PF returned error -5 (IAVF_ERR_PARAM) to our request 15" in out, out
     assert "loop_done=300" not in out, "the host never said done"
+
+
+# -- one live guest: a late reply at probe, lost replies, a bad TX descriptor ----------------------
+# a ping that fails (the TX queue stops), then one a second until one comes back (iavf's TX
+# watchdog, then its reset), the counters as GET_STATS has them 2 s later, and iavf's dmesg
+HUNG = """
+ping -c 1 -W 1 {host} >/dev/null; echo first_rc=$?
+i=0; while [ $i -lt 60 ]; do i=$((i+1)); ping -c 1 -W 1 {host} >/dev/null && break; done
+echo tries=$i; sleep 2.5; ethtool -S {nic} | grep tx_errors; dmesg | grep iavf
+"""
+
+
+def echo_reply(frame: bytes) -> bool:
+    """An IPv4 ICMP echo reply (what the host answers the guest's ping with)."""
+    return len(frame) > 34 and frame[12:14] == b"\x08\x00" and frame[23] == 1 and frame[34] == 0
+
+
+def ethtool_stats(text: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"^\s*([\w.-]+): (\d+)$", text, re.M)}
+
+
+def aq_times(dev: AvfDevice, event: str, op: str) -> list[float]:
+    return [r.t for r in dev.trace.snapshot(AdminqRecord) if r.event == event and r.op == op]
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7"])
+def test_iavf_meets_a_late_reply_lost_frames_and_a_bad_tx_descriptor(
+    qemu_ready: object, tmp_path: Path, tap_wire: Tap, kernel: str
+) -> None:
+    """One boot, three faults. GET_VF_RESOURCES answered 1.5 s late at probe: iavf asks again
+    meanwhile, waits for the reply and comes up. Three echo replies dropped on RX: the guest's
+    ping loses exactly those, and ``ethtool -S`` shows them as rx_discards. A bad buffer
+    address in the next TX descriptor: the TX queue stops with an error; iavf's TX watchdog
+    finds the queue hung, the driver resets the VF itself, and traffic comes back."""
+    t = tap_wire
+    dev = AvfDevice(backend=t.backend, mac=MAC)
+    server = VfioUserServer(dev, tmp_path / "avf.sock").start()
+    late = dev.faults.add(DelayOp("GET_VF_RESOURCES", seconds=1.5))
+    guest = start_guest(sockets=[server.socket_path], modules=("iavf",), kernel=kernel)
+    try:
+        up = guest.sh(
+            WAIT_IFACE + f"ip link set $IF up; ip addr add {GUEST}/24 dev $IF\n" + WAIT_CARRIER
+            + f"ping -c 2 -W 2 {HOST} >/dev/null; echo ping_rc=$?",
+            timeout=120,
+        )  # fmt: skip
+        print(f"\n[{kernel}] up in {up.duration:.1f} s:\n{up.out}")
+        assert "carrier=1" in up.out and "ping_rc=0" in up.out, up.out
+        iface = re.search(r"iface=(\w+)", up.out)
+        assert iface, up.out
+        nic = iface[1]
+        # a late reply: iavf waited for it (its next request only after it came)
+        asked = aq_times(dev, "aq-request", "GET_VF_RESOURCES")
+        answered = aq_times(dev, "aq-reply", "GET_VF_RESOURCES")
+        irq_map = aq_times(dev, "aq-request", "CONFIG_IRQ_MAP")
+        print(f"GET_VF_RESOURCES asked at {asked}, answered at {answered}; IRQ map at {irq_map}")
+        assert answered[0] - asked[0] >= 1.4 and irq_map[0] > answered[0], (asked, answered)
+        assert late.fires == len(asked) >= 2  # (iavf's init asks again when none came)
+        dev.faults.remove(late)
+        # echo replies lost on RX: the ping misses exactly those; the port counts them
+        discards = dev.queues.eth["rx_discards"]
+        drop = dev.faults.add(DropFrames(direction="rx", match=echo_reply, count=3))
+        ping = guest.sh(f"ping -c 6 -i 0.3 -W 2 {HOST}; sleep 2.5; ethtool -S {nic}", timeout=60)
+        print(ping.out[: ping.out.find("NIC statistics")])
+        assert "6 packets transmitted, 3 packets received" in ping.out, ping.out
+        assert drop.fires == 3 and dev.queues.eth["rx_discards"] - discards == 3
+        stats = ethtool_stats(ping.out)
+        assert stats["rx_discards"] == dev.queues.eth["rx_discards"], ping.out  # via GET_STATS
+        # a bad TX descriptor: the queue stops; iavf's TX watchdog resets the VF; traffic again
+        bad = dev.faults.add(BadDescriptor("tx", queue=0))
+        t0 = time.monotonic()
+        hung = guest.sh(HUNG.format(host=HOST, nic=nic), timeout=120)
+        print(f"back after {time.monotonic() - t0:.1f} s:\n{hung.out}")
+        assert "first_rc=1" in hung.out and bad.fires == 1, hung.out
+        errors = [r for r in dev.trace.snapshot(DeviceRecord) if r.event == "tx-queue-error"]
+        assert [(r.queue, r.error) for r in errors] == [(0, "buffer outside guest memory")]
+        asked_reset = [x for x in aq_times(dev, "aq-request", "RESET_VF") if x > errors[0].t]
+        resets = [r.t for r in dev.trace.snapshot(DeviceRecord) if r.event == "vf-reset"]
+        assert asked_reset and [x for x in resets if x > asked_reset[0]], "no VF reset asked"
+        tries = re.search(r"tries=(\d+)", hung.out)
+        assert tries and int(tries[1]) < 60, hung.out
+        assert "transmit queue 0 timed out" in hung.out, hung.out
+        assert re.search(r"tx_errors: 1$", hung.out, re.M), hung.out
+    finally:
+        guest.stop()
+        server.stop()
+        dev.close()

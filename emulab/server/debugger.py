@@ -57,7 +57,10 @@ what *changes* the device under its lock (``dev.set_link``, ``dev.vf_reset``, ``
 waits for the paused thread: continue first. A stop is never made on the interpreter's main
 thread -- where a notebook's cells run: a cell whose call makes the device act (an injected
 frame, a link event) would wait for a ``cont`` only it could give -- it is counted and recorded
-(``hit``) and the call goes on.
+(``hit``) and the call goes on. What a stop does not hold: threads that need none of the held
+locks go on -- in polling mode the poll thread moves frames the guest has already posted while
+the session's thread is held (unless the device lock it then wants is held), and a wire's reader
+delivers into posted RX buffers unless the queue engine's lock is held.
 
 The debugger lets everything go when the server stops (:meth:`Debugger.release`) and when the
 client leaves: every waiting thread looks every ``POLL`` seconds whether the client's socket was

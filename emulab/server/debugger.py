@@ -134,6 +134,8 @@ class Debugger:
         self.active = False  # a register breakpoint, or a step pending: the session asks us
         self.holding = False  # a thread waits at a stop: the session holds messages
         self.last_error: str | None = None  # a bug met while looking at a record
+        with self._cond:
+            self._sync()  # (register breakpoints given at construction)
 
     # -- what a notebook calls -------------------------------------------------------------------
     @property

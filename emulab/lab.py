@@ -208,7 +208,9 @@ class Lab(Generic[D]):
     @property
     def debugger(self) -> Debugger:
         """The server's :class:`~emulab.server.debugger.Debugger`: watchpoints and breakpoints
-        on the device's register accesses (``lab.debugger.break_on("VF_ATQT1")``)."""
+        on the device's register accesses (``lab.debugger.break_on("VF_ATQT1")``) and on what
+        it does (``break_on_virtchnl("GET_VF_RESOURCES")``, ``break_on_irq(1)``,
+        ``break_on_packets(predicate)``, ``break_on_dma(start, end)``)."""
         return self.server.debugger
 
     def show_dashboard(self, hz: float = 5.0) -> Any:

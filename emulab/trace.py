@@ -3,8 +3,12 @@
 Models record typed records (one frozen dataclass per kind: :class:`PacketRecord`,
 :class:`MessageRecord`, ...) into bounded ring buffers, one per kind; views read snapshots of a
 record type on a timer, or subscribe. Recording is cheap (the trace stamps the record's ``t`` and
-appends it under a lock) and never blocks on a subscriber: a subscriber that raises is dropped,
-not propagated into the device.
+appends it under a lock) and never waits for a subscriber's lock: subscribers run on the
+recording thread once the trace's lock is let go (the debugger's breakpoints hold that thread
+there, on purpose); a subscriber that raises is dropped, not propagated into the device. A
+subscriber that must see records of a kind *as they happen* says so (:meth:`Trace.set_live`):
+a model that batches them -- the polling thread records its kernel's packets when the kernel
+returns -- then makes them one burst at a time.
 
 What is buffered leaves the session as flat tables (:meth:`Trace.to_pandas`, and files:
 :meth:`Trace.to_parquet`, :meth:`Trace.to_jsonl`) and the packets as a capture
@@ -95,7 +99,8 @@ class RegisterRecord(Record):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IrqRecord(Record):
     """An interrupt line's event (``what``: fire, mask, ... from the device; assign, deassign,
-    disable, resample, ... from a client's SET_IRQS, which also says how many vectors)."""
+    disable, resample, ... from a client's SET_IRQS, which also says how many vectors). A
+    ``fire`` is recorded as the line is about to be signalled (so a breakpoint stops before)."""
 
     kind: ClassVar[str] = "irq"
     device: str
@@ -192,9 +197,13 @@ class ClientRecord(Record):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DebugRecord(Record):
-    """A watchpoint or breakpoint at a register access (``emulab.server.debugger``): ``hit``
-    (a breakpoint matched), ``watch`` (a watchpoint did), ``paused`` and ``resumed`` (the
-    access held and let go, ``value`` as it went on)."""
+    """A watchpoint or breakpoint (``emulab.server.debugger``): ``hit`` (a breakpoint
+    matched), ``watch`` (a watchpoint did), ``paused`` and ``resumed`` (the thread held and let
+    go; a register access's ``value`` as it went on). At a register access ``op`` is ``read``
+    or ``write``; at a device event it is the event's kind -- ``virtchnl``, ``irq``,
+    ``packet``, ``dma`` -- with ``region`` -1, ``name`` what it was (``GET_VF_RESOURCES``,
+    ``vector 1``, ``tx q0``, ``write 0x1000+0x20``) and ``value`` the opcode, vector or length
+    (a watchpoint on an event: ``op`` the record kind, ``name`` its label, ``value`` its hits)."""
 
     kind: ClassVar[str] = "debug"
     event: str
@@ -257,6 +266,9 @@ class Trace:
     _subscribers: tuple[Subscriber, ...] = ()  # replaced, never mutated: read without a copy
     _probes: dict[str, Probe] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _live: dict[int, frozenset[str]] = field(default_factory=dict)  # by owner: kinds wanted live
+    _live_kinds: frozenset[str] = frozenset()
+    _live_listeners: tuple[Callable[[], None], ...] = ()
 
     def record(self, rec: Record) -> None:
         """Stamp ``rec.t`` and keep it (a record is recorded once, by the model that made it)."""
@@ -288,6 +300,37 @@ class Trace:
                 subs = list(self._subscribers)
                 subs.remove(fn)
                 self._subscribers = tuple(subs)
+
+    def set_live(self, owner: object, kinds: Iterable[str]) -> None:
+        """``owner`` (a debugger) needs the records of these kinds (``"packet"``) as they
+        happen, on the thread that makes them; none: no longer. Models that batch a kind stop
+        batching it while anyone wants it live; they hear of a change through
+        :meth:`on_live_change` (called on this thread: they must not block)."""
+        wanted = frozenset(kinds)
+        with self._lock:
+            if wanted:
+                self._live[id(owner)] = wanted
+            else:
+                self._live.pop(id(owner), None)
+            before, self._live_kinds = self._live_kinds, frozenset().union(*self._live.values())
+            listeners = self._live_listeners if self._live_kinds != before else ()
+        for fn in listeners:
+            fn()
+
+    def live(self, kind: str) -> bool:
+        """Whether someone needs records of ``kind`` as they happen (see :meth:`set_live`)."""
+        return kind in self._live_kinds
+
+    def on_live_change(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn()`` whenever the kinds wanted live change; returns what stops that."""
+        with self._lock:
+            self._live_listeners = (*self._live_listeners, fn)
+
+        def stop() -> None:
+            with self._lock:
+                self._live_listeners = tuple(f for f in self._live_listeners if f is not fn)
+
+        return stop
 
     def add_probe(self, name: str, fn: Probe) -> None:
         """A model's running counters (``{"tx_packets.q0": n, ...}``), read by views on their

@@ -29,6 +29,7 @@ EXPECT = {  # text each notebook must print (computed live, not stored)
         "message: VERSION",
         "GET_VF_RESOURCES",
         "link up: True",
+        "paused at virtchnl GET_VF_RESOURCES request",
         "link up after the reset: True",
         "virtchnl requests",
         "vf-reset",

@@ -141,14 +141,26 @@ class AvfCore:
         regs.on_write("QRX_TAIL", lambda i, old, new: self.queues.rx_tail(i, new))
         BUILDER.start()  # kernels compiled in a child process; interpreted until loaded here
         BUILDER.subscribe(self._kernels_trace)
-        self.poller = Poller(self.queues, regs.words, POLL_LAYOUT) if poll else None
+        self.poller = (
+            Poller(self.queues, regs.words, POLL_LAYOUT, live=self._packets_live) if poll else None
+        )
+        self._live_stop = trace.on_live_change(self._live_changed)
         if self.poller is not None:
             self.poller.start()
 
     def close(self) -> None:
         BUILDER.unsubscribe(self._kernels_trace)
+        self._live_stop()
         if self.poller is not None:
             self.poller.stop()
+
+    def _packets_live(self) -> bool:
+        """Packets are wanted as they move (a packet breakpoint: see ``Trace.set_live``)."""
+        return self.trace.live(PacketRecord.kind)
+
+    def _live_changed(self) -> None:
+        if self.poller is not None:
+            self.poller.live_changed()
 
     # -- doorbells and causes --------------------------------------------------------------------
     def _tx_doorbell(self, queue: int, tail: int) -> None:

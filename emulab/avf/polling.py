@@ -34,6 +34,7 @@ import ctypes
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -76,13 +77,18 @@ class Poller:
         layout: tuple[int, int, int, int],
         *,
         nap: float = 0.0005,
+        live: Callable[[], bool] = lambda: False,
     ) -> None:
         """``layout``: word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01, DYN_CTLN[0];
-        ``nap``: the longest nap of an idle loop, in seconds (0: the kernel returns instead)."""
+        ``nap``: the longest nap of an idle loop, in seconds (0: the kernel returns instead);
+        ``live()``: whether the packet trace is wanted as it happens (a packet breakpoint):
+        then the kernel only watches the tails and hands each TX burst to Python's path, which
+        records it at once (the kernel's own records wait until it returns)."""
         self.engine = engine
         self.regs = regs
         self.layout = np.array(layout, dtype=np.int64)
         self.nap = nap
+        self.live = live
         self.ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)  # the kernel's control words
         self.ctl[dp.POLL_WAKE] = -1
         self._acc = np.zeros(dp.OUT, dtype=np.int64)
@@ -125,6 +131,13 @@ class Poller:
     def native_id(self) -> int | None:
         """The poll thread's OS thread id while it runs (for ``/proc/self/task/<id>``, taskset)."""
         return self._thread.native_id if self._thread is not None else None
+
+    def live_changed(self) -> None:
+        """The packet trace is now wanted as it happens: a kernel call under way hands TX
+        bursts to Python from its next loop on (its nap ended). Blocks on nothing."""
+        if self.live():
+            self.ctl[dp.POLL_FORWARD] = 0
+            self.engine.lock.nudge()
 
     def hold(self, mask: int) -> None:
         """Vectors whose cause Python has latched already: the kernel need not return for them."""
@@ -178,7 +191,7 @@ class Poller:
         ctl = self.ctl
         ctl[dp.POLL_SNAPS] = 0
         ctl[dp.POLL_WRITES] = 0
-        ctl[dp.POLL_FORWARD] = 1 if e.ring_to_ring else 0
+        ctl[dp.POLL_FORWARD] = 1 if e.ring_to_ring and not self.live() else 0
         # Until the compiled loop is loaded the interpreted one runs: it returns after a few
         # idle loops instead of napping inside, so that the next call can be the compiled one.
         self.compiled = compiled = K.poll.is_compiled(len(fast.maps.arrays))

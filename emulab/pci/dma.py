@@ -91,6 +91,9 @@ class GuestMemory:
     # called (region, text) on the guard's watcher thread when a map's file shrank under it
     on_fault: list[Callable[[DmaRegion, str], None]] = field(default_factory=list)
     unsealed: Literal["guard", "refuse"] = "guard"  # files that could still shrink (see above)
+    # called (op "read" | "write", iova, length) before each :meth:`read` and :meth:`write`,
+    # on the accessing thread, outside this object's lock (the debugger's DMA breakpoints)
+    on_access: Callable[[str, int, int], None] | None = None
     stats: dict[str, int] = field(
         default_factory=lambda: {
             "maps": 0,
@@ -283,6 +286,8 @@ class GuestMemory:
         return r.view()[off : off + n]
 
     def read(self, iova: int, length: int) -> bytes:
+        if self.on_access is not None:
+            self.on_access("read", iova, length)
         out = bytearray()
         for r, off, n in self._spans(iova, length, write=False):
             if r.mapped:
@@ -296,6 +301,8 @@ class GuestMemory:
 
     def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data).cast("B")
+        if self.on_access is not None:
+            self.on_access("write", iova, len(mv))
         done = 0
         for r, off, n in self._spans(iova, len(mv), write=True):
             if r.mapped:

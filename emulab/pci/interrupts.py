@@ -112,7 +112,9 @@ class IrqInfo:
 
 
 Observer = Callable[[IrqKind, int, str], None]
-"""``observer(kind, vector, what)`` with what in {"fire", "pend", "drop", "unmask"}: for traces."""
+"""``observer(kind, vector, what)`` with what in {"fire", "pend", "drop", "unmask"}: for traces.
+A "fire" is told as the line is about to be signalled, under the block's lock (the debugger's
+interrupt breakpoints stop there, before the client sees the interrupt)."""
 
 
 class _Vectors:
@@ -206,8 +208,8 @@ class Msix:
                 self._note(vector, "pend")
                 return False
             self.pending[vector] = False
+            self._note(vector, "fire")  # (before the signal: a breakpoint on it stops there)
             line.trigger()
-            self._note(vector, "fire")
             return True
 
     def deliver_pending(self) -> None:
@@ -217,8 +219,8 @@ class Msix:
                 line = self.state.lines[vec]
                 if line is not None and self.enabled and not self.is_masked(vec):
                     self.pending[vec] = False
-                    line.trigger()
                     self._note(vec, "fire")
+                    line.trigger()
 
     def _note(self, vector: int, what: str) -> None:
         if self.observer is not None:
@@ -340,9 +342,9 @@ class Intx:
                 return
             self.state.masked[0] = True  # automasked until the client unmasks
             self.fired += 1
-            line.trigger()
-            if self.observer is not None:
+            if self.observer is not None:  # (before the signal, as MSI-X's)
                 self.observer(IrqKind.INTX, 0, "fire")
+            line.trigger()
 
     def reset(self) -> None:
         with self.lock:

@@ -20,8 +20,9 @@ import threading
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from emulab.pci.dma import GuestMemory
 from emulab.pci.interface import Device
-from emulab.server.debugger import Breakpoint, Debugger, Stop
+from emulab.server.debugger import Breakpoint, Debugger, EventWatch, Stop
 from emulab.server.session import HandlerError, ServerStats, Session
 from emulab.server.threads import SwitchInterval, Worker
 from emulab.trace import ClientRecord, Trace, describe
@@ -33,6 +34,7 @@ from emulab.vfio_user.errors import ProtocolError
 __all__ = [
     "Breakpoint",
     "Debugger",
+    "EventWatch",
     "HandlerError",
     "ServerStats",
     "Stop",
@@ -73,7 +75,11 @@ class VfioUserServer(Generic[D]):
         self.trace = trace if trace is not None else device.trace
         self.stats = ServerStats()
         name_at = getattr(device, "name_at", None)  # (PciDevice's: registers by name)
-        self.debugger = Debugger(self.trace, name_at) if name_at else Debugger(self.trace)
+        memory = getattr(device, "memory", None)  # (PciDevice's: DMA breakpoints watch it)
+        memory = memory if isinstance(memory, GuestMemory) else None
+        self.debugger = Debugger(self.trace, memory=memory)
+        if name_at is not None:
+            self.debugger.name_at = name_at
         self.dma_layout = dma_layout
         self.trace_messages = trace_messages
         self.last_error: str | None = None
@@ -162,6 +168,17 @@ class VfioUserServer(Generic[D]):
     @property
     def connected(self) -> bool:
         return self._session is not None
+
+    @property
+    def backlog(self) -> int:
+        """Bytes the client sent that the server has not handled yet -- in the socket, or read
+        and not yet taken as a message: what waits behind a paused device (0: no client)."""
+        session = self._session
+        if session is None:
+            return 0
+        with session.endpoint.lock:
+            buffered = session.conn.buffered
+        return session.channel.unread() + buffered
 
     def status(self) -> dict[str, Any]:
         return {

@@ -116,7 +116,12 @@ class Session:
 
     # -- the loop (on the server thread) -------------------------------------------------------
     def run(self) -> None:
-        self.end_reason = self.endpoint.run()
+        debugger = self.server.debugger
+        debugger.client_attached(self.channel.peer_gone)  # (a held thread looks whether it left)
+        try:
+            self.end_reason = self.endpoint.run()
+        finally:
+            debugger.client_left()  # (nothing stays held for a client that is gone)
 
     def _protocol_error(self, text: str) -> None:
         self.server.trace.record(ClientRecord(event="protocol-error", error=text))
@@ -132,6 +137,8 @@ class Session:
     def dispatch(self, event: Request | BadRequest) -> None:
         """Handle one command; the one place where failures become error replies."""
         server = self.server
+        if server.debugger.holding:  # a thread waits at a stop: this message waits behind it
+            server.debugger.hold()
         server.stats.messages += 1
         t0 = time.perf_counter()
         if isinstance(event, BadRequest):

@@ -11,9 +11,12 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import fcntl
 import os
+import select
 import socket
 import stat
+import termios
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +25,7 @@ __all__ = ["Channel", "ChannelClosed", "UnixListener", "channel_pair"]
 
 MAX_FDS = 16  # the most any vfio-user peer may send in one message (QEMU's limit)
 RECV_SIZE = 1 << 16
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # (Linux's: the peer closed its end)
 
 
 class ChannelClosed(ConnectionError):
@@ -76,6 +80,28 @@ class Channel:
             except OSError as exc:
                 raise ChannelClosed(str(exc)) from exc
             self.bytes_out += len(data)
+
+    def peer_gone(self) -> bool:
+        """Whether the peer closed its end (or this end was shut down), told without reading:
+        what the peer sent before it left stays unread. For a thread that waits instead of
+        reading (a paused server's)."""
+        if self._closed:
+            return True
+        poller = select.poll()
+        try:
+            poller.register(self.sock, POLLRDHUP)  # (POLLHUP, POLLERR, POLLNVAL come anyway)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # (closed under us)
+            return True
+
+    def unread(self) -> int:
+        """Bytes the peer sent that wait unread (a paused reader's backlog)."""
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.sock, termios.FIONREAD, count, True)
+        except (OSError, ValueError):
+            return 0
+        return count[0]
 
     def shutdown(self) -> None:
         """Wake a thread blocked in ``recv`` (it sees EOF) without closing the fd under it."""

@@ -302,6 +302,11 @@ class Connection:
         return self._max_size
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken as events (:meth:`next_event`)."""
+        return len(self._buf) - self._pos
+
+    @property
     def outstanding(self) -> Mapping[int, Message]:
         """Our commands still waiting for a reply, by msg_id."""
         return MappingProxyType(self._outstanding)

@@ -289,8 +289,9 @@ class RateChart(View):
 
 
 class DebuggerView(View):
-    """The server's breakpoints and watchpoints, where the device is paused (the access and its
-    value), and continue / step / clear buttons (``emulab.server.debugger``)."""
+    """The server's breakpoints and watchpoints (register accesses and device events), where the
+    device is paused (the access and its value, or the event) and on which thread, how many
+    stops wait their turn, and continue / step / clear buttons (``emulab.server.debugger``)."""
 
     title = "debugger"
 
@@ -313,7 +314,13 @@ class DebuggerView(View):
             state = "<b>running</b>"
         else:
             why = stop.breakpoint.describe() if stop.breakpoint is not None else "step"
-            state = f"<b>paused</b> at {html.escape(stop.describe())} ({html.escape(why)})"
+            state = (
+                f"<b>paused</b> at {html.escape(stop.describe())} ({html.escape(why)}) "
+                f"on {html.escape(stop.thread)}"
+            )
+            waiting = len(self.debugger.waiting)
+            if waiting:
+                state += f"; {waiting} more waiting"
         _set(self.state, "value", state)
         _set(self.cont, "disabled", stop is None)
         _set(self.step, "disabled", stop is None)
@@ -325,7 +332,9 @@ class DebuggerView(View):
         table = (
             f"<table><tr><th>breakpoint</th><th>hits</th><th></th></tr>{rows}</table>"
             if rows
-            else "<i>no breakpoints: server.debugger.break_on('REGISTER')</i>"
+            else "<i>no breakpoints: server.debugger.break_on('REGISTER'), "
+            "break_on_virtchnl('OP'), break_on_irq(VECTOR), break_on_packets(PREDICATE), "
+            "break_on_dma(START, END)</i>"
         )
         _set(self.table, "value", table)
 

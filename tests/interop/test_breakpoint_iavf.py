@@ -1,7 +1,10 @@
-"""A breakpoint with a real driver: Linux iavf's first admin-queue doorbell (VF_ATQT1) pauses
-the device while the guest's vCPU waits in QEMU for the write's reply; the descriptor it posted
-is read from guest memory; the device continues and the guest still gets link. In both modes,
-and paused for longer than QEMU's default reply timeout."""
+"""Breakpoints with a real driver, in one boot per mode: Linux iavf's first admin-queue doorbell
+(VF_ATQT1) pauses the device while the guest's vCPU waits in QEMU for the write's reply; the
+descriptor it posted is read from guest memory; then a breakpoint on the virtchnl op iavf sends
+next at probe (GET_VF_RESOURCES) pauses the device once the PF has handled it and before its
+reply is posted, while the guest stands still (nothing more reaches the server); the device
+continues and the guest still gets link. In both modes, the first pause longer than QEMU's
+default reply timeout."""
 
 from __future__ import annotations
 
@@ -12,22 +15,25 @@ import pytest
 
 from emulab import Lab
 from emulab.avf import virtchnl as vc
-from emulab.avf.descriptors import AqDescriptor, AqOpcode
+from emulab.avf.admin_queue import LEN_MASK
+from emulab.avf.descriptors import AqDescriptor, AqFlags, AqOpcode
 from emulab.avf.device import AvfDevice
 from emulab.trace import AdminqRecord, DebugRecord
 
 pytestmark = pytest.mark.interop
 PAUSE = 7.0  # seconds the device stays paused (QEMU alone gives up on a reply after 5)
+STILL = 3.0  # seconds the guest is watched standing still at the virtchnl breakpoint
 
 
 @pytest.mark.parametrize("mode", ["interrupt", "poll"])
 def test_break_on_iavfs_first_doorbell_inspect_and_continue(qemu_ready: object, mode: str) -> None:
     dev = AvfDevice(mode=mode)
     with Lab(dev) as lab:
+        dbg = lab.debugger
         # (iavf first writes 0 there, setting the queue up: the doorbell is the first non-zero)
-        bp = lab.debugger.break_on("VF_ATQT1", op="write", when=lambda tail: tail != 0)
+        bp = dbg.break_on("VF_ATQT1", op="write", when=lambda tail: tail != 0)
         run = lab.boot_linux()
-        stop = lab.debugger.wait(300)
+        stop = dbg.wait(300)
         assert stop is not None, "iavf never rang the admin queue's doorbell"
         assert stop.name == "VF_ATQT1" and stop.value == 1  # its first message: descriptor 0
         held = time.monotonic()
@@ -41,14 +47,37 @@ def test_break_on_iavfs_first_doorbell_inspect_and_continue(qemu_ready: object, 
         # the guest's vCPU waits -- past QEMU's own 5 s reply timeout: with breakpoints set, the
         # lab boots QEMU with a debugging session's (Lab.DEBUG_MSG_TIMEOUT)
         time.sleep(PAUSE)
-        lab.debugger.remove(bp)
-        lab.debugger.cont()
+        dbg.remove(bp)
+        vbp = dbg.break_on_virtchnl("GET_VF_RESOURCES")
+        dbg.cont()
+        assert time.monotonic() - held >= PAUSE
+        # the next probe message: held once the PF has handled it, before its reply is posted
+        stop = dbg.wait(120)
+        assert stop is not None, "iavf never asked for its resources"
+        assert stop.describe() == "virtchnl GET_VF_RESOURCES request", stop.describe()
+        assert stop.thread.endswith("-server") and stop.breakpoint is vbp
+        assert stop.record is not None and isinstance(stop.record.decoded, vc.GetVfResources)
+        arqh = dev.regs.get("VF_ARQH1")
+        index = (dev.regs.get("VF_ATQT1") - 1) % (dev.regs.get("VF_ATQLEN1") & LEN_MASK)
+        desc = AqDescriptor.unpack(dev.memory.read(base + 32 * index, 32))
+        assert desc.cookie_high == vc.Op.GET_VF_RESOURCES and not desc.flags & AqFlags.DD
+        # the guest stands still: its vCPU waits for a reply (the doorbell write's, or the read
+        # after it, waiting in the socket behind it); nothing more arrives meanwhile
+        messages, backlog = lab.server.stats.messages, lab.server.backlog
+        time.sleep(STILL)
+        assert (lab.server.stats.messages, lab.server.backlog) == (messages, backlog)
+        assert dev.regs.get("VF_ARQH1") == arqh  # no reply posted
+        dbg.remove(vbp)
+        dbg.cont()
         result = run.result(timeout=400)
-        paused_for = [
-            r.t for r in dev.trace.snapshot(DebugRecord) if r.event in ("paused", "resumed")
-        ]
-        assert len(paused_for) == 2 and paused_for[1] - paused_for[0] >= PAUSE
+        marks = [(r.event, r.op, r.t) for r in dev.trace.snapshot(DebugRecord)
+                 if r.event in ("paused", "resumed")]  # fmt: skip
+        assert [(e, op) for e, op, _ in marks] == [
+            ("paused", "write"), ("resumed", "write"),
+            ("paused", "virtchnl"), ("resumed", "virtchnl"),
+        ]  # fmt: skip
+        assert marks[1][2] - marks[0][2] >= PAUSE and marks[3][2] - marks[2][2] >= STILL
         assert result.exit_code == 0, result.console[-3000:]
         assert re.search(r"carrier=1", result.output), result.output
-        assert time.monotonic() - held >= PAUSE
         assert lab.server.stats.errors == 0
+        print(f"[{mode}] virtchnl pause {marks[3][2] - marks[2][2]:.1f} s, backlog {backlog} B")

@@ -226,3 +226,40 @@ def test_the_dashboards_debugger_shows_a_pause_and_its_buttons_resume(tmp_path: 
             assert not writer.is_alive() and client.read32(0, 0x18) == 99
             wait_until(lambda: "running" in view.state.value, 5, "running again")
             assert view.cont.disabled and "<td>1</td>" in view.table.value  # one hit
+
+
+def test_the_debugger_view_lists_event_breakpoints_and_shows_an_event_stop() -> None:
+    """An event breakpoint is listed beside register ones; a thread held at a packet shows as
+    the stop (what, which breakpoint, on which thread, how many more wait); continue lets it go."""
+    import threading
+
+    from emulab.server import Debugger
+    from emulab.widgets.views import DebuggerView
+
+    trace = Trace()
+    dbg = Debugger(trace)
+    dbg.watch("LEN")
+    dbg.break_on_packets(lambda frame: frame == b"x", direction="rx", queue=1)
+    view = DebuggerView(dbg)
+    view.refresh()
+    assert "#1 watch any LEN" in view.table.value and "#2 break packets rx q1" in view.table.value
+
+    def frame() -> None:
+        trace.record(PacketRecord(device="d", direction="rx", queue=1, length=1, frame=b"x"))
+
+    held = [threading.Thread(target=frame, name=f"wire-{n}", daemon=True) for n in (1, 2)]
+    for t in held:
+        t.start()
+    wait_until(lambda: dbg.paused is not None and dbg.waiting, 5, "one held, one waiting")
+    view.refresh()
+    assert "paused</b> at packet rx q1 len 1 (#2 break packets rx q1) on wire-" in view.state.value
+    assert "1 more waiting" in view.state.value and not view.cont.disabled
+    view.cont.click()
+    wait_until(lambda: dbg.paused is not None and not dbg.waiting, 5, "the next one shown")
+    view.step.click()  # (steps: nothing else comes, so it runs on)
+    for t in held:
+        t.join(5)
+        assert not t.is_alive()
+    view.refresh()
+    assert "running" in view.state.value and "<td>2</td>" in view.table.value
+    dbg.clear()

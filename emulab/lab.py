@@ -39,6 +39,7 @@ from emulab.drivers.iavf_nic import Nic
 from emulab.pci.device import PciDevice
 from emulab.pci.interface import Device
 from emulab.server import Debugger, VfioUserServer
+from emulab.server.debugger import QEMU_REPLY_TIMEOUT
 from emulab.trace import DeviceRecord, Trace
 
 if TYPE_CHECKING:
@@ -359,9 +360,12 @@ class Lab(Generic[D]):
 
     def _msg_timeout_ms(self, seconds: float | None) -> int | None:
         """QEMU's reply timeout in ms: ``seconds``, or while breakpoints are set a debugging
-        session's (``DEBUG_MSG_TIMEOUT``), else QEMU's own (None)."""
+        session's (``DEBUG_MSG_TIMEOUT``), else QEMU's own (None). The debugger is told: a
+        stop longer than that withholds the reply QEMU gave up on (a late one would break
+        QEMU's connection)."""
         if seconds is None and self.debugger.breakpoints:
             seconds = DEBUG_MSG_TIMEOUT
+        self.debugger.client_timeout = seconds if seconds is not None else QEMU_REPLY_TIMEOUT
         return round(seconds * 1000) if seconds is not None else None
 
     def _make_room_for_qemu(self, modules: Sequence[str] | None) -> Sequence[str]:

@@ -13,7 +13,7 @@ import pytest
 from emulab.client import VfioUserClient
 from emulab.devices.memcpy import MemcpyDevice
 from emulab.server import Stop, VfioUserServer
-from emulab.trace import DebugRecord
+from emulab.trace import ClientRecord, DebugRecord
 
 SRC, LEN, ID = 0x08, 0x18, 0x00
 
@@ -110,3 +110,39 @@ def test_a_paused_server_still_stops(rig) -> None:  # type: ignore[no-untyped-de
     assert time.monotonic() - t0 < 5
     t.join(5)
     assert not t.is_alive() and len(out) == 1  # answered, or told the connection closed
+
+
+def test_a_stop_past_the_clients_reply_timeout_sends_no_late_reply(rig) -> None:  # type: ignore[no-untyped-def]
+    """QEMU gives up on a reply after x-msg-timeout and reads a later one as the header of a
+    message it no longer expects (its body then as the next header: the connection is lost).
+    So a stop longer than the client's timeout withholds the reply -- of the paused read
+    itself, and of a read that waited behind a paused posted write -- and the stream goes on."""
+    srv, c = rig
+    srv.debugger.client_timeout = c.timeout = 0.8
+    late: list[object] = []
+    c.endpoint.on_unexpected = late.append  # what QEMU calls "unexpected reply"
+    c.write32(0, LEN, 77)
+
+    bp = srv.debugger.break_on("LEN", op="read")
+    t, out = in_thread(lambda: c.read32(0, LEN))
+    assert srv.debugger.wait(5) is not None
+    t.join(5)  # the client gives up at 0.8 s ...
+    assert out and isinstance(out[0], Exception), out
+    srv.debugger.remove(bp)
+    srv.debugger.cont()  # ... and the read it gave up on gets no reply
+    bp = srv.debugger.break_on("SRC", op="write")
+    c.write32(0, SRC, 0x1000, posted=True)  # paused: the read below waits behind it
+    assert srv.debugger.wait(5) is not None
+    t, out = in_thread(lambda: c.read32(0, LEN))
+    t.join(5)
+    assert out and isinstance(out[0], Exception), out
+    srv.debugger.remove(bp)
+    srv.debugger.cont()
+
+    assert c.read32(0, LEN) == 77 and c.read32(0, SRC) == 0x1000  # the stream is intact
+    time.sleep(0.3)
+    assert late == []
+    overdue = [r.error for r in srv.trace.snapshot(ClientRecord) if r.event == "overdue"]
+    assert len(overdue) == 2, overdue
+    assert "REGION_READ" in overdue[0] and "its reply withheld" in overdue[0]
+    assert "REGION_READ" in overdue[1] and "not handled" in overdue[1]

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,7 @@ from emulab.trace import (
 __all__ = ["POLL", "Breakpoint", "Condition", "Debugger", "EventWatch", "Point", "Stop"]
 
 POLL = 0.2  # seconds between looks at the client's socket while a thread waits at a stop
+QEMU_REPLY_TIMEOUT = 5.0  # seconds: QEMU's vfio-user client waits this long for a reply
 DIRECTIONS = ("tx", "rx", "both")
 
 
@@ -124,6 +126,11 @@ class Debugger:
         self._released = False  # the server stopped: nothing pauses any more
         self._detached = False  # the client left: nothing pauses until the next one
         self._gone: Callable[[], bool] | None = None  # whether the client's socket closed
+        self._unread: Callable[[], int] | None = None  # bytes the client sent, unread
+        self._backlog_at: float | None = None  # when unread bytes were first seen behind a stop
+        self.pauses = 0  # stops made so far (the session asks whether one came mid-message)
+        # The client's reply timeout (QEMU's x-msg-timeout: 5 s unless the launcher set more).
+        self.client_timeout = QEMU_REPLY_TIMEOUT
         self._numbers = itertools.count(1)
         self._stops = itertools.count(1)
         self.events: list[EventWatch] = []  # (replaced, never mutated)
@@ -380,11 +387,34 @@ class Debugger:
             while self.holding and self._can_stop():
                 self._wait()
 
-    def client_attached(self, gone: Callable[[], bool]) -> None:
-        """A client connected; ``gone()`` tells whether it has left (looked at while waiting)."""
+    def client_attached(
+        self, gone: Callable[[], bool], unread: Callable[[], int] | None = None
+    ) -> None:
+        """A client connected; ``gone()`` tells whether it has left, ``unread()`` how many
+        bytes it sent wait unread (both looked at while a thread waits at a stop)."""
         with self._cond:
-            self._gone = gone
+            self._gone, self._unread = gone, unread
+            self._backlog_at = None
             self._detached = False
+
+    # -- replies a stop made late ----------------------------------------------------------------
+    def sent_by(self, taken: float) -> float:
+        """The latest time the client sent the message the session took at ``taken``: earlier
+        if bytes were seen waiting behind a stop meanwhile (known to :data:`POLL`)."""
+        if self._backlog_at is None:
+            return taken
+        with self._cond:
+            at, self._backlog_at = self._backlog_at, None
+        return taken if at is None else min(taken, at)
+
+    def overdue(self, sent: float) -> float | None:
+        """How long the client has waited for its reply to a message sent at ``sent``, if that
+        is past its reply timeout (:attr:`client_timeout`, less :data:`POLL` and a margin: when
+        it was sent is known to that): QEMU has then given up on it, and a reply sent now would
+        be read as the header of a message it no longer expects -- its body then taken for the
+        next header, and the connection lost for good. Else None."""
+        waited = time.monotonic() - sent
+        return waited if waited + POLL + 0.1 > self.client_timeout else None
 
     def client_left(self) -> None:
         """The client is gone: every held thread goes on; nothing pauses until the next one."""
@@ -483,6 +513,7 @@ class Debugger:
                 self._update()
                 return
             self._paused = stop
+            self.pauses += 1
             self._update()
         self._record("paused", stop, stop.breakpoint)
         with self._cond:
@@ -494,8 +525,11 @@ class Debugger:
         self._record("resumed", stop, stop.breakpoint)
 
     def _wait(self) -> None:
-        """Wait on the condition (its lock held) a while; meanwhile, the client may have left."""
+        """Wait on the condition (its lock held) a while; meanwhile, the client may have left,
+        or sent what now waits unread (when, first: see :meth:`sent_by`)."""
         self._cond.wait(POLL)
+        if self._backlog_at is None and self._unread is not None and self._unread() > 0:
+            self._backlog_at = time.monotonic()
         gone = self._gone
         if gone is not None and not self._detached and gone():
             self._drop_client()

@@ -29,6 +29,7 @@ from emulab.vfio_user.constants import (
     DeviceFlags,
     DmaMapFlags,
     DmaUnmapFlags,
+    HeaderFlags,
     IrqInfoFlags,
     RegionFlags,
     SetIrqsFlags,
@@ -117,7 +118,10 @@ class Session:
     # -- the loop (on the server thread) -------------------------------------------------------
     def run(self) -> None:
         debugger = self.server.debugger
-        debugger.client_attached(self.channel.peer_gone)  # (a held thread looks whether it left)
+        # (a held thread looks whether the client left, and whether it sent more meanwhile:
+        # in the socket, or read already and not yet taken -- looked at without the lock)
+        unread = getattr(self.channel, "unread", lambda: 0)
+        debugger.client_attached(self.channel.peer_gone, lambda: unread() + self.conn.buffered)
         try:
             self.end_reason = self.endpoint.run()
         finally:
@@ -137,8 +141,15 @@ class Session:
     def dispatch(self, event: Request | BadRequest) -> None:
         """Handle one command; the one place where failures become error replies."""
         server = self.server
-        if server.debugger.holding:  # a thread waits at a stop: this message waits behind it
-            server.debugger.hold()
+        debugger = server.debugger
+        taken, pauses = time.monotonic(), debugger.pauses
+        if debugger.holding:  # a thread waits at a stop: this message waits behind it
+            debugger.hold()
+        sent = debugger.sent_by(taken)
+        if sent < taken and self._overdue(event, sent, "not handled"):
+            if isinstance(event, Request) and event.header.command in FD_COMMANDS:
+                close_fds(message_fds(event.message))
+            return
         server.stats.messages += 1
         t0 = time.perf_counter()
         if isinstance(event, BadRequest):
@@ -154,6 +165,10 @@ class Session:
             if fds_in:
                 close_fds([fd for fd in fds_in if fd not in keep])
                 fds_in = ()
+            if (sent < taken or debugger.pauses != pauses) and self._overdue(
+                event, sent, "handled, its reply withheld"
+            ):
+                return
             # Encoding is checked too (a reply larger than the client's buffer is refused).
             self.endpoint.reply(event, reply)
         except (HandlerError, MessageError, DmaError, LocalProtocolError) as exc:
@@ -181,6 +196,23 @@ class Session:
                     latency_us=(time.perf_counter() - t0) * 1e6,
                 )
             )
+
+    def _overdue(self, event: Request | BadRequest, sent: float, what: str) -> bool:
+        """Whether a stop kept the client waiting past its reply timeout for ``event`` (then it
+        gave up, and no reply may follow: the debugger says why), traced."""
+        if event.header.flags & HeaderFlags.NO_REPLY:
+            return False  # (a posted write: the client waits for nothing)
+        waited = self.server.debugger.overdue(sent)
+        if waited is None:
+            return False
+        timeout = self.server.debugger.client_timeout
+        self.server.trace.record(ClientRecord(
+            event="overdue",
+            error=f"{command_name(event.header.command)} msg_id {event.header.msg_id} waited "
+                  f"{waited:.1f}s behind a stop, past the client's {timeout:g}s reply timeout: "
+                  f"{what} (the client gave up on it; a late reply would break its stream)",
+        ))  # fmt: skip
+        return True
 
     def _send_error(self, event: Request | BadRequest, code: int, text: str) -> None:
         self.server.stats.errors += 1

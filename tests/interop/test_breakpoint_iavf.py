@@ -18,7 +18,7 @@ from emulab.avf import virtchnl as vc
 from emulab.avf.admin_queue import LEN_MASK
 from emulab.avf.descriptors import AqDescriptor, AqFlags, AqOpcode
 from emulab.avf.device import AvfDevice
-from emulab.trace import AdminqRecord, DebugRecord
+from emulab.trace import AdminqRecord, ClientRecord, DebugRecord
 
 pytestmark = pytest.mark.interop
 PAUSE = 7.0  # seconds the device stays paused (QEMU alone gives up on a reply after 5)
@@ -81,3 +81,31 @@ def test_break_on_iavfs_first_doorbell_inspect_and_continue(qemu_ready: object, 
         assert re.search(r"carrier=1", result.output), result.output
         assert lab.server.stats.errors == 0
         print(f"[{mode}] virtchnl pause {marks[3][2] - marks[2][2]:.1f} s, backlog {backlog} B")
+
+
+def test_a_stop_longer_than_qemus_timeout_costs_one_access_not_the_device(
+    qemu_ready: object,
+) -> None:
+    """QEMU gives up on a reply after x-msg-timeout (here 3 s) and fails that access; a reply
+    sent later would be read as the header of a message it no longer expects, and its
+    connection lost (every later access then times out). The server withholds it: the guest
+    sees one failed register read, and iavf goes on to probe and get link."""
+    with Lab(AvfDevice()) as lab:
+        bp = lab.debugger.break_on("VF_ATQT1", op="write", when=lambda tail: tail != 0)
+        guest = lab.start_linux(msg_timeout=3.0)
+        assert lab.debugger.wait(300) is not None
+        time.sleep(5.0)  # past QEMU's 3 s: the read iavf posts behind the doorbell times out
+        lab.debugger.remove(bp)
+        lab.debugger.cont()
+        out = guest.sh(
+            "ip link set eth0 up; for i in $(seq 80); do [ $(cat /sys/class/net/eth0/carrier) "
+            "= 1 ] && break; sleep 0.25; done; cat /sys/class/net/eth0/carrier",
+            timeout=120,
+        ).out
+        console = "\n".join(guest.console.lines())
+        overdue = [r for r in lab.trace.snapshot(ClientRecord) if r.event == "overdue"]
+        assert guest.stop() == 0
+    assert "timed out waiting for reply" in console  # QEMU did give up on one access ...
+    assert "unexpected reply" not in console and "bad header size" not in console, console
+    assert len(overdue) >= 1 and "past the client's 3s reply timeout" in overdue[0].error
+    assert out.strip().splitlines()[-1] == "1", out  # ... and the device lived on

@@ -21,7 +21,9 @@ one run, at 64 and 1500 bytes:
   idle        the CPU an idle device in polling mode costs
 
 Usage: python bench/datapath.py [--seconds 3] [--no-dpdk] [--chart datapath.png]
-Last line: RESULT mpps_64=X mpps_1500=Y dpdk_mpps_64=Z ratio_64=X/Z gbps_1500=G memcpy_gbps=M
+Last line: RESULT device_mpps_64=D device_mpps_1500=E device_ratio_64=D/Z dpdk_mpps_64=Z
+mpps_64=X mpps_1500=Y ratio_64=X/Z gbps_1500=G memcpy_gbps=M (the device: medians of
+DEVICE_RUNS runs, each printed; the kernel alone, X and Y, is context)
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ QUEUES = 4
 TX_RING, TX_BUFS = 0x10000, 0x100000
 RX_RINGS, RX_BUFS = 0x20000, 0x1000000
 BURST = 256
+DEVICE_RUNS = 5  # the served device's figure is the median of this many runs (each printed)
 # The guest recycles a small pool of buffers per ring, as DPDK's mempool cache does (hot, LIFO):
 # the device's cost per packet is measured, not the guest's page walks over 10 MiB of buffers.
 POOL = 64
@@ -347,12 +350,17 @@ def hog(stop: Any, out: Any) -> None:
         out[0] = x
 
 
-def device_rate(size: int, seconds: float, busy_main: str = "") -> float:
+def device_rate(size: int, seconds: float, busy_main: str = "", pin: bool = True) -> float:
     """Mpps through the product: an AvfDevice in polling mode (its poll thread, the tails in
     its BAR's shared memory) and a polling guest driver in another thread (one nogil call).
     ``busy_main``: meanwhile this (main) thread runs a CPU-bound Python loop ("cell") or a
-    CPU-bound loop that holds no GIL ("nogil")."""
+    CPU-bound loop that holds no GIL ("nogil"). ``pin``: the poll thread on the last CPU
+    (``poller.pin``, the CLI's ``--poll-cpu``) and the guest on the first, as the DPDK anchor
+    places its two forwarding lcores; else both wherever the scheduler puts them."""
     dev, server, mem, regs = device_rig(size)
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin and len(cpus) > 1 and dev.poller is not None:
+        dev.poller.pin({cpus[-1]})
     g = np.zeros(2 + QUEUES + 1, dtype=np.int64)
     stop = np.ones(1, dtype=np.int64)
     guest_drive(mem, regs, g, size, stop)  # compiled or loaded before the clock starts
@@ -360,7 +368,13 @@ def device_rate(size: int, seconds: float, busy_main: str = "") -> float:
     for q in range(QUEUES):
         regs[0x2000 // 4 + q] = RING - 1  # every RX buffer posted
     stop[0] = 0
-    guest = threading.Thread(target=guest_drive, args=(mem, regs, g, size, stop))
+
+    def guest_thread() -> None:
+        if pin and len(cpus) > 1:
+            os.sched_setaffinity(0, {cpus[0]})  # (this thread only)
+        guest_drive(mem, regs, g, size, stop)
+
+    guest = threading.Thread(target=guest_thread)
     guest.start()  # one nogil call: the guest needs no GIL while it runs
     time.sleep(0.2)  # the poller finds the traffic
     marks: list[tuple[float, int]] = []
@@ -386,6 +400,13 @@ def device_rate(size: int, seconds: float, busy_main: str = "") -> float:
         print(f"  poller: {dev.poller.reasons if dev.poller else None}", flush=True)
     (t0, n0), (t1, n1) = marks
     return (n1 - n0) / (t1 - t0) / 1e6
+
+
+def device_runs(seconds: float) -> tuple[dict[int, list[float]], list[float]]:
+    """The device's Mpps, run by run: pinned at 64 and 1500 B, and not pinned at 64 B."""
+    runs = {size: [device_rate(size, seconds) for _ in range(DEVICE_RUNS)] for size in (64, 1500)}
+    print("... and with both threads where the scheduler puts them (not pinned) ...", flush=True)
+    return runs, [device_rate(64, seconds, pin=False) for _ in range(DEVICE_RUNS)]
 
 
 def device_beside_busy(seconds: float, rounds: int = 3) -> dict[str, float]:
@@ -472,8 +493,8 @@ def main() -> int:
     print("memcpy bandwidth ...", flush=True)
     mem = statistics.median(memcpy_gbps(0.5) for _ in range(3))
     print("the device in polling mode, a polling guest driver in another thread ...", flush=True)
-    dev_rates = {size: statistics.median(device_rate(size, args.seconds / 3) for _ in range(3))
-                 for size in (64, 1500)}  # fmt: skip
+    dev_runs, floating = device_runs(args.seconds / 3)
+    dev_rates = {size: statistics.median(runs) for size, runs in dev_runs.items()}
     print("busy kernel (a CPU-bound main thread) ...", flush=True)
     busy_burst, busy_call = busy(Rig(64), args.seconds / 2)
     print("the device beside a busy cell, and beside a CPU hog that holds no GIL ...", flush=True)
@@ -503,8 +524,12 @@ def main() -> int:
     print(f"busy main thread, 64 B: per-burst thread {busy_burst:.3f} Mpps, one-call thread "
           f"{busy_call:.2f} Mpps (idle: {figures[64]['burst']:.2f} / "
           f"{figures[64]['one_call']:.2f})")  # fmt: skip
-    print(f"device (polling mode, guest in another thread): 64 B {dev_rates[64]:.2f} Mpps, "
-          f"1500 B {dev_rates[1500]:.2f} Mpps")  # fmt: skip
+    print(f"device (polling mode, guest in another thread), medians of {DEVICE_RUNS}: 64 B "
+          f"{dev_rates[64]:.2f} Mpps, 1500 B {dev_rates[1500]:.2f} Mpps; each run: "
+          + "; ".join(f"{size} B " + " ".join(f"{r:.2f}" for r in runs)
+                      for size, runs in dev_runs.items())
+          + f"\ndevice not pinned, 64 B, each run: {' '.join(f'{r:.2f}' for r in floating)} "
+          f"(median {statistics.median(floating):.2f}; pinned {dev_rates[64]:.2f})")  # fmt: skip
     base = dev_busy[""]
     print(f"device beside a busy main thread, 64 B (medians of 3, alternated): quiet "
           f"{base:.2f} Mpps, busy cell {dev_busy['cell']:.2f} Mpps "
@@ -517,8 +542,11 @@ def main() -> int:
           f"(compiling), warm {warm:.2f} s (numba's cache)")  # fmt: skip
     if args.chart:
         chart(args.chart, figures, dpdk, dev_rates, dev_busy)
-    print(f"RESULT mpps_64={m64:.2f} mpps_1500={m1500:.2f} dpdk_mpps_64={d64:.2f} "
-          f"ratio_64={m64 / d64:.2f} gbps_1500={gbps:.1f} memcpy_gbps={mem:.1f}")  # fmt: skip
+    # the product's own shape first: the served device, against DPDK's in the same run
+    print(f"RESULT device_mpps_64={dev_rates[64]:.2f} device_mpps_1500={dev_rates[1500]:.2f} "
+          f"device_ratio_64={dev_rates[64] / d64:.2f} dpdk_mpps_64={d64:.2f} "
+          f"mpps_64={m64:.2f} mpps_1500={m1500:.2f} ratio_64={m64 / d64:.2f} "
+          f"gbps_1500={gbps:.1f} memcpy_gbps={mem:.1f}")  # fmt: skip
     return 0
 
 

@@ -78,7 +78,13 @@ def _make_device(args: argparse.Namespace) -> Device:
     if args.device == "avf":
         pf = PfConfig(num_queue_pairs=args.queues, grant_wb_on_itr=args.wb_on_itr)
         flags = {"mac": args.mac, "pf_config": pf, "mode": args.mode}
-        return load_device("avf", {"backend": open_backend(args.backend), **flags, **options})
+        dev = load_device("avf", {"backend": open_backend(args.backend), **flags, **options})
+        if args.poll_cpu is not None:
+            poller = getattr(dev, "poller", None)
+            if poller is None:
+                raise ValueError("--poll-cpu applies to --mode poll")
+            poller.pin({args.poll_cpu})
+        return dev
     if args.backend != "loopback":
         raise ValueError(f"--backend applies to NIC devices, not {args.device}")
     return load_device(args.device, options)
@@ -243,6 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("interrupt", "poll"),
         default="interrupt",
         help="avf: doorbells as messages (interrupt) or polled in mmapped tail pages (poll)",
+    )
+    p.add_argument(
+        "--poll-cpu",
+        type=int,
+        default=None,
+        help="avf, --mode poll: keep the poll thread on this CPU (a core of its own, as DPDK "
+        "gives its forwarding lcores)",
     )
     p.add_argument(
         "--wb-on-itr",

@@ -34,7 +34,7 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -97,6 +97,7 @@ class Poller:
         self._writes = np.zeros((WRITE_ROWS, 2), dtype=np.int64)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.cpus: frozenset[int] | None = None  # the CPUs the poll thread may run on (pin())
         self.calls = 0  # kernel calls, and why each returned
         self.compiled = False  # the last call ran the compiled loop (not the interpreted)
         self.reasons = dict.fromkeys(("idle", "irq", "stopped", "error", "snap-full", "kick"), 0)
@@ -126,6 +127,27 @@ class Poller:
                 lock.set_wake_fd(-1)
                 os.close(fd)
             lock.detach()
+
+    def pin(self, cpus: Iterable[int] | None) -> None:
+        """Keep the poll thread on ``cpus`` (None: wherever the scheduler likes), now if it
+        runs and from each start: a core of its own, as DPDK gives each forwarding lcore. On
+        two CPUs, a poll thread and a busy driver thread the scheduler puts on one CPU halve
+        each other (the device benchmark's slow runs)."""
+        allowed = os.sched_getaffinity(0)
+        if cpus is not None and not set(cpus) <= allowed:
+            raise ValueError(f"CPUs {sorted(set(cpus) - allowed)}: this process may use only "
+                             f"{sorted(allowed)}")  # fmt: skip
+        self.cpus = frozenset(cpus) if cpus is not None else None
+        tid = self.native_id
+        if tid is not None:
+            self._apply_pin(tid)
+
+    def _apply_pin(self, tid: int) -> None:
+        cpus = self.cpus if self.cpus is not None else os.sched_getaffinity(0)
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError as exc:  # (a CPU this process may not use: said, not fatal)
+            self.engine.crashed("pin", exc)
 
     @property
     def native_id(self) -> int | None:
@@ -162,6 +184,8 @@ class Poller:
     def _run(self) -> None:
         e = self.engine
         _precise_timers()
+        if self.cpus is not None:
+            self._apply_pin(threading.get_native_id())
         while not self._stopping:
             if e.lock.wanted:  # someone else needs the queues: let them have the lock
                 time.sleep(WANTED_WAIT)

@@ -200,3 +200,41 @@ def test_doorbells_written_into_the_mapped_page_are_traced(make: Make) -> None:
     assert any(r.via == "message" for r in dev.trace.snapshot(RegisterRecord))
     df = dev.trace.to_pandas(RegisterRecord)
     assert set(df["via"]) == {"message", "mmap"}
+
+
+def _allowed(tid: int) -> str:
+    status = Path(f"/proc/self/task/{tid}/status").read_text()
+    return next(ln.split(":")[1].strip() for ln in status.splitlines()
+                if ln.startswith("Cpus_allowed_list"))  # fmt: skip
+
+
+def test_the_poll_thread_can_be_kept_on_a_cpu_of_its_own() -> None:
+    """``poller.pin({cpu})`` (the CLI's ``--poll-cpu``): the running thread moves there at
+    once and a restarted one starts there; None lets it go anywhere again; a CPU this process
+    may not use is refused up front."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cpu = allowed[-1]
+    dev = AvfDevice(mode="poll")
+    poller = dev.poller
+    assert poller is not None
+    try:
+        poller.start()
+        tid = poller.native_id
+        assert tid is not None
+        poller.pin({cpu})
+        assert _allowed(tid) == str(cpu)
+        poller.stop()
+        poller.start()  # a new thread: pinned from its start
+        tid = poller.native_id
+        assert tid is not None
+        deadline = time.monotonic() + 5
+        while _allowed(tid) != str(cpu) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _allowed(tid) == str(cpu)
+        poller.pin(None)
+        assert _allowed(tid) == _allowed(threading.get_native_id())
+        with pytest.raises(ValueError, match="may use only"):
+            poller.pin({max(allowed) + 64})
+    finally:
+        poller.stop()
+        dev.close()

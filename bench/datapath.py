@@ -358,11 +358,13 @@ def device_rate(size: int, seconds: float, busy_main: str = "", pin: bool = True
     (``poller.pin``, the CLI's ``--poll-cpu``) and the guest on the first, as the DPDK anchor
     places its two forwarding lcores; else both wherever the scheduler puts them."""
     dev, server, mem, regs = device_rig(size)
+    dp.BUILDER.wait((1,), timeout=600)  # the kernels loaded (until then the device interprets)
     cpus = sorted(os.sched_getaffinity(0))
     if pin and len(cpus) > 1 and dev.poller is not None:
         dev.poller.pin({cpus[-1]})
-    g = np.zeros(2 + QUEUES + 1, dtype=np.int64)
-    stop = np.ones(1, dtype=np.int64)
+    g = dp.own_lines(2 + QUEUES + 1)  # (the guest's own lines, as a real guest's are)
+    stop = dp.own_lines(1)
+    stop[0] = 1
     guest_drive(mem, regs, g, size, stop)  # compiled or loaded before the clock starts
     hog(stop, np.zeros(1, dtype=np.int64))
     for q in range(QUEUES):
@@ -396,8 +398,10 @@ def device_rate(size: int, seconds: float, busy_main: str = "", pin: bool = True
     guest.join()
     server.stop()
     dev.close()
-    if os.environ.get("BENCH_DEBUG"):
-        print(f"  poller: {dev.poller.reasons if dev.poller else None}", flush=True)
+    if os.environ.get("BENCH_DEBUG") and dev.poller is not None:
+        p = dev.poller
+        print(f"  poller: {p.reasons} loops {p.loops} naps {p.naps} compiled {p.compiled}; "
+              f"guest frames {int(g[2 + QUEUES])}", flush=True)  # fmt: skip
     (t0, n0), (t1, n1) = marks
     return (n1 - n0) / (t1 - t0) / 1e6
 

@@ -89,12 +89,12 @@ class Poller:
         self.layout = np.array(layout, dtype=np.int64)
         self.nap = nap
         self.live = live
-        self.ctl = np.zeros(dp.POLL_CTL, dtype=np.int64)  # the kernel's control words
+        self.ctl = dp.own_lines(dp.POLL_CTL)  # the kernel's control words
         self.ctl[dp.POLL_WAKE] = -1
-        self._acc = np.zeros(dp.OUT, dtype=np.int64)
+        self._acc = dp.own_lines(dp.OUT)
         self._work = dp.work_areas(SNAP_ROWS)
         self._work_untraced = self._work._replace(snap=self._work.snap[:0])
-        self._writes = np.zeros((WRITE_ROWS, 2), dtype=np.int64)
+        self._writes = dp.own_lines((WRITE_ROWS, 2))
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.cpus: frozenset[int] | None = None  # the CPUs the poll thread may run on (pin())

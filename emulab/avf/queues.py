@@ -145,8 +145,8 @@ class QueueTables:
     """Every queue's state: the TX and RX tables the kernels take, and a named view per row."""
 
     def __init__(self, num_queues: int) -> None:
-        self.tx_table = np.zeros((num_queues, dp.TX_COLS), dtype=np.int64)
-        self.rx_table = np.zeros((num_queues, dp.RX_COLS), dtype=np.int64)
+        self.tx_table = dp.own_lines((num_queues, dp.TX_COLS))
+        self.rx_table = dp.own_lines((num_queues, dp.RX_COLS))
         self.tx = [TxQueue(i, self.tx_table[i]) for i in range(num_queues)]
         self.rx = [RxQueue(i, self.rx_table[i]) for i in range(num_queues)]
         self.clear()
@@ -304,7 +304,7 @@ class QueueEngine:
         self.eth: dict[str, int] = dict.fromkeys(ETH_STATS, 0)
         self._table = dp.MemoryTable(self.memory)
         self.memory.on_change = self._remap
-        self._out = np.zeros(dp.OUT, dtype=np.int64)  # the last kernel call's result
+        self._out = dp.own_lines(dp.OUT)  # the last kernel call's result
         self._gather_to = dp.Gather(
             np.zeros(ARENA, dtype=np.uint8),
             np.zeros(BURST + 1, dtype=np.int64),
@@ -325,7 +325,7 @@ class QueueEngine:
             seg=np.zeros(MAX_FRAME, dtype=np.uint8),  # where rx_place cuts TSO segments
         )
         self._filt_key: tuple[object, ...] = ()
-        self._filt = np.zeros(1, dtype=np.uint64)
+        self._filt = dp.own_lines(1, np.uint64)
         self._work = dp.work_areas(BURST)
         self._work_untraced = self._work._replace(snap=self._work.snap[:0])
         self._table_key = b""  # the key ``_toeplitz`` was built for: built at first use

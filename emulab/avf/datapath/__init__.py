@@ -28,6 +28,7 @@ from emulab.avf.datapath.checksum import (
     rx_checksums,
 )
 from emulab.avf.datapath.context import (
+    LINE,
     OUT,
     OUT_ERROR,
     OUT_FAULT_RX,
@@ -78,6 +79,7 @@ from emulab.avf.datapath.context import (
     WirePath,
     Work,
     maps_of,
+    own_lines,
 )
 from emulab.avf.datapath.general_path import (
     ERR_BAD_DESCRIPTOR,
@@ -200,6 +202,7 @@ __all__ = [
     "HDR",
     "INTENA_BIT",
     "KERNELS",
+    "LINE",
     "MAC_MASK",
     "MAX_TSO_FRAME",
     "MAX_TX_FRAME",
@@ -315,6 +318,7 @@ __all__ = [
     "forward",
     "maps_of",
     "ones_sum",
+    "own_lines",
     "poll",
     "rss_hash",
     "rss_tuple",

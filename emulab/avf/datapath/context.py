@@ -13,6 +13,27 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
+LINE = 128  # bytes: a cache line and the one the CPU fetches beside it (adjacent-line prefetch)
+
+
+def own_lines(shape: int | tuple[int, ...], dtype: Any = np.int64) -> np.ndarray:
+    """Zeros of ``shape`` on cache lines of their own (:data:`LINE`-aligned, the rest of the
+    last line left unused). For arrays a spinning thread writes in its loop -- the poll
+    kernel's control words and counters, the queue tables -- so that no other thread's data
+    shares their lines: numpy packs small arrays side by side (and reuses freed blocks), and a
+    line two spinning threads write bounces between their cores on every write (the device
+    benchmark's runs at a third of the rate, by the luck of where a run's arrays landed)."""
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape))
+    nbytes = count * dt.itemsize
+    buf = np.zeros(-(-nbytes // LINE) * LINE + LINE, dtype=np.uint8)
+    start = (-buf.ctypes.data) % LINE
+    out: np.ndarray = buf[start : start + nbytes].view(dt).reshape(shape)
+    return out
+
+
 # -- the queue tables: one int64 row per queue ----------------------------------------------------
 # TX: ring base and length, head (the device's) and tail (the driver's), enabled, interrupt vector
 # and ITR index, frames and bytes taken

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from emulab.qemu.host import (
     CACHE_DIR,
-    STAMP,
     Progress,
     debian_mirror,
+    install_qemu,
     progress_to_stderr,
     ready,
     run_step,
@@ -91,19 +91,8 @@ def ensure_qemu(progress: Progress = progress_to_stderr) -> Path:
         "install qemu-system-x86 from trixie-backports",
         env=env,
     )
-    version = run_step(
-        ["chroot", str(tmp), "qemu-system-x86_64", "--version"], progress, "qemu version"
-    )
-    devices = run_step(
-        ["chroot", str(tmp), "qemu-system-x86_64", "-device", "help"], progress, "devices"
-    )
-    if "vfio-user-pci" not in devices:
-        raise RuntimeError(f"this QEMU has no vfio-user-pci: {version.splitlines()[0]}")
-    (tmp / STAMP).write_text(version.splitlines()[0] + "\n")
-    if root.exists():
-        shutil.rmtree(root)
-    tmp.rename(root)
-    progress(f"emulab.qemu: {version.splitlines()[0]} ready in {root}")
+    version = install_qemu(tmp, root, ["chroot", str(tmp), "qemu-system-x86_64"], progress)
+    progress(f"emulab.qemu: {version} ready in {root}")
     return root
 
 

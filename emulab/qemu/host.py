@@ -13,6 +13,7 @@ the guest image's build asks of either.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ __all__ = [
     "Progress",
     "Sysroot",
     "debian_mirror",
+    "install_qemu",
     "progress_to_stderr",
     "ready",
     "run_step",
@@ -106,6 +108,20 @@ def run_step(cmd: Sequence[str], progress: Progress, what: str, **kw: object) ->
     progress(f"emulab.qemu: {what} done in {time.monotonic() - t0:.1f}s")
     out: str = proc.stdout
     return out
+
+
+def install_qemu(tmp: Path, out: Path, qemu: Sequence[str], progress: Progress) -> str:
+    """The last steps of a QEMU build in ``tmp``, run as ``qemu``: check it has the
+    ``vfio-user-pci`` device, stamp it, move it to ``out``; its version line."""
+    version = run_step([*qemu, "--version"], progress, "qemu version").splitlines()[0]
+    devices = run_step([*qemu, "-device", "help"], progress, "devices")
+    if "vfio-user-pci" not in devices:
+        raise RuntimeError(f"this QEMU has no vfio-user-pci: {version}")
+    (tmp / STAMP).write_text(version + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return version
 
 
 class Sysroot(Protocol):

@@ -30,9 +30,9 @@ from emulab.qemu.debian import Archive, unpack_deb
 from emulab.qemu.host import (
     CACHE_DIR,
     DEFAULT_MIRROR,
-    STAMP,
     Progress,
     debian_mirror,
+    install_qemu,
     progress_to_stderr,
     ready,
     run_step,
@@ -197,16 +197,6 @@ def ensure_tree(progress: Progress = progress_to_stderr) -> UserTree:
         "packages": {p.name: p.version for p in packages.values()},
     }, indent=1))  # fmt: skip
     tree = UserTree(tmp)
-    version = run_step([*tree.qemu(), "--version"], progress, "qemu version")
-    devices = run_step([*tree.qemu(), "-device", "help"], progress, "devices")
-    if "vfio-user-pci" not in devices:
-        raise RuntimeError(f"this QEMU has no vfio-user-pci: {version.splitlines()[0]}")
-    (tmp / STAMP).write_text(version.splitlines()[0] + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    progress(
-        f"emulab.qemu: {version.splitlines()[0]} ready without root in "
-        f"{time.monotonic() - t0:.1f}s ({out})"
-    )
+    version = install_qemu(tmp, out, tree.qemu(), progress)
+    progress(f"emulab.qemu: {version} ready without root in {time.monotonic() - t0:.1f}s ({out})")
     return UserTree(out, archive)

@@ -21,6 +21,8 @@ one run, at 64 and 1500 bytes:
   idle        the CPU an idle device in polling mode costs
 
 Usage: python bench/datapath.py [--seconds 3] [--no-dpdk] [--chart datapath.png]
+       python bench/datapath.py --ramp [--seconds 8] [--chart ramp.png]   (the device's rate
+       every 0.5 s within each of 3 runs: how it moves within a run)
 Last line: RESULT device_mpps_64=D device_mpps_1500=E device_ratio_64=D/Z dpdk_mpps_64=Z
 mpps_64=X mpps_1500=Y ratio_64=X/Z gbps_1500=G memcpy_gbps=M (the device: medians of
 DEVICE_RUNS runs, each printed; the kernel alone, X and Y, is context)
@@ -29,6 +31,7 @@ DEVICE_RUNS runs, each printed; the kernel alone, X and Y, is context)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import mmap
 import os
@@ -351,8 +354,18 @@ def hog(stop: Any, out: Any) -> None:
 
 
 def device_rate(size: int, seconds: float, busy_main: str = "", pin: bool = True) -> float:
-    """Mpps through the product: an AvfDevice in polling mode (its poll thread, the tails in
-    its BAR's shared memory) and a polling guest driver in another thread (one nogil call).
+    """Mpps through the product over ``seconds`` (see :func:`device_marks`)."""
+    (t0, n0), *_, (t1, n1) = device_marks(size, seconds, busy_main, pin)
+    return (n1 - n0) / (t1 - t0) / 1e6
+
+
+def device_marks(
+    size: int, seconds: float, busy_main: str = "", pin: bool = True, step: float = 0.0
+) -> list[tuple[float, int]]:
+    """(time, frames the guest received) from the start to the end of a run (every ``step``
+    seconds too, if given) through the product: an AvfDevice in polling mode (its poll
+    thread, the tails in its BAR's shared memory) and a polling guest driver in another
+    thread (one nogil call).
     ``busy_main``: meanwhile this (main) thread runs a CPU-bound Python loop ("cell") or a
     CPU-bound loop that holds no GIL ("nogil"). ``pin``: the poll thread on the last CPU
     (``poller.pin``, the CLI's ``--poll-cpu``) and the guest on the first, as the DPDK anchor
@@ -383,8 +396,10 @@ def device_rate(size: int, seconds: float, busy_main: str = "", pin: bool = True
 
     def timer() -> None:
         marks.append((time.perf_counter(), int(g[2 + QUEUES])))
-        time.sleep(seconds)
-        marks.append((time.perf_counter(), int(g[2 + QUEUES])))
+        end = marks[0][0] + seconds
+        while (left := end - time.perf_counter()) > 0:
+            time.sleep(min(step, left) if step else left)
+            marks.append((time.perf_counter(), int(g[2 + QUEUES])))
         stop[0] = 1
 
     th = threading.Thread(target=timer)
@@ -402,8 +417,35 @@ def device_rate(size: int, seconds: float, busy_main: str = "", pin: bool = True
         p = dev.poller
         print(f"  poller: {p.reasons} loops {p.loops} naps {p.naps} compiled {p.compiled}; "
               f"guest frames {int(g[2 + QUEUES])}", flush=True)  # fmt: skip
-    (t0, n0), (t1, n1) = marks
-    return (n1 - n0) / (t1 - t0) / 1e6
+    return marks
+
+
+def ramp(seconds: float, step: float = 0.5, runs: int = 3, chart_path: str = "") -> int:
+    """The device's rate (64 B) every ``step`` seconds through ``runs`` runs of ``seconds``:
+    how it moves within a run (on this machine it flips between about 3.5 and 12 Mpps every
+    few seconds, which one-second windows sample as a bimodal figure)."""
+    series = []
+    for run in range(runs):
+        marks = device_marks(64, seconds, step=step)
+        rates = [(n1 - n0) / (t1 - t0) / 1e6 for (t0, n0), (t1, n1) in itertools.pairwise(marks)]
+        series.append(rates)
+        print(f"run {run + 1}/{runs}, Mpps every {step:g} s: "
+              + " ".join(f"{r:.1f}" for r in rates), flush=True)  # fmt: skip
+    if chart_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for i, rates in enumerate(series):
+            ax.plot([step * (k + 1) for k in range(len(rates))], rates, label=f"run {i + 1}")
+        ax.set(xlabel="seconds", ylabel="Mpps (64 B)", title="the served device, ring to ring")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(chart_path)
+        print(f"chart: {chart_path}")
+    return 0
 
 
 def device_runs(seconds: float) -> tuple[dict[int, list[float]], list[float]]:
@@ -480,12 +522,21 @@ def chart(
     print(f"chart written to {path}", flush=True)
 
 
-def main() -> int:
+def arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--no-dpdk", action="store_true")
     ap.add_argument("--chart", default="", help="write a bar chart of the rates (PNG) here")
-    args = ap.parse_args()
+    ap.add_argument("--ramp", action="store_true",
+                    help="only the device's rate every 0.5 s through 3 runs of --seconds "
+                    "(a line chart with --chart)")  # fmt: skip
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = arguments()
+    if args.ramp:
+        return ramp(args.seconds, chart_path=args.chart)
     print("start-up, cold and warm numba cache ...", flush=True)
     cold, warm = startup()
     figures: dict[str, Any] = {}

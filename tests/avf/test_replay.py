@@ -68,6 +68,6 @@ def test_a_capture_reaches_the_driver_in_order_at_its_pace(
     assert p.frames == n and p.done and not p.error and replay.counters.dropped == 0
     if rate != "max":  # a loose lower bound only: machines are late, not early
         assert p.elapsed_s >= 0.9 * (n - 1) / float(rate)
-    else:
-        assert p.held >= 1  # the ring filled: the wire waited for the driver
+    # (at "max" the wire waits whenever the ring is full -- or never, if the driver keeps pace,
+    # as a polling device can: losslessness is what counts, asserted above)
     assert dev.backend is replay and driver.stats()["rx_unicast"] >= n

@@ -269,12 +269,15 @@ class Trace:
     _live: dict[int, frozenset[str]] = field(default_factory=dict)  # by owner: kinds wanted live
     _live_kinds: frozenset[str] = frozenset()
     _live_listeners: tuple[Callable[[], None], ...] = ()
+    _sources: tuple[Callable[[], None], ...] = ()  # (replaced, never mutated)
 
-    def record(self, rec: Record) -> None:
-        """Stamp ``rec.t`` and keep it (a record is recorded once, by the model that made it)."""
+    def record(self, rec: Record, at: float | None = None) -> None:
+        """Stamp ``rec.t`` and keep it (a record is recorded once, by the model that made it).
+        ``at``: when it happened, on ``time.perf_counter``'s clock, if not now (a compiled
+        path's notes, recorded afterwards)."""
         if not self.enabled:
             return
-        _stamp(rec, "t", time.perf_counter() - self._t0)
+        _stamp(rec, "t", (time.perf_counter() if at is None else at) - self._t0)
         kind = rec.kind
         with self._lock:
             buf = self._buffers.get(kind)
@@ -288,6 +291,31 @@ class Trace:
                 fn(rec)
             except Exception:  # a broken view must not break the device
                 self.unsubscribe(fn)
+
+    def add_source(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """``fn()`` records what a model noted without making records (a compiled path's
+        notes): called before every read of the trace, on the reader's thread. Returns what
+        removes it."""
+        with self._lock:
+            self._sources = (*self._sources, fn)
+
+        def remove() -> None:
+            with self._lock:
+                self._sources = tuple(f for f in self._sources if f is not fn)
+
+        return remove
+
+    def _pull(self) -> None:
+        for fn in self._sources:
+            try:
+                fn()
+            except Exception:  # a broken source must not break the view
+                continue
+
+    @property
+    def watched(self) -> bool:
+        """Whether anyone subscribes (wants records as they come, not when it reads)."""
+        return bool(self._subscribers)
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         with self._lock:
@@ -357,6 +385,8 @@ class Trace:
     def snapshot(self, cls: type[Record] | None = None) -> list[Any]:
         """The buffered records of one type, oldest first; with no type, every record in time
         order."""
+        if self._sources:
+            self._pull()
         with self._lock:
             if cls is not None:
                 return list(self._buffers.get(cls.kind, ()))
@@ -366,6 +396,8 @@ class Trace:
     def tail(self, cls: type[R], n: int) -> list[R]:
         """The newest ``n`` records of one type, oldest first (O(n), not O(capacity): what views
         read on every refresh while the device keeps recording)."""
+        if self._sources:
+            self._pull()
         with self._lock:
             buf = self._buffers.get(cls.kind)
             if not buf:
@@ -376,6 +408,8 @@ class Trace:
 
     def counts(self) -> dict[str, int]:
         """Records per kind name since the start (including those the buffer dropped)."""
+        if self._sources:
+            self._pull()
         with self._lock:
             return dict(self._counts)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from emulab.pci.config_space import HEADER, Bar, BarKind, ConfigSpace
 from emulab.pci.dma import DmaRegion, GuestMemory, RemoteDma
-from emulab.pci.interface import NUM_REGIONS, AccessError, Executor, RegionIndex
+from emulab.pci.interface import NUM_REGIONS, AccessError, Executor, PlainWords, RegionIndex
 from emulab.pci.interrupts import Interrupts, Intx, IrqKind, Msix
 from emulab.pci.regions import Region, RegionInfo, Window
 from emulab.trace import DeviceRecord, DmaRecord, IrqRecord, RegisterRecord, Trace
@@ -162,6 +162,26 @@ class PciDevice:
                     self._region(index).write(offset, data)
             except ValueError as exc:
                 raise AccessError(str(exc)) from exc
+
+    def plain_reads(self) -> list[PlainWords]:
+        """The register words of each BAR whose reads a compiled reader may answer itself
+        (:mod:`emulab.server.lane`): the words, their plain flags and write-only masks (shared,
+        never copied: a hook added later shows at once). None for a device that changes how a
+        region read works (its own ``region_read``)."""
+        if type(self).region_read is not PciDevice.region_read:
+            return []
+        out: list[PlainWords] = []
+        for index, region in self.regions.items():
+            for w in region.windows:
+                regs = w.registers
+                if regs is not None:
+                    out.append(PlainWords(index, w.offset, regs.words, regs.plain,
+                                          regs.write_only))  # fmt: skip
+        return out
+
+    def note_plain_reads(self, reads: int) -> None:
+        """Reads a compiled reader answered (counted as the ordinary path counts them)."""
+        self.access_counts["read"] += reads
 
     def _register_trace(self, op: str, index: int, offset: int, data: bytes) -> None:
         self.trace.record(

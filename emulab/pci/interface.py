@@ -31,7 +31,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from emulab.pci.dma import RemoteDma
 from emulab.pci.interrupts import InterruptLine, IrqInfo, IrqKind
@@ -46,6 +50,8 @@ __all__ = [
     "Executor",
     "IrqController",
     "IrqKind",
+    "PlainReads",
+    "PlainWords",
     "RegionIndex",
     "RemoteDma",
 ]
@@ -76,6 +82,30 @@ Executor = Callable[[Callable[[], None]], None]
 
 class AccessError(ValueError):
     """A region access the device refuses (bad index, out of range)."""
+
+
+@dataclass(frozen=True)
+class PlainWords:
+    """Register words of one region a compiled reader may read itself: a read of word ``w``
+    (at region offset ``offset + 4 * w``) returns ``words[w] & ~write_only[w]`` with no other
+    effect whenever ``plain[w]`` is 1. The arrays are the device's own (shared, updated in
+    place: ``plain`` drops to 0 before a read hook is added)."""
+
+    region: int
+    offset: int
+    words: npt.NDArray[np.uint32]
+    plain: npt.NDArray[np.uint8]
+    write_only: npt.NDArray[np.uint32]
+
+
+class PlainReads(Protocol):
+    """What a device may offer besides :class:`Device`: reads a server answers without it
+    (``plain_reads``), told afterwards how many it answered (``note_plain_reads``; the server
+    traces them as it traces any read). :class:`~emulab.pci.device.PciDevice` offers it."""
+
+    def plain_reads(self) -> list[PlainWords]: ...
+
+    def note_plain_reads(self, reads: int) -> None: ...
 
 
 class IrqController(Protocol):

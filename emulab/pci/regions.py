@@ -43,6 +43,7 @@ class Window:
     mmap: bool = False
     describe: Callable[[int], str] | None = None  # offset in window -> register name
     mmap_pages: tuple[tuple[int, int], ...] = ()  # (offset, size) in the window, if not all
+    registers: RegisterFile | None = None  # the register file behind it, if it is one
 
     @property
     def end(self) -> int:
@@ -93,6 +94,7 @@ class Region:
                 write=regs.write_bytes,
                 describe=regs.name_at,
                 mmap_pages=mmap_pages,
+                registers=regs,
             )
         )
 

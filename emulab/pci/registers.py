@@ -159,6 +159,9 @@ class RegisterFile:
         self._w1c = np.zeros(n, dtype=np.uint32)
         self._wo = np.zeros(n, dtype=np.uint32)
         self._reset = np.zeros(n, dtype=np.uint32)
+        # 1 where a read is the stored word alone (claimed, no read hook): what a compiled
+        # reader may answer without calling back here (emulab.server.lane)
+        self.plain = np.zeros(n, dtype=np.uint8)
         self._slots: list[_Slot | None] = [None] * n
         self._by_name: dict[str, Register] = {}
         self._write_hooks: dict[str, WriteHook] = {}
@@ -178,6 +181,7 @@ class RegisterFile:
                 self._w1c[w] = reg.w1c_mask
                 self._wo[w] = reg.wo_mask
                 self._reset[w] = reg.reset_value
+                self.plain[w] = 1
         self.reset()
 
     # -- binding ------------------------------------------------------------------------------
@@ -194,8 +198,15 @@ class RegisterFile:
         self._write_hooks[name] = hook
 
     def on_read(self, name: str, hook: ReadHook) -> None:
-        self._require(name)
+        reg = self._require(name)
+        for off in reg.offsets():
+            self.plain[off // 4] = 0  # (before the hook is in: no reader misses it)
         self._read_hooks[name] = hook
+
+    @property
+    def write_only(self) -> npt.NDArray[np.uint32]:
+        """Per word, the bits a read returns as zero."""
+        return self._wo
 
     def _require(self, name: str) -> Register:
         try:

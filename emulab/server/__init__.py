@@ -23,6 +23,9 @@ from typing import Any, Generic, TypeVar
 from emulab.pci.dma import GuestMemory
 from emulab.pci.interface import Device
 from emulab.server.debugger import Breakpoint, Debugger, EventWatch, Stop
+from emulab.server.lane import KERNEL as LANE_KERNEL
+from emulab.server.lane import enabled_by_default as lane_enabled_by_default
+from emulab.server.lane import kernel_state
 from emulab.server.session import HandlerError, ServerStats, Session
 from emulab.server.threads import SwitchInterval, Worker
 from emulab.trace import ClientRecord, Trace, describe
@@ -68,6 +71,7 @@ class VfioUserServer(Generic[D]):
         dma_layout: str = "spec",
         trace_messages: bool = True,
         socket_mode: int = 0o600,
+        fast_lane: bool | None = None,
     ) -> None:
         self.device = device
         self.socket_path = Path(socket_path).absolute() if socket_path is not None else None
@@ -82,6 +86,9 @@ class VfioUserServer(Generic[D]):
             self.debugger.name_at = name_at
         self.dma_layout = dma_layout
         self.trace_messages = trace_messages
+        # plain register reads answered by compiled code (emulab.server.lane); None: unless
+        # EMULAB_FAST_LANE=0
+        self.fast_lane = lane_enabled_by_default() if fast_lane is None else fast_lane
         self.last_error: str | None = None
         self._switch_interval = switch_interval
         self._switch_held = False
@@ -113,7 +120,13 @@ class VfioUserServer(Generic[D]):
             threading.Thread(
                 target=self._door, name=f"emulab-{self.device.name}-door", daemon=True
             ).start()
+        self._start_lane()
         return self
+
+    def _start_lane(self) -> None:
+        """The fast lane's kernel compiles (or loads) in a child meanwhile, if it will serve."""
+        if self.fast_lane and hasattr(self.device, "plain_reads"):
+            LANE_KERNEL.start()
 
     def connect_pair(self) -> Channel:
         """Serve a fresh in-process channel and return the client's end (no filesystem)."""
@@ -129,6 +142,7 @@ class VfioUserServer(Generic[D]):
                 daemon=True,
             )
             self._thread.start()
+        self._start_lane()
         return theirs
 
     def stop(self) -> None:
@@ -181,6 +195,10 @@ class VfioUserServer(Generic[D]):
         return session.channel.unread() + buffered
 
     def status(self) -> dict[str, Any]:
+        session = self._session
+        lane = session.lane if session is not None else None
+        if lane is not None:
+            lane.take_notes()  # (the counts below include what the lane answered)
         return {
             "device": self.device.name,
             "socket": str(self.socket_path) if self.socket_path else None,
@@ -191,6 +209,11 @@ class VfioUserServer(Generic[D]):
             "errors": self.stats.errors,
             "dma_maps": self.device.dma_maps,
             "fault": self.device.fault,
+            "fast_lane": {
+                **kernel_state(),
+                "on": self.fast_lane,
+                "served": lane.served if lane is not None else 0,
+            },
         }
 
     # -- threads -------------------------------------------------------------------------------

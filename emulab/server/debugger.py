@@ -141,6 +141,7 @@ class Debugger:
         self.active = False  # a register breakpoint, or a step pending: the session asks us
         self.holding = False  # a thread waits at a stop: the session holds messages
         self.last_error: str | None = None  # a bug met while looking at a record
+        self._listeners: tuple[Callable[[], None], ...] = ()  # told of every change
         with self._cond:
             self._sync()  # (register breakpoints given at construction)
 
@@ -407,6 +408,12 @@ class Debugger:
             at, self._backlog_at = self._backlog_at, None
         return taken if at is None else min(taken, at)
 
+    @property
+    def backlogged(self) -> bool:
+        """Whether bytes were seen waiting behind a stop and the session has not yet asked
+        when their message was sent (:meth:`sent_by`)."""
+        return self._backlog_at is not None
+
     def overdue(self, sent: float) -> float | None:
         """How long the client has waited for its reply to a message sent at ``sent``, if that
         is past its reply timeout (:attr:`client_timeout`, less :data:`POLL` and a margin: when
@@ -421,6 +428,22 @@ class Debugger:
         with self._cond:
             self._gone = None
             self._drop_client()
+
+    def on_change(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """``fn()`` is called (with the debugger's lock held: it must not block) whenever
+        points, stepping or holding change; returns what stops that."""
+        with self._cond:
+            self._listeners = (*self._listeners, fn)
+
+        def stop() -> None:
+            with self._cond:
+                self._listeners = tuple(f for f in self._listeners if f is not fn)
+
+        return stop
+
+    def _tell(self) -> None:
+        for fn in self._listeners:
+            fn()
 
     # -- the device's events ---------------------------------------------------------------------
     def _sync(self) -> None:
@@ -444,6 +467,7 @@ class Debugger:
         if live != self._live:
             self._live = live
             self.trace.set_live(self, live)  # (its listeners block on nothing)
+        self._tell()
 
     def _on_record(self, rec: Record) -> None:
         """A trace subscriber: on the thread that made the record, where it made it."""
@@ -550,6 +574,7 @@ class Debugger:
     def _update(self) -> None:
         self.holding = self._paused is not None or bool(self._waiting)
         self._cond.notify_all()
+        self._tell()
 
     def _record(self, event: str, stop: Stop, bp: Point | None) -> None:
         self.trace.record(DebugRecord(event=event, op=stop.op, region=stop.region,

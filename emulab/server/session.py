@@ -18,6 +18,7 @@ from emulab.pci.dma import DmaError
 from emulab.pci.interface import NUM_IRQS, NUM_REGIONS, AccessError, Device
 from emulab.pci.interrupts import EventfdLine, IrqKind
 from emulab.server.debugger import Debugger
+from emulab.server.lane import FastLane
 from emulab.server.threads import Worker
 from emulab.trace import ClientRecord, DmaRecord, IrqRecord, MessageRecord, Trace
 from emulab.transport.endpoint import Endpoint, RequestFailed, close_fds
@@ -96,6 +97,7 @@ class Session:
         )
         self.conn = self.endpoint.conn
         self.end_reason = "eof"
+        self.lane: FastLane | None = None  # (while it runs, if the server has one)
         self.handlers: dict[int, Callable[[Request], tuple[Any, tuple[int, ...]]]] = {
             Command.VERSION: self.version,
             Command.DMA_MAP: self.dma_map,
@@ -122,9 +124,15 @@ class Session:
         # in the socket, or read already and not yet taken -- looked at without the lock)
         unread = getattr(self.channel, "unread", lambda: 0)
         debugger.client_attached(self.channel.peer_gone, lambda: unread() + self.conn.buffered)
+        lane = self.lane = FastLane(self) if getattr(self.server, "fast_lane", False) else None
+        if lane is not None and lane.on:
+            self.endpoint.fast = lane
         try:
             self.end_reason = self.endpoint.run()
         finally:
+            if lane is not None:
+                self.endpoint.fast = None
+                lane.close()
             debugger.client_left()  # (nothing stays held for a client that is gone)
 
     def _protocol_error(self, text: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -21,7 +22,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["Channel", "ChannelClosed", "UnixListener", "channel_pair"]
+import numpy as np
+
+__all__ = ["Channel", "ChannelClosed", "SendMutex", "UnixListener", "channel_pair"]
 
 MAX_FDS = 16  # the most any vfio-user peer may send in one message (QEMU's limit)
 RECV_SIZE = 1 << 16
@@ -32,10 +35,31 @@ class ChannelClosed(ConnectionError):
     """The peer went away, or the channel was shut down locally."""
 
 
+class SendMutex:
+    """A pthread mutex in memory a compiled writer can reach (``address``): with one set as
+    :attr:`Channel.mutex`, a message sent from Python and one written by compiled code
+    (:mod:`emulab.server.lane`) never interleave on the wire. Taking it from Python releases the
+    GIL while it waits (ctypes)."""
+
+    def __init__(self) -> None:
+        self.words = np.zeros(8, dtype=np.int64)  # (a zeroed pthread_mutex_t is unlocked)
+        self.address = int(self.words.ctypes.data)
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._lock, self._unlock = libc.pthread_mutex_lock, libc.pthread_mutex_unlock
+        self._lock.argtypes = self._unlock.argtypes = [ctypes.c_void_p]
+
+    def __enter__(self) -> None:
+        self._lock(self.address)
+
+    def __exit__(self, *exc: object) -> None:
+        self._unlock(self.address)
+
+
 class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._send_lock = threading.Lock()
+        self.mutex: SendMutex | None = None  # shared with a compiled writer, when one runs
         self._closed = False
         self.fds_truncated = 0
         self.bytes_in = 0
@@ -69,6 +93,9 @@ class Channel:
         with self._send_lock:
             if self._closed:
                 raise ChannelClosed("channel closed")
+            mutex = self.mutex
+            if mutex is not None:
+                mutex.__enter__()
             try:
                 if fds:
                     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
@@ -79,7 +106,14 @@ class Channel:
                     self.sock.sendall(memoryview(data)[sent:])
             except OSError as exc:
                 raise ChannelClosed(str(exc)) from exc
+            finally:
+                if mutex is not None:
+                    mutex.__exit__()
             self.bytes_out += len(data)
+
+    def lock_sends(self) -> threading.Lock:
+        """The lock every send takes (held: no send is under way, none starts)."""
+        return self._send_lock
 
     def peer_gone(self) -> bool:
         """Whether the peer closed its end (or this end was shut down), told without reading:

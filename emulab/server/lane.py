@@ -1,0 +1,326 @@
+"""The fast lane: a session's plain register reads answered by compiled code, without the GIL.
+
+A guest reads status registers far more often than anything else it asks a device over the
+socket (iavf polls VFGEN_RSTAT, the admin queue heads, ...), and each read through the
+ordinary path costs the server ~20 us of Python under the GIL. The lane is the session's
+reader while nothing needs Python: :func:`emulab.server.lane_kernel.serve` waits on the socket
+itself and answers every REGION_READ of a *plain* register word -- one the device offers
+through :meth:`~emulab.pci.interface.PlainReads.plain_reads`: claimed, no read hook, read
+within one word -- from the device's own register words. Everything else (any other message,
+fds, a read with a hook) is handed back to the session's ordinary path at once, in order.
+
+What the ordinary path does besides answering, the lane does too, later:
+- the trace: each answer leaves a note (time, msg_id, region, offset, size, value, latency) in
+  a ring; notes become the same :class:`~emulab.trace.RegisterRecord` and
+  :class:`~emulab.trace.MessageRecord` the ordinary path records, when the trace is read
+  (:meth:`~emulab.trace.Trace.add_source`), before the session handles its next message itself
+  (so records keep the order of the messages), and every ``DRAIN_MS`` while anyone subscribes
+  to the trace. The ring holds as many notes as the trace keeps records: a trace read late
+  finds the newest, as it would have anyway, and counts every one.
+- the counts: messages and commands (``server.stats``), reads (the device's).
+- the wire: the lane and Python's sends share one mutex (:class:`~emulab.transport.
+  unix_socket.SendMutex`), so no message interleaves another.
+
+The lane stands aside (the ordinary path takes every message) while the debugger has any
+point set or holds a thread, before VERSION is negotiated, while the lane's kernel is not yet
+compiled (a child process compiles it on first use; the ordinary path serves meanwhile), and
+when the server is made with ``fast_lane=False`` (or ``EMULAB_FAST_LANE=0``).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emulab.trace import MessageRecord, RegisterRecord
+from emulab.transport.unix_socket import SendMutex
+from emulab.vfio_user import messages as m
+from emulab.vfio_user.connection import State
+from emulab.vfio_user.constants import Command
+
+if TYPE_CHECKING:
+    from emulab.server.session import Session
+
+__all__ = ["FastLane", "kernel_state"]
+
+# (mirrors of emulab.server.lane_kernel's constants: that module imports numba, this one not)
+HANDOFF, WOKEN, DRAIN, EOF, ERROR, FDS = 1, 2, 3, 5, 6, 7
+ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
+CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS = 8, 20, 512, 7
+POS, END, CONTROL, FLAGS = 0, 1, 2, 3
+RECV_BYTES = 1 << 16
+READ = int(Command.REGION_READ)
+
+
+class _Kernel:
+    """The compiled loop, once: compiled by a child process (``python -m
+    emulab.server.lane_kernel``, so compiling never holds a serving process's GIL), then loaded
+    from numba's cache by the first session that wants it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = "new"  # new | compiling | compiled | loaded | failed
+        self.serve: Any = None
+        self.error = ""
+        self.seconds = 0.0
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        """Have the child compile it (or find it in numba's cache), unless that began."""
+        with self.lock:
+            if self.state == "new":
+                self.state = "compiling"
+                self._done.clear()
+                threading.Thread(
+                    target=self._compile, name="emulab-lane-build", daemon=True
+                ).start()
+
+    def get(self) -> Any:
+        """The loop if it is ready (loading it on this thread if compiled), else None (and the
+        compile started)."""
+        if self.serve is not None:
+            return self.serve
+        self.start()
+        with self.lock:
+            if self.state != "compiled":
+                return None
+            try:
+                from emulab.server import lane_kernel  # noqa: PLC0415 -- numba, when it is ready
+
+                lane_kernel.warm()  # (a load from the cache the child wrote)
+            except Exception as exc:  # no lane, then: the ordinary path serves on
+                self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                return None
+            self.serve, self.state = lane_kernel.serve, "loaded"
+            return self.serve
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the compile (starting it) and load the loop; whether it is ready."""
+        self.start()
+        self._done.wait(timeout)
+        return self.get() is not None
+
+    def _compile(self) -> None:
+        t = time.perf_counter()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "emulab.server.lane_kernel"],
+                capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            with self.lock:
+                self.state, self.error = "failed", str(exc)
+            self._done.set()
+            return
+        lines = (done.stderr or done.stdout or "").strip().splitlines()
+        with self.lock:
+            self.seconds = time.perf_counter() - t
+            if done.returncode == 0:
+                self.state = "compiled"
+            else:
+                self.state = "failed"
+                self.error = lines[-1] if lines else f"exit {done.returncode}"
+        self._done.set()
+
+
+KERNEL = _Kernel()
+
+
+def kernel_state() -> dict[str, Any]:
+    """Whether the lane's kernel is compiled (and how long the child took), or why not."""
+    return {"state": KERNEL.state, "seconds": round(KERNEL.seconds, 2), "error": KERNEL.error}
+
+
+def enabled_by_default() -> bool:
+    return os.environ.get("EMULAB_FAST_LANE", "1") not in ("0", "no", "off", "")
+
+
+class FastLane:
+    """One session's lane: the buffers its kernel uses, the table of plain words, the note
+    ring, and the turning of notes into records. ``__call__`` is the session endpoint's fast
+    reader (see :class:`~emulab.transport.endpoint.Endpoint`)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        server, device = session.server, session.device
+        self.server, self.device = server, device
+        self.channel = session.channel
+        self.fd = self.channel.fileno()
+        plain = getattr(device, "plain_reads", None)
+        words = plain() if plain is not None else []
+        self.table = np.zeros((len(words), 7), dtype=np.int64)
+        self._keep = words  # (the arrays the table points into stay alive with it)
+        for i, pw in enumerate(words):
+            n = min(len(pw.words), len(pw.plain), len(pw.write_only))
+            self.table[i] = (pw.region, pw.offset, pw.offset + 4 * n, pw.words.ctypes.data,
+                             pw.plain.ctypes.data, pw.write_only.ctypes.data, n)  # fmt: skip
+        self.buf = np.zeros(RECV_BYTES, dtype=np.uint8)
+        self.st = np.zeros(4, dtype=np.int64)
+        self.io = np.zeros(IO_WORDS, dtype=np.int64)
+        self.cbuf = np.zeros(CBUF, dtype=np.uint8)
+        self.out = np.zeros(64, dtype=np.uint8)
+        self.ctl = np.zeros(CTL_WORDS, dtype=np.int64)
+        self.notes = np.zeros((max(server.trace.capacity, 1), TRACE_COLS), dtype=np.int64)
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.mutex: SendMutex | None = None
+        self.mutex_words = np.zeros(8, dtype=np.int64)  # (the mutex's, once there is one)
+        self._take = threading.Lock()  # (notes are taken by the session, or a trace reader)
+        self.served = 0
+        self.entries = 0  # times the session entered the kernel (tests, benchmarks)
+        self.on = bool(len(words)) and getattr(server, "fast_lane", True)
+        self._stops: list[Any] = []
+        if self.on:
+            self._stops.append(server.trace.add_source(self.take_notes))
+            self._stops.append(server.debugger.on_change(self.wake))
+
+    # -- the session's reader --------------------------------------------------------------------
+    def __call__(self) -> tuple[bytes, list[int]] | None:
+        """Serve what the lane can; return the bytes (and fds) the session must handle, ``b""``
+        at EOF, or None: the lane stands aside (read the socket the ordinary way)."""
+        while True:
+            serve = self._ready()
+            if serve is None:
+                return None
+            self.ctl[ENABLED] = 1
+            self.ctl[LIVE] = int(self.server.trace.watched)
+            self.entries += 1
+            code = serve(self.fd, self.wake_fd, self.buf, self.st, self.io, self.cbuf, self.out,
+                         self.mutex_words, self.table, self.notes,
+                         self.ctl)  # fmt: skip
+            data = bytes(self.buf[self.st[POS] : self.st[END]])
+            if code == WOKEN:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.wake_fd)
+            if data or code in (HANDOFF, FDS, EOF):
+                self.take_notes(wait=True)  # (records in the order of the messages)
+            if code == FDS:
+                return data, self._fds(int(self.st[CONTROL]), int(self.st[FLAGS]))
+            if data:
+                return data, []
+            if code == EOF:
+                return b"", []
+            if code == ERROR:
+                return None  # (the ordinary read meets the error itself)
+            if code == DRAIN:
+                self.take_notes()
+
+    def _ready(self) -> Any:
+        if not self.on:
+            return None
+        session = self.session
+        debugger = self.server.debugger
+        if (
+            session.conn.state is not State.READY
+            or debugger.active
+            or debugger.holding
+            or debugger.breakpoints
+            or debugger.backlogged  # (the session must see when that message came)
+            or session.conn.buffered
+        ):
+            return None
+        serve = KERNEL.get()
+        if serve is not None and self.mutex is None:
+            mutex = SendMutex()
+            with self.channel.lock_sends():  # (a send under way ends before the lane writes)
+                self.channel.mutex = mutex
+            self.mutex, self.mutex_words = mutex, mutex.words
+        return serve
+
+    def wake(self) -> None:
+        """Make the kernel return to the session soon (the debugger changed)."""
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.wake_fd, 1)
+
+    def _fds(self, size: int, flags: int) -> list[int]:
+        """The fds in the ancillary data that came (``struct cmsghdr``s, 8-byte aligned)."""
+        raw = self.cbuf[:size].tobytes()
+        fds: list[int] = []
+        at = 0
+        while at + 16 <= len(raw):
+            length = int.from_bytes(raw[at : at + 8], "little")
+            level = int.from_bytes(raw[at + 8 : at + 12], "little", signed=True)
+            kind = int.from_bytes(raw[at + 12 : at + 16], "little", signed=True)
+            if length < 16:
+                break
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                body = raw[at + 16 : at + min(length, len(raw) - at)]
+                got = array.array("i")
+                got.frombytes(body[: len(body) - len(body) % 4])
+                fds.extend(got)
+            at += (length + 7) & ~7
+        if flags & socket.MSG_CTRUNC:
+            self.channel.fds_truncated += 1
+        return fds
+
+    # -- notes into records ----------------------------------------------------------------------
+    def take_notes(self, *, wait: bool = False) -> None:
+        """Record the notes the kernel left since the last time (on any thread; ``wait``: also
+        when another thread is at it, after it)."""
+        if not self._take.acquire(blocking=wait):
+            return  # (taken already, on another thread or further up this one)
+        try:
+            self._take_notes()
+        finally:
+            self._take.release()
+
+    def _take_notes(self) -> None:
+        ctl, notes = self.ctl, self.notes
+        seen, head = int(ctl[SEEN]), int(ctl[HEAD])
+        if head == seen:
+            return
+        rows = len(notes)
+        start = max(seen, head - rows + 1)  # (the oldest row may be under the kernel's pen)
+        picked = notes[np.arange(start, head) % rows]  # (a copy: fancy indexing)
+        after = int(ctl[HEAD])
+        if after - rows + 1 > start:  # overwritten while copied: keep only what is intact
+            picked = picked[after - rows + 1 - start :]
+        ctl[SEEN] = head
+        served = head - seen
+        self.served += served
+        server, device = self.server, self.device
+        server.stats.messages += served
+        counts = server.stats.counts
+        counts[READ] = counts.get(READ, 0) + served
+        self.channel.bytes_in += 32 * served
+        self.channel.bytes_out += int(ctl[BYTES_OUT])
+        ctl[BYTES_OUT] = 0
+        note = getattr(device, "note_plain_reads", None)
+        if note is not None:
+            note(served)
+        dev_trace, trace = device.trace, server.trace
+        registers = dev_trace.enabled
+        messages = server.trace_messages and trace.enabled
+        name = device.name
+        name_at = getattr(device, "name_at", lambda r, o: f"region{r}+{o:#x}")
+        for t_ns, msg_id, region, offset, count, value, lat in picked.tolist():
+            at = t_ns / 1e9
+            if registers:
+                dev_trace.record(RegisterRecord(device=name, op="read", region=region,
+                                                offset=offset, name=name_at(region, offset),
+                                                size=count, value=value), at)  # fmt: skip
+            if messages:
+                data = value.to_bytes(count, "little")
+                trace.record(MessageRecord(direction="in", command="REGION_READ", msg_id=msg_id,
+                                           args=m.RegionRead(offset, region, count),
+                                           reply=m.RegionReadReply(offset, region, count, data),
+                                           latency_us=lat / 1e3), at)  # fmt: skip
+
+    def close(self) -> None:
+        """The session ended: the notes left become records; the wire is Python's alone."""
+        self.take_notes(wait=True)
+        for stop in self._stops:
+            stop()
+        self._stops.clear()
+        with self.channel.lock_sends():
+            self.channel.mutex = None
+        with contextlib.suppress(OSError):
+            os.close(self.wake_fd)

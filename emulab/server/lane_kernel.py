@@ -1,0 +1,343 @@
+"""The fast lane's compiled loop: REGION_READs of plain registers answered without Python.
+
+:func:`serve` waits on the client's socket (``poll``), reads what arrives (``recvmsg``, so fds
+are never lost), and answers each REGION_READ of four bytes or fewer that falls inside one
+register word the device marked *plain* (claimed, no read hook) straight from the register
+file's words: ``stored & ~write_only``, as :meth:`~emulab.pci.registers.RegisterFile.read`
+computes it. Each answer is noted in ``trace`` (the Python side turns the notes into the same
+typed records the ordinary path makes, when anyone looks). ``trace`` is a ring: note ``k``
+goes to row ``k % rows`` and ``ctl[HEAD]`` counts them, so a reader that comes late finds the
+newest, as a bounded trace keeps them. At the first message it does not serve -- any other
+command, any flag, a larger or unaligned read, a register with a hook, fds in the ancillary
+data -- it stops and hands the bytes from that message on back to Python, so messages are
+handled in the order they came. It also returns when woken (``wake_fd``), when someone watches
+the trace live (``ctl[LIVE]``) and notes wait while the client is quiet for ``DRAIN_MS``, and
+on EOF or an error.
+
+It calls libc (``poll``, ``recvmsg``, ``write``, ``clock_gettime``, the pthread mutex that
+guards the socket's write side) through declared external symbols, which numba can cache
+(ctypes function pointers it cannot). Every access through a raw address is bounds-checked
+against the lengths the table gives first. Runs without the GIL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from llvmlite import ir  # type: ignore[import-untyped]
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["serve"]
+
+# codes serve returns (the Python side: emulab.server.lane)
+HANDOFF, WOKEN, DRAIN, EOF, ERROR, FDS = 1, 2, 3, 5, 6, 7
+# ctl words: set by Python (ENABLED, LIVE, SEEN: the notes it has taken), by serve (the rest)
+ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
+CTL_WORDS = 8
+# st words: what is left in buf for Python, the ancillary bytes that came, recvmsg's flags
+POS, END, CONTROL, FLAGS = 0, 1, 2, 3
+# io words: msghdr [0:7], iovec [8:10], two pollfds [12:14], timespec [16:18]
+IO_WORDS = 20
+CBUF = 512  # ancillary buffer: room for any number of fds the kernel passes a stream (253)
+DRAIN_MS = 20
+TRACE_COLS = 7  # t_ns, msg_id, region, offset, count, value, latency_ns
+REGION_READ = 9
+POLLIN, POLLERR, POLLHUP = 0x1, 0x8, 0x10
+MSG_CTRUNC = 0x8
+CLOCK_MONOTONIC = 1
+
+_VOIDP = ir.IntType(8).as_pointer()
+
+
+def _libc(name: str, ret: Any, argc: int) -> Any:
+    """An intrinsic calling libc's ``name``; every argument is an int64 (pointers are
+    addresses), so one definition per arity does."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        lret = context.get_value_type(ret)
+        largs = [context.get_value_type(t) for t in signature.args]
+        fnty = ir.FunctionType(lret, largs)
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)  # type: ignore[no-untyped-call]
+        return builder.call(fn, args)
+
+    if argc == 1:
+
+        def call1(typingctx: Any, a: Any) -> Any:
+            return ret(types.int64), codegen
+
+        return intrinsic(call1)
+    if argc == 2:
+
+        def call2(typingctx: Any, a: Any, b: Any) -> Any:
+            return ret(types.int64, types.int64), codegen
+
+        return intrinsic(call2)
+
+    def call3(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+        return ret(types.int64, types.int64, types.int64), codegen
+
+    return intrinsic(call3)
+
+
+# (int64 arguments where C has int or pointers: the x86-64 and aarch64 ABIs pass both in one
+# 64-bit register, the callee reading the low half of an int)
+_poll = _libc("poll", types.int32, 3)
+_recvmsg = _libc("recvmsg", types.int64, 3)
+_write = _libc("write", types.int64, 3)
+_clock_gettime = _libc("clock_gettime", types.int32, 2)
+_lock = _libc("pthread_mutex_lock", types.int32, 1)
+_unlock = _libc("pthread_mutex_unlock", types.int32, 1)
+_errno_at = _libc("__errno_location", types.int64, 1)  # (its argument is ignored)
+
+
+def _load32_typer(typingctx: Any, addr: Any) -> Any:
+    """The uint32 at ``addr`` (the caller has checked it lies inside its array)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
+        return builder.zext(builder.load(ptr), ir.IntType(64))
+
+    return types.int64(types.int64), codegen
+
+
+_load32: Any = intrinsic(_load32_typer)
+
+
+def _release_typer(typingctx: Any, x: Any) -> Any:
+    """A release fence: a note's row is stored before the count that publishes it."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        builder.fence("release")
+        return context.get_dummy_value()
+
+    return types.void(types.int64), codegen
+
+
+_release: Any = intrinsic(_release_typer)
+
+
+def _load8_typer(typingctx: Any, addr: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        return builder.zext(builder.load(ptr), ir.IntType(64))
+
+    return types.int64(types.int64), codegen
+
+
+_load8: Any = intrinsic(_load8_typer)
+
+
+@njit(cache=True, nogil=True)
+def _now(io: Any) -> Any:
+    _clock_gettime(CLOCK_MONOTONIC, io.ctypes.data + 16 * 8)
+    return io[16] * 1_000_000_000 + io[17]
+
+
+@njit(cache=True, nogil=True)
+def _u(buf: Any, at: Any, n: Any) -> Any:
+    """Little-endian unsigned of ``n`` bytes at ``buf[at]``."""
+    v = np.int64(0)
+    for k in range(n):
+        v |= np.int64(buf[at + k]) << (8 * k)
+    return v
+
+
+@njit(cache=True, nogil=True)
+def _put(out: Any, at: Any, v: Any, n: Any) -> None:
+    for k in range(n):
+        out[at + k] = (v >> (8 * k)) & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _answer(  # noqa: PLR0917 -- arrays in, for the compiler
+    buf: Any,
+    pos: Any,
+    table: Any,
+    out: Any,
+    io: Any,
+    mutex: Any,
+    fd: Any,
+    trace: Any,
+    ctl: Any,
+    t0: Any,
+) -> Any:
+    """Answer the REGION_READ at ``buf[pos]`` if it reads a plain register word: the reply's
+    size (> 0), 0 if it is not one to serve here, -1 if the write failed."""
+    offset = _u(buf, pos + 16, 8)
+    region = _u(buf, pos + 24, 4)
+    count = _u(buf, pos + 28, 4)
+    if count != 1 and count != 2 and count != 4:  # noqa: PLR1714 -- (numba: no set literal)
+        return 0
+    if offset & (count - 1):  # (naturally aligned: inside one word)
+        return 0
+    for r in range(table.shape[0]):
+        if table[r, 0] != region or offset < table[r, 1] or offset + count > table[r, 2]:
+            continue
+        rel = offset - table[r, 1]
+        w = rel >> 2
+        if w < 0 or w >= table[r, 6]:
+            return 0
+        if _load8(table[r, 4] + w) == 0:  # claimed, no read hook: plain
+            return 0
+        word = _load32(table[r, 3] + 4 * w) & ~_load32(table[r, 5] + 4 * w) & 0xFFFFFFFF
+        value = (word >> (8 * (rel & 3))) & ((1 << (8 * count)) - 1)
+        size = 32 + count
+        _put(out, 0, _u(buf, pos, 2), 2)
+        _put(out, 2, REGION_READ, 2)
+        _put(out, 4, size, 4)
+        _put(out, 8, 1, 4)  # a reply
+        _put(out, 12, 0, 4)
+        for k in range(16):
+            out[16 + k] = buf[pos + 16 + k]
+        _put(out, 32, value, count)
+        _lock(mutex.ctypes.data)
+        sent = 0
+        while sent < size:
+            n = _write(fd, out.ctypes.data + sent, size - sent)
+            if n <= 0:
+                break
+            sent += n
+        _unlock(mutex.ctypes.data)
+        if sent < size:
+            return -1
+        k = ctl[HEAD]
+        n = k % trace.shape[0]
+        t1 = _now(io)
+        trace[n, 0] = t0
+        trace[n, 1] = _u(buf, pos, 2)
+        trace[n, 2] = region
+        trace[n, 3] = offset
+        trace[n, 4] = count
+        trace[n, 5] = value
+        trace[n, 6] = t1 - t0
+        _release(0)
+        ctl[HEAD] = k + 1
+        ctl[BYTES_OUT] += size
+        return size
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
+    fd: Any,
+    wake_fd: Any,
+    buf: Any,
+    st: Any,
+    io: Any,
+    cbuf: Any,
+    out: Any,
+    mutex: Any,
+    table: Any,
+    trace: Any,
+    ctl: Any,
+) -> Any:
+    """Serve until a message Python must handle (see the module's text); returns a code, with
+    ``buf[st[POS]:st[END]]`` the bytes left for Python (the ancillary data in
+    ``cbuf[:st[CONTROL]]`` when the code is FDS)."""
+    pos = 0
+    end = 0
+    cap = buf.size
+    st[CONTROL] = 0
+    io[8] = 0
+    while True:
+        # what arrived: answer from the front while we can
+        while end - pos >= 16:
+            if ctl[ENABLED] == 0:
+                st[POS], st[END] = pos, end
+                return HANDOFF
+            cmd = _u(buf, pos + 2, 2)
+            size = _u(buf, pos + 4, 4)
+            flags = _u(buf, pos + 8, 4)
+            err = _u(buf, pos + 12, 4)
+            if cmd != REGION_READ or size != 32 or flags != 0 or err != 0:
+                st[POS], st[END] = pos, end
+                return HANDOFF
+            if end - pos < 32:
+                break
+            done = _answer(buf, pos, table, out, io, mutex, fd, trace, ctl, _now(io))
+            if done < 0:
+                ctl[ERRNO] = _load32(_errno_at(0))
+                st[POS], st[END] = pos + 32, end
+                return ERROR
+            if done == 0:
+                st[POS], st[END] = pos, end
+                return HANDOFF
+            pos += 32
+        if pos:  # keep a partial message at the front
+            for k in range(end - pos):
+                buf[k] = buf[pos + k]
+            end -= pos
+            pos = 0
+        # wait for more: the socket, or a wake-up
+        io[12] = fd | (POLLIN << 32)
+        io[13] = wake_fd | (POLLIN << 32)
+        timeout = DRAIN_MS if ctl[LIVE] and ctl[HEAD] != ctl[SEEN] else -1
+        r = _poll(io.ctypes.data + 12 * 8, 2, timeout)
+        if r < 0:
+            ctl[ERRNO] = _load32(_errno_at(0))
+            st[POS], st[END] = pos, end
+            return ERROR
+        if r == 0:
+            st[POS], st[END] = pos, end
+            return DRAIN
+        if (io[13] >> 48) & (POLLIN | POLLERR | POLLHUP):
+            st[POS], st[END] = pos, end
+            return WOKEN
+        # msghdr: no name, one iovec (the free end of buf), the ancillary buffer
+        io[0] = 0
+        io[1] = 0
+        io[8] = buf.ctypes.data + end
+        io[9] = cap - end
+        io[2] = io.ctypes.data + 8 * 8
+        io[3] = 1
+        io[4] = cbuf.ctypes.data
+        io[5] = cbuf.size
+        io[6] = 0
+        n = _recvmsg(fd, io.ctypes.data, 0)
+        if n < 0:
+            ctl[ERRNO] = _load32(_errno_at(0))
+            st[POS], st[END] = pos, end
+            return ERROR
+        if n == 0:
+            st[POS], st[END] = pos, end
+            return EOF
+        end += n
+        if io[5] > 0 or (io[6] & 0xFFFFFFFF) & MSG_CTRUNC:
+            st[POS], st[END] = pos, end
+            st[CONTROL] = io[5] if io[5] <= cbuf.size else cbuf.size
+            st[FLAGS] = io[6] & 0xFFFFFFFF
+            return FDS
+        if end >= cap:  # (only a message too large to serve fills it: Python takes it)
+            st[POS], st[END] = pos, end
+            return HANDOFF
+
+
+def warm() -> None:
+    """Compile (or load) :func:`serve` by calling it once with nothing to do."""
+    import os  # noqa: PLC0415
+
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x" * 16)  # a header that is no REGION_READ: handed back at once
+        ctl = np.zeros(CTL_WORDS, np.int64)
+        ctl[ENABLED] = 1
+        serve(r, w, np.zeros(64, np.uint8), np.zeros(4, np.int64), np.zeros(IO_WORDS, np.int64),
+              np.zeros(CBUF, np.uint8), np.zeros(64, np.uint8), np.zeros(8, np.int64),
+              np.zeros((0, 7), np.int64), np.zeros((1, TRACE_COLS), np.int64), ctl)  # fmt: skip
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+if __name__ == "__main__":  # ``python -m emulab.server.lane_kernel``: the server's compile child
+    import ctypes
+    import signal
+    import time
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: end with the server
+    t = time.perf_counter()
+    warm()
+    print(f"lane compiled in {time.perf_counter() - t:.2f} s", flush=True)

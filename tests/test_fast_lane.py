@@ -1,0 +1,235 @@
+"""The fast lane (emulab.server.lane): plain register reads answered by compiled code.
+
+Every test waits for the lane's kernel (compiled by a child once, then loaded from numba's
+cache) and checks that the lane did serve (``served``), so none passes on the ordinary path."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emulab.client import ClientError, VfioUserClient
+from emulab.devices.memcpy import MAGIC, MemcpyDevice
+from emulab.server import VfioUserServer
+from emulab.server.lane import KERNEL
+from emulab.trace import MessageRecord, RegisterRecord
+from tests.waiting import wait_until
+
+BAR0 = 0
+ID, SRC_LO, DST_LO, LEN, DOORBELL, STATUS, COPIES = 0x00, 0x08, 0x10, 0x18, 0x1C, 0x20, 0x28
+HDR = struct.Struct("<HHIII")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lane_kernel() -> None:
+    assert KERNEL.wait(300), KERNEL.error  # (cold: the child compiles it, a few seconds)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[VfioUserServer[MemcpyDevice], VfioUserClient]]:
+    srv = VfioUserServer(MemcpyDevice(), tmp_path / "m.sock", fast_lane=True).start()
+    c = VfioUserClient.connect(tmp_path / "m.sock")
+    yield srv, c
+    c.close()
+    srv.stop()
+    srv.device.close()
+
+
+def lane_served(srv: VfioUserServer[MemcpyDevice]) -> int:
+    return int(srv.status()["fast_lane"]["served"])
+
+
+def test_plain_reads_are_answered_by_the_lane_with_the_registers_values(served) -> None:  # type: ignore[no-untyped-def]
+    srv, c = served
+    before = lane_served(srv)
+    assert c.read32(BAR0, ID) == MAGIC
+    c.write32(BAR0, LEN, 0x12345678)  # (a write: the ordinary path)
+    assert c.read32(BAR0, LEN) == 0x12345678  # the lane sees what Python wrote
+    assert c.read(BAR0, LEN + 1, 1) == b"\x56" and c.read(BAR0, LEN + 2, 2) == b"\x34\x12"
+    srv.device.regs.set("COPIES", 7)  # the device's own update, from another thread
+    assert c.read32(BAR0, COPIES) == 7
+    assert c.read32(BAR0, DOORBELL) == 0  # write-only: reads as zero, as the ordinary path says
+    assert lane_served(srv) - before == 6
+
+
+def test_what_the_lane_does_not_serve_goes_the_ordinary_way_in_order(served) -> None:  # type: ignore[no-untyped-def]
+    srv, c = served
+    c.write32(BAR0, SRC_LO, 0xA1B2C3D4)
+    c.write32(BAR0, SRC_LO + 4, 0x01020304)
+    base = lane_served(srv)
+    assert c.read(BAR0, SRC_LO, 8) == struct.pack("<II", 0xA1B2C3D4, 0x01020304)  # 8 bytes
+    assert c.read(BAR0, SRC_LO + 1, 2) == b"\xc3\xb2"  # unaligned
+    assert c.read(BAR0, 0x100, 4) == bytes(4)  # unclaimed space
+    with pytest.raises(ClientError):
+        c.read(BAR0, 0x2000, 4)  # outside the BAR: an error reply, from Python
+    assert lane_served(srv) == base  # none of those was the lane's
+    hooked: list[int] = []
+    srv.device.regs.on_read("LEN", lambda i, v: hooked.append(v) or v ^ 0xFF)
+    c.write32(BAR0, LEN, 0x100)
+    assert c.read32(BAR0, LEN) == 0x1FF and hooked == [0x100]  # a hook added: Python's read
+    assert lane_served(srv) == base
+    assert c.read32(BAR0, ID) == MAGIC and lane_served(srv) == base + 1
+
+
+def test_the_lanes_reads_are_traced_as_the_ordinary_paths_in_message_order(served) -> None:  # type: ignore[no-untyped-def]
+    srv, c = served
+    srv.trace.clear()
+    c.write32(BAR0, LEN, 5)
+    assert c.read32(BAR0, LEN) == 5
+    c.write32(BAR0, LEN, 6)
+    assert c.read32(BAR0, ID) == MAGIC
+    msgs = [(r.command, r.msg_id) for r in srv.trace.snapshot(MessageRecord)]
+    assert [cmd for cmd, _ in msgs] == [
+        "REGION_WRITE",
+        "REGION_READ",
+        "REGION_WRITE",
+        "REGION_READ",
+    ]
+    assert [i for _, i in msgs] == sorted(i for _, i in msgs)
+    read = srv.trace.snapshot(MessageRecord)[-1]
+    assert read.args.offset == ID and read.reply.data == MAGIC.to_bytes(4, "little")
+    regs = [r for r in srv.trace.snapshot(RegisterRecord) if r.op == "read"]
+    assert [(r.name, r.value, r.size) for r in regs] == [("LEN", 5, 4), ("ID", MAGIC, 4)]
+    times = [r.t for r in srv.trace.snapshot(MessageRecord)]
+    assert times == sorted(times)
+    assert srv.status()["messages"] == 1 + 4  # VERSION, then these (the lane's counted too)
+    assert srv.device.access_counts["read"] >= 2
+
+
+def test_a_breakpoint_set_while_the_lane_waits_stops_the_next_read(served) -> None:  # type: ignore[no-untyped-def]
+    srv, c = served
+    assert c.read32(BAR0, ID) == MAGIC
+    base = lane_served(srv)
+    assert base >= 1
+    time.sleep(0.1)  # the lane waits in its kernel now
+    srv.debugger.break_on("ID", op="read")
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(c.read32(BAR0, ID)))
+    t.start()
+    stop = srv.debugger.wait(5)
+    assert stop is not None and stop.name == "ID"
+    srv.debugger.clear()
+    srv.debugger.cont()
+    t.join(5)
+    assert out == [MAGIC] and lane_served(srv) == base
+    wait_until(lambda: c.read32(BAR0, ID) == MAGIC and lane_served(srv) > base)
+
+
+def test_dma_requests_from_the_device_and_the_lanes_replies_share_the_wire(served) -> None:  # type: ignore[no-untyped-def]
+    """Guest memory without an fd: the device's copy reads and writes it with DMA_READ and
+    DMA_WRITE requests sent on the session's socket from its worker thread, while the lane
+    writes replies to a stream of reads on the same socket. Neither cuts into the other."""
+    srv, c = served
+    ram = c.map_message_only(1 << 16, iova=0x10000)
+    ram.write(0x10000, bytes(range(256)) * 128)
+    stop = threading.Event()
+    bad: list[object] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                v = c.read32(BAR0, ID)
+            except Exception as exc:
+                bad.append(exc)
+                return
+            if v != MAGIC:
+                bad.append(v)
+
+    base = lane_served(srv)
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for k in range(20):
+            c.write32(BAR0, SRC_LO, 0x10000)
+            c.write32(BAR0, DST_LO, 0x18000)
+            c.write32(BAR0, LEN, 0x8000)
+            c.write32(BAR0, DOORBELL, 1)
+            wait_until(lambda k=k: c.read32(BAR0, COPIES) == k + 1)
+    finally:
+        stop.set()
+        t.join(10)
+    assert bad == []
+    assert ram.read(0x18000, 0x8000) == ram.read(0x10000, 0x8000)
+    assert lane_served(srv) - base > 20
+
+
+def test_fds_that_arrive_while_the_lane_reads_are_kept(served) -> None:  # type: ignore[no-untyped-def]
+    srv, c = served
+    assert c.read32(BAR0, ID) == MAGIC
+    base = lane_served(srv)
+    ram = c.map_ram(1 << 16, iova=0x40000)  # DMA_MAP with its memfd, read by the lane
+    ram.write(0x40000, b"lane" * 64)
+    c.write32(BAR0, SRC_LO, 0x40000)
+    c.write32(BAR0, DST_LO, 0x48000)
+    c.write32(BAR0, LEN, 256)
+    c.write32(BAR0, DOORBELL, 1)
+    wait_until(lambda: c.read32(BAR0, COPIES) == 1)
+    assert ram.read(0x48000, 256) == b"lane" * 64
+    assert srv.device.dma_maps == 1 and lane_served(srv) > base
+
+
+def raw_client(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(path))
+    caps = b'{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576}}\0'
+    body = struct.pack("<HH", 0, 0) + caps
+    s.sendall(HDR.pack(1, 1, 16 + len(body), 0, 0) + body)
+    size = HDR.unpack(s.recv(16, socket.MSG_WAITALL))[2]
+    s.recv(size - 16, socket.MSG_WAITALL)
+    return s
+
+
+def reply(s: socket.socket) -> tuple[tuple[int, ...], bytes]:
+    head = HDR.unpack(s.recv(16, socket.MSG_WAITALL))
+    return head, s.recv(head[2] - 16, socket.MSG_WAITALL) if head[2] > 16 else b""
+
+
+def test_hostile_reads_get_the_ordinary_paths_answers(tmp_path: Path) -> None:
+    """A read the lane does not take whole -- a count that does not fit the message, a read
+    split across sends, many in one send, a vanished client -- is answered as before."""
+    srv = VfioUserServer(MemcpyDevice(), tmp_path / "h.sock", fast_lane=True).start()
+    try:
+        s = raw_client(tmp_path / "h.sock")
+        read = struct.Struct("<HHIIIQII")
+        s.sendall(read.pack(2, 9, 32, 0, 0, ID, 0, 4))
+        assert reply(s)[1][16:] == MAGIC.to_bytes(4, "little")
+        s.sendall(read.pack(3, 9, 32, 0, 0, ID, 0, 100000))  # count past the client's limit
+        head, _ = reply(s)
+        assert head[0] == 3 and head[3] & 0x20 and head[4] != 0  # an error reply
+        wait_until(lambda: lane_served(srv) >= 1)
+        msg = read.pack(4, 9, 32, 0, 0, ID, 0, 4)
+        s.sendall(msg[:10])  # a header cut in two
+        time.sleep(0.05)
+        s.sendall(msg[10:])
+        assert reply(s)[0][0] == 4
+        s.sendall(b"".join(read.pack(10 + k, 9, 32, 0, 0, ID, 0, 4) for k in range(50)))
+        assert [reply(s)[0][0] for _ in range(50)] == list(range(10, 60))
+        served_before = lane_served(srv)
+        s.sendall(read.pack(99, 9, 32, 0, 0, ID, 0, 4)[:20])
+        s.close()  # gone mid-message
+        wait_until(lambda: not srv.connected)
+        c = VfioUserClient.connect(tmp_path / "h.sock")  # the next client is served
+        assert c.read32(BAR0, ID) == MAGIC
+        c.close()
+        assert lane_served(srv) >= 0 and served_before >= 51
+    finally:
+        srv.stop()
+        srv.device.close()
+
+
+def test_no_lane_when_switched_off(tmp_path: Path) -> None:
+    srv = VfioUserServer(MemcpyDevice(), tmp_path / "o.sock", fast_lane=False).start()
+    try:
+        c = VfioUserClient.connect(tmp_path / "o.sock")
+        assert c.read32(BAR0, ID) == MAGIC
+        assert srv.status()["fast_lane"]["on"] is False and lane_served(srv) == 0
+        c.close()
+    finally:
+        srv.stop()
+        srv.device.close()

@@ -6,10 +6,18 @@ in one run, each in a fresh server process:
 
   floor      a C echo server answering the same bytes (this machine's socket floor)
   python-min the least a Python thread server can do: read a header and body, echo a reply
-  idle       emulab server, its process's main thread idle (``emulab serve``)
+  idle       emulab server, its process's main thread idle (``emulab serve``), as a user gets
+             it: the fast lane (emulab.server.lane) answers the plain register reads
   busy       emulab server, its main thread running a CPU-bound Python loop (a busy notebook
              cell), with emulab's default GIL switch interval while serving (10 us)
   busy-5ms   the same with CPython's default 5 ms switch interval (what a naive server gets)
+  idle-py    context: the idle server with the fast lane off (EMULAB_FAST_LANE=0): every
+             read through the sans-IO protocol, the device interface and the trace in Python
+  busy-py    context: the busy server with the fast lane off
+
+The emulab servers wait for the lane's kernel (compiled by a child process, or loaded from
+numba's cache) before they say ready: the figures are the steady state a client meets once the
+server has been up for a second or two (how long that took is printed).
 
 Each variant runs in two placements: "one-cpu" pins client and server to CPU 0 (wakeups stay on
 one CPU) and "spread" leaves placement to the scheduler (on this 2-vCPU VM a cross-CPU wakeup
@@ -41,11 +49,14 @@ SERVER = textwrap.dedent(
     import sys, time
     from emulab.devices import MemcpyDevice
     from emulab.server import VfioUserServer
+    from emulab.server.lane import KERNEL
     path, busy, si = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
     interval = None if si == "none" else float(si)
     server = VfioUserServer(MemcpyDevice(), path, switch_interval=interval)
+    t = time.perf_counter()
     server.start()
-    print("ready", flush=True)
+    lane = server.fast_lane and KERNEL.wait(300)
+    print(f"ready lane={int(lane)} {time.perf_counter() - t:.2f}", flush=True)
     x = 0
     if busy:
         while True:          # a notebook cell computing
@@ -162,8 +173,10 @@ def pin(pid: int, cpus: set[int]) -> None:
         os.sched_setaffinity(int(tid), cpus)
 
 
-def start(cmd: list[str], path: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+def start(
+    cmd: list[str], path: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if "ready" not in line:
@@ -173,7 +186,7 @@ def start(cmd: list[str], path: str) -> subprocess.Popen[str]:
         if os.path.exists(path):
             break
         time.sleep(0.01)
-    return proc
+    return proc, line.split("ready", 1)[1].strip()
 
 
 def main() -> None:  # noqa: PLR0915 -- one linear measurement script
@@ -194,6 +207,9 @@ def main() -> None:  # noqa: PLR0915 -- one linear measurement script
     variants["idle"] = [*py, "0", "1e-5"]
     variants["busy"] = [*py, "1", "1e-5"]
     variants["busy-5ms"] = [*py, "1", "none"]
+    variants["idle-py"] = [*py, "0", "1e-5"]
+    variants["busy-py"] = [*py, "1", "1e-5"]
+    no_lane = {**os.environ, "EMULAB_FAST_LANE": "0"}
     all_cpus = os.sched_getaffinity(0)
     placements = {"one-cpu": {min(all_cpus)}, "spread": all_cpus}
     results = {(p, k): [] for p in placements for k in variants}  # type: ignore[var-annotated]
@@ -207,7 +223,9 @@ def main() -> None:  # noqa: PLR0915 -- one linear measurement script
                 print(
                     f"[{done}/{total}] run {rep + 1}: {place:8} {name:10} ...", end=" ", flush=True
                 )
-                proc = start(cmd, path)
+                proc, said = start(cmd, path, no_lane if name.endswith("-py") else None)
+                if said:
+                    print(f"({said} s)", end=" ", flush=True)
                 try:
                     pin(proc.pid, cpus)
                     os.sched_setaffinity(0, cpus)
@@ -238,10 +256,14 @@ def main() -> None:  # noqa: PLR0915 -- one linear measurement script
         line += f" {tag}_busy_5ms_rps={med_rate[(place, 'busy-5ms')]:.0f}"
         pymin = med_rate[(place, "python-min")]
         ratios += f"   idle/python-min = {idle / pymin:.2f}"
+        ratios += f"   busy/busy-py = {busy / med_rate[(place, 'busy-py')]:.2f}"
+        line += f" {tag}_idle_py_rps={med_rate[(place, 'idle-py')]:.0f}"
+        line += f" {tag}_busy_py_rps={med_rate[(place, 'busy-py')]:.0f}"
         if (place, "floor (C)") in med_rate:
             floor = med_rate[(place, "floor (C)")]
-            ratios += f"   idle/C-floor = {idle / floor:.2f}"
-            line += f" {tag}_floor_rps={floor:.0f}"
+            ratios += f"   idle/C-floor = {idle / floor:.2f} (target >= 0.9)"
+            ratios += f"   idle-py/C-floor = {med_rate[(place, 'idle-py')] / floor:.2f}"
+            line += f" {tag}_floor_rps={floor:.0f} {tag}_idle_over_floor={idle / floor:.2f}"
         print(ratios)
     print(line)
     shutil.rmtree(tmp, ignore_errors=True)

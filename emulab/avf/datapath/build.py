@@ -1,5 +1,6 @@
 """``python -m emulab.avf.datapath.build [MAPS ...]``: compile the data-path kernels into numba's
-on-disk cache, for guest memories of each number of DMA maps given (default 1 2 3), printing a
+on-disk cache, for translation tables of each size given (default 4: every guest memory of up
+to four DMA maps; see ``context.table_size``), printing a
 ``step NAME MAPS SECONDS`` line per kernel: what a device's :class:`~.kernels.Builder` runs in a
 child process, so that compiling never holds the serving process's locks or GIL."""
 
@@ -32,7 +33,11 @@ def main(argv: list[str]) -> int:
     from emulab.avf.datapath import kernels, warm  # noqa: PLC0415 -- after the cache guard
 
     # (0 alone: only the kernels that take no table, which every build compiles first)
-    maps = [n for n in map(int, argv) if n > 0] if argv else list(kernels.Builder.DEFAULT_MAPS)
+    maps = (
+        [n for n in map(int, argv) if n > 0]
+        if argv
+        else kernels.Builder.sizes(kernels.Builder.DEFAULT_MAPS)
+    )
     t0 = time.perf_counter()
     for name, call in warm.common_steps():
         t = time.perf_counter()

@@ -261,7 +261,9 @@ class Builder:
         self._listeners: list[Callable[[BuildStatus], None]] = []
         self.status = BuildStatus("idle" if JIT else "ready")
         self.log: list[str] = []  # the child's output, for a failure's explanation
-        self.child: subprocess.Popen[str] | None = None
+        self.children: list[subprocess.Popen[str]] = []
+        # build children side by side: the CPUs this process may use, up to the parts
+        self.jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
     def subscribe(self, fn: Callable[[BuildStatus], None]) -> None:
         """Call ``fn`` with every new status (from the builder's thread), and now."""
@@ -348,41 +350,73 @@ class Builder:
                 self._cond.notify_all()
 
     def _compile(self, maps: list[int], t0: float) -> bool:
-        """Run the build child for ``maps``; True when it filled the cache."""
-        cmd = [sys.executable, "-m", "emulab.avf.datapath.build", *map(str, maps)]
+        """Run the build children for ``maps`` (one per part of ``warm.PARTS`` side by side
+        where this process may use as many CPUs, else one for all); True when they filled the
+        cache."""
+        base = [sys.executable, "-m", "emulab.avf.datapath.build"]
+        parts = len(warm.PARTS) if self.jobs >= len(warm.PARTS) and maps != [0] else 1
+        cmds = [[*base, *(["--part", str(i)] if parts > 1 else []), *map(str, maps)]
+                for i in range(parts)]  # fmt: skip
         total = len(warm.common_steps()) + len([n for n in maps if n]) * len(warm.steps(1))
         self._set(BuildStatus("compiling", 0, total, message=f"maps {maps}"))
-        try:
-            self.child = child = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                env={**os.environ, "EMULAB_BUILD_PARENT": str(os.getpid())},
-            )  # fmt: skip
-        except OSError as exc:
-            self._set(BuildStatus("failed", message=f"cannot start {cmd[0]}: {exc}"))
+        # the children import the package this process runs (not another on their path)
+        path = os.pathsep.join(
+            [str(HERE.parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        env = {**os.environ, "EMULAB_BUILD_PARENT": str(os.getpid()), "PYTHONPATH": path}
+        children: list[subprocess.Popen[str]] = []
+        for cmd in cmds:
+            try:
+                children.append(subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                    env=env,
+                ))  # fmt: skip
+            except OSError as exc:
+                for c in children:
+                    c.kill()
+                self._set(BuildStatus("failed", message=f"cannot start {cmd[0]}: {exc}"))
+                return False
+        self.children = children
+        done = [0]
+        lock = threading.Lock()
+
+        def read(child: subprocess.Popen[str]) -> None:
+            assert child.stdout is not None
+            for line in child.stdout:
+                self.log.append(line.rstrip())
+                if line.startswith("step "):
+                    _, name, n, _secs = line.split()
+                    # what a child just cached is loaded here at once (the device switches
+                    # kernel by kernel); should the load miss the cache, _load finishes later
+                    with contextlib.suppress(Exception):
+                        self._load_step(name, None if n == "-" else int(n))
+                    with lock:
+                        done[0] += 1
+                        self._set(BuildStatus("compiling", done[0], total,
+                                              seconds=time.monotonic() - t0,
+                                              message=line[5:].strip()))  # fmt: skip
+
+        readers = [threading.Thread(target=read, args=(c,), daemon=True) for c in children[1:]]
+        for r in readers:
+            r.start()
+        read(children[0])
+        for r in readers:
+            r.join()
+        rcs = [c.wait() for c in children]
+        self.children = []
+        stopped = [rc for rc in rcs if -rc in STOP_SIGNALS]
+        if stopped:  # Ctrl-C or a stop aimed at the process group, not a failure
+            name = signal.Signals(-stopped[0]).name
+            self._set(BuildStatus("stopped", done[0], total, message=f"build stopped by {name}"))
             return False
-        done = 0
-        assert child.stdout is not None
-        for line in child.stdout:
-            self.log.append(line.rstrip())
-            if line.startswith("step "):
-                done += 1
-                _, name, n, _secs = line.split()
-                # what the child just cached is loaded here at once (the device switches kernel
-                # by kernel); should the load miss the cache, _load finishes the job later
-                with contextlib.suppress(Exception):
-                    self._load_step(name, None if n == "-" else int(n))
-                self._set(BuildStatus("compiling", done, total, seconds=time.monotonic() - t0,
-                                      message=line[5:].strip()))  # fmt: skip
-        rc = child.wait()
-        self.child = None
-        if -rc in STOP_SIGNALS:  # Ctrl-C or a stop aimed at the process group, not a failure
-            name = signal.Signals(-rc).name
-            self._set(BuildStatus("stopped", done, total, message=f"build stopped by {name}"))
-            return False
-        if rc != 0:
+        if any(rcs):
             tail = " | ".join(self.log[-3:])
-            self._set(BuildStatus("failed", done, total, message=f"build exited {rc}: {tail}"))
+            rc = next(rc for rc in rcs if rc)
+            self._set(BuildStatus("failed", done[0], total,
+                                  message=f"build exited {rc}: {tail}"))  # fmt: skip
             return False
+        if parts > 1:
+            record({0, *maps})
         return True
 
     def _load(self, maps: list[int]) -> None:

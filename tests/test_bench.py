@@ -25,13 +25,14 @@ def _load(name: str) -> ModuleType:
 
 
 def test_datapath_start_up_measurement_runs() -> None:
-    """The start-up figure's child process (``import emulab`` to a started AVF server with its
-    kernels ready) runs and prints seconds."""
+    """The start-up figure's child process (``import emulab`` to a started AVF server, its
+    first reply, its kernels ready) runs and prints seconds, in that order."""
     datapath = _load("datapath")
     proc = subprocess.run([sys.executable, "-c", datapath.STARTUP], capture_output=True,
                           text=True, timeout=600, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 0 < float(proc.stdout.strip().splitlines()[-1]) < 600
+    tag, ready, answer, kernels, _ = proc.stdout.strip().splitlines()[-1].split()
+    assert tag == "STARTUP" and 0 < float(ready) <= float(answer) <= float(kernels) < 600
 
 
 def test_guest_iperf_reads_iperf3_and_takes_medians_of_round_ratios() -> None:

@@ -10,6 +10,7 @@ length of a compile -- what QEMU on a fresh machine met (``datapath.kernels`` te
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,7 +133,8 @@ def test_a_cold_cache_never_delays_a_reply(served: Served) -> None:
     assert max(times) < REPLY_BUDGET, sorted(times)[-5:]
     client.close()
     st = [line for line in served.lines if "kernels" in line]
-    assert any("compiling 0/" in line for line in st) and any("16/16" in line for line in st), st
+    assert any("compiling 0/" in line for line in st), st
+    assert any(re.search(r"compiling (\d+)/\1 ", line) for line in st), st  # every step
     assert not [line for line in served.lines if "failed" in line], served.lines
 
 

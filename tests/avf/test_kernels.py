@@ -3,6 +3,7 @@ reach the compiler (what kept a fresh machine's server from answering QEMU)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -13,6 +14,7 @@ from numba.core.dispatcher import Dispatcher
 
 from emulab.avf import datapath as dp
 from emulab.avf.datapath import kernels, raw
+from emulab.pci.dma import GuestMemory, memfd
 
 
 class Asked:
@@ -97,3 +99,49 @@ def test_the_untabled_kernels_are_a_build_of_their_own() -> None:
     steps = [line.split() for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert steps and all(s[2] == "-" for s in steps), proc.stdout
     assert 0 in kernels.recorded()
+
+
+def _guest(maps: int) -> GuestMemory:
+    """A guest memory of ``maps`` fd-backed maps, 64 KiB each, 1 MiB apart."""
+    gm = GuestMemory()
+    for i in range(maps):
+        fd = memfd(f"g{i}", 1 << 16)
+        gm.map(i << 20, 1 << 16, fd=fd)
+        os.close(fd)
+    return gm
+
+
+def test_a_table_is_padded_to_a_size_of_its_own() -> None:
+    """Every guest memory of up to four maps has one table size, so one compiled form of each
+    kernel serves the software driver's one map and QEMU's three."""
+    assert [dp.table_size(n) for n in (0, 1, 2, 3, 4, 5, 16, 17, 64)] == [0, 4, 4, 4, 4, 16,
+                                                                        16, 64, 64]  # fmt: skip
+    assert kernels.Builder.sizes(kernels.Builder.DEFAULT_MAPS) == [4]
+    for n in (1, 3, 5):
+        t = dp.MemoryTable(_guest(n))
+        assert len(t.regions) == len(t.words) == dp.table_size(n)
+        assert t.starts.shape[0] == t.wstarts.shape[0] == n  # the padding: no map points at it
+        assert t.all_words
+    empty = dp.MemoryTable(GuestMemory())
+    assert len(empty.regions) == 4 and empty.starts.shape[0] == 1  # (a start that never matches)
+
+
+def test_after_the_build_one_and_three_maps_run_compiled() -> None:
+    """What the builder compiles by default is what a device of one map and of three calls:
+    after it, their kernels run compiled (no interpreted call, nothing more wanted)."""
+    assert dp.BUILDER.wait((1, 3), 300)
+    for n in (1, 3):
+        gm = _guest(n)
+        raw_ = np.frombuffer(gm.regions[-1].mapping, dtype=np.uint8)  # type: ignore[arg-type]
+        raw_[:16] = 0  # (an empty ring: nothing to drain)
+        t = dp.MemoryTable(gm)
+        txt = np.zeros((1, dp.TX_COLS), dtype=np.int64)
+        txt[0, : dp.TX_ENABLED + 1] = ((n - 1) << 20, 64, 0, 1, 1)  # one descriptor posted
+        gather = dp.Gather(np.zeros(4096, dtype=np.uint8), np.zeros(9, dtype=np.int64),
+                           np.zeros((8, 2), dtype=np.uint64))  # fmt: skip
+        k = dp.KERNELS.tx_drain
+        before = list(k.calls)
+        out = np.zeros(dp.OUT, dtype=np.int64)
+        k(t.general, txt[0], gather, out)
+        assert k.calls == [before[0], before[1] + 1], n  # compiled, not interpreted
+        assert dp.KERNELS.compiled(n) and out[dp.OUT_ERROR] == 0

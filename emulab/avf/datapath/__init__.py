@@ -80,6 +80,7 @@ from emulab.avf.datapath.context import (
     Work,
     maps_of,
     own_lines,
+    table_size,
 )
 from emulab.avf.datapath.general_path import (
     ERR_BAD_DESCRIPTOR,
@@ -328,6 +329,7 @@ __all__ = [
     "rx_ready",
     "snap_rows",
     "snap_rows_tx",
+    "table_size",
     "toeplitz",
     "toeplitz_fast",
     "toeplitz_table",

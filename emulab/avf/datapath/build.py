@@ -1,7 +1,10 @@
-"""``python -m emulab.avf.datapath.build [MAPS ...]``: compile the data-path kernels into numba's
-on-disk cache, for guest memories of each number of DMA maps given (default 1 2 3), printing a
-``step NAME MAPS SECONDS`` line per kernel: what a device's :class:`~.kernels.Builder` runs in a
-child process, so that compiling never holds the serving process's locks or GIL."""
+"""``python -m emulab.avf.datapath.build [--part I] [SIZES ...]``: compile the data-path
+kernels into numba's on-disk cache, for translation tables of each size given (default 4: every
+guest memory of up to four DMA maps; see ``context.table_size``), printing a ``step NAME SIZE
+SECONDS`` line per kernel: what a device's :class:`~.kernels.Builder` runs in a
+child process, so that compiling never holds the serving process's locks or GIL. ``--part I``:
+only the steps of ``warm.PARTS[I]``, and no record of the build (the builder, which runs the
+parts side by side, writes it when all are done)."""
 
 from __future__ import annotations
 
@@ -31,19 +34,32 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     from emulab.avf.datapath import kernels, warm  # noqa: PLC0415 -- after the cache guard
 
+    part: tuple[str, ...] | None = None
+    if argv[:1] == ["--part"]:  # one of ``warm.PARTS`` (the builder records the whole)
+        part = warm.PARTS[int(argv[1])]
+        argv = argv[2:]
     # (0 alone: only the kernels that take no table, which every build compiles first)
-    maps = [n for n in map(int, argv) if n > 0] if argv else list(kernels.Builder.DEFAULT_MAPS)
+    maps = (
+        [n for n in map(int, argv) if n > 0]
+        if argv
+        else kernels.Builder.sizes(kernels.Builder.DEFAULT_MAPS)
+    )
     t0 = time.perf_counter()
     for name, call in warm.common_steps():
+        if part is not None and name not in part:
+            continue
         t = time.perf_counter()
         call()
         print(f"step {name} - {time.perf_counter() - t:.2f}", flush=True)
     for n in maps:
         for name, call in warm.steps(n):
+            if part is not None and name not in part:
+                continue
             t = time.perf_counter()
             call()
             print(f"step {name} {n} {time.perf_counter() - t:.2f}", flush=True)
-    kernels.record({0, *maps})
+    if part is None:
+        kernels.record({0, *maps})
     print(
         f"built maps {' '.join(map(str, maps)) or '-'} in {time.perf_counter() - t0:.1f} s",
         flush=True,

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from emulab.avf.datapath import raw
 from emulab.avf.descriptors import RX_ERROR_SHIFT, RxError, RxStatus
 
 RX_L3L4P = int(RxStatus.L3L4P)  # status: the checksums were checked (errors say how they were)
@@ -16,7 +17,7 @@ RX_ERR_IPE = int(RxError.IPE) << RX_ERROR_SHIFT  # the IPv4 header's sum is wron
 RX_ERR_L4E = int(RxError.L4E) << RX_ERROR_SHIFT  # the segment's
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def fold(total: Any) -> Any:
     while total >> np.uint64(16):
         total = (total & np.uint64(0xFFFF)) + (total >> np.uint64(16))
@@ -54,7 +55,7 @@ def rx_checksums(frame: Any, length: Any) -> Any:
     return bits
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def finish_csum(row: Any, length: Any, start: Any, offset: Any) -> None:
     """Finish a checksum left partial (virtio-net's NEEDS_CSUM, Linux's CHECKSUM_PARTIAL): the
     field holds the pseudo-header's sum; the folded complement of the sum from ``start`` to the

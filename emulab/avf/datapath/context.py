@@ -60,10 +60,27 @@ OUT_LATEST = (OUT_ERROR, OUT_FAULT_RX)  # positions a sum of results takes from 
 OUT_MASKS = (OUT_RX_MASK, OUT_RX_TOUCHED)  # positions a sum of results ORs
 
 
+# The tuple of map arrays has one of these sizes (``table_size``): the kernels specialise on a
+# tuple's length, so a table padded to a fixed size needs one compiled form for every guest of
+# up to 4 maps -- the software driver's one, QEMU 11.1's q35 guest's three below 4 GiB (fewer
+# while its firmware shadows ROMs) -- rather than one per count, each a full compile.
+MAP_TABLES = (4, 16, 64)
+
+
+def table_size(maps: int) -> int:
+    """The size of the translation table for a guest memory of ``maps`` DMA maps (0: none,
+    the kernels that take no table)."""
+    if maps <= 0:
+        return 0
+    return next((n for n in MAP_TABLES if n >= maps), maps)
+
+
 class Maps(NamedTuple):
     """Guest memory: one array per DMA map (uint8 for the general path, uint64 words for the
     fast path; see ``MemoryTable``), their guest start and end addresses and writable flags.
-    Kernels specialise on the number of maps."""
+    ``starts`` (as ``ends`` and ``writable``) holds one entry per map, ``arrays`` as many or
+    more: a table is padded to :func:`table_size` with arrays no start points at. Kernels
+    specialise on the length of ``arrays``."""
 
     arrays: Any
     starts: Any

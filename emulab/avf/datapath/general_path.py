@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit
 
 from emulab.avf import descriptors as desc
+from emulab.avf.datapath import raw
 from emulab.avf.datapath.checksum import RX_L3L4P, finish_csum, rx_checksums
 from emulab.avf.datapath.context import (
     OUT,
@@ -67,7 +68,7 @@ PICK_NO_QUEUE, PICK_FILTERED, PICK_TOO_LONG = -1, -2, -3  # rx_pick's verdicts b
 GSO_ECN = 0x80  # virtio-net's gso_type bit: the frame has CWR set (cleared after the first)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def find_map(starts: Any, ends: Any, addr: Any, length: Any) -> int:
     """Index of the map holding ``[addr, addr+length)`` entirely, or -1."""
     if addr < 0 or length < 0:
@@ -235,7 +236,7 @@ def drain(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     return frame_start, n, used, ERR_NONE
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def gso_header_len(row: Any, seen: Any, g: Any) -> int:
     """The headers' length (through TCP's) of a TSO frame from a wire, whose ``gso`` row is
     ``g`` (the TCP header at ``GSO_CSUM_START``), or 0 if it is not one we can cut: TCP over

@@ -5,9 +5,10 @@ has not compiled yet compiles it on the spot -- or waits on numba's global compi
 compile elsewhere -- and the device's threads call kernels holding the queue lock: on a fresh
 machine the TAP reader took that lock, called ``rx_pick`` and waited half a minute for the
 compiler, and the server thread, asked to DMA_MAP, waited for the lock; QEMU gave up on its
-replies after 5 s. The kernels also specialise on the number of DMA maps (the translation table
-is a tuple), so a VMM whose memory is three maps met the compiler again at its first packet even
-after a warm-up with one.
+replies after 5 s. The kernels also specialise on the size of the translation table (a tuple
+of arrays), so a VMM whose memory is three maps met the compiler again at its first packet even
+after a warm-up with one; tables are now padded to a few fixed sizes (``context.table_size``: 4
+for every guest of up to four maps), and one build serves them all.
 
 So the device never calls a compiled kernel that might compile:
 
@@ -41,7 +42,7 @@ from numba.core.dispatcher import Dispatcher
 
 from emulab.avf.datapath import checksum, general_path, poll_loop, raw, ring_to_ring, rss, warm
 from emulab.avf.datapath.cache import digest
-from emulab.avf.datapath.context import maps_of
+from emulab.avf.datapath.context import maps_of, table_size
 
 __all__ = ["BUILDER", "KERNELS", "BuildStatus", "Builder", "Kernel", "KernelSet", "interpret"]
 
@@ -104,7 +105,8 @@ class Kernel:
         return len(maps_of(args[0]).arrays) if self.tabled else 0
 
     def is_compiled(self, maps: int = 1) -> bool:
-        return (maps if self.tabled else 0) in self.ready
+        """Whether it runs compiled for a guest memory of ``maps`` DMA maps."""
+        return (table_size(maps) if self.tabled else 0) in self.ready
 
     def __call__(self, *args: Any) -> Any:
         key = len(maps_of(args[0]).arrays) if self.tabled else 0
@@ -157,7 +159,13 @@ class KernelSet:
     def compiled(self, maps: int = 1) -> bool:
         """Whether every kernel runs compiled for a guest memory of ``maps`` DMA maps (0: every
         kernel that takes no table)."""
-        return all(k.is_compiled(maps) for k in self.all.values() if maps or not k.tabled)
+        return self.loaded(table_size(maps))
+
+    def loaded(self, size: int) -> bool:
+        """Whether every kernel runs compiled for a table of ``size`` (0: every kernel that
+        takes no table)."""
+        return all((size if k.tabled else 0) in k.ready for k in self.all.values()
+                   if size or not k.tabled)  # fmt: skip
 
 
 class _Always(set[int]):
@@ -186,7 +194,8 @@ class BuildStatus:
         if self.state == "compiling":
             return f"kernels compiling {self.done}/{self.total} ({self.seconds:.0f} s)"
         if self.state == "ready":
-            return f"kernels compiled (maps {','.join(str(n) for n in self.maps if n)})"
+            sizes = ",".join(str(n) for n in self.maps if n)
+            return f"kernels compiled (tables of {sizes} maps)"
         return f"kernels {self.state}" + (f": {self.message}" if self.message else "")
 
 
@@ -232,8 +241,14 @@ class Builder:
     (:meth:`want`), one build at a time in a daemon thread; never blocks a caller."""
 
     # the software driver's one map; QEMU 11.1's q35 guest below 4 GiB: three writable maps
-    # (0-0xc3000, 0xe8000-0xf0000, 1 MiB up), fewer while its firmware shadows ROMs
+    # (0-0xc3000, 0xe8000-0xf0000, 1 MiB up), fewer while its firmware shadows ROMs -- all one
+    # table size (4), so one build; a guest of more maps asks for its size when it meets it
     DEFAULT_MAPS = (1, 2, 3)
+
+    @staticmethod
+    def sizes(maps: tuple[int, ...]) -> list[int]:
+        """The table sizes for guest memories of ``maps`` DMA maps each."""
+        return sorted({table_size(n) for n in maps})
 
     def __init__(self, kernels: KernelSet) -> None:
         self.kernels = kernels
@@ -246,7 +261,9 @@ class Builder:
         self._listeners: list[Callable[[BuildStatus], None]] = []
         self.status = BuildStatus("idle" if JIT else "ready")
         self.log: list[str] = []  # the child's output, for a failure's explanation
-        self.child: subprocess.Popen[str] | None = None
+        self.children: list[subprocess.Popen[str]] = []
+        # build children side by side: the CPUs this process may use, up to the parts
+        self.jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
     def subscribe(self, fn: Callable[[BuildStatus], None]) -> None:
         """Call ``fn`` with every new status (from the builder's thread), and now."""
@@ -258,13 +275,15 @@ class Builder:
             self._listeners.remove(fn)
 
     def start(self, maps: tuple[int, ...] = DEFAULT_MAPS) -> Builder:
-        """Ask for the kernels for ``maps`` table sizes (what a device does when created)."""
-        self.want(*maps)
+        """Ask for the kernels for guest memories of ``maps`` DMA maps each (what a device
+        does when created)."""
+        self.want(*self.sizes(maps))
         return self
 
     def want(self, *maps: int) -> None:
-        """Have the kernels compiled and loaded for tables of each of ``maps`` maps (0: the
-        untabled ones only). Cheap, and idempotent: callers on the data path call it freely."""
+        """Have the kernels compiled and loaded for tables of each of ``maps`` sizes (a tuple's
+        length, as :class:`Kernel` meets it; 0: the untabled ones only). Cheap, and idempotent:
+        callers on the data path call it freely."""
         new = {n for n in maps if n not in self._wanted and n not in self._failed and n <= 64}
         if not JIT or not new:
             return
@@ -278,12 +297,14 @@ class Builder:
                 self._thread.start()
 
     def wait(self, maps: tuple[int, ...] = (1,), timeout: float | None = None) -> bool:
-        """Block until the kernels run compiled for ``maps`` (True) or ``timeout`` passes."""
+        """Block until the kernels run compiled for guest memories of ``maps`` DMA maps each
+        (True) or ``timeout`` passes."""
+        maps = tuple(self.sizes(maps))
         self.want(*maps)
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not all(self.kernels.compiled(n) for n in maps):
-                if all(n in self._failed for n in maps if not self.kernels.compiled(n)):
+            while not all(self.kernels.loaded(n) for n in maps):
+                if all(n in self._failed for n in maps if not self.kernels.loaded(n)):
                     return False
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
@@ -298,7 +319,7 @@ class Builder:
                 fn(status)
 
     def _loaded(self) -> set[int]:
-        return {n for n in self._wanted if self.kernels.compiled(n)}
+        return {n for n in self._wanted if self.kernels.loaded(n)}
 
     def _run(self) -> None:
         while True:
@@ -329,41 +350,73 @@ class Builder:
                 self._cond.notify_all()
 
     def _compile(self, maps: list[int], t0: float) -> bool:
-        """Run the build child for ``maps``; True when it filled the cache."""
-        cmd = [sys.executable, "-m", "emulab.avf.datapath.build", *map(str, maps)]
+        """Run the build children for ``maps`` (one per part of ``warm.PARTS`` side by side
+        where this process may use as many CPUs, else one for all); True when they filled the
+        cache."""
+        base = [sys.executable, "-m", "emulab.avf.datapath.build"]
+        parts = len(warm.PARTS) if self.jobs >= len(warm.PARTS) and maps != [0] else 1
+        cmds = [[*base, *(["--part", str(i)] if parts > 1 else []), *map(str, maps)]
+                for i in range(parts)]  # fmt: skip
         total = len(warm.common_steps()) + len([n for n in maps if n]) * len(warm.steps(1))
         self._set(BuildStatus("compiling", 0, total, message=f"maps {maps}"))
-        try:
-            self.child = child = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                env={**os.environ, "EMULAB_BUILD_PARENT": str(os.getpid())},
-            )  # fmt: skip
-        except OSError as exc:
-            self._set(BuildStatus("failed", message=f"cannot start {cmd[0]}: {exc}"))
+        # the children import the package this process runs (not another on their path)
+        path = os.pathsep.join(
+            [str(HERE.parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        env = {**os.environ, "EMULAB_BUILD_PARENT": str(os.getpid()), "PYTHONPATH": path}
+        children: list[subprocess.Popen[str]] = []
+        for cmd in cmds:
+            try:
+                children.append(subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                    env=env,
+                ))  # fmt: skip
+            except OSError as exc:
+                for c in children:
+                    c.kill()
+                self._set(BuildStatus("failed", message=f"cannot start {cmd[0]}: {exc}"))
+                return False
+        self.children = children
+        done = [0]
+        lock = threading.Lock()
+
+        def read(child: subprocess.Popen[str]) -> None:
+            assert child.stdout is not None
+            for line in child.stdout:
+                self.log.append(line.rstrip())
+                if line.startswith("step "):
+                    _, name, n, _secs = line.split()
+                    # what a child just cached is loaded here at once (the device switches
+                    # kernel by kernel); should the load miss the cache, _load finishes later
+                    with contextlib.suppress(Exception):
+                        self._load_step(name, None if n == "-" else int(n))
+                    with lock:
+                        done[0] += 1
+                        self._set(BuildStatus("compiling", done[0], total,
+                                              seconds=time.monotonic() - t0,
+                                              message=line[5:].strip()))  # fmt: skip
+
+        readers = [threading.Thread(target=read, args=(c,), daemon=True) for c in children[1:]]
+        for r in readers:
+            r.start()
+        read(children[0])
+        for r in readers:
+            r.join()
+        rcs = [c.wait() for c in children]
+        self.children = []
+        stopped = [rc for rc in rcs if -rc in STOP_SIGNALS]
+        if stopped:  # Ctrl-C or a stop aimed at the process group, not a failure
+            name = signal.Signals(-stopped[0]).name
+            self._set(BuildStatus("stopped", done[0], total, message=f"build stopped by {name}"))
             return False
-        done = 0
-        assert child.stdout is not None
-        for line in child.stdout:
-            self.log.append(line.rstrip())
-            if line.startswith("step "):
-                done += 1
-                _, name, n, _secs = line.split()
-                # what the child just cached is loaded here at once (the device switches kernel
-                # by kernel); should the load miss the cache, _load finishes the job later
-                with contextlib.suppress(Exception):
-                    self._load_step(name, None if n == "-" else int(n))
-                self._set(BuildStatus("compiling", done, total, seconds=time.monotonic() - t0,
-                                      message=line[5:].strip()))  # fmt: skip
-        rc = child.wait()
-        self.child = None
-        if -rc in STOP_SIGNALS:  # Ctrl-C or a stop aimed at the process group, not a failure
-            name = signal.Signals(-rc).name
-            self._set(BuildStatus("stopped", done, total, message=f"build stopped by {name}"))
-            return False
-        if rc != 0:
+        if any(rcs):
             tail = " | ".join(self.log[-3:])
-            self._set(BuildStatus("failed", done, total, message=f"build exited {rc}: {tail}"))
+            rc = next(rc for rc in rcs if rc)
+            self._set(BuildStatus("failed", done[0], total,
+                                  message=f"build exited {rc}: {tail}"))  # fmt: skip
             return False
+        if parts > 1:
+            record({0, *maps})
         return True
 
     def _load(self, maps: list[int]) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from emulab.avf.datapath.context import Maps
+from emulab.avf.datapath.context import Maps, table_size
 from emulab.pci.dma import GuestMemory
 
 
@@ -31,11 +31,11 @@ class MemoryTable:
                 starts.append(r.iova)
                 ends.append(r.iova + r.size)
                 writable.append(r.writable)
-        if not starts:
-            regions.append(np.zeros(1, dtype=np.uint8))  # a placeholder that never matches
         # a tuple, not a numba typed list: indexing it in a kernel costs no reference count
-        # (and building one compiles nothing); kernels specialise per number of maps, cached
-        self.regions = tuple(regions)
+        # (and building one compiles nothing); kernels specialise on its length, so it is
+        # padded to a table size (``table_size``) with placeholders that no start points at
+        size = table_size(max(len(regions), 1))
+        self.regions = tuple(regions) + (np.zeros(1, dtype=np.uint8),) * (size - len(regions))
         # the fast path's view (see ``forward``): uint64 words of every 8-aligned region
         words: list[Any] = []
         wstarts: list[int] = []
@@ -46,10 +46,10 @@ class MemoryTable:
                 words.append(arr[:whole].view(np.uint64))
                 wstarts.append(start)
                 wends.append(start + whole)
-        self.words = tuple(words) or (np.zeros(1, dtype=np.uint64),)
+        self.words = tuple(words) + (np.zeros(1, dtype=np.uint64),) * (size - len(words))
         self.wstarts = np.array(wstarts or [1], dtype=np.int64)
         self.wends = np.array(wends or [0], dtype=np.int64)
-        self.wwritable = np.ones(len(self.words), dtype=np.bool_)
+        self.wwritable = np.ones(max(len(words), 1), dtype=np.bool_)
         self.starts = np.array(starts or [1], dtype=np.int64)
         self.ends = np.array(ends or [0], dtype=np.int64)
         self.writable = np.array(writable or [False], dtype=np.bool_)

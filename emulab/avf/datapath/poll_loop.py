@@ -72,7 +72,7 @@ def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
     return _poll(ctx, budget, max_idle, acc, out)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def _logged(writes: Any, ctl: Any, word: Any, value: Any) -> bool:
     """Keep a tail write the loop saw for the register trace (none kept without rows); False
     when the rows are full (the loop returns for Python to take them first)."""

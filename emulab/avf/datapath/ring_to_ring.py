@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from emulab.avf.datapath import raw
 from emulab.avf.datapath.checksum import RX_L3L4P, fold, ones_sum
@@ -98,14 +97,14 @@ def work_areas(snap_rows: int) -> Work:
     )
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def rx_ready(rx: Any, q: Any) -> bool:
     """RX queue ``q`` takes frames: enabled, with a ring and a tail inside it."""
     n = rx[q, RX_LEN]
     return bool(rx[q, RX_ENABLED] != 0 and n > 0 and 0 <= rx[q, RX_TAIL] < n)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def _consistent(words: Any, starts: Any, ends: Any) -> bool:
     """Whether every map's array (uint64 words or bytes) covers its ``[start, end)`` (else
     nothing is touched)."""
@@ -117,13 +116,13 @@ def _consistent(words: Any, starts: Any, ends: Any) -> bool:
     return True
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def _at(words: Any, starts: Any, k: Any, addr: Any) -> Any:
     """The host address of guest address ``addr``, in map ``k`` (found by ``find_map``)."""
     return np.int64(words[k].ctypes.data) + (addr - starts[k])
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def _deliver(
     words: Any, starts: Any, ends: Any, writable: Any, rx: Any, q: Any,
     src: Any, length: Any, h: Any, ptype: Any, xbits: Any,
@@ -358,13 +357,13 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
     out[OUT_FAULT_RX] = fault_rx
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def _put16(buf: Any, at: Any, value: Any) -> None:
     buf[at] = np.uint8((value >> 8) & 0xFF)
     buf[at + 1] = np.uint8(value & 0xFF)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def _cut(seg: Any, src: Any, hl: Any, g: Any, k: Any, nseg: Any, plen: Any) -> int:
     """Segment ``k`` of ``nseg`` of a TSO frame (at host address ``src``, headers ``hl`` long,
     ``gso`` row ``g``) into ``seg`` (uint8), as the hardware cuts one: the headers copied
@@ -507,7 +506,7 @@ def rx_place(ctx: WirePath, n: Any, holds: Any, out: Any) -> int:  # noqa: PLR09
     return int(n)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def _counted(rx: Any, q: Any, out: Any, length: Any, first: Any, rest: Any) -> None:
     """Count a frame delivered to queue ``q`` (``first``, ``rest``: its destination MAC)."""
     out[OUT_RX_FRAMES] += 1
@@ -522,7 +521,7 @@ def _counted(rx: Any, q: Any, out: Any, length: Any, first: Any, rest: Any) -> N
         out[OUT_RX_BCAST if bcast else OUT_RX_MCAST] += 1
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def _place_tso(
     maps: Any, starts: Any, ends: Any, writable: Any, rx: Any, q: Any, src: Any, length: Any,
     hl: Any, h: Any, ptype: Any, g: Any, seg: Any, holds: Any, out: Any,

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from emulab.avf.datapath import raw
+
 FILTER_ON, FILTER_PROMISC_UC, FILTER_PROMISC_MC = 1, 2, 4  # the MAC filter's flags word
 MAC_MASK = 0xFFFFFFFFFFFF
 # pctypes (packet classifier types) the RSS hash implements; see emulab.avf.virtchnl
@@ -25,7 +27,7 @@ PTYPE_IPV6_FRAG, PTYPE_IPV6, PTYPE_IPV6_UDP, PTYPE_IPV6_TCP = 88, 89, 90, 92
 PTYPE_IPV6_SCTP, PTYPE_IPV6_ICMP = 93, 94
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def classify(frame: Any, length: Any) -> int:
     """The hardware packet type (the i40e/AVF ptype table) of an untagged frame.
 
@@ -110,7 +112,7 @@ def toeplitz_table(key: Any) -> Any:
     return table
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def toeplitz_fast(table: Any, data: Any, length: Any) -> Any:
     h = np.uint32(0)
     for i in range(length):
@@ -126,7 +128,7 @@ def rss_hash(key: Any, frame: Any, length: Any, tuple_buf: Any, hena: Any) -> An
     return toeplitz(key, tuple_buf, n) if n else np.uint32(0)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def rss_tuple(frame: Any, length: Any, tuple_buf: Any, hena: Any) -> int:
     """The hash input of an IPv4 frame into ``tuple_buf``: its length (8 or 12), or 0 when the
     frame's pctype is not enabled in ``hena`` (or it is not IPv4)."""
@@ -159,7 +161,7 @@ def rss_tuple(frame: Any, length: Any, tuple_buf: Any, hena: Any) -> int:
     return n
 
 
-@njit(nogil=True, cache=True, inline="always")
+@raw.helper
 def accepts(filt: Any, dst: Any) -> bool:
     """The port's MAC filter: ``filt`` is ``[flags, mac, mac, ...]`` (MACs as little-endian
     uint64, unicast and multicast together: the group bit tells them apart)."""

@@ -235,6 +235,7 @@ class VcpuPinner:
         self.tap: str | None = None  # the run's TAP, whose byte counters show when data moves
         # (t, bytes through the TAP, this process's CPU s, QEMU's CPU s but the vCPU's)
         self.samples: list[tuple[float, int, float, float]] = []
+        self.threads: list[dict[int, float]] = []  # this process's CPU s by thread, per sample
         if pin:
             for tid in os.listdir("/proc/self/task"):
                 os.sched_setaffinity(int(tid), {rest})
@@ -273,9 +274,17 @@ class VcpuPinner:
         except OSError:
             return
         r = resource.getrusage(resource.RUSAGE_SELF)
+        mine: dict[int, float] = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            mine[int(tid)] = sum(map(int, stat.rsplit(")", 1)[1].split()[11:13])) / CLK_TCK
         with self.lock:
             qemu = sum(sec for vcpu, sec in self.cpu.values() if not vcpu)
             self.samples.append((time.monotonic(), moved, r.ru_utime + r.ru_stime, qemu))
+            self.threads.append(mine)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
@@ -313,7 +322,8 @@ def measured(pinner: VcpuPinner, run: Callable[[], dict[str, float]]) -> dict[st
     own work) -- over the whole run, boot included (QEMU's last 0.2 s are not sampled)."""
     before = set(pinner.snapshot())
     with pinner.lock:
-        pinner.samples = []
+        pinner.samples, pinner.threads = [], []
+    names = ThreadNames()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     got = run()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -323,14 +333,60 @@ def measured(pinner: VcpuPinner, run: Callable[[], dict[str, float]]) -> dict[st
     got["cpu_vcpu"] = sum(s for vcpu, s in new if vcpu)
     say(f"host CPU over the run: this process {got['cpu_ours']:.1f} s, QEMU's threads but the "
         f"vCPU {got['cpu_qemu']:.1f} s, the vCPU {got['cpu_vcpu']:.1f} s")  # fmt: skip
+    names.stop()
     with pinner.lock:
-        samples, pinner.tap = pinner.samples, None
+        samples, threads, pinner.tap = pinner.samples, pinner.threads, None
     got.update(transfer_cpu(samples))
     if "xfer_gbit" in got:
         say(f"while data moved ({got['xfer_s']:.1f} s, {got['xfer_gbit']:.2f} Gbit through the "
             f"TAP): this process {got['xfer_ours']:.2f} s, QEMU's threads but the vCPU "
             f"{got['xfer_qemu']:.2f} s: {got['xfer_cpu_per_gbit']:.3f} s per Gbit")  # fmt: skip
+        by = transfer_threads(samples, threads, names.seen)
+        say("  this process by thread, while data moved: "
+            + ", ".join(f"{name} {sec:.2f} s" for name, sec in by[:6]))  # fmt: skip
     return got
+
+
+class ThreadNames:
+    """The names of this process's Python threads by native id, as they come and go."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="thread-names", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            for t in threading.enumerate():
+                if t.native_id is not None:
+                    self.seen[t.native_id] = t.name
+            if self._stop.wait(0.5):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def transfer_threads(
+    samples: list[tuple[float, int, float, float]],
+    threads: list[dict[int, float]],
+    names: dict[int, str],
+) -> list[tuple[str, float]]:
+    """This process's CPU by thread (named as Python names it; emulab's threads carry the
+    device's name) over the samples in which data moved, largest first."""
+    by: dict[str, float] = {}
+    for k in range(1, min(len(samples), len(threads))):
+        (t0, b0, *_), (t1, b1, *_) = samples[k - 1], samples[k]
+        if t1 - t0 <= 0 or (b1 - b0) * 8 / (t1 - t0) < 100e6:
+            continue
+        for tid, sec in threads[k].items():
+            before = threads[k - 1].get(tid)
+            if before is not None:
+                name = names.get(tid, f"tid {tid}")
+                by[name] = by.get(name, 0.0) + sec - before
+    return sorted(by.items(), key=lambda kv: -kv[1])
 
 
 def transfer_cpu(samples: list[tuple[float, int, float, float]]) -> dict[str, float]:

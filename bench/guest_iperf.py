@@ -57,6 +57,7 @@ from emulab.qemu.dpdk import chroot_ldd, copy_resolved
 from emulab.server import VfioUserServer
 
 MAC = "02:e1:ab:00:00:01"
+SWITCH: list[float | None] = [1e-5]  # the server's GIL switch interval (--switch-interval)
 VIRTIO_MAC = "52:54:00:e1:ab:02"
 PORT = 5201
 SCRIPT = r"""
@@ -156,7 +157,7 @@ def run_avf(
     dev.trace.enabled = False  # as bench/datapath.py: the packet trace costs ~20 % of the RX
     # thread's time (py-spy); virtio-net keeps no trace either
     work = Path(tempfile.mkdtemp(prefix="emulab-iperf-"))
-    server = VfioUserServer(dev, work / "avf.sock").start()
+    server = VfioUserServer(dev, work / "avf.sock", switch_interval=SWITCH[0]).start()
     srv = HostServer(root, host)
     try:
         script = SCRIPT.format(host=host, guest=guest, port=PORT, seconds=seconds, mtu=mtu)
@@ -442,9 +443,12 @@ def main() -> int:  # noqa: PLR0915 -- one linear measurement script
     ap.add_argument("--chart", default="", help="write a bar chart (PNG) here")
     ap.add_argument("--mtu", type=int, default=1500, help="MTU of both guests and TAPs")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of both NICs (medians)")
+    ap.add_argument("--switch-interval", type=float, default=1e-5,
+                    help="the AVF server's GIL switch interval, s (0: CPython's 5 ms)")  # fmt: skip
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="each vCPU on CPU 1, all else on CPU 0 (default: on)")  # fmt: skip
     args = ap.parse_args()
+    SWITCH[0] = args.switch_interval or None
     reason = qemu.unavailable_reason()
     if reason:
         print(f"guest_iperf: cannot run QEMU here: {reason}")

@@ -45,6 +45,9 @@ def _status_line(server: VfioUserServer[Device], t0: float, last: dict[str, floa
         f"clients={st['clients']} msgs={st['messages']} ({rate:.0f}/s) errors={st['errors']} "
         f"dma_maps={st['dma_maps']}"
     )
+    lane = st["fast_lane"]
+    if lane["on"]:  # reads the fast lane answered (emulab.server.lane), or why it does not yet
+        line += f" lane={lane['served']}" if lane["state"] == "loaded" else f" lane={lane['state']}"
     if isinstance(dev, AvfDevice):
         return f"{line} {dev.status_line()}"
     counts = getattr(dev, "access_counts", None)  # (PciDevice's; not part of Device)

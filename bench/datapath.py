@@ -510,7 +510,9 @@ def ping(token: Any, me: Any, turns: Any, spins: Any) -> None:
     until ``token[1]`` is set: a cache line moved between two CPUs, there and back, per turn.
     (``spins``, another array, keeps ``token[0]`` loaded on every turn.)"""
     for _ in range(turns):
-        while token[0] != me and token[1] == 0:
+        while token[0] != me:
+            if token[1]:
+                return
             spins[0] += 1
         token[0] = 1 - me
 

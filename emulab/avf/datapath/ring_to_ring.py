@@ -202,7 +202,7 @@ def _deliver(
             n = np.int64(raw.load(held))
             if n >= cap:
                 _write_held(held)
-                n = 0
+                n = np.int64(0)
             at = held + 8 + 24 * n
             raw.store(at, desc)
             raw.store(at + 8, q0)
@@ -272,7 +272,7 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
     scratch_at = np.int64(scratch.ctypes.data)
     gather = min(scratch.shape[0], GATHER)
     cap = (scratch.shape[0] - GATHER - 1) // 3  # write-backs held to the burst's end
-    held = scratch_at + 8 * GATHER if cap > 0 else np.int64(0)
+    held: Any = scratch_at + 8 * GATHER if cap > 0 else np.int64(0)
     if held:
         raw.store(held, 0)
     snap_at = np.int64(snap.ctypes.data)

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ from emulab.avf import datapath as dp
 from emulab.avf.datapath.cache import drop_stale
 from emulab.avf.device import AvfDevice
 from emulab.server import VfioUserServer
+
+sys.path.insert(0, str(Path(__file__).parent))  # (its siblings in bench/, however it is loaded)
+from sampling import cpu_sample, link_series, others_sample, thread_sample
 
 # this file's kernels inline the package's: their cache goes when either changes
 drop_stale(Path(__file__).parent / "__pycache__",
@@ -67,6 +71,7 @@ QUEUES = 4
 TX_RING, TX_BUFS = 0x10000, 0x100000
 RX_RINGS, RX_BUFS = 0x20000, 0x1000000
 BURST = 256
+G_FRAMES, G_LOOPS, G_EMPTY = 2 + QUEUES, 3 + QUEUES, 4 + QUEUES  # the guest's counters in g
 DEVICE_RUNS = 5  # the served device's figure is the median of this many runs (each printed)
 # The guest recycles a small pool of buffers per ring, as DPDK's mempool cache does (hot, LIFO):
 # the device's cost per packet is measured, not the guest's page walks over 10 MiB of buffers.
@@ -313,9 +318,12 @@ def guest_drive(mem: Any, regs: Any, g: Any, size: Any, stop: Any) -> None:
     """A polling driver (DPDK's shape) against the real device, in one nogil call until
     ``stop[0]`` is set: reclaim TX descriptors the device marked DESC_DONE and refill them, take
     RX descriptors with DD and repost their buffers, and write the tails (when they move) into
-    the BAR's mmapped words. ``g``: TX next, TX clean, RX clean per queue, frames received."""
+    the BAR's mmapped words. ``g``: TX next, TX clean, RX clean per queue, frames received,
+    then the driver's own counters: loops, and loops that found nothing to do."""
     m64 = mem.view(np.uint64)
     while stop[0] == 0:
+        g[G_LOOPS] += 1
+        before = g[G_FRAMES]
         while g[1] != g[0] and m64[((TX_RING + 16 * g[1]) >> 3) + 1] & np.uint64(0xF) == 0xF:
             g[1] = (g[1] + 1) % RING
         moved = False
@@ -337,11 +345,13 @@ def guest_drive(mem: Any, regs: Any, g: Any, size: Any, stop: Any) -> None:
                     break
                 m64[d] = np.uint64(RX_BUFS + (q * RING + c % POOL) * BUF)
                 m64[d + 1] = np.uint64(0)
-                g[2 + QUEUES] += 1
+                g[G_FRAMES] += 1
                 c = (c + 1) % RING
             if c != start:
                 g[2 + q] = c
                 regs[0x2000 // 4 + q] = (c + RING - 1) % RING  # QRX_TAIL[q]
+        if not moved and g[G_FRAMES] == before:
+            g[G_EMPTY] += 1
 
 
 def device_rig(size: int) -> tuple[AvfDevice, VfioUserServer, Any, Any]:
@@ -405,8 +415,13 @@ def device_rate(size: int, seconds: float, busy_main: str = "", pin: bool = True
     return (n1 - n0) / (t1 - t0) / 1e6
 
 
-def device_marks(
-    size: int, seconds: float, busy_main: str = "", pin: bool = True, step: float = 0.0
+def device_marks(  # noqa: PLR0917
+    size: int,
+    seconds: float,
+    busy_main: str = "",
+    pin: bool = True,
+    step: float = 0.0,
+    probe: Callable[[AvfDevice, int, Any], None] | None = None,
 ) -> list[tuple[float, int]]:
     """(time, frames the guest received) from the start to the end of a run (every ``step``
     seconds too, if given) through the product: an AvfDevice in polling mode (its poll
@@ -415,13 +430,14 @@ def device_marks(
     ``busy_main``: meanwhile this (main) thread runs a CPU-bound Python loop ("cell") or a
     CPU-bound loop that holds no GIL ("nogil"). ``pin``: the poll thread on the last CPU
     (``poller.pin``, the CLI's ``--poll-cpu``) and the guest on the first, as the DPDK anchor
-    places its two forwarding lcores; else both wherever the scheduler puts them."""
+    places its two forwarding lcores; else both wherever the scheduler puts them.
+    ``probe(device, guest thread id, guest counters)``: called at each mark (``--profile``)."""
     dev, server, mem, regs = device_rig(size)
     dp.BUILDER.wait((1,), timeout=600)  # the kernels loaded (until then the device interprets)
     cpus = sorted(os.sched_getaffinity(0))
     if pin and len(cpus) > 1 and dev.poller is not None:
         dev.poller.pin({cpus[-1]})
-    g = dp.own_lines(2 + QUEUES + 1)  # (the guest's own lines, as a real guest's are)
+    g = dp.own_lines(G_EMPTY + 1)  # (the guest's own lines, as a real guest's are)
     stop = dp.own_lines(1)
     stop[0] = 1
     guest_drive(mem, regs, g, size, stop)  # compiled or loaded before the clock starts
@@ -441,11 +457,15 @@ def device_marks(
     marks: list[tuple[float, int]] = []
 
     def timer() -> None:
-        marks.append((time.perf_counter(), int(g[2 + QUEUES])))
+        marks.append((time.perf_counter(), int(g[G_FRAMES])))
+        if probe is not None:
+            probe(dev, guest.native_id or 0, g)
         end = marks[0][0] + seconds
         while (left := end - time.perf_counter()) > 0:
             time.sleep(min(step, left) if step else left)
-            marks.append((time.perf_counter(), int(g[2 + QUEUES])))
+            marks.append((time.perf_counter(), int(g[G_FRAMES])))
+            if probe is not None:
+                probe(dev, guest.native_id or 0, g)
         stop[0] = 1
 
     th = threading.Thread(target=timer)
@@ -462,7 +482,7 @@ def device_marks(
     if os.environ.get("BENCH_DEBUG") and dev.poller is not None:
         p = dev.poller
         print(f"  poller: {p.reasons} loops {p.loops} naps {p.naps} compiled {p.compiled}; "
-              f"guest frames {int(g[2 + QUEUES])}", flush=True)  # fmt: skip
+              f"guest frames {int(g[G_FRAMES])}", flush=True)  # fmt: skip
     return marks
 
 
@@ -491,6 +511,121 @@ def ramp(seconds: float, step: float = 0.5, runs: int = 3, chart_path: str = "")
         fig.tight_layout()
         fig.savefig(chart_path)
         print(f"chart: {chart_path}")
+    return 0
+
+
+def profile(seconds: float, step: float = 0.1, runs: int = 3) -> int:
+    """The served device's slow and fast phases side by side (64 B, pinned as the RESULT's
+    runs): every ``step`` seconds, the frames the guest received, both threads' loops (the poll
+    kernel's ``loops``/``naps``, the guest's loops and empty loops), each thread's CPU time and
+    run-queue wait (schedstat) and context switches, each CPU's steal, and the CPU every other
+    process on the machine used; the intervals split at the geometric mean of the 10th and
+    90th percentile rate, each side summed. Then, as the explanation's control, a plain
+    cache-line ping-pong between the same two CPUs for ``seconds`` (:func:`link_series`)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    samples: list[dict[str, Any]] = []
+
+    def probe(dev: AvfDevice, guest_tid: int, g: Any) -> None:
+        p = dev.poller
+        assert p is not None
+        txt, rxt = dev.queues.tables.tx_table, dev.queues.tables.rx_table
+        samples.append({
+            "t": time.perf_counter(), "frames": int(g[G_FRAMES]), "gloops": int(g[G_LOOPS]),
+            "gempty": int(g[G_EMPTY]), "ploops": p.loops, "naps": p.naps,
+            "pbusy": p.busy_loops, "pfull": p.full_bursts,
+            "taken": int(txt[:, dp.TX_PACKETS].sum()),
+            "txq": int(txt[0, dp.TX_TAIL] - txt[0, dp.TX_HEAD]) % RING,
+            "rxq": int(sum((r[dp.RX_TAIL] - r[dp.RX_HEAD]) % RING for r in rxt[:QUEUES])),
+            "poll": thread_sample(p.native_id or 0), "guest": thread_sample(guest_tid),
+            "cpus": cpu_sample(), "others": others_sample(),
+        })  # fmt: skip
+
+    rows: list[dict[str, Any]] = []
+    for run in range(runs):
+        samples.clear()
+        device_marks(64, seconds, step=step, probe=probe)
+        for a, b in itertools.pairwise(samples):
+            dt = b["t"] - a["t"]
+            row = {"dt": dt, "frames": b["frames"] - a["frames"], "txq": b["txq"], "rxq": b["rxq"]}
+            for k in ("gloops", "gempty", "ploops", "naps", "taken", "pbusy", "pfull"):
+                row[k] = b[k] - a[k]
+            for th in ("poll", "guest"):
+                for i, k in enumerate(("run", "wait", "vcs", "ivcs")):
+                    row[f"{th}_{k}"] = b[th][i] - a[th][i]
+                row[f"{th}_cpu"] = b[th][4]
+            for c, ((b0, s0), (b1, s1)) in enumerate(zip(a["cpus"], b["cpus"], strict=True)):
+                row[f"cpu{c}_busy"], row[f"cpu{c}_steal"] = b1 - b0, s1 - s0
+            row["others"] = {k: v - a["others"][k] for k, v in b["others"].items()
+                             if k in a["others"] and v > a["others"][k]}  # fmt: skip
+            rows.append(row)
+        rates = [r["frames"] / r["dt"] / 1e6 for r in rows[-len(samples) + 1 :]]
+        print(f"run {run + 1}/{runs}, Mpps every {step:g} s: "
+              + " ".join(f"{x:.1f}" for x in rates), flush=True)  # fmt: skip
+    rates = sorted(r["frames"] / r["dt"] for r in rows)
+    cut = (rates[len(rates) // 10] * rates[len(rates) * 9 // 10]) ** 0.5
+    phases = {"slow": [r for r in rows if r["frames"] / r["dt"] < cut],
+              "fast": [r for r in rows if r["frames"] / r["dt"] >= cut]}  # fmt: skip
+    ncpu = sum(1 for k in rows[0] if k.endswith("_steal"))
+
+    def column(ph: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        t = sum(r["dt"] for r in ph)
+
+        def tot(k: str) -> float:
+            return float(sum(r[k] for r in ph))
+
+        def per(k: str, of: str) -> float:
+            return tot(k) / max(tot(of), 1)
+
+        col = [
+            ("intervals (s)", f"{len(ph)} ({t:.1f} s)"),
+            ("Mpps", f"{tot('frames') / t / 1e6:.2f}"),
+            ("poll loops /s (M)", f"{tot('ploops') / t / 1e6:.3f}"),
+            ("frames per poll loop", f"{per('frames', 'ploops'):.1f}"),
+            ("poll loops that moved frames", f"{per('pbusy', 'ploops'):.0%}"),
+            ("frames per busy poll loop", f"{per('frames', 'pbusy'):.1f}"),
+            ("frames in full bursts", f"{per('pfull', 'frames') * dp.BURST_POLL:.0%}"),
+            ("ns of poll thread per frame", f"{per('poll_run', 'frames'):.0f}"),
+            ("TX frames taken / delivered", f"{per('taken', 'frames'):.2f}"),
+            ("TX ring, posted for the device", f"{tot('txq') / len(ph):.0f}"),
+            ("RX rings, buffers posted (sum)", f"{tot('rxq') / len(ph):.0f}"),
+            ("poll naps /s", f"{tot('naps') / t:.0f}"),
+            ("guest loops /s (M)", f"{tot('gloops') / t / 1e6:.1f}"),
+            ("guest loops with nothing to do", f"{per('gempty', 'gloops'):.0%}"),
+        ]
+        for th in ("poll", "guest"):
+            col += [
+                (f"{th} thread on CPU", f"{tot(th + '_run') / t / 1e9:.0%}"),
+                (f"{th} thread runnable, waiting", f"{tot(th + '_wait') / t / 1e9:.0%}"),
+                (f"{th} ctx switches vol/invol /s",
+                 f"{tot(th + '_vcs') / t:.0f}/{tot(th + '_ivcs') / t:.0f}"),
+                (f"{th} thread's CPU", ",".join(sorted({str(r[th + "_cpu"]) for r in ph}))),
+            ]  # fmt: skip
+        for c in range(ncpu):
+            col += [
+                (f"cpu{c} busy", f"{tot(f'cpu{c}_busy') / t / hz:.0%}"),
+                (f"cpu{c} stolen by the host", f"{tot(f'cpu{c}_steal') / t / hz:.0%}"),
+            ]
+        col.append(("other processes (CPU)", others(ph, t)))
+        return col
+
+    def others(ph: list[dict[str, Any]], t: float) -> str:
+        used: dict[str, int] = {}
+        for r in ph:
+            for k, v in r["others"].items():
+                used[k] = used.get(k, 0) + v
+        top = sorted(used.items(), key=lambda kv: -kv[1])[:2]
+        return "; ".join(f"{k.split(' ', 1)[1][:10]} {v / t / hz:.0%}" for k, v in top) or "-"
+
+    print(f"\nslow vs fast phases ({step:g} s intervals, split at {cut / 1e6:.1f} Mpps)")
+    print(f"{'':34} {'slow':>22} {'fast':>22}")
+    cols = [column(phases[k]) if phases[k] else [] for k in ("slow", "fast")]
+    for i, (name, _) in enumerate(max(cols, key=len)):
+        cells = [c[i][1] if c else "-" for c in cols]
+        print(f"{name:34} {cells[0]:>22} {cells[1]:>22}")
+    link = link_series(seconds)
+    print(f"cache line between CPU {min(os.sched_getaffinity(0))} and "
+          f"{max(os.sched_getaffinity(0))}, ns per round trip every {step:g} s (no emulab code): "
+          + " ".join(f"{x:.0f}" for x in link), flush=True)  # fmt: skip
     return 0
 
 
@@ -578,21 +713,31 @@ def arguments() -> argparse.Namespace:
                     "(a line chart with --chart)")  # fmt: skip
     ap.add_argument("--startup", action="store_true",
                     help="only the start-up figures (cold twice, warm three times)")  # fmt: skip
+    ap.add_argument("--profile", action="store_true",
+                    help="only the device's slow and fast phases side by side: 3 runs of "
+                    "--seconds sampled every 0.1 s (loops, CPU, run-queue waits), then a "
+                    "cache line ping-ponged between the two CPUs")  # fmt: skip
     return ap.parse_args()
+
+
+def startup_only(starts: dict[str, list[float]]) -> int:
+    med = startup_report(starts)
+    print(f"RESULT startup_answer_s={med['answer']:.2f} startup_cold_s={med['cold']:.1f} "
+          f"startup_warm_s={med['warm']:.2f} "
+          f"startup_warm_kernels_s={med['warm_kernels']:.2f}")  # fmt: skip
+    return 0
 
 
 def main() -> int:
     args = arguments()
     if args.ramp:
         return ramp(args.seconds, chart_path=args.chart)
+    if args.profile:
+        return profile(args.seconds)
     print("start-up, cold and warm numba cache ...", flush=True)
     starts = startup()
     if args.startup:
-        med = startup_report(starts)
-        print(f"RESULT startup_answer_s={med['answer']:.2f} startup_cold_s={med['cold']:.1f} "
-              f"startup_warm_s={med['warm']:.2f} "
-              f"startup_warm_kernels_s={med['warm_kernels']:.2f}")  # fmt: skip
-        return 0
+        return startup_only(starts)
     figures: dict[str, Any] = {}
     for size in (64, 1500):
         print(f"[{size} B] numba kernels, per-burst and one-call ...", flush=True)

@@ -180,6 +180,16 @@ class Poller:
         """Poll-loop iterations so far (each reads every tail once)."""
         return int(self.ctl[dp.POLL_LOOPS])
 
+    @property
+    def busy_loops(self) -> int:
+        """Poll-loop iterations that moved at least one frame."""
+        return int(self.ctl[dp.POLL_BUSY])
+
+    @property
+    def full_bursts(self) -> int:
+        """Bursts that took a whole ``BURST_POLL`` of frames (the TX ring held more)."""
+        return int(self.ctl[dp.POLL_FULL])
+
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         e = self.engine

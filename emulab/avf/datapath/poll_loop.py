@@ -32,8 +32,8 @@ from emulab.avf.datapath.ring_to_ring import ERR_SLOW_PATH, forward
 # -- polling: the tail registers in shared memory, watched by one long nogil call ---------------
 BURST_POLL = 64  # frames per forward call inside the poll loop
 POLL_STOP, POLL_HOLD, POLL_PENDING, POLL_LOOPS, POLL_SNAPS, POLL_QUEUE, POLL_FORWARD = range(7)
-POLL_NAP, POLL_WAKE, POLL_NAPS, POLL_WRITES = 7, 8, 9, 10
-POLL_CTL = 11
+POLL_NAP, POLL_WAKE, POLL_NAPS, POLL_WRITES, POLL_BUSY, POLL_FULL = 7, 8, 9, 10, 11, 12
+POLL_CTL = 13
 NAP_FIRST = 20  # microseconds: the first nap of an idle spell (each next one doubles)
 POLL_IDLE, POLL_IRQ, POLL_STOPPED, POLL_ERROR, POLL_SNAP_FULL, POLL_KICK = range(6)
 INTENA_BIT = 1
@@ -56,7 +56,8 @@ def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
     ``POLL_NAP`` (the longest nap, in microseconds; 0: no naps), ``POLL_WAKE`` (an eventfd that
     ends a nap early, -1: none), ``POLL_NAPS`` (naps taken, counted), ``POLL_WRITES`` (rows
     of ``ctx.writes`` used: each tail the loop saw the driver move, as its register's word
-    index and value, for the register trace; zero rows: none kept).
+    index and value, for the register trace; zero rows: none kept), ``POLL_BUSY`` (loops that
+    moved a frame, counted) and ``POLL_FULL`` (bursts that took the whole ``budget``).
 
     Idleness: after ``max_idle`` loops with nothing moved, the loop naps -- ``NAP_FIRST``
     microseconds, doubling up to ``POLL_NAP`` -- and polls once between naps, until something
@@ -146,6 +147,8 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
                 ctl[POLL_SNAPS] = used
             if n:
                 busy = True
+                if n >= budget:
+                    ctl[POLL_FULL] += 1
                 pend = ctl[POLL_PENDING]
                 if txt[t, TX_VECTOR] >= 0:
                     pend |= np.int64(1) << txt[t, TX_VECTOR]
@@ -166,6 +169,7 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
                     if regs[w] & INTENA_BIT:
                         return POLL_IRQ
         if busy:
+            ctl[POLL_BUSY] += 1
             idle = 0
             nap = NAP_FIRST
         else:

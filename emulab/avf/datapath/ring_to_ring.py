@@ -87,11 +87,21 @@ TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 HDR = 64  # header bytes copied out for classification and the RSS tuple
 
 
+GATHER = MAX_TX_FRAME // 8 + 8  # scratch words that gather a frame spread over buffers
+# RX write-backs ``forward`` holds back until the end of its burst (scratch words past GATHER:
+# a count, then 3 words each). A driver polls the DD bit of the next descriptor of each ring;
+# written frame by frame, each write-back's four stores land on the very line it is reading,
+# and the two cores hand it back and forth several times per frame. Held back and written
+# last-first, the lines are written while the driver still waits on the burst's first
+# descriptor, which gets its status last: one hand-over per burst and ring.
+DEFER = 256
+
+
 def work_areas(snap_rows: int) -> Work:
     """The fast path's work areas, with ``snap_rows`` rows of packet trace; its untraced form is
     ``work._replace(snap=work.snap[:0])``."""
     return Work(
-        np.zeros(MAX_TX_FRAME // 8 + 8, dtype=np.uint64),
+        np.zeros(GATHER + 1 + 3 * DEFER, dtype=np.uint64),
         np.zeros(HDR // 8 + 2, dtype=np.uint64),
         np.zeros((snap_rows, SNAP // 8 + 1), dtype=np.uint64),
     )
@@ -123,14 +133,37 @@ def _at(words: Any, starts: Any, k: Any, addr: Any) -> Any:
 
 
 @raw.helper
+def _write_back(desc: Any, q0: Any, q1: Any) -> None:
+    """An RX descriptor's write-back (at host address ``desc``), its status qword last: DD means
+    the buffer and the rest are there."""
+    raw.store(desc, q0)
+    raw.store(desc + 16, 0)
+    raw.store(desc + 24, 0)
+    raw.store_release(desc + 8, q1)
+
+
+@raw.helper
+def _write_held(held: Any) -> None:
+    """The write-backs held at host address ``held`` (a count, then descriptor address, qword 0
+    and status each), last first: a driver waiting on the first sees the burst whole."""
+    n = np.int64(raw.load(held))
+    for k in range(n - 1, -1, -1):
+        at = held + 8 + 24 * k
+        _write_back(np.int64(raw.load(at)), raw.load(at + 8), raw.load(at + 16))
+    raw.store(held, 0)
+
+
+@raw.helper
 def _deliver(
     words: Any, starts: Any, ends: Any, writable: Any, rx: Any, q: Any,
-    src: Any, length: Any, h: Any, ptype: Any, xbits: Any,
+    src: Any, length: Any, h: Any, ptype: Any, xbits: Any, held: Any, cap: Any,
 ) -> int:  # fmt: skip
     """Copy one frame (at host address ``src``) into RX queue ``q``'s posted buffers and write
     back its descriptors; the last one also carries ``xbits`` (the checksum check's status and
-    error bits, see ``rx_checksums``). ``words`` are the maps as arrays of any type. Returns 1
-    if delivered, 0 if no buffers were posted for it (a drop), or -error."""
+    error bits, see ``rx_checksums``). ``words`` are the maps as arrays of any type. With
+    ``held`` (the host address of a held-back area of ``cap`` write-backs, see ``DEFER``; 0:
+    none) the write-backs wait there for :func:`_write_held`. Returns 1 if delivered, 0 if no
+    buffers were posted for it (a drop), or -error."""
     rbase, rlen, rhead, rtail = rx[q, RX_BASE], rx[q, RX_LEN], rx[q, RX_HEAD], rx[q, RX_TAIL]
     bsize = rx[q, RX_BUF]
     need = 1 if length <= bsize else (length + bsize - 1) // bsize  # no division, usually
@@ -164,10 +197,18 @@ def _deliver(
         rq1 |= np.uint64(chunk) << np.uint64(38)
         if last:
             rq1 |= np.uint64(xbits)
-        raw.store(desc, q0)
-        raw.store(desc + 16, 0)
-        raw.store(desc + 24, 0)
-        raw.store_release(desc + 8, rq1)  # status last: DD means the buffer and the rest are there
+        if held:
+            n = np.int64(raw.load(held))
+            if n >= cap:
+                _write_held(held)
+                n = np.int64(0)
+            at = held + 8 + 24 * n
+            raw.store(at, desc)
+            raw.store(at + 8, q0)
+            raw.store(at + 16, rq1)
+            raw.store(held, n + 1)
+        else:
+            _write_back(desc, q0, rq1)
         r = r + 1
         if r == rlen:
             r = 0
@@ -189,7 +230,9 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
     (counted), as hardware drops. A frame in one TX buffer is copied once, buffer to buffer; one
     spread over several is gathered in ``scratch`` (uint64) first. ``hdr`` is a work area of
     ``HDR // 8 + 2`` uint64 words. TX RS descriptors get DESC_DONE after their frame is taken; RX
-    status qwords are stored last.
+    status qwords are stored last. With room past ``GATHER`` words in ``scratch`` (as
+    :func:`work_areas` makes it), the RX write-backs are held to the burst's end and written
+    last-first (see ``DEFER``).
 
     A frame that asks for offloads (checksums, a TSO context) is left at the head with
     ``ERR_SLOW_PATH``: the general path (:func:`tx_drain`) takes it. ``snap`` (uint64, one row
@@ -226,6 +269,11 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
     tuple_buf = hdr8[HDR:]
     hdr_at = np.int64(hdr.ctypes.data)
     scratch_at = np.int64(scratch.ctypes.data)
+    gather = min(scratch.shape[0], GATHER)
+    cap = (scratch.shape[0] - GATHER - 1) // 3  # write-backs held to the burst's end
+    held: Any = scratch_at + 8 * GATHER if cap > 0 else np.int64(0)
+    if held:
+        raw.store(held, 0)
     snap_at = np.int64(snap.ctypes.data)
     snap_row = np.int64(snap.strides[0])
     nsnap = snap.shape[0]
@@ -249,7 +297,7 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
         i = i + 1
         if i == ring_len:
             i = 0
-        if pos + size > MAX_TX_FRAME or pos + size > 8 * scratch.shape[0]:
+        if pos + size > MAX_TX_FRAME or pos + size > 8 * gather:
             err = ERR_FRAME_TOO_LONG
             break
         kb = find_map(starts, ends, buf, size)
@@ -292,7 +340,8 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
             ptype = classify(header, hl)
             got = 0
             if rx[q, RX_MAX] == 0 or length <= rx[q, RX_MAX]:
-                got = _deliver(words, starts, ends, writable, rx, q, src, length, h, ptype, 0)
+                got = _deliver(words, starts, ends, writable, rx, q, src, length, h, ptype, 0,
+                               held, cap)  # fmt: skip
             if got < 0:
                 err = -got
                 fault_rx = q
@@ -335,6 +384,8 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
             if j == ring_len:
                 j = 0
         frame_start = i
+    if held:
+        _write_held(held)
     tx[TX_HEAD] = frame_start
     tx[TX_PACKETS] += frames
     tx[TX_BYTES] += nbytes
@@ -494,7 +545,7 @@ def rx_place(ctx: WirePath, n: Any, holds: Any, out: Any) -> int:  # noqa: PLR09
         got = -ERR_RING_ADDRESS
         if ok:
             got = _deliver(maps, starts, ends, writable, rx, q, base + i * stride, length,
-                           hashes[i], ptypes[i], extra[i])  # fmt: skip
+                           hashes[i], ptypes[i], extra[i], 0, 0)  # fmt: skip
         if got <= 0:
             if got < 0:
                 rx[q, RX_ERROR] = -got
@@ -556,7 +607,7 @@ def _place_tso(
             return -1
         _cut(seg, src, hl, g, k, nseg, plen)
         got = _deliver(maps, starts, ends, writable, rx, q, np.int64(seg.ctypes.data), flen, h,
-                       ptype, RX_L3L4P)  # fmt: skip
+                       ptype, RX_L3L4P, 0, 0)  # fmt: skip
         if got <= 0:
             if got < 0:
                 rx[q, RX_ERROR] = -got

@@ -126,7 +126,7 @@ class VfioUserServer(Generic[D]):
     def _start_lane(self) -> None:
         """The fast lane's kernel compiles (or loads) in a child meanwhile, if it will serve."""
         if self.fast_lane and hasattr(self.device, "plain_reads"):
-            LANE_KERNEL.start()
+            LANE_KERNEL.start_soon()
 
     def connect_pair(self) -> Channel:
         """Serve a fresh in-process channel and return the client's end (no filesystem)."""

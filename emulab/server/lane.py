@@ -58,6 +58,7 @@ ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
 CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS = 8, 20, 512, 7
 POS, END, CONTROL, FLAGS = 0, 1, 2, 3
 RECV_BYTES = 1 << 16
+START_DELAY = 1.0  # seconds after a server starts, its lane's compile child starts
 READ = int(Command.REGION_READ)
 
 
@@ -84,12 +85,19 @@ class _Kernel:
                     target=self._compile, name="emulab-lane-build", daemon=True
                 ).start()
 
+    def start_soon(self, delay: float = START_DELAY) -> None:
+        """:meth:`start` in ``delay`` seconds: a server's start-up (import to listening, ~0.4 s)
+        does not also pay for forking the child (the ordinary path answers meanwhile)."""
+        if self.state == "new":
+            timer = threading.Timer(delay, self.start)
+            timer.daemon = True
+            timer.start()
+
     def get(self) -> Any:
-        """The loop if it is ready (loading it on this thread if compiled), else None (and the
-        compile started)."""
+        """The loop if it is ready (loading it on this thread if compiled), else None (a
+        server started the compile: :meth:`start_soon`)."""
         if self.serve is not None:
             return self.serve
-        self.start()
         with self.lock:
             if self.state != "compiled":
                 return None

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, overload
@@ -46,6 +47,7 @@ __all__ = [
     "Record",
     "RegisterRecord",
     "Trace",
+    "add_listener",
     "describe",
     "read_jsonl",
     "records_to_pandas",
@@ -250,6 +252,21 @@ Probe = Callable[[], dict[str, float]]
 _stamp = object.__setattr__  # (on the fresh record, before anyone else sees it)
 
 
+def add_listener(
+    lock: AbstractContextManager[Any], owner: object, attr: str, fn: Callable[[], None]
+) -> Callable[[], None]:
+    """Add ``fn`` to the tuple ``owner.<attr>`` (replaced under ``lock``, never mutated: read
+    without it); returns what removes it again."""
+    with lock:
+        setattr(owner, attr, (*getattr(owner, attr), fn))
+
+    def remove() -> None:
+        with lock:
+            setattr(owner, attr, tuple(f for f in getattr(owner, attr) if f is not fn))
+
+    return remove
+
+
 @dataclass
 class Trace:
     """Bounded buffers of records, one per kind. A record's ``t`` is seconds since the trace
@@ -296,14 +313,7 @@ class Trace:
         """``fn()`` records what a model noted without making records (a compiled path's
         notes): called before every read of the trace, on the reader's thread. Returns what
         removes it."""
-        with self._lock:
-            self._sources = (*self._sources, fn)
-
-        def remove() -> None:
-            with self._lock:
-                self._sources = tuple(f for f in self._sources if f is not fn)
-
-        return remove
+        return add_listener(self._lock, self, "_sources", fn)
 
     def _pull(self) -> None:
         for fn in self._sources:
@@ -351,14 +361,7 @@ class Trace:
 
     def on_live_change(self, fn: Callable[[], None]) -> Callable[[], None]:
         """Call ``fn()`` whenever the kinds wanted live change; returns what stops that."""
-        with self._lock:
-            self._live_listeners = (*self._live_listeners, fn)
-
-        def stop() -> None:
-            with self._lock:
-                self._live_listeners = tuple(f for f in self._live_listeners if f is not fn)
-
-        return stop
+        return add_listener(self._lock, self, "_live_listeners", fn)
 
     def add_probe(self, name: str, fn: Probe) -> None:
         """A model's running counters (``{"tx_packets.q0": n, ...}``), read by views on their

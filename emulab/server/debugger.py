@@ -97,6 +97,7 @@ from emulab.trace import (
     PacketRecord,
     Record,
     Trace,
+    add_listener,
 )
 
 __all__ = ["POLL", "Breakpoint", "Condition", "Debugger", "EventWatch", "Point", "Stop"]
@@ -432,14 +433,7 @@ class Debugger:
     def on_change(self, fn: Callable[[], None]) -> Callable[[], None]:
         """``fn()`` is called (with the debugger's lock held: it must not block) whenever
         points, stepping or holding change; returns what stops that."""
-        with self._cond:
-            self._listeners = (*self._listeners, fn)
-
-        def stop() -> None:
-            with self._cond:
-                self._listeners = tuple(f for f in self._listeners if f is not fn)
-
-        return stop
+        return add_listener(self._cond, self, "_listeners", fn)
 
     def _tell(self) -> None:
         for fn in self._listeners:

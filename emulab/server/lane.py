@@ -23,13 +23,13 @@ What the ordinary path does besides answering, the lane does too, later:
 
 The lane stands aside (the ordinary path takes every message) while the debugger has any
 point set or holds a thread, before VERSION is negotiated, while the lane's kernel is not yet
-compiled (a child process compiles it on first use; the ordinary path serves meanwhile), and
+compiled (a child process compiles it a second after a server starts; the ordinary path serves
+meanwhile), and
 when the server is made with ``fast_lane=False`` (or ``EMULAB_FAST_LANE=0``).
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import socket
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emulab.trace import MessageRecord, RegisterRecord
-from emulab.transport.unix_socket import SendMutex
+from emulab.transport.unix_socket import SendMutex, rights
 from emulab.vfio_user import messages as m
 from emulab.vfio_user.connection import State
 from emulab.vfio_user.constants import Command
@@ -179,12 +179,11 @@ class FastLane:
         self.ctl = np.zeros(CTL_WORDS, dtype=np.int64)
         self.notes = np.zeros((max(server.trace.capacity, 1), TRACE_COLS), dtype=np.int64)
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.mutex: SendMutex | None = None
-        self.mutex_words = np.zeros(8, dtype=np.int64)  # (the mutex's, once there is one)
+        self.mutex: SendMutex | None = None  # (shared with the channel once the kernel runs)
         self._take = threading.Lock()  # (notes are taken by the session, or a trace reader)
         self.served = 0
         self.entries = 0  # times the session entered the kernel (tests, benchmarks)
-        self.on = bool(len(words)) and getattr(server, "fast_lane", True)
+        self.on = bool(words)  # (the session makes one only for a server with fast_lane on)
         self._stops: list[Any] = []
         if self.on:
             self._stops.append(server.trace.add_source(self.take_notes))
@@ -196,13 +195,13 @@ class FastLane:
         at EOF, or None: the lane stands aside (read the socket the ordinary way)."""
         while True:
             serve = self._ready()
-            if serve is None:
+            if serve is None or self.mutex is None:
                 return None
             self.ctl[ENABLED] = 1
             self.ctl[LIVE] = int(self.server.trace.watched)
             self.entries += 1
             code = serve(self.fd, self.wake_fd, self.buf, self.st, self.io, self.cbuf, self.out,
-                         self.mutex_words, self.table, self.notes,
+                         self.mutex.words, self.table, self.notes,
                          self.ctl)  # fmt: skip
             data = bytes(self.buf[self.st[POS] : self.st[END]])
             if code == WOKEN:
@@ -240,7 +239,7 @@ class FastLane:
             mutex = SendMutex()
             with self.channel.lock_sends():  # (a send under way ends before the lane writes)
                 self.channel.mutex = mutex
-            self.mutex, self.mutex_words = mutex, mutex.words
+            self.mutex = mutex
         return serve
 
     def wake(self) -> None:
@@ -259,11 +258,7 @@ class FastLane:
             kind = int.from_bytes(raw[at + 12 : at + 16], "little", signed=True)
             if length < 16:
                 break
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                body = raw[at + 16 : at + min(length, len(raw) - at)]
-                got = array.array("i")
-                got.frombytes(body[: len(body) - len(body) % 4])
-                fds.extend(got)
+            fds += rights(level, kind, raw[at + 16 : at + min(length, len(raw) - at)])
             at += (length + 7) & ~7
         if flags & socket.MSG_CTRUNC:
             self.channel.fds_truncated += 1

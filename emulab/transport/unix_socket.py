@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Channel", "ChannelClosed", "SendMutex", "UnixListener", "channel_pair"]
+__all__ = ["Channel", "ChannelClosed", "SendMutex", "UnixListener", "channel_pair", "rights"]
 
 MAX_FDS = 16  # the most any vfio-user peer may send in one message (QEMU's limit)
 RECV_SIZE = 1 << 16
@@ -33,6 +33,15 @@ POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # (Linux's: the peer closed it
 
 class ChannelClosed(ConnectionError):
     """The peer went away, or the channel was shut down locally."""
+
+
+def rights(level: int, kind: int, payload: bytes) -> list[int]:
+    """The fds one control message carries (SCM_RIGHTS), none for any other kind."""
+    if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+        return []
+    arr = array.array("i")
+    arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
+    return list(arr)
 
 
 class SendMutex:
@@ -79,10 +88,7 @@ class Channel:
             raise ChannelClosed(str(exc)) from exc
         fds: list[int] = []
         for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
-                fds.extend(arr)
+            fds += rights(level, kind, payload)
         if flags & socket.MSG_CTRUNC:
             # More fds than any legal message carries: the sender is broken or hostile.
             self.fds_truncated += 1

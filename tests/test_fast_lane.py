@@ -79,6 +79,8 @@ def test_what_the_lane_does_not_serve_goes_the_ordinary_way_in_order(served) -> 
 
 def test_the_lanes_reads_are_traced_as_the_ordinary_paths_in_message_order(served) -> None:  # type: ignore[no-untyped-def]
     srv, c = served
+    # (the session records VERSION just after its reply: a clear() at once may come before it)
+    wait_until(lambda: srv.trace.counts().get("message", 0) >= 1, 5, "VERSION's record")
     srv.trace.clear()
     c.write32(BAR0, LEN, 5)
     assert c.read32(BAR0, LEN) == 5

@@ -76,6 +76,7 @@ DEVICE_RUNS = 5  # the served device's figure is the median of this many runs (e
 # The guest recycles a small pool of buffers per ring, as DPDK's mempool cache does (hot, LIFO):
 # the device's cost per packet is measured, not the guest's page walks over 10 MiB of buffers.
 POOL = 64
+THRESH = 32  # DPDK iavf's tx_rs_thresh, tx_free_thresh and rx_free_thresh defaults
 KEY = np.frombuffer(bytes(range(1, 53)), dtype=np.uint8).copy()
 TABLE = dp.toeplitz_table(KEY)
 HENA = np.uint64(sum(1 << p for p in (29, 30, 31, 32, 33, 35, 36)))
@@ -315,24 +316,33 @@ def startup(colds: int = 2, warms: int = 3) -> dict[str, list[float]]:
 
 @njit(nogil=True, cache=True)
 def guest_drive(mem: Any, regs: Any, g: Any, size: Any, stop: Any) -> None:
-    """A polling driver (DPDK's shape) against the real device, in one nogil call until
-    ``stop[0]`` is set: reclaim TX descriptors the device marked DESC_DONE and refill them, take
-    RX descriptors with DD and repost their buffers, and write the tails (when they move) into
-    the BAR's mmapped words. ``g``: TX next, TX clean, RX clean per queue, frames received,
-    then the driver's own counters: loops, and loops that found nothing to do."""
+    """A polling driver against the real device, in one nogil call until ``stop[0]`` is set,
+    with DPDK's iavf PMD's thresholds (``tx_rs_thresh``, ``tx_free_thresh`` and
+    ``rx_free_thresh`` all 32, its defaults): TX descriptors are posted ``THRESH`` at a time,
+    RS on the last of each group only, and a group is reclaimed once the device marked that
+    one DESC_DONE; RX descriptors with DD are taken and their buffers reposted one by one, and
+    the RX tail is written once ``THRESH`` of them are held. ``g``: TX next, TX clean, RX
+    clean per queue, frames received, then the driver's own counters: loops, and loops that
+    found nothing to do."""
     m64 = mem.view(np.uint64)
+    hold = np.zeros(QUEUES, dtype=np.int64)
     while stop[0] == 0:
         g[G_LOOPS] += 1
         before = g[G_FRAMES]
-        while g[1] != g[0] and m64[((TX_RING + 16 * g[1]) >> 3) + 1] & np.uint64(0xF) == 0xF:
-            g[1] = (g[1] + 1) % RING
+        while g[1] != g[0]:  # reclaim: the group's RS descriptor is done
+            last = (g[1] + THRESH - 1) % RING
+            if m64[((TX_RING + 16 * last) >> 3) + 1] & np.uint64(0xF) != 0xF:
+                break
+            g[1] = (last + 1) % RING
         moved = False
-        while (g[0] + 1) % RING != g[1]:
-            i = g[0]
-            d = (TX_RING + 16 * i) >> 3
-            m64[d] = np.uint64(TX_BUFS + BUF * (i % POOL))
-            m64[d + 1] = np.uint64((dp.TX_CMD_EOP | dp.TX_CMD_RS) << 4) | (np.uint64(size) << 34)
-            g[0] = (i + 1) % RING
+        while (g[1] - g[0] - 1 + RING) % RING >= THRESH:  # a group's worth of room
+            for k in range(THRESH):
+                i = g[0] + k
+                d = (TX_RING + 16 * i) >> 3
+                cmd = dp.TX_CMD_EOP | (dp.TX_CMD_RS if k == THRESH - 1 else 0)
+                m64[d] = np.uint64(TX_BUFS + BUF * (i % POOL))
+                m64[d + 1] = np.uint64(cmd << 4) | (np.uint64(size) << 34)
+            g[0] = (g[0] + THRESH) % RING
             moved = True
         if moved:
             regs[0] = g[0]  # QTX_TAIL[0]
@@ -349,7 +359,10 @@ def guest_drive(mem: Any, regs: Any, g: Any, size: Any, stop: Any) -> None:
                 c = (c + 1) % RING
             if c != start:
                 g[2 + q] = c
-                regs[0x2000 // 4 + q] = (c + RING - 1) % RING  # QRX_TAIL[q]
+                hold[q] += (c - start + RING) % RING
+                if hold[q] > THRESH:  # (DPDK: nb_hold > rx_free_thresh)
+                    regs[0x2000 // 4 + q] = (c + RING - 1) % RING  # QRX_TAIL[q]
+                    hold[q] = 0
         if not moved and g[G_FRAMES] == before:
             g[G_EMPTY] += 1
 

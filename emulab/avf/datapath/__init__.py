@@ -178,6 +178,7 @@ from emulab.avf.datapath.rss import (
     rss_tuple,
     toeplitz,
     toeplitz_fast,
+    toeplitz_frame,
     toeplitz_table,
 )
 from emulab.avf.datapath.warm import warmup
@@ -336,6 +337,7 @@ __all__ = [
     "table_size",
     "toeplitz",
     "toeplitz_fast",
+    "toeplitz_frame",
     "toeplitz_table",
     "tso_cut",
     "tx_drain",

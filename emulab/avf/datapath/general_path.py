@@ -33,7 +33,7 @@ from emulab.avf.datapath.context import (
     Maps,
     Rss,
 )
-from emulab.avf.datapath.rss import accepts, classify, rss_tuple, toeplitz_fast
+from emulab.avf.datapath.rss import accepts, classify, toeplitz_frame
 from emulab.backends.base import (
     GSO_CSUM_OFFSET,
     GSO_CSUM_START,
@@ -259,16 +259,15 @@ def rx_pick(burst: Burst, n: Any, rss: Rss, rx: Any, max_len: Any) -> None:
     frame's RSS hash, its RX queue (from the RX table ``rx``), its packet type and its checksum
     status bits (see :func:`pick`)."""
     table, lut, hena, filt = rss
-    frames, lens, gso, qs, hashes, ptypes, extra, _, tuple_buf, _ = burst
-    pick(frames, lens, n, table, lut, hena, rx[:, RX_ENABLED], tuple_buf, qs, hashes, ptypes,
-         filt, max_len, extra, gso)  # fmt: skip
+    frames, lens, gso, qs, hashes, ptypes, extra, _, _, _ = burst
+    pick(frames, lens, n, table, lut, hena, rx[:, RX_ENABLED], qs, hashes, ptypes, filt,
+         max_len, extra, gso)  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
 def pick(
-    frames: Any, lens: Any, n: Any, table: Any, lut: Any, hena: Any, enabled: Any,
-    tuple_buf: Any, qs: Any, hashes: Any, ptypes: Any, filt: Any, max_len: Any, extra: Any,
-    gso: Any,
+    frames: Any, lens: Any, n: Any, table: Any, lut: Any, hena: Any, enabled: Any, qs: Any,
+    hashes: Any, ptypes: Any, filt: Any, max_len: Any, extra: Any, gso: Any,
 ) -> None:  # fmt: skip
     """For frames from a wire (rows of ``frames``, ``lens`` long), in one call: the port's MAC
     filter (``filt``, see :func:`accepts`), each frame's RSS hash (Toeplitz through
@@ -313,8 +312,7 @@ def pick(
             continue
         elif g[GSO_FLAGS] & NEEDS_CSUM:
             finish_csum(row, seen, g[GSO_CSUM_START], g[GSO_CSUM_OFFSET])
-        k = rss_tuple(row, seen, tuple_buf, hena)
-        h = toeplitz_fast(table, tuple_buf, k) if k else np.uint32(0)
+        h = toeplitz_frame(table, row, seen, hena)
         q: Any = np.int64(lut[np.int64(h) % lsz]) if h != 0 else np.int64(first)
         if q < 0 or q >= enabled.shape[0] or not enabled[q]:
             q = first

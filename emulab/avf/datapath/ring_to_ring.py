@@ -65,7 +65,7 @@ from emulab.avf.datapath.general_path import (
     find_map,
     gso_header_len,
 )
-from emulab.avf.datapath.rss import MAC_MASK, accepts, classify, rss_tuple, toeplitz_fast
+from emulab.avf.datapath.rss import MAC_MASK, accepts, classify, toeplitz_frame
 from emulab.avf.descriptors import TX_OFFLOAD_MASK
 from emulab.backends.base import GSO_CSUM_START, GSO_DONE, GSO_NONE, GSO_SIZE, GSO_TYPE
 
@@ -264,9 +264,8 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
     if not _consistent(words, starts, ends):
         i = tail  # an inconsistent table: no frame is taken
         err = ERR_RING_ADDRESS
-    hdr8 = hdr.view(np.uint8)  # hdr: HDR/8 + 2 words (the header, then the RSS tuple)
+    hdr8 = hdr.view(np.uint8)  # hdr: HDR/8 + 2 words (the header; the hash reads it in place)
     header = hdr8[:HDR]
-    tuple_buf = hdr8[HDR:]
     hdr_at = np.int64(hdr.ctypes.data)
     scratch_at = np.int64(scratch.ctypes.data)
     gather = min(scratch.shape[0], GATHER)
@@ -317,7 +316,10 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
         pos = 0
         # the header, for the filter, RSS and the packet type
         hl = min(length, HDR)
-        raw.copy(hdr_at, src, hl)
+        if hl == HDR:  # (a constant size: LLVM copies it in a few moves, not a memcpy call)
+            raw.copy(hdr_at, src, HDR)
+        else:
+            raw.copy(hdr_at, src, hl)
         dst = hdr[0] & np.uint64(MAC_MASK)
         bcast = dst == np.uint64(MAC_MASK)
         mcast = not bcast and (dst & np.uint64(1)) != 0
@@ -330,8 +332,7 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
             filtered += 1  # not for this port: a switch would not have sent it
         else:
             # the wire: RSS picks the RX queue, the frame lands in its posted buffers
-            n = rss_tuple(header, hl, tuple_buf, hena)
-            h = toeplitz_fast(table, tuple_buf, n) if n else np.uint32(0)
+            h = toeplitz_frame(table, header, hl, hena)
             lsz = lut.shape[0]  # 64 or 512 entries: a mask, not a division
             slot = np.int64(h) & (lsz - 1) if lsz & (lsz - 1) == 0 else np.int64(h) % lsz
             q = np.int64(lut[slot]) if h != 0 else 0

@@ -86,12 +86,22 @@ def py_wait(fd: Any, usec: Any) -> int:
     return 1 if ready else 0
 
 
+def py_prefetch(addr: Any) -> None:
+    """Nothing: a hint to the cache, with no effect on what the code computes."""
+
+
 PYTHON = SimpleNamespace(
-    load=py_load, store=py_store, store_release=py_store, copy=py_copy, wait=py_wait
+    load=py_load,
+    store=py_store,
+    store_release=py_store,
+    copy=py_copy,
+    wait=py_wait,
+    prefetch=py_prefetch,
 )
 
 if config.DISABLE_JIT:  # type: ignore[attr-defined]
     load, store, store_release, copy, wait = py_load, py_store, py_store, py_copy, py_wait
+    prefetch = py_prefetch
 else:
     from llvmlite import ir  # type: ignore[import-untyped]
     from numba import types
@@ -137,6 +147,24 @@ else:
             return context.get_dummy_value()
 
         return types.none(addr, value), codegen
+
+    @intrinsic
+    def prefetch(typingctx: Any, addr: Any) -> Any:
+        """Ask for the cache line at host address ``addr``, to write (x86 ``prefetchw``): a
+        descriptor line another CPU wrote comes over while the code works on the one before,
+        and comes owned, so the write-back does not wait on a second transfer. A hint: it
+        never faults, whatever the address."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            i32 = ir.IntType(32)
+            ptr = builder.inttoptr(_as_i64(context, builder, sig.args[0], args[0]),
+                                   ir.IntType(8).as_pointer())  # fmt: skip
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")  # type: ignore[no-untyped-call]
+            builder.call(fn, [ptr, i32(1), i32(3), i32(1)])  # write, keep, data
+            return context.get_dummy_value()
+
+        return types.none(addr), codegen
 
     @intrinsic
     def copy(typingctx: Any, dst: Any, src: Any, n: Any) -> Any:

@@ -95,6 +95,7 @@ GATHER = MAX_TX_FRAME // 8 + 8  # scratch words that gather a frame spread over 
 # last-first, the lines are written while the driver still waits on the burst's first
 # descriptor, which gets its status last: one hand-over per burst and ring.
 DEFER = 256
+PREFETCH_RX = 32  # RX descriptors of each ready ring ``forward`` asks for at a burst's start
 
 
 def work_areas(snap_rows: int) -> Work:
@@ -151,6 +152,22 @@ def _write_held(held: Any) -> None:
         at = held + 8 + 24 * k
         _write_back(np.int64(raw.load(at)), raw.load(at + 8), raw.load(at + 16))
     raw.store(held, 0)
+
+
+@raw.helper
+def _prefetch_ring(
+    words: Any, starts: Any, ends: Any, base: Any, ring_len: Any, first: Any, count: Any,
+    size: Any,
+) -> None:  # fmt: skip
+    """Ask for the lines of ``count`` descriptors of ``size`` bytes from index ``first`` of a
+    ring: the driver (another CPU) wrote them, and each would otherwise come over only when
+    the walk reaches it, one transfer after another."""
+    per = 64 // size
+    for k in range(0, count + per - 1, per):
+        addr = base + size * ((first + k) % ring_len)
+        m = find_map(starts, ends, addr, size)
+        if m >= 0:
+            raw.prefetch(_at(words, starts, m, addr))
 
 
 @raw.helper
@@ -264,6 +281,16 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
     if not _consistent(words, starts, ends):
         i = tail  # an inconsistent table: no frame is taken
         err = ERR_RING_ADDRESS
+    elif ring_len > 0 and 0 <= head < ring_len and 0 <= tail < ring_len:
+        # the burst's descriptor lines asked for at once (TX, and each ready RX ring's next
+        # few), so that their transfers from the driver's CPU overlap
+        _prefetch_ring(words, starts, ends, base, ring_len, head,
+                       min((tail - head) % ring_len, budget), 16)  # fmt: skip
+        for rq in range(rx.shape[0]):
+            if rx_ready(rx, rq):
+                rl, rh = rx[rq, RX_LEN], rx[rq, RX_HEAD]
+                _prefetch_ring(words, starts, ends, rx[rq, RX_BASE], rl, rh,
+                               min((rx[rq, RX_TAIL] - rh) % rl, PREFETCH_RX), 32)  # fmt: skip
     hdr8 = hdr.view(np.uint8)  # hdr: HDR/8 + 2 words (the header; the hash reads it in place)
     header = hdr8[:HDR]
     hdr_at = np.int64(hdr.ctypes.data)

@@ -15,7 +15,9 @@ one run, at 64 and 1500 bytes:
   dpdk        DPDK testpmd vhost-user <-> virtio-user loopback (bench/dpdk_anchor.py), if root
   device      the product: an AvfDevice in polling mode (served; its poll thread forwards ring
               to ring) with a polling guest driver in another thread writing the tails into the
-              BAR's mmapped page -- two threads sharing the rings across cores, DPDK's shape
+              BAR's mmapped page -- two threads sharing the rings across cores, DPDK's shape;
+              the driver keeps DPDK iavf's thresholds (RS on every 32nd TX descriptor, the RX
+              tails written every 33 buffers)
   busy        per-burst vs one-call vs the device while the main thread runs a CPU-bound loop;
               the device also beside a CPU-bound loop that holds no GIL (its CPU share alone)
   idle        the CPU an idle device in polling mode costs

@@ -93,3 +93,26 @@ def test_the_no_gil_hog_stops_when_told(tmp_path: Path) -> None:
                           text=True, timeout=600, env=env, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["1", "0"]  # it ran; it stopped
+
+
+DEVICE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import datapath
+marks = datapath.device_marks(64, 1.0)
+(t0, n0), (t1, n1) = marks[0], marks[-1]
+print(n1 - n0, n1)
+"""
+
+
+def test_the_device_figure_moves_frames_past_a_ring_of_reclaims() -> None:
+    """The headline's shape runs end to end: the served device's poll thread forwards what the
+    bench's DPDK-shaped guest posts, for longer than one TX ring lasts. The guest reclaims TX
+    descriptors only where the device wrote DESC_DONE on an RS descriptor (every 32nd) and
+    writes the RX tails only every 33 buffers, so a device that completed the wrong
+    descriptors, or a guest that reposted wrongly, would stall it after one ring."""
+    proc = subprocess.run([sys.executable, "-c", DEVICE, str(BENCH)], capture_output=True,
+                          text=True, timeout=900, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved, total = (int(x) for x in proc.stdout.split()[-2:])
+    assert moved > 8 * 1024 and total >= moved  # eight TX rings' worth in the timed second

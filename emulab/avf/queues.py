@@ -321,7 +321,6 @@ class QueueEngine:
             ptype=np.zeros(BURST, dtype=np.uint8),
             extra=np.zeros(BURST, dtype=np.uint64),  # checksum status bits per frame
             done=np.zeros(BURST, dtype=np.uint8),  # rx_place: which were delivered
-            tuple=np.zeros(12, dtype=np.uint8),
             seg=np.zeros(MAX_FRAME, dtype=np.uint8),  # where rx_place cuts TSO segments
         )
         self._filt_key: tuple[object, ...] = ()

@@ -75,8 +75,8 @@ def burst(
     }
     if gso is None:
         gso = np.zeros((n, GSO_COLS), dtype=np.int64)
-    return dp.Burst(frames=rows, lens=lens, gso=gso, tuple=np.zeros(dp.RSS_TUPLE_MAX, np.uint8),
-                    seg=np.zeros(9728, dtype=np.uint8), **fields)  # fmt: skip
+    return dp.Burst(frames=rows, lens=lens, gso=gso, seg=np.zeros(9728, dtype=np.uint8),
+                    **fields)  # fmt: skip
 
 
 NO_RSS = dp.Rss(

@@ -121,7 +121,7 @@ class FastPath(NamedTuple):
 class Burst(NamedTuple):
     """Frames from a wire, a row each (``lens`` long, virtio-net ``gso`` rows), and what
     ``rx_pick`` chose for each: its RX queue, hash, packet type and checksum status bits; then
-    whether ``rx_place`` delivered it (``done``). ``tuple`` and ``seg`` are work areas."""
+    whether ``rx_place`` delivered it (``done``). ``seg`` is a work area."""
 
     frames: Any
     lens: Any
@@ -131,7 +131,6 @@ class Burst(NamedTuple):
     ptype: Any
     extra: Any
     done: Any
-    tuple: Any
     seg: Any
 
 

@@ -259,7 +259,7 @@ def rx_pick(burst: Burst, n: Any, rss: Rss, rx: Any, max_len: Any) -> None:
     frame's RSS hash, its RX queue (from the RX table ``rx``), its packet type and its checksum
     status bits (see :func:`pick`)."""
     table, lut, hena, filt = rss
-    frames, lens, gso, qs, hashes, ptypes, extra, _, _, _ = burst
+    frames, lens, gso, qs, hashes, ptypes, extra, _, _ = burst
     pick(frames, lens, n, table, lut, hena, rx[:, RX_ENABLED], qs, hashes, ptypes, filt,
          max_len, extra, gso)  # fmt: skip
 

@@ -526,7 +526,7 @@ def rx_place(ctx: WirePath, n: Any, holds: Any, out: Any) -> int:  # noqa: PLR09
     again."""
     maps, starts, ends, writable = ctx.maps
     rx = ctx.rx
-    frames, lens, gso, qs, hashes, ptypes, extra, done, _, seg = ctx.burst
+    frames, lens, gso, qs, hashes, ptypes, extra, done, seg = ctx.burst
     for j in range(OUT):
         out[j] = 0
     ok = _consistent(maps, starts, ends) and frames.shape[1] >= 6  # else nothing is touched

@@ -39,7 +39,6 @@ def burst(rows: int = 8, width: int = 64) -> Burst:
         ptype=np.zeros(rows, dtype=np.uint8),
         extra=np.zeros(rows, dtype=np.uint64),
         done=np.zeros(rows, dtype=np.uint8),
-        tuple=np.zeros(12, dtype=np.uint8),
         seg=np.zeros(9728, dtype=np.uint8),
     )
 

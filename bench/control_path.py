@@ -29,6 +29,7 @@ Usage: python bench/control_path.py [--seconds 3] [--repeat 3]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -168,9 +169,11 @@ def run_client(path: str, seconds: float) -> tuple[float, float]:
 
 
 def pin(pid: int, cpus: set[int]) -> None:
-    """Pin every thread of a process (its server thread included) to ``cpus``."""
+    """Pin every thread of a process (its server thread included) to ``cpus``; a thread that
+    ends meanwhile (a short-lived helper of the server) needs no pinning."""
     for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), cpus)
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def start(

@@ -116,7 +116,7 @@ class Rig:
         self.guest = np.zeros(2 + QUEUES, dtype=np.int64)  # tx next, tx clean, rx clean[q]
         self.scratch = np.zeros(2048, dtype=np.uint64)
         self.lut = (np.arange(64) % QUEUES).astype(np.uint8)
-        self.hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
+        self.hdr = np.zeros(dp.HDR // 8, dtype=np.uint64)
         self.out = np.zeros(dp.OUT, dtype=np.int64)
         self.filt = np.zeros(1, dtype=np.uint64)  # no MAC filter
         self.snap = np.zeros((0, dp.SNAP // 8 + 1), dtype=np.uint64)  # no packet trace

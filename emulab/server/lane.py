@@ -24,8 +24,7 @@ What the ordinary path does besides answering, the lane does too, later:
 The lane stands aside (the ordinary path takes every message) while the debugger has any
 point set or holds a thread, before VERSION is negotiated, while the lane's kernel is not yet
 compiled (a child process compiles it a second after a server starts; the ordinary path serves
-meanwhile), and
-when the server is made with ``fast_lane=False`` (or ``EMULAB_FAST_LANE=0``).
+meanwhile), and when the server is made with ``fast_lane=False`` (or ``EMULAB_FAST_LANE=0``).
 """
 
 from __future__ import annotations

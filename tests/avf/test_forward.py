@@ -58,7 +58,7 @@ class Wire:
         self.table = dp.toeplitz_table(KEY)
         self.lut = (np.arange(64) % queues).astype(np.uint8)
         self.scratch = np.zeros(2048, dtype=np.uint64)
-        self.hdr = np.zeros(dp.HDR // 8 + 2, dtype=np.uint64)
+        self.hdr = np.zeros(dp.HDR // 8, dtype=np.uint64)
         self.out = np.zeros(dp.OUT, dtype=np.int64)
         self.filt = np.zeros(1, dtype=np.uint64)  # no MAC filter
         self.snap = np.zeros((0, dp.SNAP // 8 + 1), dtype=np.uint64)

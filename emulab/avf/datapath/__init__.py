@@ -177,7 +177,6 @@ from emulab.avf.datapath.rss import (
     rss_hash,
     rss_tuple,
     toeplitz,
-    toeplitz_fast,
     toeplitz_frame,
     toeplitz_table,
 )
@@ -336,7 +335,6 @@ __all__ = [
     "snap_rows_tx",
     "table_size",
     "toeplitz",
-    "toeplitz_fast",
     "toeplitz_frame",
     "toeplitz_table",
     "tso_cut",

@@ -101,7 +101,7 @@ class Rss(NamedTuple):
 
 class Work(NamedTuple):
     """The fast path's work areas: ``scratch`` (uint64) gathers a frame spread over buffers,
-    ``hdr`` (``HDR // 8 + 2`` uint64) holds a header and its RSS tuple, ``snap`` receives the
+    ``hdr`` (``HDR // 8`` uint64) holds a frame's header, ``snap`` receives the
     packet trace's rows (zero rows: no trace)."""
 
     scratch: Any

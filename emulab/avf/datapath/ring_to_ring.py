@@ -77,14 +77,14 @@ from emulab.backends.base import GSO_CSUM_START, GSO_DONE, GSO_NONE, GSO_SIZE, G
 #
 # ``forward`` is compiled without numba's runtime (``_nrt=False``): no reference counts and no
 # allocation. Every array it touches is borrowed from its caller, which holds it for the call.
-# With the runtime, each array handed to a helper (``find_map``, ``rss_tuple``, ...) and each view
+# With the runtime, each array handed to a helper (``find_map``, ``accepts``, ...) and each view
 # cost an incref/decref pair, an indirect call and an atomic add each, about 30 pairs per frame:
 # half the time per 64-byte frame (6.4 against 13.9 Mpps, measured side by side).
 ERR_SLOW_PATH = 100  # not an error: the frame at the head needs the general path (offloads)
 OFFLOAD_BITS = TX_OFFLOAD_MASK  # IIPT and L4T in TX qword 1 (checksum offloads)
 SNAP = 256  # bytes of each frame copied out for the packet trace (when asked for)
 TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
-HDR = 64  # header bytes copied out for classification and the RSS tuple
+HDR = 64  # header bytes copied out for the filter, classification and the RSS hash
 
 
 GATHER = MAX_TX_FRAME // 8 + 8  # scratch words that gather a frame spread over buffers
@@ -103,7 +103,7 @@ def work_areas(snap_rows: int) -> Work:
     ``work._replace(snap=work.snap[:0])``."""
     return Work(
         np.zeros(GATHER + 1 + 3 * DEFER, dtype=np.uint64),
-        np.zeros(HDR // 8 + 2, dtype=np.uint64),
+        np.zeros(HDR // 8, dtype=np.uint64),
         np.zeros((snap_rows, SNAP // 8 + 1), dtype=np.uint64),
     )
 
@@ -246,7 +246,7 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
     frame with no RX buffer posted for it, or longer than the queue's max_frame, is dropped
     (counted), as hardware drops. A frame in one TX buffer is copied once, buffer to buffer; one
     spread over several is gathered in ``scratch`` (uint64) first. ``hdr`` is a work area of
-    ``HDR // 8 + 2`` uint64 words. TX RS descriptors get DESC_DONE after their frame is taken; RX
+    ``HDR // 8`` uint64 words. TX RS descriptors get DESC_DONE after their frame is taken; RX
     status qwords are stored last. With room past ``GATHER`` words in ``scratch`` (as
     :func:`work_areas` makes it), the RX write-backs are held to the burst's end and written
     last-first (see ``DEFER``).
@@ -291,8 +291,7 @@ def forward(ctx: FastPath, tx: Any, budget: Any, out: Any) -> None:  # noqa: PLR
                 rl, rh = rx[rq, RX_LEN], rx[rq, RX_HEAD]
                 _prefetch_ring(words, starts, ends, rx[rq, RX_BASE], rl, rh,
                                min((rx[rq, RX_TAIL] - rh) % rl, PREFETCH_RX), 32)  # fmt: skip
-    hdr8 = hdr.view(np.uint8)  # hdr: HDR/8 + 2 words (the header; the hash reads it in place)
-    header = hdr8[:HDR]
+    header = hdr.view(np.uint8)[:HDR]  # (the filter, the hash and the packet type read it)
     hdr_at = np.int64(hdr.ctypes.data)
     scratch_at = np.int64(scratch.ctypes.data)
     gather = min(scratch.shape[0], GATHER)

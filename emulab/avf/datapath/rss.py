@@ -1,7 +1,8 @@
 """RSS and packet classification, as the kernels of both paths apply them to a frame: the port's
 MAC filter (:func:`accepts`), the hardware packet type (:func:`classify`), and the RSS hash --
-the input tuple under the enabled pctypes (:func:`rss_tuple`) and its Toeplitz hash, bit by bit
-(:func:`toeplitz`) or through a per-key table (:func:`toeplitz_table`, :func:`toeplitz_fast`)."""
+the input tuple under the enabled pctypes (:func:`rss_tuple`, :func:`rss_ports_at`) and its
+Toeplitz hash, bit by bit (:func:`toeplitz`) or, in the kernels, through a per-key table read
+with the frame in place (:func:`toeplitz_table`, :func:`toeplitz_frame`)."""
 
 from __future__ import annotations
 
@@ -112,14 +113,6 @@ def toeplitz_table(key: Any) -> Any:
     return table
 
 
-@raw.helper
-def toeplitz_fast(table: Any, data: Any, length: Any) -> Any:
-    h = np.uint32(0)
-    for i in range(length):
-        h ^= table[i, data[i]]
-    return h
-
-
 @njit(nogil=True, cache=True)
 def rss_hash(key: Any, frame: Any, length: Any, tuple_buf: Any, hena: Any) -> Any:
     """Toeplitz hash of an IPv4 frame's addresses (and TCP/UDP ports), if its packet type
@@ -130,9 +123,9 @@ def rss_hash(key: Any, frame: Any, length: Any, tuple_buf: Any, hena: Any) -> An
 
 @raw.helper
 def rss_ports_at(frame: Any, length: Any, hena: Any) -> int:
-    """Where an IPv4 frame's hash input ends: the offset of its TCP/UDP ports (the input is
-    its addresses at 26..34, then those 4 bytes), 0 for its addresses alone, or -1 when its
-    pctype is not enabled in ``hena`` (or it is not IPv4): not hashed."""
+    """Where an IPv4 frame's hash input lies: the input is its addresses (bytes 26..34), then,
+    at the offset returned, its TCP/UDP ports (4 bytes); 0: the addresses alone; -1: not hashed
+    (its pctype is not enabled in ``hena``, or it is not IPv4)."""
     if length < 34 or frame[12] != 0x08 or frame[13] != 0x00 or (frame[14] >> 4) != 4:
         return -1
     ihl = np.int64(frame[14] & 0xF) * 4
@@ -175,9 +168,10 @@ def rss_tuple(frame: Any, length: Any, tuple_buf: Any, hena: Any) -> int:
 
 @raw.helper
 def toeplitz_frame(table: Any, frame: Any, length: Any, hena: Any) -> Any:
-    """``toeplitz_fast`` of the frame's hash input (see :func:`rss_ports_at`; 0: not hashed),
-    read in place: a copy into a tuple first costs the kernels several times the hash (the
-    byte stores and the lookups' loads of them stall each other, 22 ns against 4 ns a frame)."""
+    """The Toeplitz hash of the frame's hash input (see :func:`rss_ports_at`; 0: not hashed)
+    through ``table`` (:func:`toeplitz_table`: one lookup per input byte), read in place: a copy
+    into a tuple first costs the kernels several times the hash (the byte stores and the
+    lookups' loads of them stall each other, 22 ns against 4 ns a frame)."""
     at = rss_ports_at(frame, length, hena)
     if at < 0:
         return np.uint32(0)

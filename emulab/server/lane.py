@@ -193,10 +193,10 @@ class FastLane:
         """Serve what the lane can; return the bytes (and fds) the session must handle, ``b""``
         at EOF, or None: the lane stands aside (read the socket the ordinary way)."""
         while True:
+            self.ctl[ENABLED] = 1  # (before the look: a change meanwhile clears it again)
             serve = self._ready()
             if serve is None or self.mutex is None:
                 return None
-            self.ctl[ENABLED] = 1
             self.ctl[LIVE] = int(self.server.trace.watched)
             self.entries += 1
             code = serve(self.fd, self.wake_fd, self.buf, self.st, self.io, self.cbuf, self.out,
@@ -242,7 +242,9 @@ class FastLane:
         return serve
 
     def wake(self) -> None:
-        """Make the kernel return to the session soon (the debugger changed)."""
+        """The debugger changed: the kernel hands the next message to the session (which then
+        looks again whether the lane may serve), and returns at once if it waits in poll."""
+        self.ctl[ENABLED] = 0
         with contextlib.suppress(OSError):
             os.eventfd_write(self.wake_fd, 1)
 

@@ -1,18 +1,18 @@
 """The fast lane's compiled loop: REGION_READs of plain registers answered without Python.
 
-:func:`serve` waits on the client's socket (``poll``), reads what arrives (``recvmsg``, so fds
-are never lost), and answers each REGION_READ of four bytes or fewer that falls inside one
-register word the device marked *plain* (claimed, no read hook) straight from the register
-file's words: ``stored & ~write_only``, as :meth:`~emulab.pci.registers.RegisterFile.read`
-computes it. Each answer is noted in ``trace`` (the Python side turns the notes into the same
-typed records the ordinary path makes, when anyone looks). ``trace`` is a ring: note ``k``
-goes to row ``k % rows`` and ``ctl[HEAD]`` counts them, so a reader that comes late finds the
-newest, as a bounded trace keeps them. At the first message it does not serve -- any other
-command, any flag, a larger or unaligned read, a register with a hook, fds in the ancillary
-data -- it stops and hands the bytes from that message on back to Python, so messages are
-handled in the order they came. It also returns when woken (``wake_fd``), when someone watches
-the trace live (``ctl[LIVE]``) and notes wait while the client is quiet for ``DRAIN_MS``, and
-on EOF or an error.
+:func:`serve` waits for the client in ``recvmsg`` (so fds are never lost), and answers each
+REGION_READ of four bytes or fewer that falls inside one register word the device marked *plain*
+(claimed, no read hook) straight from the register file's words: ``stored & ~write_only``, as
+:meth:`~emulab.pci.registers.RegisterFile.read` computes it. Each answer is noted in ``trace`` (the
+Python side turns the notes into the same typed records the ordinary path makes, when anyone
+looks). ``trace`` is a ring: note ``k`` goes to row ``k % rows`` and ``ctl[HEAD]`` counts them, so
+a reader that comes late finds the newest, as a bounded trace keeps them. At the first message it
+does not serve -- any other command, any flag, a larger or unaligned read, a register with a hook,
+fds in the ancillary data -- it stops and hands the bytes from that message on back to Python, so
+messages are handled in the order they came. It also hands the next message back once Python clears
+``ctl[ENABLED]`` (the debugger changed), returns when someone watches the trace live
+(``ctl[LIVE]``) and notes wait while the client is quiet for ``DRAIN_MS`` (it then waits in
+``poll``, which ``wake_fd`` also ends), and on EOF or an error.
 
 It calls libc (``poll``, ``recvmsg``, ``write``, ``clock_gettime``, the pthread mutex that
 guards the socket's write side) through declared external symbols, which numba can cache
@@ -47,6 +47,7 @@ TRACE_COLS = 7  # t_ns, msg_id, region, offset, count, value, latency_ns
 REGION_READ = 9
 POLLIN, POLLERR, POLLHUP = 0x1, 0x8, 0x10
 MSG_CTRUNC = 0x8
+EAGAIN = 11  # (Linux, every architecture numba targets)
 CLOCK_MONOTONIC = 1
 
 _VOIDP = ir.IntType(8).as_pointer()
@@ -241,6 +242,7 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
     pos = 0
     end = 0
     cap = buf.size
+    nonblocking = False
     st[CONTROL] = 0
     io[8] = 0
     while True:
@@ -272,21 +274,27 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
                 buf[k] = buf[pos + k]
             end -= pos
             pos = 0
-        # wait for more: the socket, or a wake-up
-        io[12] = fd | (POLLIN << 32)
-        io[13] = wake_fd | (POLLIN << 32)
-        timeout = DRAIN_MS if ctl[LIVE] and ctl[HEAD] != ctl[SEEN] else -1
-        r = _poll(io.ctypes.data + 12 * 8, 2, timeout)
-        if r < 0:
-            ctl[ERRNO] = _load32(_errno_at(0))
-            st[POS], st[END] = pos, end
-            return ERROR
-        if r == 0:
-            st[POS], st[END] = pos, end
-            return DRAIN
-        if (io[13] >> 48) & (POLLIN | POLLERR | POLLHUP):
-            st[POS], st[END] = pos, end
-            return WOKEN
+        # wait for more. Mostly in recvmsg itself: one system call a message, one wake-up (a
+        # poll first costs a second call, and a second wake-up when client and server sit on
+        # different CPUs). The debugger's changes reach a lane asleep there through
+        # ctl[ENABLED], read at the next message (the first one a change concerns). poll, with
+        # the wake-up fd, only while notes wait for a live watcher (a timeout drains them), or
+        # on a socket that does not block.
+        drain = ctl[LIVE] != 0 and ctl[HEAD] != ctl[SEEN]
+        if drain or nonblocking:
+            io[12] = fd | (POLLIN << 32)
+            io[13] = wake_fd | (POLLIN << 32)
+            r = _poll(io.ctypes.data + 12 * 8, 2, DRAIN_MS if drain else -1)
+            if r < 0:
+                ctl[ERRNO] = _load32(_errno_at(0))
+                st[POS], st[END] = pos, end
+                return ERROR
+            if r == 0:
+                st[POS], st[END] = pos, end
+                return DRAIN
+            if (io[13] >> 48) & (POLLIN | POLLERR | POLLHUP):
+                st[POS], st[END] = pos, end
+                return WOKEN
         # msghdr: no name, one iovec (the free end of buf), the ancillary buffer
         io[0] = 0
         io[1] = 0
@@ -300,6 +308,9 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
         n = _recvmsg(fd, io.ctypes.data, 0)
         if n < 0:
             ctl[ERRNO] = _load32(_errno_at(0))
+            if ctl[ERRNO] == EAGAIN and not nonblocking:
+                nonblocking = True  # (a socket with a timeout: poll it from now on)
+                continue
             st[POS], st[END] = pos, end
             return ERROR
         if n == 0:

@@ -104,6 +104,67 @@ def test_the_lanes_reads_are_traced_as_the_ordinary_paths_in_message_order(serve
     assert srv.device.access_counts["read"] >= 2
 
 
+POSTED = struct.Struct("<HHIIIQII")  # header, then offset, region, count: a REGION_WRITE
+
+
+def posted(msg_id: int, offset: int, data: bytes, region: int = BAR0) -> bytes:
+    """A posted REGION_WRITE (NO_REPLY), as QEMU sends a doorbell."""
+    return POSTED.pack(msg_id, 10, 32 + len(data), 0x10, 0, offset, region, len(data)) + data
+
+
+def lane_posted(srv: VfioUserServer[MemcpyDevice]) -> int:
+    return int(srv.status()["fast_lane"]["posted"])
+
+
+def test_posted_writes_are_taken_by_the_lane_and_applied_in_order_before_a_read(served) -> None:  # type: ignore[no-untyped-def]
+    srv, c = served
+    assert c.read32(BAR0, ID) == MAGIC  # (the lane is in: VERSION is behind us)
+    wait_until(lambda: srv.trace.counts().get("message", 0) >= 2, 5, "the first records")
+    srv.trace.clear()
+    writes0, posted0 = srv.stats.counts.get(10, 0), lane_posted(srv)
+    # more than the kernel takes at once (256), then an 8-byte one and a 2-byte one, in one send
+    burst = [posted(i, LEN, i.to_bytes(4, "little")) for i in range(1, 301)]
+    burst.append(posted(301, SRC_LO, struct.pack("<Q", 0x0102030405060708)))
+    burst.append(posted(302, DST_LO + 2, b"\xaa\xbb"))
+    c.send_raw(b"".join(burst))
+    assert c.read32(BAR0, LEN) == 300  # the read saw every write before it, in order
+    assert c.read(BAR0, SRC_LO, 8) == struct.pack("<Q", 0x0102030405060708)
+    assert c.read32(BAR0, DST_LO) == 0xBBAA0000
+    assert lane_posted(srv) - posted0 == 302  # none went the ordinary way
+    assert srv.stats.counts[10] - writes0 == 302
+    msgs = srv.trace.snapshot(MessageRecord)
+    writes = [r for r in msgs if r.command == "REGION_WRITE"]
+    assert [r.msg_id for r in writes] == list(range(1, 303))  # traced as the ordinary path does
+    assert writes[0].args.offset == LEN and writes[0].args.data == b"\x01\0\0\0"
+    assert writes[-1].args.count == 2 and writes[-1].args.data == b"\xaa\xbb"
+    assert [r.command for r in msgs].index("REGION_READ") == 302  # the reads come after them
+    lens = [
+        r.value for r in srv.trace.snapshot(RegisterRecord) if r.op == "write" and r.name == "LEN"
+    ]
+    assert lens == list(range(1, 301))
+
+
+def test_a_posted_write_that_fails_is_answered_as_the_ordinary_path_answers_it(
+    tmp_path: Path,
+) -> None:
+    """Outside the BAR: the lane takes it, the device refuses it; as with the lane off, the
+    error is counted and traced, no reply goes out (NO_REPLY), and the session serves on."""
+    seen = []
+    for fast in (True, False):
+        srv = VfioUserServer(MemcpyDevice(), tmp_path / f"{fast}.sock", fast_lane=fast).start()
+        with VfioUserClient.connect(tmp_path / f"{fast}.sock") as c:
+            assert c.read32(BAR0, ID) == MAGIC
+            c.send_raw(posted(7, 0x2000, b"\1\2\3\4") + posted(8, LEN, b"\5\0\0\0"))
+            assert c.read32(BAR0, LEN) == 5
+            errors = [r for r in srv.trace.snapshot(MessageRecord) if r.error]
+            seen.append((srv.stats.errors, [(r.command, r.msg_id, r.error) for r in errors],
+                         lane_posted(srv)))  # fmt: skip
+        srv.stop()
+        srv.device.close()
+    assert seen[0][:2] == seen[1][:2] == (1, [("REGION_WRITE", 7, 22)])  # EINVAL, both ways
+    assert seen[0][2] == 2 and seen[1][2] == 0
+
+
 def test_a_breakpoint_set_while_the_lane_waits_stops_the_next_read(served) -> None:  # type: ignore[no-untyped-def]
     srv, c = served
     assert c.read32(BAR0, ID) == MAGIC

@@ -213,6 +213,7 @@ class VfioUserServer(Generic[D]):
                 **kernel_state(),
                 "on": self.fast_lane,
                 "served": lane.served if lane is not None else 0,
+                "posted": lane.posted if lane is not None else 0,
             },
         }
 

@@ -9,6 +9,14 @@ through :meth:`~emulab.pci.interface.PlainReads.plain_reads`: claimed, no read h
 within one word -- from the device's own register words. Everything else (any other message,
 fds, a read with a hook) is handed back to the session's ordinary path at once, in order.
 
+Posted writes (REGION_WRITE with NO_REPLY: QEMU's doorbells and interrupt re-arms, the bulk of
+a guest's traffic) still need Python -- their hooks move the rings -- but not the protocol's
+decoding: the kernel takes them off the wire as rows (msg_id, region, offset, count, value) and
+returns them, and :meth:`~emulab.server.session.Session.posted_writes` applies each through the
+device, counted and traced as the ordinary path does it (bench: ~11 us of server CPU a write
+that way, ~3.3 us this way). They are applied before anything that came after them: a read the
+kernel would answer, a message it hands back, and before it waits for more.
+
 What the ordinary path does besides answering, the lane does too, later:
 - the trace: each answer leaves a note (time, msg_id, region, offset, size, value, latency) in
   a ring; notes become the same :class:`~emulab.trace.RegisterRecord` and
@@ -52,10 +60,12 @@ if TYPE_CHECKING:
 __all__ = ["FastLane", "kernel_state"]
 
 # (mirrors of emulab.server.lane_kernel's constants: that module imports numba, this one not)
-HANDOFF, WOKEN, DRAIN, EOF, ERROR, FDS = 1, 2, 3, 5, 6, 7
+HANDOFF, WOKEN, DRAIN, POSTED, EOF, ERROR, FDS = 1, 2, 3, 4, 5, 6, 7
 ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
 CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS = 8, 20, 512, 7
-POS, END, CONTROL, FLAGS = 0, 1, 2, 3
+POS, END, CONTROL, FLAGS, WRITES, RESUME = 0, 1, 2, 3, 4, 5
+ST_WORDS, WRITE_COLS = 8, 5
+WRITE_ROWS = 256  # posted writes the kernel takes before Python applies them
 RECV_BYTES = 1 << 16
 START_DELAY = 1.0  # seconds after a server starts, its lane's compile child starts
 READ = int(Command.REGION_READ)
@@ -171,7 +181,8 @@ class FastLane:
             self.table[i] = (pw.region, pw.offset, pw.offset + 4 * n, pw.words.ctypes.data,
                              pw.plain.ctypes.data, pw.write_only.ctypes.data, n)  # fmt: skip
         self.buf = np.zeros(RECV_BYTES, dtype=np.uint8)
-        self.st = np.zeros(4, dtype=np.int64)
+        self.st = np.zeros(ST_WORDS, dtype=np.int64)
+        self.writes = np.zeros((WRITE_ROWS, WRITE_COLS), dtype=np.int64)
         self.io = np.zeros(IO_WORDS, dtype=np.int64)
         self.cbuf = np.zeros(CBUF, dtype=np.uint8)
         self.out = np.zeros(64, dtype=np.uint8)
@@ -181,6 +192,7 @@ class FastLane:
         self.mutex: SendMutex | None = None  # (shared with the channel once the kernel runs)
         self._take = threading.Lock()  # (notes are taken by the session, or a trace reader)
         self.served = 0
+        self.posted = 0  # posted writes the kernel took off the wire for Python to apply
         self.entries = 0  # times the session entered the kernel (tests, benchmarks)
         self.on = bool(words)  # (the session makes one only for a server with fast_lane on)
         self._stops: list[Any] = []
@@ -196,12 +208,26 @@ class FastLane:
             self.ctl[ENABLED] = 1  # (before the look: a change meanwhile clears it again)
             serve = self._ready()
             if serve is None or self.mutex is None:
+                if self.st[RESUME]:  # (bytes taken behind posted writes: the ordinary path's)
+                    self.st[RESUME] = 0
+                    data = bytes(self.buf[self.st[POS] : self.st[END]])
+                    if data:
+                        return data, []
                 return None
             self.ctl[LIVE] = int(self.server.trace.watched)
             self.entries += 1
             code = serve(self.fd, self.wake_fd, self.buf, self.st, self.io, self.cbuf, self.out,
-                         self.mutex.words, self.table, self.notes,
-                         self.ctl)  # fmt: skip
+                         self.mutex.words, self.table, self.notes, self.ctl,
+                         self.writes)  # fmt: skip
+            taken = int(self.st[WRITES])
+            if taken:  # (after the reads noted before them, before what follows)
+                self.take_notes(wait=True)
+                self.posted += taken
+                self.session.posted_writes(self.writes[:taken])
+            if code == POSTED:
+                self.st[RESUME] = 1  # (the bytes after them wait in buf, for the next call)
+                continue
+            self.st[RESUME] = 0
             data = bytes(self.buf[self.st[POS] : self.st[END]])
             if code == WOKEN:
                 with contextlib.suppress(BlockingIOError):

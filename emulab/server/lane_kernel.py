@@ -9,10 +9,14 @@ looks). ``trace`` is a ring: note ``k`` goes to row ``k % rows`` and ``ctl[HEAD]
 a reader that comes late finds the newest, as a bounded trace keeps them. At the first message it
 does not serve -- any other command, any flag, a larger or unaligned read, a register with a hook,
 fds in the ancillary data -- it stops and hands the bytes from that message on back to Python, so
-messages are handled in the order they came. It also hands the next message back once Python clears
-``ctl[ENABLED]`` (the debugger changed), returns when someone watches the trace live
-(``ctl[LIVE]``) and notes wait while the client is quiet for ``DRAIN_MS`` (it then waits in
-``poll``, which ``wake_fd`` also ends), and on EOF or an error.
+messages are handled in the order they came. Posted REGION_WRITEs (``NO_REPLY``, 1 to 8 bytes:
+QEMU's doorbells and interrupt re-arms) it takes into ``writes`` and returns them to Python, which
+applies them through the device as the ordinary path would, without the protocol's decoding: before
+it waits for more, before it answers a read (which must see what they did) and before any message
+it hands back. It also hands the next message back once Python clears ``ctl[ENABLED]`` (the
+debugger changed), returns when someone watches the trace live (``ctl[LIVE]``) and notes wait while
+the client is quiet for ``DRAIN_MS`` (it then waits in ``poll``, which ``wake_fd`` also ends), and
+on EOF or an error.
 
 It calls libc (``poll``, ``recvmsg``, ``write``, ``clock_gettime``, the pthread mutex that
 guards the socket's write side) through declared external symbols, which numba can cache
@@ -33,18 +37,23 @@ from numba.extending import intrinsic
 __all__ = ["serve"]
 
 # codes serve returns (the Python side: emulab.server.lane)
-HANDOFF, WOKEN, DRAIN, EOF, ERROR, FDS = 1, 2, 3, 5, 6, 7
+HANDOFF, WOKEN, DRAIN, POSTED, EOF, ERROR, FDS = 1, 2, 3, 4, 5, 6, 7
 # ctl words: set by Python (ENABLED, LIVE, SEEN: the notes it has taken), by serve (the rest)
 ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
 CTL_WORDS = 8
-# st words: what is left in buf for Python, the ancillary bytes that came, recvmsg's flags
-POS, END, CONTROL, FLAGS = 0, 1, 2, 3
+# st words: what is left in buf for Python, the ancillary bytes that came, recvmsg's flags, the
+# posted writes taken (rows of ``writes``), and whether to resume at buf[POS:END] (set by Python)
+POS, END, CONTROL, FLAGS, WRITES, RESUME = 0, 1, 2, 3, 4, 5
+ST_WORDS = 8
+WRITE_COLS = 5  # msg_id, region, offset, count, value
 # io words: msghdr [0:7], iovec [8:10], two pollfds [12:14], timespec [16:18]
 IO_WORDS = 20
 CBUF = 512  # ancillary buffer: room for any number of fds the kernel passes a stream (253)
 DRAIN_MS = 20
 TRACE_COLS = 7  # t_ns, msg_id, region, offset, count, value, latency_ns
 REGION_READ = 9
+REGION_WRITE = 10
+NO_REPLY = 0x10
 POLLIN, POLLERR, POLLHUP = 0x1, 0x8, 0x10
 MSG_CTRUNC = 0x8
 EAGAIN = 11  # (Linux, every architecture numba targets)
@@ -235,12 +244,20 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
     table: Any,
     trace: Any,
     ctl: Any,
+    writes: Any,
 ) -> Any:
     """Serve until a message Python must handle (see the module's text); returns a code, with
     ``buf[st[POS]:st[END]]`` the bytes left for Python (the ancillary data in
-    ``cbuf[:st[CONTROL]]`` when the code is FDS)."""
+    ``cbuf[:st[CONTROL]]`` when the code is FDS), and ``writes[:st[WRITES]]`` the posted writes
+    taken before them, for Python to apply first. POSTED: only those; call again with
+    ``st[RESUME]`` set to go on at ``buf[st[POS]:st[END]]``."""
     pos = 0
     end = 0
+    if st[RESUME]:
+        pos, end = st[POS], st[END]
+        st[RESUME] = 0
+    nw = 0
+    st[WRITES] = 0
     cap = buf.size
     nonblocking = False
     st[CONTROL] = 0
@@ -255,11 +272,35 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
             size = _u(buf, pos + 4, 4)
             flags = _u(buf, pos + 8, 4)
             err = _u(buf, pos + 12, 4)
+            if cmd == REGION_WRITE and flags == NO_REPLY and err == 0 and 33 <= size <= 40:
+                # a posted write (QEMU's doorbells): taken, for Python to apply in order
+                if end - pos < size:
+                    break
+                count = _u(buf, pos + 28, 4)
+                whole = count == 1 or count == 2 or count == 4 or count == 8  # noqa: PLR1714
+                if size != 32 + count or not whole:
+                    st[POS], st[END] = pos, end
+                    return HANDOFF
+                if nw == writes.shape[0]:
+                    st[POS], st[END] = pos, end
+                    return POSTED
+                writes[nw, 0] = _u(buf, pos, 2)
+                writes[nw, 1] = _u(buf, pos + 24, 4)
+                writes[nw, 2] = _u(buf, pos + 16, 8)
+                writes[nw, 3] = count
+                writes[nw, 4] = _u(buf, pos + 32, count)
+                nw += 1
+                st[WRITES] = nw
+                pos += size
+                continue
             if cmd != REGION_READ or size != 32 or flags != 0 or err != 0:
                 st[POS], st[END] = pos, end
                 return HANDOFF
             if end - pos < 32:
                 break
+            if nw:  # (a read after posted writes sees what they did: Python applies them first)
+                st[POS], st[END] = pos, end
+                return POSTED
             done = _answer(buf, pos, table, out, io, mutex, fd, trace, ctl, _now(io))
             if done < 0:
                 ctl[ERRNO] = _load32(_errno_at(0))
@@ -269,11 +310,17 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
                 st[POS], st[END] = pos, end
                 return HANDOFF
             pos += 32
+        if nw:  # the posted writes take effect now, not at the next message
+            st[POS], st[END] = pos, end
+            return POSTED
         if pos:  # keep a partial message at the front
             for k in range(end - pos):
                 buf[k] = buf[pos + k]
             end -= pos
             pos = 0
+        if end >= cap:  # (only a message too large to serve fills it: Python takes it)
+            st[POS], st[END] = pos, end
+            return HANDOFF
         # wait for more. Mostly in recvmsg itself: one system call a message, one wake-up (a
         # poll first costs a second call, and a second wake-up when client and server sit on
         # different CPUs). The debugger's changes reach a lane asleep there through
@@ -322,9 +369,6 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
             st[CONTROL] = io[5] if io[5] <= cbuf.size else cbuf.size
             st[FLAGS] = io[6] & 0xFFFFFFFF
             return FDS
-        if end >= cap:  # (only a message too large to serve fills it: Python takes it)
-            st[POS], st[END] = pos, end
-            return HANDOFF
 
 
 def warm() -> None:
@@ -336,9 +380,11 @@ def warm() -> None:
         os.write(w, b"x" * 16)  # a header that is no REGION_READ: handed back at once
         ctl = np.zeros(CTL_WORDS, np.int64)
         ctl[ENABLED] = 1
-        serve(r, w, np.zeros(64, np.uint8), np.zeros(4, np.int64), np.zeros(IO_WORDS, np.int64),
-              np.zeros(CBUF, np.uint8), np.zeros(64, np.uint8), np.zeros(8, np.int64),
-              np.zeros((0, 7), np.int64), np.zeros((1, TRACE_COLS), np.int64), ctl)  # fmt: skip
+        serve(r, w, np.zeros(64, np.uint8), np.zeros(ST_WORDS, np.int64),
+              np.zeros(IO_WORDS, np.int64), np.zeros(CBUF, np.uint8), np.zeros(64, np.uint8),
+              np.zeros(8, np.int64), np.zeros((0, 7), np.int64),
+              np.zeros((1, TRACE_COLS), np.int64), ctl,
+              np.zeros((1, WRITE_COLS), np.int64))  # fmt: skip
     finally:
         os.close(r)
         os.close(w)

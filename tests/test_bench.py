@@ -116,3 +116,16 @@ def test_the_device_figure_moves_frames_past_a_ring_of_reclaims() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     moved, total = (int(x) for x in proc.stdout.split()[-2:])
     assert moved > 8 * 1024 and total >= moved  # eight TX rings' worth in the timed second
+
+
+def test_the_posted_write_bench_measures_both_paths() -> None:
+    """``bench/posted_writes.py`` end to end, small: an AVF brought up by the software driver,
+    bursts of posted writes through the fast lane (which must take them all) and the ordinary
+    path, a figure for each."""
+    proc = subprocess.run([sys.executable, str(BENCH / "posted_writes.py"), "--writes", "500",
+                           "--repeat", "1"], capture_output=True, text=True, timeout=600,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = dict(kv.split("=") for kv in proc.stdout.split("RESULT ")[1].split())
+    assert float(result["posted_write_us_lane"]) > 0
+    assert float(result["posted_write_us_ordinary"]) > 0

@@ -35,6 +35,13 @@ POLL_STOP, POLL_HOLD, POLL_PENDING, POLL_LOOPS, POLL_SNAPS, POLL_QUEUE, POLL_FOR
 POLL_NAP, POLL_WAKE, POLL_NAPS, POLL_WRITES, POLL_BUSY, POLL_FULL = 7, 8, 9, 10, 11, 12
 POLL_CTL = 13
 NAP_FIRST = 20  # microseconds: the first nap of an idle spell (each next one doubles)
+# empty loops between yields of the CPU (sched_yield) before the naps begin: while traffic
+# flows the loop never naps, and on a CPU it shares (a 2-core host: the TAP's reader, QEMU's
+# main loop, the host's iperf3) its spinning took the time those threads needed to make the
+# traffic (bench/guest_iperf.py's polling round). Only once an idle spell is past the gaps
+# between bursts of a busy ring (a yield is a system call: ~1 us here)
+YIELD_AFTER = 256
+YIELD_EVERY = 16
 POLL_IDLE, POLL_IRQ, POLL_STOPPED, POLL_ERROR, POLL_SNAP_FULL, POLL_KICK = range(6)
 INTENA_BIT = 1
 
@@ -59,11 +66,12 @@ def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
     index and value, for the register trace; zero rows: none kept), ``POLL_BUSY`` (loops that
     moved a frame, counted) and ``POLL_FULL`` (bursts that took the whole ``budget``).
 
-    Idleness: after ``max_idle`` loops with nothing moved, the loop naps -- ``NAP_FIRST``
-    microseconds, doubling up to ``POLL_NAP`` -- and polls once between naps, until something
-    moves; all inside this call, so an idle device costs next to no CPU and needs no GIL to
-    resume. A thread that wants the loop to return sets ``POLL_STOP`` and writes the eventfd.
-    With ``POLL_NAP`` 0 the call returns ``POLL_IDLE`` instead of napping.
+    Idleness: past ``YIELD_AFTER`` loops with nothing moved, it yields its CPU every
+    ``YIELD_EVERY`` (a thread that waits for it runs first); after ``max_idle``, the loop naps
+    -- ``NAP_FIRST`` microseconds, doubling up to ``POLL_NAP`` -- and polls once between naps,
+    until something moves; all inside this call, so an idle device costs next to no CPU and
+    needs no GIL to resume. A thread that wants the loop to return sets ``POLL_STOP`` and
+    writes the eventfd. With ``POLL_NAP`` 0 the call returns ``POLL_IDLE`` instead of napping.
 
     Returns why it stopped: ``POLL_IRQ`` (a pending vector's INTENA is set: Python fires it),
     ``POLL_KICK`` (a TX queue needs the general path), ``POLL_ERROR``, ``POLL_SNAP_FULL`` (the
@@ -174,6 +182,8 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
             nap = NAP_FIRST
         else:
             idle += 1
+            if idle >= YIELD_AFTER and idle % YIELD_EVERY == 0:
+                raw.yield_cpu()
             if idle >= max_idle:
                 longest = ctl[POLL_NAP]
                 if longest <= 0:

@@ -90,6 +90,11 @@ def py_prefetch(addr: Any) -> None:
     """Nothing: a hint to the cache, with no effect on what the code computes."""
 
 
+def py_yield_cpu() -> None:
+    """Let another thread that waits for this CPU run first (``sched_yield``)."""
+    os.sched_yield()
+
+
 PYTHON = SimpleNamespace(
     load=py_load,
     store=py_store,
@@ -97,11 +102,12 @@ PYTHON = SimpleNamespace(
     copy=py_copy,
     wait=py_wait,
     prefetch=py_prefetch,
+    yield_cpu=py_yield_cpu,
 )
 
 if config.DISABLE_JIT:  # type: ignore[attr-defined]
     load, store, store_release, copy, wait = py_load, py_store, py_store, py_copy, py_wait
-    prefetch = py_prefetch
+    prefetch, yield_cpu = py_prefetch, py_yield_cpu
 else:
     from llvmlite import ir  # type: ignore[import-untyped]
     from numba import types
@@ -187,6 +193,17 @@ else:
     def _libc(builder: Any, name: str, ret: Any, args: list[Any]) -> Any:
         fnty = ir.FunctionType(ret, args)
         return cgutils.get_or_insert_function(builder.module, fnty, name)  # type: ignore[no-untyped-call]
+
+    @intrinsic
+    def yield_cpu(typingctx: Any) -> Any:
+        """Let another thread that waits for this CPU run first (libc ``sched_yield``): a
+        polling loop with nothing to do stands back for the threads that share its CPU."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            builder.call(_libc(builder, "sched_yield", ir.IntType(32), []), [])
+            return context.get_dummy_value()
+
+        return types.none(), codegen
 
     @intrinsic
     def wait(typingctx: Any, fd: Any, usec: Any) -> Any:

@@ -631,6 +631,10 @@ class QueueEngine:
     def flush(self) -> None:
         """Send what ``tx_tail`` held back (``defer_send``), then raise its interrupts; call it
         holding no lock."""
+        if not self._outgoing and not self._vectors:
+            # (the device calls this after every register write, most of which queue nothing;
+            # whoever queues something calls it after, so a look without the locks is enough)
+            return
         with self._send_lock:
             with self.lock:
                 frames, self._outgoing = self._outgoing, []

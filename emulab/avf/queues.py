@@ -488,8 +488,8 @@ class QueueEngine:
             q.tail = tail
             if not q.enabled or not q.length or not 0 <= tail < q.length:
                 return 0
-            if not self.backend.room_to_send():  # a full lossless wire: PAUSE, as it were
-                self._stalled.add(index)
+            if not self.backend.room_to_send(len(self._outgoing)):  # a full lossless wire:
+                self._stalled.add(index)  # PAUSE, as it were
                 return 0
             if self.tx_fault is not None and q.head != q.tail:
                 self.tx_fault(q)
@@ -500,6 +500,11 @@ class QueueEngine:
             if self.ring_to_ring:
                 sent = self._forward(q, vectors)
             while q.head != q.tail and q.enabled:
+                if outgoing and not self.backend.room_to_send(len(self._outgoing) + len(outgoing)):
+                    # the wire filled with this walk's own bursts: the rest waits, as above (a
+                    # doorbell that covers a ring's worth may not overshoot by a ring's worth)
+                    self._stalled.add(index)
+                    break
                 K.tx_drain(self._table.general, q.row, self._gather_to, out)
                 n, err = int(out[dp.OUT_TX_FRAMES]), int(out[dp.OUT_ERROR])
                 if n:

@@ -269,11 +269,12 @@ class PacketBackend(abc.ABC):
         """Frames a lossless wire holds for the device."""
         return len(self._queue)
 
-    def room_to_send(self) -> bool:
-        """May the device send now? Always, except on a lossless wire whose far end holds
-        ``HIGH_WATER`` frames: then the device leaves its TX ring as it is until told the wire
-        drained (``on_drained``), as a NIC stops on a PAUSE frame."""
-        return not self.lossless or len(self._queue) < HIGH_WATER
+    def room_to_send(self, pending: int = 0) -> bool:
+        """May the device send now, with ``pending`` frames of its own on their way already?
+        Always, except on a lossless wire whose far end would then hold ``HIGH_WATER`` frames:
+        then the device leaves its TX ring as it is until told the wire drained
+        (``on_drained``), as a NIC stops on a PAUSE frame."""
+        return not self.lossless or len(self._queue) + pending < HIGH_WATER
 
     def _drained(self) -> None:
         """This lossless wire drained after holding its senders back: tell them."""

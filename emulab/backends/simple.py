@@ -108,10 +108,10 @@ class SwitchPort(PacketBackend):
     def _transmit(self, frames: Sequence[bytes]) -> None:
         self.switch.forward(self, frames)
 
-    def room_to_send(self) -> bool:
+    def room_to_send(self, pending: int = 0) -> bool:
         """Room on every lossless port this one could send to (see ``PacketBackend``)."""
         others = [p for p in list(self.switch.ports) if p is not self]
-        return all(PacketBackend.room_to_send(p) for p in others)  # (their queues, not theirs)
+        return all(PacketBackend.room_to_send(p, pending) for p in others)  # (their queues)
 
     def _drained(self) -> None:
         for p in list(self.switch.ports):  # whoever sends to this port may go on

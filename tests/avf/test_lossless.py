@@ -21,6 +21,7 @@ from emulab.backends import base, open_backend
 from emulab.client import VfioUserClient
 from emulab.drivers import NicDriver
 from emulab.server import VfioUserServer
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -70,4 +71,37 @@ def test_a_full_lossless_wire_holds_the_sender_back(
                       for i in range(min(64, total - seq))]  # fmt: skip
             seq += bdrv.transmit(frames)
     assert got == list(range(total))  # every frame once, in order
+    assert c.queues.backend.counters.dropped == 0
+
+
+def test_one_doorbell_over_many_bursts_stops_when_the_wire_fills(
+    pair: list[tuple[AvfDevice, NicDriver]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tail write that covers three bursts (192 frames) while the far end's wire holds back at
+    100: the device checks the wire between bursts, counting the frames this walk has gathered
+    and not yet sent, and stops after two (128), not after the whole ring; the rest goes once C
+    polls, every frame once and in order."""
+    monkeypatch.setattr(base, "HIGH_WATER", 100)
+    monkeypatch.setattr(base, "LOW_WATER", 10)
+    (b, bdrv), (c, cdrv) = pair
+    dst, src = cdrv._nic().mac, bdrv._nic().mac
+
+    def frames(start: int) -> list[bytes]:
+        return [dst + src + b"\x88\xb5" + struct.pack("<I", i) + bytes(60)
+                for i in range(start, start + 192)]  # fmt: skip
+
+    tx = b.queues.tx[0]
+    assert bdrv.transmit(frames(0)) == 192  # C's ring (255 buffers) takes them all
+    wait_until(lambda: c.queues.rx[0].packets == 192, 10, "the first 192 in C's ring")
+    wait_until(lambda: bdrv.tx_pending() == 0, 10, "B's first doorbell completed")
+    assert bdrv.transmit(frames(192)) == 192  # one doorbell, three bursts
+    wait_until(lambda: tx.head != 192, 10, "B's second doorbell taken")
+    time.sleep(0.2)
+    assert tx.head == (192 + 128) % 256  # two bursts went; the third waits in the ring
+    assert c.queues.backend.counters.dropped == 0
+    got: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(got) < 384 and time.monotonic() < deadline:
+        got += [struct.unpack_from("<I", f, 14)[0] for _, f in cdrv.poll(0.05)]
+    assert got == list(range(384))
     assert c.queues.backend.counters.dropped == 0

@@ -289,20 +289,45 @@ def test_classify_gives_the_hardware_ptype(ethertype: bytes, l3: bytes, ptype: i
     assert dp.classify(frame, len(frame)) == ptype
 
 
-@pytest.mark.parametrize("length", [0, 1, 2, 19, 20, 1501])
+def _fold(total: int) -> int:
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 15, 16, 17, 19, 20, 1501, 65000])
 def test_ones_sum_is_rfc1071(length: int) -> None:
     from emulab.avf.offload import inet_checksum
 
     data = bytes((i * 37 + 11) & 0xFF for i in range(length))
     padded = data + b"\0" * (length & 1)
     total = sum(int.from_bytes(padded[i : i + 2], "big") for i in range(0, len(padded), 2))
-    assert int(dp.ones_sum(np.frombuffer(data, dtype=np.uint8), 0, length)) == total
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
+    got = int(dp.ones_sum(np.frombuffer(data, dtype=np.uint8), 0, length))
+    assert _fold(got) == _fold(total) and (got == 0) == (total == 0)
     csum = inet_checksum(data)
-    assert csum == ~total & 0xFFFF
+    assert csum == ~_fold(total) & 0xFFFF
     if not length & 1:  # data followed by its checksum sums to zero
         assert inet_checksum(data + csum.to_bytes(2, "big")) == 0
+
+
+def test_ones_sum_at_any_start_end_and_alignment() -> None:
+    """The word-at-a-time sum agrees with the byte-pair definition wherever the range starts
+    and ends (odd starts pair the bytes from there) and however the array is aligned; sums of
+    all-ones words, where a carry must wrap, and of zeros included."""
+    rng = np.random.default_rng(7)
+    backing = np.zeros(4200, dtype=np.uint8)
+    for trial in range(300):
+        shift = trial % 8  # the array's address, off 8-byte alignment by this much
+        arr = backing[shift : shift + 4096]
+        kind = trial % 4  # all ones, all zeros, random bytes (twice)
+        arr[:] = 0xFF if kind == 0 else 0 if kind == 1 else rng.integers(0, 256, 4096)
+        start = int(rng.integers(0, 64))
+        end = int(rng.integers(start, 4097))
+        part = arr[start:end].tobytes()
+        part += b"\0" * (len(part) & 1)
+        ref = sum(int.from_bytes(part[i : i + 2], "big") for i in range(0, len(part), 2))
+        got = int(dp.ones_sum(arr, start, end))
+        assert _fold(got) == _fold(ref) and (got == 0) == (ref == 0), (trial, shift, start, end)
 
 
 def _csum_frames() -> dict[str, bytes]:

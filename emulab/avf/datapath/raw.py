@@ -97,6 +97,7 @@ def py_yield_cpu() -> None:
 
 PYTHON = SimpleNamespace(
     load=py_load,
+    load_any=py_load,
     store=py_store,
     store_release=py_store,
     copy=py_copy,
@@ -107,6 +108,7 @@ PYTHON = SimpleNamespace(
 
 if config.DISABLE_JIT:  # type: ignore[attr-defined]
     load, store, store_release, copy, wait = py_load, py_store, py_store, py_copy, py_wait
+    load_any = py_load
     prefetch, yield_cpu = py_prefetch, py_yield_cpu
 else:
     from llvmlite import ir  # type: ignore[import-untyped]
@@ -128,6 +130,17 @@ else:
 
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             return builder.load(_ptr(builder, _as_i64(context, builder, sig.args[0], args[0])))
+
+        return types.uint64(addr), codegen
+
+    @intrinsic
+    def load_any(typingctx: Any, addr: Any) -> Any:
+        """The uint64 at host address ``addr``, at any alignment (``load`` tells LLVM the
+        address is 8-byte aligned, as descriptors are; a frame's bytes are not)."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            p = _ptr(builder, _as_i64(context, builder, sig.args[0], args[0]))
+            return builder.load(p, align=1)
 
         return types.uint64(addr), codegen
 

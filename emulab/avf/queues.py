@@ -671,19 +671,22 @@ class QueueEngine:
                 self.backend.resume()  # a wire holding frames for want of buffers offers them
 
     def sync_tails(self) -> None:
-        """Polling mode: take the RX tails the driver wrote into the mmapped page."""
+        """Polling mode: take the RX tails the driver wrote into the mmapped page (a tail past
+        its ring is ignored, as the doorbell path does). Whole columns at once: the loop over
+        queue views it replaces was a quarter of the TAP thread's Python in polling mode."""
         words = self.tail_words
-        if words is not None:
-            base = self.tail_index[1]
-            seen: list[tuple[int, int]] = []
-            for r in self.rx:
-                tail = int(words[base + r.index])
-                if not r.length or tail < r.length:
-                    if tail != r.tail:
-                        seen.append((base + r.index, tail))
-                    r.tail = tail
-            if seen and self.on_mmap_writes is not None and self.wants_packets():
-                self.on_mmap_writes(seen)
+        if words is None:
+            return
+        base = self.tail_index[1]
+        rxt = self.tables.rx_table
+        tails = words[base : base + rxt.shape[0]].astype(np.int64)
+        lens = rxt[:, dp.RX_LEN]
+        moved = ((lens == 0) | (tails < lens)) & (tails != rxt[:, dp.RX_TAIL])
+        if not moved.any():
+            return
+        rxt[moved, dp.RX_TAIL] = tails[moved]
+        if self.on_mmap_writes is not None and self.wants_packets():
+            self.on_mmap_writes([(base + int(q), int(tails[q])) for q in np.flatnonzero(moved)])
 
     def receive(self, frames: Sequence[bytes]) -> int:
         """Frames from the backend as bytes: copied into the engine's burst rows a burst at a

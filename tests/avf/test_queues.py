@@ -191,3 +191,28 @@ def test_a_backend_declares_the_fast_path_it_allows_whatever_its_name() -> None:
     assert eng.fast_bursts >= 1 and sum(q.packets for q in eng.rx) == 8
     lossless, _, _ = setup(LoopbackBackend(lossless=True))
     assert not lossless.ring_to_ring  # frames wait on the wire's queue: not ring to ring
+
+
+def test_polling_tails_are_taken_from_the_shared_words() -> None:
+    """Polling mode: the RX tails the driver stored in the mmapped page become the queues'
+    tails at the next look, each move reported once for the register trace (word index,
+    value); a tail past its ring is ignored, as a doorbell's is."""
+    eng, _, _ = setup(LoopbackBackend())
+    words = np.zeros(64, dtype=np.uint32)
+    eng.tail_words, eng.tail_index = words, (0, 40)
+    seen: list[list[tuple[int, int]]] = []
+    eng.on_mmap_writes = lambda w: seen.append(list(w))
+    before = [r.tail for r in eng.rx]
+    words[40:44] = before  # nothing moved
+    eng.sync_tails()
+    assert seen == []
+    words[41], words[43] = 5, N + 3  # queue 1 moved; queue 3's tail is past its ring
+    eng.sync_tails()
+    assert [r.tail for r in eng.rx] == [before[0], 5, before[2], before[3]]
+    assert seen == [[(41, 5)]]
+    eng.sync_tails()  # reported once
+    assert len(seen) == 1
+    eng.wants_packets = lambda: False  # (the trace off: tails still move, nothing reported)
+    words[42] = 7
+    eng.sync_tails()
+    assert eng.rx[2].tail == 7 and len(seen) == 1

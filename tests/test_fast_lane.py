@@ -49,7 +49,7 @@ def test_plain_reads_are_answered_by_the_lane_with_the_registers_values(served) 
     srv, c = served
     before = lane_served(srv)
     assert c.read32(BAR0, ID) == MAGIC
-    c.write32(BAR0, LEN, 0x12345678)  # (a write: the ordinary path)
+    c.write32(BAR0, LEN, 0x12345678)  # (a write that waits for its reply: applied by Python)
     assert c.read32(BAR0, LEN) == 0x12345678  # the lane sees what Python wrote
     assert c.read(BAR0, LEN + 1, 1) == b"\x56" and c.read(BAR0, LEN + 2, 2) == b"\x34\x12"
     srv.device.regs.set("COPIES", 7)  # the device's own update, from another thread
@@ -163,6 +163,52 @@ def test_a_posted_write_that_fails_is_answered_as_the_ordinary_path_answers_it(
         srv.device.close()
     assert seen[0][:2] == seen[1][:2] == (1, [("REGION_WRITE", 7, 22)])  # EINVAL, both ways
     assert seen[0][2] == 2 and seen[1][2] == 0
+
+
+def test_writes_that_wait_for_their_reply_are_answered_as_the_ordinary_path_answers(
+    tmp_path: Path,
+) -> None:
+    """Once a region is mmapped QEMU waits for a reply to every write (polling mode). The lane
+    takes such a write too, Python applies it, in order after the posted ones before it, and
+    answers; the replies are the ordinary path's, byte for byte (lane on and off compared on
+    a raw socket), a failing write's error reply included."""
+    got = {}
+    for fast in (True, False):
+        srv = VfioUserServer(MemcpyDevice(), tmp_path / f"w{fast}.sock", fast_lane=fast).start()
+        try:
+            s = raw_client(tmp_path / f"w{fast}.sock")
+            read = struct.Struct("<HHIIIQII")
+            s.sendall(read.pack(2, 9, 32, 0, 0, ID, 0, 4))  # (after VERSION: the lane is in)
+            assert reply(s)[1][16:] == MAGIC.to_bytes(4, "little")
+            sync = POSTED.pack(4, 10, 36, 0, 0, LEN, BAR0, 4) + b"\x07\0\0\0"
+            s.sendall(posted(3, SRC_LO, b"\x09\0\0\0") + sync)
+            answers = [reply(s)]  # msg 4's reply: the posted write before it gets none
+            s.sendall(
+                read.pack(5, 9, 32, 0, 0, LEN, 0, 4) + read.pack(6, 9, 32, 0, 0, SRC_LO, 0, 4)
+            )
+            answers += [reply(s), reply(s)]
+            s.sendall(POSTED.pack(7, 10, 36, 0, 0, 0x2000, BAR0, 4) + b"\1\2\3\4")  # outside
+            answers.append(reply(s))
+            s.sendall(b"".join(POSTED.pack(100 + k, 10, 36, 0, 0, LEN, BAR0, 4)
+                               + k.to_bytes(4, "little") for k in range(100)))  # fmt: skip
+            answers += [reply(s) for _ in range(100)]
+            s.sendall(read.pack(8, 9, 32, 0, 0, LEN, 0, 4))
+            answers.append(reply(s))
+            s.close()
+            lane = srv.status()["fast_lane"]
+            got[fast] = (answers, srv.stats.errors, lane["answered"], lane["posted"])
+        finally:
+            srv.stop()
+            srv.device.close()
+    answers, errors, answered, posted_n = got[True]
+    assert answers == got[False][0] and errors == got[False][1] == 1
+    assert answers[0] == ((4, 10, 32, 1, 0), struct.pack("<QII", LEN, BAR0, 4))
+    assert answers[1][1][16:] == b"\x07\0\0\0" and answers[2][1][16:] == b"\x09\0\0\0"
+    assert answers[3][0][0] == 7 and answers[3][0][3] & 0x20 and answers[3][0][4] == 22
+    assert [a[0][0] for a in answers[4:104]] == list(range(100, 200))  # each answered, in order
+    assert answers[104][1][16:] == (99).to_bytes(4, "little")
+    assert (answered, posted_n) == (102, 1)  # none went the ordinary way
+    assert got[False][2:] == (0, 0)
 
 
 def test_a_breakpoint_set_while_the_lane_waits_stops_the_next_read(served) -> None:  # type: ignore[no-untyped-def]

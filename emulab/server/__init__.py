@@ -214,6 +214,7 @@ class VfioUserServer(Generic[D]):
                 "on": self.fast_lane,
                 "served": lane.served if lane is not None else 0,
                 "posted": lane.posted if lane is not None else 0,
+                "answered": lane.answered if lane is not None else 0,
             },
         }
 

@@ -65,8 +65,8 @@ HANDOFF, WOKEN, DRAIN, POSTED, EOF, ERROR, FDS = 1, 2, 3, 4, 5, 6, 7
 ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
 CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS = 8, 20, 512, 7
 POS, END, CONTROL, FLAGS, WRITES, RESUME = 0, 1, 2, 3, 4, 5
-ST_WORDS, WRITE_COLS = 8, 5
-WRITE_ROWS = 256  # posted writes the kernel takes before Python applies them
+ST_WORDS, WRITE_COLS = 8, 6
+WRITE_ROWS = 256  # writes the kernel takes before Python applies them
 RECV_BYTES = 1 << 16
 START_DELAY = 1.0  # seconds after a server starts, its lane's compile child starts
 READ = int(Command.REGION_READ)
@@ -194,6 +194,7 @@ class FastLane:
         self._take = threading.Lock()  # (notes are taken by the session, or a trace reader)
         self.served = 0
         self.posted = 0  # posted writes the kernel took off the wire for Python to apply
+        self.answered = 0  # writes it took that wanted a reply (Python's, once applied)
         self.entries = 0  # times the session entered the kernel (tests, benchmarks)
         self.on = bool(words)  # (the session makes one only for a server with fast_lane on)
         self._stops: list[Any] = []
@@ -223,8 +224,9 @@ class FastLane:
             taken = int(self.st[WRITES])
             if taken:  # (after the reads noted before them, before what follows)
                 self.take_notes(wait=True)
-                self.posted += taken
-                self.session.posted_writes(self.writes[:taken])
+                answered = self.session.posted_writes(self.writes[:taken])
+                self.posted += taken - answered
+                self.answered += answered
             if code == POSTED:
                 self.st[RESUME] = 1  # (the bytes after them wait in buf, for the next call)
                 continue

@@ -9,11 +9,13 @@ looks). ``trace`` is a ring: note ``k`` goes to row ``k % rows`` and ``ctl[HEAD]
 a reader that comes late finds the newest, as a bounded trace keeps them. At the first message it
 does not serve -- any other command, any flag, a larger or unaligned read, a register with a hook,
 fds in the ancillary data -- it stops and hands the bytes from that message on back to Python, so
-messages are handled in the order they came. Posted REGION_WRITEs (``NO_REPLY``, 1 to 8 bytes:
-QEMU's doorbells and interrupt re-arms) it takes into ``writes`` and returns them to Python, which
-applies them through the device as the ordinary path would, without the protocol's decoding: before
-it waits for more, before it answers a read (which must see what they did) and before any message
-it hands back. It also hands the next message back once Python clears ``ctl[ENABLED]`` (the
+messages are handled in the order they came. REGION_WRITEs of 1 to 8 bytes it takes into
+``writes`` and returns them to Python, which applies them through the device as the ordinary path
+would, without the protocol's decoding: before it waits for more, before it answers a read (which
+must see what they did) and before any message it hands back. Posted ones (``NO_REPLY``: QEMU's
+doorbells and interrupt re-arms) collect; one that wants a reply (QEMU waits for one on every
+write once a region is mmapped, as in polling mode) ends the run, and Python answers it once it
+is applied. It also hands the next message back once Python clears ``ctl[ENABLED]`` (the
 debugger changed), returns when someone watches the trace live (``ctl[LIVE]``) and notes wait while
 the client is quiet for ``DRAIN_MS`` (it then waits in ``poll``, which ``wake_fd`` also ends), and
 on EOF or an error.
@@ -45,7 +47,7 @@ CTL_WORDS = 8
 # posted writes taken (rows of ``writes``), and whether to resume at buf[POS:END] (set by Python)
 POS, END, CONTROL, FLAGS, WRITES, RESUME = 0, 1, 2, 3, 4, 5
 ST_WORDS = 8
-WRITE_COLS = 5  # msg_id, region, offset, count, value
+WRITE_COLS = 6  # msg_id, region, offset, count, value, whether a reply is owed
 # io words: msghdr [0:7], iovec [8:10], two pollfds [12:14], timespec [16:18]
 IO_WORDS = 20
 CBUF = 512  # ancillary buffer: room for any number of fds the kernel passes a stream (253)
@@ -272,8 +274,16 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
             size = _u(buf, pos + 4, 4)
             flags = _u(buf, pos + 8, 4)
             err = _u(buf, pos + 12, 4)
-            if cmd == REGION_WRITE and flags == NO_REPLY and err == 0 and 33 <= size <= 40:
-                # a posted write (QEMU's doorbells): taken, for Python to apply in order
+            wants = flags == 0  # (a REGION_WRITE that wants its reply)
+            if (
+                cmd == REGION_WRITE
+                and (flags == NO_REPLY or wants)
+                and err == 0
+                and (33 <= size <= 40)
+            ):
+                # a posted write (QEMU's doorbells): taken, for Python to apply in order; one
+                # that wants its reply (QEMU's writes once a region is mmapped) ends the run,
+                # Python answering it once applied
                 if end - pos < size:
                     break
                 count = _u(buf, pos + 28, 4)
@@ -289,9 +299,13 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
                 writes[nw, 2] = _u(buf, pos + 16, 8)
                 writes[nw, 3] = count
                 writes[nw, 4] = _u(buf, pos + 32, count)
+                writes[nw, 5] = 1 if wants else 0
                 nw += 1
                 st[WRITES] = nw
                 pos += size
+                if wants:  # (the client waits: nothing after it until it is answered)
+                    st[POS], st[END] = pos, end
+                    return POSTED
                 continue
             if cmd != REGION_READ or size != 32 or flags != 0 or err != 0:
                 st[POS], st[END] = pos, end

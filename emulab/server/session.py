@@ -7,7 +7,9 @@ session. The device is reached through :class:`~emulab.pci.interface.Device` onl
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from emulab.server.lane import FastLane
 from emulab.server.threads import Worker
 from emulab.trace import ClientRecord, DmaRecord, IrqRecord, MessageRecord, Trace
 from emulab.transport.endpoint import Endpoint, RequestFailed, close_fds
-from emulab.transport.unix_socket import Channel
+from emulab.transport.unix_socket import Channel, ChannelClosed
 from emulab.vfio_user import BadRequest, Request, Role, UnexpectedReply
 from emulab.vfio_user import messages as m
 from emulab.vfio_user.constants import (
@@ -32,6 +34,7 @@ from emulab.vfio_user.constants import (
     DmaUnmapFlags,
     HeaderFlags,
     IrqInfoFlags,
+    MsgType,
     RegionFlags,
     SetIrqsFlags,
 )
@@ -207,31 +210,40 @@ class Session:
             self.server.last_error = text
             self._send_error(event, errno.EIO, text)
 
-    def posted_writes(self, rows: Any) -> None:
-        """Apply posted REGION_WRITEs the fast lane took off the wire (rows of msg_id, region,
-        offset, count, value), in order: what :meth:`dispatch` does for one, less the protocol's
-        decoding and the reply a posted write does not get."""
+    def posted_writes(self, rows: Any) -> int:
+        """Apply REGION_WRITEs the fast lane took off the wire (rows of msg_id, region, offset,
+        count, value, and whether a reply is owed), in order: what :meth:`dispatch` does for
+        one, less the protocol's decoding. A write that wants its reply (only ever the last
+        row: the lane stops there) gets it here, as the lane's reads get theirs: written
+        straight to the channel. Returns how many replies were owed."""
         server = self.server
         stats, channel = server.stats, self.channel
         counts = stats.counts
         trace = server.trace
-        for msg_id, region, offset, count, value, *_ in rows.tolist():
+        answered = 0
+        for msg_id, region, offset, count, value, reply in rows.tolist():
             data = (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")[:count]
             stats.messages += 1
             counts[_WRITE] = counts.get(_WRITE, 0) + 1
             channel.bytes_in += 32 + count
+            answered += reply
             t0 = time.perf_counter()
             try:
                 self._write(region, offset, data)  # (a point set meanwhile is still checked)
             except Exception as exc:
-                self._failed(_posted(msg_id, region, offset, data), exc)
+                self._failed(_posted(msg_id, region, offset, data, reply=bool(reply)), exc)
                 continue
+            if reply:
+                with contextlib.suppress(ChannelClosed):  # (the ordinary path's: the read ends)
+                    channel.send(_WRITE_REPLY.pack(msg_id, _WRITE, 32, _REPLY, 0, offset,
+                                                   region, count))  # fmt: skip
             if server.trace_messages and trace.enabled:
                 lat = (time.perf_counter() - t0) * 1e6
                 trace.record(MessageRecord(direction="in", command="REGION_WRITE", msg_id=msg_id,
                                            args=m.RegionWrite(offset, region, count, data),
                                            reply=m.RegionWriteReply(offset, region, count),
                                            error=0, latency_us=lat))  # fmt: skip
+        return answered
 
     def _overdue(self, event: Request | BadRequest, sent: float, what: str) -> bool:
         """Whether a stop kept the client waiting past its reply timeout for ``event`` (then it
@@ -498,11 +510,17 @@ NAMES = {int(c): c.name for c in Command}
 _WRITE = int(Command.REGION_WRITE)
 
 
-def _posted(msg_id: int, region: int, offset: int, data: bytes) -> Request:
-    """The request event of a posted write the fast lane took (for its error reply)."""
+def _posted(msg_id: int, region: int, offset: int, data: bytes, *, reply: bool = False) -> Request:
+    """The request event of a write the fast lane took (for its error reply: none for a
+    posted one, which the client does not wait for)."""
     size = 32 + len(data)
-    header = m.Header(msg_id, _WRITE, size, int(HeaderFlags.NO_REPLY), 0)
+    flags = 0 if reply else int(HeaderFlags.NO_REPLY)
+    header = m.Header(msg_id, _WRITE, size, flags, 0)
     return Request(header, m.RegionWrite(offset, region, len(data), data))
+
+
+_WRITE_REPLY = struct.Struct("<HHIII QII")  # header (msg_id, command, size, flags, error), body
+_REPLY = int(MsgType.REPLY)  # (the flags word's type bits)
 
 
 FD_COMMANDS = frozenset({Command.DMA_MAP, Command.DEVICE_SET_IRQS})

@@ -39,6 +39,7 @@ from emulab.backends.base import (
     GsoFrame,
     PacketBackend,
 )
+from emulab.native import ChildCompiled
 
 __all__ = ["TapBackend"]
 
@@ -61,6 +62,12 @@ ROW = 65536 + 256  # bytes per frame read: a TSO frame of the host's (64 KiB at 
 # rows' pages are touched only as frames that long come.
 HOLD_MAX = 0.25  # seconds a held batch waits for receive buffers before it is dropped
 HOLD_POLL = 0.0005  # re-offer at least this often (polling mode moves tails without a word)
+# The reader's compiled batch read (emulab.backends.tap_kernel, which imports numba: its
+# constants are mirrored here), compiled by a child when the first TAP opens; until it is
+# loaded the reader reads in Python, as before.
+KERNEL = ChildCompiled("emulab.backends.tap_kernel", "read_batch", name="emulab-tap-build")
+STOPPED, FAILED = -1, -2
+IO_WORDS = 8
 
 
 def vnet_header(frame: bytes) -> bytes:
@@ -113,6 +120,9 @@ class TapBackend(PacketBackend):
         self._vh = np.zeros(BATCH, dtype=VNET_DTYPE)  # each frame's virtio-net header
         self._vhv = [self._vh[i : i + 1].view(np.uint8).data for i in range(BATCH)]
         self._gso = np.zeros((BATCH, GSO_COLS), dtype=np.int64)
+        self._io = np.zeros(IO_WORDS, dtype=np.int64)  # the compiled read's system-call words
+        self.compiled_batches = 0  # batches the compiled read took (tests, benchmarks)
+        KERNEL.start()
         self._thread = threading.Thread(target=self._reader, name=f"emulab-tap-{name}", daemon=True)
         self._thread.start()
 
@@ -146,28 +156,48 @@ class TapBackend(PacketBackend):
         """Hand the device what the host sent, a batch per wake-up (up to ``BATCH`` frames, each
         read straight into a row of an array): one pass of the device's receive path (lock, RSS,
         ring fill) per batch, and no bytes object per frame. What the device cannot take yet is
-        held (flow control, see the module's docstring)."""
+        held (flow control, see the module's docstring). The wait, the reads and the headers
+        are one compiled call once :data:`KERNEL` is loaded, the same in Python until then."""
         os.set_blocking(self.fd, False)
-        rows, lens, iov, vhv = self._rows, self._lens, self._iov, self._vhv
+        rows, lens, gso, io = self._rows, self._lens, self._gso, self._io
+        vh = self._vh.view(np.uint8).reshape(BATCH, VNET_HDR.size)
         while True:
-            ready, _, _ = select.select([self.fd, self._stop_r], [], [])
-            if self._stop_r in ready:
-                return
-            n = 0
-            try:
-                while n < BATCH:
-                    got = os.readv(self.fd, (vhv[n], iov[n])) - VNET_HDR.size
-                    if got >= 0:
-                        lens[n] = got if got < ROW else ROW + 1
-                        n += 1
-            except BlockingIOError:
-                pass
-            except OSError:
-                return
+            read_batch = KERNEL.get()
+            if read_batch is not None:
+                n = int(read_batch(self.fd, self._stop_r, rows, lens, vh, gso, io))
+                if n in (STOPPED, FAILED):
+                    return
+                self.compiled_batches += 1
+            else:
+                n = self._read_python()
+                if n < 0:
+                    return
+                if n:
+                    self._gso_rows(n)
             if n:
-                taken = self._receive_rows(rows, lens, n, self._gso_rows(n))
+                taken = self._receive_rows(rows, lens, n, gso)
                 if taken < n:
                     self._hold(taken, n)
+
+    def _read_python(self) -> int:
+        """:func:`~emulab.backends.tap_kernel.read_batch` in Python: the frames read (-1: stop,
+        or the TAP failed)."""
+        lens, iov, vhv = self._lens, self._iov, self._vhv
+        ready, _, _ = select.select([self.fd, self._stop_r], [], [])
+        if self._stop_r in ready:
+            return -1
+        n = 0
+        try:
+            while n < BATCH:
+                got = os.readv(self.fd, (vhv[n], iov[n])) - VNET_HDR.size
+                if got >= 0:
+                    lens[n] = got if got < ROW else ROW + 1
+                    n += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            return -1
+        return n
 
     def _hold(self, start: int, n: int) -> None:
         """Offer rows ``start:n`` again each time the device makes room, until all are taken,

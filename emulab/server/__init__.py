@@ -24,8 +24,8 @@ from emulab.pci.dma import GuestMemory
 from emulab.pci.interface import Device
 from emulab.server.debugger import Breakpoint, Debugger, EventWatch, Stop
 from emulab.server.lane import KERNEL as LANE_KERNEL
+from emulab.server.lane import START_DELAY, kernel_state
 from emulab.server.lane import enabled_by_default as lane_enabled_by_default
-from emulab.server.lane import kernel_state
 from emulab.server.session import HandlerError, ServerStats, Session
 from emulab.server.threads import SwitchInterval, Worker
 from emulab.trace import ClientRecord, Trace, describe
@@ -126,7 +126,7 @@ class VfioUserServer(Generic[D]):
     def _start_lane(self) -> None:
         """The fast lane's kernel compiles (or loads) in a child meanwhile, if it will serve."""
         if self.fast_lane and hasattr(self.device, "plain_reads"):
-            LANE_KERNEL.start_soon()
+            LANE_KERNEL.start_soon(START_DELAY)
 
     def connect_pair(self) -> Channel:
         """Serve a fresh in-process channel and return the client's end (no filesystem)."""

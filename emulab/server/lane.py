@@ -41,14 +41,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
-import sys
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from emulab.native import ChildCompiled
 from emulab.trace import MessageRecord, RegisterRecord
 from emulab.transport.unix_socket import SendMutex, rights
 from emulab.vfio_user import messages as m
@@ -72,90 +70,17 @@ START_DELAY = 1.0  # seconds after a server starts, its lane's compile child sta
 READ = int(Command.REGION_READ)
 
 
-class _Kernel:
-    """The compiled loop, once: compiled by a child process (``python -m
-    emulab.server.lane_kernel``, so compiling never holds a serving process's GIL), then loaded
-    from numba's cache by the first session that wants it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.state = "new"  # new | compiling | compiled | loaded | failed
-        self.serve: Any = None
-        self.error = ""
-        self.seconds = 0.0
-        self._done = threading.Event()
-
-    def start(self) -> None:
-        """Have the child compile it (or find it in numba's cache), unless that began."""
-        with self.lock:
-            if self.state == "new":
-                self.state = "compiling"
-                self._done.clear()
-                threading.Thread(
-                    target=self._compile, name="emulab-lane-build", daemon=True
-                ).start()
-
-    def start_soon(self, delay: float = START_DELAY) -> None:
-        """:meth:`start` in ``delay`` seconds: a server's start-up (import to listening, ~0.4 s)
-        does not also pay for forking the child (the ordinary path answers meanwhile)."""
-        if self.state == "new":
-            timer = threading.Timer(delay, self.start)
-            timer.daemon = True
-            timer.start()
-
-    def get(self) -> Any:
-        """The loop if it is ready (loading it on this thread if compiled), else None (a
-        server started the compile: :meth:`start_soon`)."""
-        if self.serve is not None:
-            return self.serve
-        with self.lock:
-            if self.state != "compiled":
-                return None
-            try:
-                from emulab.server import lane_kernel  # noqa: PLC0415 -- numba, when it is ready
-
-                lane_kernel.warm()  # (a load from the cache the child wrote)
-            except Exception as exc:  # no lane, then: the ordinary path serves on
-                self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-                return None
-            self.serve, self.state = lane_kernel.serve, "loaded"
-            return self.serve
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the compile (starting it) and load the loop; whether it is ready."""
-        self.start()
-        self._done.wait(timeout)
-        return self.get() is not None
-
-    def _compile(self) -> None:
-        t = time.perf_counter()
-        try:
-            done = subprocess.run(
-                [sys.executable, "-m", "emulab.server.lane_kernel"],
-                capture_output=True, text=True, timeout=600, check=False,
-            )  # fmt: skip
-        except (OSError, subprocess.SubprocessError) as exc:
-            with self.lock:
-                self.state, self.error = "failed", str(exc)
-            self._done.set()
-            return
-        lines = (done.stderr or done.stdout or "").strip().splitlines()
-        with self.lock:
-            self.seconds = time.perf_counter() - t
-            if done.returncode == 0:
-                self.state = "compiled"
-            else:
-                self.state = "failed"
-                self.error = lines[-1] if lines else f"exit {done.returncode}"
-        self._done.set()
-
-
-KERNEL = _Kernel()
+# The compiled loop, once: compiled by a child process (``python -m emulab.server.lane_kernel``,
+# so compiling never holds a serving process's GIL), then loaded from numba's cache by the first
+# session that wants it; a server starts the child START_DELAY seconds after it starts (its
+# start-up, import to listening, ~0.4 s, does not also pay for forking; the ordinary path
+# answers meanwhile).
+KERNEL = ChildCompiled("emulab.server.lane_kernel", "serve", name="emulab-lane-build")
 
 
 def kernel_state() -> dict[str, Any]:
     """Whether the lane's kernel is compiled (and how long the child took), or why not."""
-    return {"state": KERNEL.state, "seconds": round(KERNEL.seconds, 2), "error": KERNEL.error}
+    return KERNEL.status()
 
 
 def enabled_by_default() -> bool:

@@ -33,8 +33,11 @@ from typing import Any
 import numpy as np
 from llvmlite import ir  # type: ignore[import-untyped]
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
+
+from emulab.native.cache import guard_module
+from emulab.native.libc import EAGAIN, POLLERR, POLLHUP, POLLIN, libc
+from emulab.native.libc import load32 as _load32
 
 __all__ = ["serve"]
 
@@ -56,66 +59,20 @@ TRACE_COLS = 7  # t_ns, msg_id, region, offset, count, value, latency_ns
 REGION_READ = 9
 REGION_WRITE = 10
 NO_REPLY = 0x10
-POLLIN, POLLERR, POLLHUP = 0x1, 0x8, 0x10
 MSG_CTRUNC = 0x8
-EAGAIN = 11  # (Linux, every architecture numba targets)
 CLOCK_MONOTONIC = 1
-
-_VOIDP = ir.IntType(8).as_pointer()
-
-
-def _libc(name: str, ret: Any, argc: int) -> Any:
-    """An intrinsic calling libc's ``name``; every argument is an int64 (pointers are
-    addresses), so one definition per arity does."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        lret = context.get_value_type(ret)
-        largs = [context.get_value_type(t) for t in signature.args]
-        fnty = ir.FunctionType(lret, largs)
-        fn = cgutils.get_or_insert_function(builder.module, fnty, name)  # type: ignore[no-untyped-call]
-        return builder.call(fn, args)
-
-    if argc == 1:
-
-        def call1(typingctx: Any, a: Any) -> Any:
-            return ret(types.int64), codegen
-
-        return intrinsic(call1)
-    if argc == 2:
-
-        def call2(typingctx: Any, a: Any, b: Any) -> Any:
-            return ret(types.int64, types.int64), codegen
-
-        return intrinsic(call2)
-
-    def call3(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
-        return ret(types.int64, types.int64, types.int64), codegen
-
-    return intrinsic(call3)
-
 
 # (int64 arguments where C has int or pointers: the x86-64 and aarch64 ABIs pass both in one
 # 64-bit register, the callee reading the low half of an int)
-_poll = _libc("poll", types.int32, 3)
-_recvmsg = _libc("recvmsg", types.int64, 3)
-_write = _libc("write", types.int64, 3)
-_clock_gettime = _libc("clock_gettime", types.int32, 2)
-_lock = _libc("pthread_mutex_lock", types.int32, 1)
-_unlock = _libc("pthread_mutex_unlock", types.int32, 1)
-_errno_at = _libc("__errno_location", types.int64, 1)  # (its argument is ignored)
+guard_module(__file__)  # (before any kernel of this module loads)
 
-
-def _load32_typer(typingctx: Any, addr: Any) -> Any:
-    """The uint32 at ``addr`` (the caller has checked it lies inside its array)."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
-        return builder.zext(builder.load(ptr), ir.IntType(64))
-
-    return types.int64(types.int64), codegen
-
-
-_load32: Any = intrinsic(_load32_typer)
+_poll = libc("poll", types.int32, 3)
+_recvmsg = libc("recvmsg", types.int64, 3)
+_write = libc("write", types.int64, 3)
+_clock_gettime = libc("clock_gettime", types.int32, 2)
+_lock = libc("pthread_mutex_lock", types.int32, 1)
+_unlock = libc("pthread_mutex_unlock", types.int32, 1)
+_errno_at = libc("__errno_location", types.int64, 1)  # (its argument is ignored)
 
 
 def _release_typer(typingctx: Any, x: Any) -> Any:

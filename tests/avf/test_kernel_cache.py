@@ -38,3 +38,25 @@ def test_an_unwritable_cache_is_left_alone(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     assert drop_stale(blocker / "__pycache__", [src]) is False  # no exception either
+
+
+def test_a_kernel_modules_cache_goes_when_what_it_inlines_changes(tmp_path: Path) -> None:
+    """``guard_module``'s ``prefix``: one module's numba files in a shared ``__pycache__`` go
+    when its own source or a source it inlines (``emulab.native``) changed; a neighbour's stay,
+    under a stamp of its own."""
+    own, shared = tmp_path / "tap_kernel.py", tmp_path / "libc.py"
+    own.write_text("k = 1\n")
+    shared.write_text("c = 1\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    names = ("tap_kernel.read_batch-40.py311.nbi", "lane_kernel.serve-9.py311.nbi")
+    for name in names:
+        (cache / name).write_bytes(b"x")
+    assert drop_stale(cache, [own, shared], prefix="tap_kernel.")
+    assert sorted(p.name for p in cache.glob("*.nbi")) == [names[1]]
+    (cache / names[0]).write_bytes(b"x")
+    assert not drop_stale(cache, [own, shared], prefix="tap_kernel.")
+    shared.write_text("c = 2\n")
+    assert drop_stale(cache, [own, shared], prefix="tap_kernel.")
+    assert sorted(p.name for p in cache.glob("*.nbi")) == [names[1]]
+    assert (cache / f"{STAMP}.tap_kernel.").exists() and not (cache / STAMP).exists()

@@ -89,9 +89,19 @@ def test_bad_spec() -> None:
 @pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
 )
-def test_tap_both_ways() -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-read", "python-read"])
+def test_tap_both_ways(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames from the host reach the device, the device's reach the host; read by the
+    reader's compiled batch read, and by its Python loop (the kernel not loaded yet)."""
+    from emulab.backends import tap as tap_mod
+
+    if compiled:
+        assert tap_mod.KERNEL.wait(300), tap_mod.KERNEL.error
+    else:
+        monkeypatch.setattr(tap_mod.KERNEL, "get", lambda: None)
     name = f"emutst{os.getpid() % 10000}"
     tap = open_backend(f"tap:{name}")
+    assert isinstance(tap, tap_mod.TapBackend)
     got: list[bytes] = []
     tap.attach(got.extend)
     host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
@@ -105,6 +115,7 @@ def test_tap_both_ways() -> None:
         tap.send([frame(B, A, b"from-device".ljust(46, b"."))])
         data = host.recv(2048)
         assert data[14:25] == b"from-device"
+        assert (tap.compiled_batches > 0) == compiled
     finally:
         host.close()
         tap.close()

@@ -1,0 +1,98 @@
+"""Compiled helpers shared across layers: numba code compiled once, by a child process.
+
+:class:`ChildCompiled` has a child (``python -m <module>``) compile a module's kernels into
+numba's cache, so that compiling never holds a serving process's GIL, then loads them from the
+cache on first use; until then the caller goes its plain-Python way. :mod:`emulab.native.libc`
+declares the C library calls the kernels make. This package imports numba only in that module
+and in the kernels' own modules, when loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+__all__ = ["ChildCompiled"]
+
+
+class ChildCompiled:
+    """One module's compiled kernel, once per process: the child runs ``python -m module``
+    (which compiles, or finds in numba's cache, by calling its ``warm()``), then :meth:`get`
+    loads it here (``module.warm()`` again: a load from the cache the child wrote) and returns
+    ``module.<attr>``."""
+
+    def __init__(self, module: str, attr: str, *, name: str) -> None:
+        self.module, self.attr, self.name = module, attr, name
+        self.lock = threading.Lock()
+        self.state = "new"  # new | compiling | compiled | loaded | failed
+        self.fn: Any = None
+        self.error = ""
+        self.seconds = 0.0
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        """Have the child compile it (or find it in numba's cache), unless that began."""
+        with self.lock:
+            if self.state == "new":
+                self.state = "compiling"
+                self._done.clear()
+                threading.Thread(target=self._compile, name=self.name, daemon=True).start()
+
+    def start_soon(self, delay: float = 1.0) -> None:
+        """:meth:`start` in ``delay`` seconds (a server's start-up does not also pay for
+        forking the child; the plain path serves meanwhile)."""
+        if self.state == "new":
+            timer = threading.Timer(delay, self.start)
+            timer.daemon = True
+            timer.start()
+
+    def get(self) -> Any:
+        """The kernel if it is ready (loading it on this thread if compiled), else None."""
+        if self.fn is not None:
+            return self.fn
+        with self.lock:
+            if self.state != "compiled":
+                return None
+            try:
+                module = importlib.import_module(self.module)
+                module.warm()  # (a load from the cache the child wrote)
+            except Exception as exc:  # none, then: the plain path goes on
+                self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                return None
+            self.fn, self.state = getattr(module, self.attr), "loaded"
+            return self.fn
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the compile (starting it) and load the kernel; whether it is ready."""
+        self.start()
+        self._done.wait(timeout)
+        return self.get() is not None
+
+    def _compile(self) -> None:
+        t = time.perf_counter()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", self.module],
+                capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            with self.lock:
+                self.state, self.error = "failed", str(exc)
+            self._done.set()
+            return
+        lines = (done.stderr or done.stdout or "").strip().splitlines()
+        with self.lock:
+            self.seconds = time.perf_counter() - t
+            if done.returncode == 0:
+                self.state = "compiled"
+            else:
+                self.state = "failed"
+                self.error = lines[-1] if lines else f"exit {done.returncode}"
+        self._done.set()
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "seconds": round(self.seconds, 2), "error": self.error}

@@ -129,3 +129,4 @@ def test_the_posted_write_bench_measures_both_paths() -> None:
     result = dict(kv.split("=") for kv in proc.stdout.split("RESULT ")[1].split())
     assert float(result["posted_write_us_lane"]) > 0
     assert float(result["posted_write_us_ordinary"]) > 0
+    assert float(result["woken_write_us_lane"]) > 0 and float(result["woken_write_us_ordinary"]) > 0

@@ -139,6 +139,8 @@ class AvfCore:
         regs.on_write("VF_ARQLEN1", lambda i, old, new: self._arq_doorbell())
         regs.on_write("QTX_TAIL", lambda i, old, new: self._tx_doorbell(i, new))
         regs.on_write("QRX_TAIL", lambda i, old, new: self.queues.rx_tail(i, new))
+        if not poll:  # (polling mode: the client stores the tails into the mapped page itself)
+            regs.mirror("QRX_TAIL")  # the hook stores the tail, and wakes a held wire: gated
         BUILDER.start()  # kernels compiled in a child process; interpreted until loaded here
         BUILDER.subscribe(self._kernels_trace)
         self.poller = (

@@ -8,15 +8,17 @@ core: reset, guest memory lost, a register write's frames sent outside the devic
 
 from __future__ import annotations
 
+from emulab.avf import datapath as dp
 from emulab.avf import faults as avf_faults
 from emulab.avf.core import MODES, TAIL_PAGES, AvfCore, ResetKind, VirtchnlHandler
 from emulab.avf.pf import PfConfig
-from emulab.avf.registers import BAR0_SIZE, MAX_VECTORS, REGISTERS
+from emulab.avf.registers import BAR0_SIZE, MAX_VECTORS, REGISTER, REGISTERS
 from emulab.backends.base import PacketBackend
 from emulab.faults import Faults
 from emulab.pci.capabilities import add_pcie, add_pm
 from emulab.pci.config_space import PCIE_CONFIG_SIZE, Bar, BarKind, ConfigSpace
 from emulab.pci.device import PciDevice
+from emulab.pci.interface import MirrorWords
 from emulab.pci.registers import RegisterFile
 from emulab.trace import Trace
 
@@ -99,6 +101,20 @@ class AvfDevice(PciDevice):
         self.faults.clear()
         self.core.close()
         super().close()
+
+    def mirrored_writes(self) -> list[MirrorWords]:
+        """QRX_TAIL: a driver's RX doorbell stores the tail and is done (``rx_tail``), so the
+        server's fast lane may store it into the register and the queue's row itself, unless
+        the wire holds frames for want of buffers (its ``holding`` gate: then ``resume`` must
+        run) or the tail is past the ring (the ordinary path then keeps what it does)."""
+        regs, rxt, tail = self.regs, self.queues.tables.rx_table, REGISTER["QRX_TAIL"]
+        if not regs.mirrored.any() or tail.stride != 4:
+            return []
+        w = tail.offset // 4
+        n = min(tail.count, rxt.shape[0])
+        return [MirrorWords(0, 4 * w, regs.words[w : w + n], regs.rw_masks[w : w + n],
+                            regs.mirrored[w : w + n], rxt[:n, dp.RX_TAIL], rxt[:n, dp.RX_LEN],
+                            (self.backend.holding,))]  # fmt: skip
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """A register write (under the device lock), then what a TX doorbell took from the

@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "DATA_VALID",
     "GSO_COLS",
@@ -138,6 +140,10 @@ class PacketBackend(abc.ABC):
         self._deliver: Deliver | None = None
         self._deliver_rows: DeliverRows | None = None
         self.room = threading.Event()  # set by the device when it has room again (``resume``)
+        # nonzero while the wire may wait for the device's ``resume`` (a compiled writer that
+        # stores RX tails itself leaves such writes to the device then: see MirrorWords):
+        # always for a wire that holds frames, unless it keeps this word exactly (the TAP)
+        self.holding = np.ones(1, np.int64) if lossless or self.holds else np.zeros(1, np.int64)
         # A lossless wire (flow control): frames to the device queue, in order, and a thread of
         # the wire's own offers them; what the device cannot take yet waits for ``resume``.
         self.lossless = lossless

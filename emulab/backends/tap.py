@@ -113,7 +113,7 @@ class TapBackend(PacketBackend):
         self._stop_r, self._stop_w = os.pipe()
         self._closing = False
         self.held = 0  # batches that had to wait for receive buffers (flow control)
-        self._holding = False  # a batch is held: ``resume`` wakes it
+        self.holding[0] = 0  # (raised only while a batch is held: ``_hold``)
         self._rows = np.zeros((BATCH, ROW), dtype=np.uint8)  # frames are read straight into rows
         self._lens = np.zeros(BATCH, dtype=np.int64)
         self._iov = [r.data for r in self._rows]  # writable buffers, one per row
@@ -203,9 +203,9 @@ class TapBackend(PacketBackend):
         """Offer rows ``start:n`` again each time the device makes room, until all are taken,
         the wait passes ``HOLD_MAX`` (dropped, counted) or the backend closes. The first
         offer again is at once: buffers posted between the offer that fell short and
-        ``_holding`` being set rang no bell (:meth:`resume`)."""
+        ``holding`` being set rang no bell (:meth:`resume`)."""
         self.held += 1
-        self._holding = True
+        self.holding[0] = 1
         try:
             deadline = time.monotonic() + HOLD_MAX
             wait = False
@@ -221,14 +221,14 @@ class TapBackend(PacketBackend):
                         self.counters.dropped += n - start
                     return
         finally:
-            self._holding = False
+            self.holding[0] = 0
 
     def resume(self) -> None:
         """The device posted receive buffers: only a held batch waits for that. The device
         calls this at every RX tail write (tens of thousands a second under load), and an
         ``Event.set`` takes a lock and notifies: about 6 % of the server thread's Python under
         ``bench/guest_iperf.py`` when it was done every time."""
-        if self._holding:
+        if self.holding[0]:
             self.room.set()
 
     def close(self) -> None:

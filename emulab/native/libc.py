@@ -10,7 +10,10 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["EAGAIN", "EINTR", "POLLERR", "POLLHUP", "POLLIN", "errno", "libc", "load32"]
+__all__ = [
+    "EAGAIN", "EINTR", "POLLERR", "POLLHUP", "POLLIN", "errno", "libc", "load32", "load64",
+    "store32", "store64",
+]  # fmt: skip
 
 EINTR, EAGAIN = 4, 11  # (Linux, every architecture numba targets)
 POLLIN, POLLERR, POLLHUP = 0x1, 0x8, 0x10
@@ -58,6 +61,38 @@ def _load32_typer(typingctx: Any, addr: Any) -> Any:
 
 
 load32: Any = intrinsic(_load32_typer)
+
+
+def _load64_typer(typingctx: Any, addr: Any) -> Any:
+    """The int64 at ``addr`` (8-byte aligned; the caller has checked it lies inside its
+    array)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()))
+
+    return types.int64(types.int64), codegen
+
+
+load64: Any = intrinsic(_load64_typer)
+
+
+def _store_typer(bits: int) -> Any:
+    def typer(typingctx: Any, addr: Any, value: Any) -> Any:
+        """Store the low ``bits`` of ``value`` at ``addr`` (naturally aligned; the caller has
+        checked it lies inside its array)."""
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
+            builder.store(builder.trunc(args[1], ir.IntType(bits)) if bits < 64 else args[1], ptr)
+            return context.get_dummy_value()
+
+        return types.void(types.int64, types.int64), codegen
+
+    return typer
+
+
+store32: Any = intrinsic(_store_typer(32))
+store64: Any = intrinsic(_store_typer(64))
 _errno_at = libc("__errno_location", types.int64, 1)  # (its argument is ignored)
 
 

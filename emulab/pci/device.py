@@ -15,7 +15,14 @@ from collections.abc import Callable
 
 from emulab.pci.config_space import HEADER, Bar, BarKind, ConfigSpace
 from emulab.pci.dma import DmaRegion, GuestMemory, RemoteDma
-from emulab.pci.interface import NUM_REGIONS, AccessError, Executor, PlainWords, RegionIndex
+from emulab.pci.interface import (
+    NUM_REGIONS,
+    AccessError,
+    Executor,
+    MirrorWords,
+    PlainWords,
+    RegionIndex,
+)
 from emulab.pci.interrupts import Interrupts, Intx, IrqKind, Msix
 from emulab.pci.regions import Region, RegionInfo, Window
 from emulab.trace import DeviceRecord, DmaRecord, IrqRecord, RegisterRecord, Trace
@@ -182,6 +189,15 @@ class PciDevice:
     def note_plain_reads(self, reads: int) -> None:
         """Reads a compiled reader answered (counted as the ordinary path counts them)."""
         self.access_counts["read"] += reads
+
+    def mirrored_writes(self) -> list[MirrorWords]:
+        """Register words whose posted writes a compiled writer may apply itself (see
+        :class:`~emulab.pci.interface.MirrorWords`): none unless a device declares some."""
+        return []
+
+    def note_mirrored_writes(self, writes: int) -> None:
+        """Writes a compiled writer applied (counted as the ordinary path counts them)."""
+        self.access_counts["write"] += writes
 
     def _register_trace(self, op: str, index: int, offset: int, data: bytes) -> None:
         self.trace.record(

@@ -50,6 +50,7 @@ __all__ = [
     "Executor",
     "IrqController",
     "IrqKind",
+    "MirrorWords",
     "PlainReads",
     "PlainWords",
     "RegionIndex",
@@ -96,6 +97,27 @@ class PlainWords:
     words: npt.NDArray[np.uint32]
     plain: npt.NDArray[np.uint8]
     write_only: npt.NDArray[np.uint32]
+
+
+@dataclass(frozen=True)
+class MirrorWords:
+    """Register words of one region whose posted 4-byte writes a compiled writer may apply
+    itself: a write of ``value`` to word ``i`` (region offset ``offset + 4 * i``) whose
+    ``mirrored[i]`` is 1 stores ``new = (words[i] & ~rw[i]) | (value & rw[i])`` in
+    ``words[i]`` and in ``target[i]`` -- the register's whole effect -- provided ``new`` is
+    below ``limit[i]`` and every ``gates`` word is 0 (else the device's own path takes it).
+    The arrays are the device's own, shared and updated in place (``mirrored`` drops to 0
+    when another write hook is added; a gate rises while the device needs to see the
+    write)."""
+
+    region: int
+    offset: int
+    words: npt.NDArray[np.uint32]
+    rw: npt.NDArray[np.uint32]
+    mirrored: npt.NDArray[np.uint8]
+    target: npt.NDArray[np.int64]
+    limit: npt.NDArray[np.int64]
+    gates: tuple[npt.NDArray[np.int64], ...]
 
 
 class PlainReads(Protocol):

@@ -162,6 +162,9 @@ class RegisterFile:
         # 1 where a read is the stored word alone (claimed, no read hook): what a compiled
         # reader may answer without calling back here (emulab.server.lane)
         self.plain = np.zeros(n, dtype=np.uint8)
+        # 1 where the register's owner declared a write's whole effect a store of the word and
+        # of a mirror (see ``mirror``): what a compiled writer may do without calling back here
+        self.mirrored = np.zeros(n, dtype=np.uint8)
         self._slots: list[_Slot | None] = [None] * n
         self._by_name: dict[str, Register] = {}
         self._write_hooks: dict[str, WriteHook] = {}
@@ -194,8 +197,25 @@ class RegisterFile:
         self.words = words
 
     def on_write(self, name: str, hook: WriteHook) -> None:
-        self._require(name)
+        reg = self._require(name)
+        for off in reg.offsets():
+            self.mirrored[off // 4] = 0  # (a new hook: its owner declares it anew, or not)
         self._write_hooks[name] = hook
+
+    def mirror(self, name: str) -> None:
+        """Declare that a write of register ``name`` does nothing but store the word and what
+        its hook stores (its owner's mirror of it, see ``emulab.pci.interface.MirrorWords``):
+        a compiled writer may then do both itself. Undone by the next :meth:`on_write`."""
+        reg = self._require(name)
+        if name not in self._write_hooks or reg.w1c_mask:
+            raise ValueError(f"{name}: only a register with a write hook and no W1C bits")
+        for off in reg.offsets():
+            self.mirrored[off // 4] = 1
+
+    @property
+    def rw_masks(self) -> npt.NDArray[np.uint32]:
+        """Per word, the bits a write changes."""
+        return self._rw
 
     def on_read(self, name: str, hook: ReadHook) -> None:
         reg = self._require(name)

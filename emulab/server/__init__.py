@@ -215,6 +215,7 @@ class VfioUserServer(Generic[D]):
                 "served": lane.served if lane is not None else 0,
                 "posted": lane.posted if lane is not None else 0,
                 "answered": lane.answered if lane is not None else 0,
+                "mirrored": lane.mirrored if lane is not None else 0,
             },
         }
 

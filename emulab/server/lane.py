@@ -61,13 +61,14 @@ __all__ = ["FastLane", "kernel_state"]
 # (mirrors of emulab.server.lane_kernel's constants: that module imports numba, this one not)
 HANDOFF, WOKEN, DRAIN, POSTED, EOF, ERROR, FDS = 1, 2, 3, 4, 5, 6, 7
 ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
-CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS = 8, 20, 512, 7
+CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS, MIRROR_COLS = 8, 20, 512, 8, 12
 POS, END, CONTROL, FLAGS, WRITES, RESUME = 0, 1, 2, 3, 4, 5
 ST_WORDS, WRITE_COLS = 8, 6
 WRITE_ROWS = 256  # writes the kernel takes before Python applies them
 RECV_BYTES = 1 << 16
 START_DELAY = 1.0  # seconds after a server starts, its lane's compile child starts
 READ = int(Command.REGION_READ)
+WRITE = int(Command.REGION_WRITE)
 
 
 # The compiled loop, once: compiled by a child process (``python -m emulab.server.lane_kernel``,
@@ -106,6 +107,19 @@ class FastLane:
             n = min(len(pw.words), len(pw.plain), len(pw.write_only))
             self.table[i] = (pw.region, pw.offset, pw.offset + 4 * n, pw.words.ctypes.data,
                              pw.plain.ctypes.data, pw.write_only.ctypes.data, n)  # fmt: skip
+        mirrored = getattr(device, "mirrored_writes", None)
+        mirrors = mirrored() if mirrored is not None and words else []
+        self._zero = np.zeros(1, dtype=np.int64)  # (a gate that never rises)
+        self.mirrors = np.zeros((len(mirrors), MIRROR_COLS), dtype=np.int64)
+        self._keep_mirrors = mirrors
+        for i, mw in enumerate(mirrors):
+            n = min(len(mw.words), len(mw.rw), len(mw.mirrored), len(mw.target), len(mw.limit))
+            gates = [g.ctypes.data for g in mw.gates[:2]]
+            gates += [self._zero.ctypes.data] * (2 - len(gates))
+            self.mirrors[i] = (mw.region, mw.offset, mw.offset + 4 * n, mw.words.ctypes.data,
+                               mw.rw.ctypes.data, mw.mirrored.ctypes.data, mw.target.ctypes.data,
+                               mw.target.strides[0], mw.limit.ctypes.data, mw.limit.strides[0],
+                               *gates)  # fmt: skip
         self.buf = np.zeros(RECV_BYTES, dtype=np.uint8)
         self.st = np.zeros(ST_WORDS, dtype=np.int64)
         self.writes = np.zeros((WRITE_ROWS, WRITE_COLS), dtype=np.int64)
@@ -120,6 +134,7 @@ class FastLane:
         self.served = 0
         self.posted = 0  # posted writes the kernel took off the wire for Python to apply
         self.answered = 0  # writes it took that wanted a reply (Python's, once applied)
+        self.mirrored = 0  # posted writes it applied itself (mirrored words: RX doorbells)
         self.entries = 0  # times the session entered the kernel (tests, benchmarks)
         self.on = bool(words)  # (the session makes one only for a server with fast_lane on)
         self._stops: list[Any] = []
@@ -145,7 +160,7 @@ class FastLane:
             self.entries += 1
             code = serve(self.fd, self.wake_fd, self.buf, self.st, self.io, self.cbuf, self.out,
                          self.mutex.words, self.table, self.notes, self.ctl,
-                         self.writes)  # fmt: skip
+                         self.writes, self.mirrors)  # fmt: skip
             taken = int(self.st[WRITES])
             if taken:  # (after the reads noted before them, before what follows)
                 self.take_notes(wait=True)
@@ -242,31 +257,48 @@ class FastLane:
         if after - rows + 1 > start:  # overwritten while copied: keep only what is intact
             picked = picked[after - rows + 1 - start :]
         ctl[SEEN] = head
-        served = head - seen
+        wrote = int(np.count_nonzero(picked[:, 7]))  # (writes the kernel applied: mirrored)
+        served = head - seen - wrote
         self.served += served
+        self.mirrored += wrote
         server, device = self.server, self.device
-        server.stats.messages += served
+        server.stats.messages += served + wrote
         counts = server.stats.counts
         counts[READ] = counts.get(READ, 0) + served
-        self.channel.bytes_in += 32 * served
+        self.channel.bytes_in += 32 * served + 36 * wrote
         self.channel.bytes_out += int(ctl[BYTES_OUT])
         ctl[BYTES_OUT] = 0
         note = getattr(device, "note_plain_reads", None)
         if note is not None:
             note(served)
+        if wrote:
+            counts[WRITE] = counts.get(WRITE, 0) + wrote
+            note_writes = getattr(device, "note_mirrored_writes", None)
+            if note_writes is not None:
+                note_writes(wrote)
         dev_trace, trace = device.trace, server.trace
         registers = dev_trace.enabled
         messages = server.trace_messages and trace.enabled
+        if not (registers or messages):
+            return  # (counted: nothing to record)
         name = device.name
         name_at = getattr(device, "name_at", lambda r, o: f"region{r}+{o:#x}")
-        for t_ns, msg_id, region, offset, count, value, lat in picked.tolist():
+        for t_ns, msg_id, region, offset, count, value, lat, wrote_it in picked.tolist():
             at = t_ns / 1e9
             if registers:
-                dev_trace.record(RegisterRecord(device=name, op="read", region=region,
-                                                offset=offset, name=name_at(region, offset),
-                                                size=count, value=value), at)  # fmt: skip
+                dev_trace.record(RegisterRecord(device=name, op="write" if wrote_it else "read",
+                                                region=region, offset=offset,
+                                                name=name_at(region, offset), size=count,
+                                                value=value), at)  # fmt: skip
             if messages:
                 data = value.to_bytes(count, "little")
+                if wrote_it:
+                    trace.record(MessageRecord(direction="in", command="REGION_WRITE",
+                                               msg_id=msg_id,
+                                               args=m.RegionWrite(offset, region, count, data),
+                                               reply=m.RegionWriteReply(offset, region, count),
+                                               latency_us=lat / 1e3), at)  # fmt: skip
+                    continue
                 trace.record(MessageRecord(direction="in", command="REGION_READ", msg_id=msg_id,
                                            args=m.RegionRead(offset, region, count),
                                            reply=m.RegionReadReply(offset, region, count, data),

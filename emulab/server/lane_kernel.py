@@ -9,7 +9,10 @@ looks). ``trace`` is a ring: note ``k`` goes to row ``k % rows`` and ``ctl[HEAD]
 a reader that comes late finds the newest, as a bounded trace keeps them. At the first message it
 does not serve -- any other command, any flag, a larger or unaligned read, a register with a hook,
 fds in the ancillary data -- it stops and hands the bytes from that message on back to Python, so
-messages are handled in the order they came. REGION_WRITEs of 1 to 8 bytes it takes into
+messages are handled in the order they came. A posted 4-byte write of a register word the device
+declared *mirrored* (:class:`~emulab.pci.interface.MirrorWords`: an RX doorbell, whose whole
+effect is to store the tail) it applies itself, noted as a write, while the device's gates are
+down. Other REGION_WRITEs of 1 to 8 bytes it takes into
 ``writes`` and returns them to Python, which applies them through the device as the ordinary path
 would, without the protocol's decoding: before it waits for more, before it answers a read (which
 must see what they did) and before any message it hands back. Posted ones (``NO_REPLY``: QEMU's
@@ -36,7 +39,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from emulab.native.cache import guard_module
-from emulab.native.libc import EAGAIN, POLLERR, POLLHUP, POLLIN, libc
+from emulab.native.libc import EAGAIN, POLLERR, POLLHUP, POLLIN, libc, load64, store32, store64
 from emulab.native.libc import load32 as _load32
 
 __all__ = ["serve"]
@@ -55,7 +58,9 @@ WRITE_COLS = 6  # msg_id, region, offset, count, value, whether a reply is owed
 IO_WORDS = 20
 CBUF = 512  # ancillary buffer: room for any number of fds the kernel passes a stream (253)
 DRAIN_MS = 20
-TRACE_COLS = 7  # t_ns, msg_id, region, offset, count, value, latency_ns
+TRACE_COLS = 8  # t_ns, msg_id, region, offset, count, value, latency_ns, kind (0 read, 1 write)
+MIRROR_COLS = 12  # region, start, end, words, rw, mirrored, target, its stride, limit, its stride,
+# two gates (addresses: see emulab.pci.interface.MirrorWords)
 REGION_READ = 9
 REGION_WRITE = 10
 NO_REPLY = 0x10
@@ -173,6 +178,7 @@ def _answer(  # noqa: PLR0917 -- arrays in, for the compiler
         trace[n, 4] = count
         trace[n, 5] = value
         trace[n, 6] = t1 - t0
+        trace[n, 7] = 0
         _release(0)
         ctl[HEAD] = k + 1
         _lock(mutex.ctypes.data)
@@ -191,6 +197,45 @@ def _answer(  # noqa: PLR0917 -- arrays in, for the compiler
 
 
 @njit(cache=True, nogil=True)
+def _mirror(buf: Any, pos: Any, mirrors: Any, trace: Any, ctl: Any, io: Any, t0: Any) -> Any:  # noqa: PLR0917 -- arrays in, for the compiler
+    """Apply the posted 4-byte REGION_WRITE at ``buf[pos]`` if it writes a mirrored register
+    word whose gates are down and whose new value lies below its limit (see
+    :class:`~emulab.pci.interface.MirrorWords`), noted as a write; whether it did."""
+    offset = _u(buf, pos + 16, 8)
+    region = _u(buf, pos + 24, 4)
+    if offset & 3:
+        return False
+    for r in range(mirrors.shape[0]):
+        if mirrors[r, 0] != region or offset < mirrors[r, 1] or offset + 4 > mirrors[r, 2]:
+            continue
+        i = (offset - mirrors[r, 1]) >> 2
+        if _load8(mirrors[r, 5] + i) == 0 or load64(mirrors[r, 10]) or load64(mirrors[r, 11]):
+            return False
+        value = _u(buf, pos + 32, 4)
+        w = mirrors[r, 3] + 4 * i
+        rw = _load32(mirrors[r, 4] + 4 * i)
+        new = ((_load32(w) & ~rw) | (value & rw)) & 0xFFFFFFFF
+        if new >= load64(mirrors[r, 8] + i * mirrors[r, 9]):
+            return False
+        store32(w, new)
+        store64(mirrors[r, 6] + i * mirrors[r, 7], new)
+        k = ctl[HEAD]
+        n = k % trace.shape[0]
+        trace[n, 0] = t0
+        trace[n, 1] = _u(buf, pos, 2)
+        trace[n, 2] = region
+        trace[n, 3] = offset
+        trace[n, 4] = 4
+        trace[n, 5] = value
+        trace[n, 6] = _now(io) - t0
+        trace[n, 7] = 1
+        _release(0)
+        ctl[HEAD] = k + 1
+        return True
+    return False
+
+
+@njit(cache=True, nogil=True)
 def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
     fd: Any,
     wake_fd: Any,
@@ -204,6 +249,7 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
     trace: Any,
     ctl: Any,
     writes: Any,
+    mirrors: Any,
 ) -> Any:
     """Serve until a message Python must handle (see the module's text); returns a code, with
     ``buf[st[POS]:st[END]]`` the bytes left for Python (the ancillary data in
@@ -248,6 +294,15 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
                 if size != 32 + count or not whole:
                     st[POS], st[END] = pos, end
                     return HANDOFF
+                if (
+                    not wants
+                    and nw == 0  # (after rows Python applies, in order: a row too)
+                    and count == 4
+                    and mirrors.shape[0]
+                    and _mirror(buf, pos, mirrors, trace, ctl, io, _now(io))
+                ):
+                    pos += size  # applied here: an RX doorbell, for one
+                    continue
                 if nw == writes.shape[0]:
                     st[POS], st[END] = pos, end
                     return POSTED
@@ -354,8 +409,8 @@ def warm() -> None:
         serve(r, w, np.zeros(64, np.uint8), np.zeros(ST_WORDS, np.int64),
               np.zeros(IO_WORDS, np.int64), np.zeros(CBUF, np.uint8), np.zeros(64, np.uint8),
               np.zeros(8, np.int64), np.zeros((0, 7), np.int64),
-              np.zeros((1, TRACE_COLS), np.int64), ctl,
-              np.zeros((1, WRITE_COLS), np.int64))  # fmt: skip
+              np.zeros((1, TRACE_COLS), np.int64), ctl, np.zeros((1, WRITE_COLS), np.int64),
+              np.zeros((0, MIRROR_COLS), np.int64))  # fmt: skip
     finally:
         os.close(r)
         os.close(w)

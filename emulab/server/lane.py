@@ -109,12 +109,13 @@ class FastLane:
                              pw.plain.ctypes.data, pw.write_only.ctypes.data, n)  # fmt: skip
         mirrored = getattr(device, "mirrored_writes", None)
         mirrors = mirrored() if mirrored is not None and words else []
+        mirrors = [mw for mw in mirrors if len(mw.gates) <= 2]  # (the kernel looks at two)
         self._zero = np.zeros(1, dtype=np.int64)  # (a gate that never rises)
         self.mirrors = np.zeros((len(mirrors), MIRROR_COLS), dtype=np.int64)
         self._keep_mirrors = mirrors
         for i, mw in enumerate(mirrors):
             n = min(len(mw.words), len(mw.rw), len(mw.mirrored), len(mw.target), len(mw.limit))
-            gates = [g.ctypes.data for g in mw.gates[:2]]
+            gates = [g.ctypes.data for g in mw.gates]
             gates += [self._zero.ctypes.data] * (2 - len(gates))
             self.mirrors[i] = (mw.region, mw.offset, mw.offset + 4 * n, mw.words.ctypes.data,
                                mw.rw.ctypes.data, mw.mirrored.ctypes.data, mw.target.ctypes.data,

@@ -173,8 +173,11 @@ def run_avf(
         shutil.rmtree(work, ignore_errors=True)
     got = parse(run.output)
     busiest = ", ".join(f"{k} {v}" for k, v in server.stats.by_command.items() if v > 100)
-    say(f"AVF ({mode}) messages: {status['messages']} ({busiest}); REGION_READs the fast "
-        f"lane answered: {status['fast_lane']['served']}")  # fmt: skip
+    lane = status["fast_lane"]
+    say(f"AVF ({mode}) messages: {status['messages']} ({busiest}); the fast lane answered "
+        f"{lane['served']} REGION_READs, applied {lane['mirrored']} RX doorbells itself, "
+        f"handed {lane['posted']} posted and {lane['answered']} answered writes to "
+        f"Python")  # fmt: skip
     e = dev.queues.eth
     say(f"AVF ({mode}): {got}; device rx_discards={e['rx_discards']} "
         f"tx_packets={e['tx_unicast']} rx_packets={e['rx_unicast']}; TAP: batches held "

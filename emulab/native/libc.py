@@ -11,7 +11,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = [
-    "EAGAIN", "EINTR", "POLLERR", "POLLHUP", "POLLIN", "errno", "libc", "load32", "load64",
+    "EAGAIN", "EINTR", "POLLERR", "POLLHUP", "POLLIN", "errno", "libc", "load8", "load32", "load64",
     "store32", "store64",
 ]  # fmt: skip
 
@@ -50,17 +50,22 @@ def libc(name: str, ret: Any, argc: int) -> Any:
     return intrinsic(call3)
 
 
-def _load32_typer(typingctx: Any, addr: Any) -> Any:
-    """The uint32 at ``addr`` (the caller has checked it lies inside its array)."""
+def _load_typer(bits: int) -> Any:
+    def typer(typingctx: Any, addr: Any) -> Any:
+        """The unsigned ``bits``-bit value at ``addr`` (the caller has checked it lies inside
+        its array), as an int64."""
 
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
-        return builder.zext(builder.load(ptr), ir.IntType(64))
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
+            return builder.zext(builder.load(ptr), ir.IntType(64))
 
-    return types.int64(types.int64), codegen
+        return types.int64(types.int64), codegen
+
+    return typer
 
 
-load32: Any = intrinsic(_load32_typer)
+load8: Any = intrinsic(_load_typer(8))
+load32: Any = intrinsic(_load_typer(32))
 
 
 def _load64_typer(typingctx: Any, addr: Any) -> Any:

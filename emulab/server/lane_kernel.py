@@ -34,12 +34,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from llvmlite import ir  # type: ignore[import-untyped]
 from numba import njit, types
 from numba.extending import intrinsic
 
 from emulab.native.cache import guard_module
 from emulab.native.libc import EAGAIN, POLLERR, POLLHUP, POLLIN, libc, load64, store32, store64
+from emulab.native.libc import load8 as _load8
 from emulab.native.libc import load32 as _load32
 
 __all__ = ["serve"]
@@ -91,17 +91,6 @@ def _release_typer(typingctx: Any, x: Any) -> Any:
 
 
 _release: Any = intrinsic(_release_typer)
-
-
-def _load8_typer(typingctx: Any, addr: Any) -> Any:
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
-        return builder.zext(builder.load(ptr), ir.IntType(64))
-
-    return types.int64(types.int64), codegen
-
-
-_load8: Any = intrinsic(_load8_typer)
 
 
 @njit(cache=True, nogil=True)

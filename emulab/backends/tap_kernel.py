@@ -16,6 +16,14 @@ from typing import Any
 import numpy as np
 from numba import njit, types
 
+from emulab.backends.base import (
+    GSO_CSUM_OFFSET,
+    GSO_CSUM_START,
+    GSO_DONE,
+    GSO_FLAGS,
+    GSO_SIZE,
+    GSO_TYPE,
+)
 from emulab.native.cache import guard_module
 from emulab.native.libc import EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, errno, libc
 
@@ -25,9 +33,6 @@ STOPPED, FAILED = -1, -2  # read_batch's returns besides a count
 IO_WORDS = 8  # two pollfds [0:2], two iovecs [2:6], the batch's bytes [6], errno [7]
 IO_BYTES, IO_ERRNO = 6, 7
 VNET = 10  # struct virtio_net_hdr
-# gso row columns (emulab.backends.base: GSO_TYPE, GSO_SIZE, GSO_CSUM_START, GSO_CSUM_OFFSET,
-# GSO_FLAGS, GSO_DONE)
-_TYPE, _SIZE, _START, _OFFSET, _FLAGS, _DONE = range(6)
 
 guard_module(__file__)  # (before any kernel of this module loads)
 
@@ -86,12 +91,12 @@ def read_batch(fd: Any, stop_fd: Any, rows: Any, lens: Any, vh: Any, gso: Any, i
         length = got if got < width else width + 1
         lens[n] = length
         h = vh[n]
-        gso[n, _TYPE] = h[1]
-        gso[n, _SIZE] = np.int64(h[4]) | (np.int64(h[5]) << 8)
-        gso[n, _START] = np.int64(h[6]) | (np.int64(h[7]) << 8)
-        gso[n, _OFFSET] = np.int64(h[8]) | (np.int64(h[9]) << 8)
-        gso[n, _FLAGS] = h[0]
-        gso[n, _DONE] = 0
+        gso[n, GSO_TYPE] = h[1]
+        gso[n, GSO_SIZE] = np.int64(h[4]) | (np.int64(h[5]) << 8)
+        gso[n, GSO_CSUM_START] = np.int64(h[6]) | (np.int64(h[7]) << 8)
+        gso[n, GSO_CSUM_OFFSET] = np.int64(h[8]) | (np.int64(h[9]) << 8)
+        gso[n, GSO_FLAGS] = h[0]
+        gso[n, GSO_DONE] = 0
         total += length
         n += 1
     io[IO_BYTES] = total

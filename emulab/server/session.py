@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -233,16 +232,16 @@ class Session:
             except Exception as exc:
                 self._failed(_posted(msg_id, region, offset, data, reply=bool(reply)), exc)
                 continue
+            answer = m.RegionWriteReply(offset, region, count)
             if reply:
+                head = m.Header(msg_id, _WRITE, 16 + answer.SIZE, _REPLY, 0)
                 with contextlib.suppress(ChannelClosed):  # (the ordinary path's: the read ends)
-                    channel.send(_WRITE_REPLY.pack(msg_id, _WRITE, 32, _REPLY, 0, offset,
-                                                   region, count))  # fmt: skip
+                    channel.send(head.pack() + answer.pack())
             if server.trace_messages and trace.enabled:
                 lat = (time.perf_counter() - t0) * 1e6
                 trace.record(MessageRecord(direction="in", command="REGION_WRITE", msg_id=msg_id,
                                            args=m.RegionWrite(offset, region, count, data),
-                                           reply=m.RegionWriteReply(offset, region, count),
-                                           error=0, latency_us=lat))  # fmt: skip
+                                           reply=answer, error=0, latency_us=lat))  # fmt: skip
         return answered
 
     def _overdue(self, event: Request | BadRequest, sent: float, what: str) -> bool:
@@ -519,7 +518,6 @@ def _posted(msg_id: int, region: int, offset: int, data: bytes, *, reply: bool =
     return Request(header, m.RegionWrite(offset, region, len(data), data))
 
 
-_WRITE_REPLY = struct.Struct("<HHIII QII")  # header (msg_id, command, size, flags, error), body
 _REPLY = int(MsgType.REPLY)  # (the flags word's type bits)
 
 

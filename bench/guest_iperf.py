@@ -181,7 +181,8 @@ def run_avf(
     e = dev.queues.eth
     say(f"AVF ({mode}): {got}; device rx_discards={e['rx_discards']} "
         f"tx_packets={e['tx_unicast']} rx_packets={e['rx_unicast']}; TAP: batches held "
-        f"{tap.held}, dropped {tap.counters.dropped}")  # fmt: skip
+        f"{tap.held}, dropped {tap.counters.dropped}; TX frames written from the device's "
+        f"arena {dev.queues.sent_in_place}")  # fmt: skip
     if "tx" not in got or "rx" not in got:
         say(f"AVF ({mode}) run incomplete:\n{run.output[-3000:]}")
     return got

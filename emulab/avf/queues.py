@@ -9,7 +9,6 @@ raises into the register write that kicked it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 from emulab.avf import datapath as dp
 from emulab.avf.datapath import KERNELS as K
 from emulab.avf.offload import OFFLOAD_CMD_MASK, apply_tx_offloads
+from emulab.avf.pausing_lock import PausingLock
 from emulab.backends.base import GSO_COLS, PacketBackend
 from emulab.pci.dma import GuestMemory
 
@@ -172,88 +172,6 @@ class MacFilter:
     # (applied in the kernels, from ``QueueEngine._filter_words``: ``datapath.rss.accepts``)
 
 
-class PausingLock:
-    """The queue engine's lock: re-entrant, and in polling mode it first asks the poll kernel
-    (which runs, holding this lock, inside one nogil call) to return, so that a configuration
-    change, a reset or frames from another backend never wait for more than one burst. The
-    poll kernel's control words are the poller's: it lends them while it runs (:meth:`attach`)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._count_lock = threading.Lock()
-        self._waiters = 0
-        self._ctl: np.ndarray | None = None  # the running poller's control words
-        self.poller: threading.Thread | None = None  # the poll thread: it takes the lock plainly
-
-    def attach(self, poller: threading.Thread, ctl: np.ndarray) -> None:
-        """A poll thread about to start, and the control words its kernel watches."""
-        with self._count_lock:
-            self._ctl = ctl
-            ctl[dp.POLL_STOP] = 1 if self._waiters else 0
-            self.poller = poller
-
-    def detach(self) -> None:
-        with self._count_lock:
-            self._ctl = None
-            self.poller = None
-
-    def acquire(self) -> None:
-        poller = self.poller
-        if poller is None or poller.ident == threading.get_ident():
-            self._lock.acquire()  # no poll loop to stop (interrupt mode), or the poller itself
-            return
-        self.want()
-        try:
-            self._lock.acquire()
-        finally:
-            self.unwant()
-
-    def want(self) -> None:
-        """Ask the poll kernel to return (``POLL_STOP``, its nap ended) and to stay out until
-        every :meth:`want` has its :meth:`unwant`."""
-        with self._count_lock:
-            self._waiters += 1
-            if self._ctl is not None:
-                self._ctl[dp.POLL_STOP] = 1
-        self.nudge()
-
-    def unwant(self) -> None:
-        with self._count_lock:
-            self._waiters -= 1
-            if not self._waiters and self._ctl is not None:
-                self._ctl[dp.POLL_STOP] = 0
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def nudge(self) -> None:
-        """End the poll kernel's nap without asking it to return (it looks again: a register
-        Python changed, such as an INTENA re-armed for a cause it holds)."""
-        with self._count_lock:
-            fd = int(self._ctl[dp.POLL_WAKE]) if self._ctl is not None else -1
-            if fd >= 0:
-                os.eventfd_write(fd, 1)
-
-    def set_wake_fd(self, fd: int) -> None:
-        """The eventfd that ends the poll kernel's naps (-1: none), changed only between
-        wake-ups, so that none writes to a closed descriptor."""
-        with self._count_lock:
-            if self._ctl is not None:
-                self._ctl[dp.POLL_WAKE] = fd
-
-    @property
-    def wanted(self) -> bool:
-        """Another thread waits for the lock (the poller lets it have it)."""
-        return self._waiters > 0  # (an int read: no lock needed)
-
-    def __enter__(self) -> PausingLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
 @dataclass
 class QueueEngine:
     memory: GuestMemory
@@ -310,6 +228,9 @@ class QueueEngine:
             np.zeros(BURST + 1, dtype=np.int64),
             np.zeros((BURST, 2), dtype=np.uint64),
         )
+        self._tx_gso = np.zeros((BURST, GSO_COLS), dtype=np.int64)  # (_send_in_place's rows)
+        self._res = np.zeros(dp.OUT, dtype=np.int64)
+        self.sent_in_place = 0  # TX frames sent straight from the arena (tests, benchmarks)
         self._frames = np.zeros((BURST, MAX_FRAME), dtype=np.uint8)
         self._lens = np.zeros(BURST, dtype=np.int64)
         self._burst = dp.Burst(
@@ -506,6 +427,7 @@ class QueueEngine:
             out = self._out
             if self.ring_to_ring:
                 sent = self._forward(q, vectors)
+            rows = self._in_place()
             while q.head != q.tail and q.enabled:
                 if outgoing and not self.backend.room_to_send(len(self._outgoing) + len(outgoing)):
                     # the wire filled with this walk's own bursts: the rest waits, as above (a
@@ -514,9 +436,12 @@ class QueueEngine:
                     break
                 K.tx_drain(self._table.general, q.row, self._gather_to, out)
                 n, err = int(out[dp.OUT_TX_FRAMES]), int(out[dp.OUT_ERROR])
-                if n:
-                    frames = self._gather(n)
-                    sent += n
+                sent += n
+                done = 0
+                if n and rows and not outgoing and not self._outgoing:
+                    done = self._send_in_place(q, n, vectors)  # (the frames before any other)
+                if n > done:
+                    frames = self._gather(n, done)
                     if self.on_packets is not None:
                         self.on_packets("tx", index, frames)
                     if self.frame_fault is not None:
@@ -656,11 +581,43 @@ class QueueEngine:
         for v in vectors:  # after the wire, as without deferral (a looped-back frame is in)
             self.raise_vector(v)
 
-    def _gather(self, n: int) -> list[bytes]:
-        """The burst's frames as bytes, with the offloads their descriptors asked for done."""
+    def _in_place(self) -> bool:
+        """Whether this walk's frames may go to the wire straight from the arena, prepared by
+        compiled code (:meth:`_send_in_place`): a wire that finishes offloads and sends rows
+        without calling back (the TAP), the kernel compiled, and no frame fault (which takes
+        and gives frames as bytes)."""
+        return (
+            self.backend.rows_in_place
+            and self.backend.gso
+            and self.frame_fault is None
+            and K.tx_gso.is_compiled()
+        )
+
+    def _send_in_place(self, q: TxQueue, n: int, vectors: set[int]) -> int:
+        """The burst's frames, from the front, onto the wire from the arena (``tx_gso``
+        prepares them, ``send_rows`` writes them), counted; returns how many went (the rest,
+        from the first one the kernel leaves to Python, goes the Python way)."""
+        arena, off, _ = self._gather_to
+        res = self._res
+        res[:] = 0
+        done = int(K.tx_gso(self._gather_to, n, self._tx_gso, res))
+        if done:
+            if self.on_packets is not None and self.wants_packets():  # (as the wire gets them)
+                self.on_packets("tx", q.index, [arena[off[i] : off[i + 1]].tobytes()
+                                                for i in range(done)])  # fmt: skip
+            self.backend.send_rows(arena, off, self._tx_gso, 0, done)
+            res[dp.OUT_TX_FRAMES] = done
+            res[dp.OUT_TX_BYTES] = off[done]
+            self.account(res, vectors, q)
+            self.sent_in_place += done
+        return done
+
+    def _gather(self, n: int, start: int = 0) -> list[bytes]:
+        """The burst's frames (from ``start``) as bytes, with the offloads their descriptors
+        asked for done."""
         arena, off, meta = self._gather_to
         frames: list[bytes] = []
-        for i in range(n):
+        for i in range(start, n):
             q1, ctx = int(meta[i, 0]), int(meta[i, 1])
             if q1 & OFFLOAD_CMD_MASK or ctx:  # fixed up in the arena: one copy out, not four
                 view = arena[off[i] : off[i + 1]].data

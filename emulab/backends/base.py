@@ -18,6 +18,7 @@ __all__ = [
     "GSO_CSUM_START",
     "GSO_DONE",
     "GSO_FLAGS",
+    "GSO_HDR_LEN",
     "GSO_NONE",
     "GSO_SIZE",
     "GSO_TCPV4",
@@ -48,10 +49,12 @@ with offloads on), frames whose checksum is left to finish (``NEEDS_CSUM``: the 
 ``GSO_CSUM_START`` to the end goes at ``GSO_CSUM_START + GSO_CSUM_OFFSET``) and TCP frames of up
 to 64 KiB to cut into ``GSO_SIZE``-byte segments (``GSO_TYPE``), as virtio-net's receive side
 takes them; ``GSO_DONE`` is the device's: how many segments of the frame it delivered so far
-(a frame held half delivered goes on from there when offered again)."""
+(a frame held half delivered goes on from there when offered again). ``GSO_HDR_LEN`` is the
+header's ``hdr_len``: Ethernet, IP and TCP headers of a frame to segment (a hint, as in
+virtio-net; the device's TX rows set it, see :meth:`PacketBackend.send_rows`)."""
 
-GSO_TYPE, GSO_SIZE, GSO_CSUM_START, GSO_CSUM_OFFSET, GSO_FLAGS, GSO_DONE = range(6)
-GSO_COLS = 6
+GSO_TYPE, GSO_SIZE, GSO_CSUM_START, GSO_CSUM_OFFSET, GSO_FLAGS, GSO_DONE, GSO_HDR_LEN = range(7)
+GSO_COLS = 7
 LOSSLESS_QUEUE = 65536  # frames a lossless wire holds for a device before it drops (counted)
 HIGH_WATER = 4096  # frames queued on a lossless wire at which its senders are held back ...
 LOW_WATER = 1024  # ... until it drains to this (back-pressure: flow control towards the sender)
@@ -134,6 +137,9 @@ class PacketBackend(abc.ABC):
     # what the device sends comes straight back to it, in order, with nothing in between: the
     # device may move frames TX ring to RX ring inside one kernel call (the loopback)
     loops_back = False
+    # ``send_rows`` puts frames on the wire without calling any device back and without waiting
+    # for anything but the system call: a device may call it holding its own locks (the TAP)
+    rows_in_place = False
 
     def __init__(self, *, lossless: bool = False) -> None:
         self.counters = Counters()
@@ -180,6 +186,25 @@ class PacketBackend(abc.ABC):
         if frames:
             self.counters.sent(frames)
             self._transmit(frames)
+
+    def send_rows(self, arena: Any, offsets: Any, gso: Any, start: int, n: int) -> None:
+        """Frames the device transmitted, held in one array: frame ``i`` (``start <= i < n``)
+        is ``arena[offsets[i]:offsets[i + 1]]``, with ``gso[i]`` what is left to finish as
+        ``DeliverRows`` describes it (``GSO_FLAGS`` 0: a plain frame; ``NEEDS_CSUM`` only to a
+        wire whose ``gso`` is set). Here: as :class:`GsoFrame`/bytes to :meth:`send`; a wire
+        that can send straight from the array (``rows_in_place``) overrides it."""
+        frames: list[bytes] = []
+        for i in range(start, n):
+            data = arena[offsets[i] : offsets[i + 1]]
+            g = [int(x) for x in gso[i]]
+            if not g[GSO_FLAGS] & NEEDS_CSUM:
+                frames.append(data.tobytes())
+                continue
+            frames.append(GsoFrame.make(data, csum_start=g[GSO_CSUM_START],
+                                        csum_offset=g[GSO_CSUM_OFFSET], gso_size=g[GSO_SIZE],
+                                        hdr_len=g[GSO_HDR_LEN],
+                                        ipv6=g[GSO_TYPE] & 0x7F == GSO_TCPV6))  # fmt: skip
+        self.send(frames)
 
     @abc.abstractmethod
     def _transmit(self, frames: Sequence[bytes]) -> None:

@@ -1,4 +1,4 @@
-"""The TAP reader's compiled batch read: wait for the TAP, read a batch of frames into rows.
+"""The TAP's compiled batch read and write: frames into rows, and out of the device's arena.
 
 :func:`read_batch` waits in ``poll`` for the TAP (or the stop pipe), then reads up to a batch of
 frames, each with its virtio-net header, straight into the reader's rows, and decodes the headers
@@ -7,6 +7,10 @@ a ``readv`` per frame and one more that raised ``BlockingIOError``, and six colu
 batch, about 45 us of the reader thread's CPU per batch under ``bench/guest_iperf.py``.
 :data:`emulab.backends.tap.KERNEL` has a child compile it; the reader goes the plain-Python
 way until it is loaded.
+
+:func:`write_rows` is the other direction: the device's frames, straight from the arena its TX
+walk gathered them in, each written with the virtio-net header its ``gso`` row describes, in one
+call (``TapBackend.send_rows``).
 """
 
 from __future__ import annotations
@@ -17,17 +21,19 @@ import numpy as np
 from numba import njit, types
 
 from emulab.backends.base import (
+    GSO_COLS,
     GSO_CSUM_OFFSET,
     GSO_CSUM_START,
     GSO_DONE,
     GSO_FLAGS,
+    GSO_HDR_LEN,
     GSO_SIZE,
     GSO_TYPE,
 )
 from emulab.native.cache import guard_module
 from emulab.native.libc import EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, errno, libc
 
-__all__ = ["read_batch"]
+__all__ = ["read_batch", "write_rows"]
 
 STOPPED, FAILED = -1, -2  # read_batch's returns besides a count
 IO_WORDS = 8  # two pollfds [0:2], two iovecs [2:6], the batch's bytes [6], errno [7]
@@ -38,6 +44,7 @@ guard_module(__file__)  # (before any kernel of this module loads)
 
 _poll = libc("poll", types.int32, 3)
 _readv = libc("readv", types.int64, 3)
+_writev = libc("writev", types.int64, 3)
 
 
 @njit(cache=True, nogil=True)
@@ -97,10 +104,55 @@ def read_batch(fd: Any, stop_fd: Any, rows: Any, lens: Any, vh: Any, gso: Any, i
         gso[n, GSO_CSUM_OFFSET] = np.int64(h[8]) | (np.int64(h[9]) << 8)
         gso[n, GSO_FLAGS] = h[0]
         gso[n, GSO_DONE] = 0
+        gso[n, GSO_HDR_LEN] = np.int64(h[2]) | (np.int64(h[3]) << 8)
         total += length
         n += 1
     io[IO_BYTES] = total
     return n
+
+
+@njit(cache=True, nogil=True)
+def write_rows(  # noqa: PLR0917 -- arrays in, for the compiler
+    fd: Any, arena: Any, offsets: Any, gso: Any, start: Any, n: Any, vh: Any, io: Any
+) -> Any:
+    """Write frames ``start..n-1`` to ``fd``, frame ``i`` being ``arena[offsets[i]:offsets[i +
+    1]]`` after the virtio-net header ``gso[i]`` describes (built in ``vh``, uint8, 10 or more
+    bytes): one ``writev`` each. Returns how many could not be written (the last error in
+    ``io[IO_ERRNO]``); a frame whose offsets do not lie within the arena is not written and
+    counts among them."""
+    failed = 0
+    size = arena.shape[0]
+    for i in range(start, n):
+        a = offsets[i]
+        b = offsets[i + 1]
+        if a < 0 or b < a or b > size:
+            failed += 1
+            continue
+        g = gso[i]
+        vh[0] = g[GSO_FLAGS] & 0xFF
+        vh[1] = g[GSO_TYPE] & 0xFF
+        vh[2] = g[GSO_HDR_LEN] & 0xFF
+        vh[3] = (g[GSO_HDR_LEN] >> 8) & 0xFF
+        vh[4] = g[GSO_SIZE] & 0xFF
+        vh[5] = (g[GSO_SIZE] >> 8) & 0xFF
+        vh[6] = g[GSO_CSUM_START] & 0xFF
+        vh[7] = (g[GSO_CSUM_START] >> 8) & 0xFF
+        vh[8] = g[GSO_CSUM_OFFSET] & 0xFF
+        vh[9] = (g[GSO_CSUM_OFFSET] >> 8) & 0xFF
+        io[2] = vh.ctypes.data
+        io[3] = VNET
+        io[4] = arena.ctypes.data + a
+        io[5] = b - a
+        while True:
+            r = _writev(fd, io.ctypes.data + 2 * 8, 2)
+            if r >= 0:
+                break
+            e = errno()
+            if e != EINTR:
+                io[IO_ERRNO] = e
+                failed += 1
+                break
+    return failed
 
 
 def warm() -> None:
@@ -116,11 +168,14 @@ def warm() -> None:
         rows = np.zeros((2, 64), np.uint8)
         lens = np.zeros(2, np.int64)
         vh = np.zeros((2, VNET), np.uint8)
-        gso = np.zeros((2, 6), np.int64)
+        gso = np.zeros((2, GSO_COLS), np.int64)
         io = np.zeros(IO_WORDS, np.int64)
         assert read_batch(r, sr, rows, lens, vh, gso, io) == 1 and lens[0] == 4
         os.write(sw, b"x")
         assert read_batch(r, sr, rows, lens, vh, gso, io) == STOPPED
+        arena = np.frombuffer(b"warm", np.uint8).copy()
+        assert write_rows(w, arena, np.array([0, 4]), gso, 0, 1, np.zeros(VNET, np.uint8), io) == 0
+        assert os.read(r, 64) == bytes(VNET) + b"warm"
     finally:
         for fd in (r, w, sr, sw):
             os.close(fd)

@@ -23,13 +23,14 @@ class ChildCompiled:
     """One module's compiled kernel, once per process: the child runs ``python -m module``
     (which compiles, or finds in numba's cache, by calling its ``warm()``), then :meth:`get`
     loads it here (``module.warm()`` again: a load from the cache the child wrote) and returns
-    ``module.<attr>``."""
+    ``module.<attr>`` (or another function of the same module: ``get(attr)``)."""
 
     def __init__(self, module: str, attr: str, *, name: str) -> None:
         self.module, self.attr, self.name = module, attr, name
         self.lock = threading.Lock()
         self.state = "new"  # new | compiling | compiled | loaded | failed
         self.fn: Any = None
+        self._module: Any = None
         self.error = ""
         self.seconds = 0.0
         self._done = threading.Event()
@@ -50,10 +51,11 @@ class ChildCompiled:
             timer.daemon = True
             timer.start()
 
-    def get(self) -> Any:
-        """The kernel if it is ready (loading it on this thread if compiled), else None."""
+    def get(self, attr: str | None = None) -> Any:
+        """The kernel (or the module's function ``attr``, which its ``warm()`` compiles too)
+        if it is ready (loading it on this thread if compiled), else None."""
         if self.fn is not None:
-            return self.fn
+            return self.fn if attr is None else getattr(self._module, attr)
         with self.lock:
             if self.state != "compiled":
                 return None
@@ -63,8 +65,9 @@ class ChildCompiled:
             except Exception as exc:  # none, then: the plain path goes on
                 self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
                 return None
+            self._module = module
             self.fn, self.state = getattr(module, self.attr), "loaded"
-            return self.fn
+            return self.fn if attr is None else getattr(module, attr)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the compile (starting it) and load the kernel; whether it is ready."""

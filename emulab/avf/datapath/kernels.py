@@ -40,7 +40,16 @@ from typing import Any
 from numba.core import config
 from numba.core.dispatcher import Dispatcher
 
-from emulab.avf.datapath import checksum, general_path, poll_loop, raw, ring_to_ring, rss, warm
+from emulab.avf.datapath import (
+    checksum,
+    general_path,
+    poll_loop,
+    raw,
+    ring_to_ring,
+    rss,
+    tx_gso,
+    warm,
+)
 from emulab.avf.datapath.cache import digest
 from emulab.avf.datapath.context import maps_of, table_size
 
@@ -121,6 +130,7 @@ class Kernel:
 
 _NAMES: dict[str, tuple[Any, bool]] = {
     "tx_drain": (general_path.tx_drain, True),
+    "tx_gso": (tx_gso.tx_gso, False),
     "rx_pick": (general_path.rx_pick, False),
     "toeplitz_table": (rss.toeplitz_table, False),
     "ones_sum": (checksum.ones_sum, False),
@@ -131,13 +141,14 @@ _NAMES: dict[str, tuple[Any, bool]] = {
 }
 # which warm-up step loads each kernel (``warm.steps`` / ``warm.common_steps``)
 _STEP_OF = {"rx_pick": "rx_pick", "toeplitz_table": "toeplitz_table", "ones_sum": "checksums",
-            "tso_cut": "tso_cut"}  # fmt: skip
+            "tso_cut": "tso_cut", "tx_gso": "tx_gso"}  # fmt: skip
 
 
 class KernelSet:
     """Every kernel the device calls, by name (``kernels.forward(...)``)."""
 
     tx_drain: Kernel
+    tx_gso: Kernel
     rx_pick: Kernel
     toeplitz_table: Kernel
     ones_sum: Kernel

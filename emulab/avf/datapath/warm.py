@@ -25,6 +25,7 @@ from emulab.avf.datapath.general_path import rx_pick, tx_drain
 from emulab.avf.datapath.poll_loop import POLL_CTL, poll
 from emulab.avf.datapath.ring_to_ring import forward, rx_place, tso_cut, work_areas
 from emulab.avf.datapath.rss import RSS_TUPLE_MAX, classify, rss_hash, toeplitz_table
+from emulab.avf.datapath.tx_gso import tx_gso
 from emulab.backends.base import GSO_COLS
 
 
@@ -112,6 +113,11 @@ def common_steps() -> list[tuple[str, Callable[[], object]]]:
                                     np.zeros(1, dtype=np.int64))),
         ("rx_pick", lambda: rx_pick(burst(), 1, rss()._replace(table=toeplitz_table(key)),
                                     np.zeros((4, RX_COLS), dtype=np.int64), 9728)),
+        ("tx_gso", lambda: tx_gso(Gather(np.zeros(4096, dtype=np.uint8),
+                                         np.zeros(9, dtype=np.int64),
+                                         np.zeros((8, 2), dtype=np.uint64)), 0,
+                                  np.zeros((8, GSO_COLS), dtype=np.int64),
+                                  np.zeros(OUT, dtype=np.int64))),
     ]  # fmt: skip
 
 
@@ -120,7 +126,7 @@ def common_steps() -> list[tuple[str, Callable[[], object]]]:
 # compiles again some helpers that the first also does (``classify``, ``ones_sum``...): a
 # second or so, for half the wall time.
 PARTS = (
-    ("toeplitz_table", "checksums", "tso_cut", "rx_pick", "tx_drain"),
+    ("toeplitz_table", "checksums", "tso_cut", "rx_pick", "tx_drain", "tx_gso"),
     ("rx_place", "forward", "poll"),
 )
 

@@ -27,6 +27,7 @@ from emulab.avf.pf import PfConfig, VirtchnlPf
 from emulab.avf.polling import Poller
 from emulab.avf.queues import QueueEngine
 from emulab.avf.registers import MAX_QUEUES, REGISTER, ResetState
+from emulab.avf.tx_worker import TxWorker
 from emulab.backends.base import PacketBackend
 from emulab.backends.simple import LoopbackBackend
 from emulab.pci.dma import GuestMemory
@@ -139,8 +140,11 @@ class AvfCore:
         regs.on_write("VF_ARQLEN1", lambda i, old, new: self._arq_doorbell())
         regs.on_write("QTX_TAIL", lambda i, old, new: self._tx_doorbell(i, new))
         regs.on_write("QRX_TAIL", lambda i, old, new: self.queues.rx_tail(i, new))
-        if not poll:  # (polling mode: the client stores the tails into the mapped page itself)
+        # (polling mode: the client stores the tails into the mapped page itself)
+        self.tx_worker = TxWorker(self.queues) if not poll else None
+        if not poll:
             regs.mirror("QRX_TAIL")  # the hook stores the tail, and wakes a held wire: gated
+            regs.mirror("QTX_TAIL")  # the hook stores the tail and walks: the worker's, kicked
         BUILDER.start()  # kernels compiled in a child process; interpreted until loaded here
         BUILDER.subscribe(self._kernels_trace)
         self.poller = (
@@ -153,6 +157,8 @@ class AvfCore:
     def close(self) -> None:
         BUILDER.unsubscribe(self._kernels_trace)
         self._live_stop()
+        if self.tx_worker is not None:
+            self.tx_worker.stop()
         if self.poller is not None:
             self.poller.stop()
 

@@ -106,15 +106,34 @@ class AvfDevice(PciDevice):
         """QRX_TAIL: a driver's RX doorbell stores the tail and is done (``rx_tail``), so the
         server's fast lane may store it into the register and the queue's row itself, unless
         the wire holds frames for want of buffers (its ``holding`` gate: then ``resume`` must
-        run) or the tail is past the ring (the ordinary path then keeps what it does)."""
-        regs, rxt, tail = self.regs, self.queues.tables.rx_table, REGISTER["QRX_TAIL"]
-        if not regs.mirrored.any() or tail.stride != 4:
-            return []
-        w = tail.offset // 4
-        n = min(tail.count, rxt.shape[0])
-        return [MirrorWords(0, 4 * w, regs.words[w : w + n], regs.rw_masks[w : w + n],
-                            regs.mirrored[w : w + n], rxt[:n, dp.RX_TAIL], rxt[:n, dp.RX_LEN],
-                            (self.backend.holding,))]  # fmt: skip
+        run) or the tail is past the ring (the ordinary path then keeps what it does).
+        QTX_TAIL (interrupt mode): the lane stores the tail the same way and kicks the TX
+        worker (``emulab.avf.tx_worker``), which walks the ring on its own thread."""
+        regs, tables = self.regs, self.queues.tables
+        out: list[MirrorWords] = []
+        if not regs.mirrored.any():
+            return out
+        for name, table, tail_col, len_col in (
+            ("QRX_TAIL", tables.rx_table, dp.RX_TAIL, dp.RX_LEN),
+            ("QTX_TAIL", tables.tx_table, dp.TX_TAIL, dp.TX_LEN),
+        ):
+            reg = REGISTER[name]
+            w = reg.offset // 4
+            n = min(reg.count, table.shape[0])
+            if reg.stride != 4 or not regs.mirrored[w : w + n].any():
+                continue
+            worker = self.core.tx_worker if name == "QTX_TAIL" else None
+            if name == "QTX_TAIL" and worker is None:
+                continue
+            gates = (self.backend.holding,) if name == "QRX_TAIL" else ()
+            out.append(MirrorWords(0, 4 * w, regs.words[w : w + n], regs.rw_masks[w : w + n],
+                                   regs.mirrored[w : w + n], table[:n, tail_col],
+                                   table[:n, len_col], gates,
+                                   kick=worker.kick_fd if worker is not None else -1,
+                                   keep=worker))  # fmt: skip
+            if worker is not None:
+                worker.start()
+        return out
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """A register write (under the device lock), then what a TX doorbell took from the

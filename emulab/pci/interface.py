@@ -108,7 +108,9 @@ class MirrorWords:
     below ``limit[i]`` and every ``gates`` word is 0 (else the device's own path takes it).
     The arrays are the device's own, shared and updated in place (``mirrored`` drops to 0
     when another write hook is added; a gate rises while the device needs to see the
-    write)."""
+    write). With a ``kick`` (an eventfd, -1: none) the writer signals it after the store: the
+    device's own thread then does the rest, as a NIC's engine fetches descriptors after a
+    tail write (``keep``: what must stay alive while the writer may signal it)."""
 
     region: int
     offset: int
@@ -118,6 +120,8 @@ class MirrorWords:
     target: npt.NDArray[np.int64]
     limit: npt.NDArray[np.int64]
     gates: tuple[npt.NDArray[np.int64], ...]
+    kick: int = -1
+    keep: object = None
 
 
 class PlainReads(Protocol):

@@ -61,7 +61,7 @@ __all__ = ["FastLane", "kernel_state"]
 # (mirrors of emulab.server.lane_kernel's constants: that module imports numba, this one not)
 HANDOFF, WOKEN, DRAIN, POSTED, EOF, ERROR, FDS = 1, 2, 3, 4, 5, 6, 7
 ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
-CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS, MIRROR_COLS = 8, 20, 512, 8, 12
+CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS, MIRROR_COLS = 8, 20, 512, 8, 13
 POS, END, CONTROL, FLAGS, WRITES, RESUME = 0, 1, 2, 3, 4, 5
 ST_WORDS, WRITE_COLS = 8, 6
 WRITE_ROWS = 256  # writes the kernel takes before Python applies them
@@ -120,7 +120,7 @@ class FastLane:
             self.mirrors[i] = (mw.region, mw.offset, mw.offset + 4 * n, mw.words.ctypes.data,
                                mw.rw.ctypes.data, mw.mirrored.ctypes.data, mw.target.ctypes.data,
                                mw.target.strides[0], mw.limit.ctypes.data, mw.limit.strides[0],
-                               *gates)  # fmt: skip
+                               *gates, mw.kick)  # fmt: skip
         self.buf = np.zeros(RECV_BYTES, dtype=np.uint8)
         self.st = np.zeros(ST_WORDS, dtype=np.int64)
         self.writes = np.zeros((WRITE_ROWS, WRITE_COLS), dtype=np.int64)

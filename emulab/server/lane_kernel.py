@@ -10,15 +10,15 @@ a reader that comes late finds the newest, as a bounded trace keeps them. At the
 does not serve -- any other command, any flag, a larger or unaligned read, a register with a hook,
 fds in the ancillary data -- it stops and hands the bytes from that message on back to Python, so
 messages are handled in the order they came. A posted 4-byte write of a register word the device
-declared *mirrored* (:class:`~emulab.pci.interface.MirrorWords`: an RX doorbell, whose whole
-effect is to store the tail) it applies itself, noted as a write, while the device's gates are
-down. Other REGION_WRITEs of 1 to 8 bytes it takes into
-``writes`` and returns them to Python, which applies them through the device as the ordinary path
-would, without the protocol's decoding: before it waits for more, before it answers a read (which
-must see what they did) and before any message it hands back. Posted ones (``NO_REPLY``: QEMU's
-doorbells and interrupt re-arms) collect; one that wants a reply (QEMU waits for one on every
-write once a region is mmapped, as in polling mode) ends the run, and Python answers it once it
-is applied. It also hands the next message back once Python clears ``ctl[ENABLED]`` (the
+declared *mirrored* (:class:`~emulab.pci.interface.MirrorWords`: an RX doorbell, whose whole effect
+is to store the tail; a TX doorbell, which also kicks the device's TX thread) it applies itself,
+noted as a write, while the device's gates are down. Other REGION_WRITEs of 1 to 8 bytes it takes
+into ``writes`` and returns them to Python, which applies them through the device as the ordinary
+path would, without the protocol's decoding: before it waits for more, before it answers a read
+(which must see what they did) and before any message it hands back. Posted ones (``NO_REPLY``:
+QEMU's doorbells and interrupt re-arms) collect; one that wants a reply (QEMU waits for one on
+every write once a region is mmapped, as in polling mode) ends the run, and Python answers it once
+it is applied. It also hands the next message back once Python clears ``ctl[ENABLED]`` (the
 debugger changed), returns when someone watches the trace live (``ctl[LIVE]``) and notes wait while
 the client is quiet for ``DRAIN_MS`` (it then waits in ``poll``, which ``wake_fd`` also ends), and
 on EOF or an error.
@@ -59,8 +59,10 @@ IO_WORDS = 20
 CBUF = 512  # ancillary buffer: room for any number of fds the kernel passes a stream (253)
 DRAIN_MS = 20
 TRACE_COLS = 8  # t_ns, msg_id, region, offset, count, value, latency_ns, kind (0 read, 1 write)
-MIRROR_COLS = 12  # region, start, end, words, rw, mirrored, target, its stride, limit, its stride,
-# two gates (addresses: see emulab.pci.interface.MirrorWords)
+MIRROR_COLS = 13  # region, start, end, words, rw, mirrored, target, its stride, limit, its stride,
+# two gates (addresses: see emulab.pci.interface.MirrorWords), the kick eventfd (-1: none)
+KICK = 12
+ONE = 19  # the io word that holds 1 (what a kick writes)
 REGION_READ = 9
 REGION_WRITE = 10
 NO_REPLY = 0x10
@@ -208,6 +210,9 @@ def _mirror(buf: Any, pos: Any, mirrors: Any, trace: Any, ctl: Any, io: Any, t0:
             return False
         store32(w, new)
         store64(mirrors[r, 6] + i * mirrors[r, 7], new)
+        if mirrors[r, KICK] >= 0:  # the device's own thread does the rest
+            io[ONE] = 1
+            _write(mirrors[r, KICK], io.ctypes.data + ONE * 8, 8)
         k = ctl[HEAD]
         n = k % trace.shape[0]
         trace[n, 0] = t0

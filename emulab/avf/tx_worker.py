@@ -1,0 +1,88 @@
+"""The TX doorbells' own thread: a driver's TX tail stored by the server's fast lane, the ring
+walked here.
+
+In interrupt mode every TX doorbell is a message. Through the ordinary path the server thread
+applies it and walks the ring at once, in Python, before it reads the next message: about
+100 us of the server's CPU per doorbell under ``bench/guest_iperf.py``. A NIC does not work so:
+the tail write only tells its DMA engine there is work, and the engine fetches descriptors on
+its own time. Here the AVF declares QTX_TAIL *mirrored with a kick*
+(:class:`~emulab.pci.interface.MirrorWords`): the fast lane's compiled loop stores the tail into
+the register and the queue's row, signals this worker's eventfd, and goes on reading. The worker
+wakes, walks every TX queue whose tail moved (``QueueEngine.tx_tail``: the same walk, faults,
+packet trace and statistics as ever), and raises what that asks for. Doorbells that come while
+it walks cost one more walk between them, not one each.
+
+Anything the lane does not apply itself (a tail past the ring, the debugger on, a lane off)
+still reaches the register's hook and walks on the server thread, as before; the engine's lock
+keeps the two walks apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from emulab.avf import datapath as dp
+
+if TYPE_CHECKING:
+    from emulab.avf.queues import QueueEngine
+
+__all__ = ["TxWorker"]
+
+
+class TxWorker:
+    """Walks TX rings when kicked (``kick_fd``, an eventfd), on a thread of its own."""
+
+    def __init__(self, engine: QueueEngine) -> None:
+        self.engine = engine
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        # closed only once nothing may kick it (a lane keeps its worker: MirrorWords.keep), so
+        # that no kick is ever written to a number reused by another file
+        weakref.finalize(self, os.close, self.kick_fd)
+        self.kicks = 0  # wake-ups (each may cover several doorbells)
+        self.walks = 0  # queues walked
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._run, name="emulab-avf-tx",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            thread, self._thread = self._thread, None
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.kick_fd, 1)
+        if thread is not None:
+            thread.join(5.0)
+
+    def _run(self) -> None:
+        e = self.engine
+        txt = e.tables.tx_table
+        while True:
+            try:
+                os.eventfd_read(self.kick_fd)  # (blocks, without the GIL)
+            except OSError:
+                return
+            if self._stopping:
+                return
+            self.kicks += 1
+            try:
+                # every queue whose tail moved past its head (whole columns: one look for all)
+                moved = (txt[:, dp.TX_TAIL] != txt[:, dp.TX_HEAD]) & (txt[:, dp.TX_ENABLED] != 0)
+                for q in np.flatnonzero(moved).tolist():
+                    self.walks += 1
+                    e.tx_tail(q)
+                e.flush()
+            except Exception as exc:  # a bug: reported, and the worker carries on
+                e.crashed("tx", exc)

@@ -180,12 +180,11 @@ def run_avf(
         f"handed {lane['posted']} posted and {lane['answered']} answered writes to "
         f"Python")  # fmt: skip
     e = dev.queues.eth
-    worker = dev.core.tx_worker or SimpleNamespace(kicks=0, walks=0)
+    worker = dev.core.tx_worker or SimpleNamespace(kicks=0)
     say(f"AVF ({mode}): {got}; device rx_discards={e['rx_discards']} "
         f"tx_packets={e['tx_unicast']} rx_packets={e['rx_unicast']}; TAP: batches held "
         f"{tap.held}, dropped {tap.counters.dropped}; TX frames written from the device's "
-        f"arena {dev.queues.sent_in_place}; TX worker woken {worker.kicks} times, "
-        f"{worker.walks} ring walks")  # fmt: skip
+        f"arena {dev.queues.sent_in_place}; TX worker woken {worker.kicks} times")  # fmt: skip
     if "tx" not in got or "rx" not in got:
         say(f"AVF ({mode}) run incomplete:\n{run.output[-3000:]}")
     return got

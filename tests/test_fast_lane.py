@@ -437,15 +437,15 @@ def test_tx_doorbells_are_stored_by_the_lane_and_walked_by_the_tx_worker(
                 got += [f for _, f in drv.poll(0.05)]
         assert got == frames  # looped back, in order
         assert srv.status()["fast_lane"]["mirrored"] - before >= 5  # the doorbells (and RX's)
-        assert worker.kicks >= 1 and worker.walks >= 1
+        assert worker.kicks >= 1
         assert dev.queues.eth["tx_unicast"] == 40
         regs = [(r.op, r.name) for r in dev.trace.snapshot(RegisterRecord)]
         assert regs.count(("write", "QTX_TAIL[0]")) >= 5
 
-        walks = worker.walks
+        kicks = worker.kicks
         c.send_raw(posted(990, QTX_TAIL, (64).to_bytes(4, "little")))  # past a 64-entry ring
         assert c.read32(BAR0, QTX_TAIL) == 64  # stored by the ordinary path's register
-        assert worker.walks == walks and dev.queues.tx[0].head == 40 % 64
+        assert worker.kicks == kicks and dev.queues.tx[0].head == 40 % 64
     finally:
         c.close()
         srv.stop()

@@ -231,6 +231,11 @@ class QueueEngine:
         self._tx_gso = np.zeros((BURST, GSO_COLS), dtype=np.int64)  # (_send_in_place's rows)
         self._res = np.zeros(dp.OUT, dtype=np.int64)
         self.sent_in_place = 0  # TX frames sent straight from the arena (tests, benchmarks)
+        self.tx_serves = 0  # compiled walks of every moved TX ring (tx_walk_moved)
+        self._serve_acc = np.zeros(dp.OUT, dtype=np.int64)  # (tx_walk_moved's kernel words)
+        self._serve_ctl = np.zeros(dp.SERVE_CTL, dtype=np.int64)
+        self._serve_vh = np.zeros(16, dtype=np.uint8)
+        self._serve_io = np.zeros(8, dtype=np.int64)
         self._frames = np.zeros((BURST, MAX_FRAME), dtype=np.uint8)
         self._lens = np.zeros(BURST, dtype=np.int64)
         self._burst = dp.Burst(
@@ -580,6 +585,66 @@ class QueueEngine:
                 self.backend.send(frames)
         for v in vectors:  # after the wire, as without deferral (a looped-back frame is in)
             self.raise_vector(v)
+
+    def tx_walk_moved(self) -> None:
+        """Walk every TX queue whose tail moved past its head (the TX worker's call, when
+        kicked): all in one compiled call (``tx_serve``) while the frames may go to the wire
+        from the arena and the wire takes them by a descriptor (a TAP), else queue by queue
+        as :meth:`tx_tail`. Frames the kernel leaves to Python, and what a ring error asks
+        for, are done here as ``tx_tail`` does them."""
+        txt = self.tables.tx_table
+        with self.lock:
+            fd = self.backend.wire_fd
+            if (
+                fd < 0
+                or self._outgoing  # (frames queued for the wire go first: the Python way)
+                or self.ring_to_ring
+                or self.tx_fault is not None
+                or (self.on_packets is not None and self.wants_packets())
+                or not self._in_place()
+                or not K.tx_serve.is_compiled(len(self._table.general.arrays))
+                or not self.backend.room_to_send(len(self._outgoing))
+            ):
+                self._walk_each()
+                return
+            acc, ctl = self._serve_acc, self._serve_ctl
+            acc[:] = 0
+            ctl[:] = 0
+            slow = K.tx_serve(self._table.general, txt, self._gather_to, self._tx_gso, fd,
+                              self._serve_vh, self._serve_io, self._out, acc, ctl)  # fmt: skip
+            self.tx_serves += 1
+            vectors: set[int] = set()
+            mask = int(ctl[dp.SERVE_VECTORS])
+            while mask:
+                low = mask & -mask
+                mask ^= low
+                vectors.add(low.bit_length() - 1)
+            frames = int(acc[dp.OUT_TX_FRAMES])
+            if frames:
+                self.account(acc, vectors)
+                self.backend.rows_written(frames, int(acc[dp.OUT_TX_BYTES]),
+                                          int(ctl[dp.SERVE_DROPPED]))  # fmt: skip
+                self.sent_in_place += frames
+            if slow:  # the rest of that burst, and of that ring, the Python way
+                q = self.tx[int(ctl[dp.SERVE_QUEUE])]
+                n, done, err = (int(ctl[c]) for c in (dp.SERVE_N, dp.SERVE_DONE, dp.SERVE_ERROR))
+                if n > done:
+                    rest = self._gather(n, done)
+                    self.account(self._sent_counts(rest), vectors, q)
+                    self._outgoing.extend(rest)
+                if err:
+                    self.eth["tx_errors"] += 1
+                    self._fail("tx", q, err)
+            self._vectors |= vectors
+            if slow:  # the rest (after the frames now queued for the wire, so behind them)
+                self._walk_each()
+
+    def _walk_each(self) -> None:
+        """:meth:`tx_tail` for every TX queue whose tail moved past its head."""
+        txt = self.tables.tx_table
+        moved = (txt[:, dp.TX_TAIL] != txt[:, dp.TX_HEAD]) & (txt[:, dp.TX_ENABLED] != 0)
+        for q in np.flatnonzero(moved).tolist():
+            self.tx_tail(q)
 
     def _in_place(self) -> bool:
         """Whether this walk's frames may go to the wire straight from the arena, prepared by

@@ -8,9 +8,10 @@ the tail write only tells its DMA engine there is work, and the engine fetches d
 its own time. Here the AVF declares QTX_TAIL *mirrored with a kick*
 (:class:`~emulab.pci.interface.MirrorWords`): the fast lane's compiled loop stores the tail into
 the register and the queue's row, signals this worker's eventfd, and goes on reading. The worker
-wakes, walks every TX queue whose tail moved (``QueueEngine.tx_tail``: the same walk, faults,
-packet trace and statistics as ever), and raises what that asks for. Doorbells that come while
-it walks cost one more walk between them, not one each.
+wakes, walks every TX queue whose tail moved (``QueueEngine.tx_walk_moved``: on a TAP, one
+compiled call that gathers, prepares and writes the frames; otherwise ``tx_tail``'s walk, with
+faults, packet trace and statistics as ever), and raises what that asks for. Doorbells that
+come while it walks cost one more walk between them, not one each.
 
 Anything the lane does not apply itself (a tail past the ring, the debugger on, a lane off)
 still reaches the register's hook and walks on the server thread, as before; the engine's lock
@@ -24,10 +25,6 @@ import os
 import threading
 import weakref
 from typing import TYPE_CHECKING
-
-import numpy as np
-
-from emulab.avf import datapath as dp
 
 if TYPE_CHECKING:
     from emulab.avf.queues import QueueEngine
@@ -45,7 +42,6 @@ class TxWorker:
         # that no kick is ever written to a number reused by another file
         weakref.finalize(self, os.close, self.kick_fd)
         self.kicks = 0  # wake-ups (each may cover several doorbells)
-        self.walks = 0  # queues walked
         self._stopping = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -68,7 +64,6 @@ class TxWorker:
 
     def _run(self) -> None:
         e = self.engine
-        txt = e.tables.tx_table
         while True:
             try:
                 os.eventfd_read(self.kick_fd)  # (blocks, without the GIL)
@@ -78,11 +73,7 @@ class TxWorker:
                 return
             self.kicks += 1
             try:
-                # every queue whose tail moved past its head (whole columns: one look for all)
-                moved = (txt[:, dp.TX_TAIL] != txt[:, dp.TX_HEAD]) & (txt[:, dp.TX_ENABLED] != 0)
-                for q in np.flatnonzero(moved).tolist():
-                    self.walks += 1
-                    e.tx_tail(q)
+                e.tx_walk_moved()  # every queue whose tail moved: compiled, where it can be
                 e.flush()
             except Exception as exc:  # a bug: reported, and the worker carries on
                 e.crashed("tx", exc)

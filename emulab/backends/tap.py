@@ -113,6 +113,7 @@ class TapBackend(PacketBackend):
         except BaseException:
             os.close(self.fd)
             raise
+        self.wire_fd = self.fd
         self._stop_r, self._stop_w = os.pipe()
         self._closing = False
         self.held = 0  # batches that had to wait for receive buffers (flow control)
@@ -159,10 +160,7 @@ class TapBackend(PacketBackend):
             else:
                 failed = self._write_rows_python(arena, offsets, gso, start, n)
             self.rows_sent += n - start
-        with self.counters.lock:
-            self.counters.tx_packets += n - start
-            self.counters.tx_bytes += nbytes
-            self.counters.dropped += failed
+        self.rows_written(n - start, nbytes, failed)
 
     def _write_rows_python(self, arena: Any, offsets: Any, gso: Any, start: int, n: int) -> int:
         failed = 0
@@ -274,6 +272,7 @@ class TapBackend(PacketBackend):
 
     def close(self) -> None:
         super().close()
+        self.wire_fd = -1  # (compiled writers look before each walk)
         self._closing = True
         self.room.set()
         os.write(self._stop_w, b"x")

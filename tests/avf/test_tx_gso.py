@@ -5,6 +5,7 @@ and what they leave to Python."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -196,13 +197,16 @@ def test_tap_send_rows_reaches_the_host(compiled: bool, monkeypatch: pytest.Monk
 @pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
 )
-def test_the_avf_on_a_tap_sends_from_its_arena(tmp_path: Any) -> None:
-    """A guest driver's frames reach the host from the arena, counted and traced as before."""
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "untraced"])
+def test_the_avf_on_a_tap_sends_from_its_arena(tmp_path: Any, traced: bool) -> None:
+    """A guest driver's frames reach the host from the arena, counted and traced as before;
+    untraced, the TX worker walks the ring in one compiled call (``tx_serve``)."""
     from emulab.avf.device import AvfDevice
     from emulab.backends import open_backend
     from emulab.client import VfioUserClient
     from emulab.drivers import NicDriver
     from emulab.server import VfioUserServer
+    from emulab.server.lane import KERNEL as LANE
     from emulab.trace import PacketRecord
     from tests.waiting import wait_until
 
@@ -211,6 +215,7 @@ def test_the_avf_on_a_tap_sends_from_its_arena(tmp_path: Any) -> None:
     tap = open_backend(f"tap:{name}")
     host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
     dev = AvfDevice(backend=tap)
+    dev.trace.enabled = traced
     srv = VfioUserServer(dev, tmp_path / "avf.sock").start()
     frames = [b"\xff" * 6 + bytes.fromhex("02e1ab000001") + b"\x88\xb5" + bytes([i]) * 60
               for i in range(20)]  # fmt: skip
@@ -221,6 +226,9 @@ def test_the_avf_on_a_tap_sends_from_its_arena(tmp_path: Any) -> None:
         with VfioUserClient.connect(srv.socket_path) as client:
             drv = NicDriver(client)
             drv.bring_up()
+            assert LANE.wait(300)  # (then a read the lane answers: the lane reads the socket)
+            served = lambda: srv.status()["fast_lane"]["served"]  # noqa: E731
+            wait_until(lambda: client.read32(0, 0x2000) >= 0 and served() > 0, 30, "the lane")
             assert drv.transmit(frames) == 20
             wait_until(lambda: not drv.tx_pending(), 5, "TX descriptors done")
             got = [host.recv(2048) for _ in range(20)]
@@ -230,9 +238,89 @@ def test_the_avf_on_a_tap_sends_from_its_arena(tmp_path: Any) -> None:
         dev.close()
         tap.close()
     assert got == frames  # in order, as the driver built them
-    assert dev.queues.sent_in_place == 20 and tap.rows_sent == 20
+    assert dev.queues.sent_in_place == 20
+    assert tap.rows_sent == (20 if traced else 0)  # (untraced: written by tx_serve itself)
     assert dev.queues.eth["tx_broadcast"] == 20 and tap.counters.tx_packets == 20
-    traced = [r for r in dev.trace.snapshot(PacketRecord) if r.direction == "tx"]
-    assert len(traced) >= 20
-    for f, r in zip(frames, traced[-20:], strict=True):
+    assert dev.core.tx_worker is not None and dev.core.tx_worker.kicks >= 1
+    if not traced:
+        assert dev.queues.tx_serves >= 1
+        return
+    records = [r for r in dev.trace.snapshot(PacketRecord) if r.direction == "tx"]
+    assert len(records) >= 20
+    for f, r in zip(frames, records[-20:], strict=True):
         assert r.length == len(f) and f.startswith(r.frame)
+
+
+def _on_a_wire(call: Any) -> tuple[Any, list[bytes]]:
+    """``call(fd)`` with ``fd`` one end of a datagram socket pair; what it returned and what
+    came out of the other end."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+    try:
+        result = call(a.fileno())
+        b.setblocking(False)
+        wire = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                wire.append(b.recv(1 << 17))
+        return result, wire
+    finally:
+        a.close()
+        b.close()
+
+
+def test_tx_serve_walks_the_moved_rings_onto_the_wire_and_stops_where_python_must() -> None:
+    """Two TX queues whose tails moved: queue 0's frames (every offload kind, TSO with its
+    context descriptor) go to the wire byte for byte as the Python path sends them; queue 1
+    stops at a frame whose offload only Python does (SCTP), its burst left in the arena."""
+    from emulab.avf.datapath.tx_serve import SERVE_CTL, SERVE_SLOW, tx_serve
+    from emulab.avf.descriptors import TX_DESC, TX_DTYPE_CONTEXT, TxCmd, tx_qword1
+    from emulab.pci.dma import GuestMemory, memfd
+
+    base, size, n_desc = 0x4000_0000, 1 << 21, 64
+    fd = memfd("g", size)
+    gm = GuestMemory()
+    gm.map(base, size, fd=fd)
+    os.close(fd)
+    raw = np.frombuffer(gm.regions[0].mapping, dtype=np.uint8)  # type: ignore[arg-type]
+    table = dp.MemoryTable(gm)
+    txt = np.zeros((2, dp.TX_COLS), dtype=np.int64)
+    at = [0x10000]
+
+    def put(queue: int, frames: list[tuple[bytes, int, int]]) -> None:
+        ring = raw[queue * 0x1000 : queue * 0x1000 + 16 * n_desc].view(TX_DESC)
+        i = 0
+        for f, q1, ctx in frames:
+            if ctx:
+                ring[i] = (0, TX_DTYPE_CONTEXT | ctx)
+                i += 1
+            raw[at[0] : at[0] + len(f)] = np.frombuffer(f, np.uint8)
+            ring[i] = (base + at[0], tx_qword1(len(f), TxCmd.EOP | TxCmd.RS) | q1)
+            at[0] += len(f) + 64
+            i += 1
+        txt[queue, : dp.TX_VECTOR + 1] = (base + queue * 0x1000, n_desc, 0, i, 1, 1 + queue)
+
+    cases = [(f, q1, ctx) for _, f, q1, ctx in _cases(random.Random(3))]
+    plain = bytes(Ether(dst="02:00:00:00:00:02") / IP() / TCP() / (b"p" * 80))
+    sctp = (plain, q1_of(IPV4, SCTP_, 14, 20, 12), 0)
+    put(0, cases)
+    put(1, [(plain, 0, 0), sctp, (plain, 0, 0)])
+    gather = dp.Gather(np.zeros(1 << 20, np.uint8), np.zeros(33, np.int64),
+                       np.zeros((32, 2), np.uint64))  # fmt: skip
+    gso = np.zeros((32, GSO_COLS), np.int64)
+    acc, ctl = np.zeros(dp.OUT, np.int64), np.zeros(SERVE_CTL, np.int64)
+    code, wire = _on_a_wire(lambda fd: tx_serve(table.general, txt, gather, gso, fd,
+                                                np.zeros(16, np.uint8),
+                                                np.zeros(IO_WORDS, np.int64),
+                                                np.zeros(dp.OUT, np.int64), acc, ctl))  # fmt: skip
+    want = [vnet_header(w) + bytes(w) for f, q1, ctx in cases
+            for w in apply_tx_offloads(f, q1, ctx, gso=True)]  # fmt: skip
+    assert wire == [*want, vnet_header(plain) + plain]
+    assert code == SERVE_SLOW
+    assert [int(ctl[c]) for c in (dp.SERVE_QUEUE, dp.SERVE_N, dp.SERVE_DONE, dp.SERVE_ERROR)] == [
+        1, 3, 1, 0]  # fmt: skip
+    assert ctl[dp.SERVE_VECTORS] == 0b110 and ctl[dp.SERVE_DROPPED] == 0
+    assert acc[dp.OUT_TX_FRAMES] == len(cases) + 1
+    assert txt[0, dp.TX_HEAD] == txt[0, dp.TX_TAIL] and txt[1, dp.TX_HEAD] == 3
+    # the frames Python takes are where the Python path looks for them
+    assert gather.arena[gather.offsets[1] : gather.offsets[2]].tobytes() == plain

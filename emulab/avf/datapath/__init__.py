@@ -180,6 +180,15 @@ from emulab.avf.datapath.rss import (
     toeplitz_frame,
     toeplitz_table,
 )
+from emulab.avf.datapath.tx_serve import (
+    SERVE_CTL,
+    SERVE_DONE,
+    SERVE_DROPPED,
+    SERVE_ERROR,
+    SERVE_N,
+    SERVE_QUEUE,
+    SERVE_VECTORS,
+)
 from emulab.avf.datapath.warm import warmup
 
 guard_package()  # before any kernel loads: a cache older than these sources is dropped
@@ -292,6 +301,13 @@ __all__ = [
     "RX_PACKETS",
     "RX_TAIL",
     "RX_VECTOR",
+    "SERVE_CTL",
+    "SERVE_DONE",
+    "SERVE_DROPPED",
+    "SERVE_ERROR",
+    "SERVE_N",
+    "SERVE_QUEUE",
+    "SERVE_VECTORS",
     "SNAP",
     "TX_BASE",
     "TX_BYTES",

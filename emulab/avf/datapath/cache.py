@@ -1,14 +1,24 @@
-"""The data-path kernels' cache: emptied when any source of this package changed (see
-:mod:`emulab.native.cache`; these kernels inline nothing from elsewhere)."""
+"""The data-path kernels' cache: emptied when any source they inline changed (see
+:mod:`emulab.native.cache`): this package's, :mod:`emulab.native`'s (the C calls), the backends'
+declarations and the TAP's compiled write (``tx_serve`` writes to a TAP itself)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from emulab.native.cache import STAMP, digest, drop_stale
+from emulab.native.cache import NATIVE, STAMP, digest, drop_stale
 
-__all__ = ["STAMP", "digest", "drop_stale", "guard_package"]
+__all__ = ["STAMP", "digest", "drop_stale", "guard_package", "sources"]
+
+HERE = Path(__file__).parent
+BACKENDS = HERE.parent.parent / "backends"
+
+
+def sources() -> list[Path]:
+    """Every source file the kernels of this package inline code or constants from."""
+    return [*HERE.glob("*.py"), *NATIVE.glob("*.py"), BACKENDS / "base.py",
+            BACKENDS / "tap_kernel.py"]  # fmt: skip
 
 
 def guard_package() -> None:
@@ -16,5 +26,4 @@ def guard_package() -> None:
     with ``NUMBA_CACHE_DIR`` set, numba keeps it elsewhere and this does nothing)."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return
-    here = Path(__file__).parent
-    drop_stale(here / "__pycache__", here.glob("*.py"))
+    drop_stale(HERE / "__pycache__", sources())

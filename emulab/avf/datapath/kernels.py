@@ -48,9 +48,10 @@ from emulab.avf.datapath import (
     ring_to_ring,
     rss,
     tx_gso,
+    tx_serve,
     warm,
 )
-from emulab.avf.datapath.cache import digest
+from emulab.avf.datapath.cache import digest, sources
 from emulab.avf.datapath.context import maps_of, table_size
 
 __all__ = ["BUILDER", "KERNELS", "BuildStatus", "Builder", "Kernel", "KernelSet", "interpret"]
@@ -131,6 +132,7 @@ class Kernel:
 _NAMES: dict[str, tuple[Any, bool]] = {
     "tx_drain": (general_path.tx_drain, True),
     "tx_gso": (tx_gso.tx_gso, False),
+    "tx_serve": (tx_serve.tx_serve, True),
     "rx_pick": (general_path.rx_pick, False),
     "toeplitz_table": (rss.toeplitz_table, False),
     "ones_sum": (checksum.ones_sum, False),
@@ -149,6 +151,7 @@ class KernelSet:
 
     tx_drain: Kernel
     tx_gso: Kernel
+    tx_serve: Kernel
     rx_pick: Kernel
     toeplitz_table: Kernel
     ones_sum: Kernel
@@ -223,7 +226,7 @@ def cache_dir() -> Path:
 
 
 def sources_digest() -> str:
-    return digest(HERE.glob("*.py"))
+    return digest(sources())
 
 
 def recorded() -> set[int]:

@@ -26,6 +26,7 @@ from emulab.avf.datapath.poll_loop import POLL_CTL, poll
 from emulab.avf.datapath.ring_to_ring import forward, rx_place, tso_cut, work_areas
 from emulab.avf.datapath.rss import RSS_TUPLE_MAX, classify, rss_hash, toeplitz_table
 from emulab.avf.datapath.tx_gso import tx_gso
+from emulab.avf.datapath.tx_serve import SERVE_CTL, tx_serve
 from emulab.backends.base import GSO_COLS
 
 
@@ -78,6 +79,10 @@ def steps(maps: int = 1, polling: bool = True) -> list[tuple[str, Callable[[], o
                                       np.zeros(OUT, dtype=np.int64))),
         ("forward", lambda: forward(FastPath(fast, rxt, rss(), work()), txt[0], 64,
                                     np.zeros(OUT, dtype=np.int64))),
+        ("tx_serve", lambda: tx_serve(general, txt, gather, np.zeros((8, GSO_COLS), np.int64),
+                                      -1, np.zeros(10, np.uint8), np.zeros(8, np.int64),
+                                      np.zeros(OUT, np.int64), np.zeros(OUT, np.int64),
+                                      np.zeros(SERVE_CTL, np.int64))),
     ]  # fmt: skip
     if polling:
 
@@ -127,7 +132,7 @@ def common_steps() -> list[tuple[str, Callable[[], object]]]:
 # second or so, for half the wall time.
 PARTS = (
     ("toeplitz_table", "checksums", "tso_cut", "rx_pick", "tx_drain", "tx_gso"),
-    ("rx_place", "forward", "poll"),
+    ("rx_place", "forward", "poll", "tx_serve"),
 )
 
 

@@ -131,8 +131,8 @@ def common_steps() -> list[tuple[str, Callable[[], object]]]:
 # compiles again some helpers that the first also does (``classify``, ``ones_sum``...): a
 # second or so, for half the wall time.
 PARTS = (
-    ("toeplitz_table", "checksums", "tso_cut", "rx_pick", "tx_drain", "tx_gso"),
-    ("rx_place", "forward", "poll", "tx_serve"),
+    ("toeplitz_table", "checksums", "tso_cut", "rx_pick", "tx_drain", "tx_gso", "tx_serve"),
+    ("rx_place", "forward", "poll"),
 )
 
 

@@ -102,6 +102,7 @@ class AvfCore:
             on_packets=self._packets_trace,
             on_snaps=self._snaps_trace,
             wants_packets=lambda: self.trace.enabled,
+            packets_live=self._packets_live,
             defer_send=True,  # sent after region_write lets go of the device lock
             tail_words=regs.words if poll else None,
             on_mmap_writes=self._mmap_trace if poll else None,

@@ -191,6 +191,8 @@ class QueueEngine:
     on_packets: Callable[[str, int, Sequence[bytes]], None] | None = None
     on_snaps: Callable[[str, int, Sequence[tuple[int, bytes]]], None] | None = None
     wants_packets: Callable[[], bool] = lambda: True  # (the trace is on)
+    # packets are wanted as they move (a packet breakpoint): each TX burst the Python way
+    packets_live: Callable[[], bool] = lambda: False
     # polling mode: tail writes the driver made into the mmapped page, as (word index, value)
     on_mmap_writes: Callable[[Sequence[tuple[int, int]]], None] | None = None
     defer_send: bool = False  # TX frames wait for flush() (see tx_tail)
@@ -595,12 +597,13 @@ class QueueEngine:
         txt = self.tables.tx_table
         with self.lock:
             fd = self.backend.wire_fd
+            traced = self.on_snaps is not None and self.wants_packets()
             if (
                 fd < 0
                 or self._outgoing  # (frames queued for the wire go first: the Python way)
                 or self.ring_to_ring
                 or self.tx_fault is not None
-                or (self.on_packets is not None and self.wants_packets())
+                or (traced and self.packets_live())  # (a packet breakpoint: frame by frame)
                 or not self._in_place()
                 or not K.tx_serve.is_compiled(len(self._table.general.arrays))
                 or not self.backend.room_to_send(len(self._outgoing))
@@ -610,9 +613,16 @@ class QueueEngine:
             acc, ctl = self._serve_acc, self._serve_ctl
             acc[:] = 0
             ctl[:] = 0
-            slow = K.tx_serve(self._table.general, txt, self._gather_to, self._tx_gso, fd,
-                              self._serve_vh, self._serve_io, self._out, acc, ctl)  # fmt: skip
+            snap = (self._work if traced else self._work_untraced).snap
+            code = K.tx_serve(self._table.general, txt, self._gather_to, self._tx_gso, fd,
+                              self._serve_vh, self._serve_io, self._out, acc, ctl,
+                              snap)  # fmt: skip
             self.tx_serves += 1
+            slow = code == dp.SERVE_SLOW
+            if traced:  # (the packet trace's copies, by TX queue, before anything is raised)
+                rows = dp.snap_rows_tx(snap, int(ctl[dp.SERVE_SNAPS]))
+                for t in sorted({r[0] for r in rows}):
+                    self.snapped(t, [(n, rq, d) for tq, n, rq, d in rows if tq == t])
             vectors: set[int] = set()
             mask = int(ctl[dp.SERVE_VECTORS])
             while mask:
@@ -630,6 +640,8 @@ class QueueEngine:
                 n, done, err = (int(ctl[c]) for c in (dp.SERVE_N, dp.SERVE_DONE, dp.SERVE_ERROR))
                 if n > done:
                     rest = self._gather(n, done)
+                    if traced and self.on_packets is not None:
+                        self.on_packets("tx", q.index, rest)
                     self.account(self._sent_counts(rest), vectors, q)
                     self._outgoing.extend(rest)
                 if err:
@@ -638,6 +650,8 @@ class QueueEngine:
             self._vectors |= vectors
             if slow:  # the rest (after the frames now queued for the wire, so behind them)
                 self._walk_each()
+        if code == dp.SERVE_SNAP_FULL:
+            self.tx_walk_moved()  # (the trace's rows taken: on from where it stopped)
 
     def _walk_each(self) -> None:
         """:meth:`tx_tail` for every TX queue whose tail moved past its head."""

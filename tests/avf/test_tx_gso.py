@@ -197,10 +197,11 @@ def test_tap_send_rows_reaches_the_host(compiled: bool, monkeypatch: pytest.Monk
 @pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
 )
-@pytest.mark.parametrize("traced", [True, False], ids=["traced", "untraced"])
-def test_the_avf_on_a_tap_sends_from_its_arena(tmp_path: Any, traced: bool) -> None:
-    """A guest driver's frames reach the host from the arena, counted and traced as before;
-    untraced, the TX worker walks the ring in one compiled call (``tx_serve``)."""
+@pytest.mark.parametrize("traced", [True, False, "live"], ids=["traced", "untraced", "live"])
+def test_the_avf_on_a_tap_sends_from_its_arena(tmp_path: Any, traced: bool | str) -> None:
+    """A guest driver's frames reach the host from the arena, counted and traced as before:
+    the TX worker walks the ring in one compiled call (``tx_serve``), which keeps the packet
+    trace's copies too."""
     from emulab.avf.device import AvfDevice
     from emulab.backends import open_backend
     from emulab.client import VfioUserClient
@@ -215,7 +216,9 @@ def test_the_avf_on_a_tap_sends_from_its_arena(tmp_path: Any, traced: bool) -> N
     tap = open_backend(f"tap:{name}")
     host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
     dev = AvfDevice(backend=tap)
-    dev.trace.enabled = traced
+    dev.trace.enabled = bool(traced)
+    if traced == "live":  # (a packet breakpoint's wish: each frame as it goes, from Python)
+        dev.trace.set_live(tap, ["packet"])
     srv = VfioUserServer(dev, tmp_path / "avf.sock").start()
     frames = [b"\xff" * 6 + bytes.fromhex("02e1ab000001") + b"\x88\xb5" + bytes([i]) * 60
               for i in range(20)]  # fmt: skip
@@ -239,11 +242,12 @@ def test_the_avf_on_a_tap_sends_from_its_arena(tmp_path: Any, traced: bool) -> N
         tap.close()
     assert got == frames  # in order, as the driver built them
     assert dev.queues.sent_in_place == 20
-    assert tap.rows_sent == (20 if traced else 0)  # (untraced: written by tx_serve itself)
+    # written by tx_serve itself, traced or not; frame by frame while wanted live
+    assert tap.rows_sent == (20 if traced == "live" else 0)
     assert dev.queues.eth["tx_broadcast"] == 20 and tap.counters.tx_packets == 20
     assert dev.core.tx_worker is not None and dev.core.tx_worker.kicks >= 1
+    assert (dev.queues.tx_serves >= 1) == (traced != "live")
     if not traced:
-        assert dev.queues.tx_serves >= 1
         return
     records = [r for r in dev.trace.snapshot(PacketRecord) if r.direction == "tx"]
     assert len(records) >= 20
@@ -309,12 +313,14 @@ def test_tx_serve_walks_the_moved_rings_onto_the_wire_and_stops_where_python_mus
                        np.zeros((32, 2), np.uint64))  # fmt: skip
     gso = np.zeros((32, GSO_COLS), np.int64)
     acc, ctl = np.zeros(dp.OUT, np.int64), np.zeros(SERVE_CTL, np.int64)
+    snap = dp.work_areas(64).snap  # (the packet trace's rows: each frame's copy)
     code, wire = _on_a_wire(lambda fd: tx_serve(table.general, txt, gather, gso, fd,
                                                 np.zeros(16, np.uint8),
                                                 np.zeros(IO_WORDS, np.int64),
-                                                np.zeros(dp.OUT, np.int64), acc, ctl))  # fmt: skip
-    want = [vnet_header(w) + bytes(w) for f, q1, ctx in cases
-            for w in apply_tx_offloads(f, q1, ctx, gso=True)]  # fmt: skip
+                                                np.zeros(dp.OUT, np.int64), acc, ctl,
+                                                snap))  # fmt: skip
+    want_frames = [w for f, q1, ctx in cases for w in apply_tx_offloads(f, q1, ctx, gso=True)]
+    want = [vnet_header(w) + bytes(w) for w in want_frames]
     assert wire == [*want, vnet_header(plain) + plain]
     assert code == SERVE_SLOW
     assert [int(ctl[c]) for c in (dp.SERVE_QUEUE, dp.SERVE_N, dp.SERVE_DONE, dp.SERVE_ERROR)] == [
@@ -322,5 +328,13 @@ def test_tx_serve_walks_the_moved_rings_onto_the_wire_and_stops_where_python_mus
     assert ctl[dp.SERVE_VECTORS] == 0b110 and ctl[dp.SERVE_DROPPED] == 0
     assert acc[dp.OUT_TX_FRAMES] == len(cases) + 1
     assert txt[0, dp.TX_HEAD] == txt[0, dp.TX_TAIL] and txt[1, dp.TX_HEAD] == 3
+    traced = dp.snap_rows_tx(snap, int(ctl[dp.SERVE_SNAPS]))
+    sent = [f for f, _, _ in cases] + [plain]
+    assert [(t, n, rq) for t, n, rq, _ in traced] == [(0, len(w), -1) for w in sent[:-1]] + [
+        (1, len(plain), -1)]  # fmt: skip
+    # (the copies are of the frames as they went: offloads done, first SNAP bytes)
+    assert [d for *_, d in traced] == [
+        bytes(w)[: len(d)] for w, (*_, d) in zip([*want_frames, plain], traced, strict=True)
+    ]
     # the frames Python takes are where the Python path looks for them
     assert gather.arena[gather.offsets[1] : gather.offsets[2]].tobytes() == plain

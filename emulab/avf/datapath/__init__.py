@@ -187,6 +187,9 @@ from emulab.avf.datapath.tx_serve import (
     SERVE_ERROR,
     SERVE_N,
     SERVE_QUEUE,
+    SERVE_SLOW,
+    SERVE_SNAP_FULL,
+    SERVE_SNAPS,
     SERVE_VECTORS,
 )
 from emulab.avf.datapath.warm import warmup
@@ -307,6 +310,9 @@ __all__ = [
     "SERVE_ERROR",
     "SERVE_N",
     "SERVE_QUEUE",
+    "SERVE_SLOW",
+    "SERVE_SNAPS",
+    "SERVE_SNAP_FULL",
     "SERVE_VECTORS",
     "SNAP",
     "TX_BASE",

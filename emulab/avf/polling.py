@@ -250,8 +250,8 @@ class Poller:
         vectors |= {v for v in range(64) if pending >> v & 1}
         e.raise_later(vectors)
         qi = int(ctl[dp.POLL_QUEUE])
-        if reason == dp.POLL_KICK:  # the general path for this queue (sends, offloads)
-            e.tx_tail(qi)
+        if reason == dp.POLL_KICK:  # the general path (a wire's sends, offloads): on a TAP
+            e.tx_walk_moved()  # one compiled walk of every moved ring (tx_serve), else tx_tail
         elif reason == dp.POLL_ERROR:
             e.forward_failed(e.tx[qi], acc)
         return reason

@@ -28,16 +28,18 @@ import struct
 import numpy as np
 
 from emulab.avf.datapath import KERNELS
-from emulab.avf.descriptors import TX_CTX_CMD_TSO, TX_IIPT_SHIFT, TX_L4T_SHIFT, TX_OFFLOAD_MASK
+from emulab.avf.datapath.tx_gso import offload_fields
+from emulab.avf.descriptors import TX_CTX_CMD_TSO, TX_OFFLOAD_MASK
 from emulab.backends.base import GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, GsoFrame
 
 __all__ = ["OFFLOAD_CMD_MASK", "apply_tx_offloads", "inet_checksum"]
 
-IIPT_SHIFT, L4T_SHIFT = TX_IIPT_SHIFT, TX_L4T_SHIFT  # positions in qword 1
 IIPT_IPV6, IIPT_IPV4, IIPT_IPV4_CSUM = 1, 2, 3
 L4T_TCP, L4T_SCTP, L4T_UDP = 1, 2, 3
 OFFLOAD_CMD_MASK = TX_OFFLOAD_MASK
 CTX_TSO = TX_CTX_CMD_TSO
+# (the compiled path's own decoding, as plain Python: no compile on a serving thread)
+_fields = getattr(offload_fields, "py_func", offload_fields)
 
 
 def inet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
@@ -86,12 +88,7 @@ def apply_tx_offloads(
     writable memoryview (the device's gather arena) is fixed up in place and copied once."""
     if not q1 & OFFLOAD_CMD_MASK and not ctx_q1 & CTX_TSO:
         return [bytes(frame)]
-    iipt = (q1 >> IIPT_SHIFT) & 3
-    l4t = (q1 >> L4T_SHIFT) & 3
-    offset = (q1 >> 16) & 0x3FFFF
-    l3 = (offset & 0x7F) * 2
-    iplen = ((offset >> 7) & 0x7F) * 4
-    l4len = ((offset >> 14) & 0xF) * 4
+    iipt, l4t, l3, iplen, l4len = _fields(q1)
     l4 = l3 + iplen
     ipv6 = iipt == IIPT_IPV6
     if iipt == 0 or l4 > len(frame) or (iipt != IIPT_IPV6 and iplen < 20):

@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit
 
 from emulab.avf import descriptors as desc
+from emulab.avf.datapath import raw
 from emulab.avf.datapath.checksum import fold, ones_sum
 from emulab.avf.datapath.context import OUT_TX_BCAST, OUT_TX_MCAST, Gather
 from emulab.backends.base import (
@@ -36,7 +37,7 @@ from emulab.backends.base import (
     NEEDS_CSUM,
 )
 
-__all__ = ["tx_gso"]
+__all__ = ["offload_fields", "tx_gso"]
 
 OFFLOAD_MASK = desc.TX_OFFLOAD_MASK
 CTX_TSO = desc.TX_CTX_CMD_TSO
@@ -44,6 +45,17 @@ IIPT_SHIFT, L4T_SHIFT = desc.TX_IIPT_SHIFT, desc.TX_L4T_SHIFT
 IIPT_IPV6, IIPT_IPV4_CSUM = 1, 3
 L4T_TCP, L4T_UDP = 1, 3
 LOW40 = (1 << 40) - 1  # (qword 1's fields this reads all lie below bit 40)
+
+
+@raw.helper
+def offload_fields(q1: Any) -> tuple[int, int, int, int, int]:
+    """What a TX data descriptor's qword 1 asks of the offloads: the IP type (IIPT: none,
+    IPv6, IPv4, IPv4 with its header checksum), the L4 type (L4T: none, TCP, SCTP, UDP), the
+    L3 header's offset (MACLEN) and the IP and L4 headers' lengths, in bytes. (The Python path,
+    ``emulab.avf.offload``, calls it as plain Python: ``offload_fields.py_func``.)"""
+    offset = (q1 >> 16) & 0x3FFFF
+    return ((q1 >> IIPT_SHIFT) & 3, (q1 >> L4T_SHIFT) & 3, (offset & 0x7F) * 2,
+            ((offset >> 7) & 0x7F) * 4, ((offset >> 14) & 0xF) * 4)  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
@@ -72,12 +84,7 @@ def tx_gso(gather: Gather, n: Any, gso: Any, out: Any) -> int:  # noqa: PLR0915 
         ctx = meta[i, 1]
         tso_bit = (ctx & np.uint64(CTX_TSO)) != 0
         if q1 & OFFLOAD_MASK or tso_bit:
-            iipt = (q1 >> IIPT_SHIFT) & 3
-            l4t = (q1 >> L4T_SHIFT) & 3
-            offset = (q1 >> 16) & 0x3FFFF
-            l3 = (offset & 0x7F) * 2
-            iplen = ((offset >> 7) & 0x7F) * 4
-            l4len = ((offset >> 14) & 0xF) * 4
+            iipt, l4t, l3, iplen, l4len = offload_fields(q1)
             l4 = l3 + iplen
             ipv6 = iipt == IIPT_IPV6
             if not (iipt == 0 or l4 > length or (not ipv6 and iplen < 20)):

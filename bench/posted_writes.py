@@ -3,14 +3,15 @@
 A guest's doorbells and interrupt re-arms reach the AVF as posted writes (REGION_WRITE with
 NO_REPLY): in ``bench/guest_iperf.py`` they are ~96 % of the messages. This bench brings an AVF up
 with emulab's software iavf driver over a real socket, then sends bursts of posted writes to
-registers a driver writes (QRX_TAIL rewritten with its own value, VFINT_DYN_CTLN with and
-without INTENA) and to unclaimed space (the protocol and dispatch alone), each burst followed by
-a read that returns once all were applied, then QRX_TAIL writes one at a time, each waking the
-server thread as a guest's doorbells do (``woken``: what a write costs with its wake-up, the
-GIL and a cold cache; in bursts those are shared), and reports the server thread's CPU per write
-(its CPU clock) with the fast lane on (the kernel takes the writes off the wire,
-:meth:`Session.posted_writes` applies them) and off (every write decoded by the sans-IO
-protocol and dispatched), side by side, best of ``--repeat``.
+registers a driver writes (QRX_TAIL and QTX_TAIL rewritten with their own values -- the lane stores
+a TX tail and kicks the TX worker, whose thread's CPU is not the server's -- VFINT_DYN_CTLN with
+and without INTENA) and to unclaimed space (the protocol and dispatch alone), each burst followed
+by a read that returns once all were applied, then QRX_TAIL writes one at a time, each waking the
+server thread as a guest's doorbells do (``woken``: what a write costs with its wake-up, the GIL
+and a cold cache; in bursts those are shared), and reports the server thread's CPU per write (its
+CPU clock) with the fast lane on (the kernel takes the writes off the wire,
+:meth:`Session.posted_writes` applies them) and off (every write decoded by the sans-IO protocol
+and dispatched), side by side, best of ``--repeat``.
 
     python bench/posted_writes.py [--writes 30000] [--repeat 3]
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from emulab.avf.device import AvfDevice
 from emulab.backends.simple import LoopbackBackend
 from emulab.client import VfioUserClient
-from emulab.drivers.iavf_nic import DYN_CTLN, QRX_TAIL, NicDriver
+from emulab.drivers.iavf_nic import DYN_CTLN, QRX_TAIL, QTX_TAIL, NicDriver
 from emulab.server import VfioUserServer
 from emulab.server.lane import KERNEL
 
@@ -36,6 +37,7 @@ WRITE = struct.Struct("<HHIIIQII")  # header, offset, region, count
 RSTAT = 0x8800  # VFGEN_RSTAT: a plain register, read after each burst
 TARGETS = (
     ("QRX_TAIL[0], its own value", QRX_TAIL, None),
+    ("QTX_TAIL[0], its own value (a kick)", QTX_TAIL, None),
     ("VFINT_DYN_CTLN[0] = 0", DYN_CTLN, 0),
     ("VFINT_DYN_CTLN[0] = INTENA|CLEARPBA", DYN_CTLN, 0x3),
     ("unclaimed (0x9000)", 0x9000, 0),
@@ -98,7 +100,7 @@ def measure(fast: bool, writes: int, repeat: int) -> dict[str, float]:
         if fast:
             lane = srv.status()["fast_lane"]
             assert lane["posted"] + lane["mirrored"] >= writes * repeat, "the lane took none"
-            print(f"  the lane applied {lane['mirrored']} (RX doorbells: mirrored words) and "
+            print(f"  the lane applied {lane['mirrored']} (doorbells: mirrored words) and "
                   f"handed {lane['posted']} to Python", file=sys.stderr, flush=True)  # fmt: skip
     finally:
         client.close()

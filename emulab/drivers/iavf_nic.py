@@ -73,10 +73,18 @@ class Nic:
 class NicDriver(GuestDriver):
     """The data path of the software driver: bring-up, transmit, receive, statistics."""
 
-    def __init__(self, client: VfioUserClient, *, queues: int = 4, **kw: Any) -> None:
+    def __init__(
+        self, client: VfioUserClient, *, queues: int = 4, rss_key: bytes | None = None, **kw: Any
+    ) -> None:
+        """``rss_key``: the 52-byte RSS key to configure (None: a random one, as iavf's
+        ``netdev_rss_key_fill``; a fixed key makes which queue each flow lands on
+        reproducible)."""
         kw.setdefault("ram_size", 32 << 20)
         kw.setdefault("vectors", queues + 1)
         super().__init__(client, **kw)
+        if rss_key is not None and len(rss_key) != 52:
+            raise ValueError(f"an RSS key is 52 bytes, not {len(rss_key)}")
+        self.rss_key = rss_key
         self.wanted_queues = queues
         self.nic: Nic | None = None
         self._ring_pool: dict[tuple[int, int, int, int], tuple[int, int]] = {}
@@ -108,7 +116,7 @@ class NicDriver(GuestDriver):
         maps.append(vc.VectorMap(vsi, 0, 0, 0, 0, 0))
         self._ok(vc.Op.CONFIG_IRQ_MAP, vc.IrqMapInfo(tuple(maps)))
         if res.caps & vc.Cap.RSS_PF:
-            self._ok(vc.Op.CONFIG_RSS_KEY, vc.RssKey(vsi, os.urandom(52)))
+            self._ok(vc.Op.CONFIG_RSS_KEY, vc.RssKey(vsi, self.rss_key or os.urandom(52)))
             self._ok(vc.Op.CONFIG_RSS_LUT, vc.RssLut(vsi, tuple(i % nq for i in range(64))))
         primary = vc.EtherAddr(nic.mac, vc.ETHER_ADDR_PRIMARY)
         self._ok(vc.Op.ADD_ETH_ADDR, vc.EtherAddrList(vsi, (primary,)))

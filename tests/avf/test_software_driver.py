@@ -71,7 +71,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 
 def test_bring_up_like_iavf_then_rss_over_four_queues(rig: Rig) -> None:
-    drv, dev = rig()
+    # (a fixed key: with the driver's random one, 48 neighbouring ports all landed on one queue
+    # once in a clean-clone run -- Toeplitz is linear in the input bits)
+    drv, dev = rig(rss_key=bytes(range(7, 59)))
     nic = drv.bring_up()
     assert nic.link_up and nic.link_speed_mbps == 10_000 and nic.mac == MAC
     assert nic.num_queues == 4
@@ -93,9 +95,8 @@ def test_bring_up_like_iavf_then_rss_over_four_queues(rig: Rig) -> None:
         assert more, f"only {len(got)} of 48 frames came back"
         got += more
     assert sorted(f for _, f in got) == sorted(frames)  # every frame intact
-    # each flow on the queue Toeplitz (the driver's random key) and the LUT pick; a random key
-    # may put 48 neighbouring ports on only 2 of the 4 queues (Toeplitz is linear), so the test
-    # checks the choice itself, then that more than one queue was used
+    # each flow on the queue Toeplitz (the driver's key) and the LUT pick; the test checks the
+    # choice itself, then that this key spreads the flows over more than one queue
     key, lut = dev.queues.rss_key, dev.queues.rss_lut
     for q, f in got:
         h = int(rss_hash(key, np.frombuffer(f, np.uint8), len(f), np.zeros(12, np.uint8),

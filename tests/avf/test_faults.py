@@ -332,7 +332,9 @@ def test_bad_descriptor_stops_the_queue_and_a_reset_recovers(rig: Rig, mode: str
     drv.reset_vf()
     drv.bring_up()
     assert len(roundtrip(drv, [udp(2)])) == 1
-    dev.faults.add(BadDescriptor("rx", queue=0))
+    rx_bad = dev.faults.add(BadDescriptor("rx", queue=0))
+    # (spent at once; switched off on a thread of its own, whose "off" record may come later)
+    wait_until(lambda: not rx_bad.enabled, 2, "one shot")
     assert fired(dev, "bad-descriptor")[-2].startswith("rx q0 desc ")
     assert roundtrip(drv, [udp(3)], timeout=0.3) == []
     wait_until(lambda: dev.queues.rx[0].error is not None, 5, "the RX queue's error")

@@ -212,10 +212,10 @@ class PacketBackend(abc.ABC):
 
     def rows_written(self, frames: int, nbytes: int, failed: int) -> None:
         """Frames compiled code wrote to ``wire_fd`` (``failed`` of them not taken: dropped)."""
-        with self.counters.lock:
-            self.counters.tx_packets += frames
-            self.counters.tx_bytes += nbytes
-            self.counters.dropped += failed
+        self.counters.sent_count(frames, nbytes)
+        if failed:
+            with self.counters.lock:
+                self.counters.dropped += failed
 
     @abc.abstractmethod
     def _transmit(self, frames: Sequence[bytes]) -> None:

@@ -224,7 +224,9 @@ def test_the_dashboards_debugger_shows_a_pause_and_its_buttons_resume(tmp_path: 
             view.cont.click()
             writer.join(5)
             assert not writer.is_alive() and client.read32(0, 0x18) == 99
-            wait_until(lambda: "running" in view.state.value, 5, "running again")
+            # (the state line and the button refresh one after the other: wait for both)
+            wait_until(lambda: "running" in view.state.value and view.cont.disabled, 5,
+                       "running again, continue disabled")  # fmt: skip
             assert view.cont.disabled and "<td>1</td>" in view.table.value  # one hit
 
 

@@ -176,15 +176,18 @@ def run_avf(
     busiest = ", ".join(f"{k} {v}" for k, v in server.stats.by_command.items() if v > 100)
     lane = status["fast_lane"]
     say(f"AVF ({mode}) messages: {status['messages']} ({busiest}); the fast lane answered "
-        f"{lane['served']} REGION_READs, applied {lane['mirrored']} RX doorbells itself, "
+        f"{lane['served']} REGION_READs, applied {lane['mirrored']} writes itself (doorbells, "
+        f"interrupt re-arms), "
         f"handed {lane['posted']} posted and {lane['answered']} answered writes to "
         f"Python")  # fmt: skip
     e = dev.queues.eth
     worker = dev.core.tx_worker or SimpleNamespace(kicks=0)
+    fast = dev.core.irq.fast_fires
     say(f"AVF ({mode}): {got}; device rx_discards={e['rx_discards']} "
         f"tx_packets={e['tx_unicast']} rx_packets={e['rx_unicast']}; TAP: batches held "
         f"{tap.held}, dropped {tap.counters.dropped}; TX frames written from the device's "
-        f"arena {dev.queues.sent_in_place}; TX worker woken {worker.kicks} times")  # fmt: skip
+        f"arena {dev.queues.sent_in_place}; TX worker woken {worker.kicks} times; "
+        f"interrupts {sum(dev.irq_counts)}, {fast} of them compiled")  # fmt: skip
     if "tx" not in got or "rx" not in got:
         say(f"AVF ({mode}) run incomplete:\n{run.output[-3000:]}")
     return got

@@ -31,6 +31,7 @@ from emulab.avf.tx_worker import TxWorker
 from emulab.backends.base import PacketBackend
 from emulab.backends.simple import LoopbackBackend
 from emulab.pci.dma import GuestMemory
+from emulab.pci.fast_irq import FastIrq
 from emulab.pci.registers import RegisterFile
 from emulab.trace import (
     SNAPLEN,
@@ -85,6 +86,7 @@ class AvfCore:
         mac: bytes | str | None = None,
         pf_config: PfConfig | None = None,
         mode: str = "interrupt",
+        fast: FastIrq | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
@@ -113,9 +115,11 @@ class AvfCore:
             regs,
             raise_vector,
             lock,
-            hold=self._hold,
+            hold=self._hold if poll else None,
             rearmed=self._rearmed,
+            fast=fast,
         )
+        self.queues.raise_fast = self.irq.raise_fast
         self.admin_queue = AdminQueue(
             regs, memory, self._virtchnl, self.irq.adminq_cause, self._aq_trace
         )
@@ -244,7 +248,8 @@ class AvfCore:
             if kind is ResetKind.DEVICE and self._reset_timer is not None:
                 self._reset_timer.cancel()
             self.regs.set("VFGEN_RSTAT", ResetState.IN_PROGRESS)
-            self.regs.reset()
+            with self.irq.fast.held():  # (no compiled fire mid-way through the words)
+                self.regs.reset()
             self.admin_queue.reset()
             self.queues.reset()
             self.irq.reset()

@@ -18,7 +18,7 @@ from emulab.faults import Faults
 from emulab.pci.capabilities import add_pcie, add_pm
 from emulab.pci.config_space import PCIE_CONFIG_SIZE, Bar, BarKind, ConfigSpace
 from emulab.pci.device import PciDevice
-from emulab.pci.interface import MirrorWords
+from emulab.pci.interface import ArmWords, MirrorWords
 from emulab.pci.registers import RegisterFile
 from emulab.trace import Trace
 
@@ -86,16 +86,22 @@ class AvfDevice(PciDevice):
             mac=mac,
             pf_config=pf_config,
             mode=mode,
+            fast=self.msix.fast,
         )
         core = self.core  # (the parts views, tests and the lab reach for)
         self.regs, self.queues, self.pf = core.regs, core.queues, core.pf
         self.admin_queue, self.backend, self.poller = core.admin_queue, core.backend, core.poller
-        self.mode, self.irq_counts = mode, core.irq.counts
+        self.mode = mode
         self.trace.add_probe(self.name, core.counters)
         # injected faults (emulab.faults, emulab.avf.faults): dev.faults.add(DropIrq(vector=1))
         self.faults = Faults(
             self.trace, self.name, target=core, install=avf_faults.hooks(core), lock=self.lock
         )
+
+    @property
+    def irq_counts(self) -> list[int]:
+        """Interrupts raised, per vector (by Python and by the compiled raiser)."""
+        return self.core.irq.counts
 
     def close(self) -> None:
         self.faults.clear()
@@ -134,6 +140,17 @@ class AvfDevice(PciDevice):
             if worker is not None:
                 worker.start()
         return out
+
+    def arm_writes(self) -> list[ArmWords]:
+        """VFINT_DYN_CTLN (interrupt mode): a driver's re-arm of a queue vector, applied by the
+        server's fast lane itself -- the word stored, the interval it sets, a latched cause
+        fired -- where the compiled raiser may (``InterruptBlock.raise_fast``); a software
+        trigger, a write that keeps INTENA, one whose fire must wait, take the ordinary path."""
+        irq = self.core.irq
+        reg = REGISTER["VFINT_DYN_CTLN"]
+        if self.mode != "interrupt" or reg.stride != 4 or irq.arm_state.regs is not self.regs.words:
+            return []
+        return [ArmWords(0, reg.offset, reg.count, 1, irq.arm_state)]
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """A register write (under the device lock), then what a TX doorbell took from the

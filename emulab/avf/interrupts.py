@@ -15,6 +15,13 @@ The hardware model iavf and DPDK's iavf PMD program against:
 
 Every bit is read through the fields ``emulab/avf/registers.py`` declares; this block touches
 no guest memory and no queue, so it is tested alone (``tests/avf/test_core.py``).
+
+Compiled code may raise a queue vector itself (:meth:`InterruptBlock.raise_fast`, through
+:func:`emulab.pci.fast_irq_kernel.raise_vectors`): the latched causes, the last fire times and the
+counts live in an array (``st``) for that, and everything here that reads or writes them, or a
+DYN_CTL word, does so holding the MSI-X block's spin word (``fast.held()``), never while it
+calls out. The compiled raiser stays out while an interrupt fault is on, in polling mode (the
+poll kernel is told of latched causes, ``hold``) and until its kernels are loaded.
 """
 
 from __future__ import annotations
@@ -22,8 +29,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 
 from emulab.avf.registers import MAX_VECTORS, REGISTER
+from emulab.pci import fast_irq as fi
+from emulab.pci.fast_irq import (
+    COUNT,
+    DEVICE_GATES,
+    HEAD,
+    IRQ_COLS,
+    LAST_NS,
+    PEND,
+    ArmState,
+    FastIrq,
+)
 from emulab.pci.registers import RegisterFile
 
 __all__ = ["MISC_QUEUE", "InterruptBlock"]
@@ -43,6 +64,13 @@ ITR_UNIT = 2e-6  # seconds per interval unit
 ITRN_STRIDE = 16  # VFINT_ITRN[i * 16 + v - 1] is ITR i of vector v
 MISC_QUEUE = 1 << 32  # a queue cause on vector 0: latched like ICR causes, shown in no register
 _SELF_CLEARING = CLEARPBA.mask | SWINT_TRIG.mask | INTENA_MSK.mask
+FaultHook = Callable[[int, Callable[[int], object], threading.RLock], None]
+FAULT_GATE, POLL_GATE = DEVICE_GATES, DEVICE_GATES << 1  # (FastIrq gate bits of this block)
+_PARAMS = {fi.ENABLE: INTENA.mask, fi.PYTHON: SWINT_TRIG.mask | INTENA_MSK.mask,
+           fi.CLEAR: _SELF_CLEARING, fi.IDX_SHIFT: ITR_INDX.lsb,
+           fi.IDX_MASK: (1 << ITR_INDX.width) - 1, fi.IDX_NONE: NO_ITR,
+           fi.IVL_SHIFT: INTERVAL.lsb, fi.IVL_MASK: (1 << INTERVAL.width) - 1,
+           fi.UNIT_NS: round(ITR_UNIT * 1e9)}  # fmt: skip
 
 
 class InterruptBlock:
@@ -59,25 +87,73 @@ class InterruptBlock:
         raise_vector: Callable[[int], object],
         lock: threading.RLock,
         *,
-        hold: Callable[[int], None] = lambda mask: None,
+        hold: Callable[[int], None] | None = None,
         rearmed: Callable[[int], None] = lambda vector: None,
+        fast: FastIrq | None = None,
     ) -> None:
         self.regs = regs
         self.raise_vector = raise_vector
         self.lock = lock
-        self.hold = hold
+        self.hold = hold if hold is not None else lambda mask: None
         self.rearmed = rearmed
         self.misc_pending = 0  # ICR causes (and MISC_QUEUE) waiting for vector 0's INTENA
-        self.queue_pending: set[int] = set()  # queue vectors with a latched cause
-        self.counts = [0] * MAX_VECTORS  # interrupts raised, per vector
-        self._last_fire = [0.0] * MAX_VECTORS
+        # per vector: a latched queue cause, the last fire (CLOCK_MONOTONIC ns), the fires
+        self.st = np.zeros((MAX_VECTORS, IRQ_COLS), dtype=np.int64)
         self._timers: dict[int, threading.Timer] = {}
-        # fault injection (emulab.faults): raises go through it while an interrupt fault is on
-        self.fault: Callable[[int, Callable[[int], object], threading.RLock], None] | None = None
-        regs.on_write("VFINT_DYN_CTL01", lambda i, old, new: self._dyn_ctl(0, old, new))
-        regs.on_write("VFINT_DYN_CTLN", lambda i, old, new: self._dyn_ctl(i + 1, old, new))
+        # shared with compiled raisers (MSI-X's; a block alone has its own, never armed)
+        self.fast = fast if fast is not None else FastIrq(MAX_VECTORS)
+        if hold is not None:  # (the poll kernel must hear of every latched cause)
+            self.fast.set_gate(POLL_GATE, True)
+        self._fault: FaultHook | None = None
+        params = np.zeros(fi.PARAMS, dtype=np.int64)
+        for k, value in _PARAMS.items():
+            params[k] = value
+        # what the compiled raiser (and the fast lane's re-arms) take: emulab.pci.fast_irq
+        self.arm_state = ArmState(
+            regs.words,
+            np.array([self._word(*self._ctl(v)) for v in range(MAX_VECTORS)], dtype=np.int64),
+            np.array(
+                [[self._word(*self._itr(v, i)) for i in (0, 1)] for v in range(MAX_VECTORS)],
+                dtype=np.int64,
+            ),
+            params,
+            self.st,
+            self.fast,
+        )
+        self._raiser: Any = None
+        regs.on_write("VFINT_DYN_CTL01", lambda i, old, new: self._dyn_ctl(0, new), stores=True)
+        regs.on_write("VFINT_DYN_CTLN", lambda i, old, new: self._dyn_ctl(i + 1, new),
+                      stores=True)  # fmt: skip
         regs.on_write("VFINT_ICR0_ENA1", lambda i, old, new: self._misc_update())
         regs.on_read("VFINT_ICR01", self._read_icr)
+
+    def _word(self, name: str, index: int) -> int:
+        return (self.regs.register(name).offset + index * self.regs.register(name).stride) // 4
+
+    @staticmethod
+    def _itr(vector: int, i: int) -> tuple[str, int]:
+        return ("VFINT_ITR01", i) if vector == 0 else ("VFINT_ITRN", i * ITRN_STRIDE + vector - 1)
+
+    @property
+    def counts(self) -> list[int]:
+        """Interrupts raised, per vector."""
+        return [int(c) for c in self.st[:, COUNT]]
+
+    @property
+    def queue_pending(self) -> set[int]:
+        """The queue vectors with a latched cause."""
+        return {int(v) for v in np.flatnonzero(self.st[:, PEND])}
+
+    @property
+    def fault(self) -> FaultHook | None:
+        """Fault injection (emulab.faults): raises go through it while an interrupt fault is
+        on (and the compiled raiser stays out)."""
+        return self._fault
+
+    @fault.setter
+    def fault(self, fn: FaultHook | None) -> None:
+        self._fault = fn
+        self.fast.set_gate(FAULT_GATE, fn is not None)
 
     # -- causes ----------------------------------------------------------------------------------
     def queue_cause(self, vector: int) -> None:
@@ -87,9 +163,34 @@ class InterruptBlock:
                 self.misc_pending |= MISC_QUEUE
                 self._fire(0)
             elif 0 < vector < MAX_VECTORS:
-                self.queue_pending.add(vector)
+                with self.fast.held():
+                    self.st[vector, PEND] = 1
                 self._fire(vector)
             self._sync_hold()
+
+    def raise_fast(self, mask: int) -> int:
+        """Raise the vectors in ``mask`` (bit v: vector v) by the compiled raiser where it may,
+        without the device's lock; returns the mask it left (call :meth:`queue_cause` for
+        each of those). Until its kernels are loaded it leaves them all (and starts their
+        compile)."""
+        raiser = self._raiser
+        if raiser is None:
+            raiser = self._load_raiser()
+            if raiser is None:
+                return mask
+        left: int = raiser(*self.arm_state.args(), mask)
+        return left
+
+    @property
+    def fast_fires(self) -> int:
+        """Interrupts the compiled raiser fired (each one noted for the trace)."""
+        return int(self.fast.words[HEAD])
+
+    def _load_raiser(self) -> Any:
+        if self.regs.words is not self.arm_state.regs or not self.fast.arm():
+            return None  # (words rebound since: not the array the kernel would write)
+        self._raiser = fi.KERNELS.get()
+        return self._raiser
 
     def adminq_cause(self) -> None:
         """The admin queue posted a message to the driver (ICR01.ADMINQ)."""
@@ -102,7 +203,8 @@ class InterruptBlock:
         """Causes forgotten (registers are reset by their owner)."""
         with self.lock:
             self.misc_pending = 0
-            self.queue_pending.clear()
+            with self.fast.held():
+                self.st[:, PEND] = 0
             self._sync_hold()
 
     # -- registers -------------------------------------------------------------------------------
@@ -119,30 +221,34 @@ class InterruptBlock:
     def _ctl(vector: int) -> tuple[str, int]:
         return ("VFINT_DYN_CTL01", 0) if vector == 0 else ("VFINT_DYN_CTLN", vector - 1)
 
-    def _dyn_ctl(self, vector: int, old: int, new: int) -> None:
+    def _dyn_ctl(self, vector: int, new: int) -> None:
+        """A DYN_CTL write (the hook stores the word: under the spin word, from the word as it
+        is then, which a compiled fire may have changed since the write read it)."""
         name, index = self._ctl(vector)
-        if INTENA_MSK.get(new):  # this write must not change INTENA
-            new = (new & ~INTENA.mask) | (old & INTENA.mask)
-        itr = ITR_INDX.get(new)
-        if itr != NO_ITR:  # the write also sets that ITR's interval
-            if vector == 0:
-                self.regs.set("VFINT_ITR01", INTERVAL.get(new), itr)
-            else:
-                self.regs.set("VFINT_ITRN", INTERVAL.get(new), itr * ITRN_STRIDE + vector - 1)
-        swint = SWINT_TRIG.get(new)
-        new &= ~_SELF_CLEARING
-        self.regs.set(name, new, index)
+        w = self.arm_state.ctl_words[vector]
+        with self.fast.held():
+            old = int(self.regs.words[w])
+            if INTENA_MSK.get(new):  # this write must not change INTENA
+                new = (new & ~INTENA.mask) | (old & INTENA.mask)
+            itr = ITR_INDX.get(new)
+            if itr != NO_ITR:  # the write also sets that ITR's interval
+                itr_name, itr_index = self._itr(vector, itr)
+                self.regs.set(itr_name, INTERVAL.get(new), itr_index)
+            swint = SWINT_TRIG.get(new)
+            new &= ~_SELF_CLEARING
+            self.regs.set(name, new, index)
+            if swint and vector:
+                self.st[vector, PEND] = 1
+            pending = bool(self.st[vector, PEND]) if vector else False
         if swint:  # a software-triggered interrupt is a cause like any other (ITR applies)
             if vector == 0:
                 self.misc_pending |= ICR_SWINT
                 self.regs.set("VFINT_ICR01", self.regs["VFINT_ICR01"] | ICR_SWINT)
-            else:
-                self.queue_pending.add(vector)
             self._fire(vector)
             return
         if vector == 0:
             self._misc_update()
-        elif vector in self.queue_pending:
+        elif pending:
             self._fire(vector)
         if INTENA.get(new):
             self.rearmed(vector)
@@ -150,17 +256,14 @@ class InterruptBlock:
     # -- firing ----------------------------------------------------------------------------------
     def itr_seconds(self, vector: int) -> float:
         """The throttling interval of a vector: the shortest non-zero of its RX/TX ITRs."""
-        if vector == 0:
-            vals = [self.regs.get("VFINT_ITR01", i) for i in (0, 1)]
-        else:
-            vals = [self.regs.get("VFINT_ITRN", i * ITRN_STRIDE + vector - 1) for i in (0, 1)]
+        vals = [self.regs.get(*self._itr(vector, i)) for i in (0, 1)]
         nonzero = [v for v in vals if v]
         return min(nonzero) * ITR_UNIT if nonzero else 0.0
 
     def _itr_expired(self, vector: int) -> None:
         with self.lock:
             self._timers.pop(vector, None)
-            if (vector == 0 and self.misc_pending) or vector in self.queue_pending:
+            if (vector == 0 and self.misc_pending) or (vector and self.st[vector, PEND]):
                 self._fire(vector)
 
     def _fire(self, vector: int) -> None:
@@ -168,10 +271,18 @@ class InterruptBlock:
         Within the vector's ITR interval the cause stays latched and a timer fires it later
         (descriptors are already written back, which is also what WB_ON_ITR asks for)."""
         name, index = self._ctl(vector)
-        ctl = self.regs.get(name, index)
-        if not INTENA.get(ctl):
-            return
-        wait = self._last_fire[vector] + self.itr_seconds(vector) - time.monotonic()
+        itr = self.itr_seconds(vector)
+        with self.fast.held():
+            ctl = self.regs.get(name, index)
+            if not INTENA.get(ctl):
+                return
+            now = time.monotonic_ns()
+            wait = (int(self.st[vector, LAST_NS]) + round(itr * 1e9) - now) / 1e9
+            if wait <= 0:
+                self.st[vector, LAST_NS] = now
+                self.regs.set(name, ctl & ~INTENA.mask, index)
+                self.st[vector, PEND] = 0
+                self.st[vector, COUNT] += 1
         if wait > 0:
             if vector not in self._timers:
                 timer = threading.Timer(wait, self._itr_expired, (vector,))
@@ -179,20 +290,16 @@ class InterruptBlock:
                 self._timers[vector] = timer
                 timer.start()
             return
-        self._last_fire[vector] = time.monotonic()
-        self.regs.set(name, ctl & ~INTENA.mask, index)
         if vector == 0:
             self.misc_pending = 0
-        self.queue_pending.discard(vector)
         self._sync_hold()
-        self.counts[vector] += 1
         if self.fault is None:
             self.raise_vector(vector)
         else:
             self.fault(vector, self.raise_vector, self.lock)
 
     def _sync_hold(self) -> None:
-        mask = sum(1 << v for v in self.queue_pending)
+        mask = sum(1 << int(v) for v in np.flatnonzero(self.st[:, PEND]))
         if self.misc_pending & MISC_QUEUE:
             mask |= 1
         self.hold(mask)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, overload
 
 import numpy as np
 
@@ -20,6 +19,7 @@ from emulab.avf import datapath as dp
 from emulab.avf.datapath import KERNELS as K
 from emulab.avf.offload import OFFLOAD_CMD_MASK, apply_tx_offloads
 from emulab.avf.pausing_lock import PausingLock
+from emulab.avf.queue_views import MacFilter, QueueTables, RxQueue, TxQueue
 from emulab.backends.base import GSO_COLS, PacketBackend
 from emulab.pci.dma import GuestMemory
 
@@ -41,135 +41,6 @@ ETH_STATS = (
 )  # fmt: skip
 BROADCAST = b"\xff" * 6
 DEFAULT_HENA = sum(1 << p for p in (29, 30, 31, 32, 33, 35, 36))
-
-
-class Column:
-    """One column of a queue table, read and written through a queue's view as an int (or a
-    bool)."""
-
-    def __init__(self, col: int, kind: type[int] = int, zero: int = 0) -> None:
-        self.col = col
-        self.kind = kind
-        self.zero = zero  # what a 0 written here stands for (a buffer size of 0: the default)
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, obj: None, owner: type | None = None) -> Column: ...
-    @overload
-    def __get__(self, obj: QueueView, owner: type | None = None) -> int: ...
-    def __get__(self, obj: QueueView | None, owner: type | None = None) -> Column | int:
-        if obj is None:
-            return self
-        return self.kind(obj.row[self.col])
-
-    def __set__(self, obj: QueueView, value: int) -> None:
-        obj.row[self.col] = value or self.zero
-
-
-class QueueView:
-    """A queue as a row of its table (``datapath.context``): the kernels read and write the
-    same row, so nothing is copied either way. ``error`` (why the queue stopped) is text, and
-    lives here; setting it to ``None`` also clears the row's error code."""
-
-    __slots__ = ("_error", "index", "row")
-    DEFAULTS: ClassVar[dict[int, int]] = {}
-    ERROR_COL: ClassVar[int] = -1  # the row's error code column (-1: none)
-    columns: ClassVar[tuple[Column, ...]] = ()
-
-    def __init__(self, index: int, row: np.ndarray) -> None:
-        self.index = index
-        self.row = row
-        self._error: str | None = None
-
-    def __init_subclass__(cls) -> None:
-        cls.columns = tuple(v for v in vars(cls).values() if isinstance(v, Column))
-
-    def clear(self) -> None:
-        """Unconfigured, stopped, counters zero (the row's defaults)."""
-        self.row[:] = 0
-        for col, value in self.DEFAULTS.items():
-            self.row[col] = value
-        self._error = None
-
-    @property
-    def error(self) -> str | None:
-        return self._error
-
-    @error.setter
-    def error(self, text: str | None) -> None:
-        self._error = text
-        if text is None and self.ERROR_COL >= 0:
-            self.row[self.ERROR_COL] = 0
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{c.name}={c.__get__(self)}" for c in self.columns)
-        return f"{type(self).__name__}(index={self.index}, {fields}, error={self.error!r})"
-
-
-class TxQueue(QueueView):
-    __slots__ = ()
-    DEFAULTS: ClassVar[dict[int, int]] = {dp.TX_VECTOR: -1}
-    base = Column(dp.TX_BASE)
-    length = Column(dp.TX_LEN)
-    head = Column(dp.TX_HEAD)
-    tail = Column(dp.TX_TAIL)
-    enabled = Column(dp.TX_ENABLED, bool)
-    vector = Column(dp.TX_VECTOR)
-    itr = Column(dp.TX_ITR)
-    packets = Column(dp.TX_PACKETS)
-    bytes = Column(dp.TX_BYTES)
-
-
-class RxQueue(QueueView):
-    __slots__ = ()
-    DEFAULTS: ClassVar[dict[int, int]] = {dp.RX_VECTOR: -1, dp.RX_BUF: 2048, dp.RX_MAX: 1522}
-    ERROR_COL: ClassVar[int] = dp.RX_ERROR
-    base = Column(dp.RX_BASE)
-    length = Column(dp.RX_LEN)
-    buf_size = Column(dp.RX_BUF, zero=2048)  # (the kernels divide by it)
-    max_frame = Column(dp.RX_MAX)
-    head = Column(dp.RX_HEAD)
-    tail = Column(dp.RX_TAIL)
-    enabled = Column(dp.RX_ENABLED, bool)
-    vector = Column(dp.RX_VECTOR)
-    itr = Column(dp.RX_ITR)
-    packets = Column(dp.RX_PACKETS)
-    bytes = Column(dp.RX_BYTES)
-    discards = Column(dp.RX_DISCARDS)
-
-
-class QueueTables:
-    """Every queue's state: the TX and RX tables the kernels take, and a named view per row."""
-
-    def __init__(self, num_queues: int) -> None:
-        self.tx_table = dp.own_lines((num_queues, dp.TX_COLS))
-        self.rx_table = dp.own_lines((num_queues, dp.RX_COLS))
-        self.tx = [TxQueue(i, self.tx_table[i]) for i in range(num_queues)]
-        self.rx = [RxQueue(i, self.rx_table[i]) for i in range(num_queues)]
-        self.clear()
-
-    def clear(self) -> None:
-        for q in (*self.tx, *self.rx):
-            q.clear()
-
-
-@dataclass
-class MacFilter:
-    """Which frames the port accepts (the VSI's MAC filters and promiscuous flags).
-
-    Disabled, the port accepts everything (a bare queue engine, as in tests and notebooks);
-    the PF enables it with the VF's MAC installed, as a VSI starts.
-    """
-
-    enabled: bool = False
-    unicast: set[bytes] = field(default_factory=set)
-    multicast: set[bytes] = field(default_factory=set)
-    promisc_unicast: bool = False
-    promisc_multicast: bool = False
-    # (applied in the kernels, from ``QueueEngine._filter_words``: ``datapath.rss.accepts``)
 
 
 @dataclass
@@ -210,6 +81,9 @@ class QueueEngine:
     # indexes of QTX_TAIL[0] and QRX_TAIL[0] in it (``sync_tails`` reads them)
     tail_words: np.ndarray | None = None
     tail_index: tuple[int, int] = (0, 0)
+    # the compiled raiser (``InterruptBlock.raise_fast``): a mask of vectors in, the mask it
+    # left to ``raise_vector`` out
+    raise_fast: Callable[[int], int] | None = None
 
     def __post_init__(self) -> None:
         self._outgoing: list[bytes] = []
@@ -585,8 +459,19 @@ class QueueEngine:
                 vectors, self._vectors = self._vectors, set()
             if frames:
                 self.backend.send(frames)
-        for v in vectors:  # after the wire, as without deferral (a looped-back frame is in)
-            self.raise_vector(v)
+        self._raise(vectors)  # after the wire, as without deferral (a looped-back frame is in)
+
+    def _raise(self, vectors: set[int]) -> None:
+        """Raise each vector: by the compiled raiser where it may, else ``raise_vector``."""
+        mask = 0
+        for v in vectors:
+            mask |= 1 << v
+        if mask and self.raise_fast is not None:
+            mask = self.raise_fast(mask)
+        while mask:
+            low = mask & -mask
+            mask ^= low
+            self.raise_vector(low.bit_length() - 1)
 
     def tx_walk_moved(self) -> None:
         """Walk every TX queue whose tail moved past its head (the TX worker's call, when
@@ -748,8 +633,7 @@ class QueueEngine:
                 taken += got
                 if got < len(chunk):
                     break
-        for v in vectors:  # outside the lock: raising takes the device's
-            self.raise_vector(v)
+        self._raise(vectors)  # outside the lock: raising takes the device's
         return taken
 
     def receive_rows(
@@ -767,8 +651,7 @@ class QueueEngine:
         vectors: set[int] = set()
         with self.lock:
             room = self._receive_rows(frames, lens, n, gso, vectors)
-        for v in vectors:  # outside the lock: raising takes the device's
-            self.raise_vector(v)
+        self._raise(vectors)  # outside the lock: raising takes the device's
         return room
 
     def _rx_faults(self, burst: dp.Burst, n: int, rxt: np.ndarray) -> None:

@@ -15,9 +15,11 @@ from collections.abc import Callable
 
 from emulab.pci.config_space import HEADER, Bar, BarKind, ConfigSpace
 from emulab.pci.dma import DmaRegion, GuestMemory, RemoteDma
+from emulab.pci.fast_irq import LIVE
 from emulab.pci.interface import (
     NUM_REGIONS,
     AccessError,
+    ArmWords,
     Executor,
     MirrorWords,
     PlainWords,
@@ -69,7 +71,32 @@ class PciDevice:
         )
         msix.observer = self._irq_observer
         self.interrupts.msix = msix
+        # what compiled raisers fire (see emulab.pci.fast_irq): recorded when the trace is read,
+        # and Python's alone while someone wants interrupt records as they happen
+        self._fast_irq_stops = [
+            self.trace.add_source(self._take_fast_fires),
+            self.trace.on_live_change(self._irq_live_changed),
+        ]
+        self._irq_live_changed()
+        self.config.on_write(self._msix_control_written)
         return msix
+
+    def _take_fast_fires(self) -> None:
+        msix = self.interrupts.msix
+        if msix is None:
+            return
+        for vector, ns in msix.fast.take_notes():
+            self.trace.record(IrqRecord(device=self.name, irq="MSIX", vector=vector, what="fire"),
+                              at=ns / 1e9)  # fmt: skip
+
+    def _irq_live_changed(self) -> None:
+        if self.interrupts.msix is not None:
+            self.interrupts.msix.fast.set_gate(LIVE, self.trace.live(IrqRecord.kind))
+
+    def _msix_control_written(self, offset: int, size: int, old: bytes) -> None:
+        msix = self.interrupts.msix
+        if msix is not None and self.config.touches(offset, size, msix.cap_offset + 2, 2):
+            msix.publish()  # (MSI-X enable, the function mask)
 
     def add_intx(self) -> Intx:
         """The INTx line behind the config space's Interrupt Pin, for the device to drive
@@ -193,6 +220,11 @@ class PciDevice:
     def mirrored_writes(self) -> list[MirrorWords]:
         """Register words whose posted writes a compiled writer may apply itself (see
         :class:`~emulab.pci.interface.MirrorWords`): none unless a device declares some."""
+        return []
+
+    def arm_writes(self) -> list[ArmWords]:
+        """Interrupt control words whose posted writes a compiled writer may apply itself
+        (see :class:`~emulab.pci.interface.ArmWords`): none unless a device declares some."""
         return []
 
     def note_mirrored_writes(self, writes: int) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emulab.pci.dma import RemoteDma
+from emulab.pci.fast_irq import ArmState
 from emulab.pci.interrupts import InterruptLine, IrqInfo, IrqKind
 from emulab.pci.regions import RegionInfo
 from emulab.trace import Trace
@@ -122,6 +123,21 @@ class MirrorWords:
     gates: tuple[npt.NDArray[np.int64], ...]
     kick: int = -1
     keep: object = None
+
+
+@dataclass(frozen=True)
+class ArmWords:
+    """Interrupt control words of one region whose posted 4-byte writes a compiled writer may
+    apply itself, through :func:`emulab.pci.fast_irq_kernel.arm_write` on ``state``: word ``i``
+    (region offset ``offset + 4 * i``, ``count`` words) is vector ``first + i``'s. The kernel
+    applies a write only when nothing of it is the device's Python (see that module) and
+    otherwise changes nothing: the write then takes the device's own path."""
+
+    region: int
+    offset: int
+    count: int
+    first: int
+    state: ArmState
 
 
 class PlainReads(Protocol):

@@ -32,6 +32,7 @@ from typing import Protocol
 import numpy as np
 
 from emulab.pci.config_space import Command, ConfigSpace, Status
+from emulab.pci.fast_irq import FastIrq
 
 __all__ = [
     "EventfdLine",
@@ -168,6 +169,10 @@ class Msix:
         self.client_enabled = False  # the client enabled MSI-X through SET_IRQS
         self.lock = threading.RLock()
         self.observer: Observer | None = None
+        # what a compiled raiser may signal itself (see emulab.pci.fast_irq): republished on
+        # every change of what delivers a vector (its fires never touch ``pending``, and a
+        # line's ``count`` counts Python's fires only)
+        self.fast = FastIrq(vectors)
         self.reset()
 
     def reset(self) -> None:
@@ -177,6 +182,18 @@ class Msix:
             self.table[:] = 0
             self.table[3::4] = 1  # vector control: masked
             self.pending[:] = False
+            self.publish()
+
+    def publish(self) -> None:
+        """Tell compiled raisers which eventfd delivers each vector now (see ``fast``)."""
+        with self.lock:
+            if not self.enabled:
+                self.fast.publish([-1] * self.vectors)
+                return
+            self.fast.publish([
+                line.fd if isinstance(line, EventfdLine) and not self.is_masked(v) else -1
+                for v, line in enumerate(self.state.lines)
+            ])  # fmt: skip
 
     @property
     def _control(self) -> int:
@@ -235,6 +252,7 @@ class Msix:
         with self.lock:
             raw = self.table.view(np.uint8)
             raw[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            self.publish()
         self.deliver_pending()
 
     def pba_read(self, offset: int, count: int) -> bytes:
@@ -406,23 +424,31 @@ class Interrupts:
         vec = self._check(kind, start, len(lines))
         lock = self._lock(kind)
         with lock:
+            if kind is IrqKind.MSIX and self.msix is not None:
+                self.msix.fast.unpublish(start, len(lines))  # (before an old line closes)
             vec.assign(start, lines)
             if kind is IrqKind.MSIX and self.msix is not None:
                 self.msix.client_enabled = True
+                self.msix.publish()
         self._redeliver(kind)
 
     def disable(self, kind: IrqKind) -> None:
         vec = self._vectors(kind)
         with self._lock(kind):
+            if kind is IrqKind.MSIX and self.msix is not None:
+                self.msix.fast.unpublish(0, len(vec.lines))  # (before the lines close)
             vec.clear()
             if kind is IrqKind.MSIX and self.msix is not None:
                 self.msix.client_enabled = False
+                self.msix.publish()
 
     def set_masked(self, kind: IrqKind, start: int, count: int, masked: bool) -> None:
         vec = self._check(kind, start, count)
         with self._lock(kind):
             for i in range(start, start + count):
                 vec.masked[i] = masked
+            if kind is IrqKind.MSIX and self.msix is not None:
+                self.msix.publish()
         if not masked:
             self._redeliver(kind)
 

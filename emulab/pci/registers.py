@@ -169,6 +169,7 @@ class RegisterFile:
         self._by_name: dict[str, Register] = {}
         self._write_hooks: dict[str, WriteHook] = {}
         self._read_hooks: dict[str, ReadHook] = {}
+        self._hook_stores: set[str] = set()  # registers whose write hook stores the word
         for reg in self.registers:
             if reg.name in self._by_name:
                 raise ValueError(f"duplicate register name {reg.name}")
@@ -196,11 +197,18 @@ class RegisterFile:
         words[:] = self.words
         self.words = words
 
-    def on_write(self, name: str, hook: WriteHook) -> None:
+    def on_write(self, name: str, hook: WriteHook, *, stores: bool = False) -> None:
+        """Call ``hook(index, old, new)`` after each write of register ``name``. ``stores``:
+        the write leaves the word as it was and the hook stores what it decides (``set``), as an
+        owner does that shares the word with a compiled writer under a lock of its own."""
         reg = self._require(name)
         for off in reg.offsets():
             self.mirrored[off // 4] = 0  # (a new hook: its owner declares it anew, or not)
         self._write_hooks[name] = hook
+        if stores:
+            self._hook_stores.add(name)
+        else:
+            self._hook_stores.discard(name)
 
     def mirror(self, name: str) -> None:
         """Declare that a write of register ``name`` does nothing but store the word and what
@@ -356,7 +364,9 @@ class RegisterFile:
         new = (old & ~rw) | (value & rw)
         new &= ~(value & w1c)
         new &= 0xFFFFFFFF
-        self.words[w] = new
-        hook = self._write_hooks.get(slot.register.name)
+        name = slot.register.name
+        if name not in self._hook_stores:
+            self.words[w] = new
+        hook = self._write_hooks.get(name)
         if hook is not None:
             hook(slot.index, old, new)

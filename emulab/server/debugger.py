@@ -457,7 +457,9 @@ class Debugger:
         stops_packets = self._stepping or any(
             e.pause and issubclass(PacketRecord, e.kind) for e in self._on_trace
         )
-        live = ("packet",) if stops_packets else ()
+        # and interrupts as they fire (a compiled raiser's fires are records only later)
+        sees_irqs = self._stepping or any(issubclass(IrqRecord, e.kind) for e in self._on_trace)
+        live = (("packet",) if stops_packets else ()) + (("irq",) if sees_irqs else ())
         if live != self._live:
             self._live = live
             self.trace.set_live(self, live)  # (its listeners block on nothing)

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emulab.native import ChildCompiled
+from emulab.pci.fast_irq import no_arm_state
 from emulab.trace import MessageRecord, RegisterRecord
 from emulab.transport.unix_socket import SendMutex, rights
 from emulab.vfio_user import messages as m
@@ -61,7 +62,7 @@ __all__ = ["FastLane", "kernel_state"]
 # (mirrors of emulab.server.lane_kernel's constants: that module imports numba, this one not)
 HANDOFF, WOKEN, DRAIN, POSTED, EOF, ERROR, FDS = 1, 2, 3, 4, 5, 6, 7
 ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
-CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS, MIRROR_COLS = 8, 20, 512, 8, 13
+CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS, MIRROR_COLS, ARM_WORDS = 8, 20, 512, 8, 13, 4
 POS, END, CONTROL, FLAGS, WRITES, RESUME = 0, 1, 2, 3, 4, 5
 ST_WORDS, WRITE_COLS = 8, 6
 WRITE_ROWS = 256  # writes the kernel takes before Python applies them
@@ -121,6 +122,16 @@ class FastLane:
                                mw.rw.ctypes.data, mw.mirrored.ctypes.data, mw.target.ctypes.data,
                                mw.target.strides[0], mw.limit.ctypes.data, mw.limit.strides[0],
                                *gates, mw.kick)  # fmt: skip
+        # interrupt control words (a driver's re-arms): at most one block, the kernel's to
+        # apply where emulab.pci.fast_irq_kernel.arm_write may
+        armed = getattr(device, "arm_writes", None)
+        arms = armed() if armed is not None and words else []
+        self.arm = np.zeros(ARM_WORDS, dtype=np.int64)
+        self._keep_arm = arms[:1]
+        self.irq: tuple[Any, ...] = arms[0].state.args() if arms else no_arm_state()
+        if arms:
+            aw = arms[0]
+            self.arm[:] = (aw.region, aw.offset, aw.offset + 4 * aw.count, aw.first)
         self.buf = np.zeros(RECV_BYTES, dtype=np.uint8)
         self.st = np.zeros(ST_WORDS, dtype=np.int64)
         self.writes = np.zeros((WRITE_ROWS, WRITE_COLS), dtype=np.int64)
@@ -135,7 +146,7 @@ class FastLane:
         self.served = 0
         self.posted = 0  # posted writes the kernel took off the wire for Python to apply
         self.answered = 0  # writes it took that wanted a reply (Python's, once applied)
-        self.mirrored = 0  # posted writes it applied itself (mirrored words: RX doorbells)
+        self.mirrored = 0  # posted writes it applied itself (RX doorbells, interrupt re-arms)
         self.entries = 0  # times the session entered the kernel (tests, benchmarks)
         self.on = bool(words)  # (the session makes one only for a server with fast_lane on)
         self._stops: list[Any] = []
@@ -161,7 +172,7 @@ class FastLane:
             self.entries += 1
             code = serve(self.fd, self.wake_fd, self.buf, self.st, self.io, self.cbuf, self.out,
                          self.mutex.words, self.table, self.notes, self.ctl,
-                         self.writes, self.mirrors)  # fmt: skip
+                         self.writes, self.mirrors, self.arm, self.irq)  # fmt: skip
             taken = int(self.st[WRITES])
             if taken:  # (after the reads noted before them, before what follows)
                 self.take_notes(wait=True)

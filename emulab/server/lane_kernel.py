@@ -31,16 +31,21 @@ against the lengths the table gives first. Runs without the GIL.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-from emulab.native.cache import guard_module
+from emulab.native.cache import NATIVE, drop_stale
 from emulab.native.libc import EAGAIN, POLLERR, POLLHUP, POLLIN, libc, load64, store32, store64
 from emulab.native.libc import load8 as _load8
 from emulab.native.libc import load32 as _load32
+from emulab.pci import fast_irq_kernel
+from emulab.pci.fast_irq import no_arm_state
+from emulab.pci.fast_irq_kernel import arm_write
 
 __all__ = ["serve"]
 
@@ -58,6 +63,7 @@ WRITE_COLS = 6  # msg_id, region, offset, count, value, whether a reply is owed
 IO_WORDS = 20
 CBUF = 512  # ancillary buffer: room for any number of fds the kernel passes a stream (253)
 DRAIN_MS = 20
+ARM_WORDS = 4  # arm: region, start, end (= start: none), the first word's vector
 TRACE_COLS = 8  # t_ns, msg_id, region, offset, count, value, latency_ns, kind (0 read, 1 write)
 MIRROR_COLS = 13  # region, start, end, words, rw, mirrored, target, its stride, limit, its stride,
 # two gates (addresses: see emulab.pci.interface.MirrorWords), the kick eventfd (-1: none)
@@ -71,7 +77,13 @@ CLOCK_MONOTONIC = 1
 
 # (int64 arguments where C has int or pointers: the x86-64 and aarch64 ABIs pass both in one
 # 64-bit register, the callee reading the low half of an int)
-guard_module(__file__)  # (before any kernel of this module loads)
+if not os.environ.get("NUMBA_CACHE_DIR"):  # (before any kernel of this module loads: its
+    # cache goes with this file, emulab.native's and the interrupt kernels it inlines)
+    _here = Path(__file__)
+    drop_stale(_here.parent / "__pycache__",
+               [_here, *NATIVE.glob("*.py"), Path(fast_irq_kernel.__file__),
+                Path(fast_irq_kernel.__file__).with_name("fast_irq.py")],
+               prefix=_here.stem + ".")  # fmt: skip
 
 _poll = libc("poll", types.int32, 3)
 _recvmsg = libc("recvmsg", types.int64, 3)
@@ -213,20 +225,46 @@ def _mirror(buf: Any, pos: Any, mirrors: Any, trace: Any, ctl: Any, io: Any, t0:
         if mirrors[r, KICK] >= 0:  # the device's own thread does the rest
             io[ONE] = 1
             _write(mirrors[r, KICK], io.ctypes.data + ONE * 8, 8)
-        k = ctl[HEAD]
-        n = k % trace.shape[0]
-        trace[n, 0] = t0
-        trace[n, 1] = _u(buf, pos, 2)
-        trace[n, 2] = region
-        trace[n, 3] = offset
-        trace[n, 4] = 4
-        trace[n, 5] = value
-        trace[n, 6] = _now(io) - t0
-        trace[n, 7] = 1
-        _release(0)
-        ctl[HEAD] = k + 1
+        _note_write(buf, pos, region, offset, value, trace, ctl, io, t0)
         return True
     return False
+
+
+@njit(cache=True, nogil=True)
+def _note_write(buf: Any, pos: Any, region: Any, offset: Any, value: Any, trace: Any, ctl: Any,  # noqa: PLR0917 -- arrays in
+                io: Any, t0: Any) -> None:  # fmt: skip
+    """Note the 4-byte write at ``buf[pos]``, applied here, for the trace."""
+    k = ctl[HEAD]
+    n = k % trace.shape[0]
+    trace[n, 0] = t0
+    trace[n, 1] = _u(buf, pos, 2)
+    trace[n, 2] = region
+    trace[n, 3] = offset
+    trace[n, 4] = 4
+    trace[n, 5] = value
+    trace[n, 6] = _now(io) - t0
+    trace[n, 7] = 1
+    _release(0)
+    ctl[HEAD] = k + 1
+
+
+@njit(cache=True, nogil=True)
+def _arm(buf: Any, pos: Any, arm: Any, irq: Any, trace: Any, ctl: Any, io: Any, t0: Any) -> Any:  # noqa: PLR0917 -- arrays in
+    """Apply the posted 4-byte REGION_WRITE at ``buf[pos]`` if it writes an interrupt control
+    word (``arm``: region, start, end, the first word's vector; see
+    :class:`~emulab.pci.interface.ArmWords`) and ``arm_write`` may apply it, noted as a write;
+    whether it did."""
+    offset = _u(buf, pos + 16, 8)
+    region = _u(buf, pos + 24, 4)
+    if offset & 3 or region != arm[0] or offset < arm[1] or offset + 4 > arm[2]:
+        return False
+    value = _u(buf, pos + 32, 4)
+    regs, ctl_words, itr_words, params, st, words, fds, notes, iio = irq
+    v = arm[3] + ((offset - arm[1]) >> 2)
+    if not arm_write(regs, ctl_words, itr_words, params, st, words, fds, notes, iio, v, value):
+        return False
+    _note_write(buf, pos, region, offset, value, trace, ctl, io, t0)
+    return True
 
 
 @njit(cache=True, nogil=True)
@@ -244,6 +282,8 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
     ctl: Any,
     writes: Any,
     mirrors: Any,
+    arm: Any,
+    irq: Any,
 ) -> Any:
     """Serve until a message Python must handle (see the module's text); returns a code, with
     ``buf[st[POS]:st[END]]`` the bytes left for Python (the ancillary data in
@@ -292,10 +332,12 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
                     not wants
                     and nw == 0  # (after rows Python applies, in order: a row too)
                     and count == 4
-                    and mirrors.shape[0]
-                    and _mirror(buf, pos, mirrors, trace, ctl, io, _now(io))
+                    and (
+                        (mirrors.shape[0] and _mirror(buf, pos, mirrors, trace, ctl, io, _now(io)))
+                        or (arm[2] > arm[1] and _arm(buf, pos, arm, irq, trace, ctl, io, _now(io)))
+                    )
                 ):
-                    pos += size  # applied here: an RX doorbell, for one
+                    pos += size  # applied here: an RX doorbell, an interrupt re-arm
                     continue
                 if nw == writes.shape[0]:
                     st[POS], st[END] = pos, end
@@ -393,8 +435,6 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
 
 def warm() -> None:
     """Compile (or load) :func:`serve` by calling it once with nothing to do."""
-    import os  # noqa: PLC0415
-
     r, w = os.pipe()
     try:
         os.write(w, b"x" * 16)  # a header that is no REGION_READ: handed back at once
@@ -404,7 +444,8 @@ def warm() -> None:
               np.zeros(IO_WORDS, np.int64), np.zeros(CBUF, np.uint8), np.zeros(64, np.uint8),
               np.zeros(8, np.int64), np.zeros((0, 7), np.int64),
               np.zeros((1, TRACE_COLS), np.int64), ctl, np.zeros((1, WRITE_COLS), np.int64),
-              np.zeros((0, MIRROR_COLS), np.int64))  # fmt: skip
+              np.zeros((0, MIRROR_COLS), np.int64), np.zeros(ARM_WORDS, np.int64),
+              no_arm_state())  # fmt: skip
     finally:
         os.close(r)
         os.close(w)
@@ -412,7 +453,6 @@ def warm() -> None:
 
 if __name__ == "__main__":  # ``python -m emulab.server.lane_kernel``: the server's compile child
     import ctypes
-    import os
     import signal
     import time
 

@@ -1,0 +1,90 @@
+"""Atomic operations on int64 words of a numpy array, for numba code: a compare-and-swap and
+a release store, both sequentially consistent where they must be, and a spin word built of
+them (:func:`spin_try`, :func:`spin_acquire`, :func:`spin_release`).
+
+A spin word lets Python code and compiled code that runs without the GIL share a few words of
+state without a Python lock: whoever holds it (0: free, 1: held) changes the words. Its holders
+never block while they hold it (no lock, no wait, no call into Python), so a waiter spins for
+microseconds at most; compiled callers use :func:`spin_try` with a bound and go the Python way
+when it fails. Every index is bounds-checked against the array first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llvmlite import ir  # type: ignore[import-untyped]
+from numba import njit, types
+from numba.extending import intrinsic
+
+from emulab.native.cache import guard_module
+from emulab.native.libc import libc
+
+__all__ = ["cas64", "spin_acquire", "spin_release", "spin_try", "store_release64"]
+
+guard_module(__file__)  # (before any kernel of this module loads)
+
+_sched_yield = libc("sched_yield", types.int32, 1)  # (its argument is ignored)
+
+
+def _cas_typer(typingctx: Any, addr: Any, expected: Any, new: Any) -> Any:
+    """Compare-and-swap of the int64 at ``addr`` (8-byte aligned; the caller has checked it
+    lies inside its array): ``new`` if it held ``expected``; returns what it held (seq_cst)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        pair = builder.cmpxchg(ptr, args[1], args[2], "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 0)
+
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+cas64: Any = intrinsic(_cas_typer)
+
+
+def _store_release_typer(typingctx: Any, addr: Any, value: Any) -> Any:
+    """Store ``value`` at ``addr`` after everything this thread stored before it (release)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        builder.store_atomic(args[1], ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64), codegen
+
+
+store_release64: Any = intrinsic(_store_release_typer)
+
+
+@njit(cache=True, nogil=True)
+def spin_try(words: Any, i: Any, tries: Any) -> bool:
+    """Take spin word ``words[i]`` (int64), trying ``tries`` times at most; whether it did."""
+    if i < 0 or i >= words.shape[0]:
+        return False
+    addr = words.ctypes.data + 8 * i
+    for _ in range(max(tries, 1)):  # noqa: SIM110 -- a plain loop for numba
+        if cas64(addr, 0, 1) == 0:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def spin_acquire(words: Any, i: Any) -> bool:
+    """Take spin word ``words[i]``, waiting as long as it takes (yielding the CPU now and then:
+    the holder may be a thread this one preempted); False only for an index out of range."""
+    if i < 0 or i >= words.shape[0]:
+        return False
+    addr = words.ctypes.data + 8 * i
+    n = 0
+    while cas64(addr, 0, 1) != 0:
+        n += 1
+        if n % 64 == 0:
+            _sched_yield(0)
+    return True
+
+
+@njit(cache=True, nogil=True)
+def spin_release(words: Any, i: Any) -> None:
+    """Let go of spin word ``words[i]``: what the holder stored is seen before it is free."""
+    if 0 <= i < words.shape[0]:
+        store_release64(words.ctypes.data + 8 * i, 0)

@@ -1,0 +1,185 @@
+"""MSI-X vectors a compiled raiser may signal itself, without Python and without the GIL.
+
+Raising an interrupt is the last step of every data-path event (a TX walk, an RX batch, a
+re-arm that finds a cause waiting), and in Python it costs tens of microseconds of the
+serving process's CPU each time (``bench/guest_iperf.py``). :class:`FastIrq` is what a device's
+compiled code needs to do it itself, shared with the Python interrupt code that stays the owner:
+
+- ``fds[v]``: the eventfd that delivers vector ``v`` now, or -1 when Python must decide
+  (MSI-X off, the vector masked, no line or a line that is no eventfd). :class:`Msix`
+  republishes it on every change, and unpublishes a line before closing its eventfd.
+- ``words[LOCK]``: a spin word (:mod:`emulab.native.atomics`). Compiled raisers take it around
+  everything they read and write of the shared state, and so does Python (:meth:`held`), which
+  never holds it while it takes another lock or calls out.
+- ``words[GATE]``: 0 when a compiled raiser may fire; any bit set sends it the Python way.
+  ``UNARMED`` until the spin kernels are loaded in this process (Python skips the spin word
+  until then, and no compiled raiser runs); ``LIVE`` while someone wants interrupt records as
+  they happen (a breakpoint stops *before* the line is signalled, which only Python can do);
+  bits from ``DEVICE_GATES`` on are the device's (an interrupt fault, say).
+- ``notes``: a ring of (vector, CLOCK_MONOTONIC ns) per compiled fire, ``words[HEAD]`` counting
+  them; :meth:`take_notes` turns them into the same ``fire`` records Python makes, when the
+  trace is read.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from emulab.native import ChildCompiled
+
+__all__ = [
+    "DEVICE_GATES",
+    "GATE",
+    "HEAD",
+    "LIVE",
+    "LOCK",
+    "UNARMED",
+    "WORDS",
+    "ArmState",
+    "FastIrq",
+    "no_arm_state",
+]
+
+LOCK, GATE, HEAD = 0, 1, 2
+WORDS = 4
+UNARMED, LIVE = 1, 2
+DEVICE_GATES = 1 << 8  # the first gate bit a device may use
+# what the kernels (emulab.pci.fast_irq_kernel) take besides: a device's per-vector state
+# (``st``: the latched cause, the last fire in CLOCK_MONOTONIC ns, the count of fires) and its
+# ``params``: the control word's enable bit, the write bits left to Python, the self-clearing
+# bits, the interval index field (shift, width mask, the value that sets none), the interval
+# field (shift, width mask), and the interval's unit in ns
+PEND, LAST_NS, COUNT = 0, 1, 2
+IRQ_COLS = 3
+ENABLE, PYTHON, CLEAR, IDX_SHIFT, IDX_MASK, IDX_NONE, IVL_SHIFT, IVL_MASK, UNIT_NS = range(9)
+PARAMS = 9
+IO_WORDS = 4  # the kernels' scratch: a timespec [0:2], the 8 bytes an eventfd write adds [2]
+
+# the kernels (emulab.pci.fast_irq_kernel, and the spin word's), compiled by a child process
+# once per machine, then loaded from numba's cache
+KERNELS = ChildCompiled("emulab.pci.fast_irq_kernel", "raise_vectors", name="emulab-irq-build")
+
+
+class FastIrq:
+    """The state a compiled raiser shares with Python for ``vectors`` MSI-X vectors."""
+
+    def __init__(self, vectors: int, note_rows: int = 4096) -> None:
+        self.words: npt.NDArray[np.int64] = np.zeros(WORDS, dtype=np.int64)
+        self.words[GATE] = UNARMED
+        self.fds: npt.NDArray[np.int64] = np.full(vectors, -1, dtype=np.int64)
+        self.notes: npt.NDArray[np.int64] = np.zeros((note_rows, 2), dtype=np.int64)
+        self._py = threading.RLock()  # (Python's holders, among themselves)
+        self._depth = 0
+        self._acquire: Callable[[Any, int], object] | None = None
+        self._release: Callable[[Any, int], object] | None = None
+        self._seen = 0
+        self._take = threading.Lock()
+
+    # -- Python's side of the spin word ----------------------------------------------------------
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the shared state against compiled raisers (and other Python holders). Hold it
+        briefly: take no other lock and call nothing that may, inside."""
+        with self._py:
+            acquire = self._acquire if self._depth == 0 else None
+            if acquire is not None:
+                acquire(self.words, LOCK)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if acquire is not None and self._release is not None:
+                    self._release(self.words, LOCK)
+
+    @property
+    def armed(self) -> bool:
+        return self._acquire is not None
+
+    def arm(self) -> bool:
+        """Let compiled raisers in once the spin kernels are loaded (their child compile is
+        started on the first call); whether it is armed."""
+        if self._acquire is not None:
+            return True
+        KERNELS.start()
+        if KERNELS.get() is None:
+            return False
+        acquire, release = KERNELS.get("spin_acquire"), KERNELS.get("spin_release")
+        with self._py:  # (no Python holder is inside: the switch is never seen half-way)
+            self._acquire, self._release = acquire, release
+        self.set_gate(UNARMED, False)
+        return True
+
+    def set_gate(self, bit: int, closed: bool) -> None:
+        """Close (or open) one gate bit; once this returns, no compiled fire is under way that
+        began with the gate open."""
+        with self.held():
+            g = int(self.words[GATE])
+            self.words[GATE] = g | bit if closed else g & ~bit
+
+    @property
+    def open(self) -> bool:
+        return int(self.words[GATE]) == 0
+
+    # -- MSI-X's side ----------------------------------------------------------------------------
+    def publish(self, fds: list[int]) -> None:
+        """Each vector's deliverable eventfd (-1: none), as :class:`Msix` sees them now."""
+        with self.held():
+            self.fds[: len(fds)] = fds
+
+    def unpublish(self, start: int, count: int) -> None:
+        """Vectors whose lines are about to go (and their eventfds to close): Python's alone."""
+        with self.held():
+            self.fds[start : start + count] = -1
+
+    # -- the trace -------------------------------------------------------------------------------
+    def take_notes(self) -> list[tuple[int, int]]:
+        """The compiled fires noted since the last call, oldest first: (vector, ns on
+        CLOCK_MONOTONIC); the newest ``len(notes)`` when more came."""
+        with self._take:
+            head = int(self.words[HEAD])
+            rows = len(self.notes)
+            start = max(self._seen, head - rows)
+            self._seen = head
+            if head <= start:
+                return []
+            picked = self.notes[np.arange(start, head) % rows]
+        return [(int(v), int(t)) for v, t in picked]
+
+
+@dataclass
+class ArmState:
+    """One device's interrupt moderation, as the kernels of ``emulab.pci.fast_irq_kernel``
+    take it: the register words (``regs``), per vector the word of its control register
+    (``ctl_words``) and of its intervals (``itr_words``), the field layout (``params``), the
+    per-vector state (``st``), and the MSI-X side (``fast``)."""
+
+    regs: npt.NDArray[np.uint32]
+    ctl_words: npt.NDArray[np.int64]
+    itr_words: npt.NDArray[np.int64]
+    params: npt.NDArray[np.int64]
+    st: npt.NDArray[np.int64]
+    fast: FastIrq
+    io: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(IO_WORDS, dtype=np.int64))
+
+    def args(self) -> tuple[Any, ...]:
+        """The kernels' leading arguments, in their order."""
+        f = self.fast
+        return (self.regs, self.ctl_words, self.itr_words, self.params, self.st, f.words,
+                f.fds, f.notes, self.io)  # fmt: skip
+
+
+def no_arm_state() -> tuple[Any, ...]:
+    """:meth:`ArmState.args` for a device with none: arrays of the same types, inert (no
+    vector inside them), so that one compiled form of a kernel that takes them serves all."""
+    i64 = np.int64
+    return (np.zeros(1, np.uint32), np.zeros(1, i64), np.zeros((1, 2), i64),
+            np.zeros(PARAMS, i64), np.zeros((1, IRQ_COLS), i64), np.zeros(WORDS, i64),
+            np.zeros(1, i64), np.zeros((1, 2), i64), np.zeros(IO_WORDS, i64))  # fmt: skip

@@ -1,0 +1,219 @@
+"""Interrupt moderation of the Intel kind, compiled: raising vectors (:func:`raise_vectors`) and
+applying a driver's re-arm (:func:`arm_write`) without Python and without the GIL.
+
+The model (the AVF's VFINT_DYN_CTLN and ITRs; igb's and ice's are alike), per vector ``v``:
+
+- a control word, ``regs[ctl_words[v]]``, whose ``enable`` bit lets a cause fire; firing clears
+  it, and a cause that finds it clear waits, latched (``st[v, PEND]``), for the driver's write
+  that sets it again -- which fires the latched cause;
+- throttle intervals, ``regs[itr_words[v, i]]`` in ``unit_ns`` units: within the shortest
+  non-zero one since the last fire (``st[v, LAST_NS]``, CLOCK_MONOTONIC) a cause waits too;
+- a control-word write may also set one interval (an index field; ``idx_none``: none), and has
+  self-clearing bits (``clear``) that are never stored.
+
+Only the common case is done here: a queue vector (not 0) whose MSI-X line is an eventfd that
+delivers now (:class:`~emulab.pci.fast_irq.FastIrq`'s ``fds``), every gate open, and for a write,
+none of the ``python`` bits (a software trigger, an enable to keep as it is). What else a cause
+or a write needs -- a timer for an interval not over, a masked vector, a closed gate, the spin word
+not taken at once -- is left to the device's Python, before anything is changed. Everything is
+done holding the spin word ``words[LOCK]``, which the Python side takes too; each fire is noted
+(vector, ns) for the trace. Every index is checked against its array first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import njit, types
+
+from emulab.native.atomics import spin_acquire, spin_release, spin_try
+from emulab.native.cache import NATIVE, drop_stale
+from emulab.native.libc import libc
+from emulab.pci import fast_irq
+from emulab.pci.fast_irq import (
+    CLEAR,
+    COUNT,
+    ENABLE,
+    GATE,
+    HEAD,
+    IDX_MASK,
+    IDX_NONE,
+    IDX_SHIFT,
+    IO_WORDS,
+    IRQ_COLS,
+    IVL_MASK,
+    IVL_SHIFT,
+    LAST_NS,
+    LOCK,
+    PARAMS,
+    PEND,
+    PYTHON,
+    UNIT_NS,
+)
+
+__all__ = ["arm_write", "raise_vectors", "spin_acquire", "spin_release", "warm"]
+
+SPIN_TRIES = 64
+CLOCK_MONOTONIC = 1
+
+if not os.environ.get("NUMBA_CACHE_DIR"):  # (before any kernel of this module loads: its
+    # cache goes with this file, emulab.native's and the FastIrq layout it inlines)
+    _here = Path(__file__)
+    drop_stale(_here.parent / "__pycache__", [_here, *NATIVE.glob("*.py"), Path(fast_irq.__file__)],
+               prefix=_here.stem + ".")  # fmt: skip
+
+_write = libc("write", types.int64, 3)
+_clock_gettime = libc("clock_gettime", types.int32, 2)
+
+
+@njit(cache=True, nogil=True)
+def _ok(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any, fds: Any,  # noqa: PLR0917 -- arrays in
+        io: Any, v: Any) -> bool:  # fmt: skip
+    """Whether vector ``v`` and every word it uses lie inside their arrays."""
+    nv = min(st.shape[0], ctl_words.shape[0], itr_words.shape[0], fds.shape[0])
+    if not (0 < v < nv and params.shape[0] >= PARAMS and io.shape[0] >= IO_WORDS):
+        return False
+    if st.shape[1] < IRQ_COLS or words.shape[0] <= HEAD:
+        return False
+    n = regs.shape[0]
+    if not 0 <= ctl_words[v] < n:
+        return False
+    for i in range(itr_words.shape[1]):  # noqa: SIM110 -- a plain loop for numba
+        if not 0 <= itr_words[v, i] < n:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _deliverable(regs: Any, itr_words: Any, params: Any, st: Any, fds: Any, io: Any,  # noqa: PLR0917 -- arrays in
+                 v: Any) -> Any:  # fmt: skip
+    """The time now (ns) if vector ``v`` may fire now here (its interval over, an eventfd that
+    delivers), else -1. Under the spin word."""
+    itr = np.int64(0)
+    for i in range(itr_words.shape[1]):
+        x = np.int64(regs[itr_words[v, i]])
+        if x and (itr == 0 or x < itr):
+            itr = x
+    _clock_gettime(CLOCK_MONOTONIC, io.ctypes.data)
+    now = io[0] * 1_000_000_000 + io[1]
+    if fds[v] < 0 or (itr and now < st[v, LAST_NS] + itr * params[UNIT_NS]):
+        return -1
+    return now
+
+
+@njit(cache=True, nogil=True)
+def _fire(regs: Any, ctl_words: Any, params: Any, st: Any, words: Any, fds: Any, notes: Any,  # noqa: PLR0917 -- arrays in
+          io: Any, v: Any, now: Any) -> None:  # fmt: skip
+    """Fire vector ``v`` (``_deliverable`` said it may, at ``now``). Under the spin word."""
+    w = ctl_words[v]
+    regs[w] = np.int64(regs[w]) & ~params[ENABLE]
+    st[v, LAST_NS] = now
+    st[v, PEND] = 0
+    st[v, COUNT] += 1
+    rows = notes.shape[0]
+    if rows > 0 and notes.shape[1] >= 2:
+        row = words[HEAD] % rows
+        notes[row, 0] = v
+        notes[row, 1] = now
+    words[HEAD] += 1
+    io[2] = 1
+    _write(fds[v], io.ctypes.data + 16, 8)  # (a full counter or a reader gone: nothing to do)
+
+
+@njit(cache=True, nogil=True)
+def raise_vectors(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
+                  fds: Any, notes: Any, io: Any, mask: Any) -> Any:  # fmt: skip
+    """A cause for each vector in ``mask`` (bit v: vector v, below 63): fired, or latched where
+    the enable bit is clear; returns the mask of those left to Python."""
+    m = np.int64(mask)
+    left = m ^ m  # (0, of m's type)
+    while m:
+        low = m & -m
+        m ^= low
+        v = 0
+        while (np.int64(1) << v) != low:
+            v += 1
+        if not _ok(regs, ctl_words, itr_words, params, st, words, fds, io, v):
+            left |= low
+            continue
+        if not spin_try(words, LOCK, SPIN_TRIES):
+            left |= low
+            continue
+        if words[GATE] != 0:
+            left |= low
+        elif not np.int64(regs[ctl_words[v]]) & params[ENABLE]:
+            st[v, PEND] = 1  # fired already: the cause waits for the driver's re-arm
+        else:
+            now = _deliverable(regs, itr_words, params, st, fds, io, v)
+            if now < 0:
+                left |= low  # a timer to arm, or no line that delivers now
+            else:
+                _fire(regs, ctl_words, params, st, words, fds, notes, io, v, now)
+        spin_release(words, LOCK)
+    return left
+
+
+@njit(cache=True, nogil=True)
+def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
+              fds: Any, notes: Any, io: Any, v: Any, value: Any) -> bool:  # fmt: skip
+    """A driver's write of ``value`` to vector ``v``'s control word, applied (the interval it
+    sets, the word stored without its self-clearing bits, a latched cause fired if that sets
+    the enable bit) when nothing of it is Python's; whether it was (if not, nothing changed)."""
+    if not _ok(regs, ctl_words, itr_words, params, st, words, fds, io, v):
+        return False
+    value = np.int64(value) & 0xFFFFFFFF
+    if value & params[PYTHON]:
+        return False
+    idx = (value >> params[IDX_SHIFT]) & params[IDX_MASK]
+    if idx != params[IDX_NONE] and idx >= itr_words.shape[1]:
+        return False
+    if not spin_try(words, LOCK, SPIN_TRIES):
+        return False
+    if words[GATE] != 0:
+        spin_release(words, LOCK)
+        return False
+    fire = bool(value & params[ENABLE]) and st[v, PEND] != 0
+    now = np.int64(0)
+    if fire:
+        if idx != params[IDX_NONE]:  # (the interval this write sets applies to the fire)
+            old = regs[itr_words[v, idx]]
+            regs[itr_words[v, idx]] = (value >> params[IVL_SHIFT]) & params[IVL_MASK]
+            now = _deliverable(regs, itr_words, params, st, fds, io, v)
+            regs[itr_words[v, idx]] = old
+        else:
+            now = _deliverable(regs, itr_words, params, st, fds, io, v)
+        if now < 0:  # a timer to arm, or no line: Python applies the whole write
+            spin_release(words, LOCK)
+            return False
+    if idx != params[IDX_NONE]:
+        regs[itr_words[v, idx]] = (value >> params[IVL_SHIFT]) & params[IVL_MASK]
+    regs[ctl_words[v]] = value & ~params[CLEAR]
+    if fire:
+        _fire(regs, ctl_words, params, st, words, fds, notes, io, v, now)
+    spin_release(words, LOCK)
+    return True
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) the kernels with the types devices use: what
+    ``python -m`` runs in the child a ``ChildCompiled`` starts, and what loads them after."""
+    regs = np.zeros(4, dtype=np.uint32)
+    idx = np.zeros(2, dtype=np.int64)
+    itr = np.zeros((2, 2), dtype=np.int64)
+    params = np.zeros(PARAMS, dtype=np.int64)
+    st = np.zeros((2, IRQ_COLS), dtype=np.int64)
+    words = np.zeros(4, dtype=np.int64)
+    fds = np.full(2, -1, dtype=np.int64)
+    notes = np.zeros((1, 2), dtype=np.int64)
+    io = np.zeros(IO_WORDS, dtype=np.int64)
+    raise_vectors(regs, idx, itr, params, st, words, fds, notes, io, np.int64(2))
+    arm_write(regs, idx, itr, params, st, words, fds, notes, io, np.int64(1), np.int64(0))
+    spin_acquire(words, 0)  # (Python's side of the spin word)
+    spin_release(words, 0)
+
+
+if __name__ == "__main__":
+    warm()

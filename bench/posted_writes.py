@@ -30,6 +30,7 @@ from emulab.avf.device import AvfDevice
 from emulab.backends.simple import LoopbackBackend
 from emulab.client import VfioUserClient
 from emulab.drivers.iavf_nic import DYN_CTLN, QRX_TAIL, QTX_TAIL, NicDriver
+from emulab.pci import fast_irq
 from emulab.server import VfioUserServer
 from emulab.server.lane import KERNEL
 
@@ -63,6 +64,7 @@ def measure(fast: bool, writes: int, repeat: int) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         NicDriver(client).bring_up()
+        assert fast_irq.KERNELS.wait(300), fast_irq.KERNELS.status()  # (the re-arms' kernel)
         ident = next(t.ident for t in threading.enumerate() if t.name.endswith("-server"))
         assert ident is not None
         tid = time.pthread_getcpuclockid(ident)  # (the server thread's CPU clock, in ns)
@@ -100,7 +102,7 @@ def measure(fast: bool, writes: int, repeat: int) -> dict[str, float]:
         if fast:
             lane = srv.status()["fast_lane"]
             assert lane["posted"] + lane["mirrored"] >= writes * repeat, "the lane took none"
-            print(f"  the lane applied {lane['mirrored']} (doorbells: mirrored words) and "
+            print(f"  the lane applied {lane['mirrored']} (doorbells, re-arms) and "
                   f"handed {lane['posted']} to Python", file=sys.stderr, flush=True)  # fmt: skip
     finally:
         client.close()

@@ -252,6 +252,8 @@ class InterruptBlock:
             self._fire(vector)
         if INTENA.get(new):
             self.rearmed(vector)
+        if self._raiser is None and vector:  # (a driver re-arms: arm the compiled paths too,
+            self._load_raiser()  # the fast lane's re-arms among them, once they are loaded)
 
     # -- firing ----------------------------------------------------------------------------------
     def itr_seconds(self, vector: int) -> float:

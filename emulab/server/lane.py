@@ -61,7 +61,7 @@ __all__ = ["FastLane", "kernel_state"]
 
 # (mirrors of emulab.server.lane_kernel's constants: that module imports numba, this one not)
 HANDOFF, WOKEN, DRAIN, POSTED, EOF, ERROR, FDS = 1, 2, 3, 4, 5, 6, 7
-ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
+ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT, READS, WROTE = 0, 1, 2, 3, 4, 5, 6, 7
 CTL_WORDS, IO_WORDS, CBUF, TRACE_COLS, MIRROR_COLS, ARM_WORDS = 8, 20, 512, 8, 13, 4
 POS, END, CONTROL, FLAGS, WRITES, RESUME = 0, 1, 2, 3, 4, 5
 ST_WORDS, WRITE_COLS = 8, 6
@@ -122,16 +122,7 @@ class FastLane:
                                mw.rw.ctypes.data, mw.mirrored.ctypes.data, mw.target.ctypes.data,
                                mw.target.strides[0], mw.limit.ctypes.data, mw.limit.strides[0],
                                *gates, mw.kick)  # fmt: skip
-        # interrupt control words (a driver's re-arms): at most one block, the kernel's to
-        # apply where emulab.pci.fast_irq_kernel.arm_write may
-        armed = getattr(device, "arm_writes", None)
-        arms = armed() if armed is not None and words else []
-        self.arm = np.zeros(ARM_WORDS, dtype=np.int64)
-        self._keep_arm = arms[:1]
-        self.irq: tuple[Any, ...] = arms[0].state.args() if arms else no_arm_state()
-        if arms:
-            aw = arms[0]
-            self.arm[:] = (aw.region, aw.offset, aw.offset + 4 * aw.count, aw.first)
+        self.arm, self.irq, self._keep_arm = self._arm_words(device, words)
         self.buf = np.zeros(RECV_BYTES, dtype=np.uint8)
         self.st = np.zeros(ST_WORDS, dtype=np.int64)
         self.writes = np.zeros((WRITE_ROWS, WRITE_COLS), dtype=np.int64)
@@ -147,12 +138,27 @@ class FastLane:
         self.posted = 0  # posted writes the kernel took off the wire for Python to apply
         self.answered = 0  # writes it took that wanted a reply (Python's, once applied)
         self.mirrored = 0  # posted writes it applied itself (RX doorbells, interrupt re-arms)
+        self._reads = self._wrote = 0  # (ctl[READS] and ctl[WROTE] as last taken)
         self.entries = 0  # times the session entered the kernel (tests, benchmarks)
         self.on = bool(words)  # (the session makes one only for a server with fast_lane on)
         self._stops: list[Any] = []
         if self.on:
             self._stops.append(server.trace.add_source(self.take_notes))
             self._stops.append(server.debugger.on_change(self.wake))
+
+    @staticmethod
+    def _arm_words(device: Any, words: list[Any]) -> tuple[np.ndarray, tuple[Any, ...], Any]:
+        """Interrupt control words (a driver's re-arms): at most one block, the kernel's to
+        apply where emulab.pci.fast_irq_kernel.arm_write may; (its table row, the arrays it
+        takes, what keeps them alive)."""
+        armed = getattr(device, "arm_writes", None)
+        arms = armed() if armed is not None and words else []
+        table = np.zeros(ARM_WORDS, dtype=np.int64)
+        if not arms:
+            return table, no_arm_state(), None
+        aw = arms[0]
+        table[:] = (aw.region, aw.offset, aw.offset + 4 * aw.count, aw.first)
+        return table, aw.state.args(), aw
 
     # -- the session's reader --------------------------------------------------------------------
     def __call__(self) -> tuple[bytes, list[int]] | None:
@@ -269,8 +275,10 @@ class FastLane:
         if after - rows + 1 > start:  # overwritten while copied: keep only what is intact
             picked = picked[after - rows + 1 - start :]
         ctl[SEEN] = head
-        wrote = int(np.count_nonzero(picked[:, 7]))  # (writes the kernel applied: mirrored)
-        served = head - seen - wrote
+        # (counted apart from the rows: a burst longer than the ring loses rows, not counts)
+        reads, writes = int(ctl[READS]), int(ctl[WROTE])
+        served, wrote = reads - self._reads, writes - self._wrote
+        self._reads, self._wrote = reads, writes
         self.served += served
         self.mirrored += wrote
         server, device = self.server, self.device

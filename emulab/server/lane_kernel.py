@@ -53,6 +53,7 @@ __all__ = ["serve"]
 HANDOFF, WOKEN, DRAIN, POSTED, EOF, ERROR, FDS = 1, 2, 3, 4, 5, 6, 7
 # ctl words: set by Python (ENABLED, LIVE, SEEN: the notes it has taken), by serve (the rest)
 ENABLED, HEAD, LIVE, SEEN, ERRNO, BYTES_OUT = 0, 1, 2, 3, 4, 5
+READS, WROTE = 6, 7  # reads answered and writes applied, ever (the note ring may lose rows)
 CTL_WORDS = 8
 # st words: what is left in buf for Python, the ancillary bytes that came, recvmsg's flags, the
 # posted writes taken (rows of ``writes``), and whether to resume at buf[POS:END] (set by Python)
@@ -184,6 +185,7 @@ def _answer(  # noqa: PLR0917 -- arrays in, for the compiler
         trace[n, 7] = 0
         _release(0)
         ctl[HEAD] = k + 1
+        ctl[READS] += 1
         _lock(mutex.ctypes.data)
         sent = 0
         while sent < size:
@@ -246,6 +248,7 @@ def _note_write(buf: Any, pos: Any, region: Any, offset: Any, value: Any, trace:
     trace[n, 7] = 1
     _release(0)
     ctl[HEAD] = k + 1
+    ctl[WROTE] += 1
 
 
 @njit(cache=True, nogil=True)

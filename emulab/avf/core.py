@@ -30,6 +30,7 @@ from emulab.avf.registers import MAX_QUEUES, REGISTER, ResetState
 from emulab.avf.tx_worker import TxWorker
 from emulab.backends.base import PacketBackend
 from emulab.backends.simple import LoopbackBackend
+from emulab.pci import fast_irq
 from emulab.pci.dma import GuestMemory
 from emulab.pci.fast_irq import FastIrq
 from emulab.pci.registers import RegisterFile
@@ -151,6 +152,8 @@ class AvfCore:
             regs.mirror("QRX_TAIL")  # the hook stores the tail, and wakes a held wire: gated
             regs.mirror("QTX_TAIL")  # the hook stores the tail and walks: the worker's, kicked
         BUILDER.start()  # kernels compiled in a child process; interpreted until loaded here
+        if not poll:  # (and the interrupt kernels: armed at the first raise or re-arm after)
+            fast_irq.KERNELS.start_soon()
         BUILDER.subscribe(self._kernels_trace)
         self.poller = (
             Poller(self.queues, regs.words, POLL_LAYOUT, live=self._packets_live) if poll else None

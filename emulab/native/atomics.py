@@ -58,13 +58,16 @@ store_release64: Any = intrinsic(_store_release_typer)
 
 @njit(cache=True, nogil=True)
 def spin_try(words: Any, i: Any, tries: Any) -> bool:
-    """Take spin word ``words[i]`` (int64), trying ``tries`` times at most; whether it did."""
+    """Take spin word ``words[i]`` (int64), trying ``tries`` times at most (yielding the CPU
+    every 64: the holder may be a thread this one keeps from running); whether it did."""
     if i < 0 or i >= words.shape[0]:
         return False
     addr = words.ctypes.data + 8 * i
-    for _ in range(max(tries, 1)):  # noqa: SIM110 -- a plain loop for numba
+    for n in range(1, max(tries, 1) + 1):
         if cas64(addr, 0, 1) == 0:
             return True
+        if n % 64 == 0:
+            _sched_yield(0)
     return False
 
 

@@ -56,7 +56,10 @@ from emulab.pci.fast_irq import (
 
 __all__ = ["arm_write", "raise_vectors", "spin_acquire", "spin_release", "warm"]
 
-SPIN_TRIES = 64
+# tries at the spin word before the Python way (with a yield of the CPU every 64): a Python
+# holder may have lost the GIL inside its few lines for a switch interval or two, and waiting
+# for it costs far less than the Python way (tens of microseconds of the serving process's CPU)
+SPIN_TRIES = 2048
 CLOCK_MONOTONIC = 1
 
 if not os.environ.get("NUMBA_CACHE_DIR"):  # (before any kernel of this module loads: its

@@ -119,7 +119,11 @@ def test_statistics_agree_with_the_backend(rig: Rig) -> None:
     assert drv.transmit([udp(1, dst=b"\x02" * 6), udp(2, dst=b"\x02" * 6), bcast]) == 3
     backend.inject([udp(7), udp(8, size=300), udp(9, dst=b"\x02\x99" * 3)])  # last: not ours
     assert len(drv.poll(timeout=2.0)) == 2
-    st = drv.stats()
+    # (the TX worker walks the ring on its own thread, and counts just after the write-back:
+    # a clean-clone run on a loaded machine asked for the statistics before it had)
+    wait_until(lambda: len(wire) == 3 and not drv.tx_pending(), 5, "the TX walk")
+    st = wait_until(lambda: (s := drv.stats())["tx_unicast"] + s["tx_broadcast"] == 3 and s, 5,
+                    "the TX frames counted")  # fmt: skip
     c = backend.counters.as_dict()
     assert (st["tx_unicast"], st["tx_broadcast"], st["tx_bytes"]) == (2, 1, c["tx_bytes"])
     assert st["tx_unicast"] + st["tx_broadcast"] == c["tx_packets"] == len(wire)

@@ -102,7 +102,8 @@ class InterruptBlock:
         self._timers: dict[int, threading.Timer] = {}
         # shared with compiled raisers (MSI-X's; a block alone has its own, never armed)
         self.fast = fast if fast is not None else FastIrq(MAX_VECTORS)
-        if hold is not None:  # (the poll kernel must hear of every latched cause)
+        self._polling = hold is not None
+        if self._polling:  # (the poll kernel must hear of every latched cause)
             self.fast.set_gate(POLL_GATE, True)
         self._fault: FaultHook | None = None
         params = np.zeros(fi.PARAMS, dtype=np.int64)
@@ -187,8 +188,10 @@ class InterruptBlock:
         return int(self.fast.words[HEAD])
 
     def _load_raiser(self) -> Any:
-        if self.regs.words is not self.arm_state.regs or not self.fast.arm():
-            return None  # (words rebound since: not the array the kernel would write)
+        if self._polling or self.regs.words is not self.arm_state.regs:
+            return None  # (polling: the gate stays closed; words rebound: not the kernel's)
+        if not self.fast.arm():
+            return None
         self._raiser = fi.KERNELS.get()
         return self._raiser
 

@@ -129,7 +129,8 @@ class InterruptBlock:
         regs.on_read("VFINT_ICR01", self._read_icr)
 
     def _word(self, name: str, index: int) -> int:
-        return (self.regs.register(name).offset + index * self.regs.register(name).stride) // 4
+        reg = self.regs.register(name)
+        return (reg.offset + index * reg.stride) // 4
 
     @staticmethod
     def _itr(vector: int, i: int) -> tuple[str, int]:

@@ -53,11 +53,13 @@ def drop_stale(cache_dir: Path, sources: Iterable[Path], prefix: str = "") -> bo
     return True
 
 
-def guard_module(path: str) -> None:
+def guard_module(path: str, *inlined: str) -> None:
     """:func:`drop_stale` for one kernel module's cache (numba's default place, beside it;
     with ``NUMBA_CACHE_DIR`` set, numba keeps it elsewhere and this does nothing): its own
-    source and :mod:`emulab.native`'s, which its kernels inline."""
+    source, :mod:`emulab.native`'s and the other files (``inlined``) whose kernels or constants
+    its kernels inline."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return
     here = Path(path)
-    drop_stale(here.parent / "__pycache__", [here, *NATIVE.glob("*.py")], prefix=here.stem + ".")
+    sources = [here, *NATIVE.glob("*.py"), *map(Path, inlined)]
+    drop_stale(here.parent / "__pycache__", sources, prefix=here.stem + ".")

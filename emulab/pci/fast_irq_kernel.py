@@ -22,15 +22,13 @@ done holding the spin word ``words[LOCK]``, which the Python side takes too; eac
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numba import njit, types
 
 from emulab.native.atomics import spin_acquire, spin_release, spin_try
-from emulab.native.cache import NATIVE, drop_stale
+from emulab.native.cache import guard_module
 from emulab.native.libc import libc
 from emulab.pci import fast_irq
 from emulab.pci.fast_irq import (
@@ -62,11 +60,7 @@ __all__ = ["arm_write", "raise_vectors", "spin_acquire", "spin_release", "warm"]
 SPIN_TRIES = 2048
 CLOCK_MONOTONIC = 1
 
-if not os.environ.get("NUMBA_CACHE_DIR"):  # (before any kernel of this module loads: its
-    # cache goes with this file, emulab.native's and the FastIrq layout it inlines)
-    _here = Path(__file__)
-    drop_stale(_here.parent / "__pycache__", [_here, *NATIVE.glob("*.py"), Path(fast_irq.__file__)],
-               prefix=_here.stem + ".")  # fmt: skip
+guard_module(__file__, fast_irq.__file__)  # (before any kernel loads; the layout it inlines)
 
 _write = libc("write", types.int64, 3)
 _clock_gettime = libc("clock_gettime", types.int32, 2)

@@ -32,18 +32,17 @@ against the lengths the table gives first. Runs without the GIL.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-from emulab.native.cache import NATIVE, drop_stale
+from emulab.native.cache import guard_module
 from emulab.native.libc import EAGAIN, POLLERR, POLLHUP, POLLIN, libc, load64, store32, store64
 from emulab.native.libc import load8 as _load8
 from emulab.native.libc import load32 as _load32
-from emulab.pci import fast_irq_kernel
+from emulab.pci import fast_irq, fast_irq_kernel
 from emulab.pci.fast_irq import no_arm_state
 from emulab.pci.fast_irq_kernel import arm_write
 
@@ -78,13 +77,8 @@ CLOCK_MONOTONIC = 1
 
 # (int64 arguments where C has int or pointers: the x86-64 and aarch64 ABIs pass both in one
 # 64-bit register, the callee reading the low half of an int)
-if not os.environ.get("NUMBA_CACHE_DIR"):  # (before any kernel of this module loads: its
-    # cache goes with this file, emulab.native's and the interrupt kernels it inlines)
-    _here = Path(__file__)
-    drop_stale(_here.parent / "__pycache__",
-               [_here, *NATIVE.glob("*.py"), Path(fast_irq_kernel.__file__),
-                Path(fast_irq_kernel.__file__).with_name("fast_irq.py")],
-               prefix=_here.stem + ".")  # fmt: skip
+# (before any kernel of this module loads; it inlines the interrupt kernels and their layout)
+guard_module(__file__, fast_irq_kernel.__file__, fast_irq.__file__)
 
 _poll = libc("poll", types.int32, 3)
 _recvmsg = libc("recvmsg", types.int64, 3)

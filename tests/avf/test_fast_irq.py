@@ -177,14 +177,13 @@ def test_a_served_device_raises_its_queue_interrupts_compiled(tmp_path: Path) ->
         dev.close()
 
 
-def test_the_fast_lane_applies_re_arms_and_fires_what_they_unblock(tmp_path: Path) -> None:
-    """A posted DYN_CTLN write (QEMU's re-arm) is applied by the server's fast lane: the word
-    stored, the interval it sets, a latched cause fired on the vector's eventfd -- counted and
-    traced as the ordinary path does. A software trigger goes the ordinary way."""
-    from emulab.server.lane import KERNEL
-    from emulab.trace import RegisterRecord
-    from tests.test_fast_lane import posted
+Lane = tuple[AvfDevice, VfioUserServer[AvfDevice], VfioUserClient, NicDriver]
 
+
+@pytest.fixture
+def lane_rig(tmp_path: Path) -> Iterator[Lane]:
+    """An AVF served with the fast lane, brought up by the software driver (2 queues of 64),
+    the interrupt kernels loaded and the raiser armed."""
     dev = AvfDevice(backend=LoopbackBackend(), mac=MAC)
     _kernels()
     srv = VfioUserServer(dev, tmp_path / "a.sock", fast_lane=True).start()
@@ -192,38 +191,50 @@ def test_the_fast_lane_applies_re_arms_and_fires_what_they_unblock(tmp_path: Pat
     try:
         drv = NicDriver(c, queues=2)
         drv.bring_up(ring_len=64)
-        assert KERNEL.wait(180), KERNEL.status()
-        irq = dev.core.irq
-        irq.raise_fast(0)  # (loads and arms the raiser, as the first raise does)
-        lane = lambda: srv.status()["fast_lane"]  # noqa: E731
-        wait_until(lambda: c.read32(0, ITRN) >= 0 and lane()["served"] > 0, 30, "the lane")
-        fd = drv.vector_fds[1]
-        c.wait_irq(fd, 0)  # (what bring-up left)
-        mirrored, fires, counts = lane()["mirrored"], irq.fast_fires, irq.counts[1]
-        c.send_raw(posted(900, DYN_CTLN, (NO_ITR << ITR_INDX.lsb).to_bytes(4, "little")))
-        assert c.read32(0, DYN_CTLN) == NO_ITR << ITR_INDX.lsb  # stored: INTENA clear
-        assert irq.raise_fast(1 << 1) == 0 and irq.queue_pending == {1}  # latched
-        c.send_raw(posted(901, DYN_CTLN, ARM.to_bytes(4, "little")))
-        assert c.wait_irq(fd, 5) == 1  # the re-arm fired the latched cause
-        assert irq.fast_fires == fires + 1 and irq.counts[1] == counts + 1
-        assert not c.read32(0, DYN_CTLN) & INTENA.mask and irq.queue_pending == set()
-        assert lane()["mirrored"] - mirrored == 2  # both writes applied by the lane
-        # an interval update with the re-arm (iavf's dynamic ITR): stored in VFINT_ITRN
-        value = INTENA.mask | (1 << ITR_INDX.lsb) | (40 << INTERVAL.lsb)
-        c.send_raw(posted(902, DYN_CTLN, value.to_bytes(4, "little")))
-        assert c.read32(0, ITRN + 4 * 16) == 40 and lane()["mirrored"] - mirrored == 3
-        regs = [(r.op, r.name, r.value) for r in dev.trace.snapshot(RegisterRecord)]
-        assert ("write", "VFINT_DYN_CTLN[0]", ARM) in regs
-        assert any(r.what == "fire" and r.vector == 1 for r in dev.trace.snapshot(IrqRecord))
-        # a software trigger: the ordinary path (which fires it, the ITR permitting)
-        posted_before = lane()["posted"]
-        c.send_raw(posted(903, DYN_CTLN, (INTENA.mask | SWINT_TRIG.mask).to_bytes(4, "little")))
-        assert c.read32(0, DYN_CTLN) & INTENA.mask == 0 or irq.queue_pending == {1}
-        assert lane()["posted"] == posted_before + 1 and lane()["mirrored"] - mirrored == 3
+        dev.core.irq.raise_fast(0)  # (loads and arms the raiser, as the first raise does)
+        yield dev, srv, c, drv
     finally:
         c.close()
         srv.stop()
         dev.close()
+
+
+def test_the_fast_lane_applies_re_arms_and_fires_what_they_unblock(lane_rig: Lane) -> None:
+    """A posted DYN_CTLN write (QEMU's re-arm) is applied by the server's fast lane: the word
+    stored, the interval it sets, a latched cause fired on the vector's eventfd -- counted and
+    traced as the ordinary path does. A software trigger goes the ordinary way."""
+    from emulab.server.lane import KERNEL
+    from emulab.trace import RegisterRecord
+    from tests.test_fast_lane import posted
+
+    dev, srv, c, drv = lane_rig
+    assert KERNEL.wait(180), KERNEL.status()
+    irq = dev.core.irq
+    lane = lambda: srv.status()["fast_lane"]  # noqa: E731
+    wait_until(lambda: c.read32(0, ITRN) >= 0 and lane()["served"] > 0, 30, "the lane")
+    fd = drv.vector_fds[1]
+    c.wait_irq(fd, 0)  # (what bring-up left)
+    mirrored, fires, counts = lane()["mirrored"], irq.fast_fires, irq.counts[1]
+    c.send_raw(posted(900, DYN_CTLN, (NO_ITR << ITR_INDX.lsb).to_bytes(4, "little")))
+    assert c.read32(0, DYN_CTLN) == NO_ITR << ITR_INDX.lsb  # stored: INTENA clear
+    assert irq.raise_fast(1 << 1) == 0 and irq.queue_pending == {1}  # latched
+    c.send_raw(posted(901, DYN_CTLN, ARM.to_bytes(4, "little")))
+    assert c.wait_irq(fd, 5) == 1  # the re-arm fired the latched cause
+    assert irq.fast_fires == fires + 1 and irq.counts[1] == counts + 1
+    assert not c.read32(0, DYN_CTLN) & INTENA.mask and irq.queue_pending == set()
+    assert lane()["mirrored"] - mirrored == 2  # both writes applied by the lane
+    # an interval update with the re-arm (iavf's dynamic ITR): stored in VFINT_ITRN
+    value = INTENA.mask | (1 << ITR_INDX.lsb) | (40 << INTERVAL.lsb)
+    c.send_raw(posted(902, DYN_CTLN, value.to_bytes(4, "little")))
+    assert c.read32(0, ITRN + 4 * 16) == 40 and lane()["mirrored"] - mirrored == 3
+    regs = [(r.op, r.name, r.value) for r in dev.trace.snapshot(RegisterRecord)]
+    assert ("write", "VFINT_DYN_CTLN[0]", ARM) in regs
+    assert any(r.what == "fire" and r.vector == 1 for r in dev.trace.snapshot(IrqRecord))
+    # a software trigger: the ordinary path (which fires it, the ITR permitting)
+    posted_before = lane()["posted"]
+    c.send_raw(posted(903, DYN_CTLN, (INTENA.mask | SWINT_TRIG.mask).to_bytes(4, "little")))
+    assert c.read32(0, DYN_CTLN) & INTENA.mask == 0 or irq.queue_pending == {1}
+    assert lane()["posted"] == posted_before + 1 and lane()["mirrored"] - mirrored == 3
 
 
 def _hostile(c: VfioUserClient, stop: threading.Event, rng: Any, sent: list[int]) -> None:
@@ -248,46 +259,35 @@ def _re_arm_cleanly(c: VfioUserClient) -> None:
             c.write32(0, DYN_CTLN + 4 * v, INTENA.mask | (idx << ITR_INDX.lsb))
 
 
-def test_hostile_re_arms_through_the_lane_beside_traffic_break_nothing(tmp_path: Path) -> None:
+def test_hostile_re_arms_through_the_lane_beside_traffic_break_nothing(lane_rig: Lane) -> None:
     """Random DYN_CTLN and ITR words, posted as fast as a socket takes them while frames loop
     through the device and both raisers and the lane race for the spin word: no error, no
     crash, and after a sane re-arm with the intervals cleared the queues interrupt as before."""
     import random
 
-    dev = AvfDevice(backend=LoopbackBackend(), mac=MAC)
-    _kernels()
-    srv = VfioUserServer(dev, tmp_path / "h.sock", fast_lane=True).start()
-    c = VfioUserClient.connect(tmp_path / "h.sock")
-    try:
-        drv = NicDriver(c, queues=2)
-        drv.bring_up(ring_len=64)
-        dev.core.irq.raise_fast(0)
-        stop = threading.Event()
+    dev, srv, c, drv = lane_rig
+    stop = threading.Event()
 
-        sent: list[int] = []
-        t = threading.Thread(target=_hostile, args=(c, stop, random.Random(17), sent))
-        t.start()
-        try:
-            for i in range(40):  # traffic meanwhile (some of it may wait: the intervals are wild)
-                drv.transmit([udp(3000 + i)])
-                drv.poll(timeout=0.01)
-        finally:
-            stop.set()
-            t.join(10)
-        assert sent and sent[-1] >= 640, sent[-1:]  # (it ran, and did not die early)
-        _re_arm_cleanly(c)
-        while drv.poll(timeout=0.2):  # (what the wild intervals held back)
-            pass
-        frames = [udp(4000 + i, payload_byte=i) for i in range(8)]
-        assert drv.transmit(frames) == 8
-        got: list[bytes] = []
-        end = time.monotonic() + 5
-        while len(got) < 8 and time.monotonic() < end:
-            got += [f for _, f in drv.poll(timeout=0.05)]
-        assert sorted(got) == sorted(frames)
-        assert srv.stats.errors == 0 and not dev.errors
-        assert dev.msix.fast.words[0] == 0  # the spin word is free
+    sent: list[int] = []
+    t = threading.Thread(target=_hostile, args=(c, stop, random.Random(17), sent))
+    t.start()
+    try:
+        for i in range(40):  # traffic meanwhile (some of it may wait: the intervals are wild)
+            drv.transmit([udp(3000 + i)])
+            drv.poll(timeout=0.01)
     finally:
-        c.close()
-        srv.stop()
-        dev.close()
+        stop.set()
+        t.join(10)
+    assert sent and sent[-1] >= 640, sent[-1:]  # (it ran, and did not die early)
+    _re_arm_cleanly(c)
+    while drv.poll(timeout=0.2):  # (what the wild intervals held back)
+        pass
+    frames = [udp(4000 + i, payload_byte=i) for i in range(8)]
+    assert drv.transmit(frames) == 8
+    got: list[bytes] = []
+    end = time.monotonic() + 5
+    while len(got) < 8 and time.monotonic() < end:
+        got += [f for _, f in drv.poll(timeout=0.05)]
+    assert sorted(got) == sorted(frames)
+    assert srv.stats.errors == 0 and not dev.errors
+    assert dev.msix.fast.words[0] == 0  # the spin word is free

@@ -188,6 +188,12 @@ def run_avf(
         f"{tap.held}, dropped {tap.counters.dropped}; TX frames written from the device's "
         f"arena {dev.queues.sent_in_place}; TX worker woken {worker.kicks} times; "
         f"interrupts {sum(dev.irq_counts)}, {fast} of them compiled")  # fmt: skip
+    loop = getattr(dev.core.tx_worker, "loop", None)
+    if loop is not None:
+        why = ", ".join(f"{k} {v}" for k, v in loop.reasons.items() if v)
+        say(f"AVF ({mode}) wire loop: {loop.runs} runs, {loop.calls} calls ({why}); "
+            f"{loop.batches} RX batches ({loop.rx_frames} frames), {loop.serves} TX walks, "
+            f"{loop.kicks} doorbell wake-ups")  # fmt: skip
     if "tx" not in got or "rx" not in got:
         say(f"AVF ({mode}) run incomplete:\n{run.output[-3000:]}")
     return got

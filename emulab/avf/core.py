@@ -25,7 +25,7 @@ from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.interrupts import InterruptBlock
 from emulab.avf.pf import PfConfig, VirtchnlPf
 from emulab.avf.polling import Poller
-from emulab.avf.queues import QueueEngine
+from emulab.avf.queues import MAX_FRAME, QueueEngine
 from emulab.avf.registers import MAX_QUEUES, REGISTER, ResetState
 from emulab.avf.tx_worker import TxWorker
 from emulab.backends.base import PacketBackend
@@ -121,6 +121,7 @@ class AvfCore:
             fast=fast,
         )
         self.queues.raise_fast = self.irq.raise_fast
+        self.queues.fast_irq_args = self.irq.fast_args
         self.admin_queue = AdminQueue(
             regs, memory, self._virtchnl, self.irq.adminq_cause, self._aq_trace
         )
@@ -147,7 +148,7 @@ class AvfCore:
         regs.on_write("QTX_TAIL", lambda i, old, new: self._tx_doorbell(i, new))
         regs.on_write("QRX_TAIL", lambda i, old, new: self.queues.rx_tail(i, new))
         # (polling mode: the client stores the tails into the mapped page itself)
-        self.tx_worker = TxWorker(self.queues) if not poll else None
+        self.tx_worker = TxWorker(self.queues, MAX_FRAME) if not poll else None
         if not poll:
             regs.mirror("QRX_TAIL")  # the hook stores the tail, and wakes a held wire: gated
             regs.mirror("QTX_TAIL")  # the hook stores the tail and walks: the worker's, kicked

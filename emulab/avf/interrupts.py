@@ -183,6 +183,14 @@ class InterruptBlock:
         left: int = raiser(*self.arm_state.args(), mask)
         return left
 
+    def fast_args(self) -> tuple[Any, ...] | None:
+        """The compiled raiser's arrays (``ArmState.args``) for compiled code that raises
+        itself (the wire loop), once the raiser is armed; None until then, and in polling
+        mode."""
+        if self._raiser is None and self._load_raiser() is None:
+            return None
+        return self.arm_state.args()
+
     @property
     def fast_fires(self) -> int:
         """Interrupts the compiled raiser fired (each one noted for the trace)."""

@@ -12,11 +12,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from emulab.avf import datapath as dp
 from emulab.avf.datapath import KERNELS as K
+from emulab.avf.datapath.wire_loop import Wire
 from emulab.avf.offload import OFFLOAD_CMD_MASK, apply_tx_offloads
 from emulab.avf.pausing_lock import PausingLock
 from emulab.avf.queue_views import MacFilter, QueueTables, RxQueue, TxQueue
@@ -84,6 +86,8 @@ class QueueEngine:
     # the compiled raiser (``InterruptBlock.raise_fast``): a mask of vectors in, the mask it
     # left to ``raise_vector`` out
     raise_fast: Callable[[int], int] | None = None
+    # the compiled raiser's arrays once it is armed (None: not yet, or never: Python raises)
+    fast_irq_args: Callable[[], tuple[Any, ...] | None] = lambda: None
 
     def __post_init__(self) -> None:
         self._outgoing: list[bytes] = []
@@ -502,41 +506,77 @@ class QueueEngine:
             code = K.tx_serve(self._table.general, txt, self._gather_to, self._tx_gso, fd,
                               self._serve_vh, self._serve_io, self._out, acc, ctl,
                               snap)  # fmt: skip
-            self.tx_serves += 1
-            slow = code == dp.SERVE_SLOW
-            if traced:  # (the packet trace's copies, by TX queue, before anything is raised)
-                rows = dp.snap_rows_tx(snap, int(ctl[dp.SERVE_SNAPS]))
-                for t in sorted({r[0] for r in rows}):
-                    self.snapped(t, [(n, rq, d) for tq, n, rq, d in rows if tq == t])
-            vectors: set[int] = set()
-            mask = int(ctl[dp.SERVE_VECTORS])
-            while mask:
-                low = mask & -mask
-                mask ^= low
-                vectors.add(low.bit_length() - 1)
-            frames = int(acc[dp.OUT_TX_FRAMES])
-            if frames:
-                self.account(acc, vectors)
-                self.backend.rows_written(frames, int(acc[dp.OUT_TX_BYTES]),
-                                          int(ctl[dp.SERVE_DROPPED]))  # fmt: skip
-                self.sent_in_place += frames
-            if slow:  # the rest of that burst, and of that ring, the Python way
-                q = self.tx[int(ctl[dp.SERVE_QUEUE])]
-                n, done, err = (int(ctl[c]) for c in (dp.SERVE_N, dp.SERVE_DONE, dp.SERVE_ERROR))
-                if n > done:
-                    rest = self._gather(n, done)
-                    if traced and self.on_packets is not None:
-                        self.on_packets("tx", q.index, rest)
-                    self.account(self._sent_counts(rest), vectors, q)
-                    self._outgoing.extend(rest)
-                if err:
-                    self.eth["tx_errors"] += 1
-                    self._fail("tx", q, err)
-            self._vectors |= vectors
-            if slow:  # the rest (after the frames now queued for the wire, so behind them)
-                self._walk_each()
+            self.served(code, snap if traced else None)
         if code == dp.SERVE_SNAP_FULL:
             self.tx_walk_moved()  # (the trace's rows taken: on from where it stopped)
+
+    def served(self, code: int, snap: np.ndarray | None) -> None:
+        """What a ``tx_serve`` call did (its words: ``_serve_acc``, ``_serve_ctl``; ``code``
+        its return; ``snap`` the packet trace's rows, None: untraced), called holding the
+        lock: the trace's copies, the counts, the vectors to raise (at :meth:`flush`), and the
+        rest of a burst it left to Python, the Python way (as :meth:`tx_tail`)."""
+        acc, ctl = self._serve_acc, self._serve_ctl
+        traced = snap is not None
+        self.tx_serves += 1
+        slow = code == dp.SERVE_SLOW
+        if snap is not None:  # (the packet trace's copies, by TX queue, before anything is raised)
+            rows = dp.snap_rows_tx(snap, int(ctl[dp.SERVE_SNAPS]))
+            for t in sorted({r[0] for r in rows}):
+                self.snapped(t, [(n, rq, d) for tq, n, rq, d in rows if tq == t])
+        vectors: set[int] = set()
+        mask = int(ctl[dp.SERVE_VECTORS])
+        while mask:
+            low = mask & -mask
+            mask ^= low
+            vectors.add(low.bit_length() - 1)
+        frames = int(acc[dp.OUT_TX_FRAMES])
+        if frames:
+            self.account(acc, vectors)
+            self.backend.rows_written(frames, int(acc[dp.OUT_TX_BYTES]),
+                                      int(ctl[dp.SERVE_DROPPED]))  # fmt: skip
+            self.sent_in_place += frames
+        if slow:  # the rest of that burst, and of that ring, the Python way
+            q = self.tx[int(ctl[dp.SERVE_QUEUE])]
+            n, done, err = (int(ctl[c]) for c in (dp.SERVE_N, dp.SERVE_DONE, dp.SERVE_ERROR))
+            if n > done:
+                rest = self._gather(n, done)
+                if traced and self.on_packets is not None:
+                    self.on_packets("tx", q.index, rest)
+                self.account(self._sent_counts(rest), vectors, q)
+                self._outgoing.extend(rest)
+            if err:
+                self.eth["tx_errors"] += 1
+                self._fail("tx", q, err)
+        self._vectors |= vectors
+        if slow:  # the rest (after the frames now queued for the wire, so behind them)
+            self._walk_each()
+
+    def wire(self, burst: dp.Burst, own: tuple[np.ndarray, ...]) -> Wire:
+        """The wire loop's context (``emulab.avf.datapath.wire_loop``): guest memory, the
+        queue tables, RSS, this engine's ``tx_serve`` arrays (untraced), and the loop's own
+        ``burst`` and arrays ``own`` (``vh``, ``io``, ``rx_out``, ``acc``, ``ctl``); called
+        holding the lock."""
+        return Wire(dp.WirePath(self._table.general, self.tables.rx_table, burst),
+                    self.rss_context(), self.tables.tx_table, self._gather_to, self._tx_gso,
+                    self._serve_vh, self._serve_io, self._out, self._serve_acc,
+                    self._serve_ctl, self._work_untraced.snap, *own)  # fmt: skip
+
+    def wire_loop_allowed(self) -> bool:
+        """Whether the wire loop may serve this engine now: frames may go to the wire from the
+        arena by compiled code, nothing the Python path alone does is on (the packet trace,
+        a packet breakpoint, faults, frames queued for the wire, ring-to-ring loopback), and
+        the loop is compiled for this guest memory."""
+        return (
+            self.backend.wire_fd >= 0
+            and not self._outgoing
+            and self.frame_fault is None
+            and self.tx_fault is None
+            and not (self.on_snaps is not None and self.wants_packets())
+            and not self.packets_live()
+            and not self.ring_to_ring
+            and self._in_place()
+            and K.wire_loop.is_compiled(len(self._table.general.arrays))
+        )
 
     def _walk_each(self) -> None:
         """:meth:`tx_tail` for every TX queue whose tail moved past its head."""

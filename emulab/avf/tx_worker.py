@@ -16,15 +16,24 @@ come while it walks cost one more walk between them, not one each.
 Anything the lane does not apply itself (a tail past the ring, the debugger on, a lane off)
 still reaches the register's hook and walks on the server thread, as before; the engine's lock
 keeps the two walks apart.
+
+On a TAP, once the wire loop's kernel is loaded, this thread runs the wire loop instead
+(:mod:`emulab.avf.wire_loop`): the TAP's frames and these doorbells in one compiled call, which
+comes back to Python only for what Python must do. It walks per doorbell, as above, while the
+loop may not run (see ``WireLoop.allowed``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
+
+from emulab.avf.wire_loop import LOOK, WireLoop
 
 if TYPE_CHECKING:
     from emulab.avf.queues import QueueEngine
@@ -35,16 +44,23 @@ __all__ = ["TxWorker"]
 class TxWorker:
     """Walks TX rings when kicked (``kick_fd``, an eventfd), on a thread of its own."""
 
-    def __init__(self, engine: QueueEngine) -> None:
+    def __init__(self, engine: QueueEngine, max_frame: int, wire_loop: bool = True) -> None:
+        """``wire_loop``: run the wire loop where it may (False: always walk per doorbell)."""
         self.engine = engine
         self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.loop = WireLoop(engine, self.kick_fd, max_frame) if wire_loop else None
         # closed only once nothing may kick it (a lane keeps its worker: MirrorWords.keep), so
         # that no kick is ever written to a number reused by another file
         weakref.finalize(self, os.close, self.kick_fd)
-        self.kicks = 0  # wake-ups (each may cover several doorbells)
+        self._kicks = 0
         self._stopping = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+
+    @property
+    def kicks(self) -> int:
+        """Wake-ups for doorbells (each may cover several), the wire loop's among them."""
+        return self._kicks + (self.loop.kicks if self.loop is not None else 0)
 
     def start(self) -> None:
         with self._lock:
@@ -57,21 +73,36 @@ class TxWorker:
         with self._lock:
             self._stopping = True
             thread, self._thread = self._thread, None
+        if self.loop is not None:
+            self.loop.stop()
         with contextlib.suppress(OSError):
             os.eventfd_write(self.kick_fd, 1)
         if thread is not None:
             thread.join(5.0)
 
     def _run(self) -> None:
-        e = self.engine
+        e, loop = self.engine, self.loop
+        stopping = lambda: self._stopping  # noqa: E731
         while True:
             try:
+                if loop is not None:
+                    if loop.allowed():
+                        loop.run(stopping)
+                    ready, _, _ = select.select([self.kick_fd], [], [], LOOK)
+                    if self._stopping:
+                        return
+                    if not ready:
+                        continue
                 os.eventfd_read(self.kick_fd)  # (blocks, without the GIL)
             except OSError:
                 return
+            except Exception as exc:  # a bug: reported, and the worker carries on
+                e.crashed("wire-loop", exc)
+                time.sleep(LOOK)
+                continue
             if self._stopping:
                 return
-            self.kicks += 1
+            self._kicks += 1
             try:
                 e.tx_walk_moved()  # every queue whose tail moved: compiled, where it can be
                 e.flush()

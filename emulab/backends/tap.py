@@ -13,6 +13,7 @@ than ``HOLD_MAX`` seconds (a driver that stopped receiving) is dropped, counted.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -20,7 +21,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,8 +115,13 @@ class TapBackend(PacketBackend):
             os.close(self.fd)
             raise
         self.wire_fd = self.fd
-        self._stop_r, self._stop_w = os.pipe()
+        # the reader's stop word: written to end its wait, for a close or a loan (``lend``)
+        self._attn = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closing = False
+        self._loan = threading.Condition()
+        self._lent = False  # the device reads the TAP itself (``lend``); the reader waits
+        self._parked = False  # (the reader's side of it)
+        self._reclaim: Callable[[], None] | None = None
         self.held = 0  # batches that had to wait for receive buffers (flow control)
         self.holding[0] = 0  # (raised only while a batch is held: ``_hold``)
         self._rows = np.zeros((BATCH, ROW), dtype=np.uint8)  # frames are read straight into rows
@@ -203,12 +209,20 @@ class TapBackend(PacketBackend):
         while True:
             read_batch = KERNEL.get()
             if read_batch is not None:
-                n = int(read_batch(self.fd, self._stop_r, rows, lens, vh, gso, io))
-                if n in (STOPPED, FAILED):
+                n = int(read_batch(self.fd, self._attn, rows, lens, vh, gso, io))
+                if n == STOPPED:
+                    if self._park_while_lent():
+                        continue
+                    return
+                if n == FAILED:
                     return
                 self.compiled_batches += 1
             else:
                 n = self._read_python()
+                if n == STOPPED:
+                    if self._park_while_lent():
+                        continue
+                    return
                 if n < 0:
                     return
                 if n:
@@ -219,12 +233,12 @@ class TapBackend(PacketBackend):
                     self._hold(taken, n)
 
     def _read_python(self) -> int:
-        """:func:`~emulab.backends.tap_kernel.read_batch` in Python: the frames read (-1: stop,
-        or the TAP failed)."""
+        """:func:`~emulab.backends.tap_kernel.read_batch` in Python: the frames read (``STOPPED``:
+        told to stop; ``FAILED``: the TAP failed)."""
         lens, iov, vhv = self._lens, self._iov, self._vhv
-        ready, _, _ = select.select([self.fd, self._stop_r], [], [])
-        if self._stop_r in ready:
-            return -1
+        ready, _, _ = select.select([self.fd, self._attn], [], [])
+        if self._attn in ready:
+            return STOPPED
         n = 0
         try:
             while n < BATCH:
@@ -235,13 +249,65 @@ class TapBackend(PacketBackend):
         except BlockingIOError:
             pass
         except OSError:
-            return -1
+            return FAILED
         return n
 
+    # -- lending the wire to the device ----------------------------------------------------------
+    def lend(self, reclaim: Callable[[], None], timeout: float = 1.0) -> int:
+        """Let the device read the TAP itself (the AVF's wire loop, which waits for the TAP and
+        for its own doorbells in one compiled call): the reader stops reading and waits until
+        :meth:`unlend`. Returns the TAP's descriptor (non-blocking) once the reader has
+        stopped, or -1: closing, or the reader did not stop within ``timeout`` (then nothing
+        is lent). Frames the reader held meanwhile are offered first, as ever. ``reclaim()``
+        is called if the backend closes during the loan: it returns once the device no longer
+        uses the descriptor (and has called :meth:`unlend`)."""
+        with self._loan:
+            if self._closing or self._lent:
+                return -1
+            self._lent = True
+            os.eventfd_write(self._attn, 1)
+            if not self._loan.wait_for(lambda: self._parked or self._closing, timeout) or (
+                self._closing
+            ):
+                self._lent = False
+                self._loan.notify_all()
+                return -1
+            self._reclaim = reclaim
+            return self.fd
+
+    def unlend(self) -> None:
+        """The device is done reading the TAP: the reader reads it again."""
+        with self._loan:
+            self._lent = False
+            self._loan.notify_all()
+
+    def _park_while_lent(self) -> bool:
+        """The reader was told to stop: for a loan, wait it out and return True; for a close
+        (or a loan already over), False or True as the reader should end or go on."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._attn)
+        with self._loan:
+            if self._closing:
+                return False
+            if not self._lent:
+                return True
+            self._parked = True
+            self._loan.notify_all()
+            self._loan.wait_for(lambda: not self._lent or self._closing)
+            self._parked = False
+            return not self._closing
+
     def _hold(self, start: int, n: int) -> None:
-        """Offer rows ``start:n`` again each time the device makes room, until all are taken,
-        the wait passes ``HOLD_MAX`` (dropped, counted) or the backend closes. The first
-        offer again is at once: buffers posted between the offer that fell short and
+        self.hold(self._rows, self._lens, self._gso, start, n)
+
+    def hold(  # noqa: PLR0917 -- the rows, as the device takes them
+        self, rows: Any, lens: Any, gso: Any, start: int, n: int,
+        between: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        """Offer rows ``start:n`` (read from this TAP, counted) again each time the device makes
+        room, until all are taken, the wait passes ``HOLD_MAX`` (dropped, counted) or the
+        backend closes; ``between()`` runs between offers (the wire loop's TX doorbells). The
+        first offer again is at once: buffers posted between the offer that fell short and
         ``holding`` being set rang no bell (:meth:`resume`)."""
         self.held += 1
         self.holding[0] = 1
@@ -251,10 +317,12 @@ class TapBackend(PacketBackend):
             while start < n and not self._closing:
                 if wait:
                     self.room.wait(HOLD_POLL)
+                    if between is not None:
+                        between()
                 wait = True
                 self.room.clear()
-                start += self._offer_rows(self._rows[start:n], self._lens[start:n], n - start,
-                                          self._gso[start:n])  # fmt: skip
+                start += self._offer_rows(rows[start:n], lens[start:n], n - start,
+                                          gso[start:n])  # fmt: skip
                 if start < n and time.monotonic() > deadline:
                     with self.counters.lock:
                         self.counters.dropped += n - start
@@ -271,11 +339,18 @@ class TapBackend(PacketBackend):
             self.room.set()
 
     def close(self) -> None:
+        if self.wire_fd < 0 and self._closing:
+            return  # (closed already)
         super().close()
         self.wire_fd = -1  # (compiled writers look before each walk)
-        self._closing = True
+        with self._loan:
+            self._closing = True
+            reclaim = self._reclaim if self._lent else None
+            self._loan.notify_all()
+        if reclaim is not None:
+            reclaim()  # (the device stops reading the TAP before its descriptor closes)
         self.room.set()
-        os.write(self._stop_w, b"x")
+        os.eventfd_write(self._attn, 1)
         self._thread.join(5.0)
-        for fd in (self.fd, self._stop_r, self._stop_w):
+        for fd in (self.fd, self._attn):
             os.close(fd)

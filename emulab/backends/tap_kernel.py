@@ -56,7 +56,6 @@ def read_batch(fd: Any, stop_fd: Any, rows: Any, lens: Any, vh: Any, gso: Any, i
     (0: none after all), ``STOPPED`` once ``stop_fd`` is readable, ``FAILED`` on an error
     (``io[IO_ERRNO]``) or at end of file (errno 0); ``io[IO_BYTES]`` is the batch's length in
     bytes."""
-    width = rows.shape[1]
     io[IO_BYTES] = 0
     io[0] = fd | (POLLIN << 32)
     io[1] = stop_fd | (POLLIN << 32)
@@ -69,6 +68,16 @@ def read_batch(fd: Any, stop_fd: Any, rows: Any, lens: Any, vh: Any, gso: Any, i
         return FAILED
     if (io[1] >> 48) & (POLLIN | POLLERR | POLLHUP):
         return STOPPED
+    return read_frames(fd, rows, lens, vh, gso, io)
+
+
+@njit(cache=True, nogil=True)
+def read_frames(fd: Any, rows: Any, lens: Any, vh: Any, gso: Any, io: Any) -> Any:  # noqa: PLR0917 -- arrays in, for the compiler
+    """:func:`read_batch` without the wait: read the frames ``fd`` (non-blocking) has now, up
+    to ``len(rows)``; the same returns but ``STOPPED`` (the device's wire loop, which waits
+    for the TAP and its doorbells together, reads with it)."""
+    width = rows.shape[1]
+    io[IO_BYTES] = 0
     n = 0
     total = 0
     while n < rows.shape[0]:

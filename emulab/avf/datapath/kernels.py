@@ -50,6 +50,7 @@ from emulab.avf.datapath import (
     tx_gso,
     tx_serve,
     warm,
+    wire_loop,
 )
 from emulab.avf.datapath.cache import digest, sources
 from emulab.avf.datapath.context import maps_of, table_size
@@ -140,6 +141,7 @@ _NAMES: dict[str, tuple[Any, bool]] = {
     "rx_place": (ring_to_ring.rx_place, True),
     "tso_cut": (ring_to_ring.tso_cut, False),
     "poll": (poll_loop.poll, True),
+    "wire_loop": (wire_loop.wire_loop, True),
 }
 # which warm-up step loads each kernel (``warm.steps`` / ``warm.common_steps``)
 _STEP_OF = {"rx_pick": "rx_pick", "toeplitz_table": "toeplitz_table", "ones_sum": "checksums",
@@ -159,6 +161,7 @@ class KernelSet:
     rx_place: Kernel
     tso_cut: Kernel
     poll: Kernel
+    wire_loop: Kernel
 
     def __init__(self) -> None:
         py = interpret(*(k for k, _ in _NAMES.values()))

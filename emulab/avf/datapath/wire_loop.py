@@ -1,0 +1,259 @@
+"""Interrupt mode on a TAP: the wire's frames and the TX doorbells in one compiled loop.
+
+Without it, two Python threads share the data path: the TAP's reader (a wake-up, then Python
+around ``rx_pick`` and ``rx_place`` for each batch the host sends) and the TX worker (a wake-up,
+then Python around ``tx_serve`` for each doorbell the lane kicks). Under ``bench/guest_iperf.py``
+that Python -- about 100 us a wake-up with the server thread and QEMU beside it -- was most of
+the device's CPU. :func:`wire_loop` does both inside one nogil call: it waits in ``poll`` for
+the TAP, the doorbells' eventfd and the engine lock's wake eventfd together; reads a batch
+(``read_frames``), picks and places it (``rx_pick``, ``rx_place``); walks every moved TX ring
+onto the TAP (``tx_serve``); and fires their interrupts (``raise_vectors``, the compiled
+raiser). It returns to Python only for what Python does:
+
+* ``LOOP_STOPPED``: another thread wants the queue engine's lock (``ctl[STOP]``, the wake
+  eventfd written: see ``PausingLock``), or the wake eventfd was written;
+* ``LOOP_SLICE``: ``slice_ns`` passed with something done, or ``QUIET_MS`` without anything
+  after something was done: Python folds the counts into the port's statistics (and looks
+  whether the loop may still run: the trace, faults);
+* ``LOOP_IDLE``: ``idle_ms`` with nothing to do (the same look, on an idle device);
+* ``LOOP_IRQ``: vectors the raiser left to Python (``ctl[LEFT]``: a fire inside its ITR
+  interval, a closed gate);
+* ``LOOP_HOLD``: the RX rings had no room for rows ``ctl[TAKEN]:ctl[N]`` of the burst (flow
+  control: Python offers them again as the driver posts buffers, serving doorbells between);
+* ``LOOP_TX_SLOW``: ``tx_serve`` stopped for Python (``ctl[CODE]``; its words are the serve
+  words, as ``QueueEngine.served`` takes them);
+* ``LOOP_RX_ERROR``: an RX ring failed (the counts name it: ``OUT_RX_TOUCHED``);
+* ``LOOP_FAILED``: ``poll`` or the TAP failed (``ctl[ERRNO]``).
+
+Counts: ``w.acc`` sums the ``OUT_*`` results of every RX burst and TX walk since Python last
+folded them; ``ctl`` counts the batches read (``BATCHES``, ``RX_FRAMES``, ``RX_BYTES``), the
+doorbell wake-ups (``KICKS``), the TX walks (``SERVES``) and the frames the TAP refused
+(``DROPPED``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+from numba import njit, types
+
+from emulab.avf.datapath.context import (
+    OUT,
+    OUT_LATEST,
+    OUT_MASKS,
+    OUT_RX_MASK,
+    OUT_RX_TOUCHED,
+    RX_ERROR,
+    RX_VECTOR,
+    Gather,
+    Rss,
+    WirePath,
+)
+from emulab.avf.datapath.general_path import rx_pick
+from emulab.avf.datapath.poll_loop import POLL_STOP, POLL_WAKE
+from emulab.avf.datapath.ring_to_ring import rx_place
+from emulab.avf.datapath.tx_serve import SERVE_CTL, SERVE_DROPPED, SERVE_VECTORS, SERVED, tx_serve
+from emulab.backends.tap_kernel import FAILED, IO_BYTES, IO_ERRNO, read_frames
+from emulab.native.libc import EINTR, POLLERR, POLLHUP, POLLIN, errno, libc
+from emulab.pci.fast_irq_kernel import raise_vectors
+
+__all__ = ["IrqArgs", "Wire", "wire_loop"]
+
+# ctl words (STOP and WAKE where the engine lock's ``PausingLock`` keeps them)
+STOP, WAKE = POLL_STOP, POLL_WAKE
+LEFT, TAKEN, N, CODE, ERRNO, BATCHES, RX_FRAMES, RX_BYTES = 1, 2, 3, 4, 5, 6, 7, 9
+KICKS, SERVES, DROPPED, LOOPS = 10, 11, 12, 13
+LOOP_CTL = 16
+(LOOP_STOPPED, LOOP_SLICE, LOOP_IDLE, LOOP_IRQ, LOOP_HOLD, LOOP_TX_SLOW, LOOP_RX_ERROR,
+ LOOP_FAILED) = range(8)  # fmt: skip
+REASONS = ("stopped", "slice", "idle", "irq", "hold", "tx-slow", "rx-error", "failed")
+IO = 16  # io words: three pollfds [0:3], the read's iovecs [2:6] after the wait, a clock [8:10],
+# an eventfd's 8 bytes [10], the read's bytes and errno [6], [7] (tap_kernel's IO_BYTES, IO_ERRNO)
+CLOCK_MONOTONIC = 1
+QUIET_MS = 1  # after work, a wait this long with nothing to do returns (``LOOP_SLICE``)
+
+_poll = libc("poll", types.int32, 3)
+_read = libc("read", types.int64, 3)
+_clock_gettime = libc("clock_gettime", types.int32, 2)
+
+
+class Wire(NamedTuple):
+    """:func:`wire_loop`'s context: ``path`` (guest memory, the RX table, the loop's own burst
+    rows, which the TAP is read into), RSS and the MAC filter, the TX table, ``tx_serve``'s
+    arrays as the queue engine keeps them (``gather``, ``gso``, ``wvh``, ``wio``, ``out``,
+    ``serve_acc``, ``serve``), the packet trace's rows (none: untraced), and the loop's own:
+    ``vh`` (each read frame's virtio-net header), ``io``, ``rx_out`` (one RX burst's result),
+    ``acc`` (the counts since the last fold) and ``ctl``."""
+
+    path: WirePath
+    rss: Rss
+    tx: Any
+    gather: Gather
+    gso: Any
+    wvh: Any
+    wio: Any
+    out: Any
+    serve_acc: Any
+    serve: Any
+    snap: Any
+    vh: Any
+    io: Any
+    rx_out: Any
+    acc: Any
+    ctl: Any
+
+
+class IrqArgs(NamedTuple):
+    """The compiled raiser's arrays (``emulab.pci.fast_irq.ArmState.args``, in order)."""
+
+    regs: Any
+    ctl_words: Any
+    itr_words: Any
+    params: Any
+    st: Any
+    words: Any
+    fds: Any
+    notes: Any
+    io: Any
+
+
+@njit(nogil=True, cache=True)
+def _now(io: Any) -> Any:
+    _clock_gettime(CLOCK_MONOTONIC, io.ctypes.data + 8 * 8)
+    return io[8] * 1_000_000_000 + io[9]
+
+
+@njit(nogil=True, cache=True)
+def _add(acc: Any, out: Any) -> None:
+    for c in range(OUT):
+        if c in OUT_MASKS:
+            acc[c] |= out[c]
+        elif c in OUT_LATEST:
+            acc[c] = out[c]
+        else:
+            acc[c] += out[c]
+
+
+@njit(nogil=True, cache=True)
+def _raise(irq: IrqArgs, ctl: Any, mask: Any) -> bool:
+    """Fire ``mask``'s vectors; False when some were left to Python (``ctl[LEFT]``)."""
+    if mask == 0:
+        return True
+    left = raise_vectors(irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st,
+                         irq.words, irq.fds, irq.notes, irq.io, mask)  # fmt: skip
+    if left:
+        ctl[LEFT] |= left
+        return False
+    return True
+
+
+@njit(nogil=True, cache=True)
+def _serve(w: Wire, irq: IrqArgs, fd: Any) -> int:
+    """Every moved TX ring onto the TAP (``tx_serve``), its vectors fired: ``LOOP_SLICE``
+    (done), ``LOOP_TX_SLOW`` or ``LOOP_IRQ``."""
+    serve, sacc, ctl = w.serve, w.serve_acc, w.ctl
+    for c in range(SERVE_CTL):
+        serve[c] = 0
+    for c in range(OUT):
+        sacc[c] = 0
+    code = tx_serve(w.path.maps, w.tx, w.gather, w.gso, fd, w.wvh, w.wio, w.out, sacc, serve,
+                    w.snap)  # fmt: skip
+    if code != SERVED:
+        ctl[CODE] = code
+        return LOOP_TX_SLOW  # (its words stay as they are, for Python)
+    ctl[SERVES] += 1
+    _add(w.acc, sacc)
+    ctl[DROPPED] += serve[SERVE_DROPPED]
+    if not _raise(irq, ctl, serve[SERVE_VECTORS]):
+        return LOOP_IRQ
+    return LOOP_SLICE
+
+
+@njit(nogil=True, cache=True)
+def _receive(w: Wire, irq: IrqArgs, fd: Any, max_frame: Any) -> int:
+    """A batch from the TAP into the RX rings, its vectors fired: ``LOOP_SLICE`` (done, or
+    nothing to read), ``LOOP_HOLD``, ``LOOP_RX_ERROR``, ``LOOP_IRQ`` or ``LOOP_FAILED``."""
+    path, ctl, io, out = w.path, w.ctl, w.io, w.rx_out
+    burst = path.burst
+    n = read_frames(fd, burst.frames, burst.lens, w.vh, burst.gso, io)
+    if n == FAILED:
+        ctl[ERRNO] = io[IO_ERRNO]
+        return LOOP_FAILED
+    if n <= 0:
+        return LOOP_SLICE
+    ctl[BATCHES] += 1
+    ctl[RX_FRAMES] += n
+    ctl[RX_BYTES] += io[IO_BYTES]
+    rx = path.rx
+    rx_pick(burst, n, w.rss, rx, max_frame)
+    taken = rx_place(path, n, True, out)
+    _add(w.acc, out)
+    mask = out[OUT_RX_MASK]
+    vectors = np.int64(0)
+    failed = False
+    for q in range(rx.shape[0]):
+        if (mask >> q) & 1 and rx[q, RX_VECTOR] >= 0:
+            vectors |= np.int64(1) << rx[q, RX_VECTOR]
+        if (out[OUT_RX_TOUCHED] >> q) & 1 and rx[q, RX_ERROR] != 0:
+            failed = True
+    fired = _raise(irq, ctl, vectors)
+    if taken < n:
+        ctl[TAKEN] = taken
+        ctl[N] = n
+        return LOOP_HOLD
+    if failed:
+        return LOOP_RX_ERROR
+    if not fired:
+        return LOOP_IRQ
+    return LOOP_SLICE
+
+
+@njit(nogil=True, cache=True)
+def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms: Any,
+              max_frame: Any) -> int:  # fmt: skip
+    """Serve the TAP ``fd`` (non-blocking, with virtio-net headers) and the TX doorbells
+    (``kick``, an eventfd the lane writes) until Python must act (see the module's
+    docstring for what it returns, and ``ctl``'s words)."""
+    ctl, io = w.ctl, w.io
+    start = _now(io)
+    did = False
+    while True:
+        if ctl[STOP]:
+            return LOOP_STOPPED
+        ctl[LOOPS] += 1
+        io[0] = fd | (POLLIN << 32)
+        io[1] = kick | (POLLIN << 32)
+        io[2] = ctl[WAKE] | (POLLIN << 32)  # (-1: none; poll skips it)
+        timeout = idle_ms
+        if did:  # (a millisecond without work ends the call too: the counts are folded then)
+            timeout = min(
+                np.int64(QUIET_MS), max(np.int64(1), (slice_ns - (_now(io) - start)) // 1_000_000)
+            )
+        r = _poll(io.ctypes.data, 3, timeout)
+        if r < 0:
+            e = errno()
+            if e == EINTR:
+                continue
+            ctl[ERRNO] = e
+            return LOOP_FAILED
+        if r == 0:
+            return LOOP_SLICE if did else LOOP_IDLE
+        tap_ev, kick_ev, wake_ev = io[0] >> 48, io[1] >> 48, io[2] >> 48
+        if wake_ev & (POLLIN | POLLERR | POLLHUP):
+            _read(ctl[WAKE], io.ctypes.data + 10 * 8, 8)  # (non-blocking: the lock's nudge)
+            return LOOP_STOPPED
+        if kick_ev & POLLIN:
+            _read(kick, io.ctypes.data + 10 * 8, 8)  # (readable: it does not block)
+            ctl[KICKS] += 1
+            did = True
+            why = _serve(w, irq, fd)
+            if why != LOOP_SLICE:
+                return why
+        if tap_ev & (POLLIN | POLLERR | POLLHUP):
+            did = True
+            why = _receive(w, irq, fd, max_frame)
+            if why != LOOP_SLICE:
+                return why
+        if did and _now(io) - start >= slice_ns:
+            return LOOP_SLICE

@@ -1,0 +1,235 @@
+"""Interrupt mode on a TAP: the TX worker's thread runs the wire loop, one compiled call that
+serves the TAP's frames and the TX doorbells together (:mod:`emulab.avf.datapath.wire_loop`).
+
+The worker borrows the TAP (``TapBackend.lend``: its reader stops reading and waits) and holds
+the queue engine's lock while the kernel runs, as the polling mode's poller does: the lock is a
+:class:`~emulab.avf.pausing_lock.PausingLock` to which this thread is attached, so another thread
+that wants the queues (a configuration message, a VF reset, GET_STATS) sets the kernel's stop
+word and writes its wake eventfd; the kernel returns, the worker folds its counts into the
+port's statistics and lets the lock go until that thread is done.
+
+Whatever the compiled path does not do, the worker does the Python way between calls: vectors
+the raiser left (an ITR interval, a closed gate), a TX burst ``tx_serve`` left to Python, and
+a held batch (no RX buffers posted: offered again as the driver posts some, with the TX
+doorbells served meanwhile). While the loop may not run -- the kernel not compiled yet, the
+packet trace on, a fault injected, another wire -- the worker gives the TAP back and walks the
+TX rings per doorbell as before; it looks again at least every ``LOOK`` seconds (and the loop
+itself every ``SLICE`` while busy, ``IDLE_MS`` while idle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emulab.avf import datapath as dp
+from emulab.avf.datapath import KERNELS as K
+from emulab.avf.datapath.kernels import JIT
+from emulab.avf.datapath.wire_loop import (
+    BATCHES,
+    CODE,
+    DROPPED,
+    ERRNO,
+    IO,
+    KICKS,
+    LEFT,
+    LOOP_CTL,
+    LOOP_FAILED,
+    LOOP_HOLD,
+    LOOP_TX_SLOW,
+    REASONS,
+    RX_BYTES,
+    RX_FRAMES,
+    SERVES,
+    TAKEN,
+    WAKE,
+    IrqArgs,
+    N,
+)
+from emulab.backends.base import GSO_COLS
+from emulab.pci.fast_irq import IO_WORDS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from emulab.avf.queues import QueueEngine
+
+__all__ = ["WireLoop"]
+
+SLICE_NS = 20_000_000  # a busy loop returns this often, for Python to fold its counts
+IDLE_MS = 50  # an idle loop returns this often, for Python to look whether it may still run
+LOOK = 0.05  # seconds between looks while the loop may not run
+WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the queues
+ROWS, ROW, VNET = 64, 65536 + 256, 10  # the TAP's batch, row and header (emulab.backends.tap)
+
+
+class WireLoop:
+    """The wire loop of one queue engine, run by the thread that reads ``kick_fd`` (the TX
+    worker's)."""
+
+    def __init__(self, engine: QueueEngine, kick_fd: int, max_frame: int) -> None:
+        self.engine = engine
+        self.kick_fd = kick_fd
+        self.max_frame = max_frame
+        self.ctl = dp.own_lines(LOOP_CTL)
+        self.ctl[WAKE] = -1
+        self.burst = dp.Burst(
+            frames=np.zeros((ROWS, ROW), dtype=np.uint8),  # (pages touched as frames come)
+            lens=np.zeros(ROWS, dtype=np.int64),
+            gso=np.zeros((ROWS, GSO_COLS), dtype=np.int64),
+            queue=np.zeros(ROWS, dtype=np.int64),
+            hash=np.zeros(ROWS, dtype=np.uint32),
+            ptype=np.zeros(ROWS, dtype=np.uint8),
+            extra=np.zeros(ROWS, dtype=np.uint64),
+            done=np.zeros(ROWS, dtype=np.uint8),
+            seg=np.zeros(max_frame, dtype=np.uint8),
+        )
+        self._own = (np.zeros((ROWS, VNET), dtype=np.uint8), np.zeros(IO, dtype=np.int64),
+                     dp.own_lines(dp.OUT), dp.own_lines(dp.OUT), self.ctl)  # fmt: skip
+        self._irq_io = np.zeros(IO_WORDS, dtype=np.int64)
+        self._stopping = False
+        self._reclaim_asked = False
+        self._returned = threading.Event()
+        self._returned.set()
+        # what it did (tests, benchmarks, the lab): kernel calls and why each returned, runs
+        # (loans of the TAP), RX batches and frames, doorbell wake-ups and TX walks
+        self.calls = 0
+        self.runs = 0
+        self.reasons = dict.fromkeys(REASONS, 0)
+        self.batches = self.rx_frames = self.kicks = self.serves = 0
+        self.errno = 0
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop has the TAP now."""
+        return not self._returned.is_set()
+
+    # -- whether it may run ----------------------------------------------------------------------
+    def allowed(self) -> bool:
+        """Whether the loop may serve the engine now (looked at without the lock: the run
+        looks again under it)."""
+        e = self.engine
+        return (
+            JIT
+            and not self._stopping
+            and not self._reclaim_asked
+            and callable(getattr(e.backend, "lend", None))
+            and e.wire_loop_allowed()
+            and e.fast_irq_args() is not None
+        )
+
+    def stop(self) -> None:
+        """End a run under way (the kernel returns at once) and any to come."""
+        self._stopping = True
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        lock = self.engine.lock
+        lock.want()  # (the kernel's stop word set, its wake eventfd written)
+        lock.unwant()
+
+    def _reclaim(self) -> None:
+        """The TAP closes: stop reading it, and return once the loop has given it back."""
+        self._reclaim_asked = True
+        self._interrupt()
+        self._returned.wait(5.0)
+
+    # -- a run: one loan of the TAP --------------------------------------------------------------
+    def run(self, stopping: Callable[[], bool]) -> None:
+        """Serve until the loop may no longer run or ``stopping()``; then give the TAP back."""
+        e = self.engine
+        backend: Any = e.backend
+        fd = int(backend.lend(self._reclaim))
+        if fd < 0:
+            return
+        self._returned.clear()
+        lock = e.lock
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        lock.attach(threading.current_thread(), self.ctl)
+        lock.set_wake_fd(wake)
+        self.runs += 1
+        try:
+            while not stopping() and not self._stopping and not self._reclaim_asked:
+                if lock.wanted:  # another thread needs the queues: let it have the lock
+                    time.sleep(WANTED_WAIT)
+                    continue
+                hold: tuple[int, int] | None = None
+                with lock:
+                    if not self.allowed():
+                        break
+                    reason = self._once(fd)
+                    if reason == LOOP_HOLD:
+                        hold = int(self.ctl[TAKEN]), int(self.ctl[N])
+                e.flush()  # what Python left to raise or to send
+                if hold is not None:
+                    b = self.burst
+                    backend.hold(b.frames, b.lens, b.gso, *hold, between=self._kicked)
+                elif reason == LOOP_FAILED:
+                    e.crashed("wire-loop", OSError(self.errno, os.strerror(self.errno)))
+                    break
+        finally:
+            lock.set_wake_fd(-1)
+            lock.detach()
+            os.close(wake)
+            backend.unlend()
+            self._returned.set()
+
+    def _once(self, fd: int) -> int:
+        """One kernel call and what Python does after it (holding the engine lock)."""
+        e = self.engine
+        args = e.fast_irq_args()
+        assert args is not None  # (allowed() said so, under this lock)
+        irq = IrqArgs(*args[:-1], self._irq_io)  # type: ignore[call-arg]  # (9 arrays)
+        ctl = self.ctl
+        reason = int(K.wire_loop(e.wire(self.burst, self._own), irq, fd, self.kick_fd,
+                                 SLICE_NS, IDLE_MS, self.max_frame))  # fmt: skip
+        self.calls += 1
+        self.reasons[REASONS[reason]] += 1
+        self._fold()
+        left = int(ctl[LEFT])
+        ctl[LEFT] = 0
+        if left:
+            e.raise_later({v for v in range(64) if left >> v & 1})
+        if reason == LOOP_TX_SLOW:
+            e.served(int(ctl[CODE]), None)
+        elif reason == LOOP_FAILED:
+            self.errno = int(ctl[ERRNO])
+        return reason
+
+    def _fold(self) -> None:
+        """The counts since the last call into the port's statistics and the wire's."""
+        e, ctl, acc = self.engine, self.ctl, self._own[3]
+        e.account(acc, set())  # (the kernel fired the vectors; an RX ring that failed stops)
+        frames, nbytes = int(ctl[RX_FRAMES]), int(ctl[RX_BYTES])
+        if frames:
+            e.backend.counters.received_count(frames, nbytes)
+        sent = int(acc[dp.OUT_TX_FRAMES])
+        if sent or ctl[DROPPED]:
+            e.backend.rows_written(sent, int(acc[dp.OUT_TX_BYTES]), int(ctl[DROPPED]))
+            e.sent_in_place += sent
+        e.tx_serves += int(ctl[SERVES])
+        self.batches += int(ctl[BATCHES])
+        self.rx_frames += frames
+        self.kicks += int(ctl[KICKS])
+        self.serves += int(ctl[SERVES])
+        acc[:] = 0
+        for c in (BATCHES, RX_FRAMES, RX_BYTES, KICKS, SERVES, DROPPED):
+            ctl[c] = 0
+
+    def _kicked(self) -> None:
+        """Between offers of a held batch: a TX doorbell meanwhile, walked the Python way."""
+        with contextlib.suppress(OSError):
+            ready, _, _ = select.select([self.kick_fd], [], [], 0)
+            if not ready:
+                return
+            os.eventfd_read(self.kick_fd)
+        self.kicks += 1
+        e = self.engine
+        e.tx_walk_moved()
+        e.flush()

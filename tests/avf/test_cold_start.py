@@ -131,6 +131,11 @@ def test_a_cold_cache_never_delays_a_reply(served: Served) -> None:
     served.wait_line("kernels compiled", 240)
     _loop(driver, nic.mac, 64)
     assert max(times) < REPLY_BUDGET, sorted(times)[-5:]
+    # then the extra kernels (the wire loop) compile in one more child and load: replies stay
+    # on time meanwhile, and the child does not outlive its work
+    wait_until(lambda: not _builds_of(served.proc.pid), 120, "the extra kernels' child done")
+    _loop(driver, nic.mac, 64)
+    assert max(times) < REPLY_BUDGET, sorted(times)[-5:]
     client.close()
     st = [line for line in served.lines if "kernels" in line]
     assert any("compiling 0/" in line for line in st), st

@@ -1,10 +1,11 @@
-"""``python -m emulab.avf.datapath.build [--part I] [SIZES ...]``: compile the data-path
+"""``python -m emulab.avf.datapath.build [--extra] [--part I] [SIZES ...]``: compile the data-path
 kernels into numba's on-disk cache, for translation tables of each size given (default 4: every
 guest memory of up to four DMA maps; see ``context.table_size``), printing a ``step NAME SIZE
 SECONDS`` line per kernel: what a device's :class:`~.kernels.Builder` runs in a
 child process, so that compiling never holds the serving process's locks or GIL. ``--part I``:
 only the steps of ``warm.PARTS[I]``, and no record of the build (the builder, which runs the
-parts side by side, writes it when all are done)."""
+parts side by side, writes it when all are done). ``--extra``: only ``warm.extra_steps``, which
+a whole build does last."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def main(argv: list[str]) -> int:
     from emulab.avf.datapath import kernels, warm  # noqa: PLC0415 -- after the cache guard
 
     part: tuple[str, ...] | None = None
+    extra = argv[:1] == ["--extra"]  # only ``warm.extra_steps`` (after the others are built)
+    if extra:
+        argv = argv[1:]
     if argv[:1] == ["--part"]:  # one of ``warm.PARTS`` (the builder records the whole)
         part = warm.PARTS[int(argv[1])]
         argv = argv[2:]
@@ -45,21 +49,28 @@ def main(argv: list[str]) -> int:
         else kernels.Builder.sizes(kernels.Builder.DEFAULT_MAPS)
     )
     t0 = time.perf_counter()
-    for name, call in warm.common_steps():
+    for name, call in [] if extra else warm.common_steps():
         if part is not None and name not in part:
             continue
         t = time.perf_counter()
         call()
         print(f"step {name} - {time.perf_counter() - t:.2f}", flush=True)
     for n in maps:
-        for name, call in warm.steps(n):
+        for name, call in [] if extra else warm.steps(n):
             if part is not None and name not in part:
                 continue
             t = time.perf_counter()
             call()
             print(f"step {name} {n} {time.perf_counter() - t:.2f}", flush=True)
-    if part is None:
+    if part is None and not extra:
         kernels.record({0, *maps})
+    if part is None:  # (a whole build, as ``make warm`` runs it, does the extra kernels too)
+        for n in maps:
+            for name, call in warm.extra_steps(n):
+                t = time.perf_counter()
+                call()
+                print(f"step {name} {n} {time.perf_counter() - t:.2f}", flush=True)
+        kernels.record(set(maps), kernels.RECORD_EXTRAS)
     print(
         f"built maps {' '.join(map(str, maps)) or '-'} in {time.perf_counter() - t0:.1f} s",
         flush=True,

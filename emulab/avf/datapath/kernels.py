@@ -60,6 +60,7 @@ __all__ = ["BUILDER", "KERNELS", "BuildStatus", "Builder", "Kernel", "KernelSet"
 JIT = not config.DISABLE_JIT  # type: ignore[attr-defined]
 HERE = Path(__file__).parent
 RECORD = "emulab-kernels.json"  # beside numba's cache: what a build compiled, for which sources
+RECORD_EXTRAS = "emulab-kernels-extras.json"  # the same for ``warm.extra_steps``
 
 
 # -- interpreted kernels -------------------------------------------------------------------------
@@ -108,6 +109,7 @@ class Kernel:
         self.compiled = compiled
         self.interpreted = interpreted
         self.tabled = tabled  # the first argument holds guest memory (``context.Maps``)
+        self.extra = name in EXTRAS  # built after the others (``warm.extra_steps``)
         self.ready: set[int] = set()  # table sizes with compiled code loaded (0: untabled)
         self.calls = [0, 0]  # interpreted, compiled
         self.builder: Builder | None = None
@@ -143,6 +145,9 @@ _NAMES: dict[str, tuple[Any, bool]] = {
     "poll": (poll_loop.poll, True),
     "wire_loop": (wire_loop.wire_loop, True),
 }
+# kernels a device can do without until they are loaded: built after the others, and not
+# waited for (``Builder.wait``, the status's ``ready``)
+EXTRAS = frozenset({"wire_loop"})
 # which warm-up step loads each kernel (``warm.steps`` / ``warm.common_steps``)
 _STEP_OF = {"rx_pick": "rx_pick", "toeplitz_table": "toeplitz_table", "ones_sum": "checksums",
             "tso_cut": "tso_cut", "tx_gso": "tx_gso"}  # fmt: skip
@@ -182,7 +187,7 @@ class KernelSet:
         """Whether every kernel runs compiled for a table of ``size`` (0: every kernel that
         takes no table)."""
         return all((size if k.tabled else 0) in k.ready for k in self.all.values()
-                   if size or not k.tabled)  # fmt: skip
+                   if (size or not k.tabled) and not k.extra)  # fmt: skip
 
 
 class _Always(set[int]):
@@ -232,10 +237,10 @@ def sources_digest() -> str:
     return digest(sources())
 
 
-def recorded() -> set[int]:
+def recorded(name: str = RECORD) -> set[int]:
     """Table sizes a finished build compiled into the on-disk cache for these sources."""
     try:
-        rec = json.loads((cache_dir() / RECORD).read_text())
+        rec = json.loads((cache_dir() / name).read_text())
     except (OSError, ValueError):
         return set()
     if rec.get("digest") != sources_digest():
@@ -243,14 +248,15 @@ def recorded() -> set[int]:
     return {int(n) for n in rec.get("maps", [])}
 
 
-def record(maps: set[int]) -> None:
+def record(maps: set[int], name: str = RECORD) -> None:
     """Note (atomically, never raising) that the cache holds the kernels for ``maps``."""
     with contextlib.suppress(OSError):
         d = cache_dir()
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f"{RECORD}.{os.getpid()}"
-        tmp.write_text(json.dumps({"digest": sources_digest(), "maps": sorted(maps | recorded())}))
-        tmp.replace(d / RECORD)
+        tmp = d / f"{name}.{os.getpid()}"
+        both = sorted(maps | recorded(name))
+        tmp.write_text(json.dumps({"digest": sources_digest(), "maps": both}))
+        tmp.replace(d / name)
 
 
 class Builder:
@@ -274,6 +280,7 @@ class Builder:
         self._cond = threading.Condition()
         self._wanted: set[int] = set()
         self._failed: set[int] = set()
+        self._extras_failed: set[int] = set()
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[BuildStatus], None]] = []
         self.status = BuildStatus("idle" if JIT else "ready")
@@ -365,6 +372,51 @@ class Builder:
             self._set(BuildStatus("ready", maps=loaded, seconds=time.monotonic() - t0))
             with self._cond:
                 self._cond.notify_all()
+            self._extras([n for n in loaded if n])
+
+    def _extras(self, maps: list[int]) -> None:
+        """The extra kernels (:data:`EXTRAS`) for ``maps``, once the others are in use: compiled
+        by one more child unless a build recorded them, then loaded here. A failure leaves
+        them out (the device does without), said in the log."""
+        extra = [self.kernels.all[name] for name in sorted(EXTRAS)]
+        todo = [n for n in maps if n not in self._extras_failed
+                and not all(n in k.ready for k in extra)]  # fmt: skip
+        if not todo:
+            return
+        if not set(todo) <= recorded(RECORD_EXTRAS):
+            child = self._spawn([sys.executable, "-m", "emulab.avf.datapath.build", "--extra",
+                                 *map(str, todo)])  # fmt: skip
+            out = child.communicate()[0] if child is not None else ""
+            self.log.extend(out.splitlines())
+            if child is None or child.returncode != 0:
+                self._extras_failed.update(todo)
+                return
+            record(set(todo), RECORD_EXTRAS)
+        for n in todo:
+            for name, call in warm.extra_steps(n):
+                try:
+                    call()  # (a cache hit: the child compiled it)
+                except Exception as exc:
+                    self.log.append(f"extra kernel {name}: {type(exc).__name__}: {exc}")
+                    self._extras_failed.add(n)
+                    continue
+                self.kernels.all[name].ready.add(n)
+
+    def _env(self) -> dict[str, str]:
+        """A build child's environment: it imports the package this process runs (not
+        another on its path), and ends with this process."""
+        path = os.pathsep.join(
+            [str(HERE.parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        return {**os.environ, "EMULAB_BUILD_PARENT": str(os.getpid()), "PYTHONPATH": path}
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen[str] | None:
+        try:
+            return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=self._env())  # fmt: skip
+        except OSError as exc:
+            self.log.append(f"cannot start {cmd[0]}: {exc}")
+            return None
 
     def _compile(self, maps: list[int], t0: float) -> bool:
         """Run the build children for ``maps`` (one per part of ``warm.PARTS`` side by side

@@ -20,7 +20,7 @@ from numba.extending import intrinsic
 from emulab.native.cache import guard_module
 from emulab.native.libc import libc
 
-__all__ = ["cas64", "spin_acquire", "spin_release", "spin_try", "store_release64"]
+__all__ = ["add64", "cas64", "spin_acquire", "spin_release", "spin_try", "store_release64"]
 
 guard_module(__file__)  # (before any kernel of this module loads)
 
@@ -54,6 +54,21 @@ def _store_release_typer(typingctx: Any, addr: Any, value: Any) -> Any:
 
 
 store_release64: Any = intrinsic(_store_release_typer)
+
+
+@njit(cache=True, nogil=True)
+def add64(words: Any, i: Any, delta: Any) -> Any:
+    """Add ``delta`` to ``words[i]`` atomically (a compare-and-swap loop); the new value (0 for
+    an index out of range, which changes nothing)."""
+    if i < 0 or i >= words.shape[0]:
+        return 0
+    addr = words.ctypes.data + 8 * i
+    old = cas64(addr, 0, 0)  # (a seq_cst read: swaps 0 for 0 only)
+    while True:
+        seen = cas64(addr, old, old + delta)
+        if seen == old:
+            return old + delta
+        old = seen
 
 
 @njit(cache=True, nogil=True)

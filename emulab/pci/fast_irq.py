@@ -16,6 +16,12 @@ compiled code needs to do it itself, shared with the Python interrupt code that 
   until then, and no compiled raiser runs); ``LIVE`` while someone wants interrupt records as
   they happen (a breakpoint stops *before* the line is signalled, which only Python can do);
   bits from ``DEVICE_GATES`` on are the device's (an interrupt fault, say).
+- ``words[INFLIGHT]``: eventfd writes under way (atomic). A compiled raiser decides a fire and
+  takes its line's eventfd under the spin word, counts itself in here, lets the spin word go
+  and then writes the eventfd -- a system call that wakes the VMM, and after which the
+  scheduler may well run the VMM's thread at once: held across it, the spin word made every
+  other raiser (the fast lane's re-arms) fail its tries. :meth:`unpublish` waits for this to
+  drop to 0 before a line's eventfd may close.
 - ``notes``: a ring of (vector, CLOCK_MONOTONIC ns) per compiled fire, ``words[HEAD]`` counting
   them; :meth:`take_notes` turns them into the same ``fire`` records Python makes, when the
   trace is read.
@@ -24,6 +30,7 @@ compiled code needs to do it itself, shared with the Python interrupt code that 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +45,7 @@ __all__ = [
     "DEVICE_GATES",
     "GATE",
     "HEAD",
+    "INFLIGHT",
     "LIVE",
     "LOCK",
     "UNARMED",
@@ -47,7 +55,7 @@ __all__ = [
     "no_arm_state",
 ]
 
-LOCK, GATE, HEAD = 0, 1, 2
+LOCK, GATE, HEAD, INFLIGHT = 0, 1, 2, 3
 WORDS = 4
 UNARMED, LIVE = 1, 2
 DEVICE_GATES = 1 << 8  # the first gate bit a device may use
@@ -123,6 +131,14 @@ class FastIrq:
         with self.held():
             g = int(self.words[GATE])
             self.words[GATE] = g | bit if closed else g & ~bit
+        self._drain()
+
+    def _drain(self) -> None:
+        """Wait for the eventfd writes compiled raisers decided before now (a system call
+        each, made after they let the spin word go)."""
+        deadline = time.monotonic() + 1.0
+        while self.words[INFLIGHT] > 0 and time.monotonic() < deadline:
+            time.sleep(0)
 
     @property
     def open(self) -> bool:
@@ -135,9 +151,11 @@ class FastIrq:
             self.fds[: len(fds)] = fds
 
     def unpublish(self, start: int, count: int) -> None:
-        """Vectors whose lines are about to go (and their eventfds to close): Python's alone."""
+        """Vectors whose lines are about to go (and their eventfds to close): Python's alone,
+        once the compiled writes that took one before are done."""
         with self.held():
             self.fds[start : start + count] = -1
+        self._drain()
 
     # -- the trace -------------------------------------------------------------------------------
     def take_notes(self) -> list[tuple[int, int]]:

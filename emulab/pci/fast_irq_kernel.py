@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from numba import njit, types
 
-from emulab.native.atomics import spin_acquire, spin_release, spin_try
+from emulab.native.atomics import add64, spin_acquire, spin_release, spin_try
 from emulab.native.cache import guard_module
 from emulab.native.libc import libc
 from emulab.pci import fast_irq
@@ -40,6 +40,7 @@ from emulab.pci.fast_irq import (
     IDX_MASK,
     IDX_NONE,
     IDX_SHIFT,
+    INFLIGHT,
     IO_WORDS,
     IRQ_COLS,
     IVL_MASK,
@@ -73,7 +74,7 @@ def _ok(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: 
     nv = min(st.shape[0], ctl_words.shape[0], itr_words.shape[0], fds.shape[0])
     if not (0 < v < nv and params.shape[0] >= PARAMS and io.shape[0] >= IO_WORDS):
         return False
-    if st.shape[1] < IRQ_COLS or words.shape[0] <= HEAD:
+    if st.shape[1] < IRQ_COLS or words.shape[0] <= INFLIGHT:
         return False
     n = regs.shape[0]
     if not 0 <= ctl_words[v] < n:
@@ -103,8 +104,10 @@ def _deliverable(regs: Any, itr_words: Any, params: Any, st: Any, fds: Any, io: 
 
 @njit(cache=True, nogil=True)
 def _fire(regs: Any, ctl_words: Any, params: Any, st: Any, words: Any, fds: Any, notes: Any,  # noqa: PLR0917 -- arrays in
-          io: Any, v: Any, now: Any) -> None:  # fmt: skip
-    """Fire vector ``v`` (``_deliverable`` said it may, at ``now``). Under the spin word."""
+          v: Any, now: Any) -> Any:  # fmt: skip
+    """Fire vector ``v`` (``_deliverable`` said it may, at ``now``): its state, its note, and
+    the count of writes in flight, under the spin word; returns the eventfd for
+    :func:`_signal` to write once the spin word is let go."""
     w = ctl_words[v]
     regs[w] = np.int64(regs[w]) & ~params[ENABLE]
     st[v, LAST_NS] = now
@@ -116,8 +119,17 @@ def _fire(regs: Any, ctl_words: Any, params: Any, st: Any, words: Any, fds: Any,
         notes[row, 0] = v
         notes[row, 1] = now
     words[HEAD] += 1
+    add64(words, INFLIGHT, 1)  # (the line's eventfd stays open until _signal is done)
+    return fds[v]
+
+
+@njit(cache=True, nogil=True)
+def _signal(words: Any, io: Any, fd: Any) -> None:
+    """Write ``fd`` (an eventfd :func:`_fire` took), outside the spin word, then count the
+    write done."""
     io[2] = 1
-    _write(fds[v], io.ctypes.data + 16, 8)  # (a full counter or a reader gone: nothing to do)
+    _write(fd, io.ctypes.data + 16, 8)  # (a full counter or a reader gone: nothing to do)
+    add64(words, INFLIGHT, -1)
 
 
 @njit(cache=True, nogil=True)
@@ -148,7 +160,10 @@ def raise_vectors(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: An
             if now < 0:
                 left |= low  # a timer to arm, or no line that delivers now
             else:
-                _fire(regs, ctl_words, params, st, words, fds, notes, io, v, now)
+                fd = _fire(regs, ctl_words, params, st, words, fds, notes, v, now)
+                spin_release(words, LOCK)
+                _signal(words, io, fd)
+                continue
         spin_release(words, LOCK)
     return left
 
@@ -189,7 +204,10 @@ def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
         regs[itr_words[v, idx]] = (value >> params[IVL_SHIFT]) & params[IVL_MASK]
     regs[ctl_words[v]] = value & ~params[CLEAR]
     if fire:
-        _fire(regs, ctl_words, params, st, words, fds, notes, io, v, now)
+        fd = _fire(regs, ctl_words, params, st, words, fds, notes, v, now)
+        spin_release(words, LOCK)
+        _signal(words, io, fd)
+        return True
     spin_release(words, LOCK)
     return True
 

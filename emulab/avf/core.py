@@ -178,6 +178,9 @@ class AvfCore:
     def _live_changed(self) -> None:
         if self.poller is not None:
             self.poller.live_changed()
+        loop = self.tx_worker.loop if self.tx_worker is not None else None
+        if loop is not None:
+            loop.interrupt()  # (packets wanted live: the Python path, at once)
 
     # -- doorbells and causes --------------------------------------------------------------------
     def _tx_doorbell(self, queue: int, tail: int) -> None:

@@ -551,27 +551,32 @@ class QueueEngine:
         if slow:  # the rest (after the frames now queued for the wire, so behind them)
             self._walk_each()
 
-    def wire(self, burst: dp.Burst, own: tuple[np.ndarray, ...]) -> Wire:
+    @property
+    def traced(self) -> bool:
+        """The packet trace is on (frames are recorded as they move)."""
+        return self.on_snaps is not None and self.wants_packets()
+
+    def wire(self, burst: dp.Burst, own: tuple[np.ndarray, ...], traced: bool) -> Wire:
         """The wire loop's context (``emulab.avf.datapath.wire_loop``): guest memory, the
-        queue tables, RSS, this engine's ``tx_serve`` arrays (untraced), and the loop's own
-        ``burst`` and arrays ``own`` (``vh``, ``io``, ``rx_out``, ``acc``, ``ctl``); called
-        holding the lock."""
+        queue tables, RSS, this engine's ``tx_serve`` arrays (with the packet trace's rows
+        if ``traced``), and the loop's own ``burst`` and arrays ``own`` (``vh``, ``io``,
+        ``rx_out``, ``acc``, ``ctl``); called holding the lock."""
+        snap = (self._work if traced else self._work_untraced).snap
         return Wire(dp.WirePath(self._table.general, self.tables.rx_table, burst),
                     self.rss_context(), self.tables.tx_table, self._gather_to, self._tx_gso,
                     self._serve_vh, self._serve_io, self._out, self._serve_acc,
-                    self._serve_ctl, self._work_untraced.snap, *own)  # fmt: skip
+                    self._serve_ctl, snap, *own)  # fmt: skip
 
     def wire_loop_allowed(self) -> bool:
         """Whether the wire loop may serve this engine now: frames may go to the wire from the
-        arena by compiled code, nothing the Python path alone does is on (the packet trace,
-        a packet breakpoint, faults, frames queued for the wire, ring-to-ring loopback), and
-        the loop is compiled for this guest memory."""
+        arena by compiled code, nothing the Python path alone does is on (a packet
+        breakpoint, faults, frames queued for the wire, ring-to-ring loopback), and the loop
+        is compiled for this guest memory."""
         return (
             self.backend.wire_fd >= 0
             and not self._outgoing
             and self.frame_fault is None
             and self.tx_fault is None
-            and not (self.on_snaps is not None and self.wants_packets())
             and not self.packets_live()
             and not self.ring_to_ring
             and self._in_place()
@@ -740,9 +745,17 @@ class QueueEngine:
         ctx = dp.WirePath(self._table.general, rxt, burst)
         taken = int(K.rx_place(ctx, n, self.backend.holds, out))
         self.account(out, vectors)
-        if out[dp.OUT_RX_FRAMES] and self.on_packets is not None and self.wants_packets():
-            qs, done = burst.queue[:taken], burst.done[:taken]
-            for q in np.unique(qs[done != 0]).tolist():
-                rows = np.flatnonzero((qs == q) & (done != 0))
-                self.on_packets("rx", q, [frames[i, : lens[i]].tobytes() for i in rows])
+        if out[dp.OUT_RX_FRAMES]:
+            self.rx_traced(burst, taken)
         return taken
+
+    def rx_traced(self, burst: dp.Burst, taken: int) -> None:
+        """The packet trace's records of the frames ``rx_place`` delivered from the first
+        ``taken`` rows of ``burst`` (while the trace is on)."""
+        if self.on_packets is None or not self.wants_packets():
+            return
+        frames, lens = burst.frames, burst.lens
+        qs, done = burst.queue[:taken], burst.done[:taken]
+        for q in np.unique(qs[done != 0]).tolist():
+            rows = np.flatnonzero((qs == q) & (done != 0))
+            self.on_packets("rx", q, [frames[i, : lens[i]].tobytes() for i in rows])

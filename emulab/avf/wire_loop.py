@@ -11,8 +11,10 @@ port's statistics and lets the lock go until that thread is done.
 Whatever the compiled path does not do, the worker does the Python way between calls: vectors
 the raiser left (an ITR interval, a closed gate), a TX burst ``tx_serve`` left to Python, and
 a held batch (no RX buffers posted: offered again as the driver posts some, with the TX
-doorbells served meanwhile). While the loop may not run -- the kernel not compiled yet, the
-packet trace on, a fault injected, another wire -- the worker gives the TAP back and walks the
+doorbells served meanwhile). With the packet trace on, the loop comes back after each batch
+for Python to record its frames. While the loop may not run -- the kernel not compiled yet,
+packets wanted live (a packet breakpoint), a fault injected, another wire -- the worker gives
+the TAP back and walks the
 TX rings per doorbell as before; it looks again at least every ``LOOK`` seconds (and the loop
 itself every ``SLICE`` while busy, ``IDLE_MS`` while idle).
 """
@@ -42,12 +44,14 @@ from emulab.avf.datapath.wire_loop import (
     LOOP_CTL,
     LOOP_FAILED,
     LOOP_HOLD,
+    LOOP_RX_TRACE,
     LOOP_TX_SLOW,
     REASONS,
     RX_BYTES,
     RX_FRAMES,
     SERVES,
     TAKEN,
+    TRACED,
     WAKE,
     IrqArgs,
     N,
@@ -127,9 +131,11 @@ class WireLoop:
     def stop(self) -> None:
         """End a run under way (the kernel returns at once) and any to come."""
         self._stopping = True
-        self._interrupt()
+        self.interrupt()
 
-    def _interrupt(self) -> None:
+    def interrupt(self) -> None:
+        """End the kernel call under way, if any: the loop looks again whether it may run
+        (packets wanted live: a breakpoint's wish, which only the Python path serves)."""
         lock = self.engine.lock
         lock.want()  # (the kernel's stop word set, its wake eventfd written)
         lock.unwant()
@@ -137,7 +143,7 @@ class WireLoop:
     def _reclaim(self) -> None:
         """The TAP closes: stop reading it, and return once the loop has given it back."""
         self._reclaim_asked = True
-        self._interrupt()
+        self.interrupt()
         self._returned.wait(5.0)
 
     # -- a run: one loan of the TAP --------------------------------------------------------------
@@ -187,8 +193,11 @@ class WireLoop:
         assert args is not None  # (allowed() said so, under this lock)
         irq = IrqArgs(*args[:-1], self._irq_io)  # type: ignore[call-arg]  # (9 arrays)
         ctl = self.ctl
-        reason = int(K.wire_loop(e.wire(self.burst, self._own), irq, fd, self.kick_fd,
-                                 SLICE_NS, IDLE_MS, self.max_frame))  # fmt: skip
+        traced = e.traced
+        ctl[TRACED] = 1 if traced else 0
+        wire = e.wire(self.burst, self._own, traced)
+        reason = int(K.wire_loop(wire, irq, fd, self.kick_fd, SLICE_NS, IDLE_MS,
+                                 self.max_frame))  # fmt: skip
         self.calls += 1
         self.reasons[REASONS[reason]] += 1
         self._fold()
@@ -196,8 +205,13 @@ class WireLoop:
         ctl[LEFT] = 0
         if left:
             e.raise_later({v for v in range(64) if left >> v & 1})
+        if reason in (LOOP_HOLD, LOOP_RX_TRACE) and traced:
+            e.rx_traced(self.burst, int(ctl[TAKEN]))
         if reason == LOOP_TX_SLOW:
-            e.served(int(ctl[CODE]), None)
+            code = int(ctl[CODE])
+            e.served(code, wire.snap if traced else None)
+            if code == dp.SERVE_SNAP_FULL:  # (the trace's rows taken: the rest of the walk)
+                e.tx_walk_moved()
         elif reason == LOOP_FAILED:
             self.errno = int(ctl[ERRNO])
         return reason

@@ -133,37 +133,56 @@ def test_a_batch_without_buffers_is_held_and_then_delivered(rig: Rig) -> None:
     wait_until(lambda: dev.queues.eth["rx_broadcast"] == 200, 5, "the RX counts folded")
 
 
-def test_the_trace_takes_the_tap_back_to_the_reader_and_gives_it_again(rig: Rig) -> None:
-    """With the packet trace on, the loop gives the TAP back: the reader reads it and every
-    frame is traced; off again, the loop takes it back."""
+def test_with_the_trace_on_every_frame_is_traced_both_ways(rig: Rig) -> None:
+    """The packet trace on: the loop still serves, and comes back for Python to record each
+    batch -- every frame through it is traced, RX and TX."""
     from emulab.trace import PacketRecord
 
     dev, tap, loop = rig.dev, rig.tap, rig.loop
-    runs = loop.runs
     dev.trace.enabled = True
-    wait_until(lambda: not loop.running, 5, "the loop to give the TAP back")
-    through_loop, read = loop.rx_frames, tap.counters.rx_packets
+    wait_until(lambda: loop.calls > 0 and loop.reasons["idle"] > 0, 5, "the loop running")
+    through_loop, batches = loop.rx_frames, tap.compiled_batches
     traced = frames(10, tag=3)
     for f in traced:
         rig.host.send(f)
     assert receive(rig.drv, 10) == traced
+    out = frames(10, tag=6)
+    assert rig.drv.transmit(out) == 10
+    assert [rig.host.recv(2048) for _ in range(10)] == out
+
+    def records(direction: str) -> list[Any]:  # (recorded just after the frames moved)
+        return [r for r in dev.trace.snapshot(PacketRecord) if r.direction == direction][-10:]
+
+    wait_until(lambda: len(records("rx")) == 10 and len(records("tx")) == 10, 5, "the records")
+    for sent, recs in ((traced, records("rx")), (out, records("tx"))):
+        heads = [f[: len(r.frame)] for f, r in zip(sent, recs, strict=True)]
+        assert [r.frame for r in recs] == heads
+    assert loop.rx_frames >= through_loop + 10 and tap.compiled_batches == batches
+    assert loop.reasons["rx-trace"] >= 1 and loop.running
+
+
+def test_packets_wanted_live_take_the_tap_back_to_the_reader(rig: Rig) -> None:
+    """A packet breakpoint's wish (packets as they move, from Python): the loop gives the TAP
+    back at once and the reader reads it; wish withdrawn, the loop takes it again."""
+    dev, tap, loop = rig.dev, rig.tap, rig.loop
+    runs = loop.runs
+    dev.trace.set_live(tap, ["packet"])
+    wait_until(lambda: not loop.running, 1, "the loop to give the TAP back")
+    through_loop, read = loop.rx_frames, tap.counters.rx_packets
+    first = frames(10, tag=3)
+    for f in first:
+        rig.host.send(f)
+    assert receive(rig.drv, 10) == first
     assert tap.counters.rx_packets >= read + 10 and loop.rx_frames == through_loop  # the reader's
-
-    def rx() -> list[Any]:  # (recorded just after the frames are in the ring)
-        return [r for r in dev.trace.snapshot(PacketRecord) if r.direction == "rx"][-10:]
-
-    wait_until(lambda: len(rx()) == 10, 5, "the frames traced")
-    assert [r.frame for r in rx()] == [f[: len(r.frame)] for f, r in zip(traced, rx(), strict=True)]
-    dev.trace.enabled = False
+    dev.trace.set_live(tap, [])
     wait_until(lambda: loop.running and loop.runs > runs, 5, "the loop to take it again")
-    batches, through_loop = tap.compiled_batches, loop.rx_frames
+    batches = tap.compiled_batches
     again = frames(10, tag=4)
     for f in again:
         rig.host.send(f)
     assert receive(rig.drv, 10) == again
     wait_until(lambda: loop.rx_frames >= through_loop + 10, 5, "the loop's counts folded")
     assert tap.compiled_batches == batches  # (the reader waits meanwhile)
-    assert len(rx()) == 10 and rx()[-1].frame != again[-1][: len(rx()[-1].frame)]  # untraced
 
 
 def test_closing_the_tap_under_the_loop_takes_it_back_first(rig: Rig) -> None:

@@ -23,7 +23,11 @@ raiser). It returns to Python only for what Python does:
 * ``LOOP_TX_SLOW``: ``tx_serve`` stopped for Python (``ctl[CODE]``; its words are the serve
   words, as ``QueueEngine.served`` takes them);
 * ``LOOP_RX_ERROR``: an RX ring failed (the counts name it: ``OUT_RX_TOUCHED``);
-* ``LOOP_FAILED``: ``poll`` or the TAP failed (``ctl[ERRNO]``).
+* ``LOOP_FAILED``: ``poll`` or the TAP failed (``ctl[ERRNO]``);
+* ``LOOP_RX_TRACE``: with the packet trace on (``ctl[TRACED]``), after each RX batch with
+  frames delivered (rows ``0:ctl[TAKEN]``), for Python to record them. TX walks then keep the
+  trace's copies in ``w.snap`` and return each as ``LOOP_TX_SLOW`` (``ctl[CODE]`` whatever
+  ``tx_serve`` returned), for Python to record and count them (``QueueEngine.served``).
 
 Counts: ``w.acc`` sums the ``OUT_*`` results of every RX burst and TX walk since Python last
 folded them; ``ctl`` counts the batches read (``BATCHES``, ``RX_FRAMES``, ``RX_BYTES``), the
@@ -42,6 +46,7 @@ from emulab.avf.datapath.context import (
     OUT,
     OUT_LATEST,
     OUT_MASKS,
+    OUT_RX_FRAMES,
     OUT_RX_MASK,
     OUT_RX_TOUCHED,
     RX_ERROR,
@@ -53,7 +58,14 @@ from emulab.avf.datapath.context import (
 from emulab.avf.datapath.general_path import rx_pick
 from emulab.avf.datapath.poll_loop import POLL_STOP, POLL_WAKE
 from emulab.avf.datapath.ring_to_ring import rx_place
-from emulab.avf.datapath.tx_serve import SERVE_CTL, SERVE_DROPPED, SERVE_VECTORS, SERVED, tx_serve
+from emulab.avf.datapath.tx_serve import (
+    SERVE_CTL,
+    SERVE_DROPPED,
+    SERVE_SNAPS,
+    SERVE_VECTORS,
+    SERVED,
+    tx_serve,
+)
 from emulab.backends.tap_kernel import FAILED, IO_BYTES, IO_ERRNO, read_frames
 from emulab.native.libc import EINTR, POLLERR, POLLHUP, POLLIN, errno, libc
 from emulab.pci.fast_irq_kernel import raise_vectors
@@ -63,11 +75,12 @@ __all__ = ["IrqArgs", "Wire", "wire_loop"]
 # ctl words (STOP and WAKE where the engine lock's ``PausingLock`` keeps them)
 STOP, WAKE = POLL_STOP, POLL_WAKE
 LEFT, TAKEN, N, CODE, ERRNO, BATCHES, RX_FRAMES, RX_BYTES = 1, 2, 3, 4, 5, 6, 7, 9
-KICKS, SERVES, DROPPED, LOOPS = 10, 11, 12, 13
+KICKS, SERVES, DROPPED, LOOPS, TRACED = 10, 11, 12, 13, 14
 LOOP_CTL = 16
 (LOOP_STOPPED, LOOP_SLICE, LOOP_IDLE, LOOP_IRQ, LOOP_HOLD, LOOP_TX_SLOW, LOOP_RX_ERROR,
- LOOP_FAILED) = range(8)  # fmt: skip
-REASONS = ("stopped", "slice", "idle", "irq", "hold", "tx-slow", "rx-error", "failed")
+ LOOP_FAILED, LOOP_RX_TRACE) = range(9)  # fmt: skip
+REASONS = ("stopped", "slice", "idle", "irq", "hold", "tx-slow", "rx-error", "failed",
+           "rx-trace")  # fmt: skip
 IO = 16  # io words: three pollfds [0:3], the read's iovecs [2:6] after the wait, a clock [8:10],
 # an eventfd's 8 bytes [10], the read's bytes and errno [6], [7] (tap_kernel's IO_BYTES, IO_ERRNO)
 CLOCK_MONOTONIC = 1
@@ -159,7 +172,7 @@ def _serve(w: Wire, irq: IrqArgs, fd: Any) -> int:
         sacc[c] = 0
     code = tx_serve(w.path.maps, w.tx, w.gather, w.gso, fd, w.wvh, w.wio, w.out, sacc, serve,
                     w.snap)  # fmt: skip
-    if code != SERVED:
+    if code != SERVED or (ctl[TRACED] and serve[SERVE_SNAPS]):
         ctl[CODE] = code
         return LOOP_TX_SLOW  # (its words stay as they are, for Python)
     ctl[SERVES] += 1
@@ -198,12 +211,14 @@ def _receive(w: Wire, irq: IrqArgs, fd: Any, max_frame: Any) -> int:
         if (out[OUT_RX_TOUCHED] >> q) & 1 and rx[q, RX_ERROR] != 0:
             failed = True
     fired = _raise(irq, ctl, vectors)
+    ctl[TAKEN] = taken
+    ctl[N] = n
     if taken < n:
-        ctl[TAKEN] = taken
-        ctl[N] = n
         return LOOP_HOLD
     if failed:
         return LOOP_RX_ERROR
+    if ctl[TRACED] and out[OUT_RX_FRAMES]:
+        return LOOP_RX_TRACE
     if not fired:
         return LOOP_IRQ
     return LOOP_SLICE

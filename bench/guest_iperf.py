@@ -59,6 +59,7 @@ from emulab.server import VfioUserServer
 
 MAC = "02:e1:ab:00:00:01"
 SWITCH: list[float | None] = [1e-5]  # the server's GIL switch interval (--switch-interval)
+TRACED = [False]  # the AVF's packet trace on, as the CLI's default (--trace)
 VIRTIO_MAC = "52:54:00:e1:ab:02"
 PORT = 5201
 SCRIPT = r"""
@@ -155,8 +156,8 @@ def run_avf(
     subprocess.run(["ip", "addr", "add", f"{host}/24", "dev", tap.name], check=True)
     subprocess.run(["ip", "link", "set", tap.name, "mtu", str(mtu)], check=True)
     dev = AvfDevice(backend=tap, mac=MAC, mode=mode)
-    dev.trace.enabled = False  # as bench/datapath.py: the packet trace costs ~20 % of the RX
-    # thread's time (py-spy); virtio-net keeps no trace either
+    dev.trace.enabled = TRACED[0]  # off, as bench/datapath.py: the packet trace records every
+    # frame in Python; virtio-net keeps no trace either (--trace: on, as `emulab serve` has it)
     work = Path(tempfile.mkdtemp(prefix="emulab-iperf-"))
     server = VfioUserServer(dev, work / "avf.sock", switch_interval=SWITCH[0]).start()
     srv = HostServer(root, host)
@@ -468,8 +469,11 @@ def main() -> int:  # noqa: PLR0915 -- one linear measurement script
                     help="the AVF server's GIL switch interval, s (0: CPython's 5 ms)")  # fmt: skip
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="each vCPU on CPU 1, all else on CPU 0 (default: on)")  # fmt: skip
+    ap.add_argument("--trace", action="store_true",
+                    help="the AVF's packet trace on (the CLI's default), not off")  # fmt: skip
     args = ap.parse_args()
     SWITCH[0] = args.switch_interval or None
+    TRACED[0] = args.trace
     reason = qemu.unavailable_reason()
     if reason:
         print(f"guest_iperf: cannot run QEMU here: {reason}")

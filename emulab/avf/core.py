@@ -361,6 +361,9 @@ class AvfCore:
             f"rx_discards={e['rx_discards']} irqs={sum(self.irq.counts)} "
             f"mailbox={self.admin_queue.stats['atq']}/{self.admin_queue.stats['arq']}"
         )
+        loop = self.tx_worker.loop if self.tx_worker is not None else None
+        if loop is not None and loop.running:  # (the TAP's frames and the doorbells compiled)
+            line += " wire=loop"
         if BUILDER.status.state != "ready":  # the data path runs interpreted meanwhile
             line += f" [{BUILDER.status.line()}]"
         return line + (f" errors: {'; '.join(errors)}" if errors else "")

@@ -32,6 +32,7 @@ import numpy as np
 
 from emulab.avf import datapath as dp
 from emulab.avf.datapath import KERNELS as K
+from emulab.avf.datapath.context import new_burst
 from emulab.avf.datapath.kernels import JIT
 from emulab.avf.datapath.wire_loop import (
     BATCHES,
@@ -56,7 +57,6 @@ from emulab.avf.datapath.wire_loop import (
     IrqArgs,
     N,
 )
-from emulab.backends.base import GSO_COLS
 from emulab.pci.fast_irq import IO_WORDS
 
 if TYPE_CHECKING:
@@ -83,17 +83,7 @@ class WireLoop:
         self.max_frame = max_frame
         self.ctl = dp.own_lines(LOOP_CTL)
         self.ctl[WAKE] = -1
-        self.burst = dp.Burst(
-            frames=np.zeros((ROWS, ROW), dtype=np.uint8),  # (pages touched as frames come)
-            lens=np.zeros(ROWS, dtype=np.int64),
-            gso=np.zeros((ROWS, GSO_COLS), dtype=np.int64),
-            queue=np.zeros(ROWS, dtype=np.int64),
-            hash=np.zeros(ROWS, dtype=np.uint32),
-            ptype=np.zeros(ROWS, dtype=np.uint8),
-            extra=np.zeros(ROWS, dtype=np.uint64),
-            done=np.zeros(ROWS, dtype=np.uint8),
-            seg=np.zeros(max_frame, dtype=np.uint8),
-        )
+        self.burst = new_burst(ROWS, ROW, max_frame)  # (the TAP's batch: its pages as frames come)
         self._own = (np.zeros((ROWS, VNET), dtype=np.uint8), np.zeros(IO, dtype=np.int64),
                      dp.own_lines(dp.OUT), dp.own_lines(dp.OUT), self.ctl)  # fmt: skip
         self._irq_io = np.zeros(IO_WORDS, dtype=np.int64)

@@ -262,8 +262,8 @@ class TapBackend(PacketBackend):
         is called if the backend closes during the loan: it returns once the device no longer
         uses the descriptor (and has called :meth:`unlend`)."""
         with self._loan:
-            if self._closing or self._lent:
-                return -1
+            if self._closing or self._lent or not self._thread.is_alive():
+                return -1  # (a reader that ended -- the TAP failed -- has nothing to lend)
             self._lent = True
             os.eventfd_write(self._attn, 1)
             if not self._loan.wait_for(lambda: self._parked or self._closing, timeout) or (

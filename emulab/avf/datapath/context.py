@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from emulab.backends.base import GSO_COLS
+
 LINE = 128  # bytes: a cache line and the one the CPU fetches beside it (adjacent-line prefetch)
 
 
@@ -132,6 +134,22 @@ class Burst(NamedTuple):
     extra: Any
     done: Any
     seg: Any
+
+
+def new_burst(rows: int, width: int, seg: int) -> Burst:
+    """A burst of ``rows`` frames ``width`` bytes wide (zeros: pages are touched only as
+    frames come), with a ``seg`` of ``seg`` bytes, in the types the kernels take."""
+    return Burst(
+        frames=np.zeros((rows, width), dtype=np.uint8),
+        lens=np.zeros(rows, dtype=np.int64),
+        gso=np.zeros((rows, GSO_COLS), dtype=np.int64),
+        queue=np.zeros(rows, dtype=np.int64),
+        hash=np.zeros(rows, dtype=np.uint32),
+        ptype=np.zeros(rows, dtype=np.uint8),
+        extra=np.zeros(rows, dtype=np.uint64),
+        done=np.zeros(rows, dtype=np.uint8),
+        seg=np.zeros(seg, dtype=np.uint8),
+    )
 
 
 class WirePath(NamedTuple):

@@ -11,8 +11,6 @@ from emulab.avf.datapath import raw
 from emulab.avf.datapath.context import (
     OUT,
     OUT_ERROR,
-    OUT_LATEST,
-    OUT_MASKS,
     OUT_RX_MASK,
     OUT_TX_FRAMES,
     RX_LEN,
@@ -27,7 +25,7 @@ from emulab.avf.datapath.context import (
     Polling,
     Work,
 )
-from emulab.avf.datapath.ring_to_ring import ERR_SLOW_PATH, forward
+from emulab.avf.datapath.ring_to_ring import ERR_SLOW_PATH, add_out, forward
 
 # -- polling: the tail registers in shared memory, watched by one long nogil call ---------------
 BURST_POLL = 64  # frames per forward call inside the poll loop
@@ -141,13 +139,7 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
             part = Work(work.scratch, work.hdr, snap[used : used + budget] if nsnap else snap)
             forward(FastPath(maps, rx, rss, part), txt[t], budget, out)
             n = out[OUT_TX_FRAMES]
-            for c in range(OUT):
-                if c in OUT_MASKS:
-                    acc[c] |= out[c]
-                elif c in OUT_LATEST:
-                    acc[c] = out[c]
-                else:
-                    acc[c] += out[c]
+            add_out(acc, out)
             if nsnap:
                 for r in range(min(n, budget)):
                     snap[used + r, 0] |= np.uint64(t) << np.uint64(48)

@@ -14,6 +14,8 @@ from emulab.avf.datapath.context import (
     OUT_ERROR,
     OUT_FAULT_RX,
     OUT_FILTERED,
+    OUT_LATEST,
+    OUT_MASKS,
     OUT_RX_BCAST,
     OUT_RX_BYTES,
     OUT_RX_DROPPED,
@@ -106,6 +108,19 @@ def work_areas(snap_rows: int) -> Work:
         np.zeros(HDR // 8, dtype=np.uint64),
         np.zeros((snap_rows, SNAP // 8 + 1), dtype=np.uint64),
     )
+
+
+@raw.helper
+def add_out(acc: Any, out: Any) -> None:
+    """Add one call's result to a sum of results (``OUT_*``): the masks ORed, the error and
+    its queue the latest, the rest summed."""
+    for c in range(OUT):
+        if c in OUT_MASKS:
+            acc[c] |= out[c]
+        elif c in OUT_LATEST:
+            acc[c] = out[c]
+        else:
+            acc[c] += out[c]
 
 
 @raw.helper

@@ -20,6 +20,7 @@ from emulab.avf.datapath.context import (
     Rss,
     WirePath,
     Work,
+    new_burst,
 )
 from emulab.avf.datapath.general_path import rx_pick, tx_drain
 from emulab.avf.datapath.poll_loop import POLL_CTL, poll
@@ -34,17 +35,7 @@ from emulab.pci.fast_irq import no_arm_state
 
 def burst(rows: int = 8, width: int = 64) -> Burst:
     """A burst of ``rows`` frames ``width`` wide, with the types the device uses."""
-    return Burst(
-        frames=np.zeros((rows, width), dtype=np.uint8),
-        lens=np.zeros(rows, dtype=np.int64),
-        gso=np.zeros((rows, GSO_COLS), dtype=np.int64),
-        queue=np.zeros(rows, dtype=np.int64),
-        hash=np.zeros(rows, dtype=np.uint32),
-        ptype=np.zeros(rows, dtype=np.uint8),
-        extra=np.zeros(rows, dtype=np.uint64),
-        done=np.zeros(rows, dtype=np.uint8),
-        seg=np.zeros(9728, dtype=np.uint8),
-    )
+    return new_burst(rows, width, 9728)
 
 
 def rss(lut: int = 64) -> Rss:

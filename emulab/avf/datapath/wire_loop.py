@@ -44,8 +44,6 @@ from numba import njit, types
 
 from emulab.avf.datapath.context import (
     OUT,
-    OUT_LATEST,
-    OUT_MASKS,
     OUT_RX_FRAMES,
     OUT_RX_MASK,
     OUT_RX_TOUCHED,
@@ -57,7 +55,7 @@ from emulab.avf.datapath.context import (
 )
 from emulab.avf.datapath.general_path import rx_pick
 from emulab.avf.datapath.poll_loop import POLL_STOP, POLL_WAKE
-from emulab.avf.datapath.ring_to_ring import rx_place
+from emulab.avf.datapath.ring_to_ring import add_out, rx_place
 from emulab.avf.datapath.tx_serve import (
     SERVE_CTL,
     SERVE_DROPPED,
@@ -138,17 +136,6 @@ def _now(io: Any) -> Any:
 
 
 @njit(nogil=True, cache=True)
-def _add(acc: Any, out: Any) -> None:
-    for c in range(OUT):
-        if c in OUT_MASKS:
-            acc[c] |= out[c]
-        elif c in OUT_LATEST:
-            acc[c] = out[c]
-        else:
-            acc[c] += out[c]
-
-
-@njit(nogil=True, cache=True)
 def _raise(irq: IrqArgs, ctl: Any, mask: Any) -> bool:
     """Fire ``mask``'s vectors; False when some were left to Python (``ctl[LEFT]``)."""
     if mask == 0:
@@ -176,7 +163,7 @@ def _serve(w: Wire, irq: IrqArgs, fd: Any) -> int:
         ctl[CODE] = code
         return LOOP_TX_SLOW  # (its words stay as they are, for Python)
     ctl[SERVES] += 1
-    _add(w.acc, sacc)
+    add_out(w.acc, sacc)
     ctl[DROPPED] += serve[SERVE_DROPPED]
     if not _raise(irq, ctl, serve[SERVE_VECTORS]):
         return LOOP_IRQ
@@ -201,7 +188,7 @@ def _receive(w: Wire, irq: IrqArgs, fd: Any, max_frame: Any) -> int:
     rx = path.rx
     rx_pick(burst, n, w.rss, rx, max_frame)
     taken = rx_place(path, n, True, out)
-    _add(w.acc, out)
+    add_out(w.acc, out)
     mask = out[OUT_RX_MASK]
     vectors = np.int64(0)
     failed = False

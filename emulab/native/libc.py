@@ -12,7 +12,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "EAGAIN", "EINTR", "POLLERR", "POLLHUP", "POLLIN", "errno", "libc", "load8", "load32", "load64",
-    "store32", "store64",
+    "monotonic_ns", "store32", "store64",
 ]  # fmt: skip
 
 EINTR, EAGAIN = 4, 11  # (Linux, every architecture numba targets)
@@ -105,3 +105,15 @@ _errno_at = libc("__errno_location", types.int64, 1)  # (its argument is ignored
 def errno() -> Any:
     """This thread's ``errno``, after a call that failed."""
     return load32(_errno_at(0))
+
+
+_clock_gettime = libc("clock_gettime", types.int32, 2)
+CLOCK_MONOTONIC = 1
+
+
+@njit(cache=True, nogil=True)
+def monotonic_ns(io: Any, at: Any) -> Any:
+    """CLOCK_MONOTONIC in nanoseconds, read through ``io[at:at + 2]`` (int64 words the caller
+    owns: a ``struct timespec``)."""
+    _clock_gettime(CLOCK_MONOTONIC, io.ctypes.data + 8 * at)
+    return io[at] * 1_000_000_000 + io[at + 1]

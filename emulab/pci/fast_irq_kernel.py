@@ -29,7 +29,7 @@ from numba import njit, types
 
 from emulab.native.atomics import add64, spin_acquire, spin_release, spin_try
 from emulab.native.cache import guard_module
-from emulab.native.libc import libc
+from emulab.native.libc import libc, monotonic_ns
 from emulab.pci import fast_irq
 from emulab.pci.fast_irq import (
     CLEAR,
@@ -59,12 +59,10 @@ __all__ = ["arm_write", "raise_vectors", "spin_acquire", "spin_release", "warm"]
 # holder may have lost the GIL inside its few lines for a switch interval or two, and waiting
 # for it costs far less than the Python way (tens of microseconds of the serving process's CPU)
 SPIN_TRIES = 2048
-CLOCK_MONOTONIC = 1
 
 guard_module(__file__, fast_irq.__file__)  # (before any kernel loads; the layout it inlines)
 
 _write = libc("write", types.int64, 3)
-_clock_gettime = libc("clock_gettime", types.int32, 2)
 
 
 @njit(cache=True, nogil=True)
@@ -95,8 +93,7 @@ def _deliverable(regs: Any, itr_words: Any, params: Any, st: Any, fds: Any, io: 
         x = np.int64(regs[itr_words[v, i]])
         if x and (itr == 0 or x < itr):
             itr = x
-    _clock_gettime(CLOCK_MONOTONIC, io.ctypes.data)
-    now = io[0] * 1_000_000_000 + io[1]
+    now = monotonic_ns(io, 0)
     if fds[v] < 0 or (itr and now < st[v, LAST_NS] + itr * params[UNIT_NS]):
         return -1
     return now

@@ -39,7 +39,17 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from emulab.native.cache import guard_module
-from emulab.native.libc import EAGAIN, POLLERR, POLLHUP, POLLIN, libc, load64, store32, store64
+from emulab.native.libc import (
+    EAGAIN,
+    POLLERR,
+    POLLHUP,
+    POLLIN,
+    libc,
+    load64,
+    monotonic_ns,
+    store32,
+    store64,
+)
 from emulab.native.libc import load8 as _load8
 from emulab.native.libc import load32 as _load32
 from emulab.pci import fast_irq, fast_irq_kernel
@@ -73,7 +83,6 @@ REGION_READ = 9
 REGION_WRITE = 10
 NO_REPLY = 0x10
 MSG_CTRUNC = 0x8
-CLOCK_MONOTONIC = 1
 
 # (int64 arguments where C has int or pointers: the x86-64 and aarch64 ABIs pass both in one
 # 64-bit register, the callee reading the low half of an int)
@@ -83,7 +92,6 @@ guard_module(__file__, fast_irq_kernel.__file__, fast_irq.__file__)
 _poll = libc("poll", types.int32, 3)
 _recvmsg = libc("recvmsg", types.int64, 3)
 _write = libc("write", types.int64, 3)
-_clock_gettime = libc("clock_gettime", types.int32, 2)
 _lock = libc("pthread_mutex_lock", types.int32, 1)
 _unlock = libc("pthread_mutex_unlock", types.int32, 1)
 _errno_at = libc("__errno_location", types.int64, 1)  # (its argument is ignored)
@@ -104,8 +112,7 @@ _release: Any = intrinsic(_release_typer)
 
 @njit(cache=True, nogil=True)
 def _now(io: Any) -> Any:
-    _clock_gettime(CLOCK_MONOTONIC, io.ctypes.data + 16 * 8)
-    return io[16] * 1_000_000_000 + io[17]
+    return monotonic_ns(io, 16)
 
 
 @njit(cache=True, nogil=True)

@@ -65,7 +65,7 @@ from emulab.avf.datapath.tx_serve import (
     tx_serve,
 )
 from emulab.backends.tap_kernel import FAILED, IO_BYTES, IO_ERRNO, read_frames
-from emulab.native.libc import EINTR, POLLERR, POLLHUP, POLLIN, errno, libc
+from emulab.native.libc import EINTR, POLLERR, POLLHUP, POLLIN, errno, libc, monotonic_ns
 from emulab.pci.fast_irq_kernel import raise_vectors
 
 __all__ = ["IrqArgs", "Wire", "wire_loop"]
@@ -81,12 +81,10 @@ REASONS = ("stopped", "slice", "idle", "irq", "hold", "tx-slow", "rx-error", "fa
            "rx-trace")  # fmt: skip
 IO = 16  # io words: three pollfds [0:3], the read's iovecs [2:6] after the wait, a clock [8:10],
 # an eventfd's 8 bytes [10], the read's bytes and errno [6], [7] (tap_kernel's IO_BYTES, IO_ERRNO)
-CLOCK_MONOTONIC = 1
 QUIET_MS = 1  # after work, a wait this long with nothing to do returns (``LOOP_SLICE``)
 
 _poll = libc("poll", types.int32, 3)
 _read = libc("read", types.int64, 3)
-_clock_gettime = libc("clock_gettime", types.int32, 2)
 
 
 class Wire(NamedTuple):
@@ -127,12 +125,6 @@ class IrqArgs(NamedTuple):
     fds: Any
     notes: Any
     io: Any
-
-
-@njit(nogil=True, cache=True)
-def _now(io: Any) -> Any:
-    _clock_gettime(CLOCK_MONOTONIC, io.ctypes.data + 8 * 8)
-    return io[8] * 1_000_000_000 + io[9]
 
 
 @njit(nogil=True, cache=True)
@@ -218,7 +210,7 @@ def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms:
     (``kick``, an eventfd the lane writes) until Python must act (see the module's
     docstring for what it returns, and ``ctl``'s words)."""
     ctl, io = w.ctl, w.io
-    start = _now(io)
+    start = monotonic_ns(io, 8)
     did = False
     while True:
         if ctl[STOP]:
@@ -227,11 +219,8 @@ def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms:
         io[0] = fd | (POLLIN << 32)
         io[1] = kick | (POLLIN << 32)
         io[2] = ctl[WAKE] | (POLLIN << 32)  # (-1: none; poll skips it)
-        timeout = idle_ms
-        if did:  # (a millisecond without work ends the call too: the counts are folded then)
-            timeout = min(
-                np.int64(QUIET_MS), max(np.int64(1), (slice_ns - (_now(io) - start)) // 1_000_000)
-            )
+        # (after work, a millisecond without any ends the call: the counts are folded then)
+        timeout = QUIET_MS if did else idle_ms
         r = _poll(io.ctypes.data, 3, timeout)
         if r < 0:
             e = errno()
@@ -257,5 +246,5 @@ def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms:
             why = _receive(w, irq, fd, max_frame)
             if why != LOOP_SLICE:
                 return why
-        if did and _now(io) - start >= slice_ns:
+        if did and monotonic_ns(io, 8) - start >= slice_ns:
             return LOOP_SLICE

@@ -25,7 +25,7 @@ from emulab.avf.datapath import BUILDER, BuildStatus
 from emulab.avf.interrupts import InterruptBlock
 from emulab.avf.pf import PfConfig, VirtchnlPf
 from emulab.avf.polling import Poller
-from emulab.avf.queues import MAX_FRAME, QueueEngine
+from emulab.avf.queues import QueueEngine
 from emulab.avf.registers import MAX_QUEUES, REGISTER, ResetState
 from emulab.avf.tx_worker import TxWorker
 from emulab.backends.base import PacketBackend
@@ -148,7 +148,7 @@ class AvfCore:
         regs.on_write("QTX_TAIL", lambda i, old, new: self._tx_doorbell(i, new))
         regs.on_write("QRX_TAIL", lambda i, old, new: self.queues.rx_tail(i, new))
         # (polling mode: the client stores the tails into the mapped page itself)
-        self.tx_worker = TxWorker(self.queues, MAX_FRAME) if not poll else None
+        self.tx_worker = TxWorker(self.queues) if not poll else None
         if not poll:
             regs.mirror("QRX_TAIL")  # the hook stores the tail, and wakes a held wire: gated
             regs.mirror("QTX_TAIL")  # the hook stores the tail and walks: the worker's, kicked
@@ -178,9 +178,8 @@ class AvfCore:
     def _live_changed(self) -> None:
         if self.poller is not None:
             self.poller.live_changed()
-        loop = self.tx_worker.loop if self.tx_worker is not None else None
-        if loop is not None:
-            loop.interrupt()  # (packets wanted live: the Python path, at once)
+        if self.tx_worker is not None:
+            self.tx_worker.loop.interrupt()  # (packets wanted live: the Python path, at once)
 
     # -- doorbells and causes --------------------------------------------------------------------
     def _tx_doorbell(self, queue: int, tail: int) -> None:
@@ -361,8 +360,7 @@ class AvfCore:
             f"rx_discards={e['rx_discards']} irqs={sum(self.irq.counts)} "
             f"mailbox={self.admin_queue.stats['atq']}/{self.admin_queue.stats['arq']}"
         )
-        loop = self.tx_worker.loop if self.tx_worker is not None else None
-        if loop is not None and loop.running:  # (the TAP's frames and the doorbells compiled)
+        if self.tx_worker is not None and self.tx_worker.loop.running:  # (compiled TAP serving)
             line += " wire=loop"
         if BUILDER.status.state != "ready":  # the data path runs interpreted meanwhile
             line += f" [{BUILDER.status.line()}]"

@@ -44,11 +44,10 @@ __all__ = ["TxWorker"]
 class TxWorker:
     """Walks TX rings when kicked (``kick_fd``, an eventfd), on a thread of its own."""
 
-    def __init__(self, engine: QueueEngine, max_frame: int, wire_loop: bool = True) -> None:
-        """``wire_loop``: run the wire loop where it may (False: always walk per doorbell)."""
+    def __init__(self, engine: QueueEngine) -> None:
         self.engine = engine
         self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        self.loop = WireLoop(engine, self.kick_fd, max_frame) if wire_loop else None
+        self.loop = WireLoop(engine, self.kick_fd)
         # closed only once nothing may kick it (a lane keeps its worker: MirrorWords.keep), so
         # that no kick is ever written to a number reused by another file
         weakref.finalize(self, os.close, self.kick_fd)
@@ -60,7 +59,7 @@ class TxWorker:
     @property
     def kicks(self) -> int:
         """Wake-ups for doorbells (each may cover several), the wire loop's among them."""
-        return self._kicks + (self.loop.kicks if self.loop is not None else 0)
+        return self._kicks + self.loop.kicks
 
     def start(self) -> None:
         with self._lock:
@@ -73,8 +72,7 @@ class TxWorker:
         with self._lock:
             self._stopping = True
             thread, self._thread = self._thread, None
-        if self.loop is not None:
-            self.loop.stop()
+        self.loop.stop()
         with contextlib.suppress(OSError):
             os.eventfd_write(self.kick_fd, 1)
         if thread is not None:
@@ -82,18 +80,16 @@ class TxWorker:
 
     def _run(self) -> None:
         e, loop = self.engine, self.loop
-        stopping = lambda: self._stopping  # noqa: E731
         while True:
             try:
-                if loop is not None:
-                    if loop.allowed():
-                        loop.run(stopping)
-                    ready, _, _ = select.select([self.kick_fd], [], [], LOOK)
-                    if self._stopping:
-                        return
-                    if not ready:
-                        continue
-                os.eventfd_read(self.kick_fd)  # (blocks, without the GIL)
+                if loop.allowed():
+                    loop.run()
+                ready, _, _ = select.select([self.kick_fd], [], [], LOOK)  # (a look at LOOK)
+                if self._stopping:
+                    return
+                if not ready:
+                    continue
+                os.eventfd_read(self.kick_fd)  # (readable: it does not block)
             except OSError:
                 return
             except Exception as exc:  # a bug: reported, and the worker carries on

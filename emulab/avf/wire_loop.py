@@ -57,11 +57,11 @@ from emulab.avf.datapath.wire_loop import (
     IrqArgs,
     N,
 )
+from emulab.avf.queues import MAX_FRAME
+from emulab.backends.tap_kernel import VNET
 from emulab.pci.fast_irq import IO_WORDS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from emulab.avf.queues import QueueEngine
 
 __all__ = ["WireLoop"]
@@ -70,20 +70,20 @@ SLICE_NS = 20_000_000  # a busy loop returns this often, for Python to fold its 
 IDLE_MS = 50  # an idle loop returns this often, for Python to look whether it may still run
 LOOK = 0.05  # seconds between looks while the loop may not run
 WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the queues
-ROWS, ROW, VNET = 64, 65536 + 256, 10  # the TAP's batch, row and header (emulab.backends.tap)
+ROWS, ROW = 64, 65536 + 256  # the TAP's batch and row (emulab.backends.tap, not imported
+# by a device that has no TAP)
 
 
 class WireLoop:
     """The wire loop of one queue engine, run by the thread that reads ``kick_fd`` (the TX
     worker's)."""
 
-    def __init__(self, engine: QueueEngine, kick_fd: int, max_frame: int) -> None:
+    def __init__(self, engine: QueueEngine, kick_fd: int) -> None:
         self.engine = engine
         self.kick_fd = kick_fd
-        self.max_frame = max_frame
         self.ctl = dp.own_lines(LOOP_CTL)
         self.ctl[WAKE] = -1
-        self.burst = new_burst(ROWS, ROW, max_frame)  # (the TAP's batch: its pages as frames come)
+        self.burst = new_burst(ROWS, ROW, MAX_FRAME)  # (the TAP's batch: its pages as frames come)
         self._own = (np.zeros((ROWS, VNET), dtype=np.uint8), np.zeros(IO, dtype=np.int64),
                      dp.own_lines(dp.OUT), dp.own_lines(dp.OUT), self.ctl)  # fmt: skip
         self._irq_io = np.zeros(IO_WORDS, dtype=np.int64)
@@ -108,15 +108,23 @@ class WireLoop:
     def allowed(self) -> bool:
         """Whether the loop may serve the engine now (looked at without the lock: the run
         looks again under it)."""
+        return self._irq_args() is not None
+
+    def _irq_args(self) -> IrqArgs | None:
+        """The raiser's arrays if the loop may serve the engine now, else None."""
         e = self.engine
-        return (
-            JIT
-            and not self._stopping
-            and not self._reclaim_asked
-            and callable(getattr(e.backend, "lend", None))
-            and e.wire_loop_allowed()
-            and e.fast_irq_args() is not None
-        )
+        if (
+            not JIT
+            or self._stopping
+            or self._reclaim_asked
+            or not callable(getattr(e.backend, "lend", None))
+            or not e.wire_loop_allowed()
+        ):
+            return None
+        args = e.fast_irq_args()
+        if args is None:
+            return None
+        return IrqArgs(*args[:-1], self._irq_io)  # type: ignore[call-arg]  # (9 arrays)
 
     def stop(self) -> None:
         """End a run under way (the kernel returns at once) and any to come."""
@@ -137,8 +145,8 @@ class WireLoop:
         self._returned.wait(5.0)
 
     # -- a run: one loan of the TAP --------------------------------------------------------------
-    def run(self, stopping: Callable[[], bool]) -> None:
-        """Serve until the loop may no longer run or ``stopping()``; then give the TAP back."""
+    def run(self) -> None:
+        """Serve until the loop may no longer run (or :meth:`stop`); then give the TAP back."""
         e = self.engine
         backend: Any = e.backend
         fd = int(backend.lend(self._reclaim))
@@ -151,15 +159,16 @@ class WireLoop:
         lock.set_wake_fd(wake)
         self.runs += 1
         try:
-            while not stopping() and not self._stopping and not self._reclaim_asked:
+            while True:
                 if lock.wanted:  # another thread needs the queues: let it have the lock
                     time.sleep(WANTED_WAIT)
                     continue
                 hold: tuple[int, int] | None = None
                 with lock:
-                    if not self.allowed():
+                    irq = self._irq_args()
+                    if irq is None:
                         break
-                    reason = self._once(fd)
+                    reason = self._once(fd, irq)
                     if reason == LOOP_HOLD:
                         hold = int(self.ctl[TAKEN]), int(self.ctl[N])
                 e.flush()  # what Python left to raise or to send
@@ -176,18 +185,15 @@ class WireLoop:
             backend.unlend()
             self._returned.set()
 
-    def _once(self, fd: int) -> int:
+    def _once(self, fd: int, irq: IrqArgs) -> int:
         """One kernel call and what Python does after it (holding the engine lock)."""
         e = self.engine
-        args = e.fast_irq_args()
-        assert args is not None  # (allowed() said so, under this lock)
-        irq = IrqArgs(*args[:-1], self._irq_io)  # type: ignore[call-arg]  # (9 arrays)
         ctl = self.ctl
         traced = e.traced
         ctl[TRACED] = 1 if traced else 0
         wire = e.wire(self.burst, self._own, traced)
         reason = int(K.wire_loop(wire, irq, fd, self.kick_fd, SLICE_NS, IDLE_MS,
-                                 self.max_frame))  # fmt: skip
+                                 MAX_FRAME))  # fmt: skip
         self.calls += 1
         self.reasons[REASONS[reason]] += 1
         self._fold()

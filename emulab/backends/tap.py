@@ -7,8 +7,9 @@ Flow control: when the device has no receive buffer posted for the next frame, t
 the rest of its batch and stops reading the TAP until the driver posts buffers (the device calls
 ``resume``), as QEMU's NICs stop reading theirs, and as an Ethernet link partner pauses on an
 802.3x PAUSE frame. The host queues meanwhile (and drops only when its own queue is full), so a
-guest slower than the host sees TCP back off on delay rather than on loss. A batch held longer
-than ``HOLD_MAX`` seconds (a driver that stopped receiving) is dropped, counted.
+guest slower than the host sees TCP back off on delay rather than on loss. A batch of which the
+device takes nothing for ``HOLD_MAX`` seconds (a driver that stopped receiving) is dropped,
+counted.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ BATCH = 64
 ROW = 65536 + 256  # bytes per frame read: a TSO frame of the host's (64 KiB at most); a frame
 # that fills its row may be cut, and is marked longer than it (the device discards it). The
 # rows' pages are touched only as frames that long come.
-HOLD_MAX = 0.25  # seconds a held batch waits for receive buffers before it is dropped
+HOLD_MAX = 0.25  # seconds a held batch waits with none taken before the rest is dropped
 HOLD_POLL = 0.0005  # re-offer at least this often (polling mode moves tails without a word)
 # The reader's compiled batch read (emulab.backends.tap_kernel, which imports numba: its
 # constants are mirrored here), compiled by a child when the first TAP opens; until it is
@@ -305,8 +306,8 @@ class TapBackend(PacketBackend):
         between: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         """Offer rows ``start:n`` (read from this TAP, counted) again each time the device makes
-        room, until all are taken, the wait passes ``HOLD_MAX`` (dropped, counted) or the
-        backend closes; ``between()`` runs between offers (the wire loop's TX doorbells). The
+        room, until all are taken, ``HOLD_MAX`` passes without one taken (dropped, counted) or
+        the backend closes; ``between()`` runs between offers (the wire loop's TX doorbells). The
         first offer again is at once: buffers posted between the offer that fell short and
         ``holding`` being set rang no bell (:meth:`resume`)."""
         self.held += 1
@@ -321,9 +322,12 @@ class TapBackend(PacketBackend):
                         between()
                 wait = True
                 self.room.clear()
-                start += self._offer_rows(rows[start:n], lens[start:n], n - start,
-                                          gso[start:n])  # fmt: skip
-                if start < n and time.monotonic() > deadline:
+                took = self._offer_rows(rows[start:n], lens[start:n], n - start, gso[start:n])
+                start += took
+                now = time.monotonic()
+                if took:  # (a driver still receiving, however slowly, is not one that stopped)
+                    deadline = now + HOLD_MAX
+                elif start < n and now > deadline:
                     with self.counters.lock:
                         self.counters.dropped += n - start
                     return

@@ -70,8 +70,13 @@ for i in $(seq 1 60); do [ "$(cat /sys/class/net/$IF/carrier 2>/dev/null)" = 1 ]
   sleep 0.25; done
 echo "iface=$IF driver=$(basename $(readlink /sys/class/net/$IF/device/driver))"
 for i in $(seq 1 20); do ping -c 1 -W 1 {host} >/dev/null 2>&1 && break; done
-echo "iperf-run=tx"; iperf3 -c {host} -p {port} -t {seconds} -f m; echo "iperf_rc=$?"
-echo "iperf-run=rx"; iperf3 -c {host} -p {port} -t {seconds} -f m -R; echo "iperf_rc=$?"
+irqs() {{ awk '/TxRx|virtio[0-9]+-(input|output)/ {{
+  for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i }} END {{ print s + 0 }}' \
+  /proc/interrupts; }}
+echo "iperf-run=tx"; echo "irqs-before=$(irqs)"
+iperf3 -c {host} -p {port} -t {seconds} -f m; echo "iperf_rc=$?"; echo "irqs-after=$(irqs)"
+echo "iperf-run=rx"; echo "irqs-before=$(irqs)"
+iperf3 -c {host} -p {port} -t {seconds} -f m -R; echo "iperf_rc=$?"; echo "irqs-after=$(irqs)"
 """
 
 
@@ -110,8 +115,10 @@ def ensure_iperf(root: Path) -> Path:
 
 
 def parse(output: str) -> dict[str, float]:
-    """Mbit/s of the receiver line of each run (tx: guest -> host, rx: host -> guest), and the
-    sender's TCP retransmissions (``tx_retr``, ``rx_retr``)."""
+    """Mbit/s of the receiver line of each run (tx: guest -> host, rx: host -> guest), the
+    sender's TCP retransmissions (``tx_retr``, ``rx_retr``) and the interrupts the guest's NIC
+    queues took meanwhile (``tx_irqs``, ``rx_irqs``: /proc/interrupts' ``iavf-*-TxRx-*`` or
+    ``virtioN-input/output`` lines)."""
     got: dict[str, float] = {}
     for part in output.split("iperf-run=")[1:]:
         name = part.split(None, 1)[0]
@@ -121,6 +128,9 @@ def parse(output: str) -> dict[str, float]:
             r = re.search(r"Mbits/sec\s+(\d+)\s+sender", part)
             if r:
                 got[f"{name}_retr"] = float(r.group(1))
+            irqs = [re.search(rf"irqs-{w}=(\d+)", part) for w in ("before", "after")]
+            if irqs[0] and irqs[1]:
+                got[f"{name}_irqs"] = float(int(irqs[1].group(1)) - int(irqs[0].group(1)))
     return got
 
 
@@ -181,6 +191,7 @@ def run_avf(
         f"interrupt re-arms), "
         f"handed {lane['posted']} posted and {lane['answered']} answered writes to "
         f"Python")  # fmt: skip
+    say(f"AVF ({mode}): {irq_rates(got, seconds)}")
     e = dev.queues.eth
     worker = dev.core.tx_worker or SimpleNamespace(kicks=0)
     fast = dev.core.irq.fast_fires
@@ -231,7 +242,7 @@ def run_virtio(
             srv.stop()
         subprocess.run(["ip", "link", "del", name], check=False)
     got = parse(run.output)
-    say(f"virtio-net: {got}")
+    say(f"virtio-net: {got}; {irq_rates(got, seconds)}")
     if "tx" not in got or "rx" not in got:
         say(f"virtio-net run incomplete:\n{run.output[-3000:]}")
     return got
@@ -432,6 +443,23 @@ def transfer_cpu(samples: list[tuple[float, int, float, float]]) -> dict[str, fl
             "xfer_cpu_per_gbit": (out["xfer_ours"] + out["xfer_qemu"]) / gbit}  # fmt: skip
 
 
+def irqs_per_gbit(got: dict[str, float], seconds: int) -> float:
+    """The guest's NIC interrupts per Gbit moved (both directions' runs)."""
+    gbit = (got.get("tx", 0.0) + got.get("rx", 0.0)) * seconds / 1000
+    n = got.get("tx_irqs", 0.0) + got.get("rx_irqs", 0.0)
+    return n / gbit if gbit else 0.0
+
+
+def irq_rates(got: dict[str, float], seconds: int) -> str:
+    """The guest's NIC interrupts in each direction's run, as counts and per Gbit."""
+    parts = []
+    for d in ("tx", "rx"):
+        if f"{d}_irqs" in got and got.get(d):
+            n = got[f"{d}_irqs"]
+            parts.append(f"{d} {n:.0f} ({n / (got[d] * seconds / 1000):.0f} per Gbit)")
+    return "guest interrupts: " + (", ".join(parts) or "not counted")
+
+
 def host_cpu_per_gbit(got: dict[str, float], seconds: int) -> float:
     """Host CPU seconds outside the vCPU per Gbit moved (both directions' runs)."""
     gbit = (got.get("tx", 0.0) + got.get("rx", 0.0)) * seconds / 1000
@@ -532,6 +560,10 @@ def main() -> int:  # noqa: PLR0915 -- one linear measurement script
         "host CPU outside the vCPU per Gbit moved (medians; whole runs, boot included): "
         + ", ".join(f"{name} {v:.2f} s" for name, v in cpu.items())
     )
+    irqs = {name: statistics.median([irqs_per_gbit(x, args.seconds) for x in runs[name]])
+            for name in runs if runs[name]}  # fmt: skip
+    print("the guest's NIC interrupts per Gbit moved (medians): "
+          + ", ".join(f"{name} {v:.0f}" for name, v in irqs.items()))  # fmt: skip
     xfer = {name: statistics.median([x["xfer_cpu_per_gbit"] for x in runs[name]
                                      if "xfer_cpu_per_gbit" in x])
             for name in runs if any("xfer_cpu_per_gbit" in x for x in runs[name])}  # fmt: skip

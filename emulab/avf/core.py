@@ -153,11 +153,12 @@ class AvfCore:
             regs.mirror("QRX_TAIL")  # the hook stores the tail, and wakes a held wire: gated
             regs.mirror("QTX_TAIL")  # the hook stores the tail and walks: the worker's, kicked
         BUILDER.start()  # kernels compiled in a child process; interpreted until loaded here
-        if not poll:  # (and the interrupt kernels: armed at the first raise or re-arm after)
-            fast_irq.KERNELS.start_soon()
+        fast_irq.KERNELS.start_soon()  # (and the interrupt kernels: armed at the first raise or
+        # re-arm after; in polling mode for the fast lane's re-arms)
         BUILDER.subscribe(self._kernels_trace)
+        live, fast = self._packets_live, self.irq.fast
         self.poller = (
-            Poller(self.queues, regs.words, POLL_LAYOUT, live=self._packets_live) if poll else None
+            Poller(self.queues, regs.words, POLL_LAYOUT, live=live, fast=fast) if poll else None
         )
         self._live_stop = trace.on_live_change(self._live_changed)
         if self.poller is not None:

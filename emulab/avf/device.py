@@ -142,13 +142,15 @@ class AvfDevice(PciDevice):
         return out
 
     def arm_writes(self) -> list[ArmWords]:
-        """VFINT_DYN_CTLN (interrupt mode): a driver's re-arm of a queue vector, applied by the
-        server's fast lane itself -- the word stored, the interval it sets, a latched cause
-        fired -- where the compiled raiser may (``InterruptBlock.raise_fast``); a software
-        trigger, a write that keeps INTENA, one whose fire must wait, take the ordinary path."""
+        """VFINT_DYN_CTLN: a driver's re-arm of a queue vector, applied by the server's fast
+        lane itself -- the word stored, the interval it sets, a latched cause fired -- where
+        the compiled raiser may (``InterruptBlock.raise_fast``); a software trigger, a write
+        that keeps INTENA, one whose fire must wait, take the ordinary path. In polling mode
+        only a re-arm that fires nothing (the poll kernel fires: ``POLL_GATE``), which there
+        comes wanting a reply (QEMU posts no writes once the tails are mmapped)."""
         irq = self.core.irq
         reg = REGISTER["VFINT_DYN_CTLN"]
-        if self.mode != "interrupt" or reg.stride != 4 or irq.arm_state.regs is not self.regs.words:
+        if reg.stride != 4 or irq.arm_state.regs is not self.regs.words:
             return []
         return [ArmWords(0, reg.offset, reg.count, 1, irq.arm_state)]
 

@@ -21,7 +21,11 @@ Compiled code may raise a queue vector itself (:meth:`InterruptBlock.raise_fast`
 counts live in an array (``st``) for that, and everything here that reads or writes them, or a
 DYN_CTL word, does so holding the MSI-X block's spin word (``fast.held()``), never while it
 calls out. The compiled raiser stays out while an interrupt fault is on, in polling mode (the
-poll kernel is told of latched causes, ``hold``) and until its kernels are loaded.
+poll kernel is told of latched causes, ``hold``) and until its kernels are loaded. In polling
+mode the fast lane still applies a driver's re-arm that fires nothing (``HOLD``: QEMU waits for
+a reply to every BAR write once the tails are mmapped), and ends the poll kernel's nap when it
+holds a cause for that vector (``FastIrq.set_nudge``), as :meth:`InterruptBlock._dyn_ctl`'s
+``rearmed`` does.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ ITRN_STRIDE = 16  # VFINT_ITRN[i * 16 + v - 1] is ITR i of vector v
 MISC_QUEUE = 1 << 32  # a queue cause on vector 0: latched like ICR causes, shown in no register
 _SELF_CLEARING = CLEARPBA.mask | SWINT_TRIG.mask | INTENA_MSK.mask
 FaultHook = Callable[[int, Callable[[int], object], threading.RLock], None]
-FAULT_GATE, POLL_GATE = DEVICE_GATES, DEVICE_GATES << 1  # (FastIrq gate bits of this block)
+FAULT_GATE = DEVICE_GATES  # (a FastIrq gate bit of this block)
+POLL_GATE = fi.HOLD  # polling: the poll kernel decides fires; compiled re-arms only store
 _PARAMS = {fi.ENABLE: INTENA.mask, fi.PYTHON: SWINT_TRIG.mask | INTENA_MSK.mask,
            fi.CLEAR: _SELF_CLEARING, fi.IDX_SHIFT: ITR_INDX.lsb,
            fi.IDX_MASK: (1 << ITR_INDX.width) - 1, fi.IDX_NONE: NO_ITR,
@@ -197,10 +202,10 @@ class InterruptBlock:
         return int(self.fast.words[HEAD])
 
     def _load_raiser(self) -> Any:
-        if self._polling or self.regs.words is not self.arm_state.regs:
-            return None  # (polling: the gate stays closed; words rebound: not the kernel's)
-        if not self.fast.arm():
-            return None
+        if self.regs.words is not self.arm_state.regs:
+            return None  # (words rebound: not the kernel's)
+        if not self.fast.arm() or self._polling:
+            return None  # (polling: the fast lane's re-arms store, HOLD; no compiled raiser)
         self._raiser = fi.KERNELS.get()
         return self._raiser
 

@@ -44,6 +44,7 @@ from emulab.avf.datapath import KERNELS as K
 
 if TYPE_CHECKING:
     from emulab.avf.queues import QueueEngine
+    from emulab.pci.fast_irq import FastIrq
 
 __all__ = ["Poller"]
 
@@ -78,13 +79,17 @@ class Poller:
         *,
         nap: float = 0.0005,
         live: Callable[[], bool] = lambda: False,
+        fast: FastIrq | None = None,
     ) -> None:
         """``layout``: word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01, DYN_CTLN[0];
         ``nap``: the longest nap of an idle loop, in seconds (0: the kernel returns instead);
         ``live()``: whether the packet trace is wanted as it happens (a packet breakpoint):
         then the kernel only watches the tails and hands each TX burst to Python's path, which
-        records it at once (the kernel's own records wait until it returns)."""
+        records it at once (the kernel's own records wait until it returns); ``fast``: the
+        MSI-X block's compiled-interrupt state, whose re-arms (the fast lane's) end the
+        kernel's nap when it holds a cause for the vector (``FastIrq.set_nudge``)."""
         self.engine = engine
+        self.fast = fast
         self.regs = regs
         self.layout = np.array(layout, dtype=np.int64)
         self.nap = nap
@@ -110,7 +115,10 @@ class Poller:
             self._thread = threading.Thread(target=self._run, name="emulab-avf-poll", daemon=True)
             lock = self.engine.lock
             lock.attach(self._thread, self.ctl)  # before it runs: no acquire skips the stop
-            lock.set_wake_fd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            lock.set_wake_fd(wake)
+            if self.fast is not None:
+                self.fast.set_nudge(wake, self.ctl, dp.POLL_PENDING)
             self._thread.start()
         return self
 
@@ -124,6 +132,8 @@ class Poller:
             lock.unwant()
             if not thread.is_alive():  # (a kernel still running might yet poll the fd)
                 fd = int(self.ctl[dp.POLL_WAKE])
+                if self.fast is not None:
+                    self.fast.set_nudge(-1)  # (no compiled re-arm writes it once this returns)
                 lock.set_wake_fd(-1)
                 os.close(fd)
             lock.detach()

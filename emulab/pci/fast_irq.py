@@ -15,7 +15,13 @@ compiled code needs to do it itself, shared with the Python interrupt code that 
   ``UNARMED`` until the spin kernels are loaded in this process (Python skips the spin word
   until then, and no compiled raiser runs); ``LIVE`` while someone wants interrupt records as
   they happen (a breakpoint stops *before* the line is signalled, which only Python can do);
+  ``HOLD`` while a device's own loop decides its fires (a polling mode's): compiled code may
+  still apply a driver's re-arm that fires nothing (the control word stored), nothing else;
   bits from ``DEVICE_GATES`` on are the device's (an interrupt fault, say).
+- ``words[NUDGE_FD]``, ``words[NUDGE_AT]``: with ``HOLD``, the loop that fires may hold a cause
+  for a vector whose enable bit is clear, and nap; a compiled re-arm of such a vector (bit ``v``
+  of the int64 at address ``NUDGE_AT``) writes eventfd ``NUDGE_FD`` to end the nap (-1, 0:
+  none; :meth:`FastIrq.set_nudge`).
 - ``words[INFLIGHT]``: eventfd writes under way (atomic). A compiled raiser decides a fire and
   takes its line's eventfd under the spin word, counts itself in here, lets the spin word go
   and then writes the eventfd -- a system call that wakes the VMM, and after which the
@@ -45,9 +51,12 @@ __all__ = [
     "DEVICE_GATES",
     "GATE",
     "HEAD",
+    "HOLD",
     "INFLIGHT",
     "LIVE",
     "LOCK",
+    "NUDGE_AT",
+    "NUDGE_FD",
     "UNARMED",
     "WORDS",
     "ArmState",
@@ -55,9 +64,9 @@ __all__ = [
     "no_arm_state",
 ]
 
-LOCK, GATE, HEAD, INFLIGHT = 0, 1, 2, 3
-WORDS = 4
-UNARMED, LIVE = 1, 2
+LOCK, GATE, HEAD, INFLIGHT, NUDGE_FD, NUDGE_AT = 0, 1, 2, 3, 4, 5
+WORDS = 6
+UNARMED, LIVE, HOLD = 1, 2, 4
 DEVICE_GATES = 1 << 8  # the first gate bit a device may use
 # what the kernels (emulab.pci.fast_irq_kernel) take besides: a device's per-vector state
 # (``st``: the latched cause, the last fire in CLOCK_MONOTONIC ns, the count of fires) and its
@@ -81,6 +90,8 @@ class FastIrq:
     def __init__(self, vectors: int, note_rows: int = 4096) -> None:
         self.words: npt.NDArray[np.int64] = np.zeros(WORDS, dtype=np.int64)
         self.words[GATE] = UNARMED
+        self.words[NUDGE_FD] = -1
+        self._nudge_mask: Any = None  # (the array NUDGE_AT points into, kept alive)
         self.fds: npt.NDArray[np.int64] = np.full(vectors, -1, dtype=np.int64)
         self.notes: npt.NDArray[np.int64] = np.zeros((note_rows, 2), dtype=np.int64)
         self._py = threading.RLock()  # (Python's holders, among themselves)
@@ -140,6 +151,20 @@ class FastIrq:
         while self.words[INFLIGHT] > 0 and time.monotonic() < deadline:
             time.sleep(0)
 
+    def set_nudge(self, fd: int, mask: npt.NDArray[np.int64] | None = None, at: int = 0) -> None:
+        """With ``HOLD``: the eventfd a compiled re-arm writes when bit ``v`` of ``mask[at]``
+        (the vectors the firing loop holds a cause for) is set (``fd`` -1: none). Once this
+        returns, no compiled write of the one before is under way: it may close."""
+        with self.held():
+            if fd < 0 or mask is None:
+                self.words[NUDGE_FD], self.words[NUDGE_AT] = -1, 0
+                self._nudge_mask = None
+            else:
+                self._nudge_mask = mask
+                self.words[NUDGE_AT] = mask.ctypes.data + at * mask.itemsize
+                self.words[NUDGE_FD] = fd
+        self._drain()
+
     @property
     def open(self) -> bool:
         return int(self.words[GATE]) == 0
@@ -198,6 +223,8 @@ def no_arm_state() -> tuple[Any, ...]:
     """:meth:`ArmState.args` for a device with none: arrays of the same types, inert (no
     vector inside them), so that one compiled form of a kernel that takes them serves all."""
     i64 = np.int64
+    words = np.zeros(WORDS, i64)
+    words[NUDGE_FD] = -1
     return (np.zeros(1, np.uint32), np.zeros(1, i64), np.zeros((1, 2), i64),
-            np.zeros(PARAMS, i64), np.zeros((1, IRQ_COLS), i64), np.zeros(WORDS, i64),
+            np.zeros(PARAMS, i64), np.zeros((1, IRQ_COLS), i64), words,
             np.zeros(1, i64), np.zeros((1, 2), i64), np.zeros(IO_WORDS, i64))  # fmt: skip

@@ -29,7 +29,7 @@ from numba import njit, types
 
 from emulab.native.atomics import add64, spin_acquire, spin_release, spin_try
 from emulab.native.cache import guard_module
-from emulab.native.libc import libc, monotonic_ns
+from emulab.native.libc import libc, load64, monotonic_ns
 from emulab.pci import fast_irq
 from emulab.pci.fast_irq import (
     CLEAR,
@@ -37,6 +37,7 @@ from emulab.pci.fast_irq import (
     ENABLE,
     GATE,
     HEAD,
+    HOLD,
     IDX_MASK,
     IDX_NONE,
     IDX_SHIFT,
@@ -47,6 +48,8 @@ from emulab.pci.fast_irq import (
     IVL_SHIFT,
     LAST_NS,
     LOCK,
+    NUDGE_AT,
+    NUDGE_FD,
     PARAMS,
     PEND,
     PYTHON,
@@ -181,10 +184,11 @@ def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
         return False
     if not spin_try(words, LOCK, SPIN_TRIES):
         return False
-    if words[GATE] != 0:
+    fire = bool(value & params[ENABLE]) and st[v, PEND] != 0
+    gate = words[GATE]
+    if gate != 0 and (fire or gate & ~HOLD):  # (HOLD alone: a write that fires nothing)
         spin_release(words, LOCK)
         return False
-    fire = bool(value & params[ENABLE]) and st[v, PEND] != 0
     now = np.int64(0)
     if fire:
         if idx != params[IDX_NONE]:  # (the interval this write sets applies to the fire)
@@ -205,8 +209,23 @@ def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
         spin_release(words, LOCK)
         _signal(words, io, fd)
         return True
+    nudge = _nudge_fd(words, v) if value & params[ENABLE] else -1
     spin_release(words, LOCK)
+    if nudge >= 0:
+        _signal(words, io, nudge)
     return True
+
+
+@njit(cache=True, nogil=True)
+def _nudge_fd(words: Any, v: Any) -> Any:
+    """The eventfd to write for a re-arm of vector ``v`` (see ``NUDGE_FD``), counted in flight
+    as a fire's is, or -1. Under the spin word."""
+    if words.shape[0] <= NUDGE_AT or words[NUDGE_FD] < 0 or words[NUDGE_AT] == 0:
+        return -1
+    if not (load64(words[NUDGE_AT]) >> v) & 1:
+        return -1
+    add64(words, INFLIGHT, 1)
+    return words[NUDGE_FD]
 
 
 def warm() -> None:
@@ -217,7 +236,8 @@ def warm() -> None:
     itr = np.zeros((2, 2), dtype=np.int64)
     params = np.zeros(PARAMS, dtype=np.int64)
     st = np.zeros((2, IRQ_COLS), dtype=np.int64)
-    words = np.zeros(4, dtype=np.int64)
+    words = np.zeros(fast_irq.WORDS, dtype=np.int64)
+    words[NUDGE_FD] = -1
     fds = np.full(2, -1, dtype=np.int64)
     notes = np.zeros((1, 2), dtype=np.int64)
     io = np.zeros(IO_WORDS, dtype=np.int64)

@@ -9,19 +9,21 @@ looks). ``trace`` is a ring: note ``k`` goes to row ``k % rows`` and ``ctl[HEAD]
 a reader that comes late finds the newest, as a bounded trace keeps them. At the first message it
 does not serve -- any other command, any flag, a larger or unaligned read, a register with a hook,
 fds in the ancillary data -- it stops and hands the bytes from that message on back to Python, so
-messages are handled in the order they came. A posted 4-byte write of a register word the device
+messages are handled in the order they came. A 4-byte write of a register word the device
 declared *mirrored* (:class:`~emulab.pci.interface.MirrorWords`: an RX doorbell, whose whole effect
 is to store the tail; a TX doorbell, which also kicks the device's TX thread) it applies itself,
-noted as a write, while the device's gates are down. Other REGION_WRITEs of 1 to 8 bytes it takes
-into ``writes`` and returns them to Python, which applies them through the device as the ordinary
-path would, without the protocol's decoding: before it waits for more, before it answers a read
-(which must see what they did) and before any message it hands back. Posted ones (``NO_REPLY``:
-QEMU's doorbells and interrupt re-arms) collect; one that wants a reply (QEMU waits for one on
-every write once a region is mmapped, as in polling mode) ends the run, and Python answers it once
-it is applied. It also hands the next message back once Python clears ``ctl[ENABLED]`` (the
-debugger changed), returns when someone watches the trace live (``ctl[LIVE]``) and notes wait while
-the client is quiet for ``DRAIN_MS`` (it then waits in ``poll``, which ``wake_fd`` also ends), and
-on EOF or an error.
+noted as a write, while the device's gates are down; so is an interrupt re-arm that
+:func:`~emulab.pci.fast_irq_kernel.arm_write` may apply. Such a write that wants its reply (QEMU's
+every write once a region is mmapped) is answered once applied. Other REGION_WRITEs of 1 to 8
+bytes it takes into ``writes`` and returns them to Python, which applies them through the
+device as the ordinary path would, without the protocol's decoding: before it waits for more,
+before it answers a read (which must see what they did) and before any message it hands back.
+Posted ones (``NO_REPLY``: QEMU's doorbells and interrupt re-arms) collect; one that wants a
+reply (QEMU waits for one on every write once a region is mmapped, as in polling mode) ends the
+run, and Python answers it once it is applied. It also hands the next message back once Python
+clears ``ctl[ENABLED]`` (the debugger changed), returns when someone watches the trace live
+(``ctl[LIVE]``) and notes wait while the client is quiet for ``DRAIN_MS`` (it then waits in
+``poll``, which ``wake_fd`` also ends), and on EOF or an error.
 
 It calls libc (``poll``, ``recvmsg``, ``write``, ``clock_gettime``, the pthread mutex that
 guards the socket's write side) through declared external symbols, which numba can cache
@@ -187,19 +189,39 @@ def _answer(  # noqa: PLR0917 -- arrays in, for the compiler
         _release(0)
         ctl[HEAD] = k + 1
         ctl[READS] += 1
-        _lock(mutex.ctypes.data)
-        sent = 0
-        while sent < size:
-            n = _write(fd, out.ctypes.data + sent, size - sent)
-            if n <= 0:
-                break
-            sent += n
-        _unlock(mutex.ctypes.data)
-        if sent < size:
-            return -1
-        ctl[BYTES_OUT] += size
-        return size
+        return size if _send(out, size, mutex, fd, ctl) else -1
     return 0
+
+
+@njit(cache=True, nogil=True)
+def _send(out: Any, size: Any, mutex: Any, fd: Any, ctl: Any) -> bool:
+    """Write the reply in ``out[:size]`` whole, under the socket's send mutex; whether it was."""
+    _lock(mutex.ctypes.data)
+    sent = 0
+    while sent < size:
+        n = _write(fd, out.ctypes.data + sent, size - sent)
+        if n <= 0:
+            break
+        sent += n
+    _unlock(mutex.ctypes.data)
+    if sent < size:
+        return False
+    ctl[BYTES_OUT] += size
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _reply_write(buf: Any, pos: Any, out: Any, mutex: Any, fd: Any, ctl: Any) -> bool:  # noqa: PLR0917 -- arrays in
+    """Reply to the REGION_WRITE at ``buf[pos]``, applied here: its offset, region and count
+    (32 bytes); whether the reply went."""
+    _put(out, 0, _u(buf, pos, 2), 2)
+    _put(out, 2, REGION_WRITE, 2)
+    _put(out, 4, 32, 4)
+    _put(out, 8, 1, 4)  # a reply
+    _put(out, 12, 0, 4)
+    for k in range(16):
+        out[16 + k] = buf[pos + 16 + k]
+    return _send(out, 32, mutex, fd, ctl)
 
 
 @njit(cache=True, nogil=True)
@@ -333,15 +355,20 @@ def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
                     st[POS], st[END] = pos, end
                     return HANDOFF
                 if (
-                    not wants
-                    and nw == 0  # (after rows Python applies, in order: a row too)
+                    nw == 0  # (after rows Python applies, in order: a row too)
                     and count == 4
                     and (
                         (mirrors.shape[0] and _mirror(buf, pos, mirrors, trace, ctl, io, _now(io)))
                         or (arm[2] > arm[1] and _arm(buf, pos, arm, irq, trace, ctl, io, _now(io)))
                     )
                 ):
-                    pos += size  # applied here: an RX doorbell, an interrupt re-arm
+                    # applied here: an RX doorbell, an interrupt re-arm; one that wants its
+                    # reply (every write, once a region is mmapped) has it now
+                    if wants and not _reply_write(buf, pos, out, mutex, fd, ctl):
+                        ctl[ERRNO] = _load32(_errno_at(0))
+                        st[POS], st[END] = pos + size, end
+                        return ERROR
+                    pos += size
                     continue
                 if nw == writes.shape[0]:
                     st[POS], st[END] = pos, end

@@ -242,3 +242,76 @@ def test_the_poll_thread_can_be_kept_on_a_cpu_of_its_own() -> None:
     finally:
         poller.stop()
         dev.close()
+
+
+def test_re_arms_wanting_replies_are_applied_and_answered_by_the_fast_lane(tmp_path: Path) -> None:
+    """Polling mode: every BAR write wants its reply (the tails are mmapped), and the driver's
+    interrupt re-arms are the bulk of them. The fast lane applies one that fires nothing and
+    answers it; one that must fire a cause Python latched goes the ordinary way and fires; and
+    a re-arm of a vector whose cause the poll kernel holds ends the kernel's nap at once."""
+    dev = AvfDevice(backend=LoopbackBackend(), mac=MAC, mode="poll")
+    srv = VfioUserServer(dev, tmp_path / "avf.sock", fast_lane=True).start()
+    try:
+        drv = NicDriver(VfioUserClient.connect(tmp_path / "avf.sock"), queues=1)
+        try:
+            _lane_re_arms(srv, drv, dev)
+        finally:
+            drv.client.close()
+    finally:
+        srv.stop()
+        dev.close()
+
+
+def _lane_re_arms(srv: VfioUserServer[AvfDevice], drv: NicDriver, dev: AvfDevice) -> None:
+    from emulab.avf.interrupts import INTENA, ITR_INDX, NO_ITR
+    from emulab.avf.registers import REGISTER
+    from emulab.pci import fast_irq
+    from emulab.server.lane import KERNEL
+
+    dyn_ctln = REGISTER["VFINT_DYN_CTLN"].offset
+    arm, disarm = INTENA.mask | (NO_ITR << ITR_INDX.lsb), NO_ITR << ITR_INDX.lsb
+    drv.bring_up()
+    c, poller, irq = drv.client, dev.poller, dev.core.irq
+    assert poller is not None and not drv.posted  # (the driver mapped the tail pages)
+    assert KERNEL.wait(180) and fast_irq.KERNELS.wait(180)
+    wait_until(lambda: dp.KERNELS.poll.is_compiled(1), 120, "the compiled poll loop")
+    fd = drv.vector_fds[1]
+
+    def lane() -> dict[str, int]:
+        return dict(srv.status()["fast_lane"])
+
+    drv.w32(dyn_ctln, arm)  # (a re-arm through Python arms the compiled stores)
+    wait_until(lambda: irq.fast.armed, 30, "the interrupt kernels armed")
+    c.wait_irq(fd, 0)
+    before = lane()
+    drv.w32(dyn_ctln, disarm)
+    drv.w32(dyn_ctln, arm)
+    assert drv.r32(dyn_ctln) == arm
+    after = lane()
+    assert after["mirrored"] - before["mirrored"] == 2 and after["answered"] == before["answered"]
+
+    # a cause Python latched (INTENA clear): the re-arm must fire it -- the ordinary path
+    drv.w32(dyn_ctln, disarm)
+    irq.queue_cause(1)
+    assert irq.queue_pending == {1}
+    drv.w32(dyn_ctln, arm)
+    assert c.wait_irq(fd, 2) == 1 and irq.queue_pending == set()
+    assert lane()["answered"] == after["answered"] + 1
+
+    # a cause the poll kernel holds while it naps: the lane's re-arm ends the nap
+    drv.w32(dyn_ctln, arm)
+    c.wait_irq(fd, 0)
+    poller.stop()
+    poller.nap = 30.0
+    poller.start()  # (its new wake eventfd is the one re-arms write)
+    drv.w32(dyn_ctln, disarm)
+    assert drv.transmit([udp(5, 100)]) == 1  # (loopback: a TX and an RX cause on vector 1)
+    dev.queues.lock.nudge()  # (the tail in memory is seen at the next look: now, not in a nap)
+    wait_until(lambda: poller.pending >> 1 & 1, 5, "the cause held by the poll kernel")
+    long_nap_begins(poller.ctl)
+    mirrored = lane()["mirrored"]
+    t0 = time.monotonic()
+    drv.w32(dyn_ctln, arm)
+    assert c.wait_irq(fd, 5) == 1
+    assert time.monotonic() - t0 < 0.2 and lane()["mirrored"] == mirrored + 1
+    assert [f for _, f in drv.poll(timeout=1)] == [udp(5, 100)]

@@ -411,7 +411,7 @@ class QueueEngine:
         """Drain TX queue ``q`` into this port's own RX rings with :func:`datapath.forward`, a
         bounded burst per call, until the ring is empty or a frame needs the general path.
         Called with the lock held; returns the frames taken."""
-        snaps = self.on_snaps is not None and self.wants_packets()
+        snaps = self.traced
         ctx = self.fast_path(self._work if snaps else self._work_untraced)
         out = self._out
         taken = 0
@@ -486,7 +486,7 @@ class QueueEngine:
         txt = self.tables.tx_table
         with self.lock:
             fd = self.backend.wire_fd
-            traced = self.on_snaps is not None and self.wants_packets()
+            traced = self.traced
             if (
                 fd < 0
                 or self._outgoing  # (frames queued for the wire go first: the Python way)

@@ -146,8 +146,8 @@ class AvfDevice(PciDevice):
         lane itself -- the word stored, the interval it sets, a latched cause fired -- where
         the compiled raiser may (``InterruptBlock.raise_fast``); a software trigger, a write
         that keeps INTENA, one whose fire must wait, take the ordinary path. In polling mode
-        only a re-arm that fires nothing (the poll kernel fires: ``POLL_GATE``), which there
-        comes wanting a reply (QEMU posts no writes once the tails are mmapped)."""
+        (``POLL_GATE``: the poll kernel decides fires, and is told of one here) they come
+        wanting a reply: QEMU posts no writes once the tails are mmapped."""
         irq = self.core.irq
         reg = REGISTER["VFINT_DYN_CTLN"]
         if reg.stride != 4 or irq.arm_state.regs is not self.regs.words:

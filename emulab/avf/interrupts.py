@@ -22,10 +22,10 @@ counts live in an array (``st``) for that, and everything here that reads or wri
 DYN_CTL word, does so holding the MSI-X block's spin word (``fast.held()``), never while it
 calls out. The compiled raiser stays out while an interrupt fault is on, in polling mode (the
 poll kernel is told of latched causes, ``hold``) and until its kernels are loaded. In polling
-mode the fast lane still applies a driver's re-arm that fires nothing (``HOLD``: QEMU waits for
-a reply to every BAR write once the tails are mmapped), and ends the poll kernel's nap when it
-holds a cause for that vector (``FastIrq.set_nudge``), as :meth:`InterruptBlock._dyn_ctl`'s
-``rearmed`` does.
+mode the fast lane still applies a driver's re-arm (``HOLD``: QEMU waits for a reply to every
+BAR write once the tails are mmapped), firing a cause latched here and telling the poll kernel
+so, or ending the kernel's nap when it holds a cause for that vector (``FastIrq.set_nudge``),
+as :meth:`InterruptBlock._dyn_ctl`'s ``rearmed`` does.
 """
 
 from __future__ import annotations
@@ -318,7 +318,10 @@ class InterruptBlock:
             self.fault(vector, self.raise_vector, self.lock)
 
     def _sync_hold(self) -> None:
-        mask = sum(1 << int(v) for v in np.flatnonzero(self.st[:, PEND]))
-        if self.misc_pending & MISC_QUEUE:
-            mask |= 1
-        self.hold(mask)
+        """Tell the poll kernel which causes are latched here (under the spin word: a compiled
+        re-arm that fires one clears its bit, see ``FastIrq.set_nudge``)."""
+        with self.fast.held():
+            mask = sum(1 << int(v) for v in np.flatnonzero(self.st[:, PEND]))
+            if self.misc_pending & MISC_QUEUE:
+                mask |= 1
+            self.hold(mask)

@@ -118,7 +118,7 @@ class Poller:
             wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             lock.set_wake_fd(wake)
             if self.fast is not None:
-                self.fast.set_nudge(wake, self.ctl, dp.POLL_PENDING)
+                self.fast.set_nudge(wake, self.ctl, dp.POLL_PENDING, dp.POLL_HOLD)
             self._thread.start()
         return self
 

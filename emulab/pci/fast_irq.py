@@ -16,12 +16,16 @@ compiled code needs to do it itself, shared with the Python interrupt code that 
   until then, and no compiled raiser runs); ``LIVE`` while someone wants interrupt records as
   they happen (a breakpoint stops *before* the line is signalled, which only Python can do);
   ``HOLD`` while a device's own loop decides its fires (a polling mode's): compiled code may
-  still apply a driver's re-arm that fires nothing (the control word stored), nothing else;
-  bits from ``DEVICE_GATES`` on are the device's (an interrupt fault, say).
-- ``words[NUDGE_FD]``, ``words[NUDGE_AT]``: with ``HOLD``, the loop that fires may hold a cause
-  for a vector whose enable bit is clear, and nap; a compiled re-arm of such a vector (bit ``v``
-  of the int64 at address ``NUDGE_AT``) writes eventfd ``NUDGE_FD`` to end the nap (-1, 0:
-  none; :meth:`FastIrq.set_nudge`).
+  still apply a driver's re-arm -- one that fires a latched cause too, once the loop's mask of
+  latched vectors is published (``HOLD_AT``) -- nothing else; bits from ``DEVICE_GATES`` on
+  are the device's (an interrupt fault, say).
+- ``words[NUDGE_FD]``, ``words[NUDGE_AT]``, ``words[HOLD_AT]`` (with ``HOLD``; -1, 0: none;
+  :meth:`FastIrq.set_nudge`): the loop that fires may hold a cause for a vector whose enable
+  bit is clear, and nap; a compiled re-arm of such a vector (bit ``v`` of the int64 at address
+  ``NUDGE_AT``) writes eventfd ``NUDGE_FD`` to end the nap. The int64 at ``HOLD_AT`` is the
+  loop's mask of vectors whose cause is latched here (``st``), for which it does not fire:
+  Python stores it holding the spin word, and a compiled re-arm that fires such a cause clears
+  its bit.
 - ``words[INFLIGHT]``: eventfd writes under way (atomic). A compiled raiser decides a fire and
   takes its line's eventfd under the spin word, counts itself in here, lets the spin word go
   and then writes the eventfd -- a system call that wakes the VMM, and after which the
@@ -52,6 +56,7 @@ __all__ = [
     "GATE",
     "HEAD",
     "HOLD",
+    "HOLD_AT",
     "INFLIGHT",
     "LIVE",
     "LOCK",
@@ -64,8 +69,8 @@ __all__ = [
     "no_arm_state",
 ]
 
-LOCK, GATE, HEAD, INFLIGHT, NUDGE_FD, NUDGE_AT = 0, 1, 2, 3, 4, 5
-WORDS = 6
+LOCK, GATE, HEAD, INFLIGHT, NUDGE_FD, NUDGE_AT, HOLD_AT = 0, 1, 2, 3, 4, 5, 6
+WORDS = 7
 UNARMED, LIVE, HOLD = 1, 2, 4
 DEVICE_GATES = 1 << 8  # the first gate bit a device may use
 # what the kernels (emulab.pci.fast_irq_kernel) take besides: a device's per-vector state
@@ -151,17 +156,21 @@ class FastIrq:
         while self.words[INFLIGHT] > 0 and time.monotonic() < deadline:
             time.sleep(0)
 
-    def set_nudge(self, fd: int, mask: npt.NDArray[np.int64] | None = None, at: int = 0) -> None:
-        """With ``HOLD``: the eventfd a compiled re-arm writes when bit ``v`` of ``mask[at]``
-        (the vectors the firing loop holds a cause for) is set (``fd`` -1: none). Once this
-        returns, no compiled write of the one before is under way: it may close."""
+    def set_nudge(
+        self, fd: int, words: npt.NDArray[np.int64] | None = None, pending: int = 0, hold: int = 0
+    ) -> None:
+        """With ``HOLD``: the eventfd a compiled re-arm writes when bit ``v`` of
+        ``words[pending]`` (the vectors the firing loop holds a cause for) is set, and the
+        loop's mask of latched vectors, ``words[hold]`` (``fd`` -1: none). Once this returns,
+        no compiled write of the eventfd before is under way: it may close."""
         with self.held():
-            if fd < 0 or mask is None:
-                self.words[NUDGE_FD], self.words[NUDGE_AT] = -1, 0
+            if fd < 0 or words is None:
+                self.words[NUDGE_FD], self.words[NUDGE_AT], self.words[HOLD_AT] = -1, 0, 0
                 self._nudge_mask = None
             else:
-                self._nudge_mask = mask
-                self.words[NUDGE_AT] = mask.ctypes.data + at * mask.itemsize
+                self._nudge_mask = words
+                self.words[NUDGE_AT] = words.ctypes.data + pending * words.itemsize
+                self.words[HOLD_AT] = words.ctypes.data + hold * words.itemsize
                 self.words[NUDGE_FD] = fd
         self._drain()
 

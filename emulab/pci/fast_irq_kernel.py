@@ -29,7 +29,7 @@ from numba import njit, types
 
 from emulab.native.atomics import add64, spin_acquire, spin_release, spin_try
 from emulab.native.cache import guard_module
-from emulab.native.libc import libc, load64, monotonic_ns
+from emulab.native.libc import libc, load64, monotonic_ns, store64
 from emulab.pci import fast_irq
 from emulab.pci.fast_irq import (
     CLEAR,
@@ -38,6 +38,7 @@ from emulab.pci.fast_irq import (
     GATE,
     HEAD,
     HOLD,
+    HOLD_AT,
     IDX_MASK,
     IDX_NONE,
     IDX_SHIFT,
@@ -186,7 +187,8 @@ def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
         return False
     fire = bool(value & params[ENABLE]) and st[v, PEND] != 0
     gate = words[GATE]
-    if gate != 0 and (fire or gate & ~HOLD):  # (HOLD alone: a write that fires nothing)
+    hold_at = words[HOLD_AT] if words.shape[0] > HOLD_AT else 0
+    if gate != 0 and (gate & ~HOLD or (fire and hold_at == 0)):  # (HOLD alone: see HOLD_AT)
         spin_release(words, LOCK)
         return False
     now = np.int64(0)
@@ -206,6 +208,8 @@ def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
     regs[ctl_words[v]] = value & ~params[CLEAR]
     if fire:
         fd = _fire(regs, ctl_words, params, st, words, fds, notes, v, now)
+        if gate != 0:  # (HOLD: the cause is no longer latched, the loop may fire it again)
+            store64(hold_at, load64(hold_at) & ~(np.int64(1) << v))
         spin_release(words, LOCK)
         _signal(words, io, fd)
         return True

@@ -246,8 +246,8 @@ def test_the_poll_thread_can_be_kept_on_a_cpu_of_its_own() -> None:
 
 def test_re_arms_wanting_replies_are_applied_and_answered_by_the_fast_lane(tmp_path: Path) -> None:
     """Polling mode: every BAR write wants its reply (the tails are mmapped), and the driver's
-    interrupt re-arms are the bulk of them. The fast lane applies one that fires nothing and
-    answers it; one that must fire a cause Python latched goes the ordinary way and fires; and
+    interrupt re-arms are the bulk of them. The fast lane applies and answers them: one that
+    fires nothing; one that fires a cause latched in Python's state (the poll kernel told); and
     a re-arm of a vector whose cause the poll kernel holds ends the kernel's nap at once."""
     dev = AvfDevice(backend=LoopbackBackend(), mac=MAC, mode="poll")
     srv = VfioUserServer(dev, tmp_path / "avf.sock", fast_lane=True).start()
@@ -290,13 +290,20 @@ def _lane_re_arms(srv: VfioUserServer[AvfDevice], drv: NicDriver, dev: AvfDevice
     after = lane()
     assert after["mirrored"] - before["mirrored"] == 2 and after["answered"] == before["answered"]
 
-    # a cause Python latched (INTENA clear): the re-arm must fire it -- the ordinary path
+    # a cause latched here (INTENA clear), so the poll kernel holds off it: the re-arm fires it
+    # (compiled too), and the kernel is told -- it fires that vector's next cause itself
     drv.w32(dyn_ctln, disarm)
     irq.queue_cause(1)
-    assert irq.queue_pending == {1}
+    assert irq.queue_pending == {1} and poller.ctl[dp.POLL_HOLD] == 1 << 1
+    fires = irq.fast_fires
     drv.w32(dyn_ctln, arm)
     assert c.wait_irq(fd, 2) == 1 and irq.queue_pending == set()
-    assert lane()["answered"] == after["answered"] + 1
+    assert irq.fast_fires == fires + 1 and poller.ctl[dp.POLL_HOLD] == 0
+    assert lane()["answered"] == after["answered"] and lane()["mirrored"] == after["mirrored"] + 2
+    drv.w32(dyn_ctln, arm)
+    assert drv.transmit([udp(6, 100)]) == 1
+    assert c.wait_irq(fd, 2) == 1  # (the poll kernel's own fire)
+    assert [f for _, f in drv.poll(timeout=1)] == [udp(6, 100)]
 
     # a cause the poll kernel holds while it naps: the lane's re-arm ends the nap
     drv.w32(dyn_ctln, arm)

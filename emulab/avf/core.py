@@ -28,6 +28,7 @@ from emulab.avf.polling import Poller
 from emulab.avf.queues import QueueEngine
 from emulab.avf.registers import MAX_QUEUES, REGISTER, ResetState
 from emulab.avf.tx_worker import TxWorker
+from emulab.avf.wire_loop import WireLoop
 from emulab.backends.base import PacketBackend
 from emulab.backends.simple import LoopbackBackend
 from emulab.pci import fast_irq
@@ -156,10 +157,9 @@ class AvfCore:
         fast_irq.KERNELS.start_soon()  # (and the interrupt kernels: armed at the first raise or
         # re-arm after; in polling mode for the fast lane's re-arms)
         BUILDER.subscribe(self._kernels_trace)
-        live, fast = self._packets_live, self.irq.fast
-        self.poller = (
-            Poller(self.queues, regs.words, POLL_LAYOUT, live=live, fast=fast) if poll else None
-        )
+        if poll:  # (the wire loop's polling form serves a TAP: see Poller)
+            self.poller = Poller(self.queues, regs.words, POLL_LAYOUT, live=self._packets_live,
+                                 fast=self.irq.fast, loop=WireLoop(self.queues, -1))  # fmt: skip
         self._live_stop = trace.on_live_change(self._live_changed)
         if self.poller is not None:
             self.poller.start()
@@ -361,7 +361,10 @@ class AvfCore:
             f"rx_discards={e['rx_discards']} irqs={sum(self.irq.counts)} "
             f"mailbox={self.admin_queue.stats['atq']}/{self.admin_queue.stats['arq']}"
         )
-        if self.tx_worker is not None and self.tx_worker.loop.running:  # (compiled TAP serving)
+        loop = self.tx_worker.loop if self.tx_worker is not None else None
+        if loop is None and self.poller is not None:
+            loop = self.poller.loop
+        if loop is not None and loop.running:  # (compiled TAP serving)
             line += " wire=loop"
         if BUILDER.status.state != "ready":  # the data path runs interpreted meanwhile
             line += f" [{BUILDER.status.line()}]"

@@ -35,20 +35,23 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from emulab.avf import datapath as dp
 from emulab.avf.datapath import KERNELS as K
+from emulab.avf.datapath.wire_loop import LOOP_IDLE, LOOP_STOPPED
 
 if TYPE_CHECKING:
     from emulab.avf.queues import QueueEngine
+    from emulab.avf.wire_loop import WireLoop
     from emulab.pci.fast_irq import FastIrq
 
 __all__ = ["Poller"]
 
 MAX_IDLE = 20_000  # empty loops before the kernel naps (about a millisecond)
+MAX_IDLE_WIRE = 2_000  # the same for the wire loop's polling form (a TAP read in each loop)
 WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the queues
 # seconds the poller stays out after another thread wanted the queues. With a wire delivering
 # (a TAP's reader takes the lock per batch), polling again at once costs that thread, and QEMU
@@ -80,6 +83,7 @@ class Poller:
         nap: float = 0.0005,
         live: Callable[[], bool] = lambda: False,
         fast: FastIrq | None = None,
+        loop: WireLoop | None = None,
     ) -> None:
         """``layout``: word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01, DYN_CTLN[0];
         ``nap``: the longest nap of an idle loop, in seconds (0: the kernel returns instead);
@@ -87,9 +91,12 @@ class Poller:
         then the kernel only watches the tails and hands each TX burst to Python's path, which
         records it at once (the kernel's own records wait until it returns); ``fast``: the
         MSI-X block's compiled-interrupt state, whose re-arms (the fast lane's) end the
-        kernel's nap when it holds a cause for the vector (``FastIrq.set_nudge``)."""
+        kernel's nap when it holds a cause for the vector (``FastIrq.set_nudge``); ``loop``:
+        the engine's wire loop, whose polling form serves a TAP in place of the poll kernel and
+        the TAP's reader (:meth:`WireLoop.poll_once`) whenever it may."""
         self.engine = engine
         self.fast = fast
+        self.loop = loop
         self.regs = regs
         self.layout = np.array(layout, dtype=np.int64)
         self.nap = nap
@@ -106,6 +113,7 @@ class Poller:
         self.calls = 0  # kernel calls, and why each returned
         self.compiled = False  # the last call ran the compiled loop (not the interpreted)
         self.reasons = dict.fromkeys(("idle", "irq", "stopped", "error", "snap-full", "kick"), 0)
+        self.wire_calls = 0  # calls of the wire loop's polling form (its reasons: loop.reasons)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Poller:
@@ -202,18 +210,27 @@ class Poller:
 
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
-        e = self.engine
         _precise_timers()
         if self.cpus is not None:
             self._apply_pin(threading.get_native_id())
+        try:
+            self._serve()
+        finally:
+            if self.loop is not None:
+                self.loop.give_back()
+
+    def _serve(self) -> None:
+        e = self.engine
         while not self._stopping:
             if e.lock.wanted:  # someone else needs the queues: let them have the lock
                 time.sleep(WANTED_WAIT)
                 continue
             try:
+                fd = self._wire_fd()
                 with e.lock:
-                    reason = self._once()
+                    reason = self._once(fd)
                 e.flush()  # frames the general path held back, and every vector to raise
+                self._offer_held()
             except Exception as exc:  # a bug: reported, and the poller carries on
                 e.crashed("poll", exc)
                 time.sleep(AFTER_STOP)
@@ -223,8 +240,65 @@ class Poller:
             elif reason == dp.POLL_IDLE:  # without naps in the kernel (nap=0, or interpreted)
                 time.sleep(self.nap if self.compiled else INTERPRETED_NAP)
 
-    def _once(self) -> int:
-        """One kernel call and what Python does after it (called holding the engine lock)."""
+    def _wire_fd(self) -> int:
+        """The TAP's descriptor while the wire loop's polling form may serve (borrowed, without
+        the engine lock), else -1 (and the TAP given back to its reader)."""
+        loop = self.loop
+        if loop is None:
+            return -1
+        if loop.poll_allowed():
+            return loop.borrow()
+        loop.give_back()
+        return -1
+
+    def _offer_held(self) -> None:
+        """A batch the wire loop could not place (no RX buffers): offered again as the driver
+        posts some, the tails in memory looked at between offers (nothing else watches them
+        meanwhile), dropped after ``HOLD_MAX`` without progress -- as the TAP's reader does."""
+        loop = self.loop
+        if loop is None or loop.held is None:
+            return
+        held, loop.held = loop.held, None
+        b, backend = loop.burst, cast("Any", self.engine.backend)  # (a TAP: it lent its fd)
+        backend.hold(b.frames, b.lens, b.gso, *held, between=self._tails)
+
+    def _tails(self) -> None:
+        """The tails the driver stored, into the queue tables; the moved TX rings walked."""
+        e, regs, (qtx, qrx, _, _) = self.engine, self.regs, self.layout.tolist()
+        with e.lock:
+            rx, txt = e.tables.rx_table, e.tables.tx_table
+            rt = regs[qrx : qrx + len(rx)].astype(np.int64)
+            ok = rt < rx[:, dp.RX_LEN]
+            rx[ok, dp.RX_TAIL] = rt[ok]
+            tt = regs[qtx : qtx + len(txt)].astype(np.int64)
+            ok = (txt[:, dp.TX_ENABLED] != 0) & (txt[:, dp.TX_LEN] > 0) & (tt < txt[:, dp.TX_LEN])
+            txt[ok, dp.TX_TAIL] = tt[ok]
+        e.tx_walk_moved()
+        e.flush()
+
+    def _once_wire(self) -> int:
+        """One call of the wire loop's polling form (holding the engine lock): the poll
+        kernel's rules for interrupts (``POLL_PENDING``: Python raises them) and naps."""
+        assert self.loop is not None
+        e, ctl = self.engine, self.ctl
+        ctl[dp.POLL_NAP] = round(self.nap * 1e6)
+        reason = self.loop.poll_once(self.regs, self.layout, ctl, MAX_IDLE_WIRE)
+        self.calls += 1
+        self.wire_calls += 1
+        self.compiled = True
+        pending = int(ctl[dp.POLL_PENDING])
+        ctl[dp.POLL_PENDING] = 0
+        e.raise_later({v for v in range(64) if pending >> v & 1})
+        if reason == LOOP_STOPPED:
+            return dp.POLL_STOPPED
+        return dp.POLL_IDLE if reason == LOOP_IDLE else dp.POLL_IRQ
+
+    def _once(self, fd: int = -1) -> int:
+        """One kernel call and what Python does after it (called holding the engine lock):
+        the wire loop's polling form on a borrowed TAP (``fd``) when it may, else the poll
+        kernel."""
+        if fd >= 0 and self.loop is not None and self.loop.poll_allowed():
+            return self._once_wire()
         e = self.engine
         snaps = e.on_snaps is not None and e.wants_packets()
         writes = self._writes if snaps and e.on_mmap_writes is not None else self._writes[:0]

@@ -567,11 +567,12 @@ class QueueEngine:
                     self._serve_vh, self._serve_io, self._out, self._serve_acc,
                     self._serve_ctl, snap, *own)  # fmt: skip
 
-    def wire_loop_allowed(self) -> bool:
-        """Whether the wire loop may serve this engine now: frames may go to the wire from the
-        arena by compiled code, nothing the Python path alone does is on (a packet
-        breakpoint, faults, frames queued for the wire, ring-to-ring loopback), and the loop
-        is compiled for this guest memory."""
+    def wire_loop_allowed(self, *, polling: bool = False) -> bool:
+        """Whether the wire loop (``polling``: its polling form, ``poll_wire``) may serve this
+        engine now: frames may go to the wire from the arena by compiled code, nothing the
+        Python path alone does is on (a packet breakpoint, faults, frames queued for the wire,
+        ring-to-ring loopback), and the loop is compiled for this guest memory."""
+        kernel = K.poll_wire if polling else K.wire_loop
         return (
             self.backend.wire_fd >= 0
             and not self._outgoing
@@ -580,7 +581,7 @@ class QueueEngine:
             and not self.packets_live()
             and not self.ring_to_ring
             and self._in_place()
-            and K.wire_loop.is_compiled(len(self._table.general.arrays))
+            and kernel.is_compiled(len(self._table.general.arrays))
         )
 
     def _walk_each(self) -> None:

@@ -98,10 +98,12 @@ class WireLoop:
         self.reasons = dict.fromkeys(REASONS, 0)
         self.batches = self.rx_frames = self.kicks = self.serves = 0
         self.errno = 0
+        self.lent_fd = -1  # (polling mode: the TAP borrowed across calls)
+        self.held: tuple[int, int] | None = None  # (polling mode: rows left to offer)
 
     @property
     def running(self) -> bool:
-        """Whether the loop has the TAP now."""
+        """Whether the loop has the TAP now (either form)."""
         return not self._returned.is_set()
 
     # -- whether it may run ----------------------------------------------------------------------
@@ -231,6 +233,63 @@ class WireLoop:
         acc[:] = 0
         for c in (BATCHES, RX_FRAMES, RX_BYTES, KICKS, SERVES, DROPPED):
             ctl[c] = 0
+
+    # -- polling mode: the poller's thread calls the loop's polling form ------------------------
+    def poll_allowed(self) -> bool:
+        """Whether the polling form (``poll_wire``) may serve the engine now (looked at without
+        the lock; the call looks again under it): as :meth:`allowed`, and untraced (the packet
+        trace on, the poll kernel and the TAP's reader serve)."""
+        e = self.engine
+        return (
+            JIT
+            and not self._stopping
+            and not self._reclaim_asked
+            and callable(getattr(e.backend, "lend", None))
+            and not e.traced
+            and e.wire_loop_allowed(polling=True)
+        )
+
+    def borrow(self) -> int:
+        """The TAP's descriptor, borrowed for polling (its reader parked) if it is not yet:
+        -1 if the TAP does not lend it. Called without the engine lock (the reader may be
+        waiting for it, with a batch)."""
+        if self.lent_fd < 0:
+            backend: Any = self.engine.backend  # (a TapBackend: poll_allowed looked)
+            fd = int(backend.lend(self._reclaim))
+            if fd >= 0:
+                self._returned.clear()
+                self.runs += 1
+                self.lent_fd = fd
+        return self.lent_fd
+
+    def give_back(self) -> None:
+        """Polling no longer borrows the TAP: its reader reads it again."""
+        if self.lent_fd >= 0:
+            self.lent_fd = -1
+            backend: Any = self.engine.backend
+            backend.unlend()
+            self._returned.set()
+
+    def poll_once(self, regs: Any, layout: Any, pctl: Any, max_idle: int) -> int:
+        """One call of the polling form (holding the engine lock), its counts folded; a batch
+        it could not place is left in :attr:`held` for the caller to offer (without the
+        lock). ``regs``, ``layout`` and ``pctl`` are the poller's (``POLL_*`` words)."""
+        e, ctl = self.engine, self.ctl
+        ctl[TRACED] = 0
+        wire = e.wire(self.burst, self._own, False)
+        reason = int(K.poll_wire(wire, regs, layout, pctl, self.lent_fd, SLICE_NS, max_idle,
+                                 MAX_FRAME))  # fmt: skip
+        self.calls += 1
+        self.reasons[REASONS[reason]] += 1
+        self._fold()
+        if reason == LOOP_HOLD:
+            self.held = (int(ctl[TAKEN]), int(ctl[N]))
+        elif reason == LOOP_TX_SLOW:
+            e.served(int(ctl[CODE]), None)
+        elif reason == LOOP_FAILED:
+            self.errno = int(ctl[ERRNO])
+            e.crashed("wire-loop", OSError(self.errno, os.strerror(self.errno)))
+        return reason
 
     def _kicked(self) -> None:
         """Between offers of a held batch: a TX doorbell meanwhile, walked the Python way."""

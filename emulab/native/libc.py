@@ -44,10 +44,17 @@ def libc(name: str, ret: Any, argc: int) -> Any:
 
         return intrinsic(call2)
 
-    def call3(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
-        return ret(types.int64, types.int64, types.int64), codegen
+    if argc == 3:
 
-    return intrinsic(call3)
+        def call3(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+            return ret(types.int64, types.int64, types.int64), codegen
+
+        return intrinsic(call3)
+
+    def call4(typingctx: Any, a: Any, b: Any, c: Any, d: Any) -> Any:
+        return ret(types.int64, types.int64, types.int64, types.int64), codegen
+
+    return intrinsic(call4)
 
 
 def _load_typer(bits: int) -> Any:

@@ -44,6 +44,7 @@ from emulab.avf.datapath import (
     checksum,
     general_path,
     poll_loop,
+    poll_wire,
     raw,
     ring_to_ring,
     rss,
@@ -144,10 +145,11 @@ _NAMES: dict[str, tuple[Any, bool]] = {
     "tso_cut": (ring_to_ring.tso_cut, False),
     "poll": (poll_loop.poll, True),
     "wire_loop": (wire_loop.wire_loop, True),
+    "poll_wire": (poll_wire.poll_wire, True),
 }
 # kernels a device can do without until they are loaded: built after the others, and not
 # waited for (``Builder.wait``, the status's ``ready``)
-EXTRAS = frozenset({"wire_loop"})
+EXTRAS = frozenset({"wire_loop", "poll_wire"})
 # which warm-up step loads each kernel (``warm.steps`` / ``warm.common_steps``)
 _STEP_OF = {"rx_pick": "rx_pick", "toeplitz_table": "toeplitz_table", "ones_sum": "checksums",
             "tso_cut": "tso_cut", "tx_gso": "tx_gso"}  # fmt: skip
@@ -167,6 +169,7 @@ class KernelSet:
     tso_cut: Kernel
     poll: Kernel
     wire_loop: Kernel
+    poll_wire: Kernel
 
     def __init__(self) -> None:
         py = interpret(*(k for k, _ in _NAMES.values()))

@@ -23,7 +23,8 @@ from emulab.avf.datapath.context import (
     new_burst,
 )
 from emulab.avf.datapath.general_path import rx_pick, tx_drain
-from emulab.avf.datapath.poll_loop import POLL_CTL, poll
+from emulab.avf.datapath.poll_loop import POLL_CTL, POLL_STOP, poll
+from emulab.avf.datapath.poll_wire import poll_wire
 from emulab.avf.datapath.ring_to_ring import forward, rx_place, tso_cut, work_areas
 from emulab.avf.datapath.rss import RSS_TUPLE_MAX, classify, rss_hash, toeplitz_table
 from emulab.avf.datapath.tx_gso import tx_gso
@@ -96,7 +97,7 @@ def steps(maps: int = 1, polling: bool = True) -> list[tuple[str, Callable[[], o
 def extra_steps(maps: int = 1) -> list[tuple[str, Callable[[], object]]]:
     """The kernels a device can do without until they are loaded, compiled after the others
     (their callees cached by then) so that they do not delay the data path's start: the wire
-    loop (``wire_loop``), on a guest memory of ``maps`` DMA maps."""
+    loops (``wire_loop``, ``poll_wire``), on a guest memory of ``maps`` DMA maps."""
     mem = np.zeros(1 << 16, dtype=np.uint8)
     regions = tuple(mem[i * 4096 : (i + 1) * 4096] for i in range(maps))
     starts = np.arange(maps, dtype=np.int64) * 4096
@@ -104,18 +105,25 @@ def extra_steps(maps: int = 1) -> list[tuple[str, Callable[[], object]]]:
     gather = Gather(np.zeros(4096, dtype=np.uint8), np.zeros(9, dtype=np.int64),
                     np.zeros((8, 2), dtype=np.uint64))  # fmt: skip
 
-    def loop_once() -> None:  # (told to stop before it waits: it returns at once)
+    def wire() -> Wire:  # (told to stop before it waits: the loops return at once)
         ctl = np.zeros(LOOP_CTL, dtype=np.int64)
         ctl[STOP] = 1
         z = np.zeros(OUT, np.int64)
-        wire = Wire(WirePath(general, np.zeros((1, RX_COLS), np.int64), burst()), rss(),
+        return Wire(WirePath(general, np.zeros((1, RX_COLS), np.int64), burst()), rss(),
                     np.zeros((1, TX_COLS), np.int64), gather, np.zeros((8, GSO_COLS), np.int64),
                     np.zeros(16, np.uint8), np.zeros(8, np.int64), z.copy(), z.copy(),
                     np.zeros(SERVE_CTL, np.int64), work().snap, np.zeros((8, 10), np.uint8),
                     np.zeros(IO, np.int64), z.copy(), z.copy(), ctl)  # fmt: skip
-        wire_loop(wire, IrqArgs(*no_arm_state()), -1, -1, 1, 1, 9728)
 
-    return [("wire_loop", loop_once)]
+    def loop_once() -> None:
+        wire_loop(wire(), IrqArgs(*no_arm_state()), -1, -1, 1, 1, 9728)
+
+    def poll_once() -> None:
+        ctl = np.zeros(POLL_CTL, dtype=np.int64)
+        ctl[POLL_STOP] = 1
+        poll_wire(wire(), np.zeros(16, np.uint32), np.zeros(4, np.int64), ctl, -1, 1, 1, 9728)
+
+    return [("wire_loop", loop_once), ("poll_wire", poll_once)]
 
 
 def common_steps() -> list[tuple[str, Callable[[], object]]]:

@@ -141,9 +141,9 @@ def _raise(irq: IrqArgs, ctl: Any, mask: Any) -> bool:
 
 
 @njit(nogil=True, cache=True)
-def _serve(w: Wire, irq: IrqArgs, fd: Any) -> int:
-    """Every moved TX ring onto the TAP (``tx_serve``), its vectors fired: ``LOOP_SLICE``
-    (done), ``LOOP_TX_SLOW`` or ``LOOP_IRQ``."""
+def _walk(w: Wire, fd: Any) -> tuple[int, Any]:
+    """Every moved TX ring onto the TAP (``tx_serve``): ``LOOP_SLICE`` (done) with the vectors
+    to raise, or ``LOOP_TX_SLOW``."""
     serve, sacc, ctl = w.serve, w.serve_acc, w.ctl
     for c in range(SERVE_CTL):
         serve[c] = 0
@@ -153,27 +153,39 @@ def _serve(w: Wire, irq: IrqArgs, fd: Any) -> int:
                     w.snap)  # fmt: skip
     if code != SERVED or (ctl[TRACED] and serve[SERVE_SNAPS]):
         ctl[CODE] = code
-        return LOOP_TX_SLOW  # (its words stay as they are, for Python)
+        return LOOP_TX_SLOW, 0  # (its words stay as they are, for Python)
     ctl[SERVES] += 1
     add_out(w.acc, sacc)
     ctl[DROPPED] += serve[SERVE_DROPPED]
-    if not _raise(irq, ctl, serve[SERVE_VECTORS]):
+    return LOOP_SLICE, serve[SERVE_VECTORS]
+
+
+@njit(nogil=True, cache=True)
+def _serve(w: Wire, irq: IrqArgs, fd: Any) -> int:
+    """:func:`_walk`, its vectors fired: ``LOOP_SLICE`` (done), ``LOOP_TX_SLOW`` or
+    ``LOOP_IRQ``."""
+    why, vectors = _walk(w, fd)
+    if why != LOOP_SLICE:
+        return why
+    if not _raise(irq, w.ctl, vectors):
         return LOOP_IRQ
     return LOOP_SLICE
 
 
 @njit(nogil=True, cache=True)
-def _receive(w: Wire, irq: IrqArgs, fd: Any, max_frame: Any) -> int:
-    """A batch from the TAP into the RX rings, its vectors fired: ``LOOP_SLICE`` (done, or
-    nothing to read), ``LOOP_HOLD``, ``LOOP_RX_ERROR``, ``LOOP_IRQ`` or ``LOOP_FAILED``."""
+def _rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
+    """A batch from the TAP into the RX rings: ``LOOP_SLICE`` (done, or nothing to read),
+    ``LOOP_HOLD``, ``LOOP_RX_ERROR``, ``LOOP_RX_TRACE`` or ``LOOP_FAILED``, with the vectors
+    to raise (``ctl[N]``: the frames read)."""
     path, ctl, io, out = w.path, w.ctl, w.io, w.rx_out
     burst = path.burst
+    ctl[N] = 0
     n = read_frames(fd, burst.frames, burst.lens, w.vh, burst.gso, io)
     if n == FAILED:
         ctl[ERRNO] = io[IO_ERRNO]
-        return LOOP_FAILED
+        return LOOP_FAILED, 0
     if n <= 0:
-        return LOOP_SLICE
+        return LOOP_SLICE, 0
     ctl[BATCHES] += 1
     ctl[RX_FRAMES] += n
     ctl[RX_BYTES] += io[IO_BYTES]
@@ -189,15 +201,27 @@ def _receive(w: Wire, irq: IrqArgs, fd: Any, max_frame: Any) -> int:
             vectors |= np.int64(1) << rx[q, RX_VECTOR]
         if (out[OUT_RX_TOUCHED] >> q) & 1 and rx[q, RX_ERROR] != 0:
             failed = True
-    fired = _raise(irq, ctl, vectors)
     ctl[TAKEN] = taken
     ctl[N] = n
     if taken < n:
-        return LOOP_HOLD
+        return LOOP_HOLD, vectors
     if failed:
-        return LOOP_RX_ERROR
+        return LOOP_RX_ERROR, vectors
     if ctl[TRACED] and out[OUT_RX_FRAMES]:
-        return LOOP_RX_TRACE
+        return LOOP_RX_TRACE, vectors
+    return LOOP_SLICE, vectors
+
+
+@njit(nogil=True, cache=True)
+def _receive(w: Wire, irq: IrqArgs, fd: Any, max_frame: Any) -> int:
+    """:func:`_rx_batch`, its vectors fired: ``LOOP_SLICE`` (done, or nothing to read),
+    ``LOOP_HOLD``, ``LOOP_RX_ERROR``, ``LOOP_RX_TRACE``, ``LOOP_IRQ`` or ``LOOP_FAILED``."""
+    why, vectors = _rx_batch(w, fd, max_frame)
+    if why == LOOP_FAILED:
+        return why
+    fired = _raise(irq, w.ctl, vectors)
+    if why != LOOP_SLICE:
+        return why
     if not fired:
         return LOOP_IRQ
     return LOOP_SLICE

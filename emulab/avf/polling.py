@@ -222,11 +222,11 @@ class Poller:
     def _serve(self) -> None:
         e = self.engine
         while not self._stopping:
-            if e.lock.wanted:  # someone else needs the queues: let them have the lock
-                time.sleep(WANTED_WAIT)
-                continue
             try:
-                fd = self._wire_fd()
+                fd = self._wire_fd()  # (first: a TAP closing wants the lock until given back)
+                if e.lock.wanted:  # someone else needs the queues: let them have the lock
+                    time.sleep(WANTED_WAIT)
+                    continue
                 with e.lock:
                     reason = self._once(fd)
                 e.flush()  # frames the general path held back, and every vector to raise

@@ -143,8 +143,16 @@ class WireLoop:
     def _reclaim(self) -> None:
         """The TAP closes: stop reading it, and return once the loop has given it back."""
         self._reclaim_asked = True
-        self.interrupt()
-        self._returned.wait(5.0)
+        if self.lent_fd < 0:  # (the TX worker's run: it returns at the wake, and gives back)
+            self.interrupt()
+            self._returned.wait(5.0)
+            return
+        lock = self.engine.lock  # polling: the kernel's naps drain the wake eventfd, so the
+        lock.want()  # stop word stays set until the poller has given the TAP back
+        try:
+            self._returned.wait(5.0)
+        finally:
+            lock.unwant()
 
     # -- a run: one loan of the TAP --------------------------------------------------------------
     def run(self) -> None:

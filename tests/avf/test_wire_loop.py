@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from emulab.avf import datapath as dp
+from tests.avf.test_forward import long_nap_begins
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(
@@ -292,10 +293,16 @@ def test_polling_gives_the_tap_back_when_it_closes(poll_rig: Rig) -> None:
     """A TAP closed under the polling form: taken back before its descriptor closes, nothing
     hangs, and the poller goes on polling the tails (frames to a closed wire: dropped)."""
     loop, poller = poll_rig.loop, poll_rig.dev.core.poller
+    poller.stop()
+    poller.nap = 30.0  # (idle, the kernel naps up to 30 s, draining its wake eventfd)
+    poller.start()
+    wait_until(lambda: loop.running, 5, "the loop to take the TAP again")
+    long_nap_begins(poller.ctl)
+    t0 = time.monotonic()
     done = threading.Event()
     threading.Thread(target=lambda: (poll_rig.tap.close(), done.set()), daemon=True).start()
     assert done.wait(10), "the TAP's close hung"
-    assert not loop.running
+    assert time.monotonic() - t0 < 1 and not loop.running
     calls = poller.calls
     assert poll_rig.drv.transmit(frames(4)) == 4
     wait_until(lambda: poller.calls > calls, 5, "the poller carrying on")

@@ -177,7 +177,7 @@ class Poller:
         bursts to Python from its next loop on (its nap ended). Blocks on nothing."""
         if self.live():
             self.ctl[dp.POLL_FORWARD] = 0
-            self.engine.lock.nudge()
+            self.engine.lock.nudge()  # (the wire loop's polling form returns, and stands aside)
 
     def hold(self, mask: int) -> None:
         """Vectors whose cause Python has latched already: the kernel need not return for them."""

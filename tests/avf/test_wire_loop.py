@@ -187,6 +187,20 @@ def test_with_the_trace_on_every_frame_is_traced_both_ways(rig: Rig) -> None:
 def test_packets_wanted_live_take_the_tap_back_to_the_reader(rig: Rig) -> None:
     """A packet breakpoint's wish (packets as they move, from Python): the loop gives the TAP
     back at once and the reader reads it; wish withdrawn, the loop takes it again."""
+    _live_hand_over(rig)
+
+
+def test_polling_packets_wanted_live_take_the_tap_back_to_the_reader(poll_rig: Rig) -> None:
+    """The same in polling mode: the polling form's nap ends at the wish, and it stands aside."""
+    poll_rig.dev.core.poller.stop()
+    poll_rig.dev.core.poller.nap = 30.0  # (a long nap: only the wish's wake-up ends it)
+    poll_rig.dev.core.poller.start()
+    wait_until(lambda: poll_rig.loop.running, 5, "the loop to take the TAP again")
+    long_nap_begins(poll_rig.dev.core.poller.ctl)
+    _live_hand_over(poll_rig)
+
+
+def _live_hand_over(rig: Rig) -> None:
     dev, tap, loop = rig.dev, rig.tap, rig.loop
     runs = loop.runs
     dev.trace.set_live(tap, ["packet"])

@@ -15,7 +15,8 @@ doubling up to ``ctl[POLL_NAP]``), so a frame from the host ends a nap at once.
 
 It returns (the wire loop's codes, :mod:`emulab.avf.datapath.wire_loop`) for what Python does:
 ``LOOP_STOPPED`` (``ctl[POLL_STOP]``: another thread wants the queues), ``LOOP_SLICE``
-(``slice_ns`` busy, or a busy spell over: the counts folded), ``LOOP_IDLE`` (no naps asked),
+(``slice_ns`` busy, a busy spell over: the counts folded; or a nap ended by the wake eventfd,
+for Python to look again), ``LOOP_IDLE`` (no naps asked),
 ``LOOP_IRQ`` (a pending vector's INTENA is set), ``LOOP_HOLD``, ``LOOP_TX_SLOW``,
 ``LOOP_RX_ERROR``, ``LOOP_RX_TRACE`` and ``LOOP_FAILED``, as the wire loop does; counts in the
 wire's own ``ctl``, as there.
@@ -104,7 +105,8 @@ def _may_fire(regs: Any, layout: Any, ctl: Any) -> bool:
 @njit(nogil=True, cache=True)
 def _nap(w: Wire, ctl: Any, fd: Any, usec: Any) -> int:
     """Sleep up to ``usec`` microseconds or until the TAP or the wake eventfd is readable (the
-    eventfd drained); ``LOOP_SLICE``, or ``LOOP_FAILED``."""
+    eventfd drained): ``LOOP_SLICE`` if the eventfd was (Python looks again: a packet
+    breakpoint, a re-arm), else ``LOOP_IDLE``; or ``LOOP_FAILED``."""
     io = w.io
     io[0] = fd | (POLLIN << 32)
     io[1] = ctl[POLL_WAKE] | (POLLIN << 32)  # (-1: none; ppoll skips it)
@@ -114,12 +116,13 @@ def _nap(w: Wire, ctl: Any, fd: Any, usec: Any) -> int:
     if r < 0:
         e = errno()
         if e == EINTR:
-            return LOOP_SLICE
+            return LOOP_IDLE
         w.ctl[ERRNO] = e
         return LOOP_FAILED
     if (io[1] >> 48) & POLLIN:
         _read_fd(ctl[POLL_WAKE], io.ctypes.data + 10 * 8, 8)  # (readable: it does not block)
-    return LOOP_SLICE
+        return LOOP_SLICE
+    return LOOP_IDLE
 
 
 @njit(nogil=True, cache=True)
@@ -170,6 +173,7 @@ def poll_wire(w: Wire, regs: Any, layout: Any, ctl: Any, fd: Any, slice_ns: Any,
             if longest <= 0:
                 return LOOP_IDLE
             ctl[POLL_NAPS] += 1
-            if _nap(w, ctl, fd, min(nap, longest)) == LOOP_FAILED:
-                return LOOP_FAILED
+            why = _nap(w, ctl, fd, min(nap, longest))
+            if why != LOOP_IDLE:
+                return why  # (woken: Python looks whether it may still run)
             nap = min(nap * 2, longest)

@@ -131,7 +131,7 @@ def test_a_cold_cache_never_delays_a_reply(served: Served) -> None:
     served.wait_line("kernels compiled", 240)
     _loop(driver, nic.mac, 64)
     assert max(times) < REPLY_BUDGET, sorted(times)[-5:]
-    # then the extra kernels (the wire loop) compile in one more child and load: replies stay
+    # then the extra kernels (the wire loops) compile in one more child and load: replies stay
     # on time meanwhile, and the child does not outlive its work
     wait_until(lambda: not _builds_of(served.proc.pid), 120, "the extra kernels' child done")
     _loop(driver, nic.mac, 64)

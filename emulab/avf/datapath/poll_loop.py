@@ -95,6 +95,37 @@ def _logged(writes: Any, ctl: Any, word: Any, value: Any) -> bool:
     return True
 
 
+@raw.helper
+def rx_tail_at(rx: Any, q: Any, regs: Any, layout: Any) -> Any:
+    """RX queue ``q``'s tail as the driver stored it into the mapped page, or -1: past the
+    ring (ignored, as the doorbell path does)."""
+    rt = np.int64(regs[layout[1] + q])
+    return rt if rt < rx[q, RX_LEN] else np.int64(-1)
+
+
+@raw.helper
+def tx_tail_at(txt: Any, t: Any, regs: Any, layout: Any) -> Any:
+    """TX queue ``t``'s tail as the driver stored it, or -1: the queue off, or past the ring."""
+    if txt[t, TX_ENABLED] == 0 or txt[t, TX_LEN] <= 0:
+        return np.int64(-1)
+    tail = np.int64(regs[layout[0] + t])
+    return tail if tail < txt[t, TX_LEN] else np.int64(-1)
+
+
+@raw.helper
+def may_fire(regs: Any, layout: Any, ctl: Any) -> bool:
+    """Whether a vector the loop holds a cause for (``POLL_PENDING``, and not ``POLL_HOLD``:
+    Python latched it) has INTENA set in its control word."""
+    fire = ctl[POLL_PENDING] & ~ctl[POLL_HOLD]
+    if fire:
+        for v in range(64):
+            if (fire >> v) & 1:
+                w = layout[2] if v == 0 else layout[3] + v - 1
+                if regs[w] & INTENA_BIT:
+                    return True
+    return False
+
+
 # Without numba's runtime, as ``forward`` (see ring_to_ring): nothing here allocates.
 @raw.kernel
 def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int:  # noqa: PLR0915 -- one loop, kept whole for the compiler
@@ -113,17 +144,15 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
         if ctl[POLL_STOP]:
             return POLL_STOPPED
         for q in range(rx.shape[0]):
-            rt = np.int64(regs[layout[1] + q])
-            if rt < rx[q, RX_LEN]:  # a tail past the ring is ignored, as the doorbell path does
+            rt = rx_tail_at(rx, q, regs, layout)
+            if rt >= 0:
                 if rt != rx[q, RX_TAIL] and not _logged(writes, ctl, layout[1] + q, rt):
                     return POLL_SNAP_FULL
                 rx[q, RX_TAIL] = rt
         busy = False
         for t in range(txt.shape[0]):
-            if txt[t, TX_ENABLED] == 0 or txt[t, TX_LEN] <= 0:
-                continue
-            tail = np.int64(regs[layout[0] + t])
-            if tail >= txt[t, TX_LEN]:
+            tail = tx_tail_at(txt, t, regs, layout)
+            if tail < 0:
                 continue
             if tail != txt[t, TX_TAIL] and not _logged(writes, ctl, layout[0] + t, tail):
                 return POLL_SNAP_FULL
@@ -161,13 +190,8 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
             if err:
                 ctl[POLL_QUEUE] = t
                 return POLL_KICK if err == ERR_SLOW_PATH else POLL_ERROR
-        fire = ctl[POLL_PENDING] & ~ctl[POLL_HOLD]
-        if fire:
-            for v in range(64):
-                if (fire >> v) & 1:
-                    w = layout[2] if v == 0 else layout[3] + v - 1
-                    if regs[w] & INTENA_BIT:
-                        return POLL_IRQ
+        if may_fire(regs, layout, ctl):
+            return POLL_IRQ
         if busy:
             ctl[POLL_BUSY] += 1
             idle = 0

@@ -26,16 +26,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from numba import njit, types
 
 from emulab.avf.datapath import raw
-from emulab.avf.datapath.context import RX_LEN, RX_TAIL, TX_ENABLED, TX_HEAD, TX_LEN, TX_TAIL
+from emulab.avf.datapath.context import RX_TAIL, TX_HEAD, TX_TAIL
 from emulab.avf.datapath.poll_loop import (
-    INTENA_BIT,
     NAP_FIRST,
     POLL_BUSY,
-    POLL_HOLD,
     POLL_LOOPS,
     POLL_NAP,
     POLL_NAPS,
@@ -44,6 +41,9 @@ from emulab.avf.datapath.poll_loop import (
     POLL_WAKE,
     YIELD_AFTER,
     YIELD_EVERY,
+    may_fire,
+    rx_tail_at,
+    tx_tail_at,
 )
 from emulab.avf.datapath.wire_loop import (
     ERRNO,
@@ -70,36 +70,19 @@ _read_fd = libc("read", types.int64, 3)
 @njit(nogil=True, cache=True)
 def _tails(w: Wire, regs: Any, layout: Any) -> bool:
     """The tails the driver stored (RX, then TX) into the queue tables; whether a TX ring has
-    frames to walk. A tail past its ring is ignored, as the doorbell path does."""
+    frames to walk."""
     rx, txt = w.path.rx, w.tx
     for q in range(rx.shape[0]):
-        rt = np.int64(regs[layout[1] + q])
-        if rt < rx[q, RX_LEN]:
+        rt = rx_tail_at(rx, q, regs, layout)
+        if rt >= 0:
             rx[q, RX_TAIL] = rt
     moved = False
     for t in range(txt.shape[0]):
-        if txt[t, TX_ENABLED] == 0 or txt[t, TX_LEN] <= 0:
-            continue
-        tail = np.int64(regs[layout[0] + t])
-        if tail >= txt[t, TX_LEN]:
-            continue
-        txt[t, TX_TAIL] = tail
-        if txt[t, TX_HEAD] != tail:
-            moved = True
+        tail = tx_tail_at(txt, t, regs, layout)
+        if tail >= 0:
+            txt[t, TX_TAIL] = tail
+            moved |= txt[t, TX_HEAD] != tail
     return moved
-
-
-@njit(nogil=True, cache=True)
-def _may_fire(regs: Any, layout: Any, ctl: Any) -> bool:
-    """Whether a vector the loop holds a cause for (and Python has not latched) has INTENA."""
-    fire = ctl[POLL_PENDING] & ~ctl[POLL_HOLD]
-    if fire:
-        for v in range(64):
-            if (fire >> v) & 1:
-                w = layout[2] if v == 0 else layout[3] + v - 1
-                if regs[w] & INTENA_BIT:
-                    return True
-    return False
 
 
 @njit(nogil=True, cache=True)
@@ -153,7 +136,7 @@ def poll_wire(w: Wire, regs: Any, layout: Any, ctl: Any, fd: Any, slice_ns: Any,
             busy = True
         if why != LOOP_SLICE:
             return why
-        if _may_fire(regs, layout, ctl):
+        if may_fire(regs, layout, ctl):
             return LOOP_IRQ
         if busy:
             ctl[POLL_BUSY] += 1

@@ -241,6 +241,15 @@ def test_a_hostile_tx_descriptor_stops_its_queue_not_the_loop(rig: Rig) -> None:
     """A TX descriptor whose buffer lies outside guest memory, its doorbell posted through the
     lane: the loop's walk stops that queue with an error (reported, counted) and carries on --
     the host's frames still reach the driver through it."""
+    _hostile_tx(rig)
+
+
+def test_polling_a_hostile_tx_descriptor_stops_its_queue_not_the_loop(poll_rig: Rig) -> None:
+    """The same in polling mode, the tail stored into the mapped page."""
+    _hostile_tx(poll_rig)
+
+
+def _hostile_tx(rig: Rig) -> None:
     import struct
 
     from emulab.avf.descriptors import TxCmd, tx_qword1
@@ -251,7 +260,7 @@ def test_a_hostile_tx_descriptor_stops_its_queue_not_the_loop(rig: Rig) -> None:
     i = ring.next
     bad = struct.pack("<QQ", 0xDEAD_0000_0000, tx_qword1(64, TxCmd.EOP | TxCmd.RS))
     rig.drv.ram.write(ring.base + 16 * i, bad)
-    rig.client.write32(0, QTX_TAIL, (i + 1) % ring.length, posted=True)
+    rig.drv.w32(QTX_TAIL, (i + 1) % ring.length)  # (posted, or a store into the mapped page)
     wait_until(lambda: dev.queues.tx[0].error is not None, 5, "the TX queue's error")
     assert dev.queues.eth["tx_errors"] == 1 and not dev.queues.tx[0].enabled
     assert dev.queues.tx[0].error == "buffer outside guest memory"

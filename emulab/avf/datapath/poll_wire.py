@@ -54,8 +54,8 @@ from emulab.avf.datapath.wire_loop import (
     LOOP_STOPPED,
     N,
     Wire,
-    _rx_batch,
-    _walk,
+    rx_batch,
+    tx_walk,
 )
 from emulab.native.libc import EINTR, POLLIN, errno, libc, monotonic_ns
 
@@ -125,12 +125,12 @@ def poll_wire(w: Wire, regs: Any, layout: Any, ctl: Any, fd: Any, slice_ns: Any,
             return LOOP_STOPPED
         busy = False
         if _tails(w, regs, layout):
-            why, vectors = _walk(w, fd)
+            why, vectors = tx_walk(w, fd)
             if why != LOOP_SLICE:
                 return why
             ctl[POLL_PENDING] |= vectors
             busy = True
-        why, vectors = _rx_batch(w, fd, max_frame)
+        why, vectors = rx_batch(w, fd, max_frame)
         ctl[POLL_PENDING] |= vectors
         if w.ctl[N] > 0:
             busy = True

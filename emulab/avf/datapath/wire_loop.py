@@ -141,7 +141,7 @@ def _raise(irq: IrqArgs, ctl: Any, mask: Any) -> bool:
 
 
 @njit(nogil=True, cache=True)
-def _walk(w: Wire, fd: Any) -> tuple[int, Any]:
+def tx_walk(w: Wire, fd: Any) -> tuple[int, Any]:
     """Every moved TX ring onto the TAP (``tx_serve``): ``LOOP_SLICE`` (done) with the vectors
     to raise, or ``LOOP_TX_SLOW``."""
     serve, sacc, ctl = w.serve, w.serve_acc, w.ctl
@@ -162,9 +162,9 @@ def _walk(w: Wire, fd: Any) -> tuple[int, Any]:
 
 @njit(nogil=True, cache=True)
 def _serve(w: Wire, irq: IrqArgs, fd: Any) -> int:
-    """:func:`_walk`, its vectors fired: ``LOOP_SLICE`` (done), ``LOOP_TX_SLOW`` or
+    """:func:`tx_walk`, its vectors fired: ``LOOP_SLICE`` (done), ``LOOP_TX_SLOW`` or
     ``LOOP_IRQ``."""
-    why, vectors = _walk(w, fd)
+    why, vectors = tx_walk(w, fd)
     if why != LOOP_SLICE:
         return why
     if not _raise(irq, w.ctl, vectors):
@@ -173,7 +173,7 @@ def _serve(w: Wire, irq: IrqArgs, fd: Any) -> int:
 
 
 @njit(nogil=True, cache=True)
-def _rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
+def rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
     """A batch from the TAP into the RX rings: ``LOOP_SLICE`` (done, or nothing to read),
     ``LOOP_HOLD``, ``LOOP_RX_ERROR``, ``LOOP_RX_TRACE`` or ``LOOP_FAILED``, with the vectors
     to raise (``ctl[N]``: the frames read)."""
@@ -214,9 +214,9 @@ def _rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
 
 @njit(nogil=True, cache=True)
 def _receive(w: Wire, irq: IrqArgs, fd: Any, max_frame: Any) -> int:
-    """:func:`_rx_batch`, its vectors fired: ``LOOP_SLICE`` (done, or nothing to read),
+    """:func:`rx_batch`, its vectors fired: ``LOOP_SLICE`` (done, or nothing to read),
     ``LOOP_HOLD``, ``LOOP_RX_ERROR``, ``LOOP_RX_TRACE``, ``LOOP_IRQ`` or ``LOOP_FAILED``."""
-    why, vectors = _rx_batch(w, fd, max_frame)
+    why, vectors = rx_batch(w, fd, max_frame)
     if why == LOOP_FAILED:
         return why
     fired = _raise(irq, w.ctl, vectors)

@@ -76,7 +76,8 @@ ROWS, ROW = 64, 65536 + 256  # the TAP's batch and row (emulab.backends.tap, not
 
 class WireLoop:
     """The wire loop of one queue engine, run by the thread that reads ``kick_fd`` (the TX
-    worker's)."""
+    worker's, :meth:`run`); with ``kick_fd`` -1, its polling form, called by the poller's
+    thread (:meth:`borrow`, :meth:`poll_once`, :meth:`give_back`)."""
 
     def __init__(self, engine: QueueEngine, kick_fd: int) -> None:
         self.engine = engine
@@ -98,6 +99,7 @@ class WireLoop:
         self.reasons = dict.fromkeys(REASONS, 0)
         self.batches = self.rx_frames = self.kicks = self.serves = 0
         self.errno = 0
+        self.polling = kick_fd < 0  # (the poller's: no doorbells, the tails are in memory)
         self.lent_fd = -1  # (polling mode: the TAP borrowed across calls)
         self.held: tuple[int, int] | None = None  # (polling mode: rows left to offer)
 
@@ -143,7 +145,7 @@ class WireLoop:
     def _reclaim(self) -> None:
         """The TAP closes: stop reading it, and return once the loop has given it back."""
         self._reclaim_asked = True
-        if self.lent_fd < 0:  # (the TX worker's run: it returns at the wake, and gives back)
+        if not self.polling:  # (the TX worker's run: it returns at the wake, and gives back)
             self.interrupt()
             self._returned.wait(5.0)
             return
@@ -159,10 +161,11 @@ class WireLoop:
         """Serve until the loop may no longer run (or :meth:`stop`); then give the TAP back."""
         e = self.engine
         backend: Any = e.backend
+        self._returned.clear()  # (before the loan: a close right after it waits for the run)
         fd = int(backend.lend(self._reclaim))
         if fd < 0:
+            self._returned.set()
             return
-        self._returned.clear()
         lock = e.lock
         wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         lock.attach(threading.current_thread(), self.ctl)
@@ -263,9 +266,11 @@ class WireLoop:
         waiting for it, with a batch)."""
         if self.lent_fd < 0:
             backend: Any = self.engine.backend  # (a TapBackend: poll_allowed looked)
+            self._returned.clear()  # (before the loan: a close right after it waits for us)
             fd = int(backend.lend(self._reclaim))
-            if fd >= 0:
-                self._returned.clear()
+            if fd < 0:
+                self._returned.set()
+            else:
                 self.runs += 1
                 self.lent_fd = fd
         return self.lent_fd

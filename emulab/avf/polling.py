@@ -113,7 +113,6 @@ class Poller:
         self.calls = 0  # kernel calls, and why each returned
         self.compiled = False  # the last call ran the compiled loop (not the interpreted)
         self.reasons = dict.fromkeys(("idle", "irq", "stopped", "error", "snap-full", "kick"), 0)
-        self.wire_calls = 0  # calls of the wire loop's polling form (its reasons: loop.reasons)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Poller:
@@ -187,6 +186,11 @@ class Poller:
     def pending(self) -> int:
         """Vectors the kernel holds a cause for, as a mask."""
         return int(self.ctl[dp.POLL_PENDING])
+
+    @property
+    def wire_calls(self) -> int:
+        """Calls of the wire loop's polling form (why each returned: ``loop.reasons``)."""
+        return self.loop.calls if self.loop is not None else 0
 
     @property
     def naps(self) -> int:
@@ -284,7 +288,6 @@ class Poller:
         ctl[dp.POLL_NAP] = round(self.nap * 1e6)
         reason = self.loop.poll_once(self.regs, self.layout, ctl, MAX_IDLE_WIRE)
         self.calls += 1
-        self.wire_calls += 1
         self.compiled = True
         pending = int(ctl[dp.POLL_PENDING])
         ctl[dp.POLL_PENDING] = 0

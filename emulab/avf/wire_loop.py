@@ -116,16 +116,9 @@ class WireLoop:
 
     def _irq_args(self) -> IrqArgs | None:
         """The raiser's arrays if the loop may serve the engine now, else None."""
-        e = self.engine
-        if (
-            not JIT
-            or self._stopping
-            or self._reclaim_asked
-            or not callable(getattr(e.backend, "lend", None))
-            or not e.wire_loop_allowed()
-        ):
+        if not self._may_serve(polling=False):
             return None
-        args = e.fast_irq_args()
+        args = self.engine.fast_irq_args()
         if args is None:
             return None
         return IrqArgs(*args[:-1], self._irq_io)  # type: ignore[call-arg]  # (9 arrays)
@@ -207,9 +200,7 @@ class WireLoop:
         wire = e.wire(self.burst, self._own, traced)
         reason = int(K.wire_loop(wire, irq, fd, self.kick_fd, SLICE_NS, IDLE_MS,
                                  MAX_FRAME))  # fmt: skip
-        self.calls += 1
-        self.reasons[REASONS[reason]] += 1
-        self._fold()
+        self._fold(reason)
         left = int(ctl[LEFT])
         ctl[LEFT] = 0
         if left:
@@ -225,8 +216,11 @@ class WireLoop:
             self.errno = int(ctl[ERRNO])
         return reason
 
-    def _fold(self) -> None:
-        """The counts since the last call into the port's statistics and the wire's."""
+    def _fold(self, reason: int) -> None:
+        """A kernel call that returned ``reason``, counted; the counts since the last call into
+        the port's statistics and the wire's."""
+        self.calls += 1
+        self.reasons[REASONS[reason]] += 1
         e, ctl, acc = self.engine, self.ctl, self._own[3]
         e.account(acc, set())  # (the kernel fired the vectors; an RX ring that failed stops)
         frames, nbytes = int(ctl[RX_FRAMES]), int(ctl[RX_BYTES])
@@ -250,14 +244,18 @@ class WireLoop:
         """Whether the polling form (``poll_wire``) may serve the engine now (looked at without
         the lock; the call looks again under it): as :meth:`allowed`, and untraced (the packet
         trace on, the poll kernel and the TAP's reader serve)."""
+        return not self.engine.traced and self._may_serve(polling=True)
+
+    def _may_serve(self, *, polling: bool) -> bool:
+        """What either form needs: compiled code, a TAP that lends, no stop or reclaim asked,
+        and the engine's own conditions (``QueueEngine.wire_loop_allowed``)."""
         e = self.engine
         return (
             JIT
             and not self._stopping
             and not self._reclaim_asked
             and callable(getattr(e.backend, "lend", None))
-            and not e.traced
-            and e.wire_loop_allowed(polling=True)
+            and e.wire_loop_allowed(polling=polling)
         )
 
     def borrow(self) -> int:
@@ -292,9 +290,7 @@ class WireLoop:
         wire = e.wire(self.burst, self._own, False)
         reason = int(K.poll_wire(wire, regs, layout, pctl, self.lent_fd, SLICE_NS, max_idle,
                                  MAX_FRAME))  # fmt: skip
-        self.calls += 1
-        self.reasons[REASONS[reason]] += 1
-        self._fold()
+        self._fold(reason)
         if reason == LOOP_HOLD:
             self.held = (int(ctl[TAKEN]), int(ctl[N]))
         elif reason == LOOP_TX_SLOW:

@@ -70,7 +70,7 @@ MISC_QUEUE = 1 << 32  # a queue cause on vector 0: latched like ICR causes, show
 _SELF_CLEARING = CLEARPBA.mask | SWINT_TRIG.mask | INTENA_MSK.mask
 FaultHook = Callable[[int, Callable[[int], object], threading.RLock], None]
 FAULT_GATE = DEVICE_GATES  # (a FastIrq gate bit of this block)
-POLL_GATE = fi.HOLD  # polling: the poll kernel decides fires; compiled re-arms only store
+POLL_GATE = fi.HOLD  # polling: the poll kernel decides fires; compiled code only re-arms
 _PARAMS = {fi.ENABLE: INTENA.mask, fi.PYTHON: SWINT_TRIG.mask | INTENA_MSK.mask,
            fi.CLEAR: _SELF_CLEARING, fi.IDX_SHIFT: ITR_INDX.lsb,
            fi.IDX_MASK: (1 << ITR_INDX.width) - 1, fi.IDX_NONE: NO_ITR,

@@ -288,6 +288,16 @@ class Trace:
     _live_listeners: tuple[Callable[[], None], ...] = ()
     _sources: tuple[Callable[[], None], ...] = ()  # (replaced, never mutated)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        """As ever; and switching the trace on or off (``enabled``) tells the
+        :meth:`on_live_change` listeners, as a change of the kinds wanted live does: a model's
+        compiled loop under way decides per call whether it records, and is ended."""
+        changed = name == "enabled" and getattr(self, "enabled", value) != value
+        object.__setattr__(self, name, value)
+        if changed:
+            for fn in self._live_listeners:
+                fn()
+
     def record(self, rec: Record, at: float | None = None) -> None:
         """Stamp ``rec.t`` and keep it (a record is recorded once, by the model that made it).
         ``at``: when it happened, on ``time.perf_counter``'s clock, if not now (a compiled
@@ -360,7 +370,8 @@ class Trace:
         return kind in self._live_kinds
 
     def on_live_change(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """Call ``fn()`` whenever the kinds wanted live change; returns what stops that."""
+        """Call ``fn()`` whenever the kinds wanted live change, or the trace is switched on or
+        off (``enabled``); returns what stops that."""
         return add_listener(self._lock, self, "_live_listeners", fn)
 
     def add_probe(self, name: str, fn: Probe) -> None:

@@ -70,7 +70,8 @@ MISC_QUEUE = 1 << 32  # a queue cause on vector 0: latched like ICR causes, show
 _SELF_CLEARING = CLEARPBA.mask | SWINT_TRIG.mask | INTENA_MSK.mask
 FaultHook = Callable[[int, Callable[[int], object], threading.RLock], None]
 FAULT_GATE = DEVICE_GATES  # (a FastIrq gate bit of this block)
-POLL_GATE = fi.HOLD  # polling: the poll kernel decides fires; compiled code only re-arms
+POLL_GATE = fi.HOLD  # polling: the poll loop decides fires (the wire loop's polling form fires
+# them itself); other compiled code only re-arms
 _PARAMS = {fi.ENABLE: INTENA.mask, fi.PYTHON: SWINT_TRIG.mask | INTENA_MSK.mask,
            fi.CLEAR: _SELF_CLEARING, fi.IDX_SHIFT: ITR_INDX.lsb,
            fi.IDX_MASK: (1 << ITR_INDX.width) - 1, fi.IDX_NONE: NO_ITR,
@@ -190,8 +191,13 @@ class InterruptBlock:
 
     def fast_args(self) -> tuple[Any, ...] | None:
         """The compiled raiser's arrays (``ArmState.args``) for compiled code that raises
-        itself (the wire loop), once the raiser is armed; None until then, and in polling
-        mode."""
+        itself, once the raiser is armed (None until then): the wire loop
+        (``raise_vectors``); in polling mode its polling form, which holds its causes and fires
+        them under ``HOLD`` (``fire_held``)."""
+        if self._polling:
+            if self.regs.words is not self.arm_state.regs or not self.fast.arm():
+                return None
+            return self.arm_state.args()
         if self._raiser is None and self._load_raiser() is None:
             return None
         return self.arm_state.args()

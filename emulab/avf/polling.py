@@ -172,11 +172,13 @@ class Poller:
         return self._thread.native_id if self._thread is not None else None
 
     def live_changed(self) -> None:
-        """The packet trace is now wanted as it happens: a kernel call under way hands TX
-        bursts to Python from its next loop on (its nap ended). Blocks on nothing."""
+        """The packet trace switched on or off, or wanted as it happens (or no longer): a
+        kernel call under way ends, so the next decides anew whether it records -- and, wanted
+        live, the plain kernel under way hands TX bursts to Python from its next loop on (its
+        nap ended; the wire loop's polling form stands aside). Blocks on nothing."""
         if self.live():
             self.ctl[dp.POLL_FORWARD] = 0
-            self.engine.lock.nudge()  # (the wire loop's polling form returns, and stands aside)
+        self.engine.lock.nudge()
 
     def hold(self, mask: int) -> None:
         """Vectors whose cause Python has latched already: the kernel need not return for them."""
@@ -286,9 +288,15 @@ class Poller:
         assert self.loop is not None
         e, ctl = self.engine, self.ctl
         ctl[dp.POLL_NAP] = round(self.nap * 1e6)
-        reason = self.loop.poll_once(self.regs, self.layout, ctl, MAX_IDLE_WIRE)
+        wants = e.on_mmap_writes is not None and e.traced
+        writes = self._writes if wants else self._writes[:0]
+        ctl[dp.POLL_WRITES] = 0
+        reason = self.loop.poll_once(self.regs, self.layout, ctl, writes, MAX_IDLE_WIRE)
         self.calls += 1
         self.compiled = True
+        seen = int(ctl[dp.POLL_WRITES])
+        if seen and e.on_mmap_writes is not None:
+            e.on_mmap_writes([(w, v) for w, v in writes[:seen].tolist()])
         pending = int(ctl[dp.POLL_PENDING])
         ctl[dp.POLL_PENDING] = 0
         e.raise_later({v for v in range(64) if pending >> v & 1})

@@ -39,6 +39,7 @@ from emulab.avf.datapath.wire_loop import (
     CODE,
     DROPPED,
     ERRNO,
+    FIRED,
     IO,
     KICKS,
     LEFT,
@@ -59,7 +60,7 @@ from emulab.avf.datapath.wire_loop import (
 )
 from emulab.avf.queues import MAX_FRAME
 from emulab.backends.tap_kernel import VNET
-from emulab.pci.fast_irq import IO_WORDS
+from emulab.pci.fast_irq import IO_WORDS, no_arm_state
 
 if TYPE_CHECKING:
     from emulab.avf.queues import QueueEngine
@@ -88,6 +89,7 @@ class WireLoop:
         self._own = (np.zeros((ROWS, VNET), dtype=np.uint8), np.zeros(IO, dtype=np.int64),
                      dp.own_lines(dp.OUT), dp.own_lines(dp.OUT), self.ctl)  # fmt: skip
         self._irq_io = np.zeros(IO_WORDS, dtype=np.int64)
+        self._inert = IrqArgs(*no_arm_state())  # (no vector: fires none)
         self._stopping = False
         self._reclaim_asked = False
         self._returned = threading.Event()
@@ -102,6 +104,11 @@ class WireLoop:
         self.polling = kick_fd < 0  # (the poller's: no doorbells, the tails are in memory)
         self.lent_fd = -1  # (polling mode: the TAP borrowed across calls)
         self.held: tuple[int, int] | None = None  # (polling mode: rows left to offer)
+
+    @property
+    def fired(self) -> int:
+        """Interrupts the polling form fired itself, so far (counted as they happen)."""
+        return int(self.ctl[FIRED])
 
     @property
     def running(self) -> bool:
@@ -242,9 +249,8 @@ class WireLoop:
     # -- polling mode: the poller's thread calls the loop's polling form ------------------------
     def poll_allowed(self) -> bool:
         """Whether the polling form (``poll_wire``) may serve the engine now (looked at without
-        the lock; the call looks again under it): as :meth:`allowed`, and untraced (the packet
-        trace on, the poll kernel and the TAP's reader serve)."""
-        return not self.engine.traced and self._may_serve(polling=True)
+        the lock; the call looks again under it): as :meth:`allowed`."""
+        return self._may_serve(polling=True)
 
     def _may_serve(self, *, polling: bool) -> bool:
         """What either form needs: compiled code, a TAP that lends, no stop or reclaim asked,
@@ -281,20 +287,29 @@ class WireLoop:
             backend.unlend()
             self._returned.set()
 
-    def poll_once(self, regs: Any, layout: Any, pctl: Any, max_idle: int) -> int:
-        """One call of the polling form (holding the engine lock), its counts folded; a batch
-        it could not place is left in :attr:`held` for the caller to offer (without the
-        lock). ``regs``, ``layout`` and ``pctl`` are the poller's (``POLL_*`` words)."""
+    def poll_once(self, regs: Any, layout: Any, pctl: Any, writes: Any, max_idle: int) -> int:
+        """One call of the polling form (holding the engine lock), its counts folded and, with
+        the packet trace on, its frames recorded; a batch it could not place is left in
+        :attr:`held` for the caller to offer (without the lock). ``regs``, ``layout``,
+        ``pctl`` and ``writes`` are the poller's (``POLL_*`` words, the tail writes' rows)."""
         e, ctl = self.engine, self.ctl
-        ctl[TRACED] = 0
-        wire = e.wire(self.burst, self._own, False)
-        reason = int(K.poll_wire(wire, regs, layout, pctl, self.lent_fd, SLICE_NS, max_idle,
-                                 MAX_FRAME))  # fmt: skip
+        traced = e.traced
+        ctl[TRACED] = 1 if traced else 0
+        wire = e.wire(self.burst, self._own, traced)
+        args = e.fast_irq_args()  # (None until the raiser is armed: Python fires)
+        irq = self._inert if args is None else IrqArgs(*args[:-1], self._irq_io)  # type: ignore[call-arg]  # (9 arrays)
+        reason = int(K.poll_wire(wire, irq, regs, layout, pctl, writes, self.lent_fd, SLICE_NS,
+                                 max_idle, MAX_FRAME))  # fmt: skip
         self._fold(reason)
+        if reason in (LOOP_HOLD, LOOP_RX_TRACE) and traced:
+            e.rx_traced(self.burst, int(ctl[TAKEN]))
         if reason == LOOP_HOLD:
             self.held = (int(ctl[TAKEN]), int(ctl[N]))
         elif reason == LOOP_TX_SLOW:
-            e.served(int(ctl[CODE]), None)
+            code = int(ctl[CODE])
+            e.served(code, wire.snap if traced else None)
+            if code == dp.SERVE_SNAP_FULL:  # (the trace's rows taken: the rest of the walk)
+                e.tx_walk_moved()
         elif reason == LOOP_FAILED:
             self.errno = int(ctl[ERRNO])
             e.crashed("wire-loop", OSError(self.errno, os.strerror(self.errno)))

@@ -57,7 +57,7 @@ from emulab.pci.fast_irq import (
     UNIT_NS,
 )
 
-__all__ = ["arm_write", "raise_vectors", "spin_acquire", "spin_release", "warm"]
+__all__ = ["arm_write", "fire_held", "raise_vectors", "spin_acquire", "spin_release", "warm"]
 
 # tries at the spin word before the Python way (with a yield of the CPU every 64): a Python
 # holder may have lost the GIL inside its few lines for a switch interval or two, and waiting
@@ -167,6 +167,42 @@ def raise_vectors(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: An
                 continue
         spin_release(words, LOCK)
     return left
+
+
+@njit(cache=True, nogil=True)
+def fire_held(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
+              fds: Any, notes: Any, io: Any, mask: Any) -> Any:  # fmt: skip
+    """For the loop that decides its vectors' fires (``HOLD``: a polling mode's, which keeps
+    its causes itself, not latched here): each vector of ``mask`` fired if it may fire now --
+    no gate but ``HOLD`` closed, no cause latched here (Python's), its enable bit set, its
+    interval over, a line that delivers. Returns the mask of those fired; the rest stay the
+    loop's, unchanged."""
+    m = np.int64(mask)
+    fired = m ^ m  # (0, of m's type)
+    while m:
+        low = m & -m
+        m ^= low
+        v = 0
+        while (np.int64(1) << v) != low:
+            v += 1
+        if not _ok(regs, ctl_words, itr_words, params, st, words, fds, io, v):
+            continue
+        if not spin_try(words, LOCK, SPIN_TRIES):
+            continue
+        if (
+            (words[GATE] & ~HOLD) == 0
+            and st[v, PEND] == 0
+            and (np.int64(regs[ctl_words[v]]) & params[ENABLE])
+        ):
+            now = _deliverable(regs, itr_words, params, st, fds, io, v)
+            if now >= 0:
+                fd = _fire(regs, ctl_words, params, st, words, fds, notes, v, now)
+                spin_release(words, LOCK)
+                _signal(words, io, fd)
+                fired |= low
+                continue
+        spin_release(words, LOCK)
+    return fired
 
 
 @njit(cache=True, nogil=True)

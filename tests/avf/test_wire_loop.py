@@ -159,11 +159,36 @@ def test_a_batch_without_buffers_is_held_and_then_delivered(rig: Rig) -> None:
 def test_with_the_trace_on_every_frame_is_traced_both_ways(rig: Rig) -> None:
     """The packet trace on: the loop still serves, and comes back for Python to record each
     batch -- every frame through it is traced, RX and TX."""
+    _traced(rig)
+
+
+def test_polling_with_the_trace_on_every_frame_and_tail_is_traced(poll_rig: Rig) -> None:
+    """Polling mode with the packet trace on (``emulab serve``'s default): the polling form
+    still serves the TAP, every frame through it is traced both ways, and every tail the
+    driver stored into the mapped page is a register record (``via="mmap"``)."""
+    from emulab.trace import RegisterRecord
+
+    rig = poll_rig
+    poller = rig.dev.core.poller
+    calls = poller.wire_calls
+    _traced(rig)
+    assert poller.wire_calls > calls
+    # (the trace was off until _traced: every mmap record is of its frames' doorbells)
+    tails = [r for r in rig.dev.trace.snapshot(RegisterRecord) if r.via == "mmap"]
+    names = {r.name.split("[")[0] for r in tails}
+    assert {"QRX_TAIL", "QTX_TAIL"} <= names, names
+    qtx = [r.value for r in tails if r.name.startswith("QTX_TAIL")]
+    assert qtx[-1] == rig.drv.nic.tx[0].next, qtx  # (the last: where the driver's tail is)
+
+
+def _traced(rig: Rig) -> None:
     from emulab.trace import PacketRecord
 
     dev, tap, loop = rig.dev, rig.tap, rig.loop
-    dev.trace.enabled = True
-    wait_until(lambda: loop.calls > 0 and loop.reasons["idle"] > 0, 5, "the loop running")
+    wait_until(lambda: loop.running, 5, "the loop running")
+    calls = loop.calls
+    dev.trace.enabled = True  # (the call under way ends: the next one records)
+    wait_until(lambda: loop.calls > calls, 1, "the loop's call under way to end")
     through_loop, batches = loop.rx_frames, tap.compiled_batches
     traced = frames(10, tag=3)
     for f in traced:
@@ -278,7 +303,8 @@ def test_polling_serves_the_tap_and_the_mapped_tails_in_one_loop(poll_rig: Rig) 
     rig = poll_rig
     dev, tap, loop, poller = rig.dev, rig.tap, rig.loop, rig.dev.core.poller
     assert rig.drv.bar0_maps and not rig.drv.posted  # (tails in memory, writes answered)
-    reader_batches, calls = tap.compiled_batches, poller.wire_calls
+    wait_until(dev.core.irq.fast.arm, 120, "the compiled raiser")
+    reader_batches, calls, fired = tap.compiled_batches, poller.wire_calls, loop.fired
     out = frames(40)
     for k in range(0, 40, 8):
         assert rig.drv.transmit(out[k : k + 8]) == 8
@@ -294,6 +320,40 @@ def test_polling_serves_the_tap_and_the_mapped_tails_in_one_loop(poll_rig: Rig) 
     assert loop.rx_frames >= 40 and tap.compiled_batches == reader_batches
     assert poller.wire_calls > calls and loop.reasons["failed"] == 0 and loop.running
     assert sum(dev.irq_counts[1:]) > 0 and "wire=loop" in dev.core.status_line()
+    assert loop.fired > fired  # (the queue interrupts: fired by the loop itself)
+
+
+def test_polling_leaves_fires_to_python_while_interrupts_are_wanted_live(poll_rig: Rig) -> None:
+    """An interrupt breakpoint's wish (each fire as it happens, from Python): the polling form
+    fires nothing itself meanwhile, and the interrupts still come -- Python's; wish withdrawn,
+    the loop fires again."""
+    from emulab.drivers.iavf_nic import DYN_CTLN
+
+    rig = poll_rig
+    dev, loop = rig.dev, rig.loop
+    wait_until(dev.core.irq.fast.arm, 120, "the compiled raiser")
+    owner = object()
+
+    def exchange(tag: int) -> int:
+        """Frames both ways, the vectors armed first; the interrupts that came."""
+        while rig.drv.service_irqs():  # (acknowledged and re-armed until none is latched)
+            rig.drv.r32(DYN_CTLN)
+        before = sum(dev.irq_counts[1:])
+        out, back = frames(8, tag=tag), frames(8, tag=tag + 1)
+        assert rig.drv.transmit(out) == 8
+        assert [rig.host.recv(2048) for _ in range(8)] == out
+        for f in back:
+            rig.host.send(f)
+        assert receive(rig.drv, 8) == back
+        return sum(dev.irq_counts[1:]) - before
+
+    dev.trace.set_live(owner, ["irq"])
+    try:
+        fired = loop.fired
+        assert exchange(10) > 0 and loop.fired == fired
+    finally:
+        dev.trace.set_live(owner, [])
+    assert exchange(20) > 0 and loop.fired > fired
 
 
 def test_polling_holds_a_batch_without_buffers_and_delivers_it(poll_rig: Rig) -> None:

@@ -80,7 +80,7 @@ def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
 
 
 @raw.helper
-def _logged(writes: Any, ctl: Any, word: Any, value: Any) -> bool:
+def log_write(writes: Any, ctl: Any, word: Any, value: Any) -> bool:
     """Keep a tail write the loop saw for the register trace (none kept without rows); False
     when the rows are full (the loop returns for Python to take them first)."""
     n = writes.shape[0]
@@ -146,7 +146,7 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
         for q in range(rx.shape[0]):
             rt = rx_tail_at(rx, q, regs, layout)
             if rt >= 0:
-                if rt != rx[q, RX_TAIL] and not _logged(writes, ctl, layout[1] + q, rt):
+                if rt != rx[q, RX_TAIL] and not log_write(writes, ctl, layout[1] + q, rt):
                     return POLL_SNAP_FULL
                 rx[q, RX_TAIL] = rt
         busy = False
@@ -154,7 +154,7 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
             tail = tx_tail_at(txt, t, regs, layout)
             if tail < 0:
                 continue
-            if tail != txt[t, TX_TAIL] and not _logged(writes, ctl, layout[0] + t, tail):
+            if tail != txt[t, TX_TAIL] and not log_write(writes, ctl, layout[0] + t, tail):
                 return POLL_SNAP_FULL
             txt[t, TX_TAIL] = tail
             if txt[t, TX_HEAD] == tail:

@@ -8,10 +8,18 @@ poll kernel, each time. :func:`poll_wire` does it all inside one nogil call: it 
 the driver stored into the mapped pages, walks every moved TX ring onto the TAP
 (``tx_serve``), reads a batch from the TAP when there is one (``read_frames``, non-blocking),
 picks and places it (``rx_pick``, ``rx_place``), and keeps each vector's cause
-(``ctl[POLL_PENDING]``) until the driver's INTENA lets it fire -- Python fires, as for the poll
-kernel (``POLL_IRQ``'s rule: ``POLL_HOLD`` are those Python latched). Idle, it yields its CPU,
+(``ctl[POLL_PENDING]``) until the driver's INTENA lets it fire; then it fires it itself
+(``fire_held``: the MSI-X block's ``HOLD`` gate says that this loop decides, and the fast lane's
+re-arms end its nap), counted in ``w.ctl[FIRED]``. What it may not fire (another gate closed, an
+interval not over, the raiser not armed: ``irq`` inert) it returns for Python to, as the poll
+kernel does (``POLL_IRQ``'s rule: ``POLL_HOLD`` are those Python latched). Idle, it yields its CPU,
 then naps in ``ppoll`` on the TAP and the wake eventfd together (``NAP_FIRST`` microseconds,
 doubling up to ``ctl[POLL_NAP]``), so a frame from the host ends a nap at once.
+
+With the packet trace on (``w.ctl[TRACED]``) it returns after each RX batch and each TX walk
+that moved frames, as the wire loop does, and keeps each tail the driver moved in ``writes``
+(``POLL_WRITES`` rows, as the poll kernel: the register trace's records of stores that came as
+no message), returning ``LOOP_SLICE`` when they are full.
 
 It returns (the wire loop's codes, :mod:`emulab.avf.datapath.wire_loop`) for what Python does:
 ``LOOP_STOPPED`` (``ctl[POLL_STOP]``: another thread wants the queues), ``LOOP_SLICE``
@@ -33,6 +41,7 @@ from emulab.avf.datapath.context import RX_TAIL, TX_HEAD, TX_TAIL
 from emulab.avf.datapath.poll_loop import (
     NAP_FIRST,
     POLL_BUSY,
+    POLL_HOLD,
     POLL_LOOPS,
     POLL_NAP,
     POLL_NAPS,
@@ -41,23 +50,27 @@ from emulab.avf.datapath.poll_loop import (
     POLL_WAKE,
     YIELD_AFTER,
     YIELD_EVERY,
+    log_write,
     may_fire,
     rx_tail_at,
     tx_tail_at,
 )
 from emulab.avf.datapath.wire_loop import (
     ERRNO,
+    FIRED,
     LOOP_FAILED,
     LOOP_IDLE,
     LOOP_IRQ,
     LOOP_SLICE,
     LOOP_STOPPED,
+    IrqArgs,
     N,
     Wire,
     rx_batch,
     tx_walk,
 )
 from emulab.native.libc import EINTR, POLLIN, errno, libc, monotonic_ns
+from emulab.pci.fast_irq_kernel import fire_held
 
 __all__ = ["poll_wire"]
 
@@ -68,21 +81,43 @@ _read_fd = libc("read", types.int64, 3)
 
 
 @njit(nogil=True, cache=True)
-def _tails(w: Wire, regs: Any, layout: Any) -> bool:
-    """The tails the driver stored (RX, then TX) into the queue tables; whether a TX ring has
-    frames to walk."""
+def _tails(w: Wire, regs: Any, layout: Any, ctl: Any, writes: Any) -> int:
+    """The tails the driver stored (RX, then TX) into the queue tables, each move kept in
+    ``writes``: 1 if a TX ring has frames to walk, 0 if none, -1 if ``writes`` is full (the
+    tails not yet looked at stay for the next call)."""
     rx, txt = w.path.rx, w.tx
     for q in range(rx.shape[0]):
         rt = rx_tail_at(rx, q, regs, layout)
         if rt >= 0:
+            if rt != rx[q, RX_TAIL] and not log_write(writes, ctl, layout[1] + q, rt):
+                return -1
             rx[q, RX_TAIL] = rt
-    moved = False
+    moved = 0
     for t in range(txt.shape[0]):
         tail = tx_tail_at(txt, t, regs, layout)
         if tail >= 0:
+            if tail != txt[t, TX_TAIL] and not log_write(writes, ctl, layout[0] + t, tail):
+                return -1
             txt[t, TX_TAIL] = tail
-            moved |= txt[t, TX_HEAD] != tail
+            if txt[t, TX_HEAD] != tail:
+                moved = 1
     return moved
+
+
+@njit(nogil=True, cache=True)
+def _fire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any) -> bool:
+    """The causes held whose INTENA is set, fired here (``fire_held``); whether some are left
+    for Python to fire."""
+    if not may_fire(regs, layout, ctl):
+        return False
+    fired = fire_held(irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st, irq.words,
+                      irq.fds, irq.notes, irq.io, ctl[POLL_PENDING] & ~ctl[POLL_HOLD])  # fmt: skip
+    if fired:
+        ctl[POLL_PENDING] &= ~fired
+        while fired:
+            fired &= fired - 1
+            w.ctl[FIRED] += 1
+    return may_fire(regs, layout, ctl)
 
 
 @njit(nogil=True, cache=True)
@@ -109,11 +144,12 @@ def _nap(w: Wire, ctl: Any, fd: Any, usec: Any) -> int:
 
 
 @njit(nogil=True, cache=True)
-def poll_wire(w: Wire, regs: Any, layout: Any, ctl: Any, fd: Any, slice_ns: Any, max_idle: Any,
-              max_frame: Any) -> int:  # fmt: skip
+def poll_wire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: Any, fd: Any,
+              slice_ns: Any, max_idle: Any, max_frame: Any) -> int:  # fmt: skip
     """Serve the TAP ``fd`` (non-blocking, with virtio-net headers) and the tails in ``regs``
-    (the BAR's words in shared memory; ``layout`` as the poll kernel's) until Python must act;
-    ``ctl`` is the poll kernel's (``POLL_*``). See the module's docstring."""
+    (the BAR's words in shared memory; ``layout`` as the poll kernel's) until Python must act,
+    firing with ``irq`` (the raiser's arrays); ``ctl`` is the poll kernel's (``POLL_*``),
+    ``writes`` its rows of tail writes (none: none kept). See the module's docstring."""
     io = w.io
     start = monotonic_ns(io, 8)
     idle = 0
@@ -124,7 +160,10 @@ def poll_wire(w: Wire, regs: Any, layout: Any, ctl: Any, fd: Any, slice_ns: Any,
         if ctl[POLL_STOP]:
             return LOOP_STOPPED
         busy = False
-        if _tails(w, regs, layout):
+        moved = _tails(w, regs, layout, ctl, writes)
+        if moved < 0:
+            return LOOP_SLICE  # (the tail writes' rows full: Python takes them)
+        if moved:
             why, vectors = tx_walk(w, fd)
             if why != LOOP_SLICE:
                 return why
@@ -136,7 +175,7 @@ def poll_wire(w: Wire, regs: Any, layout: Any, ctl: Any, fd: Any, slice_ns: Any,
             busy = True
         if why != LOOP_SLICE:
             return why
-        if may_fire(regs, layout, ctl):
+        if _fire(w, irq, regs, layout, ctl):
             return LOOP_IRQ
         if busy:
             ctl[POLL_BUSY] += 1

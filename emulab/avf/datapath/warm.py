@@ -121,7 +121,18 @@ def extra_steps(maps: int = 1) -> list[tuple[str, Callable[[], object]]]:
     def poll_once() -> None:
         ctl = np.zeros(POLL_CTL, dtype=np.int64)
         ctl[POLL_STOP] = 1
-        poll_wire(wire(), np.zeros(16, np.uint32), np.zeros(4, np.int64), ctl, -1, 1, 1, 9728)
+        poll_wire(
+            wire(),
+            IrqArgs(*no_arm_state()),
+            np.zeros(16, np.uint32),
+            np.zeros(4, np.int64),
+            ctl,
+            np.zeros((0, 2), np.int64),
+            -1,
+            1,
+            1,
+            9728,
+        )
 
     return [("wire_loop", loop_once), ("poll_wire", poll_once)]
 

@@ -73,7 +73,8 @@ __all__ = ["IrqArgs", "Wire", "wire_loop"]
 # ctl words (STOP and WAKE where the engine lock's ``PausingLock`` keeps them)
 STOP, WAKE = POLL_STOP, POLL_WAKE
 LEFT, TAKEN, N, CODE, ERRNO, BATCHES, RX_FRAMES, RX_BYTES = 1, 2, 3, 4, 5, 6, 7, 9
-KICKS, SERVES, DROPPED, LOOPS, TRACED = 10, 11, 12, 13, 14
+KICKS, SERVES, DROPPED, LOOPS, TRACED, FIRED = 10, 11, 12, 13, 14, 15  # (FIRED: the polling
+# form's own fires, counted as they happen and never reset)
 LOOP_CTL = 16
 (LOOP_STOPPED, LOOP_SLICE, LOOP_IDLE, LOOP_IRQ, LOOP_HOLD, LOOP_TX_SLOW, LOOP_RX_ERROR,
  LOOP_FAILED, LOOP_RX_TRACE) = range(9)  # fmt: skip

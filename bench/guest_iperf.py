@@ -200,12 +200,18 @@ def run_avf(
         f"{tap.held}, dropped {tap.counters.dropped}; TX frames written from the device's "
         f"arena {dev.queues.sent_in_place}; TX worker woken {worker.kicks} times; "
         f"interrupts {sum(dev.irq_counts)}, {fast} of them compiled")  # fmt: skip
-    loop = getattr(dev.core.tx_worker, "loop", None)
+    poller = dev.core.poller
+    loop = getattr(dev.core.tx_worker, "loop", None) or getattr(poller, "loop", None)
     if loop is not None:
         why = ", ".join(f"{k} {v}" for k, v in loop.reasons.items() if v)
         say(f"AVF ({mode}) wire loop: {loop.runs} runs, {loop.calls} calls ({why}); "
             f"{loop.batches} RX batches ({loop.rx_frames} frames), {loop.serves} TX walks, "
-            f"{loop.kicks} doorbell wake-ups")  # fmt: skip
+            f"{loop.kicks} doorbell wake-ups, {loop.fired} interrupts fired by its polling "
+            f"form")  # fmt: skip
+    if poller is not None:
+        why = ", ".join(f"{k} {v}" for k, v in poller.reasons.items() if v)
+        say(f"AVF ({mode}) poll kernel: {poller.calls - loop.calls if loop else poller.calls} "
+            f"calls ({why})")  # fmt: skip
     if "tx" not in got or "rx" not in got:
         say(f"AVF ({mode}) run incomplete:\n{run.output[-3000:]}")
     return got

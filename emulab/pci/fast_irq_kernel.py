@@ -88,6 +88,26 @@ def _ok(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: 
 
 
 @njit(cache=True, nogil=True)
+def _lowest(m: Any) -> tuple[Any, int]:
+    """The lowest set bit of the vector mask ``m`` (not 0), and its vector."""
+    low = m & -m
+    v = 0
+    while (np.int64(1) << v) != low:
+        v += 1
+    return low, v
+
+
+@njit(cache=True, nogil=True)
+def _taken(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
+           fds: Any, io: Any, v: Any) -> bool:  # fmt: skip
+    """Whether vector ``v`` lies inside the arrays (``_ok``) and the spin word is now held (its
+    tries, ``SPIN_TRIES``): if not, the vector is left as it is."""
+    return _ok(regs, ctl_words, itr_words, params, st, words, fds, io, v) and spin_try(
+        words, LOCK, SPIN_TRIES
+    )
+
+
+@njit(cache=True, nogil=True)
 def _deliverable(regs: Any, itr_words: Any, params: Any, st: Any, fds: Any, io: Any,  # noqa: PLR0917 -- arrays in
                  v: Any) -> Any:  # fmt: skip
     """The time now (ns) if vector ``v`` may fire now here (its interval over, an eventfd that
@@ -141,15 +161,9 @@ def raise_vectors(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: An
     m = np.int64(mask)
     left = m ^ m  # (0, of m's type)
     while m:
-        low = m & -m
+        low, v = _lowest(m)
         m ^= low
-        v = 0
-        while (np.int64(1) << v) != low:
-            v += 1
-        if not _ok(regs, ctl_words, itr_words, params, st, words, fds, io, v):
-            left |= low
-            continue
-        if not spin_try(words, LOCK, SPIN_TRIES):
+        if not _taken(regs, ctl_words, itr_words, params, st, words, fds, io, v):
             left |= low
             continue
         if words[GATE] != 0:
@@ -177,31 +191,21 @@ def fire_held(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
     no gate but ``HOLD`` closed, no cause latched here (Python's), its enable bit set, its
     interval over, a line that delivers. Returns the mask of those fired; the rest stay the
     loop's, unchanged."""
-    m = np.int64(mask)
-    fired = m ^ m  # (0, of m's type)
-    while m:
-        low = m & -m
-        m ^= low
-        v = 0
-        while (np.int64(1) << v) != low:
-            v += 1
-        if not _ok(regs, ctl_words, itr_words, params, st, words, fds, io, v):
+    fired = np.int64(0)
+    for v in range(1, 63):  # (queue vectors: not 0)
+        if not (mask >> v) & 1 or not _taken(regs, ctl_words, itr_words, params, st, words,
+                                               fds, io, v):  # fmt: skip
             continue
-        if not spin_try(words, LOCK, SPIN_TRIES):
-            continue
-        if (
-            (words[GATE] & ~HOLD) == 0
-            and st[v, PEND] == 0
-            and (np.int64(regs[ctl_words[v]]) & params[ENABLE])
-        ):
+        now = np.int64(-1)
+        if (words[GATE] & ~HOLD) == 0 and st[v, PEND] == 0 and regs[ctl_words[v]] & params[ENABLE]:
             now = _deliverable(regs, itr_words, params, st, fds, io, v)
-            if now >= 0:
-                fd = _fire(regs, ctl_words, params, st, words, fds, notes, v, now)
-                spin_release(words, LOCK)
-                _signal(words, io, fd)
-                fired |= low
-                continue
+        if now < 0:
+            spin_release(words, LOCK)
+            continue
+        fd = _fire(regs, ctl_words, params, st, words, fds, notes, v, now)
         spin_release(words, LOCK)
+        _signal(words, io, fd)
+        fired |= np.int64(1) << v
     return fired
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from emulab.avf import datapath as dp
 from emulab.avf.datapath import KERNELS as K
-from emulab.avf.datapath.wire_loop import Wire
+from emulab.avf.datapath.wire_loop import WIRE, Wire
 from emulab.avf.offload import OFFLOAD_CMD_MASK, apply_tx_offloads
 from emulab.avf.pausing_lock import PausingLock
 from emulab.avf.queue_views import MacFilter, QueueTables, RxQueue, TxQueue
@@ -288,6 +288,19 @@ class QueueEngine:
         for rq, items in by_queue.items():
             self.on_snaps("rx", rq, items)
 
+    def snaps_taken(self, snap: np.ndarray, n: int) -> None:
+        """The packet trace's first ``n`` rows of ``snap`` that compiled code kept: frames TX
+        queues sent (:meth:`snapped`, by TX queue) and frames from the wire delivered to RX
+        queues (``WIRE`` rows, the wire loop's: by RX queue)."""
+        rows = dp.snap_rows_tx(snap, n)
+        for t in sorted({r[0] for r in rows}):
+            if t != WIRE:
+                self.snapped(t, [(n_, rq, d) for tq, n_, rq, d in rows if tq == t])
+            elif self.on_snaps is not None:
+                for rq in sorted({r[2] for r in rows if r[0] == WIRE}):
+                    self.on_snaps("rx", rq, [(n_, d) for tq, n_, q, d in rows
+                                             if tq == WIRE and q == rq])  # fmt: skip
+
     # -- TX --------------------------------------------------------------------------------------
     def tx_tail(self, index: int, tail: int | None = None) -> int:
         """The driver moved a TX tail (``None``: where it is, for a retry): send what is ready.
@@ -519,10 +532,8 @@ class QueueEngine:
         traced = snap is not None
         self.tx_serves += 1
         slow = code == dp.SERVE_SLOW
-        if snap is not None:  # (the packet trace's copies, by TX queue, before anything is raised)
-            rows = dp.snap_rows_tx(snap, int(ctl[dp.SERVE_SNAPS]))
-            for t in sorted({r[0] for r in rows}):
-                self.snapped(t, [(n, rq, d) for tq, n, rq, d in rows if tq == t])
+        if snap is not None:  # (the packet trace's copies, before anything is raised)
+            self.snaps_taken(snap, int(ctl[dp.SERVE_SNAPS]))
         vectors: set[int] = set()
         mask = int(ctl[dp.SERVE_VECTORS])
         while mask:
@@ -556,12 +567,11 @@ class QueueEngine:
         """The packet trace is on (frames are recorded as they move)."""
         return self.on_snaps is not None and self.wants_packets()
 
-    def wire(self, burst: dp.Burst, own: tuple[np.ndarray, ...], traced: bool) -> Wire:
+    def wire(self, burst: dp.Burst, own: tuple[np.ndarray, ...], snap: np.ndarray) -> Wire:
         """The wire loop's context (``emulab.avf.datapath.wire_loop``): guest memory, the
-        queue tables, RSS, this engine's ``tx_serve`` arrays (with the packet trace's rows
-        if ``traced``), and the loop's own ``burst`` and arrays ``own`` (``vh``, ``io``,
+        queue tables, RSS, this engine's ``tx_serve`` arrays, and the loop's own ``burst``,
+        packet-trace rows ``snap`` (none: untraced) and arrays ``own`` (``vh``, ``io``,
         ``rx_out``, ``acc``, ``ctl``); called holding the lock."""
-        snap = (self._work if traced else self._work_untraced).snap
         return Wire(dp.WirePath(self._table.general, self.tables.rx_table, burst),
                     self.rss_context(), self.tables.tx_table, self._gather_to, self._tx_gso,
                     self._serve_vh, self._serve_io, self._out, self._serve_acc,

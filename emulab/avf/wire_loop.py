@@ -11,11 +11,12 @@ port's statistics and lets the lock go until that thread is done.
 Whatever the compiled path does not do, the worker does the Python way between calls: vectors
 the raiser left (an ITR interval, a closed gate), a TX burst ``tx_serve`` left to Python, and
 a held batch (no RX buffers posted: offered again as the driver posts some, with the TX
-doorbells served meanwhile). With the packet trace on, the loop comes back after each batch
-for Python to record its frames. While the loop may not run -- the kernel not compiled yet,
-packets wanted live (a packet breakpoint), a fault injected, another wire -- the worker gives
-the TAP back and walks the
-TX rings per doorbell as before; it looks again at least every ``LOOK`` seconds (and the loop
+doorbells served meanwhile). With the packet trace on, the kernel keeps each frame's first
+bytes in the loop's trace rows, and Python records them when the call returns (the rows full,
+or a busy slice over: within ``SLICE_NS`` of the frame). While the loop may not run -- the
+kernel not compiled yet, packets wanted live (a packet breakpoint), a fault injected, another
+wire -- the worker gives the TAP back and walks the TX rings per doorbell as before; it looks
+again at least every ``LOOK`` seconds (and the loop
 itself every ``SLICE`` while busy, ``IDLE_MS`` while idle).
 """
 
@@ -46,7 +47,6 @@ from emulab.avf.datapath.wire_loop import (
     LOOP_CTL,
     LOOP_FAILED,
     LOOP_HOLD,
-    LOOP_RX_TRACE,
     LOOP_TX_SLOW,
     REASONS,
     RX_BYTES,
@@ -71,6 +71,8 @@ SLICE_NS = 20_000_000  # a busy loop returns this often, for Python to fold its 
 IDLE_MS = 50  # an idle loop returns this often, for Python to look whether it may still run
 LOOK = 0.05  # seconds between looks while the loop may not run
 WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the queues
+SNAP_ROWS = 2048  # packet-trace rows per call while the trace is on (a call returns to record
+# them when they are full: at most every 32 batches or walks, not after each)
 ROWS, ROW = 64, 65536 + 256  # the TAP's batch and row (emulab.backends.tap, not imported
 # by a device that has no TAP)
 
@@ -86,6 +88,7 @@ class WireLoop:
         self.ctl = dp.own_lines(LOOP_CTL)
         self.ctl[WAKE] = -1
         self.burst = new_burst(ROWS, ROW, MAX_FRAME)  # (the TAP's batch: its pages as frames come)
+        self._snap = dp.work_areas(SNAP_ROWS).snap  # (the packet trace's rows, kept by the kernel)
         self._own = (np.zeros((ROWS, VNET), dtype=np.uint8), np.zeros(IO, dtype=np.int64),
                      dp.own_lines(dp.OUT), dp.own_lines(dp.OUT), self.ctl)  # fmt: skip
         self._irq_io = np.zeros(IO_WORDS, dtype=np.int64)
@@ -202,9 +205,7 @@ class WireLoop:
         """One kernel call and what Python does after it (holding the engine lock)."""
         e = self.engine
         ctl = self.ctl
-        traced = e.traced
-        ctl[TRACED] = 1 if traced else 0
-        wire = e.wire(self.burst, self._own, traced)
+        wire = self._wire()
         reason = int(K.wire_loop(wire, irq, fd, self.kick_fd, SLICE_NS, IDLE_MS,
                                  MAX_FRAME))  # fmt: skip
         self._fold(reason)
@@ -212,16 +213,34 @@ class WireLoop:
         ctl[LEFT] = 0
         if left:
             e.raise_later({v for v in range(64) if left >> v & 1})
-        if reason in (LOOP_HOLD, LOOP_RX_TRACE) and traced:
-            e.rx_traced(self.burst, int(ctl[TAKEN]))
+        self._after(wire, reason)
+        return reason
+
+    def _wire(self) -> Any:
+        """The kernel's context for a call now: with the packet trace's rows if it is on."""
+        traced = self.engine.traced
+        self.ctl[TRACED] = 1 if traced else 0
+        wire = self.engine.wire(self.burst, self._own, self._snap if traced else self._snap[:0])
+        wire.serve[dp.SERVE_SNAPS] = 0
+        return wire
+
+    def _after(self, wire: Any, reason: int) -> None:
+        """What either form's call left to Python: the packet trace's rows (recorded), a TX
+        walk ``tx_serve`` left (``LOOP_TX_SLOW``: the rest the Python way), a failure."""
+        e, ctl = self.engine, self.ctl
+        traced = wire.snap.shape[0] > 0
         if reason == LOOP_TX_SLOW:
             code = int(ctl[CODE])
-            e.served(code, wire.snap if traced else None)
+            e.served(code, wire.snap if traced else None)  # (the trace's rows too)
             if code == dp.SERVE_SNAP_FULL:  # (the trace's rows taken: the rest of the walk)
                 e.tx_walk_moved()
+        elif traced and wire.serve[dp.SERVE_SNAPS]:
+            e.snaps_taken(wire.snap, int(wire.serve[dp.SERVE_SNAPS]))
+        wire.serve[dp.SERVE_SNAPS] = 0
+        if reason == LOOP_HOLD:
+            self.held = (int(ctl[TAKEN]), int(ctl[N])) if self.polling else None
         elif reason == LOOP_FAILED:
             self.errno = int(ctl[ERRNO])
-        return reason
 
     def _fold(self, reason: int) -> None:
         """A kernel call that returned ``reason``, counted; the counts since the last call into
@@ -292,26 +311,15 @@ class WireLoop:
         the packet trace on, its frames recorded; a batch it could not place is left in
         :attr:`held` for the caller to offer (without the lock). ``regs``, ``layout``,
         ``pctl`` and ``writes`` are the poller's (``POLL_*`` words, the tail writes' rows)."""
-        e, ctl = self.engine, self.ctl
-        traced = e.traced
-        ctl[TRACED] = 1 if traced else 0
-        wire = e.wire(self.burst, self._own, traced)
+        e = self.engine
+        wire = self._wire()
         args = e.fast_irq_args()  # (None until the raiser is armed: Python fires)
         irq = self._inert if args is None else IrqArgs(*args[:-1], self._irq_io)  # type: ignore[call-arg]  # (9 arrays)
         reason = int(K.poll_wire(wire, irq, regs, layout, pctl, writes, self.lent_fd, SLICE_NS,
                                  max_idle, MAX_FRAME))  # fmt: skip
         self._fold(reason)
-        if reason in (LOOP_HOLD, LOOP_RX_TRACE) and traced:
-            e.rx_traced(self.burst, int(ctl[TAKEN]))
-        if reason == LOOP_HOLD:
-            self.held = (int(ctl[TAKEN]), int(ctl[N]))
-        elif reason == LOOP_TX_SLOW:
-            code = int(ctl[CODE])
-            e.served(code, wire.snap if traced else None)
-            if code == dp.SERVE_SNAP_FULL:  # (the trace's rows taken: the rest of the walk)
-                e.tx_walk_moved()
-        elif reason == LOOP_FAILED:
-            self.errno = int(ctl[ERRNO])
+        self._after(wire, reason)
+        if reason == LOOP_FAILED:
             e.crashed("wire-loop", OSError(self.errno, os.strerror(self.errno)))
         return reason
 

@@ -24,10 +24,12 @@ raiser). It returns to Python only for what Python does:
   words, as ``QueueEngine.served`` takes them);
 * ``LOOP_RX_ERROR``: an RX ring failed (the counts name it: ``OUT_RX_TOUCHED``);
 * ``LOOP_FAILED``: ``poll`` or the TAP failed (``ctl[ERRNO]``);
-* ``LOOP_RX_TRACE``: with the packet trace on (``ctl[TRACED]``), after each RX batch with
-  frames delivered (rows ``0:ctl[TAKEN]``), for Python to record them. TX walks then keep the
-  trace's copies in ``w.snap`` and return each as ``LOOP_TX_SLOW`` (``ctl[CODE]`` whatever
-  ``tx_serve`` returned), for Python to record and count them (``QueueEngine.served``).
+* ``LOOP_RX_TRACE``: with the packet trace on (``ctl[TRACED]``), the trace's rows
+  (``w.snap``, ``w.serve[SERVE_SNAPS]`` of them used) might not hold the next batch: Python
+  records them and calls again. Every TX walk keeps its frames' rows there (``tx_serve``), and
+  every RX batch the frames it delivered (``WIRE`` rows: no TX queue, their RX queue), across
+  walks, batches and returns of other kinds; Python records them after each call
+  (``QueueEngine.snaps_taken``) and starts the next with none.
 
 Counts: ``w.acc`` sums the ``OUT_*`` results of every RX burst and TX walk since Python last
 folded them; ``ctl`` counts the batches read (``BATCHES``, ``RX_FRAMES``, ``RX_BYTES``), the
@@ -42,9 +44,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import njit, types
 
+from emulab.avf.datapath import raw
 from emulab.avf.datapath.context import (
     OUT,
-    OUT_RX_FRAMES,
     OUT_RX_MASK,
     OUT_RX_TOUCHED,
     RX_ERROR,
@@ -55,7 +57,7 @@ from emulab.avf.datapath.context import (
 )
 from emulab.avf.datapath.general_path import rx_pick
 from emulab.avf.datapath.poll_loop import POLL_STOP, POLL_WAKE
-from emulab.avf.datapath.ring_to_ring import add_out, rx_place
+from emulab.avf.datapath.ring_to_ring import SNAP, add_out, rx_place
 from emulab.avf.datapath.tx_serve import (
     SERVE_CTL,
     SERVE_DROPPED,
@@ -82,6 +84,7 @@ REASONS = ("stopped", "slice", "idle", "irq", "hold", "tx-slow", "rx-error", "fa
            "rx-trace")  # fmt: skip
 IO = 16  # io words: three pollfds [0:3], the read's iovecs [2:6] after the wait, a clock [8:10],
 # an eventfd's 8 bytes [10], the read's bytes and errno [6], [7] (tap_kernel's IO_BYTES, IO_ERRNO)
+WIRE = 0xFFFF  # a trace row's TX queue for a frame from the wire (``_snap_rx``)
 QUIET_MS = 1  # after work, a wait this long with nothing to do returns (``LOOP_SLICE``)
 
 _poll = libc("poll", types.int32, 3)
@@ -146,13 +149,15 @@ def tx_walk(w: Wire, fd: Any) -> tuple[int, Any]:
     """Every moved TX ring onto the TAP (``tx_serve``): ``LOOP_SLICE`` (done) with the vectors
     to raise, or ``LOOP_TX_SLOW``."""
     serve, sacc, ctl = w.serve, w.serve_acc, w.ctl
+    kept = serve[SERVE_SNAPS]  # (the trace's rows: kept across walks and batches)
     for c in range(SERVE_CTL):
         serve[c] = 0
+    serve[SERVE_SNAPS] = kept
     for c in range(OUT):
         sacc[c] = 0
     code = tx_serve(w.path.maps, w.tx, w.gather, w.gso, fd, w.wvh, w.wio, w.out, sacc, serve,
                     w.snap)  # fmt: skip
-    if code != SERVED or (ctl[TRACED] and serve[SERVE_SNAPS]):
+    if code != SERVED:
         ctl[CODE] = code
         return LOOP_TX_SLOW, 0  # (its words stay as they are, for Python)
     ctl[SERVES] += 1
@@ -181,6 +186,9 @@ def rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
     path, ctl, io, out = w.path, w.ctl, w.io, w.rx_out
     burst = path.burst
     ctl[N] = 0
+    traced = ctl[TRACED] != 0
+    if traced and w.serve[SERVE_SNAPS] + burst.frames.shape[0] > w.snap.shape[0]:
+        return LOOP_RX_TRACE, 0  # (the trace's rows full: Python takes them first)
     n = read_frames(fd, burst.frames, burst.lens, w.vh, burst.gso, io)
     if n == FAILED:
         ctl[ERRNO] = io[IO_ERRNO]
@@ -194,6 +202,8 @@ def rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
     rx_pick(burst, n, w.rss, rx, max_frame)
     taken = rx_place(path, n, True, out)
     add_out(w.acc, out)
+    if traced:
+        _snap_rx(w, taken)
     mask = out[OUT_RX_MASK]
     vectors = np.int64(0)
     failed = False
@@ -208,9 +218,29 @@ def rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
         return LOOP_HOLD, vectors
     if failed:
         return LOOP_RX_ERROR, vectors
-    if ctl[TRACED] and out[OUT_RX_FRAMES]:
-        return LOOP_RX_TRACE, vectors
     return LOOP_SLICE, vectors
+
+
+@njit(nogil=True, cache=True)
+def _snap_rx(w: Wire, taken: Any) -> None:
+    """The packet trace's rows of the frames ``rx_place`` delivered from the first ``taken``
+    rows of the burst (``rx_batch`` made room): length, RX queue, no TX queue (``WIRE``), the
+    first ``SNAP`` bytes (``ring_to_ring.snap_rows_tx``)."""
+    burst, snap, serve = w.path.burst, w.snap, w.serve
+    at = np.int64(snap.ctypes.data)
+    stride = np.int64(snap.strides[0])
+    for i in range(taken):
+        if burst.done[i] == 0:
+            continue
+        r = serve[SERVE_SNAPS]
+        length = burst.lens[i]
+        snap[r, 0] = (
+            np.uint64(length) | (np.uint64(burst.queue[i] & 0xFFFF) << np.uint64(32))
+            | (np.uint64(WIRE) << np.uint64(48))
+        )  # fmt: skip
+        raw.copy(at + r * stride + 8, burst.frames.ctypes.data + i * burst.frames.strides[0],
+                 min(length, SNAP))  # fmt: skip
+        serve[SERVE_SNAPS] = r + 1
 
 
 @njit(nogil=True, cache=True)

@@ -10,15 +10,15 @@ the driver stored into the mapped pages, walks every moved TX ring onto the TAP
 picks and places it (``rx_pick``, ``rx_place``), and keeps each vector's cause
 (``ctl[POLL_PENDING]``) until the driver's INTENA lets it fire; then it fires it itself
 (``fire_held``: the MSI-X block's ``HOLD`` gate says that this loop decides, and the fast
-lane's re-arms end its nap), counted in ``w.ctl[FIRED]`` -- before it returns for anything else
-too (a batch to record, or held). What it may not fire (another gate closed, an interval not
-over, the raiser not armed: ``irq`` inert) it returns for Python to, as the poll kernel does
-(``POLL_IRQ``'s rule: ``POLL_HOLD`` are those Python latched). Idle, it yields its CPU,
+lane's re-arms end its nap), counted in ``w.ctl[FIRED]`` -- before it returns for anything
+else too (the trace's rows full, a batch held). What it may not fire (another gate closed, an
+interval not over, the raiser not armed: ``irq`` inert) it returns for Python to, as the poll
+kernel does (``POLL_IRQ``'s rule: ``POLL_HOLD`` are those Python latched). Idle, it yields its CPU,
 then naps in ``ppoll`` on the TAP and the wake eventfd together (``NAP_FIRST`` microseconds,
 doubling up to ``ctl[POLL_NAP]``), so a frame from the host ends a nap at once.
 
-With the packet trace on (``w.ctl[TRACED]``) it returns after each RX batch and each TX walk
-that moved frames, as the wire loop does, and keeps each tail the driver moved in ``writes``
+With the packet trace on (``w.ctl[TRACED]``) it keeps the frames' rows as the wire loop does
+(``LOOP_RX_TRACE`` when they are full), and each tail the driver moved in ``writes``
 (``POLL_WRITES`` rows, as the poll kernel: the register trace's records of stores that came as
 no message), returning ``LOOP_SLICE`` when they are full.
 
@@ -56,9 +56,7 @@ from emulab.avf.datapath.poll_loop import (
     rx_tail_at,
     tx_tail_at,
 )
-from emulab.avf.datapath.tx_serve import SERVE_VECTORS, SERVED
 from emulab.avf.datapath.wire_loop import (
-    CODE,
     ERRNO,
     FIRED,
     LOOP_FAILED,
@@ -169,11 +167,7 @@ def poll_wire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: A
         if moved:
             why, vectors = tx_walk(w, fd)
             if why != LOOP_SLICE:
-                if w.ctl[CODE] == SERVED:  # (traced: a whole walk, for Python to record)
-                    ctl[POLL_PENDING] |= w.serve[SERVE_VECTORS]
-                    w.serve[SERVE_VECTORS] = 0
-                    _fire(w, irq, regs, layout, ctl)
-                return why
+                return why  # (LOOP_TX_SLOW: Python walks the rest, and raises its vectors)
             ctl[POLL_PENDING] |= vectors
             busy = True
         why, vectors = rx_batch(w, fd, max_frame)
@@ -181,7 +175,7 @@ def poll_wire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: A
         if w.ctl[N] > 0:
             busy = True
         if why != LOOP_SLICE:
-            _fire(w, irq, regs, layout, ctl)  # (a batch to record, or held: its causes first)
+            _fire(w, irq, regs, layout, ctl)  # (rows full, or a batch held: its causes first)
             return why
         if _fire(w, irq, regs, layout, ctl):
             return LOOP_IRQ

@@ -113,6 +113,23 @@ def test_t_is_stamped_when_recorded_and_increases() -> None:
     assert late.t == 0.0 and off.snapshot() == [] and off.counts() == {}
 
 
+def test_switching_the_trace_on_or_off_tells_the_live_listeners() -> None:
+    """A model's compiled loop decides per call whether it records: switching ``enabled`` is
+    told like a change of the kinds wanted live (and setting it to what it is, not)."""
+    trace = Trace()
+    calls: list[bool] = []
+    stop = trace.on_live_change(lambda: calls.append(trace.enabled))
+    trace.enabled = True  # (no change)
+    trace.enabled = False
+    trace.enabled = False
+    trace.enabled = True
+    trace.capacity = 10  # (another field: nothing)
+    assert calls == [False, True]
+    stop()
+    trace.enabled = False
+    assert calls == [False, True] and not trace.enabled
+
+
 def test_counts_by_kind_name_include_what_the_buffer_dropped() -> None:
     trace = Trace(capacity=5)
     for n in range(8):

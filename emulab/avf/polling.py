@@ -282,21 +282,31 @@ class Poller:
         e.tx_walk_moved()
         e.flush()
 
+    def _tail_writes(self, traced: bool) -> np.ndarray:
+        """The rows a kernel call keeps the driver's tail stores in (none while untraced, or
+        with nobody to record them), counted from 0."""
+        self.ctl[dp.POLL_WRITES] = 0
+        wanted = traced and self.engine.on_mmap_writes is not None
+        return self._writes if wanted else self._writes[:0]
+
+    def _writes_seen(self, writes: np.ndarray) -> None:
+        """The tail stores the call kept, to the register trace."""
+        seen = int(self.ctl[dp.POLL_WRITES])
+        record = self.engine.on_mmap_writes
+        if seen and record is not None:
+            record([(w, v) for w, v in writes[:seen].tolist()])
+
     def _once_wire(self) -> int:
         """One call of the wire loop's polling form (holding the engine lock): the poll
         kernel's rules for interrupts (``POLL_PENDING``: Python raises them) and naps."""
         assert self.loop is not None
         e, ctl = self.engine, self.ctl
         ctl[dp.POLL_NAP] = round(self.nap * 1e6)
-        wants = e.on_mmap_writes is not None and e.traced
-        writes = self._writes if wants else self._writes[:0]
-        ctl[dp.POLL_WRITES] = 0
+        writes = self._tail_writes(e.traced)
         reason = self.loop.poll_once(self.regs, self.layout, ctl, writes, MAX_IDLE_WIRE)
         self.calls += 1
         self.compiled = True
-        seen = int(ctl[dp.POLL_WRITES])
-        if seen and e.on_mmap_writes is not None:
-            e.on_mmap_writes([(w, v) for w, v in writes[:seen].tolist()])
+        self._writes_seen(writes)
         pending = int(ctl[dp.POLL_PENDING])
         ctl[dp.POLL_PENDING] = 0
         e.raise_later({v for v in range(64) if pending >> v & 1})
@@ -311,15 +321,14 @@ class Poller:
         if fd >= 0 and self.loop is not None and self.loop.poll_allowed():
             return self._once_wire()
         e = self.engine
-        snaps = e.on_snaps is not None and e.wants_packets()
-        writes = self._writes if snaps and e.on_mmap_writes is not None else self._writes[:0]
+        snaps = e.traced
+        writes = self._tail_writes(snaps)
         fast = e.fast_path(self._work if snaps else self._work_untraced)
         ctx = dp.Polling(fast, e.tables.tx_table, self.regs, self.layout, self.ctl, writes)
         acc = self._acc
         acc[:] = 0
         ctl = self.ctl
         ctl[dp.POLL_SNAPS] = 0
-        ctl[dp.POLL_WRITES] = 0
         ctl[dp.POLL_FORWARD] = 1 if e.ring_to_ring and not self.live() else 0
         # Until the compiled loop is loaded the interpreted one runs: it returns after a few
         # idle loops instead of napping inside, so that the next call can be the compiled one.
@@ -330,9 +339,7 @@ class Poller:
         name = ("idle", "irq", "stopped", "error", "snap-full", "kick")[reason]
         self.reasons[name] += 1
         # what the kernel did (the queue tables it updated in place): counters, the trace
-        seen = int(ctl[dp.POLL_WRITES])
-        if seen and e.on_mmap_writes is not None:
-            e.on_mmap_writes([(w, v) for w, v in writes[:seen].tolist()])
+        self._writes_seen(writes)
         vectors: set[int] = set()
         e.account(acc, vectors)
         e.looped_back(acc)

@@ -44,7 +44,7 @@ from emulab.trace import (
     Trace,
 )
 
-__all__ = ["MODES", "TAIL_PAGES", "AvfCore", "ResetKind", "VirtchnlHandler"]
+__all__ = ["MODES", "POLL_PAGES", "AvfCore", "ResetKind", "VirtchnlHandler"]
 
 Reply = tuple[int, bytes] | None
 VirtchnlHandler = Callable[[int, bytes], Reply]
@@ -52,9 +52,12 @@ MODES = ("interrupt", "poll")
 OP_RESET_VF = 2
 RESET_DELAY = 0.02  # the PF resets the VF shortly after completing the request, as hardware does
 _WORD = 4
-TAIL_PAGES = (  # QTX_TAIL and QRX_TAIL (and VFINT_ITRN) pages: mmap-able in polling mode
+# mmap-able in polling mode: the QTX_TAIL, the QRX_TAIL (and VFINT_ITRN) and the VFINT_DYN_CTLN
+# pages -- the doorbells and the interrupt re-arms, which a driver only stores to
+POLL_PAGES = (
     (REGISTER["QTX_TAIL"].offset, 0x1000),
     (REGISTER["QRX_TAIL"].offset, 0x1000),
+    (REGISTER["VFINT_DYN_CTLN"].offset & ~0xFFF, 0x1000),
 )
 # word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01 and DYN_CTLN[0]: the poll kernel's layout
 _QTX, _QRX, _CTL01, _CTLN = (
@@ -159,7 +162,8 @@ class AvfCore:
         BUILDER.subscribe(self._kernels_trace)
         if poll:  # (the wire loop's polling form serves a TAP: see Poller)
             self.poller = Poller(self.queues, regs.words, POLL_LAYOUT, live=self._packets_live,
-                                 fast=self.irq.fast, loop=WireLoop(self.queues, -1))  # fmt: skip
+                                 fast=self.irq.fast, loop=WireLoop(self.queues, -1),
+                                 mark=self.irq.mark, take_arms=self._take_arms)  # fmt: skip
         self._live_stop = trace.on_live_change(self._live_changed)
         if self.poller is not None:
             self.poller.start()
@@ -189,6 +193,18 @@ class AvfCore:
 
     def _queue_cause(self, vector: int) -> None:
         self.irq.queue_cause(vector)
+
+    def _take_arms(self) -> None:
+        """Polling: the driver's stores into the mapped DYN_CTLN page that the poll loop left
+        to Python (a software trigger, a fire that waits for an interval or a breakpoint),
+        each applied as the same write in a message would be -- the hook stores the word
+        TAKEN -- and traced as a store into the page."""
+        with self.lock:
+            stores = self.irq.untaken()
+            if stores and self.trace.enabled:
+                self._mmap_trace(stores)
+            for word, value in stores:
+                self.regs.write(_WORD * word, _WORD, value)
 
     def _mmap_trace(self, writes: Sequence[tuple[int, int]]) -> None:
         """Tail writes the client made into the mmapped pages (word index, value), as the
@@ -257,6 +273,7 @@ class AvfCore:
             self.regs.set("VFGEN_RSTAT", ResetState.IN_PROGRESS)
             with self.irq.fast.held():  # (no compiled fire mid-way through the words)
                 self.regs.reset()
+                self.irq.mark_taken()
             self.admin_queue.reset()
             self.queues.reset()
             self.irq.reset()

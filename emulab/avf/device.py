@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from emulab.avf import datapath as dp
 from emulab.avf import faults as avf_faults
-from emulab.avf.core import MODES, TAIL_PAGES, AvfCore, ResetKind, VirtchnlHandler
+from emulab.avf.core import MODES, POLL_PAGES, AvfCore, ResetKind, VirtchnlHandler
 from emulab.avf.pf import PfConfig
 from emulab.avf.registers import BAR0_SIZE, MAX_VECTORS, REGISTER, REGISTERS
 from emulab.backends.base import PacketBackend
@@ -69,7 +69,7 @@ class AvfDevice(PciDevice):
         add_pcie(config)
         regs = RegisterFile("avf-bar0", BAR0_SIZE, REGISTERS)
         bar0 = self.add_bar(Bar(0, BAR0_SIZE, BarKind.MEM64), "registers")
-        bar0.add_registers(0, regs, mmap_pages=TAIL_PAGES if mode == "poll" else ())
+        bar0.add_registers(0, regs, mmap_pages=POLL_PAGES if mode == "poll" else ())
         self.add_bar(Bar(MSIX_BAR, MSIX_BAR_SIZE, BarKind.MEM64), "msix")
         self.msix = self.add_msix(MAX_VECTORS, bar=MSIX_BAR, table_offset=0, pba_offset=MSIX_PBA)
         self.core = AvfCore(

@@ -22,10 +22,16 @@ counts live in an array (``st``) for that, and everything here that reads or wri
 DYN_CTL word, does so holding the MSI-X block's spin word (``fast.held()``), never while it
 calls out. The compiled raiser stays out while an interrupt fault is on, in polling mode (the
 poll kernel is told of latched causes, ``hold``) and until its kernels are loaded. In polling
-mode the fast lane still applies a driver's re-arm (``HOLD``: QEMU waits for a reply to every
-BAR write once the tails are mmapped), firing a cause latched here and telling the poll kernel
+mode the fast lane still applies a driver's re-arm that comes as a message (``HOLD``: a client
+that does not map the DYN_CTLN page), firing a cause latched here and telling the poll kernel
 so, or ending the kernel's nap when it holds a cause for that vector (``FastIrq.set_nudge``),
 as :meth:`InterruptBlock._dyn_ctl`'s ``rearmed`` does.
+
+Polling mode maps the DYN_CTLN page: every queue vector's word the device stores carries
+``TAKEN`` (:attr:`InterruptBlock.mark`), so that one without it is a store of the driver's not
+taken yet (:meth:`InterruptBlock.untaken`) -- no cause fires on it until the poll loop has
+applied it; ``st[v, CTL]`` keeps the word as the device stored it last, which such a store
+replaced.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from emulab.avf.registers import MAX_VECTORS, REGISTER
 from emulab.pci import fast_irq as fi
 from emulab.pci.fast_irq import (
     COUNT,
+    CTL,
     DEVICE_GATES,
     HEAD,
     IRQ_COLS,
@@ -60,6 +67,7 @@ SWINT_TRIG = _CTL.field("swint_trig")
 ITR_INDX = _CTL.field("itr_indx")
 INTERVAL = _CTL.field("interval")
 INTENA_MSK = _CTL.field("intena_msk")
+TAKEN = REGISTER["VFINT_DYN_CTLN"].field("taken")
 ICR_ADMINQ = REGISTER["VFINT_ICR01"].field("adminq").mask
 ICR_SWINT = REGISTER["VFINT_ICR01"].field("swint").mask
 ENA_ADMINQ = REGISTER["VFINT_ICR0_ENA1"].field("adminq").mask
@@ -76,7 +84,7 @@ _PARAMS = {fi.ENABLE: INTENA.mask, fi.PYTHON: SWINT_TRIG.mask | INTENA_MSK.mask,
            fi.CLEAR: _SELF_CLEARING, fi.IDX_SHIFT: ITR_INDX.lsb,
            fi.IDX_MASK: (1 << ITR_INDX.width) - 1, fi.IDX_NONE: NO_ITR,
            fi.IVL_SHIFT: INTERVAL.lsb, fi.IVL_MASK: (1 << INTERVAL.width) - 1,
-           fi.UNIT_NS: round(ITR_UNIT * 1e9)}  # fmt: skip
+           fi.UNIT_NS: round(ITR_UNIT * 1e9), fi.MARK: 0}  # fmt: skip
 
 
 class InterruptBlock:
@@ -115,6 +123,10 @@ class InterruptBlock:
         params = np.zeros(fi.PARAMS, dtype=np.int64)
         for k, value in _PARAMS.items():
             params[k] = value
+        # polling: the DYN_CTLN page is the client's to map, and every word the device stores
+        # there carries TAKEN; one without it is a driver's store the poll loop has not taken
+        self.mark = TAKEN.mask if self._polling else 0
+        params[fi.MARK] = self.mark
         # what the compiled raiser (and the fast lane's re-arms) take: emulab.pci.fast_irq
         self.arm_state = ArmState(
             regs.words,
@@ -133,6 +145,25 @@ class InterruptBlock:
                       stores=True)  # fmt: skip
         regs.on_write("VFINT_ICR0_ENA1", lambda i, old, new: self._misc_update())
         regs.on_read("VFINT_ICR01", self._read_icr)
+        self.mark_taken()
+
+    def mark_taken(self) -> None:
+        """Polling: every DYN_CTLN word as the device holds it (at start, after a reset that
+        stored the reset values) marked TAKEN -- no store of the driver's to take."""
+        if self.mark:
+            with self.fast.held():
+                words = self.arm_state.ctl_words[1:]
+                self.regs.words[words] |= self.mark
+                self.st[1:, CTL] = self.regs.words[words]
+
+    def untaken(self) -> list[tuple[int, int]]:
+        """Polling: the DYN_CTLN words that hold a store of the driver's the device has not
+        taken (no TAKEN), as (word index, value)."""
+        if not self.mark:
+            return []
+        words = self.arm_state.ctl_words[1:]
+        values = self.regs.words[words]
+        return [(int(w), int(x)) for w, x in zip(words, values, strict=True) if not x & self.mark]
 
     def _word(self, name: str, index: int) -> int:
         reg = self.regs.register(name)
@@ -251,6 +282,8 @@ class InterruptBlock:
         w = self.arm_state.ctl_words[vector]
         with self.fast.held():
             old = int(self.regs.words[w])
+            if vector and old & self.mark != self.mark:  # (a store into the mapped page took
+                old = int(self.st[vector, CTL])  # the word's place: the device's is kept here)
             if INTENA_MSK.get(new):  # this write must not change INTENA
                 new = (new & ~INTENA.mask) | (old & INTENA.mask)
             itr = ITR_INDX.get(new)
@@ -259,6 +292,9 @@ class InterruptBlock:
                 self.regs.set(itr_name, INTERVAL.get(new), itr_index)
             swint = SWINT_TRIG.get(new)
             new &= ~_SELF_CLEARING
+            if vector:
+                new |= self.mark
+                self.st[vector, CTL] = new
             self.regs.set(name, new, index)
             if swint and vector:
                 self.st[vector, PEND] = 1
@@ -299,13 +335,14 @@ class InterruptBlock:
         itr = self.itr_seconds(vector)
         with self.fast.held():
             ctl = self.regs.get(name, index)
-            if not INTENA.get(ctl):
-                return
+            if not INTENA.get(ctl) or (vector and ctl & self.mark != self.mark):
+                return  # (a driver's store not taken yet: taking it fires the latched cause)
             now = time.monotonic_ns()
             wait = (int(self.st[vector, LAST_NS]) + round(itr * 1e9) - now) / 1e9
             if wait <= 0:
                 self.st[vector, LAST_NS] = now
                 self.regs.set(name, ctl & ~INTENA.mask, index)
+                self.st[vector, CTL] = ctl & ~INTENA.mask
                 self.st[vector, PEND] = 0
                 self.st[vector, COUNT] += 1
         if wait > 0:

@@ -1,13 +1,22 @@
 """The polling mode's thread: the queue engine's tail registers watched by one nogil call.
 
 In polling mode the AVF offers the pages of BAR0 that hold the tail registers (QTX_TAIL at
-0x0000, QRX_TAIL at 0x2000) as sparse-mmap areas: the client (QEMU, or emulab's own) maps them,
-and a driver's doorbell becomes a plain store into shared memory -- no vfio-user message, no
-vCPU exit to QEMU's vfio-user code. Nothing tells the device; this thread notices, by running
+0x0000, QRX_TAIL at 0x2000) and the queue vectors' re-arms (VFINT_DYN_CTLN at 0x3800) as
+sparse-mmap areas: the client (QEMU, or emulab's own) maps them, and a driver's doorbell or
+re-arm becomes a plain store into shared memory -- no vfio-user message, no vCPU exit to QEMU's
+vfio-user code. Nothing tells the device; this thread notices, by running
 :func:`emulab.avf.datapath.poll`, which watches the tails and moves frames ring to ring without
 returning to Python. It returns when Python must act: an interrupt to raise (a queue vector with
 a cause and INTENA set), a frame for the general path (offloads, or a wire that is not the
-loopback), an error, a full packet-trace buffer, or a lock wanted by another thread.
+loopback), an error, a full packet-trace buffer, a lock wanted by another thread, or a re-arm
+the compiled code may not apply (``POLL_ARM``: :meth:`AvfCore._take_arms` applies it).
+
+A re-arm store replaces the control word the device kept there, so the device marks every
+DYN_CTLN word it stores (``TAKEN``, a reserved bit; the interrupt block's ``mark``): a word
+without the mark is the driver's store not yet taken. The loops take such stores (the wire
+loop's polling form itself, with ``arm_taken``: the word replaced only if no newer store came)
+before they decide any fire, and the model keeps the word's previous value (``st[v, CTL]``) for
+a write that keeps INTENA as it was.
 
 The trade-off, for the README and the notebooks:
 
@@ -21,10 +30,12 @@ The trade-off, for the README and the notebooks:
   0.5 ms by default, a poll between naps), so an idle polling device costs a few percent of a
   core, and the first doorbell after a quiet spell waits up to ``nap``. A thread that needs the
   queues (a frame from the wire, a configuration change) or re-arms an interrupt the loop holds
-  a cause for ends the nap at once through an eventfd. Because any mmap-able region makes QEMU
-  stop posting writes (``vfio_user_disable_posted_writes``: read-after-write ordering can no
-  longer follow the socket), every *other* BAR write -- interrupt re-arms, admin-queue tails --
-  becomes a synchronous round trip.
+  a cause for ends the nap at once through an eventfd (a re-arm stored into memory ends none:
+  while a cause waits for one, the naps are the first, 20 us, only). Because any mmap-able
+  region makes QEMU stop posting writes (``vfio_user_disable_posted_writes``: read-after-write
+  ordering can no longer follow the socket), every *other* BAR write -- the admin queue's
+  tails -- becomes a synchronous round trip; the re-arms were the bulk of them, which is why
+  their page is mapped as well.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ import numpy as np
 
 from emulab.avf import datapath as dp
 from emulab.avf.datapath import KERNELS as K
-from emulab.avf.datapath.wire_loop import LOOP_IDLE, LOOP_STOPPED
+from emulab.avf.datapath.wire_loop import LOOP_ARM, LOOP_IDLE, LOOP_STOPPED
 
 if TYPE_CHECKING:
     from emulab.avf.queues import QueueEngine
@@ -60,6 +71,8 @@ WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the qu
 AFTER_STOP = 0.0002
 PR_SET_TIMERSLACK = 29
 INTERPRETED_NAP = 0.001  # seconds between calls of the interpreted loop while idle
+ARM_WORDS = 16  # the DYN_CTLN words a mapped page holds (vectors 1..16)
+REASONS = ("idle", "irq", "stopped", "error", "snap-full", "kick", "arm")  # (POLL_*, in order)
 SNAP_ROWS = 4096  # packet-trace rows per call while the trace is on
 WRITE_ROWS = 1024  # tail writes kept per call while the trace is on
 
@@ -84,6 +97,8 @@ class Poller:
         live: Callable[[], bool] = lambda: False,
         fast: FastIrq | None = None,
         loop: WireLoop | None = None,
+        mark: int = 0,
+        take_arms: Callable[[], None] = lambda: None,
     ) -> None:
         """``layout``: word indexes of QTX_TAIL[0], QRX_TAIL[0], DYN_CTL01, DYN_CTLN[0];
         ``nap``: the longest nap of an idle loop, in seconds (0: the kernel returns instead);
@@ -93,7 +108,10 @@ class Poller:
         MSI-X block's compiled-interrupt state, whose re-arms (the fast lane's) end the
         kernel's nap when it holds a cause for the vector (``FastIrq.set_nudge``); ``loop``:
         the engine's wire loop, whose polling form serves a TAP in place of the poll kernel and
-        the TAP's reader (:meth:`WireLoop.poll_once`) whenever it may."""
+        the TAP's reader (:meth:`WireLoop.poll_once`) whenever it may; ``mark``: with the
+        DYN_CTLN page mapped, the bit every control word the device stored carries (0: not
+        mapped), and ``take_arms()`` applies the driver's stores there that the kernel left
+        to Python (called without the engine lock)."""
         self.engine = engine
         self.fast = fast
         self.loop = loop
@@ -103,6 +121,9 @@ class Poller:
         self.live = live
         self.ctl = dp.own_lines(dp.POLL_CTL)  # the kernel's control words
         self.ctl[dp.POLL_WAKE] = -1
+        self.ctl[dp.POLL_MARK] = mark
+        self.ctl[dp.POLL_ARMS] = ARM_WORDS if mark else 0
+        self.take_arms = take_arms
         self._acc = dp.own_lines(dp.OUT)
         self._work = dp.work_areas(SNAP_ROWS)
         self._work_untraced = self._work._replace(snap=self._work.snap[:0])
@@ -112,7 +133,7 @@ class Poller:
         self.cpus: frozenset[int] | None = None  # the CPUs the poll thread may run on (pin())
         self.calls = 0  # kernel calls, and why each returned
         self.compiled = False  # the last call ran the compiled loop (not the interpreted)
-        self.reasons = dict.fromkeys(("idle", "irq", "stopped", "error", "snap-full", "kick"), 0)
+        self.reasons = dict.fromkeys(REASONS, 0)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Poller:
@@ -236,6 +257,8 @@ class Poller:
                 with e.lock:
                     reason = self._once(fd)
                 e.flush()  # frames the general path held back, and every vector to raise
+                if reason == dp.POLL_ARM:  # (the device's lock: not under the engine's)
+                    self.take_arms()
                 self._offer_held()
             except Exception as exc:  # a bug: reported, and the poller carries on
                 e.crashed("poll", exc)
@@ -312,6 +335,8 @@ class Poller:
         e.raise_later({v for v in range(64) if pending >> v & 1})
         if reason == LOOP_STOPPED:
             return dp.POLL_STOPPED
+        if reason == LOOP_ARM:
+            return dp.POLL_ARM
         return dp.POLL_IDLE if reason == LOOP_IDLE else dp.POLL_IRQ
 
     def _once(self, fd: int = -1) -> int:
@@ -336,7 +361,7 @@ class Poller:
         ctl[dp.POLL_NAP] = round(self.nap * 1e6) if compiled else 0
         reason = int(K.poll(ctx, dp.BURST_POLL, MAX_IDLE if compiled else 4, acc))
         self.calls += 1
-        name = ("idle", "irq", "stopped", "error", "snap-full", "kick")[reason]
+        name = REASONS[reason]
         self.reasons[name] += 1
         # what the kernel did (the queue tables it updated in place): counters, the trace
         self._writes_seen(writes)

@@ -33,6 +33,13 @@ def _dyn_ctl_fields() -> tuple[Field, ...]:
         Field("swint_trig", 2, doc="software-triggered interrupt (self-clearing)"),
         Field("itr_indx", 3, 2, doc="which ITR the interval update applies to (3: none)"),
         Field("interval", 5, 12, doc="ITR interval in 2 us units"),
+        Field(
+            "taken",
+            23,
+            access=Access.RO,
+            doc="emulab, polling mode: the device took the "
+            "driver's store into the mapped DYN_CTLN page (reserved: a driver writes 0)",
+        ),
         Field("sw_itr_indx_ena", 24),
         Field("sw_itr_indx", 25, 2),
         Field("wb_on_itr", 30, doc="write back descriptors on ITR expiry, no interrupt"),

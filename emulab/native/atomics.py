@@ -1,6 +1,8 @@
 """Atomic operations on int64 words of a numpy array, for numba code: a compare-and-swap and
 a release store, both sequentially consistent where they must be, and a spin word built of
-them (:func:`spin_try`, :func:`spin_acquire`, :func:`spin_release`).
+them (:func:`spin_try`, :func:`spin_acquire`, :func:`spin_release`); and a compare-and-swap of
+a uint32 word (:func:`cas32_at`: a register page a client maps, which its driver stores into
+while the device changes bits of it).
 
 A spin word lets Python code and compiled code that runs without the GIL share a few words of
 state without a Python lock: whoever holds it (0: free, 1: held) changes the words. Its holders
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from llvmlite import ir  # type: ignore[import-untyped]
 from numba import njit, types
 from numba.extending import intrinsic
@@ -20,7 +23,15 @@ from numba.extending import intrinsic
 from emulab.native.cache import guard_module
 from emulab.native.libc import libc
 
-__all__ = ["add64", "cas64", "spin_acquire", "spin_release", "spin_try", "store_release64"]
+__all__ = [
+    "add64",
+    "cas32_at",
+    "cas64",
+    "spin_acquire",
+    "spin_release",
+    "spin_try",
+    "store_release64",
+]
 
 guard_module(__file__)  # (before any kernel of this module loads)
 
@@ -40,6 +51,23 @@ def _cas_typer(typingctx: Any, addr: Any, expected: Any, new: Any) -> Any:
 
 
 cas64: Any = intrinsic(_cas_typer)
+
+
+def _cas32_typer(typingctx: Any, addr: Any, expected: Any, new: Any) -> Any:
+    """Compare-and-swap of the uint32 at ``addr`` (4-byte aligned, checked by the caller):
+    ``new`` if it held ``expected`` (both their low 32 bits); returns what it held (seq_cst)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        ptr = builder.inttoptr(args[0], i32.as_pointer())
+        pair = builder.cmpxchg(ptr, builder.trunc(args[1], i32), builder.trunc(args[2], i32),
+                               "seq_cst", "seq_cst")  # fmt: skip
+        return builder.zext(builder.extract_value(pair, 0), ir.IntType(64))
+
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+_cas32: Any = intrinsic(_cas32_typer)
 
 
 def _store_release_typer(typingctx: Any, addr: Any, value: Any) -> Any:
@@ -69,6 +97,19 @@ def add64(words: Any, i: Any, delta: Any) -> Any:
         if seen == old:
             return old + delta
         old = seen
+
+
+@njit(cache=True, nogil=True)
+def cas32_at(words: Any, i: Any, expected: Any, new: Any) -> bool:
+    """Store ``new`` into the uint32 ``words[i]`` if it still holds ``expected``, atomically
+    against another CPU's plain store (a guest driver's, into a page its VMM mapped); whether
+    it did (False too for an index out of range, or words not 4 bytes wide)."""
+    if i < 0 or i >= words.shape[0] or words.itemsize != 4:
+        return False
+    addr = words.ctypes.data + 4 * i
+    want = np.int64(expected) & 0xFFFFFFFF
+    held: int = _cas32(addr, want, np.int64(new) & 0xFFFFFFFF)
+    return held == want
 
 
 @njit(cache=True, nogil=True)

@@ -77,11 +77,15 @@ DEVICE_GATES = 1 << 8  # the first gate bit a device may use
 # (``st``: the latched cause, the last fire in CLOCK_MONOTONIC ns, the count of fires) and its
 # ``params``: the control word's enable bit, the write bits left to Python, the self-clearing
 # bits, the interval index field (shift, width mask, the value that sets none), the interval
-# field (shift, width mask), and the interval's unit in ns
-PEND, LAST_NS, COUNT = 0, 1, 2
-IRQ_COLS = 3
+# field (shift, width mask), the interval's unit in ns, and the mark (0: none) every control
+# word the device stores carries: in a page the client maps, a word without it is a store of
+# the driver's that the device has not taken yet (see ``arm_taken``)
+PEND, LAST_NS, COUNT, CTL = 0, 1, 2, 3  # (CTL: the control word as the device last stored it
+# -- what a driver's store into a mapped page replaced, for a write that keeps a bit as it was)
+IRQ_COLS = 4
 ENABLE, PYTHON, CLEAR, IDX_SHIFT, IDX_MASK, IDX_NONE, IVL_SHIFT, IVL_MASK, UNIT_NS = range(9)
-PARAMS = 9
+MARK = 9
+PARAMS = 10
 IO_WORDS = 4  # the kernels' scratch: a timespec [0:2], the 8 bytes an eventfd write adds [2]
 
 # the kernels (emulab.pci.fast_irq_kernel, and the spin word's), compiled by a child process

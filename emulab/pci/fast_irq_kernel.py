@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 from numba import njit, types
 
-from emulab.native.atomics import add64, spin_acquire, spin_release, spin_try
+from emulab.native.atomics import add64, cas32_at, spin_acquire, spin_release, spin_try
 from emulab.native.cache import guard_module
 from emulab.native.libc import libc, load64, monotonic_ns, store64
 from emulab.pci import fast_irq
 from emulab.pci.fast_irq import (
     CLEAR,
     COUNT,
+    CTL,
     ENABLE,
     GATE,
     HEAD,
@@ -49,6 +50,7 @@ from emulab.pci.fast_irq import (
     IVL_SHIFT,
     LAST_NS,
     LOCK,
+    MARK,
     NUDGE_AT,
     NUDGE_FD,
     PARAMS,
@@ -57,7 +59,15 @@ from emulab.pci.fast_irq import (
     UNIT_NS,
 )
 
-__all__ = ["arm_write", "fire_held", "raise_vectors", "spin_acquire", "spin_release", "warm"]
+__all__ = [
+    "arm_taken",
+    "arm_write",
+    "fire_held",
+    "raise_vectors",
+    "spin_acquire",
+    "spin_release",
+    "warm",
+]
 
 # tries at the spin word before the Python way (with a yield of the CPU every 64): a Python
 # holder may have lost the GIL inside its few lines for a switch interval or two, and waiting
@@ -108,6 +118,14 @@ def _taken(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, word
 
 
 @njit(cache=True, nogil=True)
+def _enabled(regs: Any, w: Any, params: Any) -> bool:
+    """Whether control word ``regs[w]`` lets a cause fire: its enable bit set, in a word the
+    device stored (``MARK``; a driver's store not taken yet is not the model's state)."""
+    x = np.int64(regs[w])
+    return bool(x & params[ENABLE]) and (x & params[MARK]) == params[MARK]
+
+
+@njit(cache=True, nogil=True)
 def _deliverable(regs: Any, itr_words: Any, params: Any, st: Any, fds: Any, io: Any,  # noqa: PLR0917 -- arrays in
                  v: Any) -> Any:  # fmt: skip
     """The time now (ns) if vector ``v`` may fire now here (its interval over, an eventfd that
@@ -130,7 +148,9 @@ def _fire(regs: Any, ctl_words: Any, params: Any, st: Any, words: Any, fds: Any,
     the count of writes in flight, under the spin word; returns the eventfd for
     :func:`_signal` to write once the spin word is let go."""
     w = ctl_words[v]
-    regs[w] = np.int64(regs[w]) & ~params[ENABLE]
+    x = np.int64(regs[w])  # (a driver's store that lands meanwhile stands: to be taken next)
+    cas32_at(regs, w, x, x & ~params[ENABLE])
+    st[v, CTL] = x & ~params[ENABLE]
     st[v, LAST_NS] = now
     st[v, PEND] = 0
     st[v, COUNT] += 1
@@ -168,7 +188,7 @@ def raise_vectors(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: An
             continue
         if words[GATE] != 0:
             left |= low
-        elif not np.int64(regs[ctl_words[v]]) & params[ENABLE]:
+        elif not _enabled(regs, ctl_words[v], params):
             st[v, PEND] = 1  # fired already: the cause waits for the driver's re-arm
         else:
             now = _deliverable(regs, itr_words, params, st, fds, io, v)
@@ -197,7 +217,7 @@ def fire_held(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
                                                fds, io, v):  # fmt: skip
             continue
         now = np.int64(-1)
-        if (words[GATE] & ~HOLD) == 0 and st[v, PEND] == 0 and regs[ctl_words[v]] & params[ENABLE]:
+        if (words[GATE] & ~HOLD) == 0 and st[v, PEND] == 0 and _enabled(regs, ctl_words[v], params):
             now = _deliverable(regs, itr_words, params, st, fds, io, v)
         if now < 0:
             spin_release(words, LOCK)
@@ -213,8 +233,27 @@ def fire_held(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
 def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
               fds: Any, notes: Any, io: Any, v: Any, value: Any) -> bool:  # fmt: skip
     """A driver's write of ``value`` to vector ``v``'s control word, applied (the interval it
-    sets, the word stored without its self-clearing bits, a latched cause fired if that sets
-    the enable bit) when nothing of it is Python's; whether it was (if not, nothing changed)."""
+    sets, the word stored without its self-clearing bits and with ``MARK``, a latched cause
+    fired if that sets the enable bit) when nothing of it is Python's; whether it was (if
+    not, nothing changed)."""
+    return _arm(regs, ctl_words, itr_words, params, st, words, fds, notes, io, v, value, False)
+
+
+@njit(cache=True, nogil=True)
+def arm_taken(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
+              fds: Any, notes: Any, io: Any, v: Any, value: Any) -> bool:  # fmt: skip
+    """:func:`arm_write` of a store the driver made straight into vector ``v``'s control word
+    (a page the client maps: ``value`` is what the word holds, without ``MARK``): the word
+    replaced by the applied one only if it still holds ``value`` -- if the driver stored again
+    meanwhile, that later store is the one to take, and this one is done with (True; a mapped
+    page keeps the last store, as memory does)."""
+    return _arm(regs, ctl_words, itr_words, params, st, words, fds, notes, io, v, value, True)
+
+
+@njit(cache=True, nogil=True)
+def _arm(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
+         fds: Any, notes: Any, io: Any, v: Any, value: Any, taken: Any) -> bool:  # fmt: skip
+    """:func:`arm_write` (``taken``: :func:`arm_taken`)."""
     if not _ok(regs, ctl_words, itr_words, params, st, words, fds, io, v):
         return False
     value = np.int64(value) & 0xFFFFFFFF
@@ -243,9 +282,15 @@ def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
         if now < 0:  # a timer to arm, or no line: Python applies the whole write
             spin_release(words, LOCK)
             return False
+    stored = (value & ~params[CLEAR]) | params[MARK]
+    if not taken:
+        regs[ctl_words[v]] = stored
+    elif not cas32_at(regs, ctl_words[v], value, stored):  # (a later store: taken next)
+        spin_release(words, LOCK)
+        return True
+    st[v, CTL] = stored
     if idx != params[IDX_NONE]:
         regs[itr_words[v, idx]] = (value >> params[IVL_SHIFT]) & params[IVL_MASK]
-    regs[ctl_words[v]] = value & ~params[CLEAR]
     if fire:
         fd = _fire(regs, ctl_words, params, st, words, fds, notes, v, now)
         if gate != 0:  # (HOLD: the cause is no longer latched, the loop may fire it again)
@@ -253,7 +298,8 @@ def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
         spin_release(words, LOCK)
         _signal(words, io, fd)
         return True
-    nudge = _nudge_fd(words, v) if value & params[ENABLE] else -1
+    nudge = _nudge_fd(words, v) if value & params[ENABLE] and not taken else -1  # (taken: by
+    # the loop that the nudge would wake)
     spin_release(words, LOCK)
     if nudge >= 0:
         _signal(words, io, nudge)
@@ -287,6 +333,7 @@ def warm() -> None:
     io = np.zeros(IO_WORDS, dtype=np.int64)
     raise_vectors(regs, idx, itr, params, st, words, fds, notes, io, np.int64(2))
     arm_write(regs, idx, itr, params, st, words, fds, notes, io, np.int64(1), np.int64(0))
+    arm_taken(regs, idx, itr, params, st, words, fds, notes, io, np.int64(1), np.int64(0))
     spin_acquire(words, 0)  # (Python's side of the spin word)
     spin_release(words, 0)
 

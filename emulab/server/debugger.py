@@ -17,8 +17,8 @@ Where each kind holds which thread, and the locks it holds there:
 ``break_on`` (a register)
     the session's thread, between decoding the access and replying: a write *before* the
     device sees it, a read *after* it answered (the value to return is known and may be
-    changed). No lock. Stores into a region the client mmapped (the AVF's tail pages in
-    polling mode) take no message and cannot be stopped.
+    changed). No lock. Stores into a region the client mmapped (the AVF's tail and re-arm
+    pages in polling mode) take no message and cannot be stopped.
 ``break_on_virtchnl``
     the thread that walks the admin queue -- the session's, handling the driver's ATQT
     doorbell write -- once the PF has handled the request (its status is in the record;

@@ -440,3 +440,40 @@ def test_polling_gives_the_tap_back_when_it_closes(poll_rig: Rig) -> None:
     assert poll_rig.drv.transmit(frames(4)) == 4
     wait_until(lambda: poller.calls > calls, 5, "the poller carrying on")
     assert not loop.running and loop.reasons["failed"] == 0
+
+
+def test_polling_re_arms_are_stores_the_loop_takes_itself(poll_rig: Rig) -> None:
+    """Polling mode maps the DYN_CTLN page too: the driver's interrupt re-arms are stores into
+    memory, no message, each taken by the polling form itself (compiled), the word marked
+    TAKEN, and the next causes fire at once; a software trigger stored there is Python's to
+    apply, and it fires too."""
+    from emulab.avf.interrupts import INTENA_MSK, ITR_INDX, NO_ITR, SWINT_TRIG
+    from emulab.drivers.iavf_nic import DYN_CTLN
+
+    rig = poll_rig
+    dev, loop, irq = rig.dev, rig.loop, rig.dev.core.irq
+    wait_until(irq.fast.arm, 120, "the compiled raiser")
+    taken = irq.mark
+
+    def writes() -> int:
+        return int(rig.srv.stats.by_command.get("REGION_WRITE", 0))
+
+    while rig.drv.service_irqs():  # (acknowledged and re-armed until none is latched)
+        rig.drv.r32(DYN_CTLN)
+    messages, fired, arms = writes(), loop.fired, loop.reasons["arm"]
+    for tag in range(6):
+        before = dev.irq_counts[1]
+        out = frames(4, tag=2 * tag)
+        assert rig.drv.transmit(out) == 4
+        assert [rig.host.recv(2048) for _ in range(4)] == out
+        wait_until(lambda b=before: dev.irq_counts[1] > b, 5, "the cause's interrupt")
+        assert rig.drv.service_irqs() == 1  # (the re-arm: a store, which the loop takes)
+        wait_until(lambda: rig.drv.r32(DYN_CTLN) & taken, 5, "the re-arm taken")
+    assert writes() == messages  # (tails and re-arms alike: stores into mapped pages)
+    assert loop.fired >= fired + 6 and loop.reasons["arm"] == arms
+
+    before = dev.irq_counts[1]
+    rig.drv.w32(DYN_CTLN, INTENA_MSK.mask | SWINT_TRIG.mask | NO_ITR << ITR_INDX.lsb)
+    wait_until(lambda: dev.irq_counts[1] > before, 5, "the software-triggered interrupt")
+    assert loop.reasons["arm"] > arms and rig.drv.r32(DYN_CTLN) & taken
+    assert writes() == messages and loop.running

@@ -31,7 +31,8 @@ from emulab.avf.datapath.ring_to_ring import ERR_SLOW_PATH, add_out, forward
 BURST_POLL = 64  # frames per forward call inside the poll loop
 POLL_STOP, POLL_HOLD, POLL_PENDING, POLL_LOOPS, POLL_SNAPS, POLL_QUEUE, POLL_FORWARD = range(7)
 POLL_NAP, POLL_WAKE, POLL_NAPS, POLL_WRITES, POLL_BUSY, POLL_FULL = 7, 8, 9, 10, 11, 12
-POLL_CTL = 13
+POLL_MARK, POLL_ARMS = 13, 14  # the DYN_CTLN page mapped: the TAKEN mark, and its words
+POLL_CTL = 15
 NAP_FIRST = 20  # microseconds: the first nap of an idle spell (each next one doubles)
 # empty loops between yields of the CPU (sched_yield) before the naps begin: while traffic
 # flows the loop never naps, and on a CPU it shares (a 2-core host: the TAP's reader, QEMU's
@@ -40,7 +41,7 @@ NAP_FIRST = 20  # microseconds: the first nap of an idle spell (each next one do
 # between bursts of a busy ring (a yield is a system call: ~1 us here)
 YIELD_AFTER = 256
 YIELD_EVERY = 16
-POLL_IDLE, POLL_IRQ, POLL_STOPPED, POLL_ERROR, POLL_SNAP_FULL, POLL_KICK = range(6)
+POLL_IDLE, POLL_IRQ, POLL_STOPPED, POLL_ERROR, POLL_SNAP_FULL, POLL_KICK, POLL_ARM = range(7)
 INTENA_BIT = 1
 
 
@@ -62,7 +63,9 @@ def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
     ends a nap early, -1: none), ``POLL_NAPS`` (naps taken, counted), ``POLL_WRITES`` (rows
     of ``ctx.writes`` used: each tail the loop saw the driver move, as its register's word
     index and value, for the register trace; zero rows: none kept), ``POLL_BUSY`` (loops that
-    moved a frame, counted) and ``POLL_FULL`` (bursts that took the whole ``budget``).
+    moved a frame, counted), ``POLL_FULL`` (bursts that took the whole ``budget``), and with
+    the DYN_CTLN page mapped ``POLL_MARK`` (the bit every control word the device stored
+    carries; 0: not mapped) and ``POLL_ARMS`` (its words).
 
     Idleness: past ``YIELD_AFTER`` loops with nothing moved, it yields its CPU every
     ``YIELD_EVERY`` (a thread that waits for it runs first); after ``max_idle``, the loop naps
@@ -71,7 +74,9 @@ def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
     needs no GIL to resume. A thread that wants the loop to return sets ``POLL_STOP`` and
     writes the eventfd. With ``POLL_NAP`` 0 the call returns ``POLL_IDLE`` instead of napping.
 
-    Returns why it stopped: ``POLL_IRQ`` (a pending vector's INTENA is set: Python fires it),
+    Returns why it stopped: ``POLL_ARM`` (a re-arm the driver stored into the mapped page,
+    not yet taken: Python applies it, before any fire), ``POLL_IRQ`` (a pending vector's
+    INTENA is set: Python fires it),
     ``POLL_KICK`` (a TX queue needs the general path), ``POLL_ERROR``, ``POLL_SNAP_FULL`` (the
     packet trace's or the tail writes' rows are full),
     ``POLL_STOPPED``, or ``POLL_IDLE`` (no naps) after ``max_idle`` loops with nothing to do."""
@@ -115,15 +120,43 @@ def tx_tail_at(txt: Any, t: Any, regs: Any, layout: Any) -> Any:
 @raw.helper
 def may_fire(regs: Any, layout: Any, ctl: Any) -> bool:
     """Whether a vector the loop holds a cause for (``POLL_PENDING``, and not ``POLL_HOLD``:
-    Python latched it) has INTENA set in its control word."""
+    Python latched it) has INTENA set in its control word (a queue vector's, with the DYN_CTLN
+    page mapped: as the device took it -- ``POLL_MARK`` -- not a driver's store yet to take)."""
     fire = ctl[POLL_PENDING] & ~ctl[POLL_HOLD]
     if fire:
         for v in range(64):
             if (fire >> v) & 1:
                 w = layout[2] if v == 0 else layout[3] + v - 1
-                if regs[w] & INTENA_BIT:
+                if not 0 <= w < regs.shape[0]:
+                    continue
+                x = np.int64(regs[w])
+                mark = ctl[POLL_MARK] if v else 0
+                if x & INTENA_BIT and (x & mark) == mark:
                     return True
     return False
+
+
+@raw.helper
+def untaken(regs: Any, layout: Any, ctl: Any) -> Any:
+    """With the DYN_CTLN page mapped (``POLL_MARK``): the first of its ``POLL_ARMS`` words
+    that holds a store of the driver's the device has not taken (no mark), as its index
+    (vector - 1), or -1."""
+    mark = ctl[POLL_MARK]
+    if mark:
+        for i in range(min(ctl[POLL_ARMS], regs.shape[0] - layout[3])):
+            if not np.int64(regs[layout[3] + i]) & mark:
+                return np.int64(i)
+    return np.int64(-1)
+
+
+@raw.helper
+def nap_for(ctl: Any, nap: Any) -> Any:
+    """How long an idle loop naps: ``nap``, or with the DYN_CTLN page mapped and a cause held
+    (the loop's or Python's) no more than ``NAP_FIRST`` -- the driver's re-arm that lets it
+    fire is a store into memory, which ends no nap."""
+    if ctl[POLL_MARK] and (ctl[POLL_PENDING] | ctl[POLL_HOLD]):
+        return min(nap, np.int64(NAP_FIRST))
+    return nap
 
 
 # Without numba's runtime, as ``forward`` (see ring_to_ring): nothing here allocates.
@@ -143,6 +176,8 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
         ctl[POLL_LOOPS] += 1  # (a store to ctl: its loads below stay in the loop)
         if ctl[POLL_STOP]:
             return POLL_STOPPED
+        if untaken(regs, layout, ctl) >= 0:
+            return POLL_ARM  # (before any fire: Python takes the driver's re-arm first)
         for q in range(rx.shape[0]):
             rt = rx_tail_at(rx, q, regs, layout)
             if rt >= 0:
@@ -205,5 +240,5 @@ def _poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any, out: Any) -> int: 
                 if longest <= 0:
                     return POLL_IDLE
                 ctl[POLL_NAPS] += 1
-                raw.wait(ctl[POLL_WAKE], min(nap, longest))
+                raw.wait(ctl[POLL_WAKE], nap_for(ctl, min(nap, longest)))
                 nap = min(nap * 2, longest)

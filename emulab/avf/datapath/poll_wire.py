@@ -22,6 +22,12 @@ With the packet trace on (``w.ctl[TRACED]``) it keeps the frames' rows as the wi
 (``POLL_WRITES`` rows, as the poll kernel: the register trace's records of stores that came as
 no message), returning ``LOOP_SLICE`` when they are full.
 
+With the DYN_CTLN page mapped (``ctl[POLL_MARK]``) each loop first takes the re-arms the
+driver stored there (``arm_taken``: the interval, INTENA, a latched cause fired; the word
+marked), kept in ``writes`` as the tails are; one it may not apply (a software trigger, a gate
+closed, a fire that must wait) it returns for, ``LOOP_ARM``. While a cause waits for a re-arm
+it naps ``NAP_FIRST`` at most: a store ends no nap.
+
 It returns (the wire loop's codes, :mod:`emulab.avf.datapath.wire_loop`) for what Python does:
 ``LOOP_STOPPED`` (``ctl[POLL_STOP]``: another thread wants the queues), ``LOOP_SLICE``
 (``slice_ns`` busy, a busy spell over: the counts folded; or a nap ended by the wake eventfd,
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from numba import njit, types
 
 from emulab.avf.datapath import raw
@@ -44,21 +51,26 @@ from emulab.avf.datapath.poll_loop import (
     POLL_BUSY,
     POLL_HOLD,
     POLL_LOOPS,
+    POLL_MARK,
     POLL_NAP,
     POLL_NAPS,
     POLL_PENDING,
     POLL_STOP,
     POLL_WAKE,
+    POLL_WRITES,
     YIELD_AFTER,
     YIELD_EVERY,
     log_write,
     may_fire,
+    nap_for,
     rx_tail_at,
     tx_tail_at,
+    untaken,
 )
 from emulab.avf.datapath.wire_loop import (
     ERRNO,
     FIRED,
+    LOOP_ARM,
     LOOP_FAILED,
     LOOP_IDLE,
     LOOP_IRQ,
@@ -71,7 +83,7 @@ from emulab.avf.datapath.wire_loop import (
     tx_walk,
 )
 from emulab.native.libc import EINTR, POLLIN, errno, libc, monotonic_ns
-from emulab.pci.fast_irq_kernel import fire_held
+from emulab.pci.fast_irq_kernel import arm_taken, fire_held
 
 __all__ = ["poll_wire"]
 
@@ -103,6 +115,29 @@ def _tails(w: Wire, regs: Any, layout: Any, ctl: Any, writes: Any) -> int:
             if txt[t, TX_HEAD] != tail:
                 moved = 1
     return moved
+
+
+@njit(nogil=True, cache=True)
+def _arms(irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: Any) -> int:
+    """The driver's re-arms stored into the mapped DYN_CTLN page and not yet taken, each
+    applied (``arm_taken``) and kept in ``writes``: ``LOOP_SLICE`` when done, ``LOOP_ARM``
+    for one that is Python's to apply (a software trigger, a gate closed, a timer to arm), or
+    -1: ``writes`` full."""
+    if not ctl[POLL_MARK]:
+        return LOOP_SLICE
+    while True:
+        i = untaken(regs, layout, ctl)
+        if i < 0:
+            return LOOP_SLICE
+        if writes.shape[0] and ctl[POLL_WRITES] >= writes.shape[0]:
+            return -1
+        x = np.int64(regs[layout[3] + i])
+        if x & ctl[POLL_MARK]:
+            continue  # (taken meanwhile)
+        if not arm_taken(irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st, irq.words,
+                         irq.fds, irq.notes, irq.io, i + 1, x):  # fmt: skip
+            return LOOP_ARM
+        log_write(writes, ctl, layout[3] + i, x)
 
 
 @njit(nogil=True, cache=True)
@@ -160,6 +195,9 @@ def poll_wire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: A
         ctl[POLL_LOOPS] += 1
         if ctl[POLL_STOP]:
             return LOOP_STOPPED
+        why = _arms(irq, regs, layout, ctl, writes)
+        if why != LOOP_SLICE:
+            return LOOP_SLICE if why < 0 else why  # (rows full: Python takes them; or Python's)
         busy = False
         moved = _tails(w, regs, layout, ctl, writes)
         if moved < 0:
@@ -197,7 +235,7 @@ def poll_wire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: A
             if longest <= 0:
                 return LOOP_IDLE
             ctl[POLL_NAPS] += 1
-            why = _nap(w, ctl, fd, min(nap, longest))
+            why = _nap(w, ctl, fd, nap_for(ctl, min(nap, longest)))
             if why != LOOP_IDLE:
                 return why  # (woken: Python looks whether it may still run)
             nap = min(nap * 2, longest)

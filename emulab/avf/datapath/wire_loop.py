@@ -79,9 +79,9 @@ KICKS, SERVES, DROPPED, LOOPS, TRACED, FIRED = 10, 11, 12, 13, 14, 15  # (FIRED:
 # form's own fires, counted as they happen and never reset)
 LOOP_CTL = 16
 (LOOP_STOPPED, LOOP_SLICE, LOOP_IDLE, LOOP_IRQ, LOOP_HOLD, LOOP_TX_SLOW, LOOP_RX_ERROR,
- LOOP_FAILED, LOOP_RX_TRACE) = range(9)  # fmt: skip
+ LOOP_FAILED, LOOP_RX_TRACE, LOOP_ARM) = range(10)  # fmt: skip
 REASONS = ("stopped", "slice", "idle", "irq", "hold", "tx-slow", "rx-error", "failed",
-           "rx-trace")  # fmt: skip
+           "rx-trace", "arm")  # fmt: skip
 IO = 16  # io words: three pollfds [0:3], the read's iovecs [2:6] after the wait, a clock [8:10],
 # an eventfd's 8 bytes [10], the read's bytes and errno [6], [7] (tap_kernel's IO_BYTES, IO_ERRNO)
 WIRE = 0xFFFF  # a trace row's TX queue for a frame from the wire (``_snap_rx``)

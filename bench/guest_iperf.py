@@ -11,22 +11,24 @@ dropping, as virtio-net's does); each AVF run reports the device's discards and 
 the sender's TCP retransmissions.
 
 The machine is shared and small (2 cores), so each run is noisy: the figures swing by a quarter
-between runs. The bench therefore runs ``--rounds`` rounds (virtio-net, then the AVF, in each;
-polling mode in the first only) and reports medians, the ratio being the median of each round's
-own ratio. With ``--pin`` (the default where there are 2 CPUs or more) every guest's vCPU thread
-gets CPU 1 to itself and everything else -- QEMU's other threads (virtio-net's I/O runs in its
-main loop), this process (the AVF's server and TAP threads), the host's iperf3 -- shares CPU 0,
-the same for both NICs: the usual layout of a VM benchmark (a vCPU is not preempted by the
-host's I/O), and with 2 cores the only one where a polling thread does not take the vCPU's core.
-Each run also reports the host CPU it cost outside the guest (this process; QEMU's threads but
-the vCPU) and, summed up, per Gbit moved: what an unpinned guest's vCPU competes with.
+between runs. The bench therefore runs ``--rounds`` rounds (virtio-net, then the AVF in
+interrupt mode and in polling mode, in each) and reports medians, the ratio being the median of
+each round's own ratio. With ``--pin`` (the default where there are 2 CPUs or more) every
+guest's vCPU thread gets CPU 1 to itself and everything else -- QEMU's other threads
+(virtio-net's I/O runs in its main loop), this process (the AVF's server and TAP threads), the
+host's iperf3 -- shares CPU 0, the same for both NICs: the usual layout of a VM benchmark (a
+vCPU is not preempted by the host's I/O), and with 2 cores the only one where a polling thread
+does not take the vCPU's core. Each run also reports the host CPU it cost outside the guest
+(this process; QEMU's threads but the vCPU) and, summed up, per Gbit moved: what an unpinned
+guest's vCPU competes with.
 
 iperf3 comes from Debian trixie, installed into emulab's QEMU chroot and packed with its
 libraries as an initramfs overlay (cached in ``~/.cache/emulab/guest-iperf``); the host's server
 runs from the same chroot. Needs root (TAP interfaces, the chroot) and the QEMU cache
 (``make guest-prepare``). The last line is
-``RESULT avf_tx_mbps=.. avf_rx_mbps=.. virtio_tx_mbps=.. virtio_rx_mbps=.. ratio_tx=.. ratio_rx=..``
-(interrupt mode, medians; each round's figures and the polling ones are printed above it).
+``RESULT avf_tx_mbps=.. avf_rx_mbps=.. virtio_tx_mbps=.. virtio_rx_mbps=.. ratio_tx=.. ratio_rx=..
+poll_ratio_tx=.. poll_ratio_rx=.. <nic>_cpu_per_gbit=..`` (medians; interrupt mode's figures
+first, each round's printed above it).
 
     python bench/guest_iperf.py [--seconds 10] [--rounds 3] [--no-pin] [--chart iperf.png]
                                 [--mtu 1500]
@@ -533,15 +535,16 @@ def main() -> int:  # noqa: PLR0915 -- one linear measurement script
             runs["avf"].append(measured(pinner, lambda: run_avf(
                 root, overlay, args.seconds, "interrupt", 2, mtu=args.mtu,
                 pinner=pinner)))  # fmt: skip
-            if r == 0:
-                say("AVF + TAP, polling mode ...")
-                runs["avf-poll"].append(measured(pinner, lambda: run_avf(
-                    root, overlay, args.seconds, "poll", 3, mtu=args.mtu,
-                    pinner=pinner)))  # fmt: skip
-            v, a = runs["virtio-net"][-1], runs["avf"][-1]
+            say(f"round {r + 1}/{args.rounds}: AVF + TAP, polling mode ...")
+            runs["avf-poll"].append(measured(pinner, lambda: run_avf(
+                root, overlay, args.seconds, "poll", 3, mtu=args.mtu,
+                pinner=pinner)))  # fmt: skip
+            v, a, p = runs["virtio-net"][-1], runs["avf"][-1], runs["avf-poll"][-1]
             print(f"round {r + 1}: virtio-net {v.get('tx', 0.0):.0f}/{v.get('rx', 0.0):.0f}, "
-                  f"AVF {a.get('tx', 0.0):.0f}/{a.get('rx', 0.0):.0f} Mbit/s (tx/rx): "
-                  f"ratio_tx={_ratio(a, v, 'tx'):.2f} ratio_rx={_ratio(a, v, 'rx'):.2f}",
+                  f"AVF {a.get('tx', 0.0):.0f}/{a.get('rx', 0.0):.0f}, "
+                  f"AVF polling {p.get('tx', 0.0):.0f}/{p.get('rx', 0.0):.0f} Mbit/s (tx/rx): "
+                  f"ratio_tx={_ratio(a, v, 'tx'):.2f} ratio_rx={_ratio(a, v, 'rx'):.2f}, "
+                  f"polling {_ratio(p, v, 'tx'):.2f} {_ratio(p, v, 'rx'):.2f}",
                   flush=True)  # fmt: skip
     finally:
         pinner.stop()
@@ -554,12 +557,11 @@ def main() -> int:  # noqa: PLR0915 -- one linear measurement script
     print(f"{'NIC':<12}{'guest->host Mbit/s':>20}{'host->guest Mbit/s':>20}   (medians)")
     for name, row in rows.items():
         print(f"{name:<12}{row['tx']:>20.1f}{row['rx']:>20.1f}")
-    ratios = {d: statistics.median([_ratio(a, v, d) for a, v in
-                                    zip(runs["avf"], runs["virtio-net"], strict=True)])
-              for d in ("tx", "rx")}  # fmt: skip
-    poll = runs["avf-poll"][0]
-    print(f"polling: ratio_tx={_ratio(poll, runs['virtio-net'][0], 'tx'):.2f} "
-          f"ratio_rx={_ratio(poll, runs['virtio-net'][0], 'rx'):.2f} (round 1)")  # fmt: skip
+    ratios = {(name, d): statistics.median([_ratio(a, v, d) for a, v in
+                                            zip(runs[name], runs["virtio-net"], strict=True)])
+              for name in ("avf", "avf-poll") for d in ("tx", "rx")}  # fmt: skip
+    print(f"polling: ratio_tx={ratios['avf-poll', 'tx']:.2f} "
+          f"ratio_rx={ratios['avf-poll', 'rx']:.2f} (medians of the rounds' ratios)")  # fmt: skip
     cpu = {name: statistics.median([host_cpu_per_gbit(x, args.seconds) for x in runs[name]])
            for name in runs if runs[name]}  # fmt: skip
     print(
@@ -581,11 +583,13 @@ def main() -> int:  # noqa: PLR0915 -- one linear measurement script
     )  # fmt: skip
     if args.chart:
         layout = "vCPU pinned" if pinner.pin else "not pinned"
-        chart(args.chart, rows, f"medians of {args.rounds} rounds ({layout}; polling: round 1)")
+        chart(args.chart, rows, f"medians of {args.rounds} rounds ({layout})")
     a, v = rows["avf"], rows["virtio-net"]
     print(f"RESULT avf_tx_mbps={a['tx']:.1f} avf_rx_mbps={a['rx']:.1f} "
           f"virtio_tx_mbps={v['tx']:.1f} virtio_rx_mbps={v['rx']:.1f} "
-          f"ratio_tx={ratios['tx']:.2f} ratio_rx={ratios['rx']:.2f}"
+          f"ratio_tx={ratios['avf', 'tx']:.2f} ratio_rx={ratios['avf', 'rx']:.2f} "
+          f"poll_ratio_tx={ratios['avf-poll', 'tx']:.2f} "
+          f"poll_ratio_rx={ratios['avf-poll', 'rx']:.2f}"
           + "".join(f" {k.replace('-', '_')}_cpu_per_gbit={v:.3f}"
                     for k, v in xfer.items()))  # fmt: skip
     complete = all(d in x for d in ("tx", "rx") for k in ("avf", "virtio-net") for x in runs[k])

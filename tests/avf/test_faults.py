@@ -333,8 +333,9 @@ def test_bad_descriptor_stops_the_queue_and_a_reset_recovers(rig: Rig, mode: str
     drv.bring_up()
     assert len(roundtrip(drv, [udp(2)])) == 1
     rx_bad = dev.faults.add(BadDescriptor("rx", queue=0))
-    # (spent at once; switched off on a thread of its own, whose "off" record may come later)
-    wait_until(lambda: not rx_bad.enabled, 2, "one shot")
+    # (spent at once; switched off on a thread of its own, which records "off" after the switch)
+    wait_until(lambda: not rx_bad.enabled and fired(dev, "bad-descriptor")[-1] == "off", 2,
+               "one shot, and its 'off' recorded")  # fmt: skip
     assert fired(dev, "bad-descriptor")[-2].startswith("rx q0 desc ")
     assert roundtrip(drv, [udp(3)], timeout=0.3) == []
     wait_until(lambda: dev.queues.rx[0].error is not None, 5, "the RX queue's error")

@@ -71,7 +71,6 @@ WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the qu
 AFTER_STOP = 0.0002
 PR_SET_TIMERSLACK = 29
 INTERPRETED_NAP = 0.001  # seconds between calls of the interpreted loop while idle
-ARM_WORDS = 16  # the DYN_CTLN words a mapped page holds (vectors 1..16)
 REASONS = ("idle", "irq", "stopped", "error", "snap-full", "kick", "arm")  # (POLL_*, in order)
 SNAP_ROWS = 4096  # packet-trace rows per call while the trace is on
 WRITE_ROWS = 1024  # tail writes kept per call while the trace is on
@@ -122,7 +121,6 @@ class Poller:
         self.ctl = dp.own_lines(dp.POLL_CTL)  # the kernel's control words
         self.ctl[dp.POLL_WAKE] = -1
         self.ctl[dp.POLL_MARK] = mark
-        self.ctl[dp.POLL_ARMS] = ARM_WORDS if mark else 0
         self.take_arms = take_arms
         self._acc = dp.own_lines(dp.OUT)
         self._work = dp.work_areas(SNAP_ROWS)

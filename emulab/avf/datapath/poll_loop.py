@@ -31,8 +31,9 @@ from emulab.avf.datapath.ring_to_ring import ERR_SLOW_PATH, add_out, forward
 BURST_POLL = 64  # frames per forward call inside the poll loop
 POLL_STOP, POLL_HOLD, POLL_PENDING, POLL_LOOPS, POLL_SNAPS, POLL_QUEUE, POLL_FORWARD = range(7)
 POLL_NAP, POLL_WAKE, POLL_NAPS, POLL_WRITES, POLL_BUSY, POLL_FULL = 7, 8, 9, 10, 11, 12
-POLL_MARK, POLL_ARMS = 13, 14  # the DYN_CTLN page mapped: the TAKEN mark, and its words
-POLL_CTL = 15
+POLL_MARK = 13  # the DYN_CTLN page mapped: the TAKEN mark (0: not mapped)
+POLL_CTL = 14
+CTLN_WORDS = 16  # the DYN_CTLN words (vectors 1..16) from the layout's fourth index on
 NAP_FIRST = 20  # microseconds: the first nap of an idle spell (each next one doubles)
 # empty loops between yields of the CPU (sched_yield) before the naps begin: while traffic
 # flows the loop never naps, and on a CPU it shares (a 2-core host: the TAP's reader, QEMU's
@@ -65,7 +66,7 @@ def poll(ctx: Polling, budget: Any, max_idle: Any, acc: Any) -> int:
     index and value, for the register trace; zero rows: none kept), ``POLL_BUSY`` (loops that
     moved a frame, counted), ``POLL_FULL`` (bursts that took the whole ``budget``), and with
     the DYN_CTLN page mapped ``POLL_MARK`` (the bit every control word the device stored
-    carries; 0: not mapped) and ``POLL_ARMS`` (its words).
+    carries, in its ``CTLN_WORDS`` words; 0: not mapped).
 
     Idleness: past ``YIELD_AFTER`` loops with nothing moved, it yields its CPU every
     ``YIELD_EVERY`` (a thread that waits for it runs first); after ``max_idle``, the loop naps
@@ -138,12 +139,12 @@ def may_fire(regs: Any, layout: Any, ctl: Any) -> bool:
 
 @raw.helper
 def untaken(regs: Any, layout: Any, ctl: Any) -> Any:
-    """With the DYN_CTLN page mapped (``POLL_MARK``): the first of its ``POLL_ARMS`` words
+    """With the DYN_CTLN page mapped (``POLL_MARK``): the first of its ``CTLN_WORDS`` words
     that holds a store of the driver's the device has not taken (no mark), as its index
     (vector - 1), or -1."""
     mark = ctl[POLL_MARK]
     if mark:
-        for i in range(min(ctl[POLL_ARMS], regs.shape[0] - layout[3])):
+        for i in range(min(CTLN_WORDS, regs.shape[0] - layout[3])):
             if not np.int64(regs[layout[3] + i]) & mark:
                 return np.int64(i)
     return np.int64(-1)

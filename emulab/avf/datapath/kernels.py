@@ -28,7 +28,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import types
@@ -55,11 +54,13 @@ from emulab.avf.datapath import (
 )
 from emulab.avf.datapath.cache import digest, sources
 from emulab.avf.datapath.context import maps_of, table_size
+from emulab.native import child_command, child_env
 
 __all__ = ["BUILDER", "KERNELS", "BuildStatus", "Builder", "Kernel", "KernelSet", "interpret"]
 
 JIT = not config.DISABLE_JIT  # type: ignore[attr-defined]
 HERE = Path(__file__).parent
+BUILD = "emulab.avf.datapath.build"  # the build child's module
 RECORD = "emulab-kernels.json"  # beside numba's cache: what a build compiled, for which sources
 RECORD_EXTRAS = "emulab-kernels-extras.json"  # the same for ``warm.extra_steps``
 
@@ -387,8 +388,7 @@ class Builder:
         if not todo:
             return
         if not set(todo) <= recorded(RECORD_EXTRAS):
-            child = self._spawn([sys.executable, "-m", "emulab.avf.datapath.build", "--extra",
-                                 *map(str, todo)])  # fmt: skip
+            child = self._spawn(child_command(BUILD, "--extra", *map(str, todo)))
             out = child.communicate()[0] if child is not None else ""
             self.log.extend(out.splitlines())
             if child is None or child.returncode != 0:
@@ -408,10 +408,7 @@ class Builder:
     def _env(self) -> dict[str, str]:
         """A build child's environment: it imports the package this process runs (not
         another on its path), and ends with this process."""
-        path = os.pathsep.join(
-            [str(HERE.parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        return {**os.environ, "EMULAB_BUILD_PARENT": str(os.getpid()), "PYTHONPATH": path}
+        return child_env(EMULAB_BUILD_PARENT=str(os.getpid()))
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[str] | None:
         try:
@@ -425,17 +422,13 @@ class Builder:
         """Run the build children for ``maps`` (one per part of ``warm.PARTS`` side by side
         where this process may use as many CPUs, else one for all); True when they filled the
         cache."""
-        base = [sys.executable, "-m", "emulab.avf.datapath.build"]
+        base = child_command(BUILD)
         parts = len(warm.PARTS) if self.jobs >= len(warm.PARTS) and maps != [0] else 1
         cmds = [[*base, *(["--part", str(i)] if parts > 1 else []), *map(str, maps)]
                 for i in range(parts)]  # fmt: skip
         total = len(warm.common_steps()) + len([n for n in maps if n]) * len(warm.steps(1))
         self._set(BuildStatus("compiling", 0, total, message=f"maps {maps}"))
-        # the children import the package this process runs (not another on their path)
-        path = os.pathsep.join(
-            [str(HERE.parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        env = {**os.environ, "EMULAB_BUILD_PARENT": str(os.getpid()), "PYTHONPATH": path}
+        env = self._env()  # (the children import the package this process runs)
         children: list[subprocess.Popen[str]] = []
         for cmd in cmds:
             try:

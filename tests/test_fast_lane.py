@@ -18,7 +18,7 @@ from emulab.client import ClientError, VfioUserClient
 from emulab.devices.memcpy import MAGIC, MemcpyDevice
 from emulab.server import VfioUserServer
 from emulab.server.lane import KERNEL
-from emulab.trace import MessageRecord, RegisterRecord
+from emulab.trace import ClientRecord, MessageRecord, RegisterRecord
 from tests.waiting import wait_until
 
 BAR0 = 0
@@ -327,6 +327,32 @@ def test_hostile_reads_get_the_ordinary_paths_answers(tmp_path: Path) -> None:
         assert c.read32(BAR0, ID) == MAGIC
         c.close()
         assert lane_served(srv) >= 0 and served_before >= 51
+    finally:
+        srv.stop()
+        srv.device.close()
+
+
+def test_a_client_that_stops_reading_is_let_go_said_why(tmp_path: Path) -> None:
+    """QEMU shuts its side for reading after a reply it no longer waited for (its
+    ``x-msg-timeout`` passed) and goes on sending: the lane's replies fail (EPIPE) and the
+    socket never reads EOF. The session ends, its reason recorded, and the next client is
+    served -- not a connection served on into the void, every reply lost."""
+    srv = VfioUserServer(MemcpyDevice(), tmp_path / "p.sock", fast_lane=True).start()
+    try:
+        s = raw_client(tmp_path / "p.sock")
+        read = struct.Struct("<HHIIIQII")
+        s.sendall(read.pack(2, 9, 32, 0, 0, ID, 0, 4))
+        assert reply(s)[1][16:] == MAGIC.to_bytes(4, "little")
+        wait_until(lambda: lane_served(srv) >= 1)
+        s.shutdown(socket.SHUT_RD)
+        s.sendall(read.pack(3, 9, 32, 0, 0, ID, 0, 4))  # the lane's to answer
+        wait_until(lambda: not srv.connected)
+        ends = [r.reason for r in srv.trace.snapshot(ClientRecord) if r.event == "disconnect"]
+        assert ends and ends[-1].startswith("the peer stopped reading"), ends
+        s.close()
+        c = VfioUserClient.connect(tmp_path / "p.sock")
+        assert c.read32(BAR0, ID) == MAGIC
+        c.close()
     finally:
         srv.stop()
         srv.device.close()

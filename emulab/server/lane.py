@@ -39,6 +39,7 @@ meanwhile), and when the server is made with ``fast_lane=False`` (or ``EMULAB_FA
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import threading
@@ -202,6 +203,8 @@ class FastLane:
             if code == EOF:
                 return b"", []
             if code == ERROR:
+                if self.ctl[ERRNO] == errno.EPIPE:  # (a reply of the kernel's not taken)
+                    self.session.endpoint.reply_failed(os.strerror(errno.EPIPE))
                 return None  # (the ordinary read meets the error itself)
             if code == DRAIN:
                 self.take_notes()

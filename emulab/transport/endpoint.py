@@ -84,6 +84,7 @@ class Endpoint:
         self.on_unexpected = on_unexpected
         self.on_protocol_error = on_protocol_error
         self.end_reason: str | None = None  # why the reader stopped, once it has
+        self.send_failure: str | None = None  # a reply the peer did not take (see reply_failed)
         self._waiters: dict[int, _Waiter] = {}
         self._thread: threading.Thread | None = None
         # A fast reader (a server's compiled lane): called instead of ``channel.recv`` while
@@ -124,7 +125,7 @@ class Endpoint:
             try:
                 data, fds = got if got is not None else self.channel.recv()
             except ChannelClosed as exc:
-                return f"socket error: {exc}"
+                return self._ended(f"socket error: {exc}")
             lock = self.lock
             try:
                 with lock:
@@ -144,8 +145,13 @@ class Endpoint:
                     break
                 if isinstance(event, ConnectionClosed):
                     close_fds(event.fds)
-                    return "eof"
+                    return self._ended("eof")
                 self._take(event)
+
+    def _ended(self, reason: str) -> str:
+        if self.send_failure is not None:
+            return f"the peer stopped reading: {self.send_failure}"
+        return reason
 
     def _protocol_error(self, exc: ProtocolError) -> str:
         text = f"protocol error: {exc}"
@@ -212,6 +218,16 @@ class Endpoint:
             w.result = RequestFailed(errno.ECONNRESET, f"connection closed ({reason})")
             w.event.set()
 
+    def reply_failed(self, why: str) -> None:
+        """A reply could not be sent. A peer that left is the reader's to see (EOF next); one
+        that stopped reading but still writes -- QEMU shuts its side after a reply it no
+        longer waited for (``x-msg-timeout`` passed) -- would be served on, every reply lost
+        and the reader never at EOF: end the connection here, the reason said."""
+        if self.send_failure is not None or self.channel.peer_gone():
+            return
+        self.send_failure = why
+        self.channel.shutdown()  # (the reader, in recv or the fast lane's poll, sees EOF)
+
     # -- answering the peer ----------------------------------------------------------------------
     def reply(self, request: Request, message: Any = None) -> None:
         """Encode ``message`` as the reply to ``request`` and send it (nothing for a NO_REPLY
@@ -220,10 +236,10 @@ class Endpoint:
         with self.lock:
             out = self.conn.send_reply(request, message)
         if out.data:
-            try:  # noqa: SIM105 -- contextlib.suppress costs ~0.5 us a message here
+            try:
                 self.channel.send(out.data, out.fds)
-            except ChannelClosed:
-                pass  # the peer left: the reader sees EOF next and ends
+            except ChannelClosed as exc:
+                self.reply_failed(str(exc))
 
     def error(self, request: Request | BadRequest, code: int) -> None:
         """Answer ``request`` with an error reply ``code`` (nothing for a NO_REPLY one)."""
@@ -239,10 +255,10 @@ class Endpoint:
 
     def _send(self, out: Outgoing) -> None:
         if out.data:  # b"": a NO_REPLY command, nothing to answer
-            try:  # noqa: SIM105 -- contextlib.suppress costs ~0.5 us a message here
+            try:
                 self.channel.send(out.data, out.fds)
-            except ChannelClosed:
-                pass  # the peer left: the reader sees EOF next and ends
+            except ChannelClosed as exc:
+                self.reply_failed(str(exc))
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Bytes on the wire as they are (fault injection)."""

@@ -25,8 +25,9 @@ The trade-off, for the README and the notebooks:
   message decode and a Python call -- tens of microseconds -- but no CPU while idle.
 * polling: doorbells cost nothing, bursts start within a poll loop (sub-microsecond), and a busy
   notebook cell does not stall the data path (the loop holds no GIL and, while traffic flows or
-  pauses, never returns to Python). It burns a core while traffic flows; after about a
-  millisecond with nothing moved it naps inside the kernel (20 us, doubling up to ``nap``,
+  pauses, never returns to Python). It burns a core while traffic flows (on a TAP, the wire
+  loop's polling form naps between frames instead: see emulab.avf.datapath.poll_wire); after
+  about a millisecond with nothing moved it naps inside the kernel (20 us, doubling up to ``nap``,
   0.5 ms by default, a poll between naps), so an idle polling device costs a few percent of a
   core, and the first doorbell after a quiet spell waits up to ``nap``. A thread that needs the
   queues (a frame from the wire, a configuration change) or re-arms an interrupt the loop holds
@@ -62,7 +63,9 @@ if TYPE_CHECKING:
 __all__ = ["Poller"]
 
 MAX_IDLE = 20_000  # empty loops before the kernel naps (about a millisecond)
-MAX_IDLE_WIRE = 2_000  # the same for the wire loop's polling form (a TAP read in each loop)
+# empty loops before the wire loop's polling form naps (each has a TAP read): a few, so that
+# it naps between the frames of a stream too (see emulab.avf.datapath.poll_wire)
+MAX_IDLE_WIRE = 4
 WANTED_WAIT = 0.00005  # seconds between looks while another thread holds the queues
 # seconds the poller stays out after another thread wanted the queues. With a wire delivering
 # (a TAP's reader takes the lock per batch), polling again at once costs that thread, and QEMU

@@ -105,6 +105,7 @@ def test_the_lanes_reads_are_traced_as_the_ordinary_paths_in_message_order(serve
 
 
 POSTED = struct.Struct("<HHIIIQII")  # header, then offset, region, count: a REGION_WRITE
+READ = POSTED  # (a REGION_READ's message has the same fields)
 
 
 def posted(msg_id: int, offset: int, data: bytes, region: int = BAR0) -> bytes:
@@ -177,14 +178,12 @@ def test_writes_that_wait_for_their_reply_are_answered_as_the_ordinary_path_answ
         srv = VfioUserServer(MemcpyDevice(), tmp_path / f"w{fast}.sock", fast_lane=fast).start()
         try:
             s = raw_client(tmp_path / f"w{fast}.sock")
-            read = struct.Struct("<HHIIIQII")
-            s.sendall(read.pack(2, 9, 32, 0, 0, ID, 0, 4))  # (after VERSION: the lane is in)
-            assert reply(s)[1][16:] == MAGIC.to_bytes(4, "little")
+            read_magic(s, 2)  # (after VERSION: the lane is in)
             sync = POSTED.pack(4, 10, 36, 0, 0, LEN, BAR0, 4) + b"\x07\0\0\0"
             s.sendall(posted(3, SRC_LO, b"\x09\0\0\0") + sync)
             answers = [reply(s)]  # msg 4's reply: the posted write before it gets none
             s.sendall(
-                read.pack(5, 9, 32, 0, 0, LEN, 0, 4) + read.pack(6, 9, 32, 0, 0, SRC_LO, 0, 4)
+                READ.pack(5, 9, 32, 0, 0, LEN, 0, 4) + READ.pack(6, 9, 32, 0, 0, SRC_LO, 0, 4)
             )
             answers += [reply(s), reply(s)]
             s.sendall(POSTED.pack(7, 10, 36, 0, 0, 0x2000, BAR0, 4) + b"\1\2\3\4")  # outside
@@ -192,7 +191,7 @@ def test_writes_that_wait_for_their_reply_are_answered_as_the_ordinary_path_answ
             s.sendall(b"".join(POSTED.pack(100 + k, 10, 36, 0, 0, LEN, BAR0, 4)
                                + k.to_bytes(4, "little") for k in range(100)))  # fmt: skip
             answers += [reply(s) for _ in range(100)]
-            s.sendall(read.pack(8, 9, 32, 0, 0, LEN, 0, 4))
+            s.sendall(READ.pack(8, 9, 32, 0, 0, LEN, 0, 4))
             answers.append(reply(s))
             lane = srv.status()["fast_lane"]  # (before the client goes: the session's lane)
             s.close()
@@ -299,28 +298,32 @@ def reply(s: socket.socket) -> tuple[tuple[int, ...], bytes]:
     return head, s.recv(head[2] - 16, socket.MSG_WAITALL) if head[2] > 16 else b""
 
 
+def read_magic(s: socket.socket, msg_id: int) -> None:
+    """A REGION_READ of the ID register, and its answer."""
+    s.sendall(READ.pack(msg_id, 9, 32, 0, 0, ID, 0, 4))
+    assert reply(s)[1][16:] == MAGIC.to_bytes(4, "little")
+
+
 def test_hostile_reads_get_the_ordinary_paths_answers(tmp_path: Path) -> None:
     """A read the lane does not take whole -- a count that does not fit the message, a read
     split across sends, many in one send, a vanished client -- is answered as before."""
     srv = VfioUserServer(MemcpyDevice(), tmp_path / "h.sock", fast_lane=True).start()
     try:
         s = raw_client(tmp_path / "h.sock")
-        read = struct.Struct("<HHIIIQII")
-        s.sendall(read.pack(2, 9, 32, 0, 0, ID, 0, 4))
-        assert reply(s)[1][16:] == MAGIC.to_bytes(4, "little")
-        s.sendall(read.pack(3, 9, 32, 0, 0, ID, 0, 100000))  # count past the client's limit
+        read_magic(s, 2)
+        s.sendall(READ.pack(3, 9, 32, 0, 0, ID, 0, 100000))  # count past the client's limit
         head, _ = reply(s)
         assert head[0] == 3 and head[3] & 0x20 and head[4] != 0  # an error reply
         wait_until(lambda: lane_served(srv) >= 1)
-        msg = read.pack(4, 9, 32, 0, 0, ID, 0, 4)
+        msg = READ.pack(4, 9, 32, 0, 0, ID, 0, 4)
         s.sendall(msg[:10])  # a header cut in two
         time.sleep(0.05)
         s.sendall(msg[10:])
         assert reply(s)[0][0] == 4
-        s.sendall(b"".join(read.pack(10 + k, 9, 32, 0, 0, ID, 0, 4) for k in range(50)))
+        s.sendall(b"".join(READ.pack(10 + k, 9, 32, 0, 0, ID, 0, 4) for k in range(50)))
         assert [reply(s)[0][0] for _ in range(50)] == list(range(10, 60))
         served_before = lane_served(srv)
-        s.sendall(read.pack(99, 9, 32, 0, 0, ID, 0, 4)[:20])
+        s.sendall(READ.pack(99, 9, 32, 0, 0, ID, 0, 4)[:20])
         s.close()  # gone mid-message
         wait_until(lambda: not srv.connected)
         c = VfioUserClient.connect(tmp_path / "h.sock")  # the next client is served
@@ -340,12 +343,10 @@ def test_a_client_that_stops_reading_is_let_go_said_why(tmp_path: Path) -> None:
     srv = VfioUserServer(MemcpyDevice(), tmp_path / "p.sock", fast_lane=True).start()
     try:
         s = raw_client(tmp_path / "p.sock")
-        read = struct.Struct("<HHIIIQII")
-        s.sendall(read.pack(2, 9, 32, 0, 0, ID, 0, 4))
-        assert reply(s)[1][16:] == MAGIC.to_bytes(4, "little")
+        read_magic(s, 2)
         wait_until(lambda: lane_served(srv) >= 1)
         s.shutdown(socket.SHUT_RD)
-        s.sendall(read.pack(3, 9, 32, 0, 0, ID, 0, 4))  # the lane's to answer
+        s.sendall(READ.pack(3, 9, 32, 0, 0, ID, 0, 4))  # the lane's to answer
         wait_until(lambda: not srv.connected)
         ends = [r.reason for r in srv.trace.snapshot(ClientRecord) if r.event == "disconnect"]
         assert ends and ends[-1].startswith("the peer stopped reading"), ends

@@ -20,9 +20,10 @@ empty loops -- a few: between two frames of a stream too, not only once it ends 
 waits ``NAP_FIRST`` at most while traffic flows; it returns to fold its counts only once
 ``slice_ns`` is over. Spinning between the frames instead (2,000 empty loops before a nap, and a
 return to Python at each pause) cost the host a core for nothing the guest could see: iperf3
-through a TCG guest (``bench/guest_iperf.py``'s polling round, 6-7 runs a side) moved as much
-(0.96 / 1.07x virtio-net spinning, 1.03 / 1.01x napping) at 0.66 s of host CPU per Gbit
-against 0.28.
+through a TCG guest (``bench/guest_iperf.py``'s polling round, 9-10 runs a side, alternated)
+moved as much (tx / rx medians 0.96 / 1.03x virtio-net spinning, 1.03 / 1.02x napping) at 0.68 s
+of host CPU per Gbit against 0.27 -- and on a machine whose CPUs were scarce, spinning lost the
+host -> guest stream to the threads it starved (0.51-0.57x) where napping kept it (0.99-1.11x).
 
 With the packet trace on (``w.ctl[TRACED]``) it keeps the frames' rows as the wire loop does
 (``LOOP_RX_TRACE`` when they are full), and each tail the driver moved in ``writes``

@@ -235,11 +235,7 @@ class Endpoint:
         anything is sent; a peer that left does not (the reader sees it)."""
         with self.lock:
             out = self.conn.send_reply(request, message)
-        if out.data:
-            try:
-                self.channel.send(out.data, out.fds)
-            except ChannelClosed as exc:
-                self.reply_failed(str(exc))
+        self._send(out)
 
     def error(self, request: Request | BadRequest, code: int) -> None:
         """Answer ``request`` with an error reply ``code`` (nothing for a NO_REPLY one)."""

@@ -145,37 +145,40 @@ def test_fds_of_a_reply_nobody_awaits_are_closed(pair: Pair) -> None:
     assert len(os.listdir("/proc/self/fd")) == before  # (the copy that came is closed too)
 
 
-def test_a_peer_that_stops_reading_ends_the_connection_said_why() -> None:
-    """QEMU shuts its side for reading once a reply came that it no longer waited for (its
-    ``x-msg-timeout`` passed), yet goes on sending requests: every reply of ours then fails
-    (EPIPE) and the reader would never see EOF. The endpoint ends the connection, said why."""
+def raw_peer() -> tuple[Pair, Connection, socket.socket]:
+    """A :class:`Pair`'s server endpoint, its peer a bare socket driven by a sans-IO client
+    (which has sent VERSION)."""
     a, b = channel_pair()
-    p = Pair.__new__(Pair)  # (its answers, with a raw client: the peer here is a socket)
+    p = Pair.__new__(Pair)  # (its answers, without a client endpoint)
     p.server = Endpoint(a, Role.SERVER, on_request=p._serve).start("test-server")
     client = Connection(Role.CLIENT)
     b.sock.settimeout(10)
     b.sock.sendall(client.send_request(client.version_request()).data)
-    client.receive_data(b.sock.recv(4096))
+    return p, client, b.sock
+
+
+def test_a_peer_that_stops_reading_ends_the_connection_said_why() -> None:
+    """QEMU shuts its side for reading once a reply came that it no longer waited for (its
+    ``x-msg-timeout`` passed), yet goes on sending requests: every reply of ours then fails
+    (EPIPE) and the reader would never see EOF. The endpoint ends the connection, said why."""
+    p, client, sock = raw_peer()
+    client.receive_data(sock.recv(4096))
     assert isinstance(client.next_event(), Reply)
-    b.sock.shutdown(socket.SHUT_RD)  # QEMU's vfio_user_shutdown
-    b.sock.sendall(client.send_request(m.RegionRead(0x10, 0, 4)).data)
+    sock.shutdown(socket.SHUT_RD)  # QEMU's vfio_user_shutdown
+    sock.sendall(client.send_request(m.RegionRead(0x10, 0, 4)).data)
     assert p.server.reader is not None
     p.server.reader.join(10)
     assert not p.server.reader.is_alive(), "the reader serves a peer that reads no more"
     assert p.server.end_reason is not None
     assert p.server.end_reason.startswith("the peer stopped reading"), p.server.end_reason
-    b.close()
+    sock.close()
     p.server.close()
 
 
 def test_a_peer_that_left_ends_as_eof_not_as_a_failed_reply() -> None:
     """A peer that closed altogether (its requests unanswered) is EOF, as before."""
-    a, b = channel_pair()
-    p = Pair.__new__(Pair)
-    p.server = Endpoint(a, Role.SERVER, on_request=p._serve).start("test-server")
-    client = Connection(Role.CLIENT)
-    b.sock.sendall(client.send_request(client.version_request()).data)
-    b.close()
+    p, _, sock = raw_peer()
+    sock.close()
     assert p.server.reader is not None
     p.server.reader.join(10)
     assert p.server.end_reason == "eof"

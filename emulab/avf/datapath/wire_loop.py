@@ -8,7 +8,11 @@ the device's CPU. :func:`wire_loop` does both inside one nogil call: it waits in
 the TAP, the doorbells' eventfd and the engine lock's wake eventfd together; reads a batch
 (``read_frames``), picks and places it (``rx_pick``, ``rx_place``); walks every moved TX ring
 onto the TAP (``tx_serve``); and fires their interrupts (``raise_vectors``, the compiled
-raiser). It returns to Python only for what Python does:
+raiser), once per turn: after a walk it reads the TAP before it fires, because the host's
+stack answers a frame within its write (a TCP ACK, the next data, an echo reply), and the
+walk's completions and that answer then reach the guest by one interrupt, not two (under
+``bench/guest_iperf.py``: 24 % fewer interrupts per Gbit, 19 % less host CPU). It returns to
+Python only for what Python does:
 
 * ``LOOP_STOPPED``: another thread wants the queue engine's lock (``ctl[STOP]``, the wake
   eventfd written: see ``PausingLock``), or the wake eventfd was written;
@@ -167,18 +171,6 @@ def tx_walk(w: Wire, fd: Any) -> tuple[int, Any]:
 
 
 @njit(nogil=True, cache=True)
-def _serve(w: Wire, irq: IrqArgs, fd: Any) -> int:
-    """:func:`tx_walk`, its vectors fired: ``LOOP_SLICE`` (done), ``LOOP_TX_SLOW`` or
-    ``LOOP_IRQ``."""
-    why, vectors = tx_walk(w, fd)
-    if why != LOOP_SLICE:
-        return why
-    if not _raise(irq, w.ctl, vectors):
-        return LOOP_IRQ
-    return LOOP_SLICE
-
-
-@njit(nogil=True, cache=True)
 def rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
     """A batch from the TAP into the RX rings: ``LOOP_SLICE`` (done, or nothing to read),
     ``LOOP_HOLD``, ``LOOP_RX_ERROR``, ``LOOP_RX_TRACE`` or ``LOOP_FAILED``, with the vectors
@@ -244,21 +236,6 @@ def _snap_rx(w: Wire, taken: Any) -> None:
 
 
 @njit(nogil=True, cache=True)
-def _receive(w: Wire, irq: IrqArgs, fd: Any, max_frame: Any) -> int:
-    """:func:`rx_batch`, its vectors fired: ``LOOP_SLICE`` (done, or nothing to read),
-    ``LOOP_HOLD``, ``LOOP_RX_ERROR``, ``LOOP_RX_TRACE``, ``LOOP_IRQ`` or ``LOOP_FAILED``."""
-    why, vectors = rx_batch(w, fd, max_frame)
-    if why == LOOP_FAILED:
-        return why
-    fired = _raise(irq, w.ctl, vectors)
-    if why != LOOP_SLICE:
-        return why
-    if not fired:
-        return LOOP_IRQ
-    return LOOP_SLICE
-
-
-@njit(nogil=True, cache=True)
 def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms: Any,
               max_frame: Any) -> int:  # fmt: skip
     """Serve the TAP ``fd`` (non-blocking, with virtio-net headers) and the TX doorbells
@@ -289,17 +266,26 @@ def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms:
         if wake_ev & (POLLIN | POLLERR | POLLHUP):
             _read(ctl[WAKE], io.ctypes.data + 10 * 8, 8)  # (non-blocking: the lock's nudge)
             return LOOP_STOPPED
+        vectors = np.int64(0)
+        walked = False
         if kick_ev & POLLIN:
             _read(kick, io.ctypes.data + 10 * 8, 8)  # (readable: it does not block)
             ctl[KICKS] += 1
+            did = walked = True
+            why, vectors = tx_walk(w, fd)
+            if why != LOOP_SLICE:
+                return why  # (LOOP_TX_SLOW: Python walks the rest, and raises its vectors)
+        # After a walk the TAP is read whatever the poll said: the host answers what the walk
+        # wrote (a TCP ACK, more data) while the write is under way, so its frames are often
+        # there already, and both rings' causes then go to the guest as one interrupt.
+        if walked or tap_ev & (POLLIN | POLLERR | POLLHUP):
             did = True
-            why = _serve(w, irq, fd)
+            why, got = rx_batch(w, fd, max_frame)
+            vectors |= got
+            fired = _raise(irq, ctl, vectors)
             if why != LOOP_SLICE:
                 return why
-        if tap_ev & (POLLIN | POLLERR | POLLHUP):
-            did = True
-            why = _receive(w, irq, fd, max_frame)
-            if why != LOOP_SLICE:
-                return why
+            if not fired:
+                return LOOP_IRQ
         if did and monotonic_ns(io, 8) - start >= slice_ns:
             return LOOP_SLICE

@@ -221,3 +221,35 @@ def test_cli_survives_a_client_that_shrinks_its_memory(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(20)
     assert rc == 0, log.read_text()
+
+
+def test_a_fault_wakes_the_guard_s_watcher_through_its_pipe() -> None:
+    """The handler writes a byte to the watcher's pipe for each fault it fixes up (the watcher
+    sleeps on it: no polling while nothing faults), and the owner of the range hears of it."""
+    import ctypes
+    import mmap
+    import threading
+
+    assert guard.available(), guard.status()
+    lib = guard._LIB  # (the pipe is the module's own)
+    assert lib.dll is not None and lib.pipe is not None
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    heard = threading.Event()
+    fd = memfd("emulab-guard-test", 1 << 16, sealed=False)
+    view = mmap.mmap(fd, 1 << 16)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    g = guard.guard_range(start, start + (1 << 16), lambda n: heard.set())
+    assert g is not None
+    lib.dll.emulab_guard_notify(w)  # (the test's pipe for one fault, then the watcher's again)
+    try:
+        os.ftruncate(fd, 0)
+        assert view[0x8000] == 0  # a SIGBUS, fixed up: the zero page
+        assert os.read(r, 16) == b"\x01" and g.faults == 1
+    finally:
+        lib.dll.emulab_guard_notify(lib.pipe[1])
+    os.write(lib.pipe[1], b"\x01")  # (what the handler would have written the watcher)
+    assert heard.wait(guard.WATCH_INTERVAL / 2), "the watcher did not wake on its pipe"
+    g.close()
+    os.close(r)
+    os.close(w)
+    os.close(fd)

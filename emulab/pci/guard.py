@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +31,9 @@ from pathlib import Path
 __all__ = ["Guard", "available", "guard_range", "status", "total_faults"]
 
 SOURCE = Path(__file__).with_name("sigbus_guard.c")
-WATCH_INTERVAL = 0.02  # seconds between looks at the fault count (only while ranges are guarded)
+# The handler writes a byte to a pipe after each fault it fixes up, which wakes the watcher; it
+# also looks this often (seconds) while ranges are guarded, in case a byte was lost to a full pipe.
+WATCH_INTERVAL = 1.0
 
 
 def _cache() -> Path:
@@ -51,6 +54,7 @@ class _Lib:
         self.last_total = 0
         self.watcher: threading.Thread | None = None
         self.wake = threading.Condition(self.lock)
+        self.pipe: tuple[int, int] | None = None  # (read end, write end: the handler's)
 
     def load(self) -> ctypes.CDLL | None:
         with self.lock:
@@ -67,6 +71,10 @@ class _Lib:
             dll.emulab_guard_remove.argtypes = [ctypes.c_int]
             dll.emulab_guard_faults.argtypes = [ctypes.c_int]
             dll.emulab_guard_faults.restype = ctypes.c_long
+            dll.emulab_guard_notify.argtypes = [ctypes.c_int]
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.pipe = (r, w)
+            dll.emulab_guard_notify(w)  # (open for the process's life, as the handler is)
             self.total = ctypes.c_long.in_dll(dll, "emulab_guard_total")
             self.dll = dll
             return dll
@@ -97,7 +105,8 @@ class _Lib:
         return target
 
     def _watch(self) -> None:
-        """Polls the total fault count; on a change, tells the owners of the faulted slots."""
+        """Waits for the handler's byte (or ``WATCH_INTERVAL``); on a change of the total fault
+        count, tells the owners of the faulted slots. Idle, it costs no wake-ups but those."""
         while True:
             with self.lock:
                 while not self.watched:
@@ -114,7 +123,12 @@ class _Lib:
             for callback, n in fired:
                 with contextlib.suppress(Exception):  # a reporting hook must not end the watcher
                     callback(n)
-            threading.Event().wait(WATCH_INTERVAL)
+            if self.pipe is None:
+                threading.Event().wait(WATCH_INTERVAL)
+                continue
+            with contextlib.suppress(OSError):
+                if select.select([self.pipe[0]], [], [], WATCH_INTERVAL)[0]:
+                    os.read(self.pipe[0], 4096)  # (the faults' bytes: counted above, not here)
 
 
 _LIB = _Lib()

@@ -6,13 +6,14 @@
  * ends the process: the user's notebook kernel. This handler, for faults inside a registered
  * guest mapping only, maps a private zero page over the faulting page and counts the fault; the
  * access then completes (reading zeros, or writing into memory nobody sees) and the Python side,
- * which polls the counts, puts the device into an error state. A fault anywhere else is handed
+ * woken through a pipe the handler writes to, puts the device into an error state. A fault anywhere else is handed
  * to the handler that was installed before (faulthandler's, or the default: the process dies as
  * it would have without us).
  *
  * Built by emulab/pci/guard.py with the system C compiler on first use. Our own code.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -26,6 +27,7 @@ static volatile long slot_faults[SLOTS];
 long emulab_guard_total; /* faults fixed up, all slots: what the watcher polls */
 static struct sigaction previous;
 static long page_size = 4096;
+static volatile int notify_fd = -1; /* a pipe's write end: a byte per fault wakes the watcher */
 
 static void on_sigbus(int sig, siginfo_t *si, void *ctx) {
     (void)ctx;
@@ -39,6 +41,13 @@ static void on_sigbus(int sig, siginfo_t *si, void *ctx) {
                          MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) != MAP_FAILED) {
                     __atomic_add_fetch(&slot_faults[i], 1, __ATOMIC_SEQ_CST);
                     __atomic_add_fetch(&emulab_guard_total, 1, __ATOMIC_SEQ_CST);
+                    int fd = notify_fd;
+                    if (fd >= 0) { /* write(2) is async-signal-safe; errno is the thread's */
+                        int saved = errno;
+                        char one = 1;
+                        (void)!write(fd, &one, 1); /* non-blocking: a full pipe wakes already */
+                        errno = saved;
+                    }
                     return; /* the access is retried on the zero page */
                 }
                 break;
@@ -62,6 +71,9 @@ int emulab_guard_install(void) {
     sigemptyset(&sa.sa_mask);
     return sigaction(SIGBUS, &sa, &previous);
 }
+
+/* The fd the handler writes a byte to after each fault it fixed up (-1: none). */
+void emulab_guard_notify(int fd) { notify_fd = fd; }
 
 /* Guard [start, end). Returns the slot, or -1 when every slot is taken. */
 int emulab_guard_add(uintptr_t start, uintptr_t end) {

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit, types
+from numba import types
 
 from emulab.backends.base import (
     GSO_COLS,
@@ -31,6 +31,7 @@ from emulab.backends.base import (
     GSO_TYPE,
 )
 from emulab.native.cache import guard_module
+from emulab.native.jit import no_runtime
 from emulab.native.libc import EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, errno, libc
 
 __all__ = ["read_batch", "write_rows"]
@@ -47,7 +48,7 @@ _readv = libc("readv", types.int64, 3)
 _writev = libc("writev", types.int64, 3)
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def read_batch(fd: Any, stop_fd: Any, rows: Any, lens: Any, vh: Any, gso: Any, io: Any) -> Any:  # noqa: PLR0917 -- arrays in, for the compiler
     """Wait until ``fd`` (non-blocking) has a frame, then read up to ``len(rows)`` frames: each
     frame's virtio-net header into ``vh[n]`` (uint8, 10 columns) and the frame into
@@ -71,7 +72,7 @@ def read_batch(fd: Any, stop_fd: Any, rows: Any, lens: Any, vh: Any, gso: Any, i
     return read_frames(fd, rows, lens, vh, gso, io)
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def read_frames(fd: Any, rows: Any, lens: Any, vh: Any, gso: Any, io: Any) -> Any:  # noqa: PLR0917 -- arrays in, for the compiler
     """:func:`read_batch` without the wait: read the frames ``fd`` (non-blocking) has now, up
     to ``len(rows)``; the same returns but ``STOPPED`` (the device's wire loop, which waits
@@ -120,7 +121,7 @@ def read_frames(fd: Any, rows: Any, lens: Any, vh: Any, gso: Any, io: Any) -> An
     return n
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def write_rows(  # noqa: PLR0917 -- arrays in, for the compiler
     fd: Any, arena: Any, offsets: Any, gso: Any, start: Any, n: Any, vh: Any, io: Any
 ) -> Any:

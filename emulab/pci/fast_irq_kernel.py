@@ -25,10 +25,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit, types
+from numba import types
 
 from emulab.native.atomics import add64, cas32_at, spin_acquire, spin_release, spin_try
 from emulab.native.cache import guard_module
+from emulab.native.jit import no_runtime
 from emulab.native.libc import libc, load64, monotonic_ns, store64
 from emulab.pci import fast_irq
 from emulab.pci.fast_irq import (
@@ -79,7 +80,7 @@ guard_module(__file__, fast_irq.__file__)  # (before any kernel loads; the layou
 _write = libc("write", types.int64, 3)
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _ok(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any, fds: Any,  # noqa: PLR0917 -- arrays in
         io: Any, v: Any) -> bool:  # fmt: skip
     """Whether vector ``v`` and every word it uses lie inside their arrays."""
@@ -97,7 +98,7 @@ def _ok(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: 
     return True
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _lowest(m: Any) -> tuple[Any, int]:
     """The lowest set bit of the vector mask ``m`` (not 0), and its vector."""
     low = m & -m
@@ -107,7 +108,7 @@ def _lowest(m: Any) -> tuple[Any, int]:
     return low, v
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _taken(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
            fds: Any, io: Any, v: Any) -> bool:  # fmt: skip
     """Whether vector ``v`` lies inside the arrays (``_ok``) and the spin word is now held (its
@@ -117,7 +118,7 @@ def _taken(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, word
     )
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _enabled(regs: Any, w: Any, params: Any) -> bool:
     """Whether control word ``regs[w]`` lets a cause fire: its enable bit set, in a word the
     device stored (``MARK``; a driver's store not taken yet is not the model's state)."""
@@ -125,7 +126,7 @@ def _enabled(regs: Any, w: Any, params: Any) -> bool:
     return bool(x & params[ENABLE]) and (x & params[MARK]) == params[MARK]
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _deliverable(regs: Any, itr_words: Any, params: Any, st: Any, fds: Any, io: Any,  # noqa: PLR0917 -- arrays in
                  v: Any) -> Any:  # fmt: skip
     """The time now (ns) if vector ``v`` may fire now here (its interval over, an eventfd that
@@ -141,7 +142,7 @@ def _deliverable(regs: Any, itr_words: Any, params: Any, st: Any, fds: Any, io: 
     return now
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _fire(regs: Any, ctl_words: Any, params: Any, st: Any, words: Any, fds: Any, notes: Any,  # noqa: PLR0917 -- arrays in
           v: Any, now: Any) -> Any:  # fmt: skip
     """Fire vector ``v`` (``_deliverable`` said it may, at ``now``): its state, its note, and
@@ -164,7 +165,7 @@ def _fire(regs: Any, ctl_words: Any, params: Any, st: Any, words: Any, fds: Any,
     return fds[v]
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _signal(words: Any, io: Any, fd: Any) -> None:
     """Write ``fd`` (an eventfd :func:`_fire` took), outside the spin word, then count the
     write done."""
@@ -173,7 +174,7 @@ def _signal(words: Any, io: Any, fd: Any) -> None:
     add64(words, INFLIGHT, -1)
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def raise_vectors(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
                   fds: Any, notes: Any, io: Any, mask: Any) -> Any:  # fmt: skip
     """A cause for each vector in ``mask`` (bit v: vector v, below 63): fired, or latched where
@@ -203,7 +204,7 @@ def raise_vectors(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: An
     return left
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def fire_held(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
               fds: Any, notes: Any, io: Any, mask: Any) -> Any:  # fmt: skip
     """For the loop that decides its vectors' fires (``HOLD``: a polling mode's, which keeps
@@ -229,7 +230,7 @@ def fire_held(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
     return fired
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
               fds: Any, notes: Any, io: Any, v: Any, value: Any) -> bool:  # fmt: skip
     """A driver's write of ``value`` to vector ``v``'s control word, applied (the interval it
@@ -239,7 +240,7 @@ def arm_write(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
     return _arm(regs, ctl_words, itr_words, params, st, words, fds, notes, io, v, value, False)
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def arm_taken(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
               fds: Any, notes: Any, io: Any, v: Any, value: Any) -> bool:  # fmt: skip
     """:func:`arm_write` of a store the driver made straight into vector ``v``'s control word
@@ -250,7 +251,7 @@ def arm_taken(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
     return _arm(regs, ctl_words, itr_words, params, st, words, fds, notes, io, v, value, True)
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _arm(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
          fds: Any, notes: Any, io: Any, v: Any, value: Any, taken: Any) -> bool:  # fmt: skip
     """:func:`arm_write` (``taken``: :func:`arm_taken`)."""
@@ -306,7 +307,7 @@ def _arm(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words:
     return True
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _nudge_fd(words: Any, v: Any) -> Any:
     """The eventfd to write for a re-arm of vector ``v`` (see ``NUDGE_FD``), counted in flight
     as a fire's is, or -1. Under the spin word."""

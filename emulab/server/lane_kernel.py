@@ -37,10 +37,11 @@ import os
 from typing import Any
 
 import numpy as np
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic
 
 from emulab.native.cache import guard_module
+from emulab.native.jit import no_runtime
 from emulab.native.libc import (
     EAGAIN,
     POLLERR,
@@ -112,12 +113,12 @@ def _release_typer(typingctx: Any, x: Any) -> Any:
 _release: Any = intrinsic(_release_typer)
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _now(io: Any) -> Any:
     return monotonic_ns(io, 16)
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _u(buf: Any, at: Any, n: Any) -> Any:
     """Little-endian unsigned of ``n`` bytes at ``buf[at]``."""
     v = np.int64(0)
@@ -126,13 +127,13 @@ def _u(buf: Any, at: Any, n: Any) -> Any:
     return v
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _put(out: Any, at: Any, v: Any, n: Any) -> None:
     for k in range(n):
         out[at + k] = (v >> (8 * k)) & 0xFF
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _answer(  # noqa: PLR0917 -- arrays in, for the compiler
     buf: Any,
     pos: Any,
@@ -193,7 +194,7 @@ def _answer(  # noqa: PLR0917 -- arrays in, for the compiler
     return 0
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _send(out: Any, size: Any, mutex: Any, fd: Any, ctl: Any) -> bool:
     """Write the reply in ``out[:size]`` whole, under the socket's send mutex; whether it was."""
     _lock(mutex.ctypes.data)
@@ -210,7 +211,7 @@ def _send(out: Any, size: Any, mutex: Any, fd: Any, ctl: Any) -> bool:
     return True
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _reply_write(buf: Any, pos: Any, out: Any, mutex: Any, fd: Any, ctl: Any) -> bool:  # noqa: PLR0917 -- arrays in
     """Reply to the REGION_WRITE at ``buf[pos]``, applied here: its offset, region and count
     (32 bytes); whether the reply went."""
@@ -224,7 +225,7 @@ def _reply_write(buf: Any, pos: Any, out: Any, mutex: Any, fd: Any, ctl: Any) ->
     return _send(out, 32, mutex, fd, ctl)
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _mirror(buf: Any, pos: Any, mirrors: Any, trace: Any, ctl: Any, io: Any, t0: Any) -> Any:  # noqa: PLR0917 -- arrays in, for the compiler
     """Apply the posted 4-byte REGION_WRITE at ``buf[pos]`` if it writes a mirrored register
     word whose gates are down and whose new value lies below its limit (see
@@ -255,7 +256,7 @@ def _mirror(buf: Any, pos: Any, mirrors: Any, trace: Any, ctl: Any, io: Any, t0:
     return False
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _note_write(buf: Any, pos: Any, region: Any, offset: Any, value: Any, trace: Any, ctl: Any,  # noqa: PLR0917 -- arrays in
                 io: Any, t0: Any) -> None:  # fmt: skip
     """Note the 4-byte write at ``buf[pos]``, applied here, for the trace."""
@@ -274,7 +275,7 @@ def _note_write(buf: Any, pos: Any, region: Any, offset: Any, value: Any, trace:
     ctl[WROTE] += 1
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def _arm(buf: Any, pos: Any, arm: Any, irq: Any, trace: Any, ctl: Any, io: Any, t0: Any) -> Any:  # noqa: PLR0917 -- arrays in
     """Apply the posted 4-byte REGION_WRITE at ``buf[pos]`` if it writes an interrupt control
     word (``arm``: region, start, end, the first word's vector; see
@@ -293,7 +294,7 @@ def _arm(buf: Any, pos: Any, arm: Any, irq: Any, trace: Any, ctl: Any, io: Any, 
     return True
 
 
-@njit(cache=True, nogil=True)
+@no_runtime
 def serve(  # noqa: PLR0915, PLR0917 -- one loop, kept whole for the compiler
     fd: Any,
     wake_fd: Any,

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from emulab.avf import descriptors as desc
 from emulab.avf.datapath import raw
@@ -79,7 +78,7 @@ def find_map(starts: Any, ends: Any, addr: Any, length: Any) -> int:
     return -1
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _load64(mem: Any, off: Any) -> Any:
     """A little-endian qword; one word load where aligned (descriptors always are)."""
     if off & 7 == 0:
@@ -90,7 +89,7 @@ def _load64(mem: Any, off: Any) -> Any:
     return v
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _store64(mem: Any, off: Any, value: Any) -> None:
     """One aligned word store (the status qword's single write), else byte stores."""
     if off & 7 == 0:
@@ -100,7 +99,7 @@ def _store64(mem: Any, off: Any, value: Any) -> None:
         mem[off + i] = np.uint8((value >> np.uint64(8 * i)) & np.uint64(0xFF))
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _copy(dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> None:
     """Copy ``n`` bytes, ``src[soff:]`` to ``dst[doff:]`` (the caller checked both ranges): one
     ``memcpy`` at any alignment. (Word by word when both ends were 8-byte aligned and byte by
@@ -109,7 +108,7 @@ def _copy(dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> None:
     raw.copy(dst.ctypes.data + doff, src.ctypes.data + soff, n)
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def tx_drain(maps: Maps, tx: Any, gather: Gather, out: Any) -> None:
     """Gather the frames of TX queue ``tx`` (its row of the TX table: head, frames and bytes
     updated) into ``gather`` (see :func:`drain`). ``out`` receives the frames
@@ -130,7 +129,7 @@ def tx_drain(maps: Maps, tx: Any, gather: Gather, out: Any) -> None:
     out[OUT_ERROR] = err
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def drain(  # noqa: PLR0915 -- one ring walk, kept whole for the compiler
     regions: Any,
     starts: Any,
@@ -247,7 +246,7 @@ def gso_header_len(row: Any, seen: Any, g: Any) -> int:
     return int(l4 + thl)
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def rx_pick(burst: Burst, n: Any, rss: Rss, rx: Any, max_len: Any) -> None:
     """For the first ``n`` frames of ``burst``, in one call: the port's MAC filter, each
     frame's RSS hash, its RX queue (from the RX table ``rx``), its packet type and its checksum
@@ -258,7 +257,7 @@ def rx_pick(burst: Burst, n: Any, rss: Rss, rx: Any, max_len: Any) -> None:
          max_len, extra, gso)  # fmt: skip
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def pick(
     frames: Any, lens: Any, n: Any, table: Any, lut: Any, hena: Any, enabled: Any, qs: Any,
     hashes: Any, ptypes: Any, filt: Any, max_len: Any, extra: Any, gso: Any,

@@ -50,7 +50,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit, types
+from numba import types
 
 from emulab.avf.datapath import raw
 from emulab.avf.datapath.context import RX_TAIL, TX_HEAD, TX_TAIL
@@ -102,7 +102,7 @@ _ppoll = libc("ppoll", types.int32, 4)
 _read_fd = libc("read", types.int64, 3)
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _tails(w: Wire, regs: Any, layout: Any, ctl: Any, writes: Any) -> int:
     """The tails the driver stored (RX, then TX) into the queue tables, each move kept in
     ``writes``: 1 if a TX ring has frames to walk, 0 if none, -1 if ``writes`` is full (the
@@ -126,7 +126,7 @@ def _tails(w: Wire, regs: Any, layout: Any, ctl: Any, writes: Any) -> int:
     return moved
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _arms(irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: Any) -> int:
     """The driver's re-arms stored into the mapped DYN_CTLN page and not yet taken, each
     applied (``arm_taken``) and kept in ``writes``: ``LOOP_SLICE`` when done, ``LOOP_ARM``
@@ -149,7 +149,7 @@ def _arms(irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: Any) -> int:
         log_write(writes, ctl, layout[3] + i, x)
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _fire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any) -> bool:
     """The causes held whose INTENA is set, fired here (``fire_held``); whether some are left
     for Python to fire."""
@@ -165,7 +165,7 @@ def _fire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any) -> bool:
     return may_fire(regs, layout, ctl)
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _nap(w: Wire, ctl: Any, fd: Any, usec: Any) -> int:
     """Sleep up to ``usec`` microseconds or until the TAP or the wake eventfd is readable (the
     eventfd drained): ``LOOP_SLICE`` if the eventfd was (Python looks again: a packet
@@ -188,7 +188,7 @@ def _nap(w: Wire, ctl: Any, fd: Any, usec: Any) -> int:
     return LOOP_IDLE
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def poll_wire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: Any, fd: Any,
               slice_ns: Any, max_idle: Any, max_frame: Any) -> int:  # fmt: skip
     """Serve the TAP ``fd`` (non-blocking, with virtio-net headers) and the tails in ``regs``

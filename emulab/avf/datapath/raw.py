@@ -31,15 +31,16 @@ import numpy as np
 from numba import njit
 from numba.core import config
 
+from emulab.native.jit import NO_RUNTIME
+
 _F = TypeVar("_F", bound=Callable[..., Any])
-_NO_RUNTIME: dict[str, Any] = {"nogil": True, "cache": True, "_nrt": False}
 
 
 def kernel(fn: _F) -> _F:
     """``@njit(nogil=True, cache=True)`` without numba's runtime (``_nrt=False``): no
     reference counts, no allocation (it does not compile); every array is borrowed from the
     caller, which holds it for the call. For the hot loops (see ``ring_to_ring``)."""
-    return cast(_F, njit(**_NO_RUNTIME)(fn))
+    return cast(_F, njit(**NO_RUNTIME)(fn))
 
 
 def helper(fn: _F) -> _F:
@@ -49,7 +50,7 @@ def helper(fn: _F) -> _F:
     every kernel (and every table size): more than half of a cold build's time, for the same
     machine code once LLVM has inlined. Helpers return scalars, never arrays (a caller with the
     runtime would release an array it never owned)."""
-    return cast(_F, njit(**_NO_RUNTIME)(fn))
+    return cast(_F, njit(**NO_RUNTIME)(fn))
 
 
 # The same semantics as plain Python, through ctypes: what the kernels call when they run

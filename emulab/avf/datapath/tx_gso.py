@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from emulab.avf import descriptors as desc
 from emulab.avf.datapath import raw
@@ -58,13 +57,13 @@ def offload_fields(q1: Any) -> tuple[int, int, int, int, int]:
             ((offset >> 7) & 0x7F) * 4, ((offset >> 14) & 0xF) * 4)  # fmt: skip
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _put16(arena: Any, at: Any, v: Any) -> None:
     arena[at] = np.uint8((v >> 8) & 0xFF)
     arena[at + 1] = np.uint8(v & 0xFF)
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def tx_gso(gather: Gather, n: Any, gso: Any, out: Any) -> int:  # noqa: PLR0915 -- one walk
     """Prepare frames ``0..n-1`` of ``gather`` for a wire that finishes checksums and TCP
     segmentation: fixed up in the arena, their ``gso`` rows written, the multicast and broadcast

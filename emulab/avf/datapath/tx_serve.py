@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from emulab.avf.datapath import raw
 from emulab.avf.datapath.context import (
@@ -48,7 +47,7 @@ SERVE_CTL = 8
 SERVED, SERVE_SLOW, SERVE_SNAP_FULL = 0, 1, 2
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def tx_serve(
     maps: Maps, txt: Any, gather: Gather, gso: Any, fd: Any, vh: Any, io: Any, out: Any,
     acc: Any, ctl: Any, snap: Any,
@@ -98,7 +97,7 @@ def tx_serve(
     return SERVED
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _snap(snap: Any, ctl: Any, arena: Any, offsets: Any, n: Any, queue: Any) -> None:
     """The packet trace's copies of frames ``0..n-1`` (the caller made room): length, no RX
     queue, TX queue ``queue``, the first ``SNAP`` bytes (``ring_to_ring.snap_rows_tx``)."""

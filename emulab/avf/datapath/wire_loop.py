@@ -46,7 +46,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import njit, types
+from numba import types
 
 from emulab.avf.datapath import raw
 from emulab.avf.datapath.context import (
@@ -135,7 +135,7 @@ class IrqArgs(NamedTuple):
     io: Any
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _raise(irq: IrqArgs, ctl: Any, mask: Any) -> bool:
     """Fire ``mask``'s vectors; False when some were left to Python (``ctl[LEFT]``)."""
     if mask == 0:
@@ -148,7 +148,7 @@ def _raise(irq: IrqArgs, ctl: Any, mask: Any) -> bool:
     return True
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def tx_walk(w: Wire, fd: Any) -> tuple[int, Any]:
     """Every moved TX ring onto the TAP (``tx_serve``): ``LOOP_SLICE`` (done) with the vectors
     to raise, or ``LOOP_TX_SLOW``."""
@@ -170,7 +170,7 @@ def tx_walk(w: Wire, fd: Any) -> tuple[int, Any]:
     return LOOP_SLICE, serve[SERVE_VECTORS]
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
     """A batch from the TAP into the RX rings: ``LOOP_SLICE`` (done, or nothing to read),
     ``LOOP_HOLD``, ``LOOP_RX_ERROR``, ``LOOP_RX_TRACE`` or ``LOOP_FAILED``, with the vectors
@@ -213,7 +213,7 @@ def rx_batch(w: Wire, fd: Any, max_frame: Any) -> tuple[int, Any]:
     return LOOP_SLICE, vectors
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def _snap_rx(w: Wire, taken: Any) -> None:
     """The packet trace's rows of the frames ``rx_place`` delivered from the first ``taken``
     rows of the burst (``rx_batch`` made room): length, RX queue, no TX queue (``WIRE``), the
@@ -235,7 +235,7 @@ def _snap_rx(w: Wire, taken: Any) -> None:
         serve[SERVE_SNAPS] = r + 1
 
 
-@njit(nogil=True, cache=True)
+@raw.kernel
 def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms: Any,
               max_frame: Any) -> int:  # fmt: skip
     """Serve the TAP ``fd`` (non-blocking, with virtio-net headers) and the TX doorbells

@@ -530,3 +530,37 @@ def test_polling_re_arms_are_stores_the_loop_takes_itself(poll_rig: Rig) -> None
     wait_until(lambda: dev.irq_counts[1] > before, 5, "the software-triggered interrupt")
     assert loop.reasons["arm"] > arms and rig.drv.r32(DYN_CTLN) & taken
     assert writes() == messages and loop.running
+
+
+def test_polling_fires_a_cause_its_itr_holds_back_itself(poll_rig: Rig) -> None:
+    """A cause that comes within its vector's ITR interval of the last interrupt: the polling
+    form keeps it and fires it itself once the interval is over -- not before, and not by
+    handing it to Python (whose way is a timer thread per cause)."""
+    from emulab.avf.interrupts import INTENA, INTERVAL, ITR_INDX, ITR_UNIT, NO_ITR
+    from emulab.drivers.iavf_nic import DYN_CTLN
+
+    rig = poll_rig
+    dev, loop, irq = rig.dev, rig.loop, rig.dev.core.irq
+    wait_until(irq.fast.arm, 120, "the compiled raiser")
+    while rig.drv.service_irqs():  # (acknowledged and re-armed until none is latched)
+        rig.drv.r32(DYN_CTLN)
+    units = 1500  # (3 ms)
+    rig.drv.w32(DYN_CTLN, INTENA.mask | 0 << ITR_INDX.lsb | units << INTERVAL.lsb)  # ITR 0
+    wait_until(lambda: dev.regs.get("VFINT_ITRN", 0) == units, 5, "the ITR set")
+    rearm = INTENA.mask | NO_ITR << ITR_INDX.lsb
+    for tag in range(3):
+        time.sleep(2 * units * ITR_UNIT)  # (the interval since the last interrupt over)
+        before, handed, fired = dev.irq_counts[1], loop.reasons["irq"], loop.fired
+        t0 = time.monotonic()  # (before the first interrupt: the second comes an interval later)
+        assert rig.drv.transmit(frames(2, tag=3 * tag)) == 2
+        wait_until(lambda b=before: dev.irq_counts[1] > b, 5, "the first cause's interrupt")
+        assert rig.drv.service_irqs() == 1
+        rig.drv.w32(DYN_CTLN, rearm)  # (a store: the loop takes it)
+        assert rig.drv.transmit(frames(2, tag=3 * tag + 1)) == 2  # (within the interval)
+        wait_until(lambda b=before: dev.irq_counts[1] > b + 1, 5, "the held cause's interrupt")
+        assert time.monotonic() - t0 >= units * ITR_UNIT  # (not before its interval)
+        assert loop.fired >= fired + 2 and loop.reasons["irq"] == handed
+        while rig.drv.service_irqs():
+            rig.drv.r32(DYN_CTLN)
+        rig.drv.poll(0)
+    assert loop.running

@@ -91,7 +91,7 @@ from emulab.avf.datapath.wire_loop import (
     tx_walk,
 )
 from emulab.native.libc import EINTR, POLLIN, errno, libc, monotonic_ns
-from emulab.pci.fast_irq_kernel import arm_taken, fire_held
+from emulab.pci.fast_irq_kernel import arm_taken, fire_held, interval_only
 
 __all__ = ["poll_wire"]
 
@@ -162,7 +162,14 @@ def _fire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any) -> bool:
         while fired:
             fired &= fired - 1
             w.ctl[FIRED] += 1
-    return may_fire(regs, layout, ctl)
+    if not may_fire(regs, layout, ctl):
+        return False
+    # Left only by their ITR intervals, the causes stay the loop's: it naps no longer than
+    # NAP_FIRST while it holds one (nap_for), and fires them at a look once the interval is
+    # over. (Returned to Python, each such cause took a timer thread.)
+    return not (ctl[POLL_MARK] and interval_only(
+        irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st, irq.words, irq.fds, irq.io,
+        ctl[POLL_PENDING] & ~ctl[POLL_HOLD]))  # fmt: skip
 
 
 @raw.kernel

@@ -183,9 +183,10 @@ class FastLane:
             taken = int(self.st[WRITES])
             if taken:  # (after the reads noted before them, before what follows)
                 self.take_notes(wait=True)
-                answered = self.session.posted_writes(self.writes[:taken])
-                self.posted += taken - answered
-                self.answered += answered
+                owed = int(self.writes[:taken, WRITE_COLS - 1].sum())  # (replies owed)
+                self.posted += taken - owed  # (counted before a reply goes: a client that
+                self.answered += owed  # reads the status after it finds them counted)
+                self.session.posted_writes(self.writes[:taken])
             if code == POSTED:
                 self.st[RESUME] = 1  # (the bytes after them wait in buf, for the next call)
                 continue

@@ -64,7 +64,7 @@ __all__ = [
     "arm_taken",
     "arm_write",
     "fire_held",
-    "interval_only",
+    "interval_wait",
     "raise_vectors",
     "spin_acquire",
     "spin_release",
@@ -232,31 +232,38 @@ def fire_held(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, w
 
 
 @no_runtime
-def interval_only(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
-                  fds: Any, io: Any, mask: Any) -> bool:  # fmt: skip
-    """Whether every vector of ``mask`` that :func:`fire_held` left with its enable bit set is
-    kept from firing only by its ITR interval -- no cause latched here, no gate but ``HOLD``
-    closed, an eventfd that delivers, the interval not over yet -- so that the loop holding
-    those causes may fire them itself once it is over (no timer of Python's). A look without
-    the spin word: a change meanwhile only sends the causes to Python, as before."""
+def interval_wait(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: Any, words: Any,  # noqa: PLR0917 -- arrays in
+                  fds: Any, io: Any, mask: Any) -> Any:  # fmt: skip
+    """Nanoseconds until the first of ``mask``'s vectors may fire, when every one of them with
+    its enable bit set is kept from firing only by its ITR interval -- no cause latched here,
+    no gate but ``HOLD`` closed, an eventfd that delivers, the interval not over yet -- and
+    at least one is: the loop holding those causes may then fire them itself once it is over
+    (no timer of Python's). Else -1: Python's. A look without the spin word: a change
+    meanwhile only sends the causes to Python, as before."""
     now = monotonic_ns(io, 0)
+    wait = np.int64(-1)
+    if mask & 1:
+        return wait  # (vector 0, the misc vector: Python's)
     for v in range(1, 63):
         if not (mask >> v) & 1:
             continue
         if not _ok(regs, ctl_words, itr_words, params, st, words, fds, io, v):
-            return False
+            return np.int64(-1)
         if not _enabled(regs, ctl_words[v], params):
             continue  # (fired already: the cause waits for the driver's re-arm, as it may)
         if (words[GATE] & ~HOLD) != 0 or st[v, PEND] != 0 or fds[v] < 0:
-            return False
+            return np.int64(-1)
         itr = np.int64(0)
         for i in range(itr_words.shape[1]):
             x = np.int64(regs[itr_words[v, i]])
             if x and (itr == 0 or x < itr):
                 itr = x
-        if itr == 0 or now >= st[v, LAST_NS] + itr * params[UNIT_NS]:
-            return False  # (not the interval: something else kept it)
-    return not (mask & 1)  # (vector 0, the misc vector: Python's)
+        left = st[v, LAST_NS] + itr * params[UNIT_NS] - now
+        if itr == 0 or left <= 0:
+            return np.int64(-1)  # (not the interval: something else kept it)
+        if wait < 0 or left < wait:
+            wait = left
+    return wait
 
 
 @no_runtime

@@ -536,10 +536,19 @@ def test_polling_fires_a_cause_its_itr_holds_back_itself(poll_rig: Rig) -> None:
     """A cause that comes within its vector's ITR interval of the last interrupt: the polling
     form keeps it and fires it itself once the interval is over -- not before, and not by
     handing it to Python (whose way is a timer thread per cause)."""
+    _itr_held(poll_rig)
+
+
+def test_the_loop_fires_a_cause_its_itr_holds_back_itself(rig: Rig) -> None:
+    """The same in interrupt mode: the loop waits no longer than the interval (``ppoll``, to
+    the microsecond) and fires the held cause itself."""
+    _itr_held(rig)
+
+
+def _itr_held(rig: Rig) -> None:
     from emulab.avf.interrupts import INTENA, INTERVAL, ITR_INDX, ITR_UNIT, NO_ITR
     from emulab.drivers.iavf_nic import DYN_CTLN
 
-    rig = poll_rig
     dev, loop, irq = rig.dev, rig.loop, rig.dev.core.irq
     wait_until(irq.fast.arm, 120, "the compiled raiser")
     while rig.drv.service_irqs():  # (acknowledged and re-armed until none is latched)
@@ -559,7 +568,10 @@ def test_polling_fires_a_cause_its_itr_holds_back_itself(poll_rig: Rig) -> None:
         assert rig.drv.transmit(frames(2, tag=3 * tag + 1)) == 2  # (within the interval)
         wait_until(lambda b=before: dev.irq_counts[1] > b + 1, 5, "the held cause's interrupt")
         assert time.monotonic() - t0 >= units * ITR_UNIT  # (not before its interval)
-        assert loop.fired >= fired + 2 and loop.reasons["irq"] == handed
+        assert loop.reasons["irq"] == handed
+        # (the polling form counts its own fires; one held across the end of a call goes to
+        # Python with the call's other causes)
+        assert loop.fired > fired or not loop.polling
         while rig.drv.service_irqs():
             rig.drv.r32(DYN_CTLN)
         rig.drv.poll(0)

@@ -11,9 +11,11 @@ picks and places it (``rx_pick``, ``rx_place``), and keeps each vector's cause
 (``ctl[POLL_PENDING]``) until the driver's INTENA lets it fire; then it fires it itself
 (``fire_held``: the MSI-X block's ``HOLD`` gate says that this loop decides, and the fast
 lane's re-arms end its nap), counted in ``w.ctl[FIRED]`` -- before it returns for anything
-else too (the trace's rows full, a batch held). What it may not fire (another gate closed, an
-interval not over, the raiser not armed: ``irq`` inert) it returns for Python to, as the poll
-kernel does (``POLL_IRQ``'s rule: ``POLL_HOLD`` are those Python latched). After ``max_idle``
+else too (the trace's rows full, a batch held). A cause only its ITR interval holds back it
+keeps too, and fires at a look once the interval is over (``interval_wait``; its naps are at
+most ``NAP_FIRST`` while it holds a cause). What it may not fire (another gate closed, the
+raiser not armed: ``irq`` inert) it returns for Python to, as the poll kernel does
+(``POLL_IRQ``'s rule: ``POLL_HOLD`` are those Python latched). After ``max_idle``
 empty loops -- a few: between two frames of a stream too, not only once it ends -- it naps in
 ``ppoll`` on the TAP and the wake eventfd together (``NAP_FIRST`` microseconds, doubling up to
 ``ctl[POLL_NAP]``), so a frame from the host ends a nap at once and a tail the driver stores
@@ -91,7 +93,7 @@ from emulab.avf.datapath.wire_loop import (
     tx_walk,
 )
 from emulab.native.libc import EINTR, POLLIN, errno, libc, monotonic_ns
-from emulab.pci.fast_irq_kernel import arm_taken, fire_held, interval_only
+from emulab.pci.fast_irq_kernel import arm_taken, fire_held, interval_wait
 
 __all__ = ["poll_wire"]
 
@@ -167,9 +169,9 @@ def _fire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any) -> bool:
     # Left only by their ITR intervals, the causes stay the loop's: it naps no longer than
     # NAP_FIRST while it holds one (nap_for), and fires them at a look once the interval is
     # over. (Returned to Python, each such cause took a timer thread.)
-    return not (ctl[POLL_MARK] and interval_only(
+    return not (ctl[POLL_MARK] and interval_wait(
         irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st, irq.words, irq.fds, irq.io,
-        ctl[POLL_PENDING] & ~ctl[POLL_HOLD]))  # fmt: skip
+        ctl[POLL_PENDING] & ~ctl[POLL_HOLD]) > 0)  # fmt: skip
 
 
 @raw.kernel

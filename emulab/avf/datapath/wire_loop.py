@@ -20,8 +20,10 @@ Python only for what Python does:
   after something was done: Python folds the counts into the port's statistics (and looks
   whether the loop may still run: the trace, faults);
 * ``LOOP_IDLE``: ``idle_ms`` with nothing to do (the same look, on an idle device);
-* ``LOOP_IRQ``: vectors the raiser left to Python (``ctl[LEFT]``: a fire inside its ITR
-  interval, a closed gate);
+* ``LOOP_IRQ``: vectors the raiser left to Python (``ctl[LEFT]``: a closed gate, a cause
+  latched in Python's state). A fire inside its ITR interval is not Python's: the loop holds
+  the cause (``ctl[HELD]``), waits no longer than the interval (``ppoll``) and fires it then;
+  what it still holds when it returns goes to Python with ``ctl[LEFT]``;
 * ``LOOP_HOLD``: the RX rings had no room for rows ``ctl[TAKEN]:ctl[N]`` of the burst (flow
   control: Python offers them again as the driver posts buffers, serving doorbells between);
 * ``LOOP_TX_SLOW``: ``tx_serve`` stopped for Python (``ctl[CODE]``; its words are the serve
@@ -72,7 +74,7 @@ from emulab.avf.datapath.tx_serve import (
 )
 from emulab.backends.tap_kernel import FAILED, IO_BYTES, IO_ERRNO, read_frames
 from emulab.native.libc import EINTR, POLLERR, POLLHUP, POLLIN, errno, libc, monotonic_ns
-from emulab.pci.fast_irq_kernel import raise_vectors
+from emulab.pci.fast_irq_kernel import interval_wait, raise_vectors
 
 __all__ = ["IrqArgs", "Wire", "wire_loop"]
 
@@ -81,7 +83,8 @@ STOP, WAKE = POLL_STOP, POLL_WAKE
 LEFT, TAKEN, N, CODE, ERRNO, BATCHES, RX_FRAMES, RX_BYTES = 1, 2, 3, 4, 5, 6, 7, 9
 KICKS, SERVES, DROPPED, LOOPS, TRACED, FIRED = 10, 11, 12, 13, 14, 15  # (FIRED: the polling
 # form's own fires, counted as they happen and never reset)
-LOOP_CTL = 16
+HELD = 16  # vectors whose causes only their ITR intervals hold back: fired by the loop after
+LOOP_CTL = 17
 (LOOP_STOPPED, LOOP_SLICE, LOOP_IDLE, LOOP_IRQ, LOOP_HOLD, LOOP_TX_SLOW, LOOP_RX_ERROR,
  LOOP_FAILED, LOOP_RX_TRACE, LOOP_ARM) = range(10)  # fmt: skip
 REASONS = ("stopped", "slice", "idle", "irq", "hold", "tx-slow", "rx-error", "failed",
@@ -92,6 +95,8 @@ WIRE = 0xFFFF  # a trace row's TX queue for a frame from the wire (``_snap_rx``)
 QUIET_MS = 1  # after work, a wait this long with nothing to do returns (``LOOP_SLICE``)
 
 _poll = libc("poll", types.int32, 3)
+_ppoll = libc("ppoll", types.int32, 4)
+TS = 12  # io words of a wait's timespec [12:14]
 _read = libc("read", types.int64, 3)
 
 
@@ -137,15 +142,27 @@ class IrqArgs(NamedTuple):
 
 @raw.kernel
 def _raise(irq: IrqArgs, ctl: Any, mask: Any) -> bool:
-    """Fire ``mask``'s vectors; False when some were left to Python (``ctl[LEFT]``)."""
+    """Fire ``mask``'s vectors; False when some were left to Python (``ctl[LEFT]``). Those
+    only their ITR intervals hold back stay the loop's (``ctl[HELD]``): it fires them once the
+    intervals are over (before, each went to Python, whose way is a timer thread)."""
     if mask == 0:
         return True
     left = raise_vectors(irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st,
                          irq.words, irq.fds, irq.notes, irq.io, mask)  # fmt: skip
     if left:
+        if _held_for(irq, left) > 0:
+            ctl[HELD] |= left
+            return True
         ctl[LEFT] |= left
         return False
     return True
+
+
+@raw.kernel
+def _held_for(irq: IrqArgs, mask: Any) -> Any:
+    """Nanoseconds until the first of ``mask``'s held causes may fire (-1: Python's)."""
+    return interval_wait(irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st, irq.words,
+                         irq.fds, irq.io, mask)  # fmt: skip
 
 
 @raw.kernel
@@ -240,7 +257,32 @@ def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms:
               max_frame: Any) -> int:  # fmt: skip
     """Serve the TAP ``fd`` (non-blocking, with virtio-net headers) and the TX doorbells
     (``kick``, an eventfd the lane writes) until Python must act (see the module's
-    docstring for what it returns, and ``ctl``'s words)."""
+    docstring for what it returns, and ``ctl``'s words). Causes it still holds when it
+    returns (``ctl[HELD]``) are Python's then (``ctl[LEFT]``)."""
+    ctl = w.ctl
+    why = _wire_loop(w, irq, fd, kick, slice_ns, idle_ms, max_frame)
+    ctl[LEFT] |= ctl[HELD]
+    ctl[HELD] = 0
+    return why
+
+
+@raw.kernel
+def _wait(w: Wire, irq: IrqArgs, timeout_ms: Any) -> Any:
+    """``poll`` on the three fds (set in ``w.io``) for ``timeout_ms``, or only until the first
+    held cause may fire (``ppoll``, to the microsecond)."""
+    io, held = w.io, w.ctl[HELD]
+    wait = _held_for(irq, held) if held else np.int64(-1)
+    if wait < 0:
+        return _poll(io.ctypes.data, 3, timeout_ms)
+    wait = min(wait, timeout_ms * 1_000_000)
+    io[TS] = wait // 1_000_000_000
+    io[TS + 1] = wait % 1_000_000_000
+    return _ppoll(io.ctypes.data, 3, io.ctypes.data + TS * 8, 0)
+
+
+@raw.kernel
+def _wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms: Any,
+               max_frame: Any) -> int:  # fmt: skip
     ctl, io = w.ctl, w.io
     start = monotonic_ns(io, 8)
     did = False
@@ -248,12 +290,16 @@ def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms:
         if ctl[STOP]:
             return LOOP_STOPPED
         ctl[LOOPS] += 1
+        held = ctl[HELD]
+        if held:  # (a look: those whose intervals are over fire now, the rest stay held)
+            ctl[HELD] = 0
+            if not _raise(irq, ctl, held):
+                return LOOP_IRQ
         io[0] = fd | (POLLIN << 32)
         io[1] = kick | (POLLIN << 32)
         io[2] = ctl[WAKE] | (POLLIN << 32)  # (-1: none; poll skips it)
         # (after work, a millisecond without any ends the call: the counts are folded then)
-        timeout = QUIET_MS if did else idle_ms
-        r = _poll(io.ctypes.data, 3, timeout)
+        r = _wait(w, irq, QUIET_MS if did else idle_ms)
         if r < 0:
             e = errno()
             if e == EINTR:
@@ -261,6 +307,8 @@ def wire_loop(w: Wire, irq: IrqArgs, fd: Any, kick: Any, slice_ns: Any, idle_ms:
             ctl[ERRNO] = e
             return LOOP_FAILED
         if r == 0:
+            if ctl[HELD]:
+                continue  # (a held cause's interval over, or nearly: the look above)
             return LOOP_SLICE if did else LOOP_IDLE
         tap_ev, kick_ev, wake_ev = io[0] >> 48, io[1] >> 48, io[2] >> 48
         if wake_ev & (POLLIN | POLLERR | POLLHUP):

@@ -83,7 +83,7 @@ STOP, WAKE = POLL_STOP, POLL_WAKE
 LEFT, TAKEN, N, CODE, ERRNO, BATCHES, RX_FRAMES, RX_BYTES = 1, 2, 3, 4, 5, 6, 7, 9
 KICKS, SERVES, DROPPED, LOOPS, TRACED, FIRED = 10, 11, 12, 13, 14, 15  # (FIRED: the polling
 # form's own fires, counted as they happen and never reset)
-HELD = 16  # vectors whose causes only their ITR intervals hold back: fired by the loop after
+HELD = 16  # vectors whose causes only their ITR intervals hold back (the loop fires them then)
 LOOP_CTL = 17
 (LOOP_STOPPED, LOOP_SLICE, LOOP_IDLE, LOOP_IRQ, LOOP_HOLD, LOOP_TX_SLOW, LOOP_RX_ERROR,
  LOOP_FAILED, LOOP_RX_TRACE, LOOP_ARM) = range(10)  # fmt: skip

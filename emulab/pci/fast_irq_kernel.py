@@ -128,15 +128,23 @@ def _enabled(regs: Any, w: Any, params: Any) -> bool:
 
 
 @no_runtime
-def _deliverable(regs: Any, itr_words: Any, params: Any, st: Any, fds: Any, io: Any,  # noqa: PLR0917 -- arrays in
-                 v: Any) -> Any:  # fmt: skip
-    """The time now (ns) if vector ``v`` may fire now here (its interval over, an eventfd that
-    delivers), else -1. Under the spin word."""
+def _itr(regs: Any, itr_words: Any, v: Any) -> Any:
+    """Vector ``v``'s throttling interval, in the ITR's units: the shortest non-zero of its
+    ITRs (0: none)."""
     itr = np.int64(0)
     for i in range(itr_words.shape[1]):
         x = np.int64(regs[itr_words[v, i]])
         if x and (itr == 0 or x < itr):
             itr = x
+    return itr
+
+
+@no_runtime
+def _deliverable(regs: Any, itr_words: Any, params: Any, st: Any, fds: Any, io: Any,  # noqa: PLR0917 -- arrays in
+                 v: Any) -> Any:  # fmt: skip
+    """The time now (ns) if vector ``v`` may fire now here (its interval over, an eventfd that
+    delivers), else -1. Under the spin word."""
+    itr = _itr(regs, itr_words, v)
     now = monotonic_ns(io, 0)
     if fds[v] < 0 or (itr and now < st[v, LAST_NS] + itr * params[UNIT_NS]):
         return -1
@@ -240,10 +248,10 @@ def interval_wait(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: An
     at least one is: the loop holding those causes may then fire them itself once it is over
     (no timer of Python's). Else -1: Python's. A look without the spin word: a change
     meanwhile only sends the causes to Python, as before."""
-    now = monotonic_ns(io, 0)
     wait = np.int64(-1)
     if mask & 1:
         return wait  # (vector 0, the misc vector: Python's)
+    now = monotonic_ns(io, 0)
     for v in range(1, 63):
         if not (mask >> v) & 1:
             continue
@@ -253,11 +261,7 @@ def interval_wait(regs: Any, ctl_words: Any, itr_words: Any, params: Any, st: An
             continue  # (fired already: the cause waits for the driver's re-arm, as it may)
         if (words[GATE] & ~HOLD) != 0 or st[v, PEND] != 0 or fds[v] < 0:
             return np.int64(-1)
-        itr = np.int64(0)
-        for i in range(itr_words.shape[1]):
-            x = np.int64(regs[itr_words[v, i]])
-            if x and (itr == 0 or x < itr):
-                itr = x
+        itr = _itr(regs, itr_words, v)
         left = st[v, LAST_NS] + itr * params[UNIT_NS] - now
         if itr == 0 or left <= 0:
             return np.int64(-1)  # (not the interval: something else kept it)

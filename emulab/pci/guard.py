@@ -123,12 +123,10 @@ class _Lib:
             for callback, n in fired:
                 with contextlib.suppress(Exception):  # a reporting hook must not end the watcher
                     callback(n)
-            if self.pipe is None:
-                threading.Event().wait(WATCH_INTERVAL)
-                continue
+            wake = [self.pipe[0]] if self.pipe is not None else []
             with contextlib.suppress(OSError):
-                if select.select([self.pipe[0]], [], [], WATCH_INTERVAL)[0]:
-                    os.read(self.pipe[0], 4096)  # (the faults' bytes: counted above, not here)
+                if select.select(wake, [], [], WATCH_INTERVAL)[0]:
+                    os.read(wake[0], 4096)  # (the faults' bytes: counted above, not here)
 
 
 _LIB = _Lib()

@@ -6,9 +6,9 @@
  * ends the process: the user's notebook kernel. This handler, for faults inside a registered
  * guest mapping only, maps a private zero page over the faulting page and counts the fault; the
  * access then completes (reading zeros, or writing into memory nobody sees) and the Python side,
- * woken through a pipe the handler writes to, puts the device into an error state. A fault anywhere else is handed
- * to the handler that was installed before (faulthandler's, or the default: the process dies as
- * it would have without us).
+ * woken through a pipe the handler writes to, puts the device into an error state. A fault
+ * anywhere else is handed to the handler that was installed before (faulthandler's, or the
+ * default: the process dies as it would have without us).
  *
  * Built by emulab/pci/guard.py with the system C compiler on first use. Our own code.
  */

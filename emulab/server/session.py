@@ -209,23 +209,21 @@ class Session:
             self.server.last_error = text
             self._send_error(event, errno.EIO, text)
 
-    def posted_writes(self, rows: Any) -> int:
+    def posted_writes(self, rows: Any) -> None:
         """Apply REGION_WRITEs the fast lane took off the wire (rows of msg_id, region, offset,
         count, value, and whether a reply is owed), in order: what :meth:`dispatch` does for
         one, less the protocol's decoding. A write that wants its reply (only ever the last
         row: the lane stops there) gets it here, as the lane's reads get theirs: written
-        straight to the channel. Returns how many replies were owed."""
+        straight to the channel."""
         server = self.server
         stats, channel = server.stats, self.channel
         counts = stats.counts
         trace = server.trace
-        answered = 0
         for msg_id, region, offset, count, value, reply in rows.tolist():
             data = (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")[:count]
             stats.messages += 1
             counts[_WRITE] = counts.get(_WRITE, 0) + 1
             channel.bytes_in += 32 + count
-            answered += reply
             t0 = time.perf_counter()
             try:
                 self._write(region, offset, data)  # (a point set meanwhile is still checked)
@@ -242,7 +240,6 @@ class Session:
                 trace.record(MessageRecord(direction="in", command="REGION_WRITE", msg_id=msg_id,
                                            args=m.RegionWrite(offset, region, count, data),
                                            reply=answer, error=0, latency_us=lat))  # fmt: skip
-        return answered
 
     def _overdue(self, event: Request | BadRequest, sent: float, what: str) -> bool:
         """Whether a stop kept the client waiting past its reply timeout for ``event`` (then it

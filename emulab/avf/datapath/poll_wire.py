@@ -89,11 +89,12 @@ from emulab.avf.datapath.wire_loop import (
     IrqArgs,
     N,
     Wire,
+    held_for,
     rx_batch,
     tx_walk,
 )
 from emulab.native.libc import EINTR, POLLIN, errno, libc, monotonic_ns
-from emulab.pci.fast_irq_kernel import arm_taken, fire_held, interval_wait
+from emulab.pci.fast_irq_kernel import arm_taken, fire_held
 
 __all__ = ["poll_wire"]
 
@@ -169,9 +170,7 @@ def _fire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any) -> bool:
     # Left only by their ITR intervals, the causes stay the loop's: it naps no longer than
     # NAP_FIRST while it holds one (nap_for), and fires them at a look once the interval is
     # over. (Returned to Python, each such cause took a timer thread.)
-    return not (ctl[POLL_MARK] and interval_wait(
-        irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st, irq.words, irq.fds, irq.io,
-        ctl[POLL_PENDING] & ~ctl[POLL_HOLD]) > 0)  # fmt: skip
+    return not (ctl[POLL_MARK] and held_for(irq, ctl[POLL_PENDING] & ~ctl[POLL_HOLD]) > 0)
 
 
 @raw.kernel

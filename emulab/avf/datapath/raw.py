@@ -25,13 +25,12 @@ import select
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import numpy as np
-from numba import njit
 from numba.core import config
 
-from emulab.native.jit import NO_RUNTIME
+from emulab.native.jit import no_runtime
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -40,7 +39,7 @@ def kernel(fn: _F) -> _F:
     """``@njit(nogil=True, cache=True)`` without numba's runtime (``_nrt=False``): no
     reference counts, no allocation (it does not compile); every array is borrowed from the
     caller, which holds it for the call. For the hot loops (see ``ring_to_ring``)."""
-    return cast(_F, njit(**NO_RUNTIME)(fn))
+    return no_runtime(fn)
 
 
 def helper(fn: _F) -> _F:
@@ -50,7 +49,7 @@ def helper(fn: _F) -> _F:
     every kernel (and every table size): more than half of a cold build's time, for the same
     machine code once LLVM has inlined. Helpers return scalars, never arrays (a caller with the
     runtime would release an array it never owned)."""
-    return cast(_F, njit(**NO_RUNTIME)(fn))
+    return no_runtime(fn)
 
 
 # The same semantics as plain Python, through ctypes: what the kernels call when they run

@@ -150,7 +150,7 @@ def _raise(irq: IrqArgs, ctl: Any, mask: Any) -> bool:
     left = raise_vectors(irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st,
                          irq.words, irq.fds, irq.notes, irq.io, mask)  # fmt: skip
     if left:
-        if _held_for(irq, left) > 0:
+        if held_for(irq, left) > 0:
             ctl[HELD] |= left
             return True
         ctl[LEFT] |= left
@@ -159,7 +159,7 @@ def _raise(irq: IrqArgs, ctl: Any, mask: Any) -> bool:
 
 
 @raw.kernel
-def _held_for(irq: IrqArgs, mask: Any) -> Any:
+def held_for(irq: IrqArgs, mask: Any) -> Any:
     """Nanoseconds until the first of ``mask``'s held causes may fire (-1: Python's)."""
     return interval_wait(irq.regs, irq.ctl_words, irq.itr_words, irq.params, irq.st, irq.words,
                          irq.fds, irq.io, mask)  # fmt: skip
@@ -271,7 +271,7 @@ def _wait(w: Wire, irq: IrqArgs, timeout_ms: Any) -> Any:
     """``poll`` on the three fds (set in ``w.io``) for ``timeout_ms``, or only until the first
     held cause may fire (``ppoll``, to the microsecond)."""
     io, held = w.io, w.ctl[HELD]
-    wait = _held_for(irq, held) if held else np.int64(-1)
+    wait = held_for(irq, held) if held else np.int64(-1)
     if wait < 0:
         return _poll(io.ctypes.data, 3, timeout_ms)
     wait = min(wait, timeout_ms * 1_000_000)

@@ -166,7 +166,7 @@ def rss_tuple(frame: Any, length: Any, tuple_buf: Any, hena: Any) -> int:
     return 12
 
 
-@raw.helper
+@raw.inlined
 def toeplitz_frame(table: Any, frame: Any, length: Any, hena: Any) -> Any:
     """The Toeplitz hash of the frame's hash input (see :func:`rss_ports_at`; 0: not hashed)
     through ``table`` (:func:`toeplitz_table`: one lookup per input byte), read in place: a copy

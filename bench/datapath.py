@@ -12,7 +12,8 @@ one run, at 64 and 1500 bytes:
   one-call    the same with the loop inside one nogil call (the polling mode's shape)
   no-jit      the same Python code with NUMBA_DISABLE_JIT=1 (a subprocess, a short run)
   memcpy      numpy copy bandwidth of 64 MiB buffers (DRAM, this run)
-  dpdk        DPDK testpmd vhost-user <-> virtio-user loopback (bench/dpdk_anchor.py), if root
+  dpdk        DPDK testpmd vhost-user <-> virtio-user loopback (bench/dpdk_anchor.py), if root;
+              at 64 B run in pairs with the device, each pair back to back (see ``paired``)
   device      the product: an AvfDevice in polling mode (served; its poll thread forwards ring
               to ring) with a polling guest driver in another thread writing the tails into the
               BAR's mmapped page -- two threads sharing the rings across cores, DPDK's shape;
@@ -26,10 +27,13 @@ Usage: python bench/datapath.py [--seconds 3] [--no-dpdk] [--chart datapath.png]
        python bench/datapath.py --ramp [--seconds 8] [--chart ramp.png]   (the device's rate
        every 0.5 s within each of 3 runs: how it moves within a run)
        python bench/datapath.py --startup   (only the start-up figures)
-Last line: RESULT device_mpps_64=D device_mpps_1500=E device_ratio_64=D/Z dpdk_mpps_64=Z
-mpps_64=X mpps_1500=Y ratio_64=X/Z gbps_1500=G memcpy_gbps=M startup_answer_s=A
+       python bench/datapath.py --profile   (the device's slow and fast phases side by side)
+Last line: RESULT device_mpps_64=D device_mpps_1500=E device_ratio_64=R dpdk_mpps_64=Z
+link_ns=L mpps_64=X mpps_1500=Y ratio_64=X/Z gbps_1500=G memcpy_gbps=M startup_answer_s=A
 startup_cold_s=C startup_warm_s=W startup_warm_kernels_s=K (the device: medians of
-DEVICE_RUNS runs, each printed; the kernel alone, X and Y, is context; start-up: cold, each
+DEVICE_RUNS runs, each printed; R: the median of the device / DPDK ratios of 3 pairs, each
+pair run back to back, Z the median of their DPDK runs and L of the cache line's round trip
+between the two CPUs before each; the kernel alone, X and Y, is context; start-up: cold, each
 from an empty numba cache, to the first reply (A) and to the kernels compiled and in use (C),
 medians of 2; warm, import emulab to the server ready (W) and to its kernels loaded (K),
 medians of 3)
@@ -57,10 +61,11 @@ from numba import njit
 from emulab.avf import datapath as dp
 from emulab.avf.datapath.cache import drop_stale
 from emulab.avf.device import AvfDevice
-from emulab.server import VfioUserServer
+from emulab.pci import fast_irq
+from emulab.server import VfioUserServer, lane
 
 sys.path.insert(0, str(Path(__file__).parent))  # (its siblings in bench/, however it is loaded)
-from sampling import cpu_sample, link_series, others_sample, thread_sample
+from sampling import link_series
 
 # this file's kernels inline the package's: their cache goes when either changes
 drop_stale(Path(__file__).parent / "__pycache__",
@@ -369,6 +374,17 @@ def guest_drive(mem: Any, regs: Any, g: Any, size: Any, stop: Any) -> None:
             g[G_EMPTY] += 1
 
 
+def settle() -> None:
+    """Nothing of the product's start-up runs beside a measurement: the builder's loads done
+    (the extra kernels' too), and the compiled children a device and its server start (the
+    lane's, the interrupts': a python each, ~0.5 s of CPU even from a warm cache, loaded in
+    this process after). A process's first device run shared its two CPUs with them (the
+    lane's child starts a second into the run): about 15 Mpps against 23 for the runs after."""
+    dp.BUILDER.settled(timeout=600)
+    for child in (lane.KERNEL, fast_irq.KERNELS):
+        child.wait(timeout=600)
+
+
 def device_rig(size: int) -> tuple[AvfDevice, VfioUserServer, Any, Any]:
     """An AvfDevice in polling mode, served, with 64 MiB of guest memory DMA-mapped, frames in
     the TX buffers, every RX buffer posted, and its queues configured as virtchnl would."""
@@ -449,6 +465,7 @@ def device_marks(  # noqa: PLR0917
     ``probe(device, guest thread id, guest counters)``: called at each mark (``--profile``)."""
     dev, server, mem, regs = device_rig(size)
     dp.BUILDER.wait((1,), timeout=600)  # the kernels loaded (until then the device interprets)
+    settle()
     cpus = sorted(os.sched_getaffinity(0))
     if pin and len(cpus) > 1 and dev.poller is not None:
         dev.poller.pin({cpus[-1]})
@@ -529,126 +546,31 @@ def ramp(seconds: float, step: float = 0.5, runs: int = 3, chart_path: str = "")
     return 0
 
 
-def profile(seconds: float, step: float = 0.1, runs: int = 3) -> int:
-    """The served device's slow and fast phases side by side (64 B, pinned as the RESULT's
-    runs): every ``step`` seconds, the frames the guest received, both threads' loops (the poll
-    kernel's ``loops``/``naps``, the guest's loops and empty loops), each thread's CPU time and
-    run-queue wait (schedstat) and context switches, each CPU's steal, and the CPU every other
-    process on the machine used; the intervals split at the geometric mean of the 10th and
-    90th percentile rate, each side summed. Then, as the explanation's control, a plain
-    cache-line ping-pong between the same two CPUs for ``seconds`` (:func:`link_series`)."""
-    hz = os.sysconf("SC_CLK_TCK")
-    samples: list[dict[str, Any]] = []
-
-    def probe(dev: AvfDevice, guest_tid: int, g: Any) -> None:
-        p = dev.poller
-        assert p is not None
-        txt, rxt = dev.queues.tables.tx_table, dev.queues.tables.rx_table
-        samples.append({
-            "t": time.perf_counter(), "frames": int(g[G_FRAMES]), "gloops": int(g[G_LOOPS]),
-            "gempty": int(g[G_EMPTY]), "ploops": p.loops, "naps": p.naps,
-            "pbusy": p.busy_loops, "pfull": p.full_bursts,
-            "taken": int(txt[:, dp.TX_PACKETS].sum()),
-            "txq": int(txt[0, dp.TX_TAIL] - txt[0, dp.TX_HEAD]) % RING,
-            "rxq": int(sum((r[dp.RX_TAIL] - r[dp.RX_HEAD]) % RING for r in rxt[:QUEUES])),
-            "poll": thread_sample(p.native_id or 0), "guest": thread_sample(guest_tid),
-            "cpus": cpu_sample(), "others": others_sample(),
-        })  # fmt: skip
-
-    rows: list[dict[str, Any]] = []
-    for run in range(runs):
-        samples.clear()
-        device_marks(64, seconds, step=step, probe=probe)
-        for a, b in itertools.pairwise(samples):
-            dt = b["t"] - a["t"]
-            row = {"dt": dt, "frames": b["frames"] - a["frames"], "txq": b["txq"], "rxq": b["rxq"]}
-            for k in ("gloops", "gempty", "ploops", "naps", "taken", "pbusy", "pfull"):
-                row[k] = b[k] - a[k]
-            for th in ("poll", "guest"):
-                for i, k in enumerate(("run", "wait", "vcs", "ivcs")):
-                    row[f"{th}_{k}"] = b[th][i] - a[th][i]
-                row[f"{th}_cpu"] = b[th][4]
-            for c, ((b0, s0), (b1, s1)) in enumerate(zip(a["cpus"], b["cpus"], strict=True)):
-                row[f"cpu{c}_busy"], row[f"cpu{c}_steal"] = b1 - b0, s1 - s0
-            row["others"] = {k: v - a["others"][k] for k, v in b["others"].items()
-                             if k in a["others"] and v > a["others"][k]}  # fmt: skip
-            rows.append(row)
-        rates = [r["frames"] / r["dt"] / 1e6 for r in rows[-len(samples) + 1 :]]
-        print(f"run {run + 1}/{runs}, Mpps every {step:g} s: "
-              + " ".join(f"{x:.1f}" for x in rates), flush=True)  # fmt: skip
-    rates = sorted(r["frames"] / r["dt"] for r in rows)
-    cut = (rates[len(rates) // 10] * rates[len(rates) * 9 // 10]) ** 0.5
-    phases = {"slow": [r for r in rows if r["frames"] / r["dt"] < cut],
-              "fast": [r for r in rows if r["frames"] / r["dt"] >= cut]}  # fmt: skip
-    ncpu = sum(1 for k in rows[0] if k.endswith("_steal"))
-
-    def column(ph: list[dict[str, Any]]) -> list[tuple[str, str]]:
-        t = sum(r["dt"] for r in ph)
-
-        def tot(k: str) -> float:
-            return float(sum(r[k] for r in ph))
-
-        def per(k: str, of: str) -> float:
-            return tot(k) / max(tot(of), 1)
-
-        col = [
-            ("intervals (s)", f"{len(ph)} ({t:.1f} s)"),
-            ("Mpps", f"{tot('frames') / t / 1e6:.2f}"),
-            ("poll loops /s (M)", f"{tot('ploops') / t / 1e6:.3f}"),
-            ("frames per poll loop", f"{per('frames', 'ploops'):.1f}"),
-            ("poll loops that moved frames", f"{per('pbusy', 'ploops'):.0%}"),
-            ("frames per busy poll loop", f"{per('frames', 'pbusy'):.1f}"),
-            ("frames in full bursts", f"{per('pfull', 'frames') * dp.BURST_POLL:.0%}"),
-            ("ns of poll thread per frame", f"{per('poll_run', 'frames'):.0f}"),
-            ("TX frames taken / delivered", f"{per('taken', 'frames'):.2f}"),
-            ("TX ring, posted for the device", f"{tot('txq') / len(ph):.0f}"),
-            ("RX rings, buffers posted (sum)", f"{tot('rxq') / len(ph):.0f}"),
-            ("poll naps /s", f"{tot('naps') / t:.0f}"),
-            ("guest loops /s (M)", f"{tot('gloops') / t / 1e6:.1f}"),
-            ("guest loops with nothing to do", f"{per('gempty', 'gloops'):.0%}"),
-        ]
-        for th in ("poll", "guest"):
-            col += [
-                (f"{th} thread on CPU", f"{tot(th + '_run') / t / 1e9:.0%}"),
-                (f"{th} thread runnable, waiting", f"{tot(th + '_wait') / t / 1e9:.0%}"),
-                (f"{th} ctx switches vol/invol /s",
-                 f"{tot(th + '_vcs') / t:.0f}/{tot(th + '_ivcs') / t:.0f}"),
-                (f"{th} thread's CPU", ",".join(sorted({str(r[th + "_cpu"]) for r in ph}))),
-            ]  # fmt: skip
-        for c in range(ncpu):
-            col += [
-                (f"cpu{c} busy", f"{tot(f'cpu{c}_busy') / t / hz:.0%}"),
-                (f"cpu{c} stolen by the host", f"{tot(f'cpu{c}_steal') / t / hz:.0%}"),
-            ]
-        col.append(("other processes (CPU)", others(ph, t)))
-        return col
-
-    def others(ph: list[dict[str, Any]], t: float) -> str:
-        used: dict[str, int] = {}
-        for r in ph:
-            for k, v in r["others"].items():
-                used[k] = used.get(k, 0) + v
-        top = sorted(used.items(), key=lambda kv: -kv[1])[:2]
-        return "; ".join(f"{k.split(' ', 1)[1][:10]} {v / t / hz:.0%}" for k, v in top) or "-"
-
-    print(f"\nslow vs fast phases ({step:g} s intervals, split at {cut / 1e6:.1f} Mpps)")
-    print(f"{'':34} {'slow':>22} {'fast':>22}")
-    cols = [column(phases[k]) if phases[k] else [] for k in ("slow", "fast")]
-    for i, (name, _) in enumerate(max(cols, key=len)):
-        cells = [c[i][1] if c else "-" for c in cols]
-        print(f"{name:34} {cells[0]:>22} {cells[1]:>22}")
-    link = link_series(seconds)
-    print(f"cache line between CPU {min(os.sched_getaffinity(0))} and "
-          f"{max(os.sched_getaffinity(0))}, ns per round trip every {step:g} s (no emulab code): "
-          + " ".join(f"{x:.0f}" for x in link), flush=True)  # fmt: skip
-    return 0
-
-
 def device_runs(seconds: float) -> tuple[dict[int, list[float]], list[float]]:
     """The device's Mpps, run by run: pinned at 64 and 1500 B, and not pinned at 64 B."""
     runs = {size: [device_rate(size, seconds) for _ in range(DEVICE_RUNS)] for size in (64, 1500)}
     print("... and with both threads where the scheduler puts them (not pinned) ...", flush=True)
     return runs, [device_rate(64, seconds, pin=False) for _ in range(DEVICE_RUNS)]
+
+
+def paired(
+    seconds: float, dpdk_measure: Callable[..., dict[int, float]], pairs: int = 3
+) -> list[tuple[float, float, float]]:
+    """``pairs`` times: the cache line's round trip between the two CPUs (ns, the median over
+    0.3 s), then the device (64 B, ``seconds``), then the DPDK anchor (64 B) at once after it.
+    This machine's two vCPUs are near or far from each other by the host's placement, and it
+    moves at any time (a round trip of 55-120 ns or ~300 ns here, `--profile`): both paths
+    slow down in the far phase (DPDK's from ~17.5 to ~5.4 Mpps), so a ratio is only honest
+    between runs of one phase -- a pair's, side by side. Returns (link ns, device, DPDK)."""
+    out = []
+    for k in range(pairs):
+        link = statistics.median(link_series(0.3))
+        dev = device_rate(64, seconds)
+        d = dpdk_measure(seconds=4.0, sizes=(64,), progress=lambda _: None)[64]
+        out.append((link, dev, d))
+        print(f"  pair {k + 1}/{pairs}: cache line round trip {link:.0f} ns; device {dev:.2f} "
+              f"Mpps, DPDK {d:.2f} Mpps ({dev / d:.2f}x)", flush=True)  # fmt: skip
+    return out
 
 
 def device_beside_busy(seconds: float, rounds: int = 3) -> dict[str, float]:
@@ -667,6 +589,7 @@ def idle_device_cpu(seconds: float) -> float:
     import resource
 
     dev, server, _, _ = device_rig(64)
+    settle()
     try:
         time.sleep(0.5)  # past the first millisecond's spin
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -743,12 +666,30 @@ def startup_only(starts: dict[str, list[float]]) -> int:
     return 0
 
 
+def anchor(seconds: float) -> tuple[dict[int, float], list[tuple[float, float, float]]]:
+    """DPDK's anchor: at 64 B in pairs with the device (:func:`paired`; its figure the median
+    of the pairs'), at 1500 B once. Not root, no mirror: said, and none."""
+    try:
+        from dpdk_anchor import measure as dpdk_measure  # type: ignore[import-not-found]
+
+        print("the device and DPDK's anchor side by side, pair by pair (64 B) ...", flush=True)
+        pairs = paired(seconds / 3, dpdk_measure)
+        dpdk = dpdk_measure(seconds=max(seconds, 4.0), sizes=(1500,))
+        dpdk[64] = statistics.median(d for _, _, d in pairs)
+    except Exception as exc:
+        print(f"dpdk anchor skipped: {exc}", flush=True)
+        return {}, []
+    return dpdk, pairs
+
+
 def main() -> int:
     args = arguments()
     if args.ramp:
         return ramp(args.seconds, chart_path=args.chart)
     if args.profile:
-        return profile(args.seconds)
+        from datapath_profile import profile  # type: ignore[import-not-found]
+
+        return int(profile(args.seconds))
     print("start-up, cold and warm numba cache ...", flush=True)
     starts = startup()
     if args.startup:
@@ -770,15 +711,7 @@ def main() -> int:
     dev_busy = device_beside_busy(args.seconds / 3)
     print("the device in polling mode, idle ...", flush=True)
     idle_cpu = idle_device_cpu(args.seconds)
-    dpdk: dict[int, float] = {}
-    if not args.no_dpdk:
-        try:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from dpdk_anchor import measure as dpdk_measure  # type: ignore[import-not-found]
-
-            dpdk = dpdk_measure(seconds=max(args.seconds, 4.0))
-        except Exception as exc:  # not root, no mirror: say so, keep the rest
-            print(f"dpdk anchor skipped: {exc}", flush=True)
+    dpdk, pairs = ({}, []) if args.no_dpdk else anchor(args.seconds)
     print(f"\n{'frame':>6} {'numba/burst':>12} {'one-call':>10} {'no-jit':>9} {'dpdk':>8}  (Mpps)")
     for size in (64, 1500):
         f = figures[size]
@@ -788,6 +721,12 @@ def main() -> int:
     m1500 = max(figures[1500]["burst"], figures[1500]["one_call"])
     gbps = m1500 * 1500 * 8 / 1e3
     d64 = dpdk.get(64, float("nan"))
+    ratio = statistics.median(v / d for _, v, d in pairs) if pairs else float("nan")
+    link = statistics.median(x for x, _, _ in pairs) if pairs else float("nan")
+    if pairs:
+        print("device / DPDK at 64 B, pair by pair: "
+              + " ".join(f"{v / d:.2f} ({x:.0f} ns)" for x, v, d in pairs)
+              + f"; median {ratio:.2f}")  # fmt: skip
     print(f"jit speed-up at 64 B: {figures[64]['burst'] / figures[64]['no_jit']:,.0f}x")
     print(f"1500 B: {gbps:.1f} Gbit/s of frames vs memcpy {mem:.1f} Gbit/s ({gbps / mem:.2f}x)")
     print(f"busy main thread, 64 B: per-burst thread {busy_burst:.3f} Mpps, one-call thread "
@@ -812,7 +751,7 @@ def main() -> int:
         chart(args.chart, figures, dpdk, dev_rates, dev_busy)
     # the product's own shape first: the served device, against DPDK's in the same run
     print(f"RESULT device_mpps_64={dev_rates[64]:.2f} device_mpps_1500={dev_rates[1500]:.2f} "
-          f"device_ratio_64={dev_rates[64] / d64:.2f} dpdk_mpps_64={d64:.2f} "
+          f"device_ratio_64={ratio:.2f} dpdk_mpps_64={d64:.2f} link_ns={link:.0f} "
           f"mpps_64={m64:.2f} mpps_1500={m1500:.2f} ratio_64={m64 / d64:.2f} "
           f"gbps_1500={gbps:.1f} memcpy_gbps={mem:.1f} startup_answer_s={med['answer']:.2f} "
           f"startup_cold_s={med['cold']:.1f} startup_warm_s={med['warm']:.2f} "

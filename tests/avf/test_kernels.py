@@ -145,3 +145,14 @@ def test_after_the_build_one_and_three_maps_run_compiled() -> None:
         k(t.general, txt[0], gather, out)
         assert k.calls == [before[0], before[1] + 1], n  # compiled, not interpreted
         assert dp.KERNELS.compiled(n) and out[dp.OUT_ERROR] == 0
+
+
+def test_settled_means_the_extra_kernels_are_loaded_too() -> None:
+    """A benchmark starts its clock after ``settled``: by then the builder has loaded what it
+    was asked for and, after them, the extra kernels -- none of its loads still runs beside a
+    measurement."""
+    dp.BUILDER.want(4)
+    assert dp.BUILDER.settled(300)
+    assert dp.BUILDER.status.state == "ready"
+    for name in sorted(kernels.EXTRAS):
+        assert 4 in dp.KERNELS.all[name].ready, name

@@ -286,6 +286,7 @@ class Builder:
         self._failed: set[int] = set()
         self._extras_failed: set[int] = set()
         self._thread: threading.Thread | None = None
+        self._idle = False  # the thread waits for work (what it was asked for is done)
         self._listeners: list[Callable[[BuildStatus], None]] = []
         self.status = BuildStatus("idle" if JIT else "ready")
         self.log: list[str] = []  # the child's output, for a failure's explanation
@@ -317,6 +318,7 @@ class Builder:
             return
         with self._cond:
             self._wanted |= new  # all at once: one build for them, not one per size
+            self._idle = False  # (until the thread has done them too)
             self._cond.notify()
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -340,6 +342,19 @@ class Builder:
                 self._cond.wait(left)
         return True
 
+    def settled(self, timeout: float | None = None) -> bool:
+        """Block until the builder has done all it was asked for, the extra kernels' loads
+        included (True), or ``timeout`` passes: a benchmark's clock starts after it, not while
+        this process still loads kernels beside the device."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._thread is not None and not self._idle:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
     def _set(self, status: BuildStatus) -> None:
         self.status = status
         for fn in list(self._listeners):
@@ -354,8 +369,10 @@ class Builder:
             with self._cond:
                 todo = sorted(self._wanted - self._loaded() - self._failed)
                 if not todo:
+                    self._idle = True
                     self._cond.notify_all()
                     self._cond.wait()
+                    self._idle = False
                     continue
             t0 = time.monotonic()
             cached = recorded()

@@ -32,8 +32,9 @@ Last line: RESULT device_mpps_64=D device_mpps_1500=E device_ratio_64=R dpdk_mpp
 link_ns=L mpps_64=X mpps_1500=Y ratio_64=X/Z gbps_1500=G memcpy_gbps=M startup_answer_s=A
 startup_cold_s=C startup_warm_s=W startup_warm_kernels_s=K (the device: medians of
 DEVICE_RUNS runs, each printed; R: the median of the device / DPDK ratios of 3 pairs, each
-pair run back to back, Z the median of their DPDK runs and L of the cache line's round trip
-between the two CPUs before each; the kernel alone, X and Y, is context; start-up: cold, each
+pair run back to back, of those through which the vCPUs' placement held (see ``paired``), Z
+the median of their DPDK runs and L of the cache line's round trip between the two CPUs
+before each; the kernel alone, X and Y, is context; start-up: cold, each
 from an empty numba cache, to the first reply (A) and to the kernels compiled and in use (C),
 medians of 2; warm, import emulab to the server ready (W) and to its kernels loaded (K),
 medians of 3)
@@ -53,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -553,23 +554,44 @@ def device_runs(seconds: float) -> tuple[dict[int, list[float]], list[float]]:
     return runs, [device_rate(64, seconds, pin=False) for _ in range(DEVICE_RUNS)]
 
 
-def paired(
-    seconds: float, dpdk_measure: Callable[..., dict[int, float]], pairs: int = 3
-) -> list[tuple[float, float, float]]:
-    """``pairs`` times: the cache line's round trip between the two CPUs (ns, the median over
-    0.3 s), then the device (64 B, ``seconds``), then the DPDK anchor (64 B) at once after it.
-    This machine's two vCPUs are near or far from each other by the host's placement, and it
-    moves at any time (a round trip of 55-120 ns or ~300 ns here, `--profile`): both paths
-    slow down in the far phase (DPDK's from ~17.5 to ~5.4 Mpps), so a ratio is only honest
-    between runs of one phase -- a pair's, side by side. Returns (link ns, device, DPDK)."""
+NEAR_NS = 200  # a cache line's round trip below this: the two vCPUs near each other (the host's)
+
+
+class Pair(NamedTuple):
+    """A device run and a DPDK run back to back (64 B, Mpps), and the cache line's round trip
+    between the two CPUs before, between and after them (ns)."""
+
+    links: tuple[float, float, float]
+    device: float
+    dpdk: float
+
+    @property
+    def held(self) -> bool:
+        """The placement held through the pair: the three round trips in one phase."""
+        return len({x < NEAR_NS for x in self.links}) == 1
+
+
+def paired(seconds: float, dpdk_measure: Callable[..., dict[int, float]], pairs: int = 3
+           ) -> list[Pair]:  # fmt: skip
+    """``pairs`` times: the device (64 B, ``seconds``), then the DPDK anchor (64 B) at once
+    after it, with the cache line's round trip between the two CPUs (the median over 0.3 s)
+    before, between and after. This machine's two vCPUs are near or far from each other by the
+    host's placement, which moves at any time (a round trip of 55-130 ns or ~300 ns here):
+    both paths slow down in the far phase (DPDK's from ~17.5 to ~5.4 Mpps, the device's from
+    ~23 to ~17), so a ratio means something only between runs of one phase."""
     out = []
     for k in range(pairs):
-        link = statistics.median(link_series(0.3))
+        before = statistics.median(link_series(0.3))
         dev = device_rate(64, seconds)
+        between = statistics.median(link_series(0.3))
         d = dpdk_measure(seconds=4.0, sizes=(64,), progress=lambda _: None)[64]
-        out.append((link, dev, d))
-        print(f"  pair {k + 1}/{pairs}: cache line round trip {link:.0f} ns; device {dev:.2f} "
-              f"Mpps, DPDK {d:.2f} Mpps ({dev / d:.2f}x)", flush=True)  # fmt: skip
+        pair = Pair((before, between, statistics.median(link_series(0.3))), dev, d)
+        out.append(pair)
+        print(f"  pair {k + 1}/{pairs}: device {dev:.2f} Mpps, DPDK {d:.2f} Mpps "
+              f"({dev / d:.2f}x); cache line round trip "
+              + " / ".join(f"{x:.0f}" for x in pair.links)
+              + f" ns{'' if pair.held else ' (the placement moved: not counted)'}",
+              flush=True)  # fmt: skip
     return out
 
 
@@ -666,7 +688,7 @@ def startup_only(starts: dict[str, list[float]]) -> int:
     return 0
 
 
-def anchor(seconds: float) -> tuple[dict[int, float], list[tuple[float, float, float]]]:
+def anchor(seconds: float) -> tuple[dict[int, float], list[Pair]]:
     """DPDK's anchor: at 64 B in pairs with the device (:func:`paired`; its figure the median
     of the pairs'), at 1500 B once. Not root, no mirror: said, and none."""
     try:
@@ -675,7 +697,7 @@ def anchor(seconds: float) -> tuple[dict[int, float], list[tuple[float, float, f
         print("the device and DPDK's anchor side by side, pair by pair (64 B) ...", flush=True)
         pairs = paired(seconds / 3, dpdk_measure)
         dpdk = dpdk_measure(seconds=max(seconds, 4.0), sizes=(1500,))
-        dpdk[64] = statistics.median(d for _, _, d in pairs)
+        dpdk[64] = statistics.median(p.dpdk for p in [p for p in pairs if p.held] or pairs)
     except Exception as exc:
         print(f"dpdk anchor skipped: {exc}", flush=True)
         return {}, []
@@ -721,12 +743,15 @@ def main() -> int:
     m1500 = max(figures[1500]["burst"], figures[1500]["one_call"])
     gbps = m1500 * 1500 * 8 / 1e3
     d64 = dpdk.get(64, float("nan"))
-    ratio = statistics.median(v / d for _, v, d in pairs) if pairs else float("nan")
-    link = statistics.median(x for x, _, _ in pairs) if pairs else float("nan")
+    held = [p for p in pairs if p.held] or pairs  # (none held: all, said below)
+    ratio = statistics.median(p.device / p.dpdk for p in held) if held else float("nan")
+    link = statistics.median(p.links[0] for p in held) if held else float("nan")
     if pairs:
         print("device / DPDK at 64 B, pair by pair: "
-              + " ".join(f"{v / d:.2f} ({x:.0f} ns)" for x, v, d in pairs)
-              + f"; median {ratio:.2f}")  # fmt: skip
+              + " ".join(f"{p.device / p.dpdk:.2f} ({p.links[0]:.0f} ns"
+                         f"{'' if p.held else ', moved'})" for p in pairs)
+              + f"; median of {len(held)} {'held' if held[0].held else '(none held)'}: "
+              f"{ratio:.2f}")  # fmt: skip
     print(f"jit speed-up at 64 B: {figures[64]['burst'] / figures[64]['no_jit']:,.0f}x")
     print(f"1500 B: {gbps:.1f} Gbit/s of frames vs memcpy {mem:.1f} Gbit/s ({gbps / mem:.2f}x)")
     print(f"busy main thread, 64 B: per-burst thread {busy_burst:.3f} Mpps, one-call thread "

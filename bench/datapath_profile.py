@@ -46,12 +46,12 @@ def profile(seconds: float, step: float = 0.1, runs: int = 3) -> int:
     rows: list[dict[str, Any]] = []
     for run in range(runs):
         samples.clear()
-        link = statistics.median(link_series(0.3))  # (the two CPUs near or far, this run)
+        near = statistics.median(link_series(0.3))  # (the two CPUs near or far, this run)
         device_marks(64, seconds, step=step, probe=probe)
         for a, b in itertools.pairwise(samples):
             dt = b["t"] - a["t"]
             row = {"dt": dt, "frames": b["frames"] - a["frames"], "txq": b["txq"], "rxq": b["rxq"],
-                   "link": link}  # fmt: skip
+                   "link": near}  # fmt: skip
             for k in ("gloops", "gempty", "ploops", "naps", "taken", "pbusy", "pfull"):
                 row[k] = b[k] - a[k]
             for th in ("poll", "guest"):
@@ -64,7 +64,7 @@ def profile(seconds: float, step: float = 0.1, runs: int = 3) -> int:
                              if k in a["others"] and v > a["others"][k]}  # fmt: skip
             rows.append(row)
         rates = [r["frames"] / r["dt"] / 1e6 for r in rows[-len(samples) + 1 :]]
-        print(f"run {run + 1}/{runs} (cache line round trip before it: {link:.0f} ns), "
+        print(f"run {run + 1}/{runs} (cache line round trip before it: {near:.0f} ns), "
               f"Mpps every {step:g} s: "
               + " ".join(f"{x:.1f}" for x in rates), flush=True)  # fmt: skip
     rates = sorted(r["frames"] / r["dt"] for r in rows)

@@ -82,6 +82,10 @@ class Channel:
         """Bytes and fds that arrived; ``b""`` means the peer closed the connection."""
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(size, self._cmsg_space)
+        except ConnectionResetError:
+            # the peer closed with bytes of ours unread in its queue (a reply it never read:
+            # Linux's AF_UNIX says so with ECONNRESET, once): it left, as at EOF
+            return b"", []
         except OSError as exc:
             if self._closed:
                 return b"", []

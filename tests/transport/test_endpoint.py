@@ -183,3 +183,16 @@ def test_a_peer_that_left_ends_as_eof_not_as_a_failed_reply() -> None:
     p.server.reader.join(10)
     assert p.server.end_reason == "eof"
     p.server.close()
+
+
+def test_a_peer_that_left_with_our_reply_unread_ends_as_eof() -> None:
+    """A peer that closes with a reply of ours unread in its queue (QEMU gone mid-answer):
+    Linux's AF_UNIX hands our next read ECONNRESET instead of EOF. It left all the same, and
+    the session ends as at EOF, not as a socket error."""
+    p, _, sock = raw_peer()
+    assert sock.recv(4096, socket.MSG_PEEK)  # the VERSION reply is there, and stays unread
+    sock.close()
+    assert p.server.reader is not None
+    p.server.reader.join(10)
+    assert p.server.end_reason == "eof"
+    p.server.close()

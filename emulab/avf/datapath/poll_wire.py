@@ -17,15 +17,21 @@ most ``NAP_FIRST`` while it holds a cause). What it may not fire (another gate c
 raiser not armed: ``irq`` inert) it returns for Python to, as the poll kernel does
 (``POLL_IRQ``'s rule: ``POLL_HOLD`` are those Python latched). After ``max_idle``
 empty loops -- a few: between two frames of a stream too, not only once it ends -- it naps in
-``ppoll`` on the TAP and the wake eventfd together (``NAP_FIRST`` microseconds, doubling up to
-``ctl[POLL_NAP]``), so a frame from the host ends a nap at once and a tail the driver stores
-waits ``NAP_FIRST`` at most while traffic flows; it returns to fold its counts only once
-``slice_ns`` is over. Spinning between the frames instead (2,000 empty loops before a nap, and a
-return to Python at each pause) cost the host a core for nothing the guest could see: iperf3
-through a TCG guest (``bench/guest_iperf.py``'s polling round, 9-10 runs a side, alternated)
-moved as much (tx / rx medians 0.96 / 1.03x virtio-net spinning, 1.03 / 1.02x napping) at 0.68 s
-of host CPU per Gbit against 0.27 -- and on a machine whose CPUs were scarce, spinning lost the
-host -> guest stream to the threads it starved (0.51-0.57x) where napping kept it (0.99-1.11x).
+``ppoll`` on the TAP and the wake eventfd together (``WIRE_NAP_FIRST`` microseconds, doubling
+up to ``ctl[POLL_NAP]``), so a frame from the host ends a nap at once and a tail the driver
+stores waits ``WIRE_NAP_FIRST`` at most while traffic flows; it returns to fold its counts only
+once ``slice_ns`` is over. Why 200 us and not the poll kernel's 20: each nap that ends is a
+wake-up, ~10 us of CPU on the VMs measured, and a TCG guest's doorbells come ~70 us apart
+(median) -- first naps of 20 us took three naps a gap (~9,300 a second under iperf3). With
+200 us, iperf3 through a TCG guest (``bench/guest_iperf.py``'s polling round, alternated) cost
+the host 0.15-0.18 s of CPU per Gbit against 0.23-0.30, and moved as much or more (the threads
+it no longer woke share its CPU). Spinning between the frames instead (2,000 empty loops
+before a nap, and a return to Python at each pause) cost the host a core for nothing the guest
+could see: iperf3 through a TCG guest (``bench/guest_iperf.py``'s polling round, 9-10 runs a
+side, alternated) moved as much (tx / rx medians 0.96 / 1.03x virtio-net spinning, 1.03 /
+1.02x napping) at 0.68 s of host CPU per Gbit against 0.27 -- and on a machine whose CPUs were
+scarce, spinning lost the host -> guest stream to the threads it starved (0.51-0.57x) where
+napping kept it (0.99-1.11x).
 
 With the packet trace on (``w.ctl[TRACED]``) it keeps the frames' rows as the wire loop does
 (``LOOP_RX_TRACE`` when they are full), and each tail the driver moved in ``writes``
@@ -57,7 +63,6 @@ from numba import types
 from emulab.avf.datapath import raw
 from emulab.avf.datapath.context import RX_TAIL, TX_HEAD, TX_TAIL
 from emulab.avf.datapath.poll_loop import (
-    NAP_FIRST,
     POLL_BUSY,
     POLL_HOLD,
     POLL_LOOPS,
@@ -98,6 +103,7 @@ from emulab.pci.fast_irq_kernel import arm_taken, fire_held
 
 __all__ = ["poll_wire"]
 
+WIRE_NAP_FIRST = 200  # microseconds: the first nap between a stream's frames (see above)
 SPIN_UNNAPPED = 2_000  # empty loops before a call without naps (``ctl[POLL_NAP]`` 0) returns
 NAP_TS = 12  # the io words of a nap's timespec [12:14] (the wire loop's layout leaves them free)
 
@@ -206,7 +212,7 @@ def poll_wire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: A
     io = w.io
     start = monotonic_ns(io, 8)
     idle = 0
-    nap = NAP_FIRST
+    nap = WIRE_NAP_FIRST
     did = False
     while True:
         ctl[POLL_LOOPS] += 1
@@ -238,7 +244,7 @@ def poll_wire(w: Wire, irq: IrqArgs, regs: Any, layout: Any, ctl: Any, writes: A
             ctl[POLL_BUSY] += 1
             did = True
             idle = 0
-            nap = NAP_FIRST
+            nap = WIRE_NAP_FIRST
             if monotonic_ns(io, 8) - start >= slice_ns:
                 return LOOP_SLICE
             continue

@@ -571,6 +571,11 @@ class Pair(NamedTuple):
         return len({x < NEAR_NS for x in self.links}) == 1
 
 
+def counted(pairs: list[Pair]) -> list[Pair]:
+    """The pairs a figure counts: those the placement held through (none held: all)."""
+    return [p for p in pairs if p.held] or pairs
+
+
 def paired(seconds: float, dpdk_measure: Callable[..., dict[int, float]], pairs: int = 3
            ) -> list[Pair]:  # fmt: skip
     """``pairs`` times: the device (64 B, ``seconds``), then the DPDK anchor (64 B) at once
@@ -697,7 +702,7 @@ def anchor(seconds: float) -> tuple[dict[int, float], list[Pair]]:
         print("the device and DPDK's anchor side by side, pair by pair (64 B) ...", flush=True)
         pairs = paired(seconds / 3, dpdk_measure)
         dpdk = dpdk_measure(seconds=max(seconds, 4.0), sizes=(1500,))
-        dpdk[64] = statistics.median(p.dpdk for p in [p for p in pairs if p.held] or pairs)
+        dpdk[64] = statistics.median(p.dpdk for p in counted(pairs))
     except Exception as exc:
         print(f"dpdk anchor skipped: {exc}", flush=True)
         return {}, []
@@ -743,7 +748,7 @@ def main() -> int:
     m1500 = max(figures[1500]["burst"], figures[1500]["one_call"])
     gbps = m1500 * 1500 * 8 / 1e3
     d64 = dpdk.get(64, float("nan"))
-    held = [p for p in pairs if p.held] or pairs  # (none held: all, said below)
+    held = counted(pairs)  # (none held: all, said below)
     ratio = statistics.median(p.device / p.dpdk for p in held) if held else float("nan")
     link = statistics.median(p.links[0] for p in held) if held else float("nan")
     if pairs:

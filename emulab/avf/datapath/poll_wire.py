@@ -95,6 +95,7 @@ from emulab.avf.datapath.wire_loop import (
     N,
     Wire,
     held_for,
+    ppoll_for,
     rx_batch,
     tx_walk,
 )
@@ -105,9 +106,7 @@ __all__ = ["poll_wire"]
 
 WIRE_NAP_FIRST = 200  # microseconds: the first nap between a stream's frames (see above)
 SPIN_UNNAPPED = 2_000  # empty loops before a call without naps (``ctl[POLL_NAP]`` 0) returns
-NAP_TS = 12  # the io words of a nap's timespec [12:14] (the wire loop's layout leaves them free)
 
-_ppoll = libc("ppoll", types.int32, 4)
 _read_fd = libc("read", types.int64, 3)
 
 
@@ -187,9 +186,7 @@ def _nap(w: Wire, ctl: Any, fd: Any, usec: Any) -> int:
     io = w.io
     io[0] = fd | (POLLIN << 32)
     io[1] = ctl[POLL_WAKE] | (POLLIN << 32)  # (-1: none; ppoll skips it)
-    io[NAP_TS] = usec // 1_000_000
-    io[NAP_TS + 1] = (usec % 1_000_000) * 1000
-    r = _ppoll(io.ctypes.data, 2, io.ctypes.data + NAP_TS * 8, 0)
+    r = ppoll_for(io, 2, usec * 1000)
     if r < 0:
         e = errno()
         if e == EINTR:

@@ -96,7 +96,7 @@ QUIET_MS = 1  # after work, a wait this long with nothing to do returns (``LOOP_
 
 _poll = libc("poll", types.int32, 3)
 _ppoll = libc("ppoll", types.int32, 4)
-TS = 12  # io words of a wait's timespec [12:14]
+TS = 12  # io words of a wait's timespec [12:14] (the pollfds' words before them leave it free)
 _read = libc("read", types.int64, 3)
 
 
@@ -274,10 +274,16 @@ def _wait(w: Wire, irq: IrqArgs, timeout_ms: Any) -> Any:
     wait = held_for(irq, held) if held else np.int64(-1)
     if wait < 0:
         return _poll(io.ctypes.data, 3, timeout_ms)
-    wait = min(wait, timeout_ms * 1_000_000)
-    io[TS] = wait // 1_000_000_000
-    io[TS + 1] = wait % 1_000_000_000
-    return _ppoll(io.ctypes.data, 3, io.ctypes.data + TS * 8, 0)
+    return ppoll_for(io, 3, min(wait, timeout_ms * 1_000_000))
+
+
+@raw.helper
+def ppoll_for(io: Any, nfds: Any, ns: Any) -> Any:
+    """``ppoll`` on the first ``nfds`` pollfds in ``io`` for at most ``ns`` nanoseconds (the
+    timespec in ``io[TS:TS + 2]``)."""
+    io[TS] = ns // 1_000_000_000
+    io[TS + 1] = ns % 1_000_000_000
+    return _ppoll(io.ctypes.data, nfds, io.ctypes.data + TS * 8, 0)
 
 
 @raw.kernel

@@ -20,18 +20,22 @@ empty loops -- a few: between two frames of a stream too, not only once it ends 
 ``ppoll`` on the TAP and the wake eventfd together (``WIRE_NAP_FIRST`` microseconds, doubling
 up to ``ctl[POLL_NAP]``), so a frame from the host ends a nap at once and a tail the driver
 stores waits ``WIRE_NAP_FIRST`` at most while traffic flows; it returns to fold its counts only
-once ``slice_ns`` is over. Why 200 us and not the poll kernel's 20: each nap that ends is a
-wake-up, ~10 us of CPU on the VMs measured, and a TCG guest's doorbells come ~70 us apart
-(median) -- first naps of 20 us took three naps a gap (~9,300 a second under iperf3). With
-200 us, iperf3 through a TCG guest (``bench/guest_iperf.py``'s polling round, alternated) cost
-the host 0.15-0.18 s of CPU per Gbit against 0.23-0.30, and moved as much or more (the threads
-it no longer woke share its CPU). Spinning between the frames instead (2,000 empty loops
-before a nap, and a return to Python at each pause) cost the host a core for nothing the guest
-could see: iperf3 through a TCG guest (``bench/guest_iperf.py``'s polling round, 9-10 runs a
-side, alternated) moved as much (tx / rx medians 0.96 / 1.03x virtio-net spinning, 1.03 /
-1.02x napping) at 0.68 s of host CPU per Gbit against 0.27 -- and on a machine whose CPUs were
-scarce, spinning lost the host -> guest stream to the threads it starved (0.51-0.57x) where
-napping kept it (0.99-1.11x).
+once ``slice_ns`` is over. Why 350 us and not the poll kernel's 20: each nap that ends is a
+wake-up, ~10 us of CPU on the VMs measured, and while a stream flows the naps set the pace of
+the wake-ups: a TCG guest's doorbells come ~70 us apart (median), first naps of 20 us took
+three naps a gap (~9,300 a second under iperf3), and the loop wakes about once a first nap.
+iperf3 through a TCG guest (``bench/guest_iperf.py``'s polling round, sides alternated, 8 runs
+each) cost the host a median 0.170 s of CPU per Gbit at 200 us and 0.148 at 350 (0.148 at
+500; 0.23-0.30 at 20), with guest -> host medians of 1,561 and 1,462 Mbit/s (virtio-net's:
+~1,370): a longer first nap is a later doorbell, and guest -> host TCP waits on its TX
+completions -- naps that grew while a cause waits for its re-arm (20 us doubling, not 20)
+dropped that stream to 529-973 Mbit/s in 3 runs of 8. Spinning between the frames instead
+(2,000 empty loops before a nap, and a return to Python at each pause) cost the host a core for
+nothing the guest could see: iperf3 through a TCG guest (``bench/guest_iperf.py``'s polling
+round, 9-10 runs a side, alternated) moved as much (tx / rx medians 0.96 / 1.03x virtio-net
+spinning, 1.03 / 1.02x napping) at 0.68 s of host CPU per Gbit against 0.27 -- and on a machine
+whose CPUs were scarce, spinning lost the host -> guest stream to the threads it starved
+(0.51-0.57x) where napping kept it (0.99-1.11x).
 
 With the packet trace on (``w.ctl[TRACED]``) it keeps the frames' rows as the wire loop does
 (``LOOP_RX_TRACE`` when they are full), and each tail the driver moved in ``writes``
@@ -104,7 +108,7 @@ from emulab.pci.fast_irq_kernel import arm_taken, fire_held
 
 __all__ = ["poll_wire"]
 
-WIRE_NAP_FIRST = 200  # microseconds: the first nap between a stream's frames (see above)
+WIRE_NAP_FIRST = 350  # microseconds: the first nap between a stream's frames (see above)
 SPIN_UNNAPPED = 2_000  # empty loops before a call without naps (``ctl[POLL_NAP]`` 0) returns
 
 _read_fd = libc("read", types.int64, 3)

@@ -20,7 +20,11 @@ host's iperf3 -- shares CPU 0, the same for both NICs: the usual layout of a VM 
 vCPU is not preempted by the host's I/O), and with 2 cores the only one where a polling thread
 does not take the vCPU's core. Each run also reports the host CPU it cost outside the guest
 (this process; QEMU's threads but the vCPU) and, summed up, per Gbit moved: what an unpinned
-guest's vCPU competes with.
+guest's vCPU competes with. For the AVF it also prints what each event costs (``per event``):
+vfio-user messages per Gbit and the server thread's time per message, interrupts per Gbit and
+QEMU's time per interrupt, and their product -- the host CPU per Gbit that interrupt mode spends
+before it moves a frame (each doorbell and re-arm a message that wakes the server thread, each
+interrupt an eventfd that wakes QEMU's main loop).
 
 iperf3 comes from Debian trixie, installed into emulab's QEMU chroot and packed with its
 libraries as an initramfs overlay (cached in ``~/.cache/emulab/guest-iperf``); the host's server
@@ -186,6 +190,8 @@ def run_avf(
         tap.close()
         shutil.rmtree(work, ignore_errors=True)
     got = parse(run.output)
+    got["messages"] = float(status["messages"])
+    got["fired"] = float(sum(dev.irq_counts))
     busiest = ", ".join(f"{k} {v}" for k, v in server.stats.by_command.items() if v > 100)
     lane = status["fast_lane"]
     say(f"AVF ({mode}) messages: {status['messages']} ({busiest}); the fast lane answered "
@@ -386,7 +392,22 @@ def measured(pinner: VcpuPinner, run: Callable[[], dict[str, float]]) -> dict[st
         by = transfer_threads(samples, threads, names.seen)
         say("  this process by thread, while data moved: "
             + ", ".join(f"{name} {sec:.2f} s" for name, sec in by[:6]))  # fmt: skip
+        got["xfer_server"] = sum(sec for name, sec in by if name.endswith("-server"))
     return got
+
+
+def per_event(x: dict[str, float], seconds: int) -> dict[str, float]:
+    """An AVF run's events and what each cost, while data moved: vfio-user messages per Gbit
+    (doorbells and re-arms, in interrupt mode) and the server thread's microseconds per
+    message; interrupts the device fired per Gbit and QEMU's threads' (not the vCPU's)
+    microseconds per interrupt -- under TCG, QEMU's main loop wakes for each one's eventfd."""
+    gbit = (x.get("tx", 0.0) + x.get("rx", 0.0)) * seconds / 1000
+    if not gbit or not x.get("messages") or not x.get("fired") or "xfer_qemu" not in x:
+        return {}
+    return {"msgs_per_gbit": x["messages"] / gbit,
+            "server_us_per_msg": x.get("xfer_server", 0.0) / x["messages"] * 1e6,
+            "irqs_per_gbit": x["fired"] / gbit,
+            "qemu_us_per_irq": x["xfer_qemu"] / x["fired"] * 1e6}  # fmt: skip
 
 
 class ThreadNames:
@@ -581,6 +602,17 @@ def main() -> int:  # noqa: PLR0915 -- one linear measurement script
         + (f"; avf/virtio-net = {xfer['avf'] / xfer['virtio-net']:.2f} (target <= 1.5)"
            if xfer.get("virtio-net") and "avf" in xfer else "")
     )  # fmt: skip
+    for name in ("avf", "avf-poll"):
+        ev = [e for e in (per_event(x, args.seconds) for x in runs[name]) if e]
+        if ev and xfer.get("virtio-net"):
+            m = {k: statistics.median([e[k] for e in ev]) for k in ev[0]}
+            fixed = (m["msgs_per_gbit"] * m["server_us_per_msg"]
+                     + m["irqs_per_gbit"] * m["qemu_us_per_irq"]) / 1e6  # fmt: skip
+            print(f"{name} per event (medians): {m['msgs_per_gbit']:.0f} messages per Gbit, "
+                  f"server thread {m['server_us_per_msg']:.1f} us each; {m['irqs_per_gbit']:.0f}"
+                  f" interrupts per Gbit, QEMU's threads {m['qemu_us_per_irq']:.1f} us each: "
+                  f"{fixed:.3f} s per Gbit before a frame moves "
+                  f"({fixed / xfer['virtio-net']:.2f}x virtio-net's whole)")  # fmt: skip
     if args.chart:
         layout = "vCPU pinned" if pinner.pin else "not pinned"
         chart(args.chart, rows, f"medians of {args.rounds} rounds ({layout})")

@@ -400,7 +400,9 @@ def per_event(x: dict[str, float], seconds: int) -> dict[str, float]:
     """An AVF run's events and what each cost, while data moved: vfio-user messages per Gbit
     (doorbells and re-arms, in interrupt mode) and the server thread's microseconds per
     message; interrupts the device fired per Gbit and QEMU's threads' (not the vCPU's)
-    microseconds per interrupt -- under TCG, QEMU's main loop wakes for each one's eventfd."""
+    microseconds per interrupt -- under TCG, QEMU's main loop wakes for each one's eventfd.
+    (Events are counted over the whole run, boot's few thousand included; CPU while data
+    moved: the costs per event are a little low, if anything.)"""
     gbit = (x.get("tx", 0.0) + x.get("rx", 0.0)) * seconds / 1000
     if not gbit or not x.get("messages") or not x.get("fired") or "xfer_qemu" not in x:
         return {}

@@ -39,9 +39,13 @@ from nbclient import NotebookClient
 nb = nbformat.read(sys.argv[1], as_version=4)
 NotebookClient(nb, timeout=90, kernel_name="python3",
                resources={"metadata": {"path": sys.argv[2]}}).execute()
-for cell in nb.cells:
-    for o in cell.get("outputs", []):
-        print(o.get("text", "") or o.get("data", {}).get("text/plain", "") or o.get("ename", ""))
+for cell in nb.cells:  # a stream's pieces joined, as a notebook shows them (a flush of the
+    for o in cell.get("outputs", []):  # kernel's stdout may split one print in two messages)
+        if o.get("output_type") == "stream":
+            print(o.get("text", ""), end="")
+        else:
+            print("\n" + (o.get("data", {}).get("text/plain", "") or o.get("ename", "")))
+    print()
 """
 
 SCRIPT = r"""
